@@ -1,0 +1,369 @@
+//! The stable C ABI between the Kiln core and backend libraries.
+//!
+//! This crate holds only `#[repr(C)]` types and constants; `include/kiln_backend.h` is
+//! the same contract for C and C++ backends. Every struct size and field offset is
+//! asserted here and, with `_Static_assert`, in the header, so the two cannot drift.
+//!
+//! A backend library exports one symbol, [`ENTRY_SYMBOL`] (`kiln_backend_entry`), returning
+//! a `&'static` [`KilnBackendApi`]. The loader reads its [`KilnApiHeader`] first and refuses
+//! a wrong magic, another major version, or a newer minor version than the host's.
+//! Functions are only ever appended to the tables, as nullable pointers found through
+//! the peer's `struct_size`.
+#![no_std]
+#![allow(non_camel_case_types)]
+
+use core::ffi::c_void;
+use core::mem::{offset_of, size_of};
+
+/// `"KILNABI\0"` as a little-endian u64: identifies a Kiln function table.
+pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
+/// Incompatible changes bump the major version.
+pub const KILN_ABI_MAJOR: u32 = 1;
+/// Appended functions bump the minor version.
+pub const KILN_ABI_MINOR: u32 = 0;
+/// The one symbol a backend library exports.
+pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
+
+/// Data types, numbered as `TRITONSERVER_DataType` and the config's `TYPE_*`.
+pub type KilnDataType = u32;
+pub const KILN_TYPE_INVALID: KilnDataType = 0;
+pub const KILN_TYPE_BOOL: KilnDataType = 1;
+pub const KILN_TYPE_UINT8: KilnDataType = 2;
+pub const KILN_TYPE_UINT16: KilnDataType = 3;
+pub const KILN_TYPE_UINT32: KilnDataType = 4;
+pub const KILN_TYPE_UINT64: KilnDataType = 5;
+pub const KILN_TYPE_INT8: KilnDataType = 6;
+pub const KILN_TYPE_INT16: KilnDataType = 7;
+pub const KILN_TYPE_INT32: KilnDataType = 8;
+pub const KILN_TYPE_INT64: KilnDataType = 9;
+pub const KILN_TYPE_FP16: KilnDataType = 10;
+pub const KILN_TYPE_FP32: KilnDataType = 11;
+pub const KILN_TYPE_FP64: KilnDataType = 12;
+/// BYTES elements are a 4-byte little-endian length followed by the bytes.
+pub const KILN_TYPE_BYTES: KilnDataType = 13;
+pub const KILN_TYPE_BF16: KilnDataType = 14;
+
+/// Where a buffer lives.
+pub type KilnMemoryKind = u32;
+pub const KILN_MEMORY_CPU: KilnMemoryKind = 0;
+pub const KILN_MEMORY_CPU_PINNED: KilnMemoryKind = 1;
+pub const KILN_MEMORY_GPU: KilnMemoryKind = 2;
+
+/// Error codes, numbered as `TRITONSERVER_Error_Code`.
+pub type KilnErrorCode = u32;
+pub const KILN_ERROR_UNKNOWN: KilnErrorCode = 0;
+pub const KILN_ERROR_INTERNAL: KilnErrorCode = 1;
+pub const KILN_ERROR_NOT_FOUND: KilnErrorCode = 2;
+pub const KILN_ERROR_INVALID_ARG: KilnErrorCode = 3;
+pub const KILN_ERROR_UNAVAILABLE: KilnErrorCode = 4;
+pub const KILN_ERROR_UNSUPPORTED: KilnErrorCode = 5;
+pub const KILN_ERROR_ALREADY_EXISTS: KilnErrorCode = 6;
+pub const KILN_ERROR_CANCELLED: KilnErrorCode = 7;
+
+/// Log levels for [`KilnHostApi::log`].
+pub type KilnLogLevel = u32;
+pub const KILN_LOG_ERROR: KilnLogLevel = 0;
+pub const KILN_LOG_WARN: KilnLogLevel = 1;
+pub const KILN_LOG_INFO: KilnLogLevel = 2;
+pub const KILN_LOG_VERBOSE: KilnLogLevel = 3;
+
+/// Instance kinds, numbered as `TRITONSERVER_InstanceGroupKind`.
+pub type KilnInstanceKind = u32;
+pub const KILN_INSTANCE_AUTO: KilnInstanceKind = 0;
+pub const KILN_INSTANCE_CPU: KilnInstanceKind = 1;
+pub const KILN_INSTANCE_GPU: KilnInstanceKind = 2;
+pub const KILN_INSTANCE_MODEL: KilnInstanceKind = 3;
+
+/// Request flags (sequence batching).
+pub const KILN_REQUEST_FLAG_SEQUENCE_START: u32 = 1;
+pub const KILN_REQUEST_FLAG_SEQUENCE_END: u32 = 2;
+/// Response flag: this is the last response for the request.
+pub const KILN_RESPONSE_FLAG_FINAL: u32 = 1;
+/// Release flag: the backend is done with the request.
+pub const KILN_REQUEST_RELEASE_ALL: u32 = 1;
+
+/// Opaque host-owned error. Null means success.
+#[repr(C)]
+pub struct KilnError {
+    _private: [u8; 0],
+}
+/// Opaque host-owned request handle.
+#[repr(C)]
+pub struct KilnRequest {
+    _private: [u8; 0],
+}
+/// Opaque host-owned response handle.
+#[repr(C)]
+pub struct KilnResponse {
+    _private: [u8; 0],
+}
+/// Opaque host-owned instance handle (for statistics reporting).
+#[repr(C)]
+pub struct KilnInstance {
+    _private: [u8; 0],
+}
+
+/// A borrowed UTF-8 (or raw) byte string; valid for the duration stated by its owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl KilnStr {
+    /// An empty string.
+    pub const EMPTY: KilnStr = KilnStr { ptr: core::ptr::null(), len: 0 };
+
+    /// Borrows a Rust byte slice.
+    pub const fn from_bytes(b: &[u8]) -> KilnStr {
+        KilnStr { ptr: b.as_ptr(), len: b.len() }
+    }
+
+    /// Borrows a Rust string.
+    pub const fn from_str(s: &str) -> KilnStr {
+        Self::from_bytes(s.as_bytes())
+    }
+
+    /// Views the bytes.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for `len` bytes (or `len` must be 0) for the chosen lifetime.
+    pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+        if self.len == 0 || self.ptr.is_null() {
+            &[]
+        } else {
+            // SAFETY: guaranteed by the caller.
+            unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
+        }
+    }
+}
+
+/// The frozen first member of both function tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnApiHeader {
+    /// Must equal [`KILN_ABI_MAGIC`].
+    pub magic: u64,
+    /// `sizeof` the whole table, so a peer knows which appended fields exist.
+    pub struct_size: u64,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+}
+
+impl KilnApiHeader {
+    /// The header for a table of type `T` built against this crate.
+    pub const fn for_table<T>() -> KilnApiHeader {
+        KilnApiHeader {
+            magic: KILN_ABI_MAGIC,
+            struct_size: size_of::<T>() as u64,
+            abi_major: KILN_ABI_MAJOR,
+            abi_minor: KILN_ABI_MINOR,
+        }
+    }
+}
+
+/// One input tensor: a view into host memory, never a copy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnTensorView {
+    pub name: KilnStr,
+    pub dtype: KilnDataType,
+    pub memory_kind: KilnMemoryKind,
+    pub device_id: i64,
+    pub shape: *const i64,
+    pub ndim: usize,
+    pub data: *const u8,
+    pub byte_len: usize,
+}
+
+/// One request handed to `instance_execute`.
+///
+/// Everything it points to stays valid until the backend releases the request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnRequestView {
+    pub handle: *mut KilnRequest,
+    pub id: KilnStr,
+    pub correlation_id: u64,
+    pub flags: u32,
+    pub reserved: u32,
+    pub timeout_us: u64,
+    /// Request parameters as a JSON object (`{}` when none).
+    pub parameters_json: KilnStr,
+    pub inputs: *const KilnTensorView,
+    pub input_count: usize,
+    /// Names of the outputs the client asked for (all outputs when the client named none).
+    pub requested_outputs: *const KilnStr,
+    pub requested_output_count: usize,
+    /// Batch size of this request (first dimension; 1 for models without batching).
+    pub batch_size: u64,
+}
+
+/// What `model_init` learns about the model.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnModelInfo {
+    pub name: KilnStr,
+    pub version: i64,
+    /// The model's directory in the repository (`<repo>/<model>`).
+    pub repository_path: KilnStr,
+    /// The complete model configuration in Triton's JSON form.
+    pub config_json: KilnStr,
+}
+
+/// What `instance_init` learns about the instance.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnInstanceInfo {
+    pub name: KilnStr,
+    pub kind: KilnInstanceKind,
+    pub device_id: i32,
+    pub index: u32,
+    pub reserved: u32,
+    /// Token to pass to [`KilnHostApi::report_compute`].
+    pub host_instance: *mut KilnInstance,
+}
+
+/// Functions the host gives the backend at `backend_init`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KilnHostApi {
+    pub header: KilnApiHeader,
+    pub error_new: unsafe extern "C" fn(code: KilnErrorCode, message: KilnStr) -> *mut KilnError,
+    pub error_delete: unsafe extern "C" fn(error: *mut KilnError),
+    pub error_code: unsafe extern "C" fn(error: *const KilnError) -> KilnErrorCode,
+    /// The message, valid until the error is deleted.
+    pub error_message: unsafe extern "C" fn(error: *const KilnError) -> KilnStr,
+    pub log: unsafe extern "C" fn(level: KilnLogLevel, message: KilnStr),
+    /// Monotonic nanoseconds, on the same clock the host uses for statistics.
+    pub clock_ns: unsafe extern "C" fn() -> u64,
+    pub response_new: unsafe extern "C" fn(
+        request: *mut KilnRequest,
+        response: *mut *mut KilnResponse,
+    ) -> *mut KilnError,
+    /// Allocates an output in the buffer the front end will send; writes its address.
+    pub output_alloc: unsafe extern "C" fn(
+        response: *mut KilnResponse,
+        name: KilnStr,
+        dtype: KilnDataType,
+        shape: *const i64,
+        ndim: usize,
+        byte_len: usize,
+        preferred_memory: KilnMemoryKind,
+        buffer: *mut *mut u8,
+        memory_kind: *mut KilnMemoryKind,
+    ) -> *mut KilnError,
+    /// Sends the response (ownership passes to the host, also on error). `error`, when not
+    /// null, is also taken by the host and fails the response.
+    pub response_send: unsafe extern "C" fn(
+        response: *mut KilnResponse,
+        flags: u32,
+        error: *mut KilnError,
+    ) -> *mut KilnError,
+    /// Sends only flags (e.g. FINAL without payload, for decoupled models).
+    pub request_send_flags:
+        unsafe extern "C" fn(request: *mut KilnRequest, flags: u32) -> *mut KilnError,
+    pub request_is_cancelled:
+        unsafe extern "C" fn(request: *mut KilnRequest, cancelled: *mut bool) -> *mut KilnError,
+    pub request_release:
+        unsafe extern "C" fn(request: *mut KilnRequest, flags: u32) -> *mut KilnError,
+    /// Reports when the compute of the batch under execution started and ended.
+    pub report_compute: unsafe extern "C" fn(
+        instance: *mut KilnInstance,
+        compute_start_ns: u64,
+        compute_end_ns: u64,
+    ) -> *mut KilnError,
+}
+
+/// Functions a backend library exports through `kiln_backend_entry`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KilnBackendApi {
+    pub header: KilnApiHeader,
+    /// The backend's own name (informative).
+    pub name: KilnStr,
+    pub backend_init:
+        unsafe extern "C" fn(host: *const KilnHostApi, state: *mut *mut c_void) -> *mut KilnError,
+    pub backend_fini: unsafe extern "C" fn(state: *mut c_void) -> *mut KilnError,
+    pub model_init: unsafe extern "C" fn(
+        backend: *mut c_void,
+        info: *const KilnModelInfo,
+        state: *mut *mut c_void,
+    ) -> *mut KilnError,
+    pub model_fini: unsafe extern "C" fn(model: *mut c_void) -> *mut KilnError,
+    pub instance_init: unsafe extern "C" fn(
+        model: *mut c_void,
+        info: *const KilnInstanceInfo,
+        state: *mut *mut c_void,
+    ) -> *mut KilnError,
+    pub instance_fini: unsafe extern "C" fn(instance: *mut c_void) -> *mut KilnError,
+    /// Runs a batch. Never called concurrently on one instance. On success the backend
+    /// owns every request until it releases it; on error the host fails the rest.
+    pub instance_execute: unsafe extern "C" fn(
+        instance: *mut c_void,
+        requests: *const KilnRequestView,
+        count: usize,
+    ) -> *mut KilnError,
+}
+
+/// Signature of the entry symbol.
+pub type KilnBackendEntryFn = unsafe extern "C" fn() -> *const KilnBackendApi;
+
+// SAFETY: the tables hold only function pointers and 'static data.
+unsafe impl Sync for KilnBackendApi {}
+unsafe impl Send for KilnBackendApi {}
+unsafe impl Sync for KilnHostApi {}
+unsafe impl Send for KilnHostApi {}
+
+// ---- Layout contract (mirrored by _Static_assert in include/kiln_backend.h) ----
+const P: usize = size_of::<usize>();
+const _: () = assert!(P == 8, "the Kiln ABI is defined for 64-bit targets");
+const _: () = assert!(size_of::<KilnStr>() == 16);
+const _: () = assert!(size_of::<KilnApiHeader>() == 24);
+const _: () = assert!(offset_of!(KilnApiHeader, abi_major) == 16);
+const _: () = assert!(size_of::<KilnTensorView>() == 64);
+const _: () = assert!(offset_of!(KilnTensorView, dtype) == 16);
+const _: () = assert!(offset_of!(KilnTensorView, device_id) == 24);
+const _: () = assert!(offset_of!(KilnTensorView, shape) == 32);
+const _: () = assert!(offset_of!(KilnTensorView, data) == 48);
+const _: () = assert!(offset_of!(KilnTensorView, byte_len) == 56);
+const _: () = assert!(size_of::<KilnRequestView>() == 104);
+const _: () = assert!(offset_of!(KilnRequestView, id) == 8);
+const _: () = assert!(offset_of!(KilnRequestView, correlation_id) == 24);
+const _: () = assert!(offset_of!(KilnRequestView, timeout_us) == 40);
+const _: () = assert!(offset_of!(KilnRequestView, parameters_json) == 48);
+const _: () = assert!(offset_of!(KilnRequestView, inputs) == 64);
+const _: () = assert!(offset_of!(KilnRequestView, requested_outputs) == 80);
+const _: () = assert!(offset_of!(KilnRequestView, batch_size) == 96);
+const _: () = assert!(size_of::<KilnModelInfo>() == 56);
+const _: () = assert!(offset_of!(KilnModelInfo, version) == 16);
+const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
+const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
+const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
+const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 13 * P);
+const _: () = assert!(offset_of!(KilnHostApi, output_alloc) == 24 + 7 * P);
+const _: () = assert!(offset_of!(KilnHostApi, report_compute) == 24 + 12 * P);
+const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 7 * P);
+const _: () = assert!(offset_of!(KilnBackendApi, backend_init) == 40);
+const _: () = assert!(offset_of!(KilnBackendApi, instance_execute) == 40 + 6 * P);
+
+/// Every (name, size) and (name.field, offset) pair of the layout contract; the tests
+/// compile the C header and compare against this table.
+pub const LAYOUT: &[(&str, usize)] = &[
+    ("sizeof(KilnStr)", size_of::<KilnStr>()),
+    ("sizeof(KilnApiHeader)", size_of::<KilnApiHeader>()),
+    ("sizeof(KilnTensorView)", size_of::<KilnTensorView>()),
+    ("sizeof(KilnRequestView)", size_of::<KilnRequestView>()),
+    ("sizeof(KilnModelInfo)", size_of::<KilnModelInfo>()),
+    ("sizeof(KilnInstanceInfo)", size_of::<KilnInstanceInfo>()),
+    ("sizeof(KilnHostApi)", size_of::<KilnHostApi>()),
+    ("sizeof(KilnBackendApi)", size_of::<KilnBackendApi>()),
+    ("offsetof(KilnTensorView,data)", offset_of!(KilnTensorView, data)),
+    ("offsetof(KilnRequestView,batch_size)", offset_of!(KilnRequestView, batch_size)),
+    ("offsetof(KilnRequestView,requested_outputs)", offset_of!(KilnRequestView, requested_outputs)),
+    ("offsetof(KilnInstanceInfo,host_instance)", offset_of!(KilnInstanceInfo, host_instance)),
+    ("offsetof(KilnHostApi,report_compute)", offset_of!(KilnHostApi, report_compute)),
+    ("offsetof(KilnBackendApi,instance_execute)", offset_of!(KilnBackendApi, instance_execute)),
+];

@@ -1,0 +1,25 @@
+//! Kiln's core: everything between the front ends and the backend libraries.
+//!
+//! * [`config`] — `config.pbtxt` parsing and Triton's defaults.
+//! * [`repository`] — the model repository, model states, load/unload.
+//! * [`model`] — a loaded version: validation, instance threads, responses.
+//! * [`scheduler`] — default scheduler and dynamic batcher.
+//! * [`loader`] / `host` — the backend ABI's two sides.
+//! * [`server`] — the facade the HTTP and gRPC front ends call.
+pub mod classification;
+pub mod config;
+pub mod error;
+mod host;
+pub mod loader;
+pub mod model;
+pub mod repository;
+pub mod request;
+pub mod scheduler;
+pub mod server;
+pub mod stats;
+
+pub use error::{CoreError, CoreResult, ErrorKind};
+pub use kiln_sdk::DataType;
+pub use repository::{ControlMode, RepositoryOptions};
+pub use request::{InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput};
+pub use server::{Server, ServerOptions};

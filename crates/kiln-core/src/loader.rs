@@ -1,0 +1,145 @@
+//! Finds and opens backend libraries (`libkiln_<backend>.so`), checks the ABI handshake and
+//! runs `backend_init` once per library. Libraries are never unloaded while the server runs.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kiln_abi::{self as abi, KilnBackendApi};
+use thiserror::Error;
+
+use crate::host;
+
+/// Why a backend library could not be used.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// No library file found.
+    #[error("unable to find backend library 'libkiln_{backend}.so' for backend '{backend}'; searched: {searched}")]
+    NotFound { backend: String, searched: String },
+    /// `dlopen` failed (not ELF, missing dependency, ...).
+    #[error("failed to open backend library '{path}': {reason}")]
+    Open { path: String, reason: String },
+    /// The library is not a Kiln backend.
+    #[error("'{path}' is not a Kiln backend: {reason}")]
+    NotKiln { path: String, reason: String },
+    /// ABI version mismatch.
+    #[error("backend library '{path}' was built for Kiln backend ABI {major}.{minor}, but this server speaks ABI {host_major}.{host_minor}")]
+    Version { path: String, major: u32, minor: u32, host_major: u32, host_minor: u32 },
+    /// `backend_init` failed.
+    #[error("backend '{path}' failed to initialize: {reason}")]
+    Init { path: String, reason: String },
+}
+
+/// An opened, initialized backend library.
+pub struct BackendLibrary {
+    /// File it was loaded from.
+    pub path: PathBuf,
+    /// Its function table.
+    pub api: &'static KilnBackendApi,
+    /// State returned by `backend_init`.
+    pub state: *mut c_void,
+}
+
+// SAFETY: the backend state is only passed back to the backend, which must be thread-safe
+// for the calls the ABI allows from several threads (model/instance init on host threads).
+unsafe impl Send for BackendLibrary {}
+unsafe impl Sync for BackendLibrary {}
+
+/// Maps Triton backend / platform names to Kiln backend library names.
+pub fn library_name(backend: &str) -> &str {
+    match backend {
+        "onnxruntime" | "onnxruntime_onnx" => "onnx",
+        other => other,
+    }
+}
+
+/// Candidate paths in Triton's search order: version dir, model dir, backend directory.
+pub fn candidates(backend: &str, model_dir: &Path, version: i64, backend_dir: &Path) -> Vec<PathBuf> {
+    let lib = library_name(backend);
+    let file = format!("libkiln_{lib}.so");
+    vec![
+        model_dir.join(version.to_string()).join(&file),
+        model_dir.join(&file),
+        backend_dir.join(lib).join(&file),
+    ]
+}
+
+static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Arc<BackendLibrary>>>> = OnceLock::new();
+
+/// Finds the library for `backend` and opens it (once per path).
+pub fn find_and_open(backend: &str, model_dir: &Path, version: i64, backend_dir: &Path) -> Result<Arc<BackendLibrary>, LoadError> {
+    let cands = candidates(backend, model_dir, version, backend_dir);
+    let Some(path) = cands.iter().find(|p| p.is_file()) else {
+        return Err(LoadError::NotFound {
+            backend: library_name(backend).to_string(),
+            searched: cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        });
+    };
+    let path = path.canonicalize().unwrap_or_else(|_| path.clone());
+    let mut libs = LIBRARIES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = libs.get(&path) {
+        return Ok(l.clone());
+    }
+    let lib = Arc::new(open(&path)?);
+    libs.insert(path, lib.clone());
+    Ok(lib)
+}
+
+fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
+    let p = path.display().to_string();
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+    // SAFETY: loading a library runs its initializers; backends are trusted code chosen by
+    // the operator through the model repository, as in Triton.
+    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| LoadError::Open {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    // SAFETY: symbol type matches the ABI's entry signature.
+    let entry = match unsafe { lib.get::<abi::KilnBackendEntryFn>(abi::ENTRY_SYMBOL) } {
+        Ok(sym) => *sym,
+        Err(_) => {
+            // SAFETY: only probing for the symbol's presence.
+            let triton = unsafe { lib.get::<*const c_void>(b"TRITONBACKEND_ModelInstanceExecute\0") }.is_ok();
+            let reason = if triton {
+                "it is a Triton C++ backend (exports TRITONBACKEND_ModelInstanceExecute); Kiln loads backends built with the Kiln SDK or kiln_backend.h".to_string()
+            } else {
+                "it does not export 'kiln_backend_entry'".to_string()
+            };
+            return Err(LoadError::NotKiln { path: p, reason });
+        }
+    };
+    // SAFETY: the entry point only returns a pointer to a static table.
+    let api_ptr = unsafe { entry() };
+    // SAFETY: a non-null table from the library, which is never unloaded.
+    let Some(api) = (unsafe { api_ptr.as_ref() }) else {
+        return Err(LoadError::NotKiln { path: p, reason: "kiln_backend_entry returned null".into() });
+    };
+    let h = api.header;
+    if h.magic != abi::KILN_ABI_MAGIC {
+        return Err(LoadError::NotKiln { path: p, reason: format!("bad magic 0x{:016x}", h.magic) });
+    }
+    if h.abi_major != abi::KILN_ABI_MAJOR || h.abi_minor > abi::KILN_ABI_MINOR {
+        return Err(LoadError::Version {
+            path: p,
+            major: h.abi_major,
+            minor: h.abi_minor,
+            host_major: abi::KILN_ABI_MAJOR,
+            host_minor: abi::KILN_ABI_MINOR,
+        });
+    }
+    if (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
+        return Err(LoadError::NotKiln {
+            path: p,
+            reason: format!("function table of {} bytes is smaller than ABI 1.0's", h.struct_size),
+        });
+    }
+    let mut state = std::ptr::null_mut();
+    // SAFETY: ABI call with the host's static table.
+    let e = unsafe { (api.backend_init)(&host::HOST_API, &mut state) };
+    if let Some(e) = host::take_error(e) {
+        return Err(LoadError::Init { path: p, reason: e.message });
+    }
+    // Never dlclose: backends may leave threads or TLS destructors behind (Triton's policy too).
+    std::mem::forget(lib);
+    Ok(BackendLibrary { path: path.to_path_buf(), api, state })
+}

@@ -1,0 +1,368 @@
+//! The model repository: Triton's layout on disk, model states, load and unload.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use kiln_proto::inference::{model_version_policy::PolicyChoice, ModelConfig};
+
+use crate::config;
+use crate::error::{CoreError, CoreResult, ErrorKind};
+use crate::loader;
+use crate::model::{gpu_count, ModelShared, ModelVersion};
+
+/// How models get loaded (tritonserver's `--model-control-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlMode {
+    /// Load everything at start; load/unload API refused.
+    None,
+    /// Load only `--load-model` models at start; load/unload API allowed.
+    Explicit,
+}
+
+/// Where models and backends are.
+#[derive(Debug, Clone)]
+pub struct RepositoryOptions {
+    /// `--model-repository`.
+    pub repository: PathBuf,
+    /// `--backend-directory`.
+    pub backend_directory: PathBuf,
+    /// `--model-control-mode`.
+    pub control_mode: ControlMode,
+    /// `--load-model` names (`*` = all), used in explicit mode.
+    pub startup_models: Vec<String>,
+}
+
+/// State of one model version.
+#[derive(Clone)]
+pub enum VersionState {
+    /// Being loaded.
+    Loading,
+    /// Serving.
+    Ready(Arc<ModelVersion>),
+    /// Not serving, with the reason.
+    Unavailable(String),
+}
+
+impl VersionState {
+    /// Triton's state name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VersionState::Loading => "LOADING",
+            VersionState::Ready(_) => "READY",
+            VersionState::Unavailable(_) => "UNAVAILABLE",
+        }
+    }
+}
+
+/// One row of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Model name.
+    pub name: String,
+    /// Version, when the model has been loaded (or tried to).
+    pub version: Option<i64>,
+    /// State name, when known.
+    pub state: Option<&'static str>,
+    /// Why it is not ready.
+    pub reason: String,
+}
+
+/// Owns every model's versions and their states.
+pub struct ModelManager {
+    opts: RepositoryOptions,
+    models: RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>,
+    load_lock: Mutex<()>,
+}
+
+fn read_config(model_dir: &Path, name: &str, override_json: Option<&str>) -> CoreResult<ModelConfig> {
+    let file = model_dir.join("config.pbtxt");
+    let (mut cfg, text) = match override_json {
+        Some(j) => (config::parse_json(j).map_err(|e| CoreError::invalid(e.to_string()))?, String::new()),
+        None => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                CoreError::invalid(format!("cannot read '{}': {e}", file.display()))
+            })?;
+            (config::parse_pbtxt(&file, &text).map_err(|e| CoreError::invalid(e.to_string()))?, text)
+        }
+    };
+    config::normalize(&mut cfg, &file, &text, name, gpu_count()).map_err(|e| CoreError::invalid(e.to_string()))?;
+    Ok(cfg)
+}
+
+fn available_versions(model_dir: &Path) -> Vec<i64> {
+    let mut v: Vec<i64> = std::fs::read_dir(model_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
+                .filter(|&v| v >= 0)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+fn select_versions(cfg: &ModelConfig, available: &[i64]) -> Vec<i64> {
+    match cfg.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
+        Some(PolicyChoice::All(_)) => available.to_vec(),
+        Some(PolicyChoice::Specific(s)) => available.iter().copied().filter(|v| s.versions.contains(v)).collect(),
+        Some(PolicyChoice::Latest(l)) => {
+            let n = l.num_versions.max(1) as usize;
+            available.iter().rev().take(n).rev().copied().collect()
+        }
+        None => available.iter().rev().take(1).copied().collect(),
+    }
+}
+
+impl ModelManager {
+    /// A manager over `opts.repository`; nothing is loaded yet.
+    pub fn new(opts: RepositoryOptions) -> Self {
+        ModelManager { opts, models: RwLock::new(BTreeMap::new()), load_lock: Mutex::new(()) }
+    }
+
+    /// Options in force.
+    pub fn options(&self) -> &RepositoryOptions {
+        &self.opts
+    }
+
+    /// Model directory names in the repository.
+    pub fn repository_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.opts.repository)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Loads the models the control mode asks for at start. Failures are recorded as
+    /// UNAVAILABLE states and logged; they never stop the others.
+    pub fn load_startup_models(&self) {
+        let names = match self.opts.control_mode {
+            ControlMode::None => self.repository_models(),
+            ControlMode::Explicit if self.opts.startup_models.iter().any(|m| m == "*") => self.repository_models(),
+            ControlMode::Explicit => self.opts.startup_models.clone(),
+        };
+        for name in names {
+            match self.load(&name, None) {
+                Ok(()) => tracing::info!(model = %name, "model loaded"),
+                Err(e) => tracing::error!(model = %name, "failed to load: {}", e.message),
+            }
+        }
+    }
+
+    fn models_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
+        self.models.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn models_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
+        self.models.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads (or reloads) model `name`, optionally with a JSON config instead of config.pbtxt.
+    pub fn load(&self, name: &str, config_override: Option<&str>) -> CoreResult<()> {
+        let _serial = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if name.is_empty() || name.contains('/') || name.contains("..") {
+            return Err(CoreError::invalid(format!("invalid model name '{name}'")));
+        }
+        let dir = self.opts.repository.join(name);
+        if !dir.is_dir() {
+            return Err(CoreError::invalid(format!(
+                "failed to load '{name}': no model directory '{}' in the model repository",
+                dir.display()
+            )));
+        }
+        let result = self.load_versions(name, &dir, config_override);
+        if let Err(e) = &result {
+            let mut models = self.models_write();
+            let slot = models.entry(name.to_string()).or_default();
+            if slot.is_empty() {
+                slot.insert(available_versions(&dir).last().copied().unwrap_or(1), VersionState::Unavailable(e.message.clone()));
+            }
+        }
+        result
+    }
+
+    fn load_versions(&self, name: &str, dir: &Path, config_override: Option<&str>) -> CoreResult<()> {
+        let fail = |msg: String, old: Vec<Arc<ModelVersion>>, me: &Self| {
+            let mut models = me.models_write();
+            let slot = models.entry(name.to_string()).or_default();
+            for v in slot.values_mut() {
+                if !matches!(v, VersionState::Ready(_)) {
+                    *v = VersionState::Unavailable(msg.clone());
+                }
+            }
+            drop(models);
+            drop(old);
+            CoreError::invalid(msg)
+        };
+        let cfg = match read_config(dir, name, config_override) {
+            Ok(c) => c,
+            Err(e) => return Err(fail(format!("failed to load '{name}': {}", e.message), vec![], self)),
+        };
+        let versions = select_versions(&cfg, &available_versions(dir));
+        if versions.is_empty() {
+            return Err(fail(
+                format!("failed to load '{name}': at least one version must be available under the version policy of model '{name}'"),
+                vec![],
+                self,
+            ));
+        }
+        let mut loaded = BTreeMap::new();
+        let mut first_error = None;
+        for &v in &versions {
+            self.models_write().entry(name.to_string()).or_default().insert(v, VersionState::Loading);
+            let r = loader::find_and_open(&cfg.backend, dir, v, &self.opts.backend_directory)
+                .map_err(|e| CoreError::invalid(e.to_string()))
+                .and_then(|lib| ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib));
+            match r {
+                Ok(mv) => {
+                    loaded.insert(v, VersionState::Ready(mv));
+                }
+                Err(e) => {
+                    let msg = format!("failed to load '{name}' version {v}: {}", e.message);
+                    tracing::error!("{msg}");
+                    first_error.get_or_insert(msg.clone());
+                    loaded.insert(v, VersionState::Unavailable(msg));
+                }
+            }
+        }
+        // Swap in the new versions, then retire the old ones outside the lock.
+        let old = {
+            let mut models = self.models_write();
+            std::mem::replace(models.entry(name.to_string()).or_default(), loaded)
+        };
+        for (v, s) in old {
+            if let VersionState::Ready(mv) = s {
+                let still = matches!(self.models_read().get(name).and_then(|m| m.get(&v)), Some(VersionState::Ready(n)) if Arc::ptr_eq(n, &mv));
+                if !still {
+                    mv.shutdown();
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(CoreError::invalid(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Unloads every version of `name`; in-flight and queued requests finish first.
+    pub fn unload(&self, name: &str) -> CoreResult<()> {
+        let _serial = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = {
+            let mut models = self.models_write();
+            let Some(slot) = models.get_mut(name) else {
+                if self.opts.repository.join(name).is_dir() {
+                    return Ok(());
+                }
+                return Err(CoreError::invalid(format!("failed to unload '{name}': model not found in the repository")));
+            };
+            let old = std::mem::take(slot);
+            for v in old.keys() {
+                slot.insert(*v, VersionState::Unavailable("unloaded".into()));
+            }
+            old
+        };
+        for s in old.into_values() {
+            if let VersionState::Ready(mv) = s {
+                mv.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// Unloads everything (server shutdown).
+    pub fn unload_all(&self) {
+        let names: Vec<String> = self.models_read().keys().cloned().collect();
+        for n in names {
+            let _ = self.unload(&n);
+        }
+    }
+
+    /// The ready version to serve: `version` or the highest ready one.
+    pub fn get(&self, name: &str, version: Option<i64>) -> CoreResult<Arc<ModelVersion>> {
+        let models = self.models_read();
+        let Some(slot) = models.get(name) else {
+            return Err(CoreError::not_found(format!("Request for unknown model: '{name}' is not found")));
+        };
+        match version {
+            Some(v) => match slot.get(&v) {
+                Some(VersionState::Ready(mv)) => Ok(mv.clone()),
+                Some(_) => Err(CoreError::unavailable(format!(
+                    "Request for unknown model: '{name}' version {v} is not at ready state"
+                ))),
+                None => Err(CoreError::not_found(format!("Request for unknown model: '{name}' version {v} is not found"))),
+            },
+            None => slot
+                .values()
+                .rev()
+                .find_map(|s| match s {
+                    VersionState::Ready(mv) => Some(mv.clone()),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    CoreError::new(ErrorKind::Unavailable, format!("Request for unknown model: '{name}' has no available versions"))
+                }),
+        }
+    }
+
+    /// Versions of `name` and their states.
+    pub fn versions(&self, name: &str) -> Vec<(i64, VersionState)> {
+        self.models_read().get(name).map(|m| m.iter().map(|(v, s)| (*v, s.clone())).collect()).unwrap_or_default()
+    }
+
+    /// Every loaded (ready) version, for statistics.
+    pub fn ready_versions(&self) -> Vec<Arc<ModelVersion>> {
+        self.models_read()
+            .values()
+            .flat_map(|m| m.values())
+            .filter_map(|s| match s {
+                VersionState::Ready(mv) => Some(mv.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether every model that was asked to load is ready.
+    pub fn all_ready(&self) -> bool {
+        self.models_read().values().flat_map(|m| m.values()).all(|s| matches!(s, VersionState::Ready(_)))
+    }
+
+    /// Triton's repository index: every model in the repository and every known version.
+    pub fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let models = self.models_read();
+        let mut out = Vec::new();
+        let mut names = self.repository_models();
+        for n in models.keys() {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names.sort();
+        for name in names {
+            match models.get(&name).filter(|m| !m.is_empty()) {
+                Some(versions) => {
+                    for (v, s) in versions {
+                        if ready_only && !matches!(s, VersionState::Ready(_)) {
+                            continue;
+                        }
+                        let reason = match s {
+                            VersionState::Unavailable(r) => r.clone(),
+                            _ => String::new(),
+                        };
+                        out.push(IndexEntry { name: name.clone(), version: Some(*v), state: Some(s.name()), reason });
+                    }
+                }
+                None if !ready_only => out.push(IndexEntry { name, version: None, state: None, reason: String::new() }),
+                None => {}
+            }
+        }
+        out
+    }
+}

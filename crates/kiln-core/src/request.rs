@@ -1,0 +1,115 @@
+//! Protocol-neutral inference requests and responses, shared by every front end.
+use std::time::Instant;
+
+use bytes::Bytes;
+use kiln_sdk::DataType;
+
+use crate::error::CoreError;
+
+/// One input tensor: its bytes are a slice of the request body (no copy).
+#[derive(Debug, Clone)]
+pub struct InputTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DataType,
+    /// Shape as the client sent it.
+    pub shape: Vec<i64>,
+    /// Row-major bytes; BYTES as 4-byte LE length + bytes per element.
+    pub data: Bytes,
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedOutput {
+    /// Output name.
+    pub name: String,
+    /// Classification extension: top-k classes instead of raw data (0 = raw).
+    pub class_count: u32,
+}
+
+/// An inference request after protocol decoding.
+#[derive(Debug, Clone)]
+pub struct InferRequest {
+    /// Target model.
+    pub model_name: String,
+    /// Requested version; `None` means the latest ready one.
+    pub model_version: Option<i64>,
+    /// Client-chosen id, echoed in the response.
+    pub id: String,
+    /// Sequence correlation id.
+    pub correlation_id: u64,
+    /// Sequence flags.
+    pub flags: u32,
+    /// Priority level (0 = model default).
+    pub priority: u64,
+    /// Timeout in microseconds (0 = none).
+    pub timeout_us: u64,
+    /// Remaining request parameters, as a JSON object.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// Inputs.
+    pub inputs: Vec<InputTensor>,
+    /// Requested outputs; empty means every output.
+    pub outputs: Vec<RequestedOutput>,
+    /// When the front end received it.
+    pub arrival: Instant,
+}
+
+impl InferRequest {
+    /// An empty request for `model_name`.
+    pub fn new(model_name: impl Into<String>) -> Self {
+        InferRequest {
+            model_name: model_name.into(),
+            model_version: None,
+            id: String::new(),
+            correlation_id: 0,
+            flags: 0,
+            priority: 0,
+            timeout_us: 0,
+            parameters: serde_json::Map::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            arrival: Instant::now(),
+        }
+    }
+}
+
+/// One output tensor of a response; `data` is the buffer the backend wrote into.
+#[derive(Debug, Clone)]
+pub struct OutputTensor {
+    /// Output name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DataType,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// Row-major bytes (BYTES: length-prefixed elements).
+    pub data: Bytes,
+}
+
+/// A complete inference response.
+#[derive(Debug, Clone)]
+pub struct InferResponse {
+    /// Model that answered.
+    pub model_name: String,
+    /// Version that answered.
+    pub model_version: i64,
+    /// Echo of the request id.
+    pub id: String,
+    /// Outputs in the order the client asked for them (config order otherwise).
+    pub outputs: Vec<OutputTensor>,
+}
+
+/// What a request's sink receives: responses (the last one marked final) or an error.
+#[derive(Debug)]
+pub enum ResponseEvent {
+    /// A response; `last` when it is the final one.
+    Response { response: InferResponse, last: bool },
+    /// The request failed (always final).
+    Error(CoreError),
+    /// No more responses (final flag without payload).
+    Final,
+}
+
+/// Where responses for one request go.
+pub type ResponseSink = tokio::sync::mpsc::UnboundedSender<ResponseEvent>;

@@ -1,0 +1,163 @@
+//! Per-model statistics with Triton's fields (read by perf_analyzer around each window).
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+/// A count and total nanoseconds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dur {
+    /// Number of events.
+    pub count: u64,
+    /// Summed duration.
+    pub ns: u64,
+}
+
+impl Dur {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.ns += d.as_nanos() as u64;
+    }
+    fn json(&self) -> Value {
+        json!({"count": self.count, "ns": self.ns})
+    }
+}
+
+/// Compute durations of one execution.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ComputeTimes {
+    /// Gathering inputs.
+    pub input: Duration,
+    /// Running the model.
+    pub infer: Duration,
+    /// Writing outputs.
+    pub output: Duration,
+}
+
+/// Snapshot of every counter.
+#[derive(Debug, Default, Clone)]
+pub struct StatsSnapshot {
+    pub last_inference_ms: u64,
+    pub inference_count: u64,
+    pub execution_count: u64,
+    pub success: Dur,
+    pub fail: Dur,
+    pub queue: Dur,
+    pub compute_input: Dur,
+    pub compute_infer: Dur,
+    pub compute_output: Dur,
+    /// Per batch size: compute input / infer / output.
+    pub batch: BTreeMap<u64, [Dur; 3]>,
+}
+
+/// Thread-safe statistics of one model version.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    inner: Mutex<StatsSnapshot>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl ModelStats {
+    fn with(&self, f: impl FnOnce(&mut StatsSnapshot)) {
+        // A poisoned lock only means another thread panicked mid-update; counters stay usable.
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// A request finished successfully after `total`, having queued `queue` and computed `compute`.
+    pub fn record_success(&self, total: Duration, queue: Duration, compute: ComputeTimes) {
+        self.with(|s| {
+            s.success.add(total);
+            s.queue.add(queue);
+            s.compute_input.add(compute.input);
+            s.compute_infer.add(compute.infer);
+            s.compute_output.add(compute.output);
+            s.last_inference_ms = now_ms();
+        })
+    }
+
+    /// A request failed after `total`.
+    pub fn record_failure(&self, total: Duration) {
+        self.with(|s| {
+            s.fail.add(total);
+            s.last_inference_ms = now_ms();
+        })
+    }
+
+    /// One execution of `batch_size` items.
+    pub fn record_execution(&self, batch_size: u64, compute: ComputeTimes) {
+        self.with(|s| {
+            s.execution_count += 1;
+            s.inference_count += batch_size;
+            let b = s.batch.entry(batch_size).or_default();
+            b[0].add(compute.input);
+            b[1].add(compute.infer);
+            b[2].add(compute.output);
+        })
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Triton's JSON for one entry of `model_stats`.
+    pub fn to_json(&self, name: &str, version: i64) -> Value {
+        let s = self.snapshot();
+        let zero = Dur::default().json();
+        json!({
+            "name": name,
+            "version": version.to_string(),
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {
+                "success": s.success.json(),
+                "fail": s.fail.json(),
+                "queue": s.queue.json(),
+                "compute_input": s.compute_input.json(),
+                "compute_infer": s.compute_infer.json(),
+                "compute_output": s.compute_output.json(),
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "response_stats": {},
+            "batch_stats": s.batch.iter().map(|(bs, d)| json!({
+                "batch_size": bs,
+                "compute_input": d[0].json(),
+                "compute_infer": d[1].json(),
+                "compute_output": d[2].json(),
+            })).collect::<Vec<_>>(),
+            "memory_usage": [],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_batches_and_requests_separately() {
+        let s = ModelStats::default();
+        let c = ComputeTimes { input: Duration::from_nanos(1), infer: Duration::from_nanos(10), output: Duration::from_nanos(2) };
+        s.record_execution(3, c);
+        for _ in 0..3 {
+            s.record_success(Duration::from_nanos(100), Duration::from_nanos(5), c);
+        }
+        s.record_failure(Duration::from_nanos(7));
+        let j = s.to_json("m", 1);
+        assert_eq!(j["inference_count"], 3);
+        assert_eq!(j["execution_count"], 1);
+        assert_eq!(j["inference_stats"]["success"]["count"], 3);
+        assert_eq!(j["inference_stats"]["success"]["ns"], 300);
+        assert_eq!(j["inference_stats"]["fail"]["ns"], 7);
+        assert_eq!(j["batch_stats"][0]["batch_size"], 3);
+        assert_eq!(j["batch_stats"][0]["compute_infer"]["ns"], 10);
+        assert_eq!(j["version"], "1");
+    }
+}

@@ -1,0 +1,291 @@
+//! Requests, input tensors and responses as safe views over the ABI.
+use std::cell::Cell;
+
+use kiln_abi::{self as abi, KilnRequestView, KilnStr, KilnTensorView};
+
+use crate::dtype::{bytes_elements, DataType};
+use crate::error::{Error, Result};
+use crate::host;
+
+/// A read-only view of one input tensor in host memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Tensor<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: DataType,
+    /// Full shape (including the batch dimension for batching models).
+    pub shape: &'a [i64],
+    /// Raw row-major bytes (BYTES: length-prefixed elements).
+    pub data: &'a [u8],
+}
+
+impl<'a> Tensor<'a> {
+    /// Number of elements implied by the shape.
+    pub fn element_count(&self) -> usize {
+        self.shape.iter().map(|&d| d.max(0) as usize).product()
+    }
+
+    /// The elements as `T`, copied (works for any alignment).
+    pub fn to_vec<T: bytemuck::Pod>(&self) -> Result<Vec<T>> {
+        let size = std::mem::size_of::<T>();
+        if self.dtype.element_size() != Some(size) || self.data.len() % size != 0 {
+            return Err(Error::invalid_arg(format!(
+                "input '{}' of type {} cannot be read as {}-byte elements",
+                self.name, self.dtype, size
+            )));
+        }
+        Ok(self.data.chunks_exact(size).map(bytemuck::pod_read_unaligned).collect())
+    }
+
+    /// The elements of a BYTES tensor.
+    pub fn bytes_elements(&self) -> Result<Vec<&'a [u8]>> {
+        if self.dtype != DataType::Bytes {
+            return Err(Error::invalid_arg(format!("input '{}' is not BYTES", self.name)));
+        }
+        bytes_elements(self.data)
+            .map(|e| e.ok_or_else(|| Error::invalid_arg(format!("input '{}': malformed BYTES data", self.name))))
+            .collect()
+    }
+}
+
+/// One inference request, borrowed for the duration of `execute`.
+pub struct Request<'a> {
+    view: &'a KilnRequestView,
+    /// Whether a final response was sent through this SDK.
+    pub(crate) finished: Cell<bool>,
+}
+
+// SAFETY helper: borrow a KilnStr that the host keeps alive while the request is held.
+fn s<'a>(k: &KilnStr) -> &'a str {
+    // SAFETY: host strings in request views are UTF-8 and live until release.
+    std::str::from_utf8(unsafe { k.as_bytes() }).unwrap_or("")
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(view: &'a KilnRequestView) -> Self {
+        Request { view, finished: Cell::new(false) }
+    }
+
+    pub(crate) fn handle(&self) -> *mut abi::KilnRequest {
+        self.view.handle
+    }
+
+    /// The client's request id (may be empty).
+    pub fn id(&self) -> &'a str {
+        s(&self.view.id)
+    }
+
+    /// Correlation id (sequence models).
+    pub fn correlation_id(&self) -> u64 {
+        self.view.correlation_id
+    }
+
+    /// Batch size of this request (1 for models without batching).
+    pub fn batch_size(&self) -> u64 {
+        self.view.batch_size
+    }
+
+    /// Request parameters as a JSON object.
+    pub fn parameters_json(&self) -> &'a str {
+        s(&self.view.parameters_json)
+    }
+
+    fn input_views(&self) -> &'a [KilnTensorView] {
+        if self.view.input_count == 0 {
+            return &[];
+        }
+        // SAFETY: the host guarantees `inputs` points to `input_count` views.
+        unsafe { std::slice::from_raw_parts(self.view.inputs, self.view.input_count) }
+    }
+
+    /// All inputs present in the request.
+    pub fn inputs(&self) -> impl Iterator<Item = Tensor<'a>> + '_ {
+        self.input_views().iter().filter_map(tensor_from_view)
+    }
+
+    /// The input named `name`, if present.
+    pub fn input(&self, name: &str) -> Option<Tensor<'a>> {
+        self.inputs().find(|t| t.name == name)
+    }
+
+    /// The input named `name`, or an INVALID_ARG error naming it.
+    pub fn require_input(&self, name: &str) -> Result<Tensor<'a>> {
+        self.input(name)
+            .ok_or_else(|| Error::invalid_arg(format!("missing required input '{name}'")))
+    }
+
+    /// Names of the outputs the client asked for.
+    pub fn requested_outputs(&self) -> Vec<&'a str> {
+        if self.view.requested_output_count == 0 {
+            return Vec::new();
+        }
+        // SAFETY: host guarantees the array.
+        let names = unsafe {
+            std::slice::from_raw_parts(self.view.requested_outputs, self.view.requested_output_count)
+        };
+        names.iter().map(s).collect()
+    }
+
+    /// Whether the client asked for output `name`.
+    pub fn wants(&self, name: &str) -> bool {
+        self.requested_outputs().contains(&name)
+    }
+
+    /// Whether the client has gone away.
+    pub fn is_cancelled(&self) -> bool {
+        let Ok(h) = host::get() else { return false };
+        let mut c = false;
+        // SAFETY: valid handle while the request is held.
+        let r = host::check(unsafe { (h.request_is_cancelled)(self.view.handle, &mut c) });
+        r.is_ok() && c
+    }
+
+    /// Starts a response for this request.
+    pub fn response(&self) -> Result<Response<'_>> {
+        let h = host::get()?;
+        let mut resp = std::ptr::null_mut();
+        // SAFETY: valid handle; the host writes the new response handle.
+        host::check(unsafe { (h.response_new)(self.view.handle, &mut resp) })?;
+        Ok(Response { handle: resp, request: Some(self) })
+    }
+
+    /// Concatenates input `name` of several requests along the batch dimension.
+    /// Returns the joined bytes and the joined shape. Fails if the non-batch dimensions
+    /// or types differ.
+    pub fn gather(requests: &[Request<'_>], name: &str) -> Result<(DataType, Vec<i64>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut shape: Option<Vec<i64>> = None;
+        let mut dtype = None;
+        for r in requests {
+            let t = r.require_input(name)?;
+            match (&mut shape, dtype) {
+                (None, _) => {
+                    shape = Some(t.shape.to_vec());
+                    dtype = Some(t.dtype);
+                }
+                (Some(sh), Some(dt)) => {
+                    if dt != t.dtype || sh.len() != t.shape.len() || sh[1..] != t.shape[1..] {
+                        return Err(Error::invalid_arg(format!(
+                            "input '{name}' has different shapes or types across the batch"
+                        )));
+                    }
+                    sh[0] += t.shape.first().copied().unwrap_or(1);
+                }
+                _ => unreachable!(),
+            }
+            out.extend_from_slice(t.data);
+        }
+        let shape = shape.ok_or_else(|| Error::invalid_arg("empty batch"))?;
+        Ok((dtype.unwrap_or(DataType::Bytes), shape, out))
+    }
+}
+
+fn tensor_from_view<'a>(v: &'a KilnTensorView) -> Option<Tensor<'a>> {
+    let dtype = DataType::from_abi(v.dtype)?;
+    // SAFETY: the host guarantees shape/data point to ndim / byte_len valid items.
+    let shape = if v.ndim == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(v.shape, v.ndim) } };
+    let data = if v.byte_len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(v.data, v.byte_len) } };
+    Some(Tensor { name: s(&v.name), dtype, shape, data })
+}
+
+/// A response being built; outputs are written straight into the host's send buffers.
+pub struct Response<'r> {
+    handle: *mut abi::KilnResponse,
+    request: Option<&'r Request<'r>>,
+}
+
+impl Response<'_> {
+    /// Allocates output `name` of `byte_len` bytes and returns the buffer to fill.
+    pub fn output(&mut self, name: &str, dtype: DataType, shape: &[i64], byte_len: usize) -> Result<&mut [u8]> {
+        let h = host::get()?;
+        let mut buf = std::ptr::null_mut();
+        let mut kind = abi::KILN_MEMORY_CPU;
+        // SAFETY: valid response handle; name/shape borrowed for the call.
+        host::check(unsafe {
+            (h.output_alloc)(
+                self.handle,
+                KilnStr::from_str(name),
+                dtype as u32,
+                shape.as_ptr(),
+                shape.len(),
+                byte_len,
+                abi::KILN_MEMORY_CPU,
+                &mut buf,
+                &mut kind,
+            )
+        })?;
+        if byte_len == 0 {
+            return Ok(&mut []);
+        }
+        if buf.is_null() || kind != abi::KILN_MEMORY_CPU {
+            return Err(Error::internal("host returned no CPU buffer for output"));
+        }
+        // SAFETY: the host allocated `byte_len` writable bytes that live until send.
+        Ok(unsafe { std::slice::from_raw_parts_mut(buf, byte_len) })
+    }
+
+    /// Allocates and fills output `name` with a copy of `data`.
+    pub fn output_from<T: bytemuck::Pod>(&mut self, name: &str, dtype: DataType, shape: &[i64], data: &[T]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.output(name, dtype, shape, bytes.len())?.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Allocates and fills a BYTES output from its elements.
+    pub fn output_bytes<E: AsRef<[u8]>>(&mut self, name: &str, shape: &[i64], elements: &[E]) -> Result<()> {
+        let total: usize = elements.iter().map(|e| 4 + e.as_ref().len()).sum();
+        let buf = self.output(name, DataType::Bytes, shape, total)?;
+        let mut at = 0;
+        for e in elements {
+            let e = e.as_ref();
+            buf[at..at + 4].copy_from_slice(&(e.len() as u32).to_le_bytes());
+            buf[at + 4..at + 4 + e.len()].copy_from_slice(e);
+            at += 4 + e.len();
+        }
+        Ok(())
+    }
+
+    /// Copies this request's slice of a batched output (`rows` starting at `first_row`,
+    /// with `row_bytes` per batch item) into output `name`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scatter_from(&mut self, name: &str, dtype: DataType, item_shape: &[i64], batched: &[u8], first_row: usize, rows: usize, row_bytes: usize) -> Result<()> {
+        let mut shape = Vec::with_capacity(item_shape.len() + 1);
+        shape.push(rows as i64);
+        shape.extend_from_slice(item_shape);
+        let src = batched
+            .get(first_row * row_bytes..(first_row + rows) * row_bytes)
+            .ok_or_else(|| Error::internal(format!("batched output '{name}' is too short")))?;
+        self.output(name, dtype, &shape, src.len())?.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Sends the response as the request's final one.
+    pub fn send(mut self) -> Result<()> {
+        self.finish(std::ptr::null_mut())
+    }
+
+    /// Sends an error as the request's final response.
+    pub fn send_error(mut self, e: Error) -> Result<()> {
+        let err = host::to_abi_error(&e);
+        self.finish(err)
+    }
+
+    fn finish(&mut self, err: *mut abi::KilnError) -> Result<()> {
+        let h = host::get()?;
+        let handle = std::mem::replace(&mut self.handle, std::ptr::null_mut());
+        if let Some(r) = self.request {
+            r.finished.set(true);
+        }
+        // SAFETY: the handle is live and passed to the host exactly once.
+        host::check(unsafe { (h.response_send)(handle, abi::KILN_RESPONSE_FLAG_FINAL, err) })
+    }
+}
+
+impl Drop for Response<'_> {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            let _ = self.finish(host::to_abi_error(&Error::internal("backend dropped a response without sending it")));
+        }
+    }
+}
