@@ -1,1 +1,133 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's set-up, serve, test and bench entry points.
+//!
+//! * `build`  — builds the server and every backend (including the out-of-workspace
+//!   `backends/simple_math`) in release mode and lays them out in `target/kiln/`:
+//!   `target/kiln/kiln` and `target/kiln/backends/<name>/libkiln_<name>.so`.
+//! * `serve`  — `build`, then starts the server on `model_repository/` (extra args pass through).
+//! * `test`   — `build`, the Rust tests, then the Python suite with the real `tritonclient`
+//!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
+//! * `bench`  — perf_analyzer against a running Kiln: throughput and latency per concurrency.
+mod python;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use anyhow::{bail, Context, Result};
+
+/// Backends built from the root workspace: (package, library stem).
+const WORKSPACE_BACKENDS: &[(&str, &str)] = &[("identity", "identity"), ("kiln-faulty-backend", "faulty")];
+/// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).
+const EXTERNAL_BACKENDS: &[(&str, &str)] = &[("backends/simple_math", "simple_math")];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st: ExitStatus = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !st.success() {
+        bail!("command failed ({st}): {cmd:?}");
+    }
+    Ok(())
+}
+
+/// The directory `build` lays out.
+pub fn dist() -> PathBuf {
+    root().join("target").join("kiln")
+}
+
+fn build() -> Result<PathBuf> {
+    let root = root();
+    let target = root.join("target");
+    let mut c = cargo();
+    c.current_dir(&root).args(["build", "--release", "-p", "kiln-server"]);
+    for (pkg, _) in WORKSPACE_BACKENDS {
+        c.args(["-p", pkg]);
+    }
+    run(&mut c)?;
+    for (dir, _) in EXTERNAL_BACKENDS {
+        run(cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "--manifest-path"])
+            .arg(root.join(dir).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target))?;
+    }
+    let dist = dist();
+    let backends = dist.join("backends");
+    std::fs::create_dir_all(&backends)?;
+    let release = target.join("release");
+    copy(&release.join("kiln"), &dist.join("kiln"))?;
+    for stem in WORKSPACE_BACKENDS.iter().map(|b| b.1).chain(EXTERNAL_BACKENDS.iter().map(|b| b.1)) {
+        let file = format!("libkiln_{stem}.so");
+        std::fs::create_dir_all(backends.join(stem))?;
+        copy(&release.join(&file), &backends.join(stem).join(&file))?;
+    }
+    eprintln!("laid out {}", dist.display());
+    Ok(dist)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    // Replace rather than overwrite: a running server may have the old file mapped.
+    let _ = std::fs::remove_file(to);
+    std::fs::copy(from, to).with_context(|| format!("copy {} -> {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn serve(extra: &[String]) -> Result<()> {
+    let dist = build()?;
+    let repo = root().join("model_repository");
+    println!("Kiln: HTTP on http://localhost:8000  (health: /v2/health/ready, models: /v2/models/<name>)");
+    println!("      model repository {}", repo.display());
+    let st = Command::new(dist.join("kiln")).arg("--model-repository").arg(&repo).args(extra).status()?;
+    if !st.success() {
+        bail!("kiln exited with {st}");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    let dist = build()?;
+    let root = root();
+    run(cargo().current_dir(&root).env("KILN_DIST", &dist).args(["test", "--release", "--workspace"]))?;
+    let py = python::ensure_venv(&root)?;
+    let mut c = Command::new(py.join("bin").join("python"));
+    c.current_dir(&root)
+        .env("KILN_DIST", &dist)
+        .env("KILN_REPO", root.join("model_repository"))
+        .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
+        .args(["-m", "pytest", "-q", "tests/python"]);
+    run(&mut c)
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let dist = build()?;
+    let root = root();
+    let py = python::ensure_venv(&root)?;
+    run(Command::new(py.join("bin").join("python"))
+        .current_dir(&root)
+        .env("KILN_DIST", &dist)
+        .env("KILN_REPO", root.join("model_repository"))
+        .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
+        .arg("tests/bench/perf.py")
+        .args(extra))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("build") => build().map(|_| ()),
+        Some("serve") => serve(&args[1..]),
+        Some("test") => test(),
+        Some("bench") => bench(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <build|serve|test|bench> [args]");
+            std::process::exit(2)
+        }
+    }
+}

@@ -19,7 +19,7 @@ pub mod server;
 pub mod stats;
 
 pub use error::{CoreError, CoreResult, ErrorKind};
-pub use kiln_sdk::DataType;
+pub use kiln_sdk::{bytes_elements, DataType};
 pub use repository::{ControlMode, RepositoryOptions};
 pub use request::{InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput};
 pub use server::{Server, ServerOptions};

@@ -1,0 +1,149 @@
+//! `kiln`: a Triton-compatible inference server. Flag names follow tritonserver's.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use kiln_core::{ControlMode, RepositoryOptions, Server, ServerOptions};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Load every model at start; the load/unload API is refused.
+    None,
+    /// Load only --load-model models; the load/unload API is allowed.
+    Explicit,
+}
+
+/// Kiln — a Triton Inference Server compatible inference server.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version)]
+struct Args {
+    /// Model repository path (Triton layout: <repo>/<model>/config.pbtxt, numbered versions).
+    #[arg(long = "model-repository", alias = "model-store", required = true)]
+    model_repository: PathBuf,
+    /// Directory holding <backend>/libkiln_<backend>.so (default: `backends` next to the binary).
+    #[arg(long = "backend-directory")]
+    backend_directory: Option<PathBuf>,
+    /// HTTP port.
+    #[arg(long = "http-port", default_value_t = 8000)]
+    http_port: u16,
+    /// Address the HTTP server binds.
+    #[arg(long = "http-address", default_value = "0.0.0.0")]
+    http_address: String,
+    /// Serve HTTP.
+    #[arg(long = "allow-http", default_value_t = true, action = clap::ArgAction::Set)]
+    allow_http: bool,
+    /// gRPC port (reserved; the gRPC front end is not in this build).
+    #[arg(long = "grpc-port", default_value_t = 8001)]
+    grpc_port: u16,
+    /// Metrics port (reserved; the metrics endpoint is not in this build).
+    #[arg(long = "metrics-port", default_value_t = 8002)]
+    metrics_port: u16,
+    /// Model control mode.
+    #[arg(long = "model-control-mode", value_enum, default_value_t = Mode::None)]
+    model_control_mode: Mode,
+    /// Model to load at start in explicit mode (repeatable; `*` loads all).
+    #[arg(long = "load-model")]
+    load_model: Vec<String>,
+    /// Ready only when every model is ready.
+    #[arg(long = "strict-readiness", default_value_t = true, action = clap::ArgAction::Set)]
+    strict_readiness: bool,
+    /// Seconds to let in-flight requests finish on shutdown.
+    #[arg(long = "exit-timeout-secs", default_value_t = 30)]
+    exit_timeout_secs: u64,
+    /// Largest accepted HTTP request body, in bytes.
+    #[arg(long = "http-max-input-size", default_value_t = 64 * 1024 * 1024)]
+    http_max_input_size: usize,
+    /// Verbose logging level (0 = off).
+    #[arg(long = "log-verbose", default_value_t = 0)]
+    log_verbose: u32,
+}
+
+fn default_backend_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("backends")))
+        .unwrap_or_else(|| PathBuf::from("backends"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let level = if args.log_verbose > 0 { "debug" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let repo = args
+        .model_repository
+        .canonicalize()
+        .with_context(|| format!("model repository '{}' not found", args.model_repository.display()))?;
+    let opts = ServerOptions {
+        repository: RepositoryOptions {
+            repository: repo,
+            backend_directory: args.backend_directory.clone().unwrap_or_else(default_backend_dir),
+            control_mode: match args.model_control_mode {
+                Mode::None => ControlMode::None,
+                Mode::Explicit => ControlMode::Explicit,
+            },
+            startup_models: args.load_model.clone(),
+        },
+        strict_readiness: args.strict_readiness,
+    };
+    tracing::info!(backend_directory = %opts.repository.backend_directory.display(), "starting kiln {}", env!("CARGO_PKG_VERSION"));
+    let server: Arc<Server> = tokio::task::spawn_blocking(move || Server::start(opts)).await?;
+    for e in server.models().index(false) {
+        tracing::info!(model = %e.name, version = ?e.version, state = ?e.state, "{}", e.reason);
+    }
+    let grace = Duration::from_secs(args.exit_timeout_secs);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    if args.allow_http {
+        let addr: SocketAddr = format!("{}:{}", args.http_address, args.http_port).parse().context("invalid --http-address")?;
+        let listener = kiln_http::bind(addr).await.with_context(|| format!("cannot bind HTTP on {addr}"))?;
+        tracing::info!("Started HTTPService at {}", listener.local_addr()?);
+        let mut rx = stop_rx.clone();
+        let s = server.clone();
+        let http_opts = kiln_http::HttpOptions { max_input_size: args.http_max_input_size };
+        tasks.push(tokio::spawn(async move {
+            kiln_http::serve(listener, s, http_opts, async move { let _ = rx.changed().await; }, grace).await
+        }));
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests (up to {}s)", args.exit_timeout_secs);
+    server.begin_shutdown();
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let s = server.clone();
+    let _ = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || s.shutdown())).await;
+    tracing::info!("kiln stopped");
+    Ok(())
+}
