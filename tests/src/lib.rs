@@ -17,7 +17,10 @@ pub fn dist() -> PathBuf {
 pub fn have_dist() -> bool {
     let ok = dist().join("kiln").exists();
     if !ok {
-        eprintln!("SKIP: {} missing; run `cargo xtask test` (it builds the server first)", dist().display());
+        eprintln!(
+            "SKIP: {} missing; run `cargo xtask test` (it builds the server first)",
+            dist().display()
+        );
     }
     ok
 }
@@ -31,6 +34,7 @@ pub struct Kiln {
 
 impl Kiln {
     /// Starts kiln on `repo` with extra args; waits until HTTP is up.
+    #[allow(clippy::zombie_processes)] // the child is owned by `Kiln`, whose Drop kills and waits
     pub fn start(repo: &Path, extra: &[&str]) -> Kiln {
         let mut child = Command::new(dist().join("kiln"))
             .arg("--model-repository")
@@ -51,10 +55,21 @@ impl Kiln {
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).expect("kiln did not start");
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("kiln did not start");
             if let Some(addr) = line.split("Started HTTPService at ").nth(1) {
-                let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-                return Kiln { child, port, log: rx };
+                let port = addr
+                    .trim()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port");
+                return Kiln {
+                    child,
+                    port,
+                    log: rx,
+                };
             }
         }
     }
@@ -72,10 +87,17 @@ impl Kiln {
 
     /// POST JSON, returning status and parsed body (Null when empty).
     pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        let r = reqwest::blocking::Client::new().post(self.url(path)).json(body).send().expect("POST");
+        let r = reqwest::blocking::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .expect("POST");
         let status = r.status().as_u16();
         let text = r.text().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Repository index as (name -> (state, reason)).
@@ -118,7 +140,9 @@ pub fn compile_c_backend(src: &Path, out: &Path, defines: &[&str]) {
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/kiln-abi/include");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(cc)
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-std=c11"])
+        .args([
+            "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-std=c11",
+        ])
         .arg("-I")
         .arg(include)
         .args(defines)

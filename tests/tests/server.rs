@@ -6,8 +6,14 @@ use serde_json::json;
 
 fn state_of(k: &Kiln, name: &str) -> (String, String) {
     let idx = k.index();
-    let e = idx.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name} not in index {idx:?}"));
-    (e["state"].as_str().unwrap_or("").to_string(), e["reason"].as_str().unwrap_or("").to_string())
+    let e = idx
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in index {idx:?}"));
+    (
+        e["state"].as_str().unwrap_or("").to_string(),
+        e["reason"].as_str().unwrap_or("").to_string(),
+    )
 }
 
 #[test]
@@ -19,18 +25,38 @@ fn c_backend_and_broken_libraries() {
     let r = repo.path();
     // A C backend found in the model directory (Triton's search order).
     let d = add_model(r, "c_identity", &fp32_config("c_identity", ""));
-    compile_c_backend(&c_source("identity_backend.c"), &d.join("libkiln_c_identity.so"), &[]);
+    compile_c_backend(
+        &c_source("identity_backend.c"),
+        &d.join("libkiln_c_identity.so"),
+        &[],
+    );
     // Major mismatch, newer minor, a Triton backend, and a file that is not ELF.
     let d = add_model(r, "abi_major", &fp32_config("abi_major", ""));
-    compile_c_backend(&c_source("identity_backend.c"), &d.join("libkiln_abi_major.so"), &["-DTEST_ABI_MAJOR=2"]);
+    compile_c_backend(
+        &c_source("identity_backend.c"),
+        &d.join("libkiln_abi_major.so"),
+        &["-DTEST_ABI_MAJOR=2"],
+    );
     let d = add_model(r, "abi_minor", &fp32_config("abi_minor", ""));
-    compile_c_backend(&c_source("identity_backend.c"), &d.join("libkiln_abi_minor.so"), &["-DTEST_ABI_MINOR=99"]);
+    compile_c_backend(
+        &c_source("identity_backend.c"),
+        &d.join("libkiln_abi_minor.so"),
+        &["-DTEST_ABI_MINOR=99"],
+    );
     let d = add_model(r, "triton_so", &fp32_config("triton_so", ""));
-    compile_c_backend(&c_source("triton_backend.c"), &d.join("libkiln_triton_so.so"), &[]);
+    compile_c_backend(
+        &c_source("triton_backend.c"),
+        &d.join("libkiln_triton_so.so"),
+        &[],
+    );
     let d = add_model(r, "not_elf", &fp32_config("not_elf", ""));
     std::fs::write(d.join("libkiln_not_elf.so"), "this is not a shared library").unwrap();
     add_model(r, "missing_backend", &fp32_config("nonexistent", ""));
-    add_model(r, "bad_config", "backend: \"identity\"\nmax_batch_size: 8\nbogus_field: 3\n");
+    add_model(
+        r,
+        "bad_config",
+        "backend: \"identity\"\nmax_batch_size: 8\nbogus_field: 3\n",
+    );
     // A healthy Rust backend from the backend directory.
     add_model(r, "good", &fp32_config("identity", ""));
 
@@ -51,7 +77,10 @@ fn c_backend_and_broken_libraries() {
     let (_, why) = state_of(&k, "missing_backend");
     assert!(why.contains("libkiln_nonexistent.so"), "{why}");
     let (_, why) = state_of(&k, "bad_config");
-    assert!(why.contains("config.pbtxt:3:") && why.contains("bogus_field"), "{why}");
+    assert!(
+        why.contains("config.pbtxt:3:") && why.contains("bogus_field"),
+        "{why}"
+    );
 
     // Everything else keeps serving.
     let (s, v) = k.post("/v2/models/good/infer", &fp32_request(&[3.0]));
@@ -75,14 +104,24 @@ fn panics_never_cross_the_boundary() {
         ("p_once", "execute_once"),
         ("p_error", "execute_error"),
     ] {
-        add_model(r, name, &fp32_config("faulty", &format!("parameters {{ key: \"fail_in\" value {{ string_value: \"{fail}\" }} }}")));
+        add_model(
+            r,
+            name,
+            &fp32_config(
+                "faulty",
+                &format!("parameters {{ key: \"fail_in\" value {{ string_value: \"{fail}\" }} }}"),
+            ),
+        );
     }
     add_model(r, "fine", &fp32_config("faulty", ""));
     let k = Kiln::start(r, &["--strict-readiness", "false"]);
 
     let (st, why) = state_of(&k, "p_model_init");
     assert_eq!(st, "UNAVAILABLE");
-    assert!(why.contains("panicked") && why.contains("model_init"), "{why}");
+    assert!(
+        why.contains("panicked") && why.contains("model_init"),
+        "{why}"
+    );
     let (st, why) = state_of(&k, "p_instance_init");
     assert_eq!(st, "UNAVAILABLE");
     assert!(why.contains("panicked"), "{why}");
@@ -94,7 +133,10 @@ fn panics_never_cross_the_boundary() {
     }
     let (s, v) = k.post("/v2/models/p_error/infer", &fp32_request(&[1.0]));
     assert_eq!(s, 500);
-    assert!(v["error"].as_str().unwrap().contains("execute failed"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("execute failed"),
+        "{v}"
+    );
 
     // First execution panics; the instance is recreated and the next request succeeds.
     let (s, _) = k.post("/v2/models/p_once/infer", &fp32_request(&[1.0]));
@@ -107,8 +149,14 @@ fn panics_never_cross_the_boundary() {
     // Failures are counted as failures, not successes.
     let (_, stats) = k.get("/v2/models/p_execute/stats");
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    assert_eq!(stats["model_stats"][0]["inference_stats"]["fail"]["count"], 3);
-    assert_eq!(stats["model_stats"][0]["inference_stats"]["success"]["count"], 0);
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["fail"]["count"],
+        3
+    );
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["success"]["count"],
+        0
+    );
 }
 
 #[test]
@@ -117,11 +165,22 @@ fn sigterm_finishes_in_flight_requests() {
         return;
     }
     let repo = tempfile::tempdir().unwrap();
-    add_model(repo.path(), "slow", &fp32_config("identity", "parameters { key: \"execute_delay_ms\" value { string_value: \"1500\" } }"));
+    add_model(
+        repo.path(),
+        "slow",
+        &fp32_config(
+            "identity",
+            "parameters { key: \"execute_delay_ms\" value { string_value: \"1500\" } }",
+        ),
+    );
     let mut k = Kiln::start(repo.path(), &[]);
     let url = k.url("/v2/models/slow/infer");
     let req = std::thread::spawn(move || {
-        let r = reqwest::blocking::Client::new().post(url).json(&fp32_request(&[9.0])).send().unwrap();
+        let r = reqwest::blocking::Client::new()
+            .post(url)
+            .json(&fp32_request(&[9.0]))
+            .send()
+            .unwrap();
         (r.status().as_u16(), r.text().unwrap())
     });
     std::thread::sleep(Duration::from_millis(400));
@@ -143,7 +202,11 @@ fn explicit_mode_load_unload_and_config_override() {
     add_model(repo.path(), "m", &fp32_config("identity", ""));
     let k = Kiln::start(repo.path(), &["--model-control-mode", "explicit"]);
     let idx = k.index();
-    assert_eq!(idx, vec![json!({"name": "m"})], "unloaded models are listed by name only");
+    assert_eq!(
+        idx,
+        vec![json!({"name": "m"})],
+        "unloaded models are listed by name only"
+    );
     assert_eq!(k.post("/v2/models/m/infer", &fp32_request(&[1.0])).0, 404);
     assert_eq!(k.post("/v2/repository/models/m/load", &json!({})).0, 200);
     assert_eq!(k.get("/v2/models/m/ready").0, 200);
@@ -155,13 +218,22 @@ fn explicit_mode_load_unload_and_config_override() {
     let cfg = json!({"backend": "identity", "max_batch_size": 2,
         "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
         "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}]});
-    let (s, v) = k.post("/v2/repository/models/m/load", &json!({"parameters": {"config": cfg.to_string()}}));
+    let (s, v) = k.post(
+        "/v2/repository/models/m/load",
+        &json!({"parameters": {"config": cfg.to_string()}}),
+    );
     assert_eq!(s, 200, "{v}");
     let (_, c) = k.get("/v2/models/m/config");
     assert!(c.contains("\"max_batch_size\":2"), "{c}");
     let big = json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [3, 1], "data": [1, 2, 3]}]});
     let (s, v) = k.post("/v2/models/m/infer", &big);
     assert_eq!(s, 400);
-    assert!(v["error"].as_str().unwrap().contains("batch-size must be <= 2"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("batch-size must be <= 2"),
+        "{v}"
+    );
     assert_eq!(k.post("/v2/repository/models/nope/load", &json!({})).0, 400);
 }

@@ -15,12 +15,16 @@ use std::process::{Command, ExitStatus};
 use anyhow::{bail, Context, Result};
 
 /// Backends built from the root workspace: (package, library stem).
-const WORKSPACE_BACKENDS: &[(&str, &str)] = &[("identity", "identity"), ("kiln-faulty-backend", "faulty")];
+const WORKSPACE_BACKENDS: &[(&str, &str)] =
+    &[("identity", "identity"), ("kiln-faulty-backend", "faulty")];
 /// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).
 const EXTERNAL_BACKENDS: &[(&str, &str)] = &[("backends/simple_math", "simple_math")];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn cargo() -> Command {
@@ -29,7 +33,9 @@ fn cargo() -> Command {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let st: ExitStatus = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    let st: ExitStatus = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !st.success() {
         bail!("command failed ({st}): {cmd:?}");
     }
@@ -45,7 +51,8 @@ fn build() -> Result<PathBuf> {
     let root = root();
     let target = root.join("target");
     let mut c = cargo();
-    c.current_dir(&root).args(["build", "--release", "-p", "kiln-server"]);
+    c.current_dir(&root)
+        .args(["build", "--release", "-p", "kiln-server"]);
     for (pkg, _) in WORKSPACE_BACKENDS {
         c.args(["-p", pkg]);
     }
@@ -63,7 +70,11 @@ fn build() -> Result<PathBuf> {
     std::fs::create_dir_all(&backends)?;
     let release = target.join("release");
     copy(&release.join("kiln"), &dist.join("kiln"))?;
-    for stem in WORKSPACE_BACKENDS.iter().map(|b| b.1).chain(EXTERNAL_BACKENDS.iter().map(|b| b.1)) {
+    for stem in WORKSPACE_BACKENDS
+        .iter()
+        .map(|b| b.1)
+        .chain(EXTERNAL_BACKENDS.iter().map(|b| b.1))
+    {
         let file = format!("libkiln_{stem}.so");
         std::fs::create_dir_all(backends.join(stem))?;
         copy(&release.join(&file), &backends.join(stem).join(&file))?;
@@ -75,7 +86,8 @@ fn build() -> Result<PathBuf> {
 fn copy(from: &Path, to: &Path) -> Result<()> {
     // Replace rather than overwrite: a running server may have the old file mapped.
     let _ = std::fs::remove_file(to);
-    std::fs::copy(from, to).with_context(|| format!("copy {} -> {}", from.display(), to.display()))?;
+    std::fs::copy(from, to)
+        .with_context(|| format!("copy {} -> {}", from.display(), to.display()))?;
     Ok(())
 }
 
@@ -84,7 +96,11 @@ fn serve(extra: &[String]) -> Result<()> {
     let repo = root().join("model_repository");
     println!("Kiln: HTTP on http://localhost:8000  (health: /v2/health/ready, models: /v2/models/<name>)");
     println!("      model repository {}", repo.display());
-    let st = Command::new(dist.join("kiln")).arg("--model-repository").arg(&repo).args(extra).status()?;
+    let st = Command::new(dist.join("kiln"))
+        .arg("--model-repository")
+        .arg(&repo)
+        .args(extra)
+        .status()?;
     if !st.success() {
         bail!("kiln exited with {st}");
     }
@@ -94,7 +110,11 @@ fn serve(extra: &[String]) -> Result<()> {
 fn test() -> Result<()> {
     let dist = build()?;
     let root = root();
-    run(cargo().current_dir(&root).env("KILN_DIST", &dist).args(["test", "--release", "--workspace"]))?;
+    run(cargo().current_dir(&root).env("KILN_DIST", &dist).args([
+        "test",
+        "--release",
+        "--workspace",
+    ]))?;
     let py = python::ensure_venv(&root)?;
     let mut c = Command::new(py.join("bin").join("python"));
     c.current_dir(&root)

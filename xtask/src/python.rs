@@ -25,7 +25,9 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         run(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
-        run(Command::new(venv.join("bin").join("pip")).args(["install", "-q", "--disable-pip-version-check"]).args(PACKAGES))?;
+        run(Command::new(venv.join("bin").join("pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(PACKAGES))?;
         std::fs::write(&stamp, want)?;
     }
     ensure_libb64()?;
@@ -34,16 +36,27 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
 
 /// perf_analyzer needs Debian's libb64; install it when missing and we are root.
 fn ensure_libb64() -> Result<()> {
-    let have = ["/usr/lib/x86_64-linux-gnu/libb64.so.0d", "/usr/lib/libb64.so.0d"].iter().any(|p| Path::new(p).exists());
+    let have = [
+        "/usr/lib/x86_64-linux-gnu/libb64.so.0d",
+        "/usr/lib/libb64.so.0d",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
     if have {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
     if !is_root {
         bail!("perf_analyzer needs libb64: run `sudo apt-get install -y libb64-0d`");
     }
     let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "libb64-0d"]).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "libb64-0d"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// LD_LIBRARY_PATH that lets perf_analyzer find libcudart.so.12 from the venv.

@@ -5,7 +5,9 @@
 //! use to observe batching and graceful shutdown.
 use std::time::Duration;
 
-use kiln_sdk::{export_backend, Backend, Instance, InstanceInfo, Model, ModelInfo, Request, Response, Result};
+use kiln_sdk::{
+    export_backend, Backend, Instance, InstanceInfo, Model, ModelInfo, Request, Response, Result,
+};
 
 /// The backend (stateless).
 pub struct Identity;
@@ -30,10 +32,18 @@ impl Backend for Identity {
             .map_err(|e| kiln_sdk::Error::internal(format!("bad config JSON: {e}")))?;
         let delay_ms = cfg["parameters"]["execute_delay_ms"]["string_value"]
             .as_str()
-            .map(|s| s.parse::<u64>().map_err(|_| kiln_sdk::Error::invalid_arg(format!("parameter execute_delay_ms must be an integer, got '{s}'"))))
+            .map(|s| {
+                s.parse::<u64>().map_err(|_| {
+                    kiln_sdk::Error::invalid_arg(format!(
+                        "parameter execute_delay_ms must be an integer, got '{s}'"
+                    ))
+                })
+            })
             .transpose()?
             .unwrap_or(0);
-        Ok(IdentityModel { delay: Duration::from_millis(delay_ms) })
+        Ok(IdentityModel {
+            delay: Duration::from_millis(delay_ms),
+        })
     }
 }
 
@@ -46,7 +56,9 @@ impl Model for IdentityModel {
 
 /// The input an output copies: `OUTPUT_FP32` ← `INPUT_FP32`, `OUTPUT0` ← `INPUT0`.
 pub fn source_input(output: &str) -> Option<String> {
-    output.strip_prefix("OUTPUT").map(|rest| format!("INPUT{rest}"))
+    output
+        .strip_prefix("OUTPUT")
+        .map(|rest| format!("INPUT{rest}"))
 }
 
 impl Instance for IdentityInstance {
@@ -66,8 +78,12 @@ impl Instance for IdentityInstance {
 
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
         for out in request.requested_outputs() {
-            let Some(src) = source_input(out).and_then(|n| request.input(&n)) else { continue };
-            response.output(out, src.dtype, src.shape, src.data.len())?.copy_from_slice(src.data);
+            let Some(src) = source_input(out).and_then(|n| request.input(&n)) else {
+                continue;
+            };
+            response
+                .output(out, src.dtype, src.shape, src.data.len())?
+                .copy_from_slice(src.data);
         }
         Ok(())
     }

@@ -113,11 +113,17 @@ pub struct KilnStr {
 
 impl KilnStr {
     /// An empty string.
-    pub const EMPTY: KilnStr = KilnStr { ptr: core::ptr::null(), len: 0 };
+    pub const EMPTY: KilnStr = KilnStr {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
 
     /// Borrows a Rust byte slice.
     pub const fn from_bytes(b: &[u8]) -> KilnStr {
-        KilnStr { ptr: b.as_ptr(), len: b.len() }
+        KilnStr {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
     }
 
     /// Borrows a Rust string.
@@ -360,10 +366,28 @@ pub const LAYOUT: &[(&str, usize)] = &[
     ("sizeof(KilnInstanceInfo)", size_of::<KilnInstanceInfo>()),
     ("sizeof(KilnHostApi)", size_of::<KilnHostApi>()),
     ("sizeof(KilnBackendApi)", size_of::<KilnBackendApi>()),
-    ("offsetof(KilnTensorView,data)", offset_of!(KilnTensorView, data)),
-    ("offsetof(KilnRequestView,batch_size)", offset_of!(KilnRequestView, batch_size)),
-    ("offsetof(KilnRequestView,requested_outputs)", offset_of!(KilnRequestView, requested_outputs)),
-    ("offsetof(KilnInstanceInfo,host_instance)", offset_of!(KilnInstanceInfo, host_instance)),
-    ("offsetof(KilnHostApi,report_compute)", offset_of!(KilnHostApi, report_compute)),
-    ("offsetof(KilnBackendApi,instance_execute)", offset_of!(KilnBackendApi, instance_execute)),
+    (
+        "offsetof(KilnTensorView,data)",
+        offset_of!(KilnTensorView, data),
+    ),
+    (
+        "offsetof(KilnRequestView,batch_size)",
+        offset_of!(KilnRequestView, batch_size),
+    ),
+    (
+        "offsetof(KilnRequestView,requested_outputs)",
+        offset_of!(KilnRequestView, requested_outputs),
+    ),
+    (
+        "offsetof(KilnInstanceInfo,host_instance)",
+        offset_of!(KilnInstanceInfo, host_instance),
+    ),
+    (
+        "offsetof(KilnHostApi,report_compute)",
+        offset_of!(KilnHostApi, report_compute),
+    ),
+    (
+        "offsetof(KilnBackendApi,instance_execute)",
+        offset_of!(KilnBackendApi, instance_execute),
+    ),
 ];

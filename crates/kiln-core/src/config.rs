@@ -3,9 +3,12 @@
 use std::path::Path;
 
 use kiln_proto::inference::{
-    model_config::SchedulingChoice, model_instance_group::Kind, model_optimization_policy::PinnedMemoryBuffer,
-    model_version_policy::{Latest, PolicyChoice}, DataType as PbDataType, ModelConfig, ModelInstanceGroup,
-    ModelOptimizationPolicy, ModelVersionPolicy,
+    model_config::SchedulingChoice,
+    model_instance_group::Kind,
+    model_optimization_policy::PinnedMemoryBuffer,
+    model_version_policy::{Latest, PolicyChoice},
+    DataType as PbDataType, ModelConfig, ModelInstanceGroup, ModelOptimizationPolicy,
+    ModelVersionPolicy,
 };
 use kiln_sdk::DataType;
 use prost_reflect::{DynamicMessage, SerializeOptions};
@@ -16,7 +19,11 @@ use thiserror::Error;
 pub enum ConfigError {
     /// Syntax error or unknown field, with its position.
     #[error("{file}:{line}: {message}")]
-    Parse { file: String, line: usize, message: String },
+    Parse {
+        file: String,
+        line: usize,
+        message: String,
+    },
     /// A well-formed config that breaks a rule.
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
@@ -27,10 +34,12 @@ pub fn parse_pbtxt(file: &Path, text: &str) -> Result<ModelConfig, ConfigError> 
     let desc = kiln_proto::model_config_descriptor();
     let text = &colon_before_lists(text);
     match DynamicMessage::parse_text_format(desc, text) {
-        Ok(msg) => msg.transcode_to::<ModelConfig>().map_err(|e| ConfigError::Invalid {
-            file: file.display().to_string(),
-            message: e.to_string(),
-        }),
+        Ok(msg) => msg
+            .transcode_to::<ModelConfig>()
+            .map_err(|e| ConfigError::Invalid {
+                file: file.display().to_string(),
+                message: e.to_string(),
+            }),
         Err(e) => {
             let offset = miette::Diagnostic::labels(&e)
                 .and_then(|mut l| l.next())
@@ -53,10 +62,11 @@ pub fn parse_json(text: &str) -> Result<ModelConfig, ConfigError> {
         file: "<config parameter>".into(),
         message: e.to_string(),
     })?;
-    msg.transcode_to::<ModelConfig>().map_err(|e| ConfigError::Invalid {
-        file: "<config parameter>".into(),
-        message: e.to_string(),
-    })
+    msg.transcode_to::<ModelConfig>()
+        .map_err(|e| ConfigError::Invalid {
+            file: "<config parameter>".into(),
+            message: e.to_string(),
+        })
 }
 
 /// The config as Triton prints it: snake_case names, enum names, 64-bit ints as numbers,
@@ -130,7 +140,11 @@ fn colon_before_lists(text: &str) -> String {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Maps a config data type to the tensor type (`None` for TYPE_INVALID).
@@ -140,36 +154,70 @@ pub fn data_type(t: i32) -> Option<DataType> {
 
 /// Fills Triton's defaults and checks the rules the core relies on.
 /// `model_name` is the directory name; `gpu_count` the GPUs this machine has.
-pub fn normalize(cfg: &mut ModelConfig, file: &Path, text: &str, model_name: &str, gpu_count: u32) -> Result<(), ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid { file: file.display().to_string(), message };
+pub fn normalize(
+    cfg: &mut ModelConfig,
+    file: &Path,
+    text: &str,
+    model_name: &str,
+    gpu_count: u32,
+) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        file: file.display().to_string(),
+        message,
+    };
     let at = |needle: &str, message: String| match text.find(&format!("\"{needle}\"")) {
-        Some(off) => ConfigError::Parse { file: file.display().to_string(), line: line_of(text, off), message },
+        Some(off) => ConfigError::Parse {
+            file: file.display().to_string(),
+            line: line_of(text, off),
+            message,
+        },
         None => invalid(message),
     };
     if cfg.name.is_empty() {
         cfg.name = model_name.to_string();
     } else if cfg.name != model_name {
-        return Err(at(&cfg.name.clone(), format!(
-            "model name '{}' in the config does not match the model directory '{model_name}'",
-            cfg.name
-        )));
+        return Err(at(
+            &cfg.name.clone(),
+            format!(
+                "model name '{}' in the config does not match the model directory '{model_name}'",
+                cfg.name
+            ),
+        ));
     }
     if cfg.max_batch_size < 0 {
-        return Err(invalid(format!("'max_batch_size' must be >= 0, got {}", cfg.max_batch_size)));
+        return Err(invalid(format!(
+            "'max_batch_size' must be >= 0, got {}",
+            cfg.max_batch_size
+        )));
     }
     if cfg.backend.is_empty() {
         cfg.backend = match cfg.platform.as_str() {
             "onnxruntime_onnx" => "onnxruntime".into(),
-            "" => return Err(invalid("the config must set 'backend' (or 'platform')".into())),
+            "" => {
+                return Err(invalid(
+                    "the config must set 'backend' (or 'platform')".into(),
+                ))
+            }
             other => other.to_string(),
         };
     }
-    if cfg.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()).is_none() {
-        cfg.version_policy = Some(ModelVersionPolicy { policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })) });
+    if cfg
+        .version_policy
+        .as_ref()
+        .and_then(|p| p.policy_choice.as_ref())
+        .is_none()
+    {
+        cfg.version_policy = Some(ModelVersionPolicy {
+            policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })),
+        });
     }
-    let opt = cfg.optimization.get_or_insert_with(ModelOptimizationPolicy::default);
-    opt.input_pinned_memory.get_or_insert(PinnedMemoryBuffer { enable: true });
-    opt.output_pinned_memory.get_or_insert(PinnedMemoryBuffer { enable: true });
+    let opt = cfg
+        .optimization
+        .get_or_insert_with(ModelOptimizationPolicy::default);
+    opt.input_pinned_memory
+        .get_or_insert(PinnedMemoryBuffer { enable: true });
+    opt.output_pinned_memory
+        .get_or_insert(PinnedMemoryBuffer { enable: true });
 
     if cfg.instance_group.is_empty() {
         cfg.instance_group.push(ModelInstanceGroup::default());
@@ -182,33 +230,50 @@ pub fn normalize(cfg: &mut ModelConfig, file: &Path, text: &str, model_name: &st
             g.count = 1;
         }
         if g.kind == Kind::Auto as i32 {
-            g.kind = if gpu_count > 0 { Kind::Gpu as i32 } else { Kind::Cpu as i32 };
+            g.kind = if gpu_count > 0 {
+                Kind::Gpu as i32
+            } else {
+                Kind::Cpu as i32
+            };
         }
         if g.kind == Kind::Gpu as i32 && g.gpus.is_empty() {
             g.gpus = (0..gpu_count.max(1) as i32).collect();
         }
         if g.kind == Kind::Cpu as i32 && !g.gpus.is_empty() {
-            return Err(invalid(format!("instance group '{}' is KIND_CPU and must not list 'gpus'", g.name)));
+            return Err(invalid(format!(
+                "instance group '{}' is KIND_CPU and must not list 'gpus'",
+                g.name
+            )));
         }
     }
 
     let mut seen = std::collections::HashSet::new();
     for input in &cfg.input {
-        check_tensor(&input.name, input.data_type, &input.dims, "input").map_err(|m| at(&input.name, m))?;
+        check_tensor(&input.name, input.data_type, &input.dims, "input")
+            .map_err(|m| at(&input.name, m))?;
         if !seen.insert(input.name.clone()) {
-            return Err(at(&input.name, format!("input '{}' is declared twice", input.name)));
+            return Err(at(
+                &input.name,
+                format!("input '{}' is declared twice", input.name),
+            ));
         }
     }
     seen.clear();
     for output in &cfg.output {
-        check_tensor(&output.name, output.data_type, &output.dims, "output").map_err(|m| at(&output.name, m))?;
+        check_tensor(&output.name, output.data_type, &output.dims, "output")
+            .map_err(|m| at(&output.name, m))?;
         if !seen.insert(output.name.clone()) {
-            return Err(at(&output.name, format!("output '{}' is declared twice", output.name)));
+            return Err(at(
+                &output.name,
+                format!("output '{}' is declared twice", output.name),
+            ));
         }
     }
     if let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice {
         if cfg.max_batch_size == 0 {
-            return Err(invalid("dynamic batching requires 'max_batch_size' > 0".into()));
+            return Err(invalid(
+                "dynamic batching requires 'max_batch_size' > 0".into(),
+            ));
         }
         for &p in &db.preferred_batch_size {
             if p < 1 || p > cfg.max_batch_size {
@@ -227,7 +292,9 @@ fn check_tensor(name: &str, dtype: i32, dims: &[i64], what: &str) -> Result<(), 
         return Err(format!("every model {what} must have a 'name'"));
     }
     if dtype == PbDataType::TypeInvalid as i32 || data_type(dtype).is_none() {
-        return Err(format!("model {what} '{name}' must specify a valid 'data_type'"));
+        return Err(format!(
+            "model {what} '{name}' must specify a valid 'data_type'"
+        ));
     }
     if dims.is_empty() {
         return Err(format!("model {what} '{name}' must specify 'dims'"));
@@ -283,20 +350,26 @@ output [
     fn list_colon_shim_leaves_strings_comments_and_lines_alone() {
         let t = "input [ { name: \"a [\" } ] # x [\nout: [1]\nname: \"é\" tags [ ]";
         let s = colon_before_lists(t);
-        assert_eq!(s, "input :[ { name: \"a [\" } ] # x [\nout: [1]\nname: \"é\" tags :[ ]");
+        assert_eq!(
+            s,
+            "input :[ { name: \"a [\" } ] # x [\nout: [1]\nname: \"é\" tags :[ ]"
+        );
     }
 
     #[test]
     fn unknown_field_reports_file_and_line() {
         let text = "name: \"m\"\nbackend: \"x\"\nmax_batch_sise: 4\n";
-        let err = parse_pbtxt(Path::new("m/config.pbtxt"), text).unwrap_err().to_string();
+        let err = parse_pbtxt(Path::new("m/config.pbtxt"), text)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("m/config.pbtxt:3:"), "{err}");
         assert!(err.contains("max_batch_sise"), "{err}");
     }
 
     #[test]
     fn invalid_dims_name_the_tensor_line() {
-        let text = "backend: \"x\"\ninput [\n { name: \"A\" data_type: TYPE_FP32 dims: [ 0 ] }\n]\n";
+        let text =
+            "backend: \"x\"\ninput [\n { name: \"A\" data_type: TYPE_FP32 dims: [ 0 ] }\n]\n";
         let p = Path::new("m/config.pbtxt");
         let mut c = parse_pbtxt(p, text).unwrap();
         let err = normalize(&mut c, p, text, "m", 0).unwrap_err().to_string();
@@ -310,7 +383,10 @@ output [
         let mut c = parse_pbtxt(p, "name: \"other\" backend: \"x\"").unwrap();
         assert!(normalize(&mut c, p, "", "m", 0).is_err());
         let mut c = parse_pbtxt(p, "max_batch_size: 1").unwrap();
-        assert!(normalize(&mut c, p, "", "m", 0).unwrap_err().to_string().contains("backend"));
+        assert!(normalize(&mut c, p, "", "m", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("backend"));
         let mut c = parse_pbtxt(p, "platform: \"onnxruntime_onnx\"").unwrap();
         normalize(&mut c, p, "", "m", 0).unwrap();
         assert_eq!(c.backend, "onnxruntime");

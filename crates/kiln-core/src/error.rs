@@ -63,7 +63,10 @@ pub struct CoreError {
 impl CoreError {
     /// Builds an error.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        CoreError { kind, message: message.into() }
+        CoreError {
+            kind,
+            message: message.into(),
+        }
     }
     /// INVALID_ARG.
     pub fn invalid(message: impl Into<String>) -> Self {

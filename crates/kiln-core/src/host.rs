@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kiln_abi::{self as abi, KilnError, KilnHostApi, KilnRequest, KilnResponse, KilnStr, KilnTensorView};
+use kiln_abi::{
+    self as abi, KilnError, KilnHostApi, KilnRequest, KilnResponse, KilnStr, KilnTensorView,
+};
 use kiln_sdk::DataType;
 
 use crate::error::{CoreError, ErrorKind};
@@ -33,7 +35,10 @@ pub(crate) fn new_error(e: &CoreError) -> *mut KilnError {
         ErrorKind::Cancelled => abi::KILN_ERROR_CANCELLED,
         ErrorKind::Unknown => abi::KILN_ERROR_UNKNOWN,
     };
-    Box::into_raw(Box::new(HostError { code, message: e.message.clone() })) as *mut KilnError
+    Box::into_raw(Box::new(HostError {
+        code,
+        message: e.message.clone(),
+    })) as *mut KilnError
 }
 
 /// Takes ownership of an ABI error returned by a backend (null = success).
@@ -94,7 +99,9 @@ impl Inflight {
         if st.stats_recorded {
             return;
         }
-        let (Some(ok), Some((queue, compute))) = (st.finished, st.exec) else { return };
+        let (Some(ok), Some((queue, compute))) = (st.finished, st.exec) else {
+            return;
+        };
         st.stats_recorded = true;
         let total = self.request.arrival.elapsed();
         if ok {
@@ -129,6 +136,9 @@ impl Inflight {
     }
 }
 
+/// Compute window `(start_ns, end_ns)` an instance reported for the batch it runs.
+pub(crate) type ComputeSlot = Arc<Mutex<Option<(u64, u64)>>>;
+
 struct PendingResponse {
     inflight: Arc<Inflight>,
     outputs: Vec<(String, DataType, Vec<i64>, Vec<u8>)>,
@@ -138,14 +148,17 @@ struct PendingResponse {
 struct Registry {
     requests: HashMap<u64, Arc<Inflight>>,
     responses: HashMap<u64, PendingResponse>,
-    instances: HashMap<u64, Arc<Mutex<Option<(u64, u64)>>>>,
+    instances: HashMap<u64, ComputeSlot>,
 }
 
 static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 fn registry() -> MutexGuard<'static, Registry> {
-    REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
+    REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 fn next_handle() -> u64 {
@@ -153,7 +166,11 @@ fn next_handle() -> u64 {
 }
 
 /// Builds and registers an inflight request; returns its handle.
-pub(crate) fn register_request(request: Arc<InferRequest>, model: Arc<ModelShared>, sink: ResponseSink) -> (u64, Arc<Inflight>) {
+pub(crate) fn register_request(
+    request: Arc<InferRequest>,
+    model: Arc<ModelShared>,
+    sink: ResponseSink,
+) -> (u64, Arc<Inflight>) {
     let views = request
         .inputs
         .iter()
@@ -169,9 +186,17 @@ pub(crate) fn register_request(request: Arc<InferRequest>, model: Arc<ModelShare
         })
         .collect();
     let requested = if request.outputs.is_empty() {
-        model.output_names.iter().map(|n| KilnStr::from_str(n)).collect()
+        model
+            .output_names
+            .iter()
+            .map(|n| KilnStr::from_str(n))
+            .collect()
     } else {
-        request.outputs.iter().map(|o| KilnStr::from_str(&o.name)).collect()
+        request
+            .outputs
+            .iter()
+            .map(|o| KilnStr::from_str(&o.name))
+            .collect()
     };
     let params_json = serde_json::Value::Object(request.parameters.clone()).to_string();
     let inflight = Arc::new(Inflight {
@@ -201,7 +226,7 @@ pub(crate) fn fail_unreleased(handle: u64, err: &CoreError) {
 }
 
 /// Registers an instance for compute reporting; returns its token.
-pub(crate) fn register_instance() -> (u64, Arc<Mutex<Option<(u64, u64)>>>) {
+pub(crate) fn register_instance() -> (u64, ComputeSlot) {
     let h = next_handle();
     let slot = Arc::new(Mutex::new(None));
     registry().instances.insert(h, slot.clone());
@@ -232,12 +257,16 @@ unsafe extern "C" fn h_error_delete(e: *mut KilnError) {
 
 unsafe extern "C" fn h_error_code(e: *const KilnError) -> u32 {
     // SAFETY: a live host error.
-    unsafe { (e as *const HostError).as_ref() }.map(|e| e.code).unwrap_or(abi::KILN_ERROR_UNKNOWN)
+    unsafe { (e as *const HostError).as_ref() }
+        .map(|e| e.code)
+        .unwrap_or(abi::KILN_ERROR_UNKNOWN)
 }
 
 unsafe extern "C" fn h_error_message(e: *const KilnError) -> KilnStr {
     // SAFETY: a live host error; the string lives until it is deleted.
-    unsafe { (e as *const HostError).as_ref() }.map(|e| KilnStr::from_str(&e.message)).unwrap_or(KilnStr::EMPTY)
+    unsafe { (e as *const HostError).as_ref() }
+        .map(|e| KilnStr::from_str(&e.message))
+        .unwrap_or(KilnStr::EMPTY)
 }
 
 unsafe extern "C" fn h_log(level: u32, message: KilnStr) {
@@ -255,19 +284,34 @@ unsafe extern "C" fn h_clock_ns() -> u64 {
     clock_ns_of(Instant::now())
 }
 
-unsafe extern "C" fn h_response_new(request: *mut KilnRequest, out: *mut *mut KilnResponse) -> *mut KilnError {
+unsafe extern "C" fn h_response_new(
+    request: *mut KilnRequest,
+    out: *mut *mut KilnResponse,
+) -> *mut KilnError {
     if out.is_null() {
         return err(ErrorKind::InvalidArg, "response_new: null out pointer");
     }
     let mut reg = registry();
     let Some(inf) = reg.requests.get(&(request as u64)).cloned() else {
-        return err(ErrorKind::InvalidArg, "response_new: unknown or released request");
+        return err(
+            ErrorKind::InvalidArg,
+            "response_new: unknown or released request",
+        );
     };
     if inf.lock().finished.is_some() {
-        return err(ErrorKind::InvalidArg, "response_new: the request already has its final response");
+        return err(
+            ErrorKind::InvalidArg,
+            "response_new: the request already has its final response",
+        );
     }
     let h = next_handle();
-    reg.responses.insert(h, PendingResponse { inflight: inf, outputs: Vec::new() });
+    reg.responses.insert(
+        h,
+        PendingResponse {
+            inflight: inf,
+            outputs: Vec::new(),
+        },
+    );
     // SAFETY: checked non-null above.
     unsafe { *out = h as *mut KilnResponse };
     std::ptr::null_mut()
@@ -291,11 +335,21 @@ unsafe extern "C" fn h_output_alloc(
     // SAFETY: valid for the call.
     let name = String::from_utf8_lossy(unsafe { name.as_bytes() }).into_owned();
     let Some(dt) = DataType::from_abi(dtype) else {
-        return err(ErrorKind::InvalidArg, format!("output '{name}': invalid data type {dtype}"));
+        return err(
+            ErrorKind::InvalidArg,
+            format!("output '{name}': invalid data type {dtype}"),
+        );
     };
-    let shape: Vec<i64> = if ndim == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(shape, ndim) }.to_vec() };
+    let shape: Vec<i64> = if ndim == 0 {
+        Vec::new()
+    } else {
+        unsafe { std::slice::from_raw_parts(shape, ndim) }.to_vec()
+    };
     if shape.iter().any(|&d| d < 0) {
-        return err(ErrorKind::InvalidArg, format!("output '{name}': negative dimension in shape {shape:?}"));
+        return err(
+            ErrorKind::InvalidArg,
+            format!("output '{name}': negative dimension in shape {shape:?}"),
+        );
     }
     if let Some(es) = dt.element_size() {
         let expect = shape.iter().product::<i64>() as usize * es;
@@ -307,10 +361,16 @@ unsafe extern "C" fn h_output_alloc(
     }
     let mut reg = registry();
     let Some(resp) = reg.responses.get_mut(&(response as u64)) else {
-        return err(ErrorKind::InvalidArg, "output_alloc: unknown or already sent response");
+        return err(
+            ErrorKind::InvalidArg,
+            "output_alloc: unknown or already sent response",
+        );
     };
     if resp.outputs.iter().any(|o| o.0 == name) {
-        return err(ErrorKind::AlreadyExists, format!("output '{name}' was already allocated"));
+        return err(
+            ErrorKind::AlreadyExists,
+            format!("output '{name}' was already allocated"),
+        );
     }
     let mut data = vec![0u8; byte_len];
     let ptr = data.as_mut_ptr();
@@ -326,15 +386,25 @@ unsafe extern "C" fn h_output_alloc(
     std::ptr::null_mut()
 }
 
-unsafe extern "C" fn h_response_send(response: *mut KilnResponse, flags: u32, error: *mut KilnError) -> *mut KilnError {
+unsafe extern "C" fn h_response_send(
+    response: *mut KilnResponse,
+    flags: u32,
+    error: *mut KilnError,
+) -> *mut KilnError {
     let backend_err = take_error(error);
     let Some(pending) = registry().responses.remove(&(response as u64)) else {
-        return err(ErrorKind::InvalidArg, "response_send: unknown or already sent response");
+        return err(
+            ErrorKind::InvalidArg,
+            "response_send: unknown or already sent response",
+        );
     };
     let inf = pending.inflight;
     let last = flags & abi::KILN_RESPONSE_FLAG_FINAL != 0;
     if inf.lock().finished.is_some() {
-        return err(ErrorKind::InvalidArg, "response_send: the request already has its final response");
+        return err(
+            ErrorKind::InvalidArg,
+            "response_send: the request already has its final response",
+        );
     }
     let event = match backend_err {
         Some(e) => ResponseEvent::Error(e),
@@ -361,17 +431,29 @@ unsafe extern "C" fn h_response_send(response: *mut KilnResponse, flags: u32, er
 
 unsafe extern "C" fn h_request_send_flags(request: *mut KilnRequest, flags: u32) -> *mut KilnError {
     let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
-        return err(ErrorKind::InvalidArg, "send_flags: unknown or released request");
+        return err(
+            ErrorKind::InvalidArg,
+            "send_flags: unknown or released request",
+        );
     };
     if flags & abi::KILN_RESPONSE_FLAG_FINAL != 0 && !inf.finish(ResponseEvent::Final) {
-        return err(ErrorKind::InvalidArg, "send_flags: the request already has its final response");
+        return err(
+            ErrorKind::InvalidArg,
+            "send_flags: the request already has its final response",
+        );
     }
     std::ptr::null_mut()
 }
 
-unsafe extern "C" fn h_request_is_cancelled(request: *mut KilnRequest, out: *mut bool) -> *mut KilnError {
+unsafe extern "C" fn h_request_is_cancelled(
+    request: *mut KilnRequest,
+    out: *mut bool,
+) -> *mut KilnError {
     let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
-        return err(ErrorKind::InvalidArg, "is_cancelled: unknown or released request");
+        return err(
+            ErrorKind::InvalidArg,
+            "is_cancelled: unknown or released request",
+        );
     };
     if !out.is_null() {
         // SAFETY: non-null out pointer from the caller.
@@ -382,7 +464,10 @@ unsafe extern "C" fn h_request_is_cancelled(request: *mut KilnRequest, out: *mut
 
 unsafe extern "C" fn h_request_release(request: *mut KilnRequest, _flags: u32) -> *mut KilnError {
     let Some(inf) = registry().requests.remove(&(request as u64)) else {
-        return err(ErrorKind::InvalidArg, "request_release: unknown or already released request");
+        return err(
+            ErrorKind::InvalidArg,
+            "request_release: unknown or already released request",
+        );
     };
     inf.lock().released = true;
     inf.finish(ResponseEvent::Error(CoreError::internal(
@@ -391,7 +476,11 @@ unsafe extern "C" fn h_request_release(request: *mut KilnRequest, _flags: u32) -
     std::ptr::null_mut()
 }
 
-unsafe extern "C" fn h_report_compute(instance: *mut abi::KilnInstance, start: u64, end: u64) -> *mut KilnError {
+unsafe extern "C" fn h_report_compute(
+    instance: *mut abi::KilnInstance,
+    start: u64,
+    end: u64,
+) -> *mut KilnError {
     let Some(slot) = registry().instances.get(&(instance as u64)).cloned() else {
         return err(ErrorKind::InvalidArg, "report_compute: unknown instance");
     };
@@ -418,6 +507,16 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
 };
 
 /// Converts a backend output buffer into a response tensor without copying.
-pub(crate) fn output_tensor(name: String, dtype: DataType, shape: Vec<i64>, data: Vec<u8>) -> OutputTensor {
-    OutputTensor { name, dtype, shape, data: Bytes::from(data) }
+pub(crate) fn output_tensor(
+    name: String,
+    dtype: DataType,
+    shape: Vec<i64>,
+    data: Vec<u8>,
+) -> OutputTensor {
+    OutputTensor {
+        name,
+        dtype,
+        shape,
+        data: Bytes::from(data),
+    }
 }

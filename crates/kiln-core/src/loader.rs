@@ -24,7 +24,13 @@ pub enum LoadError {
     NotKiln { path: String, reason: String },
     /// ABI version mismatch.
     #[error("backend library '{path}' was built for Kiln backend ABI {major}.{minor}, but this server speaks ABI {host_major}.{host_minor}")]
-    Version { path: String, major: u32, minor: u32, host_major: u32, host_minor: u32 },
+    Version {
+        path: String,
+        major: u32,
+        minor: u32,
+        host_major: u32,
+        host_minor: u32,
+    },
     /// `backend_init` failed.
     #[error("backend '{path}' failed to initialize: {reason}")]
     Init { path: String, reason: String },
@@ -54,7 +60,12 @@ pub fn library_name(backend: &str) -> &str {
 }
 
 /// Candidate paths in Triton's search order: version dir, model dir, backend directory.
-pub fn candidates(backend: &str, model_dir: &Path, version: i64, backend_dir: &Path) -> Vec<PathBuf> {
+pub fn candidates(
+    backend: &str,
+    model_dir: &Path,
+    version: i64,
+    backend_dir: &Path,
+) -> Vec<PathBuf> {
     let lib = library_name(backend);
     let file = format!("libkiln_{lib}.so");
     vec![
@@ -67,16 +78,28 @@ pub fn candidates(backend: &str, model_dir: &Path, version: i64, backend_dir: &P
 static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Arc<BackendLibrary>>>> = OnceLock::new();
 
 /// Finds the library for `backend` and opens it (once per path).
-pub fn find_and_open(backend: &str, model_dir: &Path, version: i64, backend_dir: &Path) -> Result<Arc<BackendLibrary>, LoadError> {
+pub fn find_and_open(
+    backend: &str,
+    model_dir: &Path,
+    version: i64,
+    backend_dir: &Path,
+) -> Result<Arc<BackendLibrary>, LoadError> {
     let cands = candidates(backend, model_dir, version, backend_dir);
     let Some(path) = cands.iter().find(|p| p.is_file()) else {
         return Err(LoadError::NotFound {
             backend: library_name(backend).to_string(),
-            searched: cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            searched: cands
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     };
     let path = path.canonicalize().unwrap_or_else(|_| path.clone());
-    let mut libs = LIBRARIES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut libs = LIBRARIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if let Some(l) = libs.get(&path) {
         return Ok(l.clone());
     }
@@ -90,16 +113,20 @@ fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: loading a library runs its initializers; backends are trusted code chosen by
     // the operator through the model repository, as in Triton.
-    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| LoadError::Open {
-        path: p.clone(),
-        reason: e.to_string(),
+    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| {
+        LoadError::Open {
+            path: p.clone(),
+            reason: e.to_string(),
+        }
     })?;
     // SAFETY: symbol type matches the ABI's entry signature.
     let entry = match unsafe { lib.get::<abi::KilnBackendEntryFn>(abi::ENTRY_SYMBOL) } {
         Ok(sym) => *sym,
         Err(_) => {
             // SAFETY: only probing for the symbol's presence.
-            let triton = unsafe { lib.get::<*const c_void>(b"TRITONBACKEND_ModelInstanceExecute\0") }.is_ok();
+            let triton =
+                unsafe { lib.get::<*const c_void>(b"TRITONBACKEND_ModelInstanceExecute\0") }
+                    .is_ok();
             let reason = if triton {
                 "it is a Triton C++ backend (exports TRITONBACKEND_ModelInstanceExecute); Kiln loads backends built with the Kiln SDK or kiln_backend.h".to_string()
             } else {
@@ -112,11 +139,17 @@ fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
     let api_ptr = unsafe { entry() };
     // SAFETY: a non-null table from the library, which is never unloaded.
     let Some(api) = (unsafe { api_ptr.as_ref() }) else {
-        return Err(LoadError::NotKiln { path: p, reason: "kiln_backend_entry returned null".into() });
+        return Err(LoadError::NotKiln {
+            path: p,
+            reason: "kiln_backend_entry returned null".into(),
+        });
     };
     let h = api.header;
     if h.magic != abi::KILN_ABI_MAGIC {
-        return Err(LoadError::NotKiln { path: p, reason: format!("bad magic 0x{:016x}", h.magic) });
+        return Err(LoadError::NotKiln {
+            path: p,
+            reason: format!("bad magic 0x{:016x}", h.magic),
+        });
     }
     if h.abi_major != abi::KILN_ABI_MAJOR || h.abi_minor > abi::KILN_ABI_MINOR {
         return Err(LoadError::Version {
@@ -130,16 +163,26 @@ fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
     if (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
         return Err(LoadError::NotKiln {
             path: p,
-            reason: format!("function table of {} bytes is smaller than ABI 1.0's", h.struct_size),
+            reason: format!(
+                "function table of {} bytes is smaller than ABI 1.0's",
+                h.struct_size
+            ),
         });
     }
     let mut state = std::ptr::null_mut();
     // SAFETY: ABI call with the host's static table.
     let e = unsafe { (api.backend_init)(&host::HOST_API, &mut state) };
     if let Some(e) = host::take_error(e) {
-        return Err(LoadError::Init { path: p, reason: e.message });
+        return Err(LoadError::Init {
+            path: p,
+            reason: e.message,
+        });
     }
     // Never dlclose: backends may leave threads or TLS destructors behind (Triton's policy too).
     std::mem::forget(lib);
-    Ok(BackendLibrary { path: path.to_path_buf(), api, state })
+    Ok(BackendLibrary {
+        path: path.to_path_buf(),
+        api,
+        state,
+    })
 }

@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_abi::{self as abi, KilnInstanceInfo, KilnModelInfo, KilnRequestView, KilnStr};
-use kiln_proto::inference::{model_config::SchedulingChoice, model_instance_group::Kind, ModelConfig};
+use kiln_proto::inference::{
+    model_config::SchedulingChoice, model_instance_group::Kind, ModelConfig,
+};
 use kiln_sdk::{bytes_elements, DataType};
 
 use crate::classification::classify;
@@ -60,26 +62,51 @@ pub struct ModelShared {
 
 fn spec_list<'a>(it: impl Iterator<Item = (&'a str, i32, &'a [i64], bool)>) -> Vec<TensorSpec> {
     it.filter_map(|(n, t, d, o)| {
-        Some(TensorSpec { name: n.to_string(), dtype: config::data_type(t)?, dims: d.to_vec(), optional: o })
+        Some(TensorSpec {
+            name: n.to_string(),
+            dtype: config::data_type(t)?,
+            dims: d.to_vec(),
+            optional: o,
+        })
     })
     .collect()
 }
 
 fn shape_str(s: &[i64]) -> String {
-    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","))
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 impl ModelShared {
     /// Builds the shared part from a normalized config.
     pub fn new(config: ModelConfig, version: i64, model_dir: &Path) -> CoreResult<Self> {
-        let inputs = spec_list(config.input.iter().map(|i| (i.name.as_str(), i.data_type, i.dims.as_slice(), i.optional)));
-        let outputs = spec_list(config.output.iter().map(|o| (o.name.as_str(), o.data_type, o.dims.as_slice(), false)));
+        let inputs = spec_list(
+            config
+                .input
+                .iter()
+                .map(|i| (i.name.as_str(), i.data_type, i.dims.as_slice(), i.optional)),
+        );
+        let outputs = spec_list(
+            config
+                .output
+                .iter()
+                .map(|o| (o.name.as_str(), o.data_type, o.dims.as_slice(), false)),
+        );
         let mut labels = HashMap::new();
         for o in &config.output {
             if !o.label_filename.is_empty() {
                 let path = model_dir.join(&o.label_filename);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
-                    CoreError::invalid(format!("cannot read label file '{}' of output '{}': {e}", path.display(), o.name))
+                    CoreError::invalid(format!(
+                        "cannot read label file '{}' of output '{}': {e}",
+                        path.display(),
+                        o.name
+                    ))
                 })?;
                 labels.insert(o.name.clone(), text.lines().map(str::to_string).collect());
             }
@@ -108,10 +135,16 @@ impl ModelShared {
         let mut key = Vec::with_capacity(req.inputs.len());
         for t in &req.inputs {
             let Some(spec) = self.inputs.iter().find(|s| s.name == t.name) else {
-                return Err(CoreError::invalid(format!("unexpected inference input '{}' for model '{model}'", t.name)));
+                return Err(CoreError::invalid(format!(
+                    "unexpected inference input '{}' for model '{model}'",
+                    t.name
+                )));
             };
             if !seen.insert(t.name.as_str()) {
-                return Err(CoreError::invalid(format!("input '{}' appears more than once in the request", t.name)));
+                return Err(CoreError::invalid(format!(
+                    "input '{}' appears more than once in the request",
+                    t.name
+                )));
             }
             if t.dtype != spec.dtype {
                 return Err(CoreError::invalid(format!(
@@ -121,7 +154,9 @@ impl ModelShared {
             }
             if t.shape.iter().any(|&d| d < 0) {
                 return Err(CoreError::invalid(format!(
-                    "input '{}' has a negative dimension in shape {}", t.name, shape_str(&t.shape)
+                    "input '{}' has a negative dimension in shape {}",
+                    t.name,
+                    shape_str(&t.shape)
                 )));
             }
             let item_shape: &[i64] = if mbs > 0 {
@@ -148,7 +183,10 @@ impl ModelShared {
                 &t.shape
             };
             if item_shape.len() != spec.dims.len()
-                || item_shape.iter().zip(&spec.dims).any(|(&g, &e)| e != -1 && g != e)
+                || item_shape
+                    .iter()
+                    .zip(&spec.dims)
+                    .any(|(&g, &e)| e != -1 && g != e)
             {
                 return Err(self.shape_error(t, spec));
             }
@@ -205,7 +243,10 @@ impl ModelShared {
         }
         for o in &req.outputs {
             let Some(spec) = self.outputs.iter().find(|s| s.name == o.name) else {
-                return Err(CoreError::invalid(format!("unexpected inference output '{}' for model '{model}'", o.name)));
+                return Err(CoreError::invalid(format!(
+                    "unexpected inference output '{}' for model '{model}'",
+                    o.name
+                )));
             };
             if o.class_count > 0 && spec.dtype == DataType::Bytes {
                 return Err(CoreError::invalid(format!(
@@ -248,7 +289,10 @@ pub(crate) fn build_response(
         .map(|(n, d, s, b)| Some(host::output_tensor(n, d, s, b)))
         .collect();
     let mut take = |name: &str| -> Option<OutputTensor> {
-        produced.iter_mut().find(|o| o.as_ref().is_some_and(|o| o.name == name)).and_then(Option::take)
+        produced
+            .iter_mut()
+            .find(|o| o.as_ref().is_some_and(|o| o.name == name))
+            .and_then(Option::take)
     };
     let mut out = Vec::new();
     if req.outputs.is_empty() {
@@ -260,11 +304,19 @@ pub(crate) fn build_response(
     } else {
         for r in &req.outputs {
             let t = take(&r.name).ok_or_else(|| {
-                CoreError::internal(format!("backend did not produce requested output '{}'", r.name))
+                CoreError::internal(format!(
+                    "backend did not produce requested output '{}'",
+                    r.name
+                ))
             })?;
             if r.class_count > 0 {
                 let labels = model.labels.get(&r.name).map(Vec::as_slice);
-                out.push(classify(&t, r.class_count, model.max_batch_size > 0, labels)?);
+                out.push(classify(
+                    &t,
+                    r.class_count,
+                    model.max_batch_size > 0,
+                    labels,
+                )?);
             } else {
                 out.push(t);
             }
@@ -290,7 +342,9 @@ pub struct ModelVersion {
 }
 
 fn detect_gpus() -> u32 {
-    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|d| d.count() as u32).unwrap_or(0)
+    std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .map(|d| d.count() as u32)
+        .unwrap_or(0)
 }
 
 /// Number of GPUs visible on this machine (NVIDIA driver's /proc entries).
@@ -301,7 +355,11 @@ pub fn gpu_count() -> u32 {
 
 impl ModelVersion {
     /// Initializes the model in its backend and starts its instances.
-    pub fn load(shared: ModelShared, model_dir: &Path, backend: Arc<BackendLibrary>) -> CoreResult<Arc<ModelVersion>> {
+    pub fn load(
+        shared: ModelShared,
+        model_dir: &Path,
+        backend: Arc<BackendLibrary>,
+    ) -> CoreResult<Arc<ModelVersion>> {
         let shared = Arc::new(shared);
         let cfg_json = shared.config_json.to_string();
         let dir = model_dir.display().to_string();
@@ -315,7 +373,13 @@ impl ModelVersion {
         // SAFETY: ABI call; `info` and its strings live for the call.
         let e = unsafe { (backend.api.model_init)(backend.state, &info, &mut state) };
         if let Some(e) = host::take_error(e) {
-            return Err(CoreError::new(e.kind, format!("model '{}' failed to initialize: {}", shared.name, e.message)));
+            return Err(CoreError::new(
+                e.kind,
+                format!(
+                    "model '{}' failed to initialize: {}",
+                    shared.name, e.message
+                ),
+            ));
         }
         let policy = scheduler_policy(&shared.config);
         let mv = ModelVersion {
@@ -328,7 +392,10 @@ impl ModelVersion {
         let mut index = 0u32;
         for g in &shared.config.instance_group {
             let devices: Vec<(u32, i32)> = if g.kind == Kind::Gpu as i32 {
-                g.gpus.iter().map(|&d| (abi::KILN_INSTANCE_GPU, d)).collect()
+                g.gpus
+                    .iter()
+                    .map(|&d| (abi::KILN_INSTANCE_GPU, d))
+                    .collect()
             } else if g.kind == Kind::Model as i32 {
                 vec![(abi::KILN_INSTANCE_MODEL, 0)]
             } else {
@@ -355,7 +422,13 @@ impl ModelVersion {
         Ok(Arc::new(mv))
     }
 
-    fn spawn_instance(&self, name: String, kind: u32, device: i32, index: u32) -> CoreResult<JoinHandle<()>> {
+    fn spawn_instance(
+        &self,
+        name: String,
+        kind: u32,
+        device: i32,
+        index: u32,
+    ) -> CoreResult<JoinHandle<()>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = self.shared.clone();
         let scheduler = self.scheduler.clone();
@@ -403,7 +476,10 @@ impl ModelVersion {
             }
             Err(_) => {
                 let _ = handle.join();
-                Err(CoreError::internal(format!("instance thread of model '{}' exited during initialization", self.shared.name)))
+                Err(CoreError::internal(format!(
+                    "instance thread of model '{}' exited during initialization",
+                    self.shared.name
+                )))
             }
         }
     }
@@ -439,14 +515,17 @@ impl ModelVersion {
     /// Stops accepting work, finishes queued requests, finalizes instances and the model.
     pub fn shutdown(&self) {
         self.scheduler.close();
-        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
         if !self.model_state.0.is_null() {
             // SAFETY: all instances are finalized; model state is finalized once (shutdown
             // is only called once per version by the repository).
-            if let Some(e) = host::take_error(unsafe { (self.backend.api.model_fini)(self.model_state.0) }) {
+            if let Some(e) =
+                host::take_error(unsafe { (self.backend.api.model_fini)(self.model_state.0) })
+            {
                 tracing::warn!(model = %self.shared.name, "model_fini failed: {}", e.message);
             }
         }
@@ -456,7 +535,11 @@ impl ModelVersion {
 fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
     match &cfg.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(db)) => {
-            let mut preferred: Vec<u64> = db.preferred_batch_size.iter().map(|&p| p.max(1) as u64).collect();
+            let mut preferred: Vec<u64> = db
+                .preferred_batch_size
+                .iter()
+                .map(|&p| p.max(1) as u64)
+                .collect();
             preferred.sort_unstable();
             SchedulerPolicy {
                 batching: Some(BatchPolicy {
@@ -464,7 +547,11 @@ fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
                     preferred,
                     max_delay: Duration::from_micros(db.max_queue_delay_microseconds),
                 }),
-                max_queue_size: db.default_queue_policy.as_ref().map(|q| q.max_queue_size as usize).unwrap_or(0),
+                max_queue_size: db
+                    .default_queue_policy
+                    .as_ref()
+                    .map(|q| q.max_queue_size as usize)
+                    .unwrap_or(0),
             }
         }
         _ => SchedulerPolicy::default(),
@@ -520,7 +607,10 @@ fn run_instance(
                     output: Duration::from_nanos(e2 - ce),
                 }
             }
-            None => ComputeTimes { infer: exec_end - exec_start, ..Default::default() },
+            None => ComputeTimes {
+                infer: exec_end - exec_start,
+                ..Default::default()
+            },
         };
         shared.stats.record_execution(total, compute);
         if let Some(err) = &err {

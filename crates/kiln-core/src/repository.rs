@@ -74,18 +74,29 @@ pub struct ModelManager {
     load_lock: Mutex<()>,
 }
 
-fn read_config(model_dir: &Path, name: &str, override_json: Option<&str>) -> CoreResult<ModelConfig> {
+fn read_config(
+    model_dir: &Path,
+    name: &str,
+    override_json: Option<&str>,
+) -> CoreResult<ModelConfig> {
     let file = model_dir.join("config.pbtxt");
     let (mut cfg, text) = match override_json {
-        Some(j) => (config::parse_json(j).map_err(|e| CoreError::invalid(e.to_string()))?, String::new()),
+        Some(j) => (
+            config::parse_json(j).map_err(|e| CoreError::invalid(e.to_string()))?,
+            String::new(),
+        ),
         None => {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 CoreError::invalid(format!("cannot read '{}': {e}", file.display()))
             })?;
-            (config::parse_pbtxt(&file, &text).map_err(|e| CoreError::invalid(e.to_string()))?, text)
+            (
+                config::parse_pbtxt(&file, &text).map_err(|e| CoreError::invalid(e.to_string()))?,
+                text,
+            )
         }
     };
-    config::normalize(&mut cfg, &file, &text, name, gpu_count()).map_err(|e| CoreError::invalid(e.to_string()))?;
+    config::normalize(&mut cfg, &file, &text, name, gpu_count())
+        .map_err(|e| CoreError::invalid(e.to_string()))?;
     Ok(cfg)
 }
 
@@ -104,9 +115,17 @@ fn available_versions(model_dir: &Path) -> Vec<i64> {
 }
 
 fn select_versions(cfg: &ModelConfig, available: &[i64]) -> Vec<i64> {
-    match cfg.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
+    match cfg
+        .version_policy
+        .as_ref()
+        .and_then(|p| p.policy_choice.as_ref())
+    {
         Some(PolicyChoice::All(_)) => available.to_vec(),
-        Some(PolicyChoice::Specific(s)) => available.iter().copied().filter(|v| s.versions.contains(v)).collect(),
+        Some(PolicyChoice::Specific(s)) => available
+            .iter()
+            .copied()
+            .filter(|v| s.versions.contains(v))
+            .collect(),
         Some(PolicyChoice::Latest(l)) => {
             let n = l.num_versions.max(1) as usize;
             available.iter().rev().take(n).rev().copied().collect()
@@ -118,7 +137,11 @@ fn select_versions(cfg: &ModelConfig, available: &[i64]) -> Vec<i64> {
 impl ModelManager {
     /// A manager over `opts.repository`; nothing is loaded yet.
     pub fn new(opts: RepositoryOptions) -> Self {
-        ModelManager { opts, models: RwLock::new(BTreeMap::new()), load_lock: Mutex::new(()) }
+        ModelManager {
+            opts,
+            models: RwLock::new(BTreeMap::new()),
+            load_lock: Mutex::new(()),
+        }
     }
 
     /// Options in force.
@@ -146,7 +169,9 @@ impl ModelManager {
     pub fn load_startup_models(&self) {
         let names = match self.opts.control_mode {
             ControlMode::None => self.repository_models(),
-            ControlMode::Explicit if self.opts.startup_models.iter().any(|m| m == "*") => self.repository_models(),
+            ControlMode::Explicit if self.opts.startup_models.iter().any(|m| m == "*") => {
+                self.repository_models()
+            }
             ControlMode::Explicit => self.opts.startup_models.clone(),
         };
         for name in names {
@@ -157,11 +182,15 @@ impl ModelManager {
         }
     }
 
-    fn models_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
+    fn models_read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
         self.models.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn models_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
+    fn models_write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<i64, VersionState>>> {
         self.models.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -183,13 +212,21 @@ impl ModelManager {
             let mut models = self.models_write();
             let slot = models.entry(name.to_string()).or_default();
             if slot.is_empty() {
-                slot.insert(available_versions(&dir).last().copied().unwrap_or(1), VersionState::Unavailable(e.message.clone()));
+                slot.insert(
+                    available_versions(&dir).last().copied().unwrap_or(1),
+                    VersionState::Unavailable(e.message.clone()),
+                );
             }
         }
         result
     }
 
-    fn load_versions(&self, name: &str, dir: &Path, config_override: Option<&str>) -> CoreResult<()> {
+    fn load_versions(
+        &self,
+        name: &str,
+        dir: &Path,
+        config_override: Option<&str>,
+    ) -> CoreResult<()> {
         let fail = |msg: String, old: Vec<Arc<ModelVersion>>, me: &Self| {
             let mut models = me.models_write();
             let slot = models.entry(name.to_string()).or_default();
@@ -204,7 +241,13 @@ impl ModelManager {
         };
         let cfg = match read_config(dir, name, config_override) {
             Ok(c) => c,
-            Err(e) => return Err(fail(format!("failed to load '{name}': {}", e.message), vec![], self)),
+            Err(e) => {
+                return Err(fail(
+                    format!("failed to load '{name}': {}", e.message),
+                    vec![],
+                    self,
+                ))
+            }
         };
         let versions = select_versions(&cfg, &available_versions(dir));
         if versions.is_empty() {
@@ -217,10 +260,15 @@ impl ModelManager {
         let mut loaded = BTreeMap::new();
         let mut first_error = None;
         for &v in &versions {
-            self.models_write().entry(name.to_string()).or_default().insert(v, VersionState::Loading);
+            self.models_write()
+                .entry(name.to_string())
+                .or_default()
+                .insert(v, VersionState::Loading);
             let r = loader::find_and_open(&cfg.backend, dir, v, &self.opts.backend_directory)
                 .map_err(|e| CoreError::invalid(e.to_string()))
-                .and_then(|lib| ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib));
+                .and_then(|lib| {
+                    ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib)
+                });
             match r {
                 Ok(mv) => {
                     loaded.insert(v, VersionState::Ready(mv));
@@ -261,7 +309,9 @@ impl ModelManager {
                 if self.opts.repository.join(name).is_dir() {
                     return Ok(());
                 }
-                return Err(CoreError::invalid(format!("failed to unload '{name}': model not found in the repository")));
+                return Err(CoreError::invalid(format!(
+                    "failed to unload '{name}': model not found in the repository"
+                )));
             };
             let old = std::mem::take(slot);
             for v in old.keys() {
@@ -289,7 +339,9 @@ impl ModelManager {
     pub fn get(&self, name: &str, version: Option<i64>) -> CoreResult<Arc<ModelVersion>> {
         let models = self.models_read();
         let Some(slot) = models.get(name) else {
-            return Err(CoreError::not_found(format!("Request for unknown model: '{name}' is not found")));
+            return Err(CoreError::not_found(format!(
+                "Request for unknown model: '{name}' is not found"
+            )));
         };
         match version {
             Some(v) => match slot.get(&v) {
@@ -297,7 +349,9 @@ impl ModelManager {
                 Some(_) => Err(CoreError::unavailable(format!(
                     "Request for unknown model: '{name}' version {v} is not at ready state"
                 ))),
-                None => Err(CoreError::not_found(format!("Request for unknown model: '{name}' version {v} is not found"))),
+                None => Err(CoreError::not_found(format!(
+                    "Request for unknown model: '{name}' version {v} is not found"
+                ))),
             },
             None => slot
                 .values()
@@ -307,14 +361,20 @@ impl ModelManager {
                     _ => None,
                 })
                 .ok_or_else(|| {
-                    CoreError::new(ErrorKind::Unavailable, format!("Request for unknown model: '{name}' has no available versions"))
+                    CoreError::new(
+                        ErrorKind::Unavailable,
+                        format!("Request for unknown model: '{name}' has no available versions"),
+                    )
                 }),
         }
     }
 
     /// Versions of `name` and their states.
     pub fn versions(&self, name: &str) -> Vec<(i64, VersionState)> {
-        self.models_read().get(name).map(|m| m.iter().map(|(v, s)| (*v, s.clone())).collect()).unwrap_or_default()
+        self.models_read()
+            .get(name)
+            .map(|m| m.iter().map(|(v, s)| (*v, s.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Every loaded (ready) version, for statistics.
@@ -331,7 +391,10 @@ impl ModelManager {
 
     /// Whether every model that was asked to load is ready.
     pub fn all_ready(&self) -> bool {
-        self.models_read().values().flat_map(|m| m.values()).all(|s| matches!(s, VersionState::Ready(_)))
+        self.models_read()
+            .values()
+            .flat_map(|m| m.values())
+            .all(|s| matches!(s, VersionState::Ready(_)))
     }
 
     /// Triton's repository index: every model in the repository and every known version.
@@ -356,10 +419,20 @@ impl ModelManager {
                             VersionState::Unavailable(r) => r.clone(),
                             _ => String::new(),
                         };
-                        out.push(IndexEntry { name: name.clone(), version: Some(*v), state: Some(s.name()), reason });
+                        out.push(IndexEntry {
+                            name: name.clone(),
+                            version: Some(*v),
+                            state: Some(s.name()),
+                            reason,
+                        });
                     }
                 }
-                None if !ready_only => out.push(IndexEntry { name, version: None, state: None, reason: String::new() }),
+                None if !ready_only => out.push(IndexEntry {
+                    name,
+                    version: None,
+                    state: None,
+                    reason: String::new(),
+                }),
                 None => {}
             }
         }

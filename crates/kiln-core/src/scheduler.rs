@@ -67,13 +67,19 @@ pub struct QueuedItem<'a> {
 
 /// The batching decision for a non-empty queue at time `now`.
 pub fn decide(policy: Option<&BatchPolicy>, queue: &[QueuedItem<'_>], now: Instant) -> Decision {
-    let Some(p) = policy else { return Decision::Dispatch(1) };
-    let Some(first) = queue.first() else { return Decision::WaitUntil(now + Duration::from_secs(3600)) };
+    let Some(p) = policy else {
+        return Decision::Dispatch(1);
+    };
+    let Some(first) = queue.first() else {
+        return Decision::WaitUntil(now + Duration::from_secs(3600));
+    };
     let mut total = 0u64;
     let mut n = 0usize;
     let mut blocked = false;
     for item in queue {
-        if n > 0 && (item.shape_key != first.shape_key || total + item.batch_size > p.max_batch_size) {
+        if n > 0
+            && (item.shape_key != first.shape_key || total + item.batch_size > p.max_batch_size)
+        {
             blocked = true;
             break;
         }
@@ -110,7 +116,14 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler with `policy`.
     pub fn new(policy: SchedulerPolicy) -> Self {
-        Scheduler { policy, state: Mutex::new(QueueState { queue: VecDeque::new(), closed: false }), ready: Condvar::new() }
+        Scheduler {
+            policy,
+            state: Mutex::new(QueueState {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -163,7 +176,11 @@ impl Scheduler {
             let items: Vec<QueuedItem<'_>> = st
                 .queue
                 .iter()
-                .map(|p| QueuedItem { batch_size: p.batch_size, shape_key: &p.shape_key, enqueued: p.enqueued })
+                .map(|p| QueuedItem {
+                    batch_size: p.batch_size,
+                    shape_key: &p.shape_key,
+                    enqueued: p.enqueued,
+                })
                 .collect();
             let decision = decide(self.policy.batching.as_ref(), &items, now);
             drop(items);
@@ -185,7 +202,11 @@ impl Scheduler {
                 }
                 Decision::WaitUntil(t) => {
                     let wait = t.saturating_duration_since(now);
-                    st = self.ready.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
+                    st = self
+                        .ready
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
         }
@@ -197,17 +218,31 @@ mod tests {
     use super::*;
 
     fn items(t0: Instant, sizes: &[u64], key: &'static [Vec<i64>]) -> Vec<QueuedItem<'static>> {
-        sizes.iter().map(|&b| QueuedItem { batch_size: b, shape_key: key, enqueued: t0 }).collect()
+        sizes
+            .iter()
+            .map(|&b| QueuedItem {
+                batch_size: b,
+                shape_key: key,
+                enqueued: t0,
+            })
+            .collect()
     }
 
     fn policy(max: u64, preferred: &[u64], delay_us: u64) -> BatchPolicy {
-        BatchPolicy { max_batch_size: max, preferred: preferred.to_vec(), max_delay: Duration::from_micros(delay_us) }
+        BatchPolicy {
+            max_batch_size: max,
+            preferred: preferred.to_vec(),
+            max_delay: Duration::from_micros(delay_us),
+        }
     }
 
     #[test]
     fn default_scheduler_takes_one() {
         let t0 = Instant::now();
-        assert_eq!(decide(None, &items(t0, &[1, 1, 1], &[]), t0), Decision::Dispatch(1));
+        assert_eq!(
+            decide(None, &items(t0, &[1, 1, 1], &[]), t0),
+            Decision::Dispatch(1)
+        );
     }
 
     #[test]
@@ -215,25 +250,43 @@ mod tests {
         let t0 = Instant::now();
         let p = policy(8, &[4, 8], 100_000);
         let q = items(t0, &[1, 1], &[]);
-        assert_eq!(decide(Some(&p), &q, t0), Decision::WaitUntil(t0 + Duration::from_millis(100)));
-        assert_eq!(decide(Some(&p), &q, t0 + Duration::from_millis(100)), Decision::Dispatch(2));
+        assert_eq!(
+            decide(Some(&p), &q, t0),
+            Decision::WaitUntil(t0 + Duration::from_millis(100))
+        );
+        assert_eq!(
+            decide(Some(&p), &q, t0 + Duration::from_millis(100)),
+            Decision::Dispatch(2)
+        );
     }
 
     #[test]
     fn largest_preferred_size_dispatches_immediately() {
         let t0 = Instant::now();
         let p = policy(16, &[4, 8], 1_000_000);
-        assert_eq!(decide(Some(&p), &items(t0, &[1; 8], &[]), t0), Decision::Dispatch(8));
+        assert_eq!(
+            decide(Some(&p), &items(t0, &[1; 8], &[]), t0),
+            Decision::Dispatch(8)
+        );
         // only the smaller preferred size reached: keep waiting for a bigger batch
-        assert!(matches!(decide(Some(&p), &items(t0, &[1; 4], &[]), t0), Decision::WaitUntil(_)));
+        assert!(matches!(
+            decide(Some(&p), &items(t0, &[1; 4], &[]), t0),
+            Decision::WaitUntil(_)
+        ));
     }
 
     #[test]
     fn never_exceeds_max_batch_size() {
         let t0 = Instant::now();
         let p = policy(8, &[], 1_000_000);
-        assert_eq!(decide(Some(&p), &items(t0, &[3, 3, 3], &[]), t0), Decision::Dispatch(2));
-        assert_eq!(decide(Some(&p), &items(t0, &[8, 1], &[]), t0), Decision::Dispatch(1));
+        assert_eq!(
+            decide(Some(&p), &items(t0, &[3, 3, 3], &[]), t0),
+            Decision::Dispatch(2)
+        );
+        assert_eq!(
+            decide(Some(&p), &items(t0, &[8, 1], &[]), t0),
+            Decision::Dispatch(1)
+        );
     }
 
     #[test]
@@ -244,8 +297,16 @@ mod tests {
         let b: &'static [Vec<i64>] = Box::leak(Box::new([vec![3i64]]));
         let p = policy(8, &[], 1_000_000);
         let q = vec![
-            QueuedItem { batch_size: 1, shape_key: a, enqueued: t0 },
-            QueuedItem { batch_size: 1, shape_key: b, enqueued: t0 },
+            QueuedItem {
+                batch_size: 1,
+                shape_key: a,
+                enqueued: t0,
+            },
+            QueuedItem {
+                batch_size: 1,
+                shape_key: b,
+                enqueued: t0,
+            },
         ];
         assert_eq!(decide(Some(&p), &q, t0), Decision::Dispatch(1));
     }
@@ -254,12 +315,18 @@ mod tests {
     fn zero_delay_dispatches_what_is_there() {
         let t0 = Instant::now();
         let p = policy(8, &[], 0);
-        assert_eq!(decide(Some(&p), &items(t0, &[1, 1, 1], &[]), t0), Decision::Dispatch(3));
+        assert_eq!(
+            decide(Some(&p), &items(t0, &[1, 1, 1], &[]), t0),
+            Decision::Dispatch(3)
+        );
     }
 
     #[test]
     fn full_queue_rejects_immediately() {
-        let s = Scheduler::new(SchedulerPolicy { batching: None, max_queue_size: 1 });
+        let s = Scheduler::new(SchedulerPolicy {
+            batching: None,
+            max_queue_size: 1,
+        });
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let mk = || Pending {
             request: Arc::new(InferRequest::new("m")),

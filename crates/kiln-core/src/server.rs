@@ -65,7 +65,8 @@ impl Server {
 
     /// Readiness (not while shutting down; with strict readiness, all models ready).
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed) && (!self.opts.strict_readiness || self.models.all_ready())
+        !self.shutting_down.load(Ordering::Relaxed)
+            && (!self.opts.strict_readiness || self.models.all_ready())
     }
 
     /// Marks the server as shutting down (readiness turns false).
@@ -115,7 +116,11 @@ impl Server {
             }
             json!({"name": t.name, "datatype": t.dtype.protocol_name(), "shape": shape})
         };
-        let platform = if s.config.platform.is_empty() { &s.config.backend } else { &s.config.platform };
+        let platform = if s.config.platform.is_empty() {
+            &s.config.backend
+        } else {
+            &s.config.platform
+        };
         Ok(json!({
             "name": s.name,
             "versions": versions,
@@ -136,7 +141,12 @@ impl Server {
             Some(n) => match version {
                 Some(v) => vec![self.model(n, Some(v))?],
                 None => {
-                    let vs: Vec<_> = self.models.ready_versions().into_iter().filter(|m| m.shared.name == n).collect();
+                    let vs: Vec<_> = self
+                        .models
+                        .ready_versions()
+                        .into_iter()
+                        .filter(|m| m.shared.name == n)
+                        .collect();
                     if vs.is_empty() {
                         self.model(n, None)?;
                     }
@@ -145,14 +155,19 @@ impl Server {
             },
             None => self.models.ready_versions(),
         };
-        let stats: Vec<Value> = list.iter().map(|m| m.shared.stats.to_json(&m.shared.name, m.shared.version)).collect();
+        let stats: Vec<Value> = list
+            .iter()
+            .map(|m| m.shared.stats.to_json(&m.shared.name, m.shared.version))
+            .collect();
         Ok(json!({"model_stats": stats}))
     }
 
     /// Runs one (non-decoupled) inference and waits for its final response.
     pub async fn infer(&self, request: InferRequest) -> CoreResult<InferResponse> {
         if self.shutting_down.load(Ordering::Relaxed) {
-            return Err(CoreError::unavailable("Server is shutting down and accepts no new requests"));
+            return Err(CoreError::unavailable(
+                "Server is shutting down and accepts no new requests",
+            ));
         }
         let mv = self.model(&request.model_name, request.model_version)?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -170,7 +185,8 @@ impl Server {
                 ResponseEvent::Final => break,
             }
         }
-        last_response.ok_or_else(|| CoreError::internal("the model finished the request without a response"))
+        last_response
+            .ok_or_else(|| CoreError::internal("the model finished the request without a response"))
     }
 
     /// Whether load/unload requests are allowed.

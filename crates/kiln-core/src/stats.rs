@@ -58,7 +58,10 @@ pub struct ModelStats {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl ModelStats {
@@ -144,7 +147,11 @@ mod tests {
     #[test]
     fn counts_batches_and_requests_separately() {
         let s = ModelStats::default();
-        let c = ComputeTimes { input: Duration::from_nanos(1), infer: Duration::from_nanos(10), output: Duration::from_nanos(2) };
+        let c = ComputeTimes {
+            input: Duration::from_nanos(1),
+            infer: Duration::from_nanos(10),
+            output: Duration::from_nanos(2),
+        };
         s.record_execution(3, c);
         for _ in 0..3 {
             s.record_success(Duration::from_nanos(100), Duration::from_nanos(5), c);

@@ -18,7 +18,10 @@ impl ChunkedBody {
     /// A body of these chunks.
     pub fn new(chunks: Vec<Bytes>) -> Self {
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        ChunkedBody { chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(), remaining }
+        ChunkedBody {
+            chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            remaining,
+        }
     }
 
     /// Concatenates the chunks (for compression).
@@ -35,7 +38,10 @@ impl Body for ChunkedBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.chunks.pop_front() {
             Some(c) => {
                 self.remaining -= c.len() as u64;

@@ -20,7 +20,9 @@ impl Coding {
             "" | "identity" => Ok(None),
             "gzip" => Ok(Some(Coding::Gzip)),
             "deflate" => Ok(Some(Coding::Deflate)),
-            other => Err(format!("unsupported Content-Encoding '{other}'; use gzip or deflate")),
+            other => Err(format!(
+                "unsupported Content-Encoding '{other}'; use gzip or deflate"
+            )),
         }
     }
 
@@ -64,7 +66,9 @@ pub fn decompress(coding: Coding, data: &[u8], limit: usize) -> Result<Vec<u8>, 
         .read_to_end(&mut out)
         .map_err(|e| format!("failed to decompress {} request body: {e}", coding.name()))?;
     if n > limit {
-        return Err(format!("decompressed request body exceeds the maximum input size of {limit} bytes"));
+        return Err(format!(
+            "decompressed request body exceeds the maximum input size of {limit} bytes"
+        ));
     }
     Ok(out)
 }
@@ -97,7 +101,10 @@ mod tests {
             assert_eq!(decompress(c, &z, 1000).unwrap(), vec![7u8; 1000]);
             assert!(decompress(c, &z, 999).is_err());
         }
-        assert_eq!(Coding::negotiate("deflate, gzip;q=0"), Some(Coding::Deflate));
+        assert_eq!(
+            Coding::negotiate("deflate, gzip;q=0"),
+            Some(Coding::Deflate)
+        );
         assert_eq!(Coding::negotiate("br"), None);
     }
 }

@@ -36,6 +36,7 @@ struct OutputJson {
 }
 
 /// How the client wants each output encoded.
+#[derive(Debug)]
 pub struct OutputEncoding {
     /// Default for outputs not named in the request (`binary_data_output`).
     pub default_binary: bool,
@@ -50,19 +51,31 @@ fn bad(msg: impl Into<String>) -> CoreError {
 fn param_u64(p: &Map<String, Value>, k: &str) -> Result<Option<u64>, CoreError> {
     match p.get(k) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| bad(format!("parameter '{k}' must be a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            bad(format!(
+                "parameter '{k}' must be a non-negative integer, got {v}"
+            ))
+        }),
     }
 }
 
 fn param_bool(p: &Map<String, Value>, k: &str) -> Result<Option<bool>, CoreError> {
     match p.get(k) {
         None => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| bad(format!("parameter '{k}' must be a boolean, got {v}"))),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| bad(format!("parameter '{k}' must be a boolean, got {v}"))),
     }
 }
 
 /// Decodes an infer request body. `header_len` is `Inference-Header-Content-Length`.
-pub fn decode(model: &str, version: Option<i64>, body: Bytes, header_len: Option<usize>) -> Result<(InferRequest, OutputEncoding), CoreError> {
+pub fn decode(
+    model: &str,
+    version: Option<i64>,
+    body: Bytes,
+    header_len: Option<usize>,
+) -> Result<(InferRequest, OutputEncoding), CoreError> {
     let hl = header_len.unwrap_or(body.len());
     if hl > body.len() {
         return Err(bad(format!(
@@ -83,7 +96,9 @@ pub fn decode(model: &str, version: Option<i64>, body: Bytes, header_len: Option
     let default_binary = param_bool(&params, "binary_data_output")?.unwrap_or(false);
     params.remove("binary_data_output");
     if let Some(s) = params.get("sequence_id") {
-        req.correlation_id = s.as_u64().ok_or_else(|| bad("parameter 'sequence_id' must be an unsigned integer"))?;
+        req.correlation_id = s
+            .as_u64()
+            .ok_or_else(|| bad("parameter 'sequence_id' must be an unsigned integer"))?;
     }
     if param_bool(&params, "sequence_start")?.unwrap_or(false) {
         req.flags |= 1;
@@ -93,28 +108,46 @@ pub fn decode(model: &str, version: Option<i64>, body: Bytes, header_len: Option
     }
     req.priority = param_u64(&params, "priority")?.unwrap_or(0);
     req.timeout_us = param_u64(&params, "timeout")?.unwrap_or(0);
-    for k in ["sequence_id", "sequence_start", "sequence_end", "priority", "timeout"] {
+    for k in [
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+    ] {
         params.remove(k);
     }
     req.parameters = params;
 
     let mut offset = hl;
     for input in header.inputs {
-        let dtype = DataType::from_protocol_name(&input.datatype)
-            .ok_or_else(|| bad(format!("invalid datatype '{}' for input '{}'", input.datatype, input.name)))?;
+        let dtype = DataType::from_protocol_name(&input.datatype).ok_or_else(|| {
+            bad(format!(
+                "invalid datatype '{}' for input '{}'",
+                input.datatype, input.name
+            ))
+        })?;
         if input.shape.iter().any(|&d| d < 0) {
-            return Err(bad(format!("input '{}' has a negative dimension in its shape", input.name)));
+            return Err(bad(format!(
+                "input '{}' has a negative dimension in its shape",
+                input.name
+            )));
         }
         let count: usize = input.shape.iter().map(|&d| d as usize).product();
         let p = input.parameters.unwrap_or_default();
         if p.contains_key("shared_memory_region") {
-            return Err(CoreError::unsupported("shared memory is not supported by this server"));
+            return Err(CoreError::unsupported(
+                "shared memory is not supported by this server",
+            ));
         }
         let data = match param_u64(&p, "binary_data_size")? {
             Some(n) => {
                 let n = n as usize;
                 if input.data.is_some() {
-                    return Err(bad(format!("input '{}' has both 'data' and 'binary_data_size'", input.name)));
+                    return Err(bad(format!(
+                        "input '{}' has both 'data' and 'binary_data_size'",
+                        input.name
+                    )));
                 }
                 let end = offset.checked_add(n).filter(|&e| e <= body.len()).ok_or_else(|| {
                     bad(format!(
@@ -128,11 +161,21 @@ pub fn decode(model: &str, version: Option<i64>, body: Bytes, header_len: Option
                 d
             }
             None => {
-                let d = input.data.as_ref().ok_or_else(|| bad(format!("input '{}' has no 'data' and no 'binary_data_size'", input.name)))?;
+                let d = input.data.as_ref().ok_or_else(|| {
+                    bad(format!(
+                        "input '{}' has no 'data' and no 'binary_data_size'",
+                        input.name
+                    ))
+                })?;
                 Bytes::from(json_to_bytes(&input.name, dtype, d, count).map_err(bad)?)
             }
         };
-        req.inputs.push(InputTensor { name: input.name, dtype, shape: input.shape, data });
+        req.inputs.push(InputTensor {
+            name: input.name,
+            dtype,
+            shape: input.shape,
+            data,
+        });
     }
     if offset != body.len() {
         return Err(bad(format!(
@@ -144,14 +187,29 @@ pub fn decode(model: &str, version: Option<i64>, body: Bytes, header_len: Option
     for o in header.outputs.unwrap_or_default() {
         let p = o.parameters.unwrap_or_default();
         if p.contains_key("shared_memory_region") {
-            return Err(CoreError::unsupported("shared memory is not supported by this server"));
+            return Err(CoreError::unsupported(
+                "shared memory is not supported by this server",
+            ));
         }
         let class_count = param_u64(&p, "classification")?.unwrap_or(0);
-        let class_count = u32::try_from(class_count).map_err(|_| bad("parameter 'classification' is too large"))?;
-        binary.push((o.name.clone(), param_bool(&p, "binary_data")?.unwrap_or(default_binary)));
-        req.outputs.push(RequestedOutput { name: o.name, class_count });
+        let class_count = u32::try_from(class_count)
+            .map_err(|_| bad("parameter 'classification' is too large"))?;
+        binary.push((
+            o.name.clone(),
+            param_bool(&p, "binary_data")?.unwrap_or(default_binary),
+        ));
+        req.outputs.push(RequestedOutput {
+            name: o.name,
+            class_count,
+        });
     }
-    Ok((req, OutputEncoding { default_binary, binary }))
+    Ok((
+        req,
+        OutputEncoding {
+            default_binary,
+            binary,
+        },
+    ))
 }
 
 /// Encoded response: JSON header plus binary chunks.
@@ -167,27 +225,45 @@ pub fn encode(resp: InferResponse, enc: &OutputEncoding) -> Result<Encoded, Core
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut binary = Vec::new();
     for o in resp.outputs {
-        let as_binary = enc.binary.iter().find(|(n, _)| *n == o.name).map(|(_, b)| *b).unwrap_or(enc.default_binary);
+        let as_binary = enc
+            .binary
+            .iter()
+            .find(|(n, _)| *n == o.name)
+            .map(|(_, b)| *b)
+            .unwrap_or(enc.default_binary);
         let mut j = Map::new();
         j.insert("name".into(), Value::String(o.name.clone()));
-        j.insert("datatype".into(), Value::String(o.dtype.protocol_name().into()));
+        j.insert(
+            "datatype".into(),
+            Value::String(o.dtype.protocol_name().into()),
+        );
         j.insert("shape".into(), json!(o.shape));
         if as_binary {
-            j.insert("parameters".into(), json!({"binary_data_size": o.data.len()}));
+            j.insert(
+                "parameters".into(),
+                json!({"binary_data_size": o.data.len()}),
+            );
             binary.push(o.data);
         } else {
-            j.insert("data".into(), bytes_to_json(&o.name, o.dtype, &o.data).map_err(bad)?);
+            j.insert(
+                "data".into(),
+                bytes_to_json(&o.name, o.dtype, &o.data).map_err(bad)?,
+            );
         }
         outputs.push(Value::Object(j));
     }
     let mut top = Map::new();
     top.insert("model_name".into(), Value::String(resp.model_name));
-    top.insert("model_version".into(), Value::String(resp.model_version.to_string()));
+    top.insert(
+        "model_version".into(),
+        Value::String(resp.model_version.to_string()),
+    );
     if !resp.id.is_empty() {
         top.insert("id".into(), Value::String(resp.id));
     }
     top.insert("outputs".into(), Value::Array(outputs));
-    let header = serde_json::to_vec(&Value::Object(top)).map_err(|e| CoreError::internal(e.to_string()))?;
+    let header =
+        serde_json::to_vec(&Value::Object(top)).map_err(|e| CoreError::internal(e.to_string()))?;
     Ok(Encoded { header, binary })
 }
 
@@ -203,7 +279,13 @@ mod tests {
         let (r, enc) = decode("m", Some(1), Bytes::from(body), Some(hdr.len())).unwrap();
         assert_eq!(&r.inputs[0].data[..], &[1, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(&r.inputs[1].data[..], &[5, 0, 0, 0]);
-        assert_eq!(r.outputs[0], RequestedOutput { name: "O".into(), class_count: 2 });
+        assert_eq!(
+            r.outputs[0],
+            RequestedOutput {
+                name: "O".into(),
+                class_count: 2
+            }
+        );
         assert!(enc.binary[0].1);
     }
 

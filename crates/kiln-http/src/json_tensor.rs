@@ -16,14 +16,26 @@ macro_rules! ints {
                 .as_i64()
                 .and_then(|i| <$ty>::try_from(i).ok())
                 .or_else(|| v.as_u64().and_then(|u| <$ty>::try_from(u).ok()))
-                .ok_or_else(|| format!("unable to parse 'data' of input '{}': {} is not a valid {} value", $name, v, stringify!($ty)))?;
+                .ok_or_else(|| {
+                    format!(
+                        "unable to parse 'data' of input '{}': {} is not a valid {} value",
+                        $name,
+                        v,
+                        stringify!($ty)
+                    )
+                })?;
             $out.extend_from_slice(&x.to_le_bytes());
         }
     }};
 }
 
 /// Converts JSON `data` of input `name` into raw bytes for `count` elements.
-pub fn json_to_bytes(name: &str, dtype: DataType, data: &Value, count: usize) -> Result<Vec<u8>, String> {
+pub fn json_to_bytes(
+    name: &str,
+    dtype: DataType,
+    data: &Value,
+    count: usize,
+) -> Result<Vec<u8>, String> {
     let mut vals = Vec::with_capacity(count);
     flatten(data, &mut vals);
     if vals.len() != count {
@@ -79,14 +91,18 @@ fn num<T: Into<serde_json::Number>>(x: T) -> Value {
 }
 
 fn float(f: f64) -> Value {
-    serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+    serde_json::Number::from_f64(f)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// Converts an output's raw bytes into a flat JSON array.
 pub fn bytes_to_json(name: &str, dtype: DataType, data: &[u8]) -> Result<Value, String> {
     macro_rules! map {
         ($ty:ty, $n:expr, $f:expr) => {
-            data.chunks_exact($n).map(|c| $f(<$ty>::from_le_bytes(c.try_into().unwrap_or([0; $n])))).collect()
+            data.chunks_exact($n)
+                .map(|c| $f(<$ty>::from_le_bytes(c.try_into().unwrap_or([0; $n]))))
+                .collect()
         };
     }
     let v: Vec<Value> = match dtype {
@@ -123,7 +139,10 @@ mod tests {
         let a = json_to_bytes("x", DataType::Int32, &json!([[1, 2], [3, -4]]), 4).unwrap();
         let b = json_to_bytes("x", DataType::Int32, &json!([1, 2, 3, -4]), 4).unwrap();
         assert_eq!(a, b);
-        assert_eq!(bytes_to_json("x", DataType::Int32, &a).unwrap(), json!([1, 2, 3, -4]));
+        assert_eq!(
+            bytes_to_json("x", DataType::Int32, &a).unwrap(),
+            json!([1, 2, 3, -4])
+        );
     }
 
     #[test]
@@ -138,6 +157,9 @@ mod tests {
     fn strings_roundtrip() {
         let b = json_to_bytes("s", DataType::Bytes, &json!(["ab", ""]), 2).unwrap();
         assert_eq!(b, vec![2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]);
-        assert_eq!(bytes_to_json("s", DataType::Bytes, &b).unwrap(), json!(["ab", ""]));
+        assert_eq!(
+            bytes_to_json("s", DataType::Bytes, &b).unwrap(),
+            json!(["ab", ""])
+        );
     }
 }

@@ -26,7 +26,9 @@ pub struct HttpOptions {
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        HttpOptions { max_input_size: 64 * 1024 * 1024 }
+        HttpOptions {
+            max_input_size: 64 * 1024 * 1024,
+        }
     }
 }
 

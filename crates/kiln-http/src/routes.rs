@@ -27,13 +27,18 @@ fn respond(status: StatusCode, content_type: Option<&'static str>, chunks: Vec<B
     let mut r = Response::new(ChunkedBody::new(chunks));
     *r.status_mut() = status;
     if let Some(ct) = content_type {
-        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
     }
     r
 }
 
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
-    respond(status, Some("application/json"), vec![Bytes::from(v.to_string())])
+    respond(
+        status,
+        Some("application/json"),
+        vec![Bytes::from(v.to_string())],
+    )
 }
 
 fn empty(status: StatusCode) -> Resp {
@@ -58,11 +63,18 @@ fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
         .ok()
         .filter(|&n| n >= 0)
         .map(Some)
-        .ok_or_else(|| CoreError::invalid(format!("failed to parse model version '{v}': must be a non-negative integer")))
+        .ok_or_else(|| {
+            CoreError::invalid(format!(
+                "failed to parse model version '{v}': must be a non-negative integer"
+            ))
+        })
 }
 
 /// Reads and (if needed) decompresses the request body, enforcing the size limit.
-async fn read_body(state: &State, req: Request<Incoming>) -> Result<(http::request::Parts, Bytes), Resp> {
+async fn read_body(
+    state: &State,
+    req: Request<Incoming>,
+) -> Result<(http::request::Parts, Bytes), Resp> {
     let (parts, body) = req.into_parts();
     let limit = state.opts.max_input_size;
     let too_large = || {
@@ -71,22 +83,42 @@ async fn read_body(state: &State, req: Request<Incoming>) -> Result<(http::reque
             format!("request body exceeds the maximum input size of {limit} bytes (see --http-max-input-size)"),
         )
     };
-    if let Some(len) = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+    if let Some(len) = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(too_large());
         }
     }
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
-        Err(e) => return Err(error_status(StatusCode::BAD_REQUEST, format!("failed to read request body: {e}"))),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large())
+        }
+        Err(e) => {
+            return Err(error_status(
+                StatusCode::BAD_REQUEST,
+                format!("failed to read request body: {e}"),
+            ))
+        }
     };
-    let coding = parts.headers.get(CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let coding = parts
+        .headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     match Coding::from_header(coding) {
         Ok(None) => Ok((parts, bytes)),
         Ok(Some(c)) => match compress::decompress(c, &bytes, limit) {
             Ok(v) => Ok((parts, Bytes::from(v))),
-            Err(m) if m.contains("maximum input size") => Err(error_status(StatusCode::PAYLOAD_TOO_LARGE, m)),
+            Err(m) if m.contains("maximum input size") => {
+                Err(error_status(StatusCode::PAYLOAD_TOO_LARGE, m))
+            }
             Err(m) => Err(error_status(StatusCode::BAD_REQUEST, m)),
         },
         Err(m) => Err(error_status(StatusCode::BAD_REQUEST, m)),
@@ -97,18 +129,31 @@ fn body_json(body: &[u8]) -> Result<Value, CoreError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| CoreError::invalid(format!("failed to parse the request JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| CoreError::invalid(format!("failed to parse the request JSON: {e}")))
 }
 
 /// Routes one request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let accept = req.headers().get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let accept = req
+        .headers()
+        .get(ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let resp = match (method.clone(), segs.as_slice()) {
-        (Method::GET, ["v2", "health", "live"]) => empty(if state.server.is_live() { StatusCode::OK } else { StatusCode::BAD_REQUEST }),
-        (Method::GET, ["v2", "health", "ready"]) => empty(if state.server.is_ready() { StatusCode::OK } else { StatusCode::BAD_REQUEST }),
+        (Method::GET, ["v2", "health", "live"]) => empty(if state.server.is_live() {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        }),
+        (Method::GET, ["v2", "health", "ready"]) => empty(if state.server.is_ready() {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        }),
         (Method::GET, ["v2"]) => json_resp(StatusCode::OK, &state.server.metadata()),
         (Method::GET, ["v2", "models", "stats"]) => result(state.server.statistics(None, None)),
         (Method::POST, ["v2", "repository", "index"]) => repository_index(&state, req).await,
@@ -128,19 +173,25 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
             let model = model.to_string();
             match (method, tail) {
                 (Method::GET, []) => result(state.server.model_metadata(&model, version)),
-                (Method::GET, ["ready"]) => {
-                    empty(if state.server.model_ready(&model, version) { StatusCode::OK } else { StatusCode::BAD_REQUEST })
-                }
+                (Method::GET, ["ready"]) => empty(if state.server.model_ready(&model, version) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                }),
                 (Method::GET, ["config"]) => result(state.server.model_config(&model, version)),
                 (Method::GET, ["stats"]) => result(state.server.statistics(Some(&model), version)),
                 (Method::POST, ["infer"]) => infer(&state, req, model, version).await,
-                (_, [] | ["ready"] | ["config"] | ["stats"] | ["infer"]) => {
-                    error_status(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed for {path}"))
-                }
+                (_, [] | ["ready"] | ["config"] | ["stats"] | ["infer"]) => error_status(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("method not allowed for {path}"),
+                ),
                 _ => error_status(StatusCode::NOT_FOUND, format!("unknown endpoint {path}")),
             }
         }
-        _ => error_status(StatusCode::NOT_FOUND, format!("unknown endpoint {} {path}", req.method())),
+        _ => error_status(
+            StatusCode::NOT_FOUND,
+            format!("unknown endpoint {} {path}", req.method()),
+        ),
     };
     maybe_compress(resp, accept.as_deref())
 }
@@ -153,14 +204,18 @@ fn result(r: Result<Value, CoreError>) -> Resp {
 }
 
 fn maybe_compress(resp: Resp, accept: Option<&str>) -> Resp {
-    let Some(coding) = accept.and_then(Coding::negotiate) else { return resp };
+    let Some(coding) = accept.and_then(Coding::negotiate) else {
+        return resp;
+    };
     let (mut parts, body) = resp.into_parts();
     let raw = body.concat();
     if raw.is_empty() {
         return Response::from_parts(parts, ChunkedBody::default());
     }
     let z = compress::compress(coding, &raw);
-    parts.headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.name()));
+    parts
+        .headers
+        .insert(CONTENT_ENCODING, HeaderValue::from_static(coding.name()));
     parts.headers.remove(CONTENT_LENGTH);
     Response::from_parts(parts, ChunkedBody::new(vec![Bytes::from(z)]))
 }
@@ -174,7 +229,11 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
         None => None,
         Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()) {
             Some(n) => Some(n),
-            None => return error(&CoreError::invalid("Inference-Header-Content-Length must be a non-negative integer")),
+            None => {
+                return error(&CoreError::invalid(
+                    "Inference-Header-Content-Length must be a non-negative integer",
+                ))
+            }
         },
     };
     let (request, enc) = match infer::decode(&model, version, body, header_len) {
@@ -194,7 +253,11 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
     match infer::encode(response, &enc) {
         Ok(encoded) => {
             if encoded.binary.is_empty() {
-                respond(StatusCode::OK, Some("application/json"), vec![Bytes::from(encoded.header)])
+                respond(
+                    StatusCode::OK,
+                    Some("application/json"),
+                    vec![Bytes::from(encoded.header)],
+                )
             } else {
                 let hl = encoded.header.len();
                 let mut chunks = vec![Bytes::from(encoded.header)];
@@ -240,7 +303,12 @@ async fn repository_index(state: &State, req: Request<Incoming>) -> Resp {
     json_resp(StatusCode::OK, &Value::Array(entries))
 }
 
-async fn repository_control(state: &State, req: Request<Incoming>, model: String, action: &str) -> Resp {
+async fn repository_control(
+    state: &State,
+    req: Request<Incoming>,
+    model: String,
+    action: &str,
+) -> Resp {
     let (_, body) = match read_body(state, req).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -261,8 +329,13 @@ async fn repository_control(state: &State, req: Request<Incoming>, model: String
             Some(Value::String(s)) => Some(s.clone()),
             Some(v) => Some(v.to_string()),
         };
-        if params.as_object().is_some_and(|p| p.keys().any(|k| k.starts_with("file:"))) {
-            return error(&CoreError::unsupported("loading model files through 'file:' parameters is not supported"));
+        if params
+            .as_object()
+            .is_some_and(|p| p.keys().any(|k| k.starts_with("file:")))
+        {
+            return error(&CoreError::unsupported(
+                "loading model files through 'file:' parameters is not supported",
+            ));
         }
         tokio::task::spawn_blocking(move || server.models().load(&model, config.as_deref())).await
     } else {
@@ -271,6 +344,8 @@ async fn repository_control(state: &State, req: Request<Incoming>, model: String
     match r {
         Ok(Ok(())) => empty(StatusCode::OK),
         Ok(Err(e)) => error(&e),
-        Err(e) => error(&CoreError::internal(format!("model {action} task failed: {e}"))),
+        Err(e) => error(&CoreError::internal(format!(
+            "model {action} task failed: {e}"
+        ))),
     }
 }

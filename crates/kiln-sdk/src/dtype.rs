@@ -149,7 +149,10 @@ mod tests {
         push_bytes_element(&mut buf, b"");
         push_bytes_element(&mut buf, &[0xff, 0]);
         let els: Vec<_> = bytes_elements(&buf).collect();
-        assert_eq!(els, vec![Some(&b"ab"[..]), Some(&b""[..]), Some(&[0xff, 0][..])]);
+        assert_eq!(
+            els,
+            vec![Some(&b"ab"[..]), Some(&b""[..]), Some(&[0xff, 0][..])]
+        );
         let truncated = &buf[..buf.len() - 1];
         assert_eq!(bytes_elements(truncated).last(), Some(None));
     }

@@ -57,7 +57,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An error with a code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error { code, message: message.into() }
+        Error {
+            code,
+            message: message.into(),
+        }
     }
     /// `INVALID_ARG`: the request is wrong.
     pub fn invalid_arg(message: impl Into<String>) -> Self {

@@ -29,22 +29,33 @@ impl<'a> Tensor<'a> {
     /// The elements as `T`, copied (works for any alignment).
     pub fn to_vec<T: bytemuck::Pod>(&self) -> Result<Vec<T>> {
         let size = std::mem::size_of::<T>();
-        if self.dtype.element_size() != Some(size) || self.data.len() % size != 0 {
+        if self.dtype.element_size() != Some(size) || !self.data.len().is_multiple_of(size) {
             return Err(Error::invalid_arg(format!(
                 "input '{}' of type {} cannot be read as {}-byte elements",
                 self.name, self.dtype, size
             )));
         }
-        Ok(self.data.chunks_exact(size).map(bytemuck::pod_read_unaligned).collect())
+        Ok(self
+            .data
+            .chunks_exact(size)
+            .map(bytemuck::pod_read_unaligned)
+            .collect())
     }
 
     /// The elements of a BYTES tensor.
     pub fn bytes_elements(&self) -> Result<Vec<&'a [u8]>> {
         if self.dtype != DataType::Bytes {
-            return Err(Error::invalid_arg(format!("input '{}' is not BYTES", self.name)));
+            return Err(Error::invalid_arg(format!(
+                "input '{}' is not BYTES",
+                self.name
+            )));
         }
         bytes_elements(self.data)
-            .map(|e| e.ok_or_else(|| Error::invalid_arg(format!("input '{}': malformed BYTES data", self.name))))
+            .map(|e| {
+                e.ok_or_else(|| {
+                    Error::invalid_arg(format!("input '{}': malformed BYTES data", self.name))
+                })
+            })
             .collect()
     }
 }
@@ -64,7 +75,10 @@ fn s<'a>(k: &KilnStr) -> &'a str {
 
 impl<'a> Request<'a> {
     pub(crate) fn new(view: &'a KilnRequestView) -> Self {
-        Request { view, finished: Cell::new(false) }
+        Request {
+            view,
+            finished: Cell::new(false),
+        }
     }
 
     pub(crate) fn handle(&self) -> *mut abi::KilnRequest {
@@ -122,7 +136,10 @@ impl<'a> Request<'a> {
         }
         // SAFETY: host guarantees the array.
         let names = unsafe {
-            std::slice::from_raw_parts(self.view.requested_outputs, self.view.requested_output_count)
+            std::slice::from_raw_parts(
+                self.view.requested_outputs,
+                self.view.requested_output_count,
+            )
         };
         names.iter().map(s).collect()
     }
@@ -147,7 +164,10 @@ impl<'a> Request<'a> {
         let mut resp = std::ptr::null_mut();
         // SAFETY: valid handle; the host writes the new response handle.
         host::check(unsafe { (h.response_new)(self.view.handle, &mut resp) })?;
-        Ok(Response { handle: resp, request: Some(self) })
+        Ok(Response {
+            handle: resp,
+            request: Some(self),
+        })
     }
 
     /// Concatenates input `name` of several requests along the batch dimension.
@@ -184,9 +204,22 @@ impl<'a> Request<'a> {
 fn tensor_from_view<'a>(v: &'a KilnTensorView) -> Option<Tensor<'a>> {
     let dtype = DataType::from_abi(v.dtype)?;
     // SAFETY: the host guarantees shape/data point to ndim / byte_len valid items.
-    let shape = if v.ndim == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(v.shape, v.ndim) } };
-    let data = if v.byte_len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(v.data, v.byte_len) } };
-    Some(Tensor { name: s(&v.name), dtype, shape, data })
+    let shape = if v.ndim == 0 {
+        &[][..]
+    } else {
+        unsafe { std::slice::from_raw_parts(v.shape, v.ndim) }
+    };
+    let data = if v.byte_len == 0 {
+        &[][..]
+    } else {
+        unsafe { std::slice::from_raw_parts(v.data, v.byte_len) }
+    };
+    Some(Tensor {
+        name: s(&v.name),
+        dtype,
+        shape,
+        data,
+    })
 }
 
 /// A response being built; outputs are written straight into the host's send buffers.
@@ -197,7 +230,13 @@ pub struct Response<'r> {
 
 impl Response<'_> {
     /// Allocates output `name` of `byte_len` bytes and returns the buffer to fill.
-    pub fn output(&mut self, name: &str, dtype: DataType, shape: &[i64], byte_len: usize) -> Result<&mut [u8]> {
+    pub fn output(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        shape: &[i64],
+        byte_len: usize,
+    ) -> Result<&mut [u8]> {
         let h = host::get()?;
         let mut buf = std::ptr::null_mut();
         let mut kind = abi::KILN_MEMORY_CPU;
@@ -226,14 +265,26 @@ impl Response<'_> {
     }
 
     /// Allocates and fills output `name` with a copy of `data`.
-    pub fn output_from<T: bytemuck::Pod>(&mut self, name: &str, dtype: DataType, shape: &[i64], data: &[T]) -> Result<()> {
+    pub fn output_from<T: bytemuck::Pod>(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        shape: &[i64],
+        data: &[T],
+    ) -> Result<()> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        self.output(name, dtype, shape, bytes.len())?.copy_from_slice(bytes);
+        self.output(name, dtype, shape, bytes.len())?
+            .copy_from_slice(bytes);
         Ok(())
     }
 
     /// Allocates and fills a BYTES output from its elements.
-    pub fn output_bytes<E: AsRef<[u8]>>(&mut self, name: &str, shape: &[i64], elements: &[E]) -> Result<()> {
+    pub fn output_bytes<E: AsRef<[u8]>>(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        elements: &[E],
+    ) -> Result<()> {
         let total: usize = elements.iter().map(|e| 4 + e.as_ref().len()).sum();
         let buf = self.output(name, DataType::Bytes, shape, total)?;
         let mut at = 0;
@@ -249,14 +300,24 @@ impl Response<'_> {
     /// Copies this request's slice of a batched output (`rows` starting at `first_row`,
     /// with `row_bytes` per batch item) into output `name`.
     #[allow(clippy::too_many_arguments)]
-    pub fn scatter_from(&mut self, name: &str, dtype: DataType, item_shape: &[i64], batched: &[u8], first_row: usize, rows: usize, row_bytes: usize) -> Result<()> {
+    pub fn scatter_from(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        item_shape: &[i64],
+        batched: &[u8],
+        first_row: usize,
+        rows: usize,
+        row_bytes: usize,
+    ) -> Result<()> {
         let mut shape = Vec::with_capacity(item_shape.len() + 1);
         shape.push(rows as i64);
         shape.extend_from_slice(item_shape);
         let src = batched
             .get(first_row * row_bytes..(first_row + rows) * row_bytes)
             .ok_or_else(|| Error::internal(format!("batched output '{name}' is too short")))?;
-        self.output(name, dtype, &shape, src.len())?.copy_from_slice(src);
+        self.output(name, dtype, &shape, src.len())?
+            .copy_from_slice(src);
         Ok(())
     }
 
@@ -285,7 +346,9 @@ impl Response<'_> {
 impl Drop for Response<'_> {
     fn drop(&mut self) {
         if !self.handle.is_null() {
-            let _ = self.finish(host::to_abi_error(&Error::internal("backend dropped a response without sending it")));
+            let _ = self.finish(host::to_abi_error(&Error::internal(
+                "backend dropped a response without sending it",
+            )));
         }
     }
 }

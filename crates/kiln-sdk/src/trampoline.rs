@@ -2,7 +2,9 @@
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kiln_abi::{self as abi, KilnError, KilnHostApi, KilnInstanceInfo, KilnModelInfo, KilnRequestView};
+use kiln_abi::{
+    self as abi, KilnError, KilnHostApi, KilnInstanceInfo, KilnModelInfo, KilnRequestView,
+};
 
 use crate::error::{Error, Result};
 use crate::request::Request;
@@ -22,7 +24,10 @@ fn guard(f: impl FnOnce() -> Result<()>) -> *mut KilnError {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => std::ptr::null_mut(),
         Ok(Err(e)) => host::to_abi_error(&e),
-        Err(p) => host::to_abi_error(&Error::internal(format!("backend panicked: {}", panic_message(&p)))),
+        Err(p) => host::to_abi_error(&Error::internal(format!(
+            "backend panicked: {}",
+            panic_message(&p)
+        ))),
     }
 }
 
@@ -43,9 +48,14 @@ fn text(k: &abi::KilnStr) -> String {
 
 /// # Safety
 /// Called by the host with a `'static` host table and a valid out pointer.
-pub unsafe extern "C" fn backend_init<B: Backend>(h: *const KilnHostApi, state: *mut *mut c_void) -> *mut KilnError {
+pub unsafe extern "C" fn backend_init<B: Backend>(
+    h: *const KilnHostApi,
+    state: *mut *mut c_void,
+) -> *mut KilnError {
     // SAFETY: the host table lives for the whole process.
-    let Some(hr) = (unsafe { h.as_ref() }) else { return std::ptr::null_mut() };
+    let Some(hr) = (unsafe { h.as_ref() }) else {
+        return std::ptr::null_mut();
+    };
     if hr.header.magic != abi::KILN_ABI_MAGIC || hr.header.abi_major != abi::KILN_ABI_MAJOR {
         // Cannot even allocate an error through an unknown host; refuse by leaving state null.
         return std::ptr::null_mut();
@@ -73,7 +83,11 @@ pub unsafe extern "C" fn backend_fini<B: Backend>(state: *mut c_void) -> *mut Ki
 
 /// # Safety
 /// Valid backend state and info pointers.
-pub unsafe extern "C" fn model_init<B: Backend>(backend: *mut c_void, info: *const KilnModelInfo, state: *mut *mut c_void) -> *mut KilnError {
+pub unsafe extern "C" fn model_init<B: Backend>(
+    backend: *mut c_void,
+    info: *const KilnModelInfo,
+    state: *mut *mut c_void,
+) -> *mut KilnError {
     guard(|| {
         // SAFETY: pointers from the host, valid for the call.
         let (b, i) = unsafe { (&*(backend as *const B), &*info) };
@@ -104,7 +118,11 @@ pub unsafe extern "C" fn model_fini<B: Backend>(model: *mut c_void) -> *mut Kiln
 
 /// # Safety
 /// Valid model state and info pointers.
-pub unsafe extern "C" fn instance_init<B: Backend>(model: *mut c_void, info: *const KilnInstanceInfo, state: *mut *mut c_void) -> *mut KilnError {
+pub unsafe extern "C" fn instance_init<B: Backend>(
+    model: *mut c_void,
+    info: *const KilnInstanceInfo,
+    state: *mut *mut c_void,
+) -> *mut KilnError {
     guard(|| {
         // SAFETY: pointers from the host.
         let (m, i) = unsafe { (&*(model as *const ModelOf<B>), &*info) };
@@ -113,9 +131,17 @@ pub unsafe extern "C" fn instance_init<B: Backend>(model: *mut c_void, info: *co
             abi::KILN_INSTANCE_MODEL => InstanceKind::Model,
             _ => InstanceKind::Cpu,
         };
-        let ii = InstanceInfo { name: text(&i.name), kind, index: i.index };
+        let ii = InstanceInfo {
+            name: text(&i.name),
+            kind,
+            index: i.index,
+        };
         let inst = m.new_instance(&ii)?;
-        let cell: InstanceCell<B> = InstanceCell { model: m, info: ii, instance: Some(inst) };
+        let cell: InstanceCell<B> = InstanceCell {
+            model: m,
+            info: ii,
+            instance: Some(inst),
+        };
         // SAFETY: out pointer from the host.
         unsafe { *state = Box::into_raw(Box::new(cell)) as *mut c_void };
         Ok(())
@@ -136,10 +162,18 @@ pub unsafe extern "C" fn instance_fini<B: Backend>(instance: *mut c_void) -> *mu
 
 /// # Safety
 /// `instance` came from `instance_init::<B>`; `requests` points to `count` views.
-pub unsafe extern "C" fn instance_execute<B: Backend>(instance: *mut c_void, requests: *const KilnRequestView, count: usize) -> *mut KilnError {
+pub unsafe extern "C" fn instance_execute<B: Backend>(
+    instance: *mut c_void,
+    requests: *const KilnRequestView,
+    count: usize,
+) -> *mut KilnError {
     // SAFETY: host guarantees exclusive access to the instance during execute.
     let cell = unsafe { &mut *(instance as *mut InstanceCell<B>) };
-    let views = if count == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(requests, count) } };
+    let views = if count == 0 {
+        &[][..]
+    } else {
+        unsafe { std::slice::from_raw_parts(requests, count) }
+    };
     let reqs: Vec<Request<'_>> = views.iter().map(Request::new).collect();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let inst = match cell.instance.as_mut() {
@@ -160,18 +194,26 @@ pub unsafe extern "C" fn instance_execute<B: Backend>(instance: *mut c_void, req
             // and create a new one before the next batch.
             let old = cell.instance.take();
             let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
-            Some(Error::internal(format!("backend panicked: {}", panic_message(&p))))
+            Some(Error::internal(format!(
+                "backend panicked: {}",
+                panic_message(&p)
+            )))
         }
     };
     // Answer and release every request; the SDK owns them after a successful return.
-    let Ok(h) = host::get() else { return std::ptr::null_mut() };
+    let Ok(h) = host::get() else {
+        return std::ptr::null_mut();
+    };
     for r in &reqs {
         if !r.finished.get() {
-            let e = err.clone().unwrap_or_else(|| Error::internal("backend returned no response for the request"));
+            let e = err
+                .clone()
+                .unwrap_or_else(|| Error::internal("backend returned no response for the request"));
             let _ = r.response().and_then(|resp| resp.send_error(e));
         }
         // SAFETY: each request handle is released exactly once here.
-        let _ = host::check(unsafe { (h.request_release)(r.handle(), abi::KILN_REQUEST_RELEASE_ALL) });
+        let _ =
+            host::check(unsafe { (h.request_release)(r.handle(), abi::KILN_REQUEST_RELEASE_ALL) });
     }
     std::ptr::null_mut()
 }

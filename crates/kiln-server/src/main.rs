@@ -72,13 +72,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -90,24 +91,37 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let level = if args.log_verbose > 0 { "debug" } else { "info" };
+    let level = if args.log_verbose > 0 {
+        "debug"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let repo = args
-        .model_repository
-        .canonicalize()
-        .with_context(|| format!("model repository '{}' not found", args.model_repository.display()))?;
+    let repo = args.model_repository.canonicalize().with_context(|| {
+        format!(
+            "model repository '{}' not found",
+            args.model_repository.display()
+        )
+    })?;
     let opts = ServerOptions {
         repository: RepositoryOptions {
             repository: repo,
-            backend_directory: args.backend_directory.clone().unwrap_or_else(default_backend_dir),
+            backend_directory: args
+                .backend_directory
+                .clone()
+                .unwrap_or_else(default_backend_dir),
             control_mode: match args.model_control_mode {
                 Mode::None => ControlMode::None,
                 Mode::Explicit => ControlMode::Explicit,
@@ -125,18 +139,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     if args.allow_http {
-        let addr: SocketAddr = format!("{}:{}", args.http_address, args.http_port).parse().context("invalid --http-address")?;
-        let listener = kiln_http::bind(addr).await.with_context(|| format!("cannot bind HTTP on {addr}"))?;
+        let addr: SocketAddr = format!("{}:{}", args.http_address, args.http_port)
+            .parse()
+            .context("invalid --http-address")?;
+        let listener = kiln_http::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind HTTP on {addr}"))?;
         tracing::info!("Started HTTPService at {}", listener.local_addr()?);
         let mut rx = stop_rx.clone();
         let s = server.clone();
-        let http_opts = kiln_http::HttpOptions { max_input_size: args.http_max_input_size };
+        let http_opts = kiln_http::HttpOptions {
+            max_input_size: args.http_max_input_size,
+        };
         tasks.push(tokio::spawn(async move {
-            kiln_http::serve(listener, s, http_opts, async move { let _ = rx.changed().await; }, grace).await
+            kiln_http::serve(
+                listener,
+                s,
+                http_opts,
+                async move {
+                    let _ = rx.changed().await;
+                },
+                grace,
+            )
+            .await
         }));
     }
     shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests (up to {}s)", args.exit_timeout_secs);
+    tracing::info!(
+        "shutting down: finishing in-flight requests (up to {}s)",
+        args.exit_timeout_secs
+    );
     server.begin_shutdown();
     let _ = stop_tx.send(true);
     for t in tasks {

@@ -6,7 +6,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kiln_sdk::{export_backend, Backend, Error, Instance, InstanceInfo, Model, ModelInfo, Request, Response, Result};
+use kiln_sdk::{
+    export_backend, Backend, Error, Instance, InstanceInfo, Model, ModelInfo, Request, Response,
+    Result,
+};
 
 struct Faulty;
 struct FaultyModel {
@@ -24,12 +27,19 @@ impl Backend for Faulty {
         Ok(Faulty)
     }
     fn load_model(&self, info: &ModelInfo) -> Result<FaultyModel> {
-        let cfg: serde_json::Value = serde_json::from_str(&info.config_json).map_err(|e| Error::internal(e.to_string()))?;
-        let fail_in = cfg["parameters"]["fail_in"]["string_value"].as_str().unwrap_or("").to_string();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&info.config_json).map_err(|e| Error::internal(e.to_string()))?;
+        let fail_in = cfg["parameters"]["fail_in"]["string_value"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         if fail_in == "model_init" {
             panic!("faulty backend: panic in model_init");
         }
-        Ok(FaultyModel { fail_in, panicked_once: Arc::new(AtomicBool::new(false)) })
+        Ok(FaultyModel {
+            fail_in,
+            panicked_once: Arc::new(AtomicBool::new(false)),
+        })
     }
 }
 
@@ -39,7 +49,10 @@ impl Model for FaultyModel {
         if self.fail_in == "instance_init" {
             panic!("faulty backend: panic in instance_init");
         }
-        Ok(FaultyInstance { fail_in: self.fail_in.clone(), panicked_once: self.panicked_once.clone() })
+        Ok(FaultyInstance {
+            fail_in: self.fail_in.clone(),
+            panicked_once: self.panicked_once.clone(),
+        })
     }
 }
 
@@ -65,7 +78,9 @@ impl Instance for FaultyInstance {
 
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
         let t = request.require_input("INPUT0")?;
-        response.output("OUTPUT0", t.dtype, t.shape, t.data.len())?.copy_from_slice(t.data);
+        response
+            .output("OUTPUT0", t.dtype, t.shape, t.data.len())?
+            .copy_from_slice(t.data);
         Ok(())
     }
 }

@@ -1,0 +1,92 @@
+"""cargo xtask bench: Triton's perf_analyzer against Kiln, one server, one run.
+
+Prints throughput, p50/p99 latency and Kiln's CPU time per inference (utime+stime from
+/proc over the measurement, divided by the inferences the server counted) per model and
+concurrency, and the dynamic batcher's effect at concurrency 16."""
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import requests
+
+DIST = os.environ["KILN_DIST"]
+REPO = os.environ["KILN_REPO"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def start():
+    p = subprocess.Popen([os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        m = re.search(r"Started HTTPService at \S+:(\d+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+            return p, int(m.group(1))
+    raise SystemExit("kiln did not start")
+
+
+def cpu_seconds(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def inferences(port, model):
+    s = requests.get(f"http://localhost:{port}/v2/models/{model}/stats").json()["model_stats"][0]
+    return s["inference_count"]
+
+
+def run(pa, port, pid, model, conc, shape=None, seconds_ms=3000):
+    out = tempfile.mktemp(suffix=".csv")
+    cmd = [pa, "-m", model, "-u", f"localhost:{port}", "-i", "http", "--concurrency-range", f"{conc}:{conc}",
+           "--measurement-interval", str(seconds_ms), "-f", out, "--percentile", "99"]
+    if shape:
+        cmd += ["--shape", shape]
+    c0, n0 = cpu_seconds(pid), inferences(port, model)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    c1, n1 = cpu_seconds(pid), inferences(port, model)
+    if p.returncode != 0:
+        return {"error": (p.stdout + p.stderr)[-400:]}
+    row = next(csv.DictReader(open(out)))
+    os.unlink(out)
+    # perf_analyzer's CSV: p50/p99 client latency in usec.
+    return {
+        "thr": float(row["Inferences/Second"]),
+        "p50": float(row["p50 latency"]) / 1000,
+        "p99": float(row["p99 latency"]) / 1000,
+        "cpu_us": (c1 - c0) * 1e6 / max(1, n1 - n0),
+    }
+
+
+def main():
+    pa = shutil.which("perf_analyzer", path=os.path.dirname(sys.executable))
+    if not pa:
+        raise SystemExit("perf_analyzer not found in the venv")
+    proc, port = start()
+    try:
+        print(f"{'model':22} {'proto':5} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/inf':>10}")
+        results = {}
+        for model, shape in [("identity_fp32", "INPUT0:16"), ("simple", None), ("simple_dynamic_batch", None)]:
+            concs = [16] if model == "simple_dynamic_batch" else [1, 4, 16]
+            for c in concs:
+                r = run(pa, port, proc.pid, model, c, shape)
+                results[(model, c)] = r
+                if "error" in r:
+                    print(f"{model:22} http  {c:>4} ERROR {r['error']}")
+                else:
+                    print(f"{model:22} http  {c:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
+        a, b = results.get(("simple_dynamic_batch", 16), {}), results.get(("simple", 16), {})
+        if "thr" in a and "thr" in b:
+            print(f"dynamic batcher at c16: {a['thr'] / b['thr']:.2f}x throughput of simple "
+                  f"(simple_dynamic_batch has max_queue_delay 100 ms, preferred [4, 8])")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Starts the kiln binary laid out by `cargo xtask build` for the tritonclient suite."""
+import os
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+DIST = os.environ.get("KILN_DIST", os.path.join(os.path.dirname(__file__), "..", "..", "target", "kiln"))
+REPO = os.environ.get("KILN_REPO", os.path.join(os.path.dirname(__file__), "..", "..", "model_repository"))
+
+
+class Kiln:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.port = None
+        deadline = time.time() + 30
+        for line in self.proc.stdout:
+            m = re.search(r"Started HTTPService at \S+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if time.time() > deadline:
+                break
+        assert self.port, "kiln did not start"
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.url = f"localhost:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def kiln():
+    k = Kiln()
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="session")
+def kiln_explicit():
+    k = Kiln("--model-control-mode", "explicit", "--load-model", "simple", "--http-max-input-size", "4096")
+    yield k
+    k.stop()
