@@ -310,3 +310,12 @@ def test_concurrent_clients_all_correct(kiln):
         return (r.as_numpy("OUTPUT0") == 2 * k).all()
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         assert all(ex.map(one, range(64)))
+
+
+def test_settings_and_shared_memory_status(client):
+    assert client.get_log_settings()["log_info"] is True
+    assert client.get_trace_settings()["trace_level"] == ["OFF"]
+    assert client.get_system_shared_memory_status() == []
+    client.unregister_system_shared_memory()
+    with pytest.raises(InferenceServerException, match="not supported"):
+        client.register_system_shared_memory("r", "/kiln_test", 64)

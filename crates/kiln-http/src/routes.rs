@@ -157,6 +157,32 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         (Method::GET, ["v2"]) => json_resp(StatusCode::OK, &state.server.metadata()),
         (Method::GET, ["v2", "models", "stats"]) => result(state.server.statistics(None, None)),
         (Method::POST, ["v2", "repository", "index"]) => repository_index(&state, req).await,
+        (Method::GET, ["v2", "logging"]) => json_resp(StatusCode::OK, &log_settings()),
+        (Method::GET, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
+            json_resp(StatusCode::OK, &trace_settings())
+        }
+        (
+            Method::POST,
+            ["v2", "logging"]
+            | ["v2", "trace", "setting"]
+            | ["v2", "models", _, "trace", "setting"],
+        ) => error(&CoreError::unsupported(
+            "changing log or trace settings at run time is not supported by this server",
+        )),
+        (Method::GET, ["v2", "systemsharedmemory" | "cudasharedmemory", "status"]) => {
+            json_resp(StatusCode::OK, &json!([]))
+        }
+        (Method::POST, ["v2", "systemsharedmemory" | "cudasharedmemory", "unregister"])
+        | (
+            Method::POST,
+            ["v2", "systemsharedmemory" | "cudasharedmemory", "region", _, "unregister"],
+        ) => empty(StatusCode::OK),
+        (
+            Method::POST,
+            ["v2", "systemsharedmemory" | "cudasharedmemory", "region", _, "register"],
+        ) => error(&CoreError::unsupported(
+            "shared memory is not supported by this server",
+        )),
         (Method::POST, ["v2", "repository", "models", model, action @ ("load" | "unload")]) => {
             let (model, action) = (model.to_string(), action.to_string());
             repository_control(&state, req, model, &action).await
@@ -194,6 +220,18 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         ),
     };
     maybe_compress(resp, accept.as_deref())
+}
+
+/// Triton's `GET /v2/logging` answer for the settings Kiln runs with.
+fn log_settings() -> Value {
+    json!({"log_file": "", "log_info": true, "log_warning": true, "log_error": true,
+           "log_verbose_level": 0, "log_format": "default"})
+}
+
+/// Triton's `GET /v2/trace/setting` answer: tracing is off.
+fn trace_settings() -> Value {
+    json!({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0",
+           "trace_file": "", "trace_mode": "triton"})
 }
 
 fn result(r: Result<Value, CoreError>) -> Resp {
