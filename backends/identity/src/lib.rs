@@ -66,14 +66,7 @@ impl Instance for IdentityInstance {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
-        for request in requests {
-            let mut response = request.response()?;
-            match self.infer(request, &mut response) {
-                Ok(()) => response.send()?,
-                Err(e) => response.send_error(e)?,
-            }
-        }
-        Ok(())
+        kiln_sdk::infer_each(self, requests)
     }
 
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {

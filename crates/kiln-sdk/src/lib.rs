@@ -94,15 +94,21 @@ pub trait Instance: Send + Sized + 'static {
     /// (see [`Request::gather`] and [`Response::scatter_from`]). Every request that has
     /// no final response when this returns is answered by the SDK with an error.
     fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
-        for request in requests {
-            let mut response = request.response()?;
-            match self.infer(request, &mut response) {
-                Ok(()) => response.send()?,
-                Err(e) => response.send_error(e)?,
-            }
-        }
-        Ok(())
+        infer_each(self, requests)
     }
+}
+
+/// Answers each request with [`Instance::infer`]; an error fails only that request.
+/// This is the default `execute`; overrides that do extra work per batch call it too.
+pub fn infer_each<I: Instance>(instance: &mut I, requests: &[Request<'_>]) -> Result<()> {
+    for request in requests {
+        let mut response = request.response()?;
+        match instance.infer(request, &mut response) {
+            Ok(()) => response.send()?,
+            Err(e) => response.send_error(e)?,
+        }
+    }
+    Ok(())
 }
 
 #[doc(hidden)]

@@ -66,14 +66,7 @@ impl Instance for FaultyInstance {
             "execute_error" => return Err(Error::internal("faulty backend: execute failed")),
             _ => {}
         }
-        for r in requests {
-            let mut resp = r.response()?;
-            match self.infer(r, &mut resp) {
-                Ok(()) => resp.send()?,
-                Err(e) => resp.send_error(e)?,
-            }
-        }
-        Ok(())
+        kiln_sdk::infer_each(self, requests)
     }
 
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
