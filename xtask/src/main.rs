@@ -42,14 +42,22 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 /// The directory `build` lays out.
 pub fn dist() -> PathBuf {
-    root().join("target").join("kiln")
+    target_dir().join("kiln")
 }
 
 fn build() -> Result<PathBuf> {
     let root = root();
-    let target = root.join("target");
+    let target = target_dir();
     let mut c = cargo();
     c.current_dir(&root)
         .args(["build", "--release", "-p", "kiln-server"]);
