@@ -194,11 +194,9 @@ impl Scheduler {
                     }
                     return Some(batch);
                 }
-                Decision::WaitUntil(t) if st.closed => {
-                    let _ = t;
-                    let n = st.queue.len().min(1);
-                    let batch: Vec<Pending> = st.queue.drain(..n).collect();
-                    return Some(batch);
+                // Closing: no more requests will arrive to fill the batch; drain one at a time.
+                Decision::WaitUntil(_) if st.closed => {
+                    return st.queue.pop_front().map(|p| vec![p])
                 }
                 Decision::WaitUntil(t) => {
                     let wait = t.saturating_duration_since(now);
