@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/model_config.proto"];
+    let protos = ["proto/model_config.proto", "proto/grpc_service.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -11,6 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let encoded = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("descriptor_set.bin"), encoded)?;
-    prost_build::Config::new().compile_fds(fds)?;
+    prost_build::Config::new()
+        // Tensor payloads (raw_input_contents, ...) become `bytes::Bytes`: slices of the
+        // received buffer instead of copies.
+        .bytes(["."])
+        .compile_fds(fds)?;
     Ok(())
 }

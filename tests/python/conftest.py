@@ -14,21 +14,24 @@ REPO = os.environ.get("KILN_REPO", os.path.join(os.path.dirname(__file__), "..",
 class Kiln:
     def __init__(self, *args):
         self.proc = subprocess.Popen(
-            [os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0", *args],
+            [os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0",
+             "--grpc-port", "0", "--metrics-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.port = None
+        self.port = self.grpc_port = None
         deadline = time.time() + 30
         for line in self.proc.stdout:
-            m = re.search(r"Started HTTPService at \S+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
+            m = re.search(r"Started (HTTPService|GRPCInferenceService) at \S+:(\d+)", line)
+            if m and m.group(1) == "HTTPService":
+                self.port = int(m.group(2))
+            elif m:
+                self.grpc_port = int(m.group(2))
+            if (self.port and self.grpc_port) or time.time() > deadline:
                 break
-            if time.time() > deadline:
-                break
-        assert self.port, "kiln did not start"
+        assert self.port and self.grpc_port, "kiln did not start"
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
         self.url = f"localhost:{self.port}"
+        self.grpc_url = f"localhost:{self.grpc_port}"
 
     def stop(self):
         self.proc.terminate()

@@ -29,6 +29,8 @@ pub fn have_dist() -> bool {
 pub struct Kiln {
     pub child: Child,
     pub port: u16,
+    /// gRPC port (0 when started with `--allow-grpc false`).
+    pub grpc_port: u16,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -39,7 +41,14 @@ impl Kiln {
         let mut child = Command::new(dist().join("kiln"))
             .arg("--model-repository")
             .arg(repo)
-            .args(["--http-port", "0"])
+            .args([
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -53,24 +62,32 @@ impl Kiln {
                 let _ = tx.send(line);
             }
         });
+        let want_grpc = !extra.contains(&"--allow-grpc");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        let (mut port, mut grpc_port) = (0, 0);
+        let port_of = |addr: &str| -> u16 {
+            addr.trim()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port")
+        };
+        while port == 0 || (want_grpc && grpc_port == 0) {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
                 .expect("kiln did not start");
             if let Some(addr) = line.split("Started HTTPService at ").nth(1) {
-                let port = addr
-                    .trim()
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .expect("port");
-                return Kiln {
-                    child,
-                    port,
-                    log: rx,
-                };
+                port = port_of(addr);
             }
+            if let Some(addr) = line.split("Started GRPCInferenceService at ").nth(1) {
+                grpc_port = port_of(addr);
+            }
+        }
+        Kiln {
+            child,
+            port,
+            grpc_port,
+            log: rx,
         }
     }
 

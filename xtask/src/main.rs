@@ -15,8 +15,11 @@ use std::process::{Command, ExitStatus};
 use anyhow::{bail, Context, Result};
 
 /// Backends built from the root workspace: (package, library stem).
-const WORKSPACE_BACKENDS: &[(&str, &str)] =
-    &[("identity", "identity"), ("kiln-faulty-backend", "faulty")];
+const WORKSPACE_BACKENDS: &[(&str, &str)] = &[
+    ("identity", "identity"),
+    ("repeat", "repeat"),
+    ("kiln-faulty-backend", "faulty"),
+];
 /// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).
 const EXTERNAL_BACKENDS: &[(&str, &str)] = &[("backends/simple_math", "simple_math")];
 

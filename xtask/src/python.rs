@@ -9,7 +9,7 @@ use crate::run;
 
 /// Pinned so the suite is reproducible; 2.41.1's manylinux wheel carries perf_analyzer.
 const PACKAGES: &[&str] = &[
-    "tritonclient[http]==2.41.1",
+    "tritonclient[http,grpc]==2.41.1",
     "numpy<2.3",
     "pytest==8.3.4",
     "requests==2.32.3",

@@ -125,6 +125,14 @@ impl ModelShared {
         })
     }
 
+    /// Whether the model may send any number of responses per request.
+    pub fn is_decoupled(&self) -> bool {
+        self.config
+            .model_transaction_policy
+            .as_ref()
+            .is_some_and(|p| p.decoupled)
+    }
+
     /// Checks a request against the config. Returns its batch size and the non-batch
     /// shapes of its inputs (the dynamic batcher merges only equal ones).
     pub fn validate(&self, req: &InferRequest) -> CoreResult<(u64, Vec<Vec<i64>>)> {

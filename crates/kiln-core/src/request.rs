@@ -72,6 +72,57 @@ impl InferRequest {
             arrival: Instant::now(),
         }
     }
+
+    /// Takes the parameters Triton reserves (`sequence_id`, `sequence_start`,
+    /// `sequence_end`, `priority`, `timeout`) out of `params` into the request's fields and
+    /// keeps the rest as [`InferRequest::parameters`]. Every front end decodes through this.
+    pub fn set_parameters(
+        &mut self,
+        mut params: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), CoreError> {
+        use serde_json::Value;
+        let uint = |k: &str, v: &Value| {
+            v.as_u64().ok_or_else(|| {
+                CoreError::invalid(format!(
+                    "parameter '{k}' must be a non-negative integer, got {v}"
+                ))
+            })
+        };
+        let boolean = |k: &str, v: &Value| {
+            v.as_bool().ok_or_else(|| {
+                CoreError::invalid(format!("parameter '{k}' must be a boolean, got {v}"))
+            })
+        };
+        if let Some(v) = params.remove("sequence_id") {
+            self.correlation_id = match &v {
+                // Triton accepts string correlation ids; Kiln's sequences are numeric.
+                Value::String(s) => s.parse().map_err(|_| {
+                    CoreError::invalid(format!(
+                        "parameter 'sequence_id' must be an unsigned integer, got {v}"
+                    ))
+                })?,
+                _ => uint("sequence_id", &v)?,
+            };
+        }
+        if let Some(v) = params.remove("sequence_start") {
+            if boolean("sequence_start", &v)? {
+                self.flags |= 1;
+            }
+        }
+        if let Some(v) = params.remove("sequence_end") {
+            if boolean("sequence_end", &v)? {
+                self.flags |= 2;
+            }
+        }
+        if let Some(v) = params.remove("priority") {
+            self.priority = uint("priority", &v)?;
+        }
+        if let Some(v) = params.remove("timeout") {
+            self.timeout_us = uint("timeout", &v)?;
+        }
+        self.parameters = params;
+        Ok(())
+    }
 }
 
 /// One output tensor of a response; `data` is the buffer the backend wrote into.
@@ -111,5 +162,18 @@ pub enum ResponseEvent {
     Final,
 }
 
+impl ResponseEvent {
+    /// Whether no more events follow this one.
+    pub fn is_final(&self) -> bool {
+        match self {
+            ResponseEvent::Response { last, .. } => *last,
+            ResponseEvent::Error(_) | ResponseEvent::Final => true,
+        }
+    }
+}
+
 /// Where responses for one request go.
 pub type ResponseSink = tokio::sync::mpsc::UnboundedSender<ResponseEvent>;
+
+/// The receiving end of a request's responses.
+pub type ResponseStream = tokio::sync::mpsc::UnboundedReceiver<ResponseEvent>;

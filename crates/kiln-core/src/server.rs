@@ -2,12 +2,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use kiln_proto::inference::ModelConfig;
+use serde_json::{json, Map, Value};
 
 use crate::error::{CoreError, CoreResult};
 use crate::model::ModelVersion;
 use crate::repository::{ControlMode, ModelManager, RepositoryOptions};
-use crate::request::{InferRequest, InferResponse, ResponseEvent};
+use crate::request::{InferRequest, InferResponse, ResponseEvent, ResponseStream};
 
 /// Server-wide options.
 #[derive(Debug, Clone)]
@@ -162,31 +163,120 @@ impl Server {
         Ok(json!({"model_stats": stats}))
     }
 
-    /// Runs one (non-decoupled) inference and waits for its final response.
-    pub async fn infer(&self, request: InferRequest) -> CoreResult<InferResponse> {
+    /// Submits a request and returns the stream its responses arrive on (any number of
+    /// responses for a decoupled model; the last event is final).
+    pub fn infer_stream(&self, request: InferRequest) -> CoreResult<ResponseStream> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(CoreError::unavailable(
                 "Server is shutting down and accepts no new requests",
             ));
         }
         let mv = self.model(&request.model_name, request.model_version)?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         mv.submit(request, tx)?;
-        let mut last_response = None;
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                ResponseEvent::Response { response, last } => {
-                    if last {
-                        return Ok(response);
-                    }
-                    last_response = Some(response);
-                }
-                ResponseEvent::Error(e) => return Err(e),
-                ResponseEvent::Final => break,
-            }
+        Ok(rx)
+    }
+
+    /// Runs one inference on a model that is not decoupled and waits for its response.
+    /// `endpoint` names the caller in the error for decoupled models.
+    pub async fn infer(&self, request: InferRequest, endpoint: &str) -> CoreResult<InferResponse> {
+        let mv = self.model(&request.model_name, request.model_version)?;
+        if mv.shared.is_decoupled() {
+            return Err(CoreError::unsupported(format!(
+                "{endpoint} doesn't support models with decoupled transaction policy"
+            )));
         }
-        last_response
-            .ok_or_else(|| CoreError::internal("the model finished the request without a response"))
+        let mut rx = self.infer_stream(request)?;
+        match rx.recv().await {
+            Some(ResponseEvent::Response { response, .. }) => Ok(response),
+            Some(ResponseEvent::Error(e)) => Err(e),
+            Some(ResponseEvent::Final) | None => Err(CoreError::internal(
+                "the model finished the request without a response",
+            )),
+        }
+    }
+
+    /// The model's configuration as the protobuf message.
+    pub fn model_config_proto(&self, name: &str, version: Option<i64>) -> CoreResult<ModelConfig> {
+        Ok(self.model(name, version)?.shared.config.clone())
+    }
+
+    /// Loads (or reloads) a model on a client's request. `params` are the request's
+    /// parameters (`config` overrides the model's config.pbtxt with JSON). Blocks.
+    pub fn repository_load(&self, name: &str, params: &Map<String, Value>) -> CoreResult<()> {
+        self.check_explicit()?;
+        if params.keys().any(|k| k.starts_with("file:")) {
+            return Err(CoreError::unsupported(
+                "loading model files through 'file:' parameters is not supported",
+            ));
+        }
+        let config = match params.get("config") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => Some(v.to_string()),
+        };
+        self.models.load(name, config.as_deref())
+    }
+
+    /// Unloads a model on a client's request. Blocks until its in-flight work is done.
+    pub fn repository_unload(&self, name: &str) -> CoreResult<()> {
+        self.check_explicit()?;
+        self.models.unload(name)
+    }
+
+    fn check_explicit(&self) -> CoreResult<()> {
+        if self.explicit_control() {
+            Ok(())
+        } else {
+            Err(CoreError::unavailable(
+                "explicit model load / unload is not allowed if model control mode is not EXPLICIT (start with --model-control-mode=explicit)",
+            ))
+        }
+    }
+
+    /// Triton's repository index as JSON: every model (only ready versions if
+    /// `ready_only`) with its version, state and the reason it is not ready.
+    pub fn repository_index(&self, ready_only: bool) -> Value {
+        let entries: Vec<Value> = self
+            .models
+            .index(ready_only)
+            .into_iter()
+            .map(|e| {
+                let mut m = Map::new();
+                m.insert("name".into(), json!(e.name));
+                if let Some(v) = e.version {
+                    m.insert("version".into(), json!(v.to_string()));
+                }
+                if let Some(s) = e.state {
+                    m.insert("state".into(), json!(s));
+                }
+                if !e.reason.is_empty() {
+                    m.insert("reason".into(), json!(e.reason));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        Value::Array(entries)
+    }
+
+    /// Counts a request that could not be decoded as a failure of its model (if the
+    /// model exists), as Triton does.
+    pub fn record_malformed(&self, name: &str, version: Option<i64>) {
+        if let Ok(mv) = self.model(name, version) {
+            mv.shared.stats.record_failure(std::time::Duration::ZERO);
+        }
+    }
+
+    /// Triton's log settings, as Kiln runs with them (read-only).
+    pub fn log_settings(&self) -> Value {
+        json!({"log_file": "", "log_info": true, "log_warning": true, "log_error": true,
+               "log_verbose_level": 0, "log_format": "default"})
+    }
+
+    /// Triton's trace settings: tracing is off (read-only).
+    pub fn trace_settings(&self) -> Value {
+        json!({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1",
+               "log_frequency": "0", "trace_file": "", "trace_mode": "triton"})
     }
 
     /// Whether load/unload requests are allowed.

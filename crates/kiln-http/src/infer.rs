@@ -95,29 +95,7 @@ pub fn decode(
     let mut params = header.parameters.unwrap_or_default();
     let default_binary = param_bool(&params, "binary_data_output")?.unwrap_or(false);
     params.remove("binary_data_output");
-    if let Some(s) = params.get("sequence_id") {
-        req.correlation_id = s
-            .as_u64()
-            .ok_or_else(|| bad("parameter 'sequence_id' must be an unsigned integer"))?;
-    }
-    if param_bool(&params, "sequence_start")?.unwrap_or(false) {
-        req.flags |= 1;
-    }
-    if param_bool(&params, "sequence_end")?.unwrap_or(false) {
-        req.flags |= 2;
-    }
-    req.priority = param_u64(&params, "priority")?.unwrap_or(0);
-    req.timeout_us = param_u64(&params, "timeout")?.unwrap_or(0);
-    for k in [
-        "sequence_id",
-        "sequence_start",
-        "sequence_end",
-        "priority",
-        "timeout",
-    ] {
-        params.remove(k);
-    }
-    req.parameters = params;
+    req.set_parameters(params)?;
 
     let mut offset = hl;
     for input in header.inputs {

@@ -157,9 +157,9 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         (Method::GET, ["v2"]) => json_resp(StatusCode::OK, &state.server.metadata()),
         (Method::GET, ["v2", "models", "stats"]) => result(state.server.statistics(None, None)),
         (Method::POST, ["v2", "repository", "index"]) => repository_index(&state, req).await,
-        (Method::GET, ["v2", "logging"]) => json_resp(StatusCode::OK, &log_settings()),
+        (Method::GET, ["v2", "logging"]) => json_resp(StatusCode::OK, &state.server.log_settings()),
         (Method::GET, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
-            json_resp(StatusCode::OK, &trace_settings())
+            json_resp(StatusCode::OK, &state.server.trace_settings())
         }
         (
             Method::POST,
@@ -222,18 +222,6 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     maybe_compress(resp, accept.as_deref())
 }
 
-/// Triton's `GET /v2/logging` answer for the settings Kiln runs with.
-fn log_settings() -> Value {
-    json!({"log_file": "", "log_info": true, "log_warning": true, "log_error": true,
-           "log_verbose_level": 0, "log_format": "default"})
-}
-
-/// Triton's `GET /v2/trace/setting` answer: tracing is off.
-fn trace_settings() -> Value {
-    json!({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0",
-           "trace_file": "", "trace_mode": "triton"})
-}
-
 fn result(r: Result<Value, CoreError>) -> Resp {
     match r {
         Ok(v) => json_resp(StatusCode::OK, &v),
@@ -277,14 +265,11 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
     let (request, enc) = match infer::decode(&model, version, body, header_len) {
         Ok(x) => x,
         Err(e) => {
-            // Count a malformed request against the model, as Triton does, if it exists.
-            if let Ok(mv) = state.server.model(&model, version) {
-                mv.shared.stats.record_failure(std::time::Duration::ZERO);
-            }
+            state.server.record_malformed(&model, version);
             return error(&e);
         }
     };
-    let response = match state.server.infer(request).await {
+    let response = match state.server.infer(request, "HTTP end point").await {
         Ok(r) => r,
         Err(e) => return error(&e),
     };
@@ -318,27 +303,7 @@ async fn repository_index(state: &State, req: Request<Incoming>) -> Resp {
         Ok(v) => v.get("ready").and_then(Value::as_bool).unwrap_or(false),
         Err(e) => return error(&e),
     };
-    let entries: Vec<Value> = state
-        .server
-        .models()
-        .index(ready_only)
-        .into_iter()
-        .map(|e| {
-            let mut m = serde_json::Map::new();
-            m.insert("name".into(), json!(e.name));
-            if let Some(v) = e.version {
-                m.insert("version".into(), json!(v.to_string()));
-            }
-            if let Some(s) = e.state {
-                m.insert("state".into(), json!(s));
-            }
-            if !e.reason.is_empty() {
-                m.insert("reason".into(), json!(e.reason));
-            }
-            Value::Object(m)
-        })
-        .collect();
-    json_resp(StatusCode::OK, &Value::Array(entries))
+    json_resp(StatusCode::OK, &state.server.repository_index(ready_only))
 }
 
 async fn repository_control(
@@ -351,33 +316,16 @@ async fn repository_control(
         Ok(x) => x,
         Err(r) => return r,
     };
-    if !state.server.explicit_control() {
-        return error(&CoreError::unavailable(
-            "explicit model load / unload is not allowed if model control mode is not EXPLICIT (start with --model-control-mode=explicit)",
-        ));
-    }
     let params = match body_json(&body) {
         Ok(v) => v.get("parameters").cloned().unwrap_or(json!({})),
         Err(e) => return error(&e),
     };
+    let params = params.as_object().cloned().unwrap_or_default();
     let server = state.server.clone();
     let r = if action == "load" {
-        let config = match params.get("config") {
-            None => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(v) => Some(v.to_string()),
-        };
-        if params
-            .as_object()
-            .is_some_and(|p| p.keys().any(|k| k.starts_with("file:")))
-        {
-            return error(&CoreError::unsupported(
-                "loading model files through 'file:' parameters is not supported",
-            ));
-        }
-        tokio::task::spawn_blocking(move || server.models().load(&model, config.as_deref())).await
+        tokio::task::spawn_blocking(move || server.repository_load(&model, &params)).await
     } else {
-        tokio::task::spawn_blocking(move || server.models().unload(&model)).await
+        tokio::task::spawn_blocking(move || server.repository_unload(&model)).await
     };
     match r {
         Ok(Ok(())) => empty(StatusCode::OK),

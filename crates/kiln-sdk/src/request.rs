@@ -158,6 +158,17 @@ impl<'a> Request<'a> {
         r.is_ok() && c
     }
 
+    /// Ends a decoupled request without another response: the client receives only the
+    /// final flag (gRPC streams send an empty response when the client asked for one).
+    pub fn complete(&self) -> Result<()> {
+        let h = host::get()?;
+        self.finished.set(true);
+        // SAFETY: valid handle while the request is held.
+        host::check(unsafe {
+            (h.request_send_flags)(self.view.handle, abi::KILN_RESPONSE_FLAG_FINAL)
+        })
+    }
+
     /// Starts a response for this request.
     pub fn response(&self) -> Result<Response<'_>> {
         let h = host::get()?;
@@ -324,6 +335,16 @@ impl Response<'_> {
     /// Sends the response as the request's final one.
     pub fn send(mut self) -> Result<()> {
         self.finish(std::ptr::null_mut())
+    }
+
+    /// Sends the response and keeps the request open for more (decoupled models,
+    /// `model_transaction_policy { decoupled: true }`). End the request with
+    /// [`Request::complete`] or a final [`Response::send`].
+    pub fn send_partial(mut self) -> Result<()> {
+        let h = host::get()?;
+        let handle = std::mem::replace(&mut self.handle, std::ptr::null_mut());
+        // SAFETY: the handle is live and passed to the host exactly once.
+        host::check(unsafe { (h.response_send)(handle, 0, std::ptr::null_mut()) })
     }
 
     /// Sends an error as the request's final response.

@@ -16,6 +16,14 @@ enum Mode {
     Explicit,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CompressionLevel {
+    None,
+    Low,
+    Medium,
+    High,
+}
+
 /// Kiln — a Triton Inference Server compatible inference server.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version)]
@@ -35,9 +43,27 @@ struct Args {
     /// Serve HTTP.
     #[arg(long = "allow-http", default_value_t = true, action = clap::ArgAction::Set)]
     allow_http: bool,
-    /// gRPC port (reserved; the gRPC front end is not in this build).
+    /// gRPC port (0 picks a free port).
     #[arg(long = "grpc-port", default_value_t = 8001)]
     grpc_port: u16,
+    /// Address the gRPC server binds.
+    #[arg(long = "grpc-address", default_value = "0.0.0.0")]
+    grpc_address: String,
+    /// Serve gRPC.
+    #[arg(long = "allow-grpc", default_value_t = true, action = clap::ArgAction::Set)]
+    allow_grpc: bool,
+    /// Milliseconds between HTTP/2 keepalive pings on gRPC connections.
+    #[arg(long = "grpc-keepalive-time", default_value_t = 7_200_000)]
+    grpc_keepalive_time: u64,
+    /// Milliseconds to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long = "grpc-keepalive-timeout", default_value_t = 20_000)]
+    grpc_keepalive_timeout: u64,
+    /// gzip-compress gRPC inference responses: none, low, medium or high.
+    #[arg(long = "grpc-infer-response-compression-level", default_value = "none")]
+    grpc_infer_response_compression_level: CompressionLevel,
+    /// Largest gRPC message received or sent, in bytes (Triton's limit: 2^31-1).
+    #[arg(long = "grpc-max-message-size", default_value_t = i32::MAX as usize)]
+    grpc_max_message_size: usize,
     /// Metrics port (reserved; the metrics endpoint is not in this build).
     #[arg(long = "metrics-port", default_value_t = 8002)]
     metrics_port: u16,
@@ -162,6 +188,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 grace,
             )
             .await
+        }));
+    }
+    if args.allow_grpc {
+        let addr: SocketAddr = format!("{}:{}", args.grpc_address, args.grpc_port)
+            .parse()
+            .context("invalid --grpc-address")?;
+        let listener = kiln_grpc::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind gRPC on {addr}"))?;
+        tracing::info!("Started GRPCInferenceService at {}", listener.local_addr()?);
+        let mut rx = stop_rx.clone();
+        let s = server.clone();
+        let grpc_opts = kiln_grpc::GrpcOptions {
+            max_message_size: args.grpc_max_message_size,
+            keepalive_time: Duration::from_millis(args.grpc_keepalive_time),
+            keepalive_timeout: Duration::from_millis(args.grpc_keepalive_timeout),
+            compress_responses: args.grpc_infer_response_compression_level
+                != CompressionLevel::None,
+        };
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            if let Err(e) = kiln_grpc::serve(listener, s, grpc_opts, stop, grace).await {
+                tracing::error!("gRPC server failed: {e}");
+            }
         }));
     }
     shutdown_signal().await;

@@ -1,0 +1,431 @@
+//! `inference.GRPCInferenceService` on the core's [`Server`].
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kiln_core::request::ResponseEvent;
+use kiln_core::{CoreError, Server};
+use kiln_proto::inference::{self as pb, log_settings_response, trace_setting_response};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{from_json, status};
+use crate::generated::grpc_inference_service_server::GrpcInferenceService;
+use crate::tensor::{self, bool_param, parse_version};
+
+/// Responses buffered per stream before the model's senders wait for the client.
+const STREAM_BUFFER: usize = 256;
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Inference {
+    server: Arc<Server>,
+}
+
+impl Inference {
+    /// Wraps the core.
+    pub fn new(server: Arc<Server>) -> Self {
+        Inference { server }
+    }
+}
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+
+fn ok<T>(v: T) -> GrpcResult<T> {
+    Ok(Response::new(v))
+}
+
+fn version(v: &str) -> Result<Option<i64>, Status> {
+    parse_version(v).map_err(status)
+}
+
+/// Repository parameters as the JSON object the core takes.
+fn repository_params(p: &HashMap<String, pb::ModelRepositoryParameter>) -> Map<String, Value> {
+    use pb::model_repository_parameter::ParameterChoice as C;
+    p.iter()
+        .map(|(k, v)| {
+            let j = match &v.parameter_choice {
+                Some(C::BoolParam(b)) => json!(b),
+                Some(C::Int64Param(i)) => json!(i),
+                Some(C::StringParam(s)) => json!(s),
+                Some(C::BytesParam(b)) => json!(String::from_utf8_lossy(b)),
+                None => Value::Null,
+            };
+            (k.clone(), j)
+        })
+        .collect()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("task failed: {e}")))?
+        .map_err(status)
+}
+
+/// One stream response from a core event; `None` for a bare final flag nobody asked for.
+fn stream_response(
+    ev: ResponseEvent,
+    head: &pb::ModelInferResponse,
+    empty_final: bool,
+) -> Option<pb::ModelStreamInferResponse> {
+    let final_param = |r: &mut pb::ModelInferResponse, last: bool| {
+        r.parameters
+            .insert("triton_final_response".into(), bool_param(last));
+    };
+    match ev {
+        ResponseEvent::Response { response, last } => {
+            let mut r = tensor::encode(response);
+            final_param(&mut r, last);
+            Some(pb::ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(r),
+            })
+        }
+        ResponseEvent::Error(e) => Some(pb::ModelStreamInferResponse {
+            error_message: e.message,
+            infer_response: Some(head.clone()),
+        }),
+        ResponseEvent::Final if empty_final => {
+            let mut r = head.clone();
+            final_param(&mut r, true);
+            Some(pb::ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(r),
+            })
+        }
+        ResponseEvent::Final => None,
+    }
+}
+
+type Out = mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>;
+
+impl Inference {
+    /// Starts one request of a stream; its responses are forwarded to `out` by a task.
+    async fn stream_one(&self, msg: pb::ModelInferRequest, out: &Out) {
+        let head = pb::ModelInferResponse {
+            model_name: msg.model_name.clone(),
+            model_version: msg.model_version.clone(),
+            id: msg.id.clone(),
+            ..Default::default()
+        };
+        let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
+        let started = tensor::decode(msg).and_then(|(req, opts)| {
+            Ok((self.server.infer_stream(req)?, opts.empty_final_response))
+        });
+        let (mut events, empty_final) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                if e.kind == kiln_core::ErrorKind::InvalidArg {
+                    self.server
+                        .record_malformed(&name, parse_version(&ver).ok().flatten());
+                }
+                let r = stream_response(ResponseEvent::Error(e), &head, false);
+                let _ = out.send(Ok(r.unwrap_or_default())).await;
+                return;
+            }
+        };
+        let out = out.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    // The client went away: dropping `events` marks the request cancelled.
+                    _ = out.closed() => return,
+                };
+                let Some(ev) = ev else { return };
+                let last = ev.is_final();
+                if let Some(r) = stream_response(ev, &head, empty_final) {
+                    if out.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Inference {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> GrpcResult<pb::ServerLiveResponse> {
+        ok(pb::ServerLiveResponse {
+            live: self.server.is_live(),
+        })
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> GrpcResult<pb::ServerReadyResponse> {
+        ok(pb::ServerReadyResponse {
+            ready: self.server.is_ready(),
+        })
+    }
+
+    async fn model_ready(
+        &self,
+        r: Request<pb::ModelReadyRequest>,
+    ) -> GrpcResult<pb::ModelReadyResponse> {
+        let r = r.into_inner();
+        let v = version(&r.version)?;
+        ok(pb::ModelReadyResponse {
+            ready: self.server.model_ready(&r.name, v),
+        })
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> GrpcResult<pb::ServerMetadataResponse> {
+        ok(from_json(
+            "inference.ServerMetadataResponse",
+            &self.server.metadata(),
+        )?)
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<pb::ModelMetadataRequest>,
+    ) -> GrpcResult<pb::ModelMetadataResponse> {
+        let r = r.into_inner();
+        let m = self
+            .server
+            .model_metadata(&r.name, version(&r.version)?)
+            .map_err(status)?;
+        ok(from_json("inference.ModelMetadataResponse", &m)?)
+    }
+
+    async fn model_infer(
+        &self,
+        r: Request<pb::ModelInferRequest>,
+    ) -> GrpcResult<pb::ModelInferResponse> {
+        let msg = r.into_inner();
+        let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
+        let req = match tensor::decode(msg) {
+            Ok((req, _)) => req,
+            Err(e) => {
+                self.server
+                    .record_malformed(&name, parse_version(&ver).ok().flatten());
+                return Err(status(e));
+            }
+        };
+        let resp = self
+            .server
+            .infer(req, "ModelInfer RPC")
+            .await
+            .map_err(status)?;
+        ok(tensor::encode(resp))
+    }
+
+    type ModelStreamInferStream = Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>,
+    >;
+
+    async fn model_stream_infer(
+        &self,
+        r: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> GrpcResult<Self::ModelStreamInferStream> {
+        let mut incoming = r.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match incoming.message().await {
+                    Ok(Some(msg)) => this.stream_one(msg, &tx).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!("inference stream ended: {e}");
+                        break;
+                    }
+                }
+            }
+            // `tx` drops here; the response stream ends once every request has answered.
+        });
+        ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<pb::ModelConfigRequest>,
+    ) -> GrpcResult<pb::ModelConfigResponse> {
+        let r = r.into_inner();
+        let config = self
+            .server
+            .model_config_proto(&r.name, version(&r.version)?)
+            .map_err(status)?;
+        ok(pb::ModelConfigResponse {
+            config: Some(config),
+        })
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<pb::ModelStatisticsRequest>,
+    ) -> GrpcResult<pb::ModelStatisticsResponse> {
+        let r = r.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let stats = self
+            .server
+            .statistics(name, version(&r.version)?)
+            .map_err(status)?;
+        ok(from_json("inference.ModelStatisticsResponse", &stats)?)
+    }
+
+    async fn repository_index(
+        &self,
+        r: Request<pb::RepositoryIndexRequest>,
+    ) -> GrpcResult<pb::RepositoryIndexResponse> {
+        let index = self.server.repository_index(r.into_inner().ready);
+        ok(from_json(
+            "inference.RepositoryIndexResponse",
+            &json!({ "models": index }),
+        )?)
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<pb::RepositoryModelLoadRequest>,
+    ) -> GrpcResult<pb::RepositoryModelLoadResponse> {
+        let r = r.into_inner();
+        let params = repository_params(&r.parameters);
+        let server = self.server.clone();
+        blocking(move || server.repository_load(&r.model_name, &params)).await?;
+        ok(pb::RepositoryModelLoadResponse {})
+    }
+
+    async fn repository_model_unload(
+        &self,
+        r: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> GrpcResult<pb::RepositoryModelUnloadResponse> {
+        let r = r.into_inner();
+        let server = self.server.clone();
+        blocking(move || server.repository_unload(&r.model_name)).await?;
+        ok(pb::RepositoryModelUnloadResponse {})
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> GrpcResult<pb::SystemSharedMemoryStatusResponse> {
+        ok(pb::SystemSharedMemoryStatusResponse::default())
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> GrpcResult<pb::SystemSharedMemoryRegisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> GrpcResult<pb::SystemSharedMemoryUnregisterResponse> {
+        ok(pb::SystemSharedMemoryUnregisterResponse {})
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> GrpcResult<pb::CudaSharedMemoryStatusResponse> {
+        ok(pb::CudaSharedMemoryStatusResponse::default())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> GrpcResult<pb::CudaSharedMemoryRegisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> GrpcResult<pb::CudaSharedMemoryUnregisterResponse> {
+        ok(pb::CudaSharedMemoryUnregisterResponse {})
+    }
+
+    async fn trace_setting(
+        &self,
+        r: Request<pb::TraceSettingRequest>,
+    ) -> GrpcResult<pb::TraceSettingResponse> {
+        if !r.into_inner().settings.is_empty() {
+            return Err(read_only_settings());
+        }
+        let settings = self
+            .server
+            .trace_settings()
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::Array(a) => a.iter().map(json_text).collect(),
+                    v => vec![json_text(v)],
+                };
+                (k.clone(), trace_setting_response::SettingValue { value })
+            })
+            .collect();
+        ok(pb::TraceSettingResponse { settings })
+    }
+
+    async fn log_settings(
+        &self,
+        r: Request<pb::LogSettingsRequest>,
+    ) -> GrpcResult<pb::LogSettingsResponse> {
+        use log_settings_response::{setting_value::ParameterChoice as C, SettingValue};
+        if !r.into_inner().settings.is_empty() {
+            return Err(read_only_settings());
+        }
+        let settings = self
+            .server
+            .log_settings()
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let choice = match v {
+                    Value::Bool(b) => C::BoolParam(*b),
+                    Value::Number(n) => C::Uint32Param(n.as_u64().unwrap_or(0) as u32),
+                    v => C::StringParam(json_text(v)),
+                };
+                (
+                    k.clone(),
+                    SettingValue {
+                        parameter_choice: Some(choice),
+                    },
+                )
+            })
+            .collect();
+        ok(pb::LogSettingsResponse { settings })
+    }
+}
+
+fn json_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn no_shared_memory() -> Status {
+    status(CoreError::unsupported(
+        "shared memory is not supported by this server",
+    ))
+}
+
+fn read_only_settings() -> Status {
+    status(CoreError::unsupported(
+        "changing log or trace settings at run time is not supported by this server",
+    ))
+}

@@ -1,0 +1,379 @@
+//! Converting `ModelInferRequest` / `ModelInferResponse` to and from the core's types.
+use bytes::{BufMut, Bytes, BytesMut};
+use kiln_core::{CoreError, DataType, InferRequest, InferResponse, InputTensor, RequestedOutput};
+use kiln_proto::inference::{
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    model_infer_response::InferOutputTensor, InferParameter, ModelInferRequest, ModelInferResponse,
+};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+fn bad(msg: impl Into<String>) -> CoreError {
+    CoreError::invalid(msg)
+}
+
+/// Parses a protocol version string ("" = chosen by the version policy).
+pub fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse::<i64>()
+        .ok()
+        .filter(|&n| n >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            bad(format!(
+                "failed to parse model version '{v}': must be a non-negative integer"
+            ))
+        })
+}
+
+/// An `InferParameter` as the JSON value the core keeps parameters in.
+pub fn param_to_json(p: &InferParameter) -> Value {
+    match &p.parameter_choice {
+        Some(ParameterChoice::BoolParam(b)) => Value::Bool(*b),
+        Some(ParameterChoice::Int64Param(i)) => Value::from(*i),
+        Some(ParameterChoice::StringParam(s)) => Value::String(s.clone()),
+        Some(ParameterChoice::DoubleParam(d)) => Value::from(*d),
+        Some(ParameterChoice::Uint64Param(u)) => Value::from(*u),
+        None => Value::Null,
+    }
+}
+
+fn params_to_json(p: &HashMap<String, InferParameter>) -> Map<String, Value> {
+    p.iter()
+        .map(|(k, v)| (k.clone(), param_to_json(v)))
+        .collect()
+}
+
+fn reject_shared_memory(
+    what: &str,
+    name: &str,
+    p: &HashMap<String, InferParameter>,
+) -> Result<(), CoreError> {
+    if p.contains_key("shared_memory_region") {
+        return Err(CoreError::unsupported(format!(
+            "{what} '{name}': shared memory is not supported by this server"
+        )));
+    }
+    Ok(())
+}
+
+/// What the stream handler needs to know besides the request itself.
+#[derive(Debug)]
+pub struct StreamOptions {
+    /// `triton_enable_empty_final_response`: send a response carrying only the final flag.
+    pub empty_final_response: bool,
+}
+
+/// Decodes a `ModelInferRequest`; raw contents become slices of the received message.
+pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), CoreError> {
+    let mut req = InferRequest::new(msg.model_name);
+    req.model_version = parse_version(&msg.model_version)?;
+    req.id = msg.id;
+    let mut params = params_to_json(&msg.parameters);
+    let empty_final_response = match params.remove("triton_enable_empty_final_response") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(v) => {
+            return Err(bad(format!(
+                "parameter 'triton_enable_empty_final_response' must be a boolean, got {v}"
+            )))
+        }
+    };
+    req.set_parameters(params)?;
+
+    let raw = msg.raw_input_contents;
+    if !raw.is_empty() && raw.len() != msg.inputs.len() {
+        return Err(bad(format!(
+            "expected {} inputs in raw_input_contents (one per input) but got {}",
+            msg.inputs.len(),
+            raw.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    for input in msg.inputs {
+        let dtype = DataType::from_protocol_name(&input.datatype).ok_or_else(|| {
+            bad(format!(
+                "invalid datatype '{}' for input '{}'",
+                input.datatype, input.name
+            ))
+        })?;
+        reject_shared_memory("input", &input.name, &input.parameters)?;
+        if input.shape.iter().any(|&d| d < 0) {
+            return Err(bad(format!(
+                "input '{}' has a negative dimension in its shape",
+                input.name
+            )));
+        }
+        let data = match raw.next() {
+            Some(bytes) => {
+                if input.contents.is_some() {
+                    return Err(bad(format!(
+                        "input '{}' has contents although raw_input_contents is used",
+                        input.name
+                    )));
+                }
+                bytes
+            }
+            None => typed_contents(&input, dtype)?,
+        };
+        req.inputs.push(InputTensor {
+            name: input.name,
+            dtype,
+            shape: input.shape,
+            data,
+        });
+    }
+    for o in msg.outputs {
+        reject_shared_memory("output", &o.name, &o.parameters)?;
+        let class_count = match o.parameters.get("classification").map(param_to_json) {
+            None => 0,
+            Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+                bad(format!(
+                    "output '{}': parameter 'classification' must be a non-negative integer, got {v}",
+                    o.name
+                ))
+            })?,
+        };
+        req.outputs.push(RequestedOutput {
+            name: o.name,
+            class_count,
+        });
+    }
+    Ok((
+        req,
+        StreamOptions {
+            empty_final_response,
+        },
+    ))
+}
+
+/// Packs `InferTensorContents` into the core's row-major bytes.
+fn typed_contents(input: &InferInputTensor, dtype: DataType) -> Result<Bytes, CoreError> {
+    let name = &input.name;
+    let c = input.contents.clone().unwrap_or_default();
+    let expected: i64 = input.shape.iter().product();
+    let count = |n: usize, field: &str| -> Result<(), CoreError> {
+        if n as i64 != expected {
+            return Err(bad(format!(
+                "unexpected number of elements for input '{name}': {field} holds {n} but shape {:?} needs {expected}",
+                input.shape
+            )));
+        }
+        Ok(())
+    };
+    let mut out = BytesMut::new();
+    macro_rules! pack {
+        ($field:ident, $name:literal, |$v:ident| $put:expr) => {{
+            count(c.$field.len(), $name)?;
+            for &$v in &c.$field {
+                $put;
+            }
+        }};
+    }
+    match dtype {
+        DataType::Bool => pack!(bool_contents, "bool_contents", |v| out.put_u8(v as u8)),
+        DataType::Int8 => pack!(int_contents, "int_contents", |v| out.put_i8(v as i8)),
+        DataType::Int16 => pack!(int_contents, "int_contents", |v| out.put_i16_le(v as i16)),
+        DataType::Int32 => pack!(int_contents, "int_contents", |v| out.put_i32_le(v)),
+        DataType::Int64 => pack!(int64_contents, "int64_contents", |v| out.put_i64_le(v)),
+        DataType::UInt8 => pack!(uint_contents, "uint_contents", |v| out.put_u8(v as u8)),
+        DataType::UInt16 => pack!(uint_contents, "uint_contents", |v| out.put_u16_le(v as u16)),
+        DataType::UInt32 => pack!(uint_contents, "uint_contents", |v| out.put_u32_le(v)),
+        DataType::UInt64 => pack!(uint64_contents, "uint64_contents", |v| out.put_u64_le(v)),
+        DataType::Fp32 => pack!(fp32_contents, "fp32_contents", |v| out.put_f32_le(v)),
+        DataType::Fp64 => pack!(fp64_contents, "fp64_contents", |v| out.put_f64_le(v)),
+        DataType::Bytes => {
+            count(c.bytes_contents.len(), "bytes_contents")?;
+            for e in &c.bytes_contents {
+                let len = u32::try_from(e.len())
+                    .map_err(|_| bad(format!("input '{name}': element larger than 4 GiB")))?;
+                out.put_u32_le(len);
+                out.put_slice(e);
+            }
+        }
+        DataType::Fp16 | DataType::Bf16 => {
+            return Err(bad(format!(
+                "input '{name}': {} data must be sent in raw_input_contents (there is no typed field for it)",
+                dtype.protocol_name()
+            )))
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Encodes a response: one `raw_output_contents` entry per output, in output order,
+/// holding the buffer the backend wrote (no copy).
+pub fn encode(resp: InferResponse) -> ModelInferResponse {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut raw = Vec::with_capacity(resp.outputs.len());
+    for o in resp.outputs {
+        outputs.push(InferOutputTensor {
+            name: o.name,
+            datatype: o.dtype.protocol_name().to_string(),
+            shape: o.shape,
+            parameters: HashMap::new(),
+            contents: None,
+        });
+        raw.push(o.data);
+    }
+    ModelInferResponse {
+        model_name: resp.model_name,
+        model_version: resp.model_version.to_string(),
+        id: resp.id,
+        parameters: HashMap::new(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+/// A parameter holding `b`.
+pub fn bool_param(b: bool) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::BoolParam(b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::inference::model_infer_request::InferRequestedOutputTensor;
+    use kiln_proto::inference::InferTensorContents;
+
+    fn input(
+        name: &str,
+        dt: &str,
+        shape: Vec<i64>,
+        c: Option<InferTensorContents>,
+    ) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: dt.into(),
+            shape,
+            parameters: HashMap::new(),
+            contents: c,
+        }
+    }
+
+    #[test]
+    fn typed_contents_pack_little_endian_and_bytes_get_length_prefixes() {
+        let msg = ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![
+                input(
+                    "A",
+                    "INT16",
+                    vec![2],
+                    Some(InferTensorContents {
+                        int_contents: vec![1, -2],
+                        ..Default::default()
+                    }),
+                ),
+                input(
+                    "S",
+                    "BYTES",
+                    vec![1, 2],
+                    Some(InferTensorContents {
+                        bytes_contents: vec![Bytes::from_static(b"ab"), Bytes::new()],
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            outputs: vec![InferRequestedOutputTensor {
+                name: "O".into(),
+                parameters: [(
+                    "classification".to_string(),
+                    InferParameter {
+                        parameter_choice: Some(ParameterChoice::Int64Param(3)),
+                    },
+                )]
+                .into(),
+            }],
+            ..Default::default()
+        };
+        let (r, _) = decode(msg).unwrap();
+        assert_eq!(&r.inputs[0].data[..], &[1, 0, 0xfe, 0xff]);
+        assert_eq!(&r.inputs[1].data[..], &[2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]);
+        assert_eq!(r.outputs[0].class_count, 3);
+    }
+
+    #[test]
+    fn element_count_and_raw_count_mismatches_are_invalid() {
+        let msg = ModelInferRequest {
+            inputs: vec![input(
+                "A",
+                "FP32",
+                vec![3],
+                Some(InferTensorContents {
+                    fp32_contents: vec![1.0],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        };
+        let e = decode(msg).unwrap_err();
+        assert!(
+            e.message.contains("unexpected number of elements"),
+            "{}",
+            e.message
+        );
+        let msg = ModelInferRequest {
+            inputs: vec![
+                input("A", "FP32", vec![1], None),
+                input("B", "FP32", vec![1], None),
+            ],
+            raw_input_contents: vec![Bytes::from_static(&[0; 4])],
+            ..Default::default()
+        };
+        assert!(decode(msg)
+            .unwrap_err()
+            .message
+            .contains("raw_input_contents"));
+        let msg = ModelInferRequest {
+            inputs: vec![input(
+                "H",
+                "FP16",
+                vec![1],
+                Some(InferTensorContents::default()),
+            )],
+            ..Default::default()
+        };
+        assert!(decode(msg)
+            .unwrap_err()
+            .message
+            .contains("raw_input_contents"));
+    }
+
+    #[test]
+    fn reserved_parameters_reach_the_request_fields() {
+        let p = |c| InferParameter {
+            parameter_choice: Some(c),
+        };
+        let msg = ModelInferRequest {
+            parameters: [
+                ("priority".to_string(), p(ParameterChoice::Int64Param(2))),
+                ("timeout".to_string(), p(ParameterChoice::Int64Param(500))),
+                (
+                    "sequence_id".to_string(),
+                    p(ParameterChoice::StringParam("7".into())),
+                ),
+                (
+                    "triton_enable_empty_final_response".to_string(),
+                    p(ParameterChoice::BoolParam(true)),
+                ),
+                (
+                    "custom".to_string(),
+                    p(ParameterChoice::StringParam("x".into())),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let (r, so) = decode(msg).unwrap();
+        assert_eq!((r.priority, r.timeout_us, r.correlation_id), (2, 500, 7));
+        assert!(so.empty_final_response);
+        assert_eq!(r.parameters.len(), 1);
+        assert_eq!(r.parameters["custom"], "x");
+    }
+}
