@@ -20,13 +20,18 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def start():
-    p = subprocess.Popen([os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0"],
+    """Starts kiln; returns the process and its HTTP and gRPC ports."""
+    p = subprocess.Popen([os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0",
+                          "--grpc-port", "0", "--metrics-port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ports = {}
     for line in p.stdout:
-        m = re.search(r"Started HTTPService at \S+:(\d+)", line)
+        m = re.search(r"Started (HTTPService|GRPCInferenceService) at \S+:(\d+)", line)
         if m:
+            ports[m.group(1)] = int(m.group(2))
+        if len(ports) == 2:
             threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
-            return p, int(m.group(1))
+            return p, ports["HTTPService"], ports["GRPCInferenceService"]
     raise SystemExit("kiln did not start")
 
 
@@ -40,15 +45,17 @@ def inferences(port, model):
     return s["inference_count"]
 
 
-def run(pa, port, pid, model, conc, shape=None, seconds_ms=3000):
+def run(pa, port, pid, model, conc, shape=None, seconds_ms=3000, proto="http", stats_port=None):
+    """One perf_analyzer measurement; `stats_port` is the HTTP port for the stats reads."""
+    stats_port = stats_port or port
     out = tempfile.mktemp(suffix=".csv")
-    cmd = [pa, "-m", model, "-u", f"localhost:{port}", "-i", "http", "--concurrency-range", f"{conc}:{conc}",
+    cmd = [pa, "-m", model, "-u", f"localhost:{port}", "-i", proto, "--concurrency-range", f"{conc}:{conc}",
            "--measurement-interval", str(seconds_ms), "-f", out, "--percentile", "99"]
     if shape:
         cmd += ["--shape", shape]
-    c0, n0 = cpu_seconds(pid), inferences(port, model)
+    c0, n0 = cpu_seconds(pid), inferences(stats_port, model)
     p = subprocess.run(cmd, capture_output=True, text=True)
-    c1, n1 = cpu_seconds(pid), inferences(port, model)
+    c1, n1 = cpu_seconds(pid), inferences(stats_port, model)
     if p.returncode != 0:
         return {"error": (p.stdout + p.stderr)[-400:]}
     row = next(csv.DictReader(open(out)))
@@ -66,20 +73,22 @@ def main():
     pa = shutil.which("perf_analyzer", path=os.path.dirname(sys.executable))
     if not pa:
         raise SystemExit("perf_analyzer not found in the venv")
-    proc, port = start()
+    proc, port, grpc_port = start()
     try:
         print(f"{'model':22} {'proto':5} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/inf':>10}")
         results = {}
-        for model, shape in [("identity_fp32", "INPUT0:16"), ("simple", None), ("simple_dynamic_batch", None)]:
-            concs = [16] if model == "simple_dynamic_batch" else [1, 4, 16]
-            for c in concs:
-                r = run(pa, port, proc.pid, model, c, shape)
-                results[(model, c)] = r
-                if "error" in r:
-                    print(f"{model:22} http  {c:>4} ERROR {r['error']}")
-                else:
-                    print(f"{model:22} http  {c:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
-        a, b = results.get(("simple_dynamic_batch", 16), {}), results.get(("simple", 16), {})
+        plan = [("identity_fp32", "INPUT0:16", p, c) for p in ("http", "grpc") for c in (1, 4, 16)]
+        plan += [("simple", None, p, c) for p in ("http", "grpc") for c in (1, 4, 16)]
+        plan += [("simple_dynamic_batch", None, "http", 16)]
+        for model, shape, proto, c in plan:
+            r = run(pa, grpc_port if proto == "grpc" else port, proc.pid, model, c, shape,
+                    proto=proto, stats_port=port)
+            results[(model, proto, c)] = r
+            if "error" in r:
+                print(f"{model:22} {proto:5} {c:>4} ERROR {r['error']}")
+            else:
+                print(f"{model:22} {proto:5} {c:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
+        a, b = results.get(("simple_dynamic_batch", "http", 16), {}), results.get(("simple", "http", 16), {})
         if "thr" in a and "thr" in b:
             print(f"dynamic batcher at c16: {a['thr'] / b['thr']:.2f}x throughput of simple "
                   f"(simple_dynamic_batch has max_queue_delay 100 ms, preferred [4, 8])")
