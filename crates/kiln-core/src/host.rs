@@ -15,7 +15,7 @@ use kiln_sdk::DataType;
 use crate::error::{CoreError, ErrorKind};
 use crate::model::ModelShared;
 use crate::request::{InferRequest, OutputTensor, ResponseEvent, ResponseSink};
-use crate::stats::ComputeTimes;
+use crate::stats::{ComputeTimes, FailReason};
 
 /// Host error object behind `*mut KilnError`.
 struct HostError {
@@ -107,7 +107,7 @@ impl Inflight {
         if ok {
             self.model.stats.record_success(total, queue, compute);
         } else {
-            self.model.stats.record_failure(total);
+            self.model.stats.record_failure(total, FailReason::Backend);
         }
     }
 

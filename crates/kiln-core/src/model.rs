@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use kiln_abi::{self as abi, KilnInstanceInfo, KilnModelInfo, KilnRequestView, KilnStr};
 use kiln_proto::inference::{
-    model_config::SchedulingChoice, model_instance_group::Kind, ModelConfig,
+    model_config::SchedulingChoice, model_instance_group::Kind, model_queue_policy, ModelConfig,
+    ModelQueuePolicy,
 };
 use kiln_sdk::{bytes_elements, DataType};
 
@@ -19,8 +20,10 @@ use crate::error::{CoreError, CoreResult};
 use crate::host;
 use crate::loader::BackendLibrary;
 use crate::request::{InferRequest, OutputTensor, ResponseSink};
-use crate::scheduler::{BatchPolicy, Pending, Scheduler, SchedulerPolicy};
-use crate::stats::{ComputeTimes, ModelStats};
+use crate::scheduler::{
+    BatchPolicy, Pending, QueuePolicy, Scheduler, SchedulerPolicy, TimeoutAction,
+};
+use crate::stats::{ComputeTimes, FailReason, ModelStats};
 
 /// An input or output as declared in the config.
 #[derive(Debug, Clone)]
@@ -392,7 +395,7 @@ impl ModelVersion {
         let policy = scheduler_policy(&shared.config);
         let mv = ModelVersion {
             shared: shared.clone(),
-            scheduler: Arc::new(Scheduler::new(policy)),
+            scheduler: Arc::new(Scheduler::new(policy, shared.stats.clone())),
             threads: Mutex::new(Vec::new()),
             backend,
             model_state: SendPtr(state),
@@ -497,7 +500,9 @@ impl ModelVersion {
         let (batch_size, shape_key) = match self.shared.validate(&request) {
             Ok(v) => v,
             Err(e) => {
-                self.shared.stats.record_failure(request.arrival.elapsed());
+                self.shared
+                    .stats
+                    .record_failure(request.arrival.elapsed(), FailReason::Other);
                 return Err(e);
             }
         };
@@ -508,9 +513,12 @@ impl ModelVersion {
             batch_size,
             shape_key,
             enqueued: Instant::now(),
+            deadline: None,
         });
         if r.is_err() {
-            self.shared.stats.record_failure(arrival.elapsed());
+            self.shared
+                .stats
+                .record_failure(arrival.elapsed(), FailReason::Rejected);
         }
         r
     }
@@ -540,29 +548,51 @@ impl ModelVersion {
     }
 }
 
+fn queue_policy(q: Option<&ModelQueuePolicy>) -> QueuePolicy {
+    let Some(q) = q else {
+        return QueuePolicy::default();
+    };
+    QueuePolicy {
+        max_queue_size: q.max_queue_size as usize,
+        default_timeout: Duration::from_micros(q.default_timeout_microseconds),
+        allow_timeout_override: q.allow_timeout_override,
+        timeout_action: if q.timeout_action == model_queue_policy::TimeoutAction::Delay as i32 {
+            TimeoutAction::Delay
+        } else {
+            TimeoutAction::Reject
+        },
+    }
+}
+
+/// The scheduler settings of `dynamic_batching` (none: the default scheduler).
 fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
-    match &cfg.scheduling_choice {
-        Some(SchedulingChoice::DynamicBatching(db)) => {
-            let mut preferred: Vec<u64> = db
-                .preferred_batch_size
-                .iter()
-                .map(|&p| p.max(1) as u64)
-                .collect();
-            preferred.sort_unstable();
-            SchedulerPolicy {
-                batching: Some(BatchPolicy {
-                    max_batch_size: cfg.max_batch_size.max(1) as u64,
-                    preferred,
-                    max_delay: Duration::from_micros(db.max_queue_delay_microseconds),
-                }),
-                max_queue_size: db
-                    .default_queue_policy
-                    .as_ref()
-                    .map(|q| q.max_queue_size as usize)
-                    .unwrap_or(0),
-            }
-        }
-        _ => SchedulerPolicy::default(),
+    let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice else {
+        return SchedulerPolicy::default();
+    };
+    let mut preferred: Vec<u64> = db
+        .preferred_batch_size
+        .iter()
+        .map(|&p| p.max(1) as u64)
+        .collect();
+    preferred.sort_unstable();
+    let default = queue_policy(db.default_queue_policy.as_ref());
+    let levels = db.priority_levels.max(1);
+    SchedulerPolicy {
+        // A model without batching still uses the dynamic batcher's queues (priorities,
+        // timeouts) but executes one request at a time.
+        batching: (cfg.max_batch_size > 0).then(|| BatchPolicy {
+            max_batch_size: cfg.max_batch_size as u64,
+            preferred,
+            max_delay: Duration::from_micros(db.max_queue_delay_microseconds),
+        }),
+        levels: (1..=levels)
+            .map(|l| match db.priority_queue_policy.get(&l) {
+                Some(q) => queue_policy(Some(q)),
+                None => default.clone(),
+            })
+            .collect(),
+        default_level: db.default_priority_level.clamp(1, levels) as usize,
+        preserve_ordering: db.preserve_ordering,
     }
 }
 

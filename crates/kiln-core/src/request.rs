@@ -172,8 +172,7 @@ impl ResponseEvent {
     }
 }
 
-/// Where responses for one request go.
-pub type ResponseSink = tokio::sync::mpsc::UnboundedSender<ResponseEvent>;
+pub use crate::sink::ResponseSink;
 
 /// The receiving end of a request's responses.
 pub type ResponseStream = tokio::sync::mpsc::UnboundedReceiver<ResponseEvent>;

@@ -3,13 +3,16 @@
 //!
 //! Instances *pull*: each idle instance thread calls [`Scheduler::next_batch`], so work
 //! spreads over idle instances by construction. The batching decision is the pure
-//! function [`decide`], tested with a fake clock.
+//! function [`decide`] and the queue bookkeeping (priority levels, timeouts) lives in
+//! [`Queues`]; both take the time as an argument and are tested with a fake clock.
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{CoreError, CoreResult};
-use crate::request::{InferRequest, ResponseSink};
+use crate::request::{InferRequest, ResponseEvent, ResponseSink};
+use crate::sink::OrderGate;
+use crate::stats::{FailReason, ModelStats};
 
 /// Dynamic batching settings (from `dynamic_batching { ... }`).
 #[derive(Debug, Clone, Default)]
@@ -22,13 +25,77 @@ pub struct BatchPolicy {
     pub max_delay: Duration,
 }
 
-/// Scheduling policy of a model.
+/// What happens to a request whose queue timeout expires (`timeout_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TimeoutAction {
+    /// Fail it with UNAVAILABLE.
+    #[default]
+    Reject,
+    /// Keep it, behind every request of its level that has not timed out.
+    Delay,
+}
+
+/// One priority level's queue policy (`default_queue_policy` / `priority_queue_policy`).
 #[derive(Debug, Clone, Default)]
+pub struct QueuePolicy {
+    /// `max_queue_size` (0 = unbounded).
+    pub max_queue_size: usize,
+    /// `default_timeout_microseconds` (zero = none).
+    pub default_timeout: Duration,
+    /// `allow_timeout_override`: a request's own `timeout` parameter wins.
+    pub allow_timeout_override: bool,
+    /// `timeout_action`.
+    pub timeout_action: TimeoutAction,
+}
+
+impl QueuePolicy {
+    /// The queue deadline of a request with `timeout_us` (0 = none) queued at `at`.
+    pub fn deadline(&self, timeout_us: u64, at: Instant) -> Option<Instant> {
+        let t = if self.allow_timeout_override && timeout_us > 0 {
+            Duration::from_micros(timeout_us)
+        } else {
+            self.default_timeout
+        };
+        (!t.is_zero()).then(|| at + t)
+    }
+}
+
+/// Scheduling policy of a model.
+#[derive(Debug, Clone)]
 pub struct SchedulerPolicy {
     /// `None`: default scheduler (one request per execution).
     pub batching: Option<BatchPolicy>,
-    /// `max_queue_size` (0 = unbounded).
-    pub max_queue_size: usize,
+    /// One policy per priority level (index 0 = level 1, the highest); at least one.
+    pub levels: Vec<QueuePolicy>,
+    /// `default_priority_level`, 1-based.
+    pub default_level: usize,
+    /// `preserve_ordering`: responses leave in arrival order.
+    pub preserve_ordering: bool,
+}
+
+impl Default for SchedulerPolicy {
+    fn default() -> Self {
+        SchedulerPolicy {
+            batching: None,
+            levels: vec![QueuePolicy::default()],
+            default_level: 1,
+            preserve_ordering: false,
+        }
+    }
+}
+
+impl SchedulerPolicy {
+    /// The 0-based level a request of `priority` goes to: 0 or out of range means the
+    /// default level, as Triton does.
+    pub fn level_of(&self, priority: u64) -> usize {
+        let n = self.levels.len() as u64;
+        let p = if priority == 0 || priority > n {
+            self.default_level as u64
+        } else {
+            priority
+        };
+        (p.clamp(1, n) - 1) as usize
+    }
 }
 
 /// A queued request.
@@ -43,6 +110,8 @@ pub struct Pending {
     pub shape_key: Vec<Vec<i64>>,
     /// When it entered the queue.
     pub enqueued: Instant,
+    /// When its queue timeout expires, if it has one (set by [`Queues::push`]).
+    pub deadline: Option<Instant>,
 }
 
 /// What an idle instance should do now.
@@ -101,27 +170,138 @@ pub fn decide(policy: Option<&BatchPolicy>, queue: &[QueuedItem<'_>], now: Insta
     Decision::WaitUntil(deadline)
 }
 
+/// The queued requests of one model: per priority level, those in time and those
+/// delayed by an expired timeout (`timeout_action: DELAY`). Dispatch order is level 1
+/// first, and within a level FIFO, delayed requests after the others.
+pub struct Queues {
+    levels: Vec<(VecDeque<Pending>, VecDeque<Pending>)>,
+}
+
+impl Queues {
+    /// Empty queues for `levels` priority levels.
+    pub fn new(levels: usize) -> Self {
+        Queues {
+            levels: (0..levels.max(1))
+                .map(|_| (VecDeque::new(), VecDeque::new()))
+                .collect(),
+        }
+    }
+
+    /// Number of queued requests.
+    pub fn len(&self) -> usize {
+        self.levels.iter().map(|(a, b)| a.len() + b.len()).sum()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether level `level` (0-based) holds `policy.max_queue_size` requests already.
+    pub fn is_full(&self, level: usize, policy: &QueuePolicy) -> bool {
+        let (main, delayed) = &self.levels[level.min(self.levels.len() - 1)];
+        policy.max_queue_size > 0 && main.len() + delayed.len() >= policy.max_queue_size
+    }
+
+    /// Queues `p` at level `level` (0-based), with its deadline under `policy`.
+    pub fn push(&mut self, level: usize, policy: &QueuePolicy, mut p: Pending) {
+        let level = level.min(self.levels.len() - 1);
+        p.deadline = policy.deadline(p.request.timeout_us, p.enqueued);
+        self.levels[level].0.push_back(p);
+    }
+
+    /// Removes requests whose client has gone away.
+    pub fn remove_cancelled(&mut self) -> Vec<Pending> {
+        let mut gone = Vec::new();
+        for (main, delayed) in &mut self.levels {
+            for q in [main, delayed] {
+                let (keep, drop): (VecDeque<_>, VecDeque<_>) =
+                    q.drain(..).partition(|p| !p.sink.is_closed());
+                *q = keep;
+                gone.extend(drop);
+            }
+        }
+        gone
+    }
+
+    /// Applies queue timeouts at `now`: returns the requests to reject; those whose level
+    /// delays instead move behind the level's other requests.
+    pub fn expire(&mut self, policies: &[QueuePolicy], now: Instant) -> Vec<Pending> {
+        let mut rejected = Vec::new();
+        for (i, (main, delayed)) in self.levels.iter_mut().enumerate() {
+            if !main.iter().any(|p| p.deadline.is_some_and(|d| d <= now)) {
+                continue;
+            }
+            let action = policies.get(i).map(|p| p.timeout_action).unwrap_or_default();
+            let (keep, expired): (VecDeque<_>, VecDeque<_>) = main
+                .drain(..)
+                .partition(|p| !p.deadline.is_some_and(|d| d <= now));
+            *main = keep;
+            match action {
+                TimeoutAction::Reject => rejected.extend(expired),
+                TimeoutAction::Delay => delayed.extend(expired),
+            }
+        }
+        rejected
+    }
+
+    /// The earliest pending timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.levels
+            .iter()
+            .flat_map(|(main, _)| main.iter().filter_map(|p| p.deadline))
+            .min()
+    }
+
+    /// Requests in dispatch order.
+    pub fn iter(&self) -> impl Iterator<Item = &Pending> {
+        self.levels
+            .iter()
+            .flat_map(|(main, delayed)| main.iter().chain(delayed.iter()))
+    }
+
+    /// Takes the first `n` requests in dispatch order.
+    pub fn take(&mut self, n: usize) -> Vec<Pending> {
+        let mut out = Vec::with_capacity(n);
+        for (main, delayed) in &mut self.levels {
+            for q in [main, delayed] {
+                while out.len() < n {
+                    match q.pop_front() {
+                        Some(p) => out.push(p),
+                        None => break,
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 struct QueueState {
-    queue: VecDeque<Pending>,
+    queues: Queues,
     closed: bool,
 }
 
 /// A model's request queue.
 pub struct Scheduler {
     policy: SchedulerPolicy,
+    stats: Arc<ModelStats>,
+    order: Option<Arc<OrderGate>>,
     state: Mutex<QueueState>,
     ready: Condvar,
 }
 
 impl Scheduler {
-    /// A scheduler with `policy`.
-    pub fn new(policy: SchedulerPolicy) -> Self {
+    /// A scheduler with `policy`; rejections and cancellations are counted in `stats`.
+    pub fn new(policy: SchedulerPolicy, stats: Arc<ModelStats>) -> Self {
         Scheduler {
-            policy,
+            order: policy.preserve_ordering.then(Default::default),
             state: Mutex::new(QueueState {
-                queue: VecDeque::new(),
+                queues: Queues::new(policy.levels.len()),
                 closed: false,
             }),
+            policy,
+            stats,
             ready: Condvar::new(),
         }
     }
@@ -130,8 +310,9 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a request; refuses at once when the queue is full or closed.
-    pub fn enqueue(&self, p: Pending) -> CoreResult<()> {
+    /// Queues a request; refuses at once when its priority level's queue is full or the
+    /// model is unloading.
+    pub fn enqueue(&self, mut p: Pending) -> CoreResult<()> {
         let mut st = self.lock();
         if st.closed {
             return Err(CoreError::unavailable(format!(
@@ -139,10 +320,15 @@ impl Scheduler {
                 p.request.model_name
             )));
         }
-        if self.policy.max_queue_size > 0 && st.queue.len() >= self.policy.max_queue_size {
+        let level = self.policy.level_of(p.request.priority);
+        let policy = &self.policy.levels[level];
+        if st.queues.is_full(level, policy) {
             return Err(CoreError::unavailable("Exceeds maximum queue size"));
         }
-        st.queue.push_back(p);
+        if let Some(gate) = &self.order {
+            p.sink.set_order(gate.clone(), gate.issue());
+        }
+        st.queues.push(level, policy, p);
         drop(st);
         self.ready.notify_one();
         Ok(())
@@ -150,7 +336,7 @@ impl Scheduler {
 
     /// Number of queued requests.
     pub fn pending(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().queues.len()
     }
 
     /// Stops accepting requests; queued ones still run, then `next_batch` returns `None`.
@@ -159,22 +345,46 @@ impl Scheduler {
         self.ready.notify_all();
     }
 
+    /// Fails requests that are not going to run (outside the queue lock).
+    fn fail(&self, dropped: Vec<Pending>, reason: FailReason) {
+        for p in dropped {
+            let message = match reason {
+                FailReason::Canceled => "the request was cancelled before it ran",
+                _ => "Request timeout expired",
+            };
+            let e = match reason {
+                FailReason::Canceled => CoreError::new(crate::ErrorKind::Cancelled, message),
+                _ => CoreError::unavailable(message),
+            };
+            p.sink.send(ResponseEvent::Error(e));
+            self.stats
+                .record_failure(p.request.arrival.elapsed(), reason);
+        }
+    }
+
     /// Blocks until a batch is due (or returns `None` once closed and drained).
     pub fn next_batch(&self) -> Option<Vec<Pending>> {
         let mut st = self.lock();
         loop {
-            // Requests whose client went away are dropped before execution.
-            st.queue.retain(|p| !p.sink.is_closed());
-            if st.queue.is_empty() {
+            let now = Instant::now();
+            let cancelled = st.queues.remove_cancelled();
+            let expired = st.queues.expire(&self.policy.levels, now);
+            if !cancelled.is_empty() || !expired.is_empty() {
+                drop(st);
+                self.fail(cancelled, FailReason::Canceled);
+                self.fail(expired, FailReason::Rejected);
+                st = self.lock();
+                continue;
+            }
+            if st.queues.is_empty() {
                 if st.closed {
                     return None;
                 }
                 st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let now = Instant::now();
             let items: Vec<QueuedItem<'_>> = st
-                .queue
+                .queues
                 .iter()
                 .map(|p| QueuedItem {
                     batch_size: p.batch_size,
@@ -186,8 +396,8 @@ impl Scheduler {
             drop(items);
             match decision {
                 Decision::Dispatch(n) => {
-                    let batch: Vec<Pending> = st.queue.drain(..n.max(1)).collect();
-                    let more = !st.queue.is_empty();
+                    let batch = st.queues.take(n.max(1));
+                    let more = !st.queues.is_empty();
                     drop(st);
                     if more {
                         self.ready.notify_one();
@@ -195,10 +405,9 @@ impl Scheduler {
                     return Some(batch);
                 }
                 // Closing: no more requests will arrive to fill the batch; drain one at a time.
-                Decision::WaitUntil(_) if st.closed => {
-                    return st.queue.pop_front().map(|p| vec![p])
-                }
+                Decision::WaitUntil(_) if st.closed => return Some(st.queues.take(1)),
                 Decision::WaitUntil(t) => {
+                    let t = st.queues.next_deadline().map_or(t, |d| d.min(t));
                     let wait = t.saturating_duration_since(now);
                     st = self
                         .ready
@@ -319,22 +528,131 @@ mod tests {
         );
     }
 
-    #[test]
-    fn full_queue_rejects_immediately() {
-        let s = Scheduler::new(SchedulerPolicy {
-            batching: None,
-            max_queue_size: 1,
-        });
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let mk = || Pending {
-            request: Arc::new(InferRequest::new("m")),
-            sink: tx.clone(),
+    fn pending(priority: u64, timeout_us: u64, at: Instant) -> (Pending, crate::request::ResponseStream) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut r = InferRequest::new("m");
+        r.priority = priority;
+        r.timeout_us = timeout_us;
+        r.id = format!("p{priority}-t{timeout_us}");
+        let p = Pending {
+            request: Arc::new(r),
+            sink: ResponseSink::new(tx),
             batch_size: 1,
             shape_key: vec![],
-            enqueued: Instant::now(),
+            enqueued: at,
+            deadline: None,
         };
-        s.enqueue(mk()).unwrap();
-        let e = s.enqueue(mk()).unwrap_err();
+        (p, rx)
+    }
+
+    fn order(q: &Queues) -> Vec<String> {
+        q.iter().map(|p| p.request.id.clone()).collect()
+    }
+
+    fn two_levels(action: TimeoutAction, override_ok: bool) -> SchedulerPolicy {
+        let qp = QueuePolicy {
+            max_queue_size: 0,
+            default_timeout: Duration::from_millis(10),
+            allow_timeout_override: override_ok,
+            timeout_action: action,
+        };
+        SchedulerPolicy {
+            batching: Some(policy(8, &[], 1_000_000)),
+            levels: vec![qp.clone(), qp],
+            default_level: 2,
+            preserve_ordering: false,
+        }
+    }
+
+    #[test]
+    fn priority_levels_dispatch_high_first_and_default_out_of_range() {
+        let p = two_levels(TimeoutAction::Reject, false);
+        assert_eq!((p.level_of(0), p.level_of(1), p.level_of(2), p.level_of(9)), (1, 0, 1, 1));
+        let t0 = Instant::now();
+        let mut q = Queues::new(2);
+        let mut keep = Vec::new();
+        for prio in [2, 0, 1] {
+            let (item, rx) = pending(prio, 0, t0);
+            keep.push(rx);
+            q.push(p.level_of(prio), &p.levels[p.level_of(prio)], item);
+        }
+        assert_eq!(order(&q), ["p1-t0", "p2-t0", "p0-t0"]);
+        assert_eq!(q.take(2).len(), 2);
+        assert_eq!(order(&q), ["p0-t0"]);
+    }
+
+    #[test]
+    fn timeouts_reject_or_delay_and_override_only_when_allowed() {
+        let t0 = Instant::now();
+        // Reject: the default 10 ms timeout applies; the request's own 1 s is not allowed.
+        let p = two_levels(TimeoutAction::Reject, false);
+        let mut q = Queues::new(2);
+        let (a, _ra) = pending(1, 1_000_000, t0);
+        q.push(0, &p.levels[0], a);
+        assert_eq!(q.next_deadline(), Some(t0 + Duration::from_millis(10)));
+        assert!(q.expire(&p.levels, t0 + Duration::from_millis(9)).is_empty());
+        let gone = q.expire(&p.levels, t0 + Duration::from_millis(10));
+        assert_eq!(gone.len(), 1);
+        assert!(q.is_empty());
+
+        // Override allowed: the request's 1 s wins over the default.
+        let p = two_levels(TimeoutAction::Reject, true);
+        let mut q = Queues::new(2);
+        let (a, _ra) = pending(1, 1_000_000, t0);
+        q.push(0, &p.levels[0], a);
+        assert_eq!(q.next_deadline(), Some(t0 + Duration::from_secs(1)));
+
+        // Delay: the expired request goes behind its level's others, ahead of level 2.
+        let p = two_levels(TimeoutAction::Delay, true);
+        let mut q = Queues::new(2);
+        let mut keep = Vec::new();
+        for (prio, timeout) in [(1, 5_000), (1, 50_000), (2, 50_000)] {
+            let (item, rx) = pending(prio, timeout, t0);
+            keep.push(rx);
+            q.push(p.level_of(prio), &p.levels[p.level_of(prio)], item);
+        }
+        assert!(q.expire(&p.levels, t0 + Duration::from_millis(6)).is_empty());
+        assert_eq!(order(&q), ["p1-t50000", "p1-t5000", "p2-t50000"]);
+        // A delayed request is never rejected later.
+        assert!(q.expire(&p.levels, t0 + Duration::from_millis(40)).is_empty());
+    }
+
+    #[test]
+    fn expired_request_is_answered_unavailable_and_counted_as_rejected() {
+        let stats = Arc::new(ModelStats::default());
+        let mut p = two_levels(TimeoutAction::Reject, true);
+        p.batching = Some(policy(8, &[], 60_000_000));
+        let s = Arc::new(Scheduler::new(p, stats.clone()));
+        let (mut item, mut rx) = pending(1, 1_000, Instant::now());
+        item.enqueued = Instant::now();
+        s.enqueue(item).unwrap();
+        let worker = {
+            let s = s.clone();
+            std::thread::spawn(move || while s.next_batch().is_some() {})
+        };
+        match rx.blocking_recv() {
+            Some(ResponseEvent::Error(e)) => {
+                assert_eq!(e.kind, crate::error::ErrorKind::Unavailable);
+                assert!(e.message.contains("timeout"), "{}", e.message);
+            }
+            other => panic!("expected a timeout error, got {other:?}"),
+        }
+        s.close();
+        worker.join().unwrap();
+        let snap = stats.snapshot();
+        assert_eq!(snap.fail.count, 1);
+        assert_eq!(snap.fail_reasons[FailReason::Rejected as usize], 1);
+    }
+
+    #[test]
+    fn full_queue_rejects_immediately() {
+        let mut p = SchedulerPolicy::default();
+        p.levels[0].max_queue_size = 1;
+        let s = Scheduler::new(p, Arc::new(ModelStats::default()));
+        let (a, _ra) = pending(0, 0, Instant::now());
+        let (b, _rb) = pending(0, 0, Instant::now());
+        s.enqueue(a).unwrap();
+        let e = s.enqueue(b).unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Unavailable);
         s.close();
         assert_eq!(s.next_batch().map(|b| b.len()), Some(1));

@@ -8,7 +8,8 @@ use serde_json::{json, Map, Value};
 use crate::error::{CoreError, CoreResult};
 use crate::model::ModelVersion;
 use crate::repository::{ControlMode, ModelManager, RepositoryOptions};
-use crate::request::{InferRequest, InferResponse, ResponseEvent, ResponseStream};
+use crate::stats::FailReason;
+use crate::request::{InferRequest, InferResponse, ResponseEvent, ResponseSink, ResponseStream};
 
 /// Server-wide options.
 #[derive(Debug, Clone)]
@@ -173,7 +174,7 @@ impl Server {
         }
         let mv = self.model(&request.model_name, request.model_version)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        mv.submit(request, tx)?;
+        mv.submit(request, ResponseSink::new(tx))?;
         Ok(rx)
     }
 
@@ -263,7 +264,9 @@ impl Server {
     /// model exists), as Triton does.
     pub fn record_malformed(&self, name: &str, version: Option<i64>) {
         if let Ok(mv) = self.model(name, version) {
-            mv.shared.stats.record_failure(std::time::Duration::ZERO);
+            mv.shared
+                .stats
+                .record_failure(std::time::Duration::ZERO, FailReason::Other);
         }
     }
 

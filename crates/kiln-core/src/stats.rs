@@ -35,6 +35,39 @@ pub struct ComputeTimes {
     pub output: Duration,
 }
 
+/// Why a request failed, as Triton's `nv_inference_request_failure{reason=...}` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// Refused by the scheduler: queue full or queue timeout.
+    Rejected,
+    /// The client went away before it ran.
+    Canceled,
+    /// The backend returned an error.
+    Backend,
+    /// Anything else (e.g. the request did not validate).
+    Other,
+}
+
+impl FailReason {
+    /// Every reason, in the order of [`StatsSnapshot::fail_reasons`].
+    pub const ALL: [FailReason; 4] = [
+        FailReason::Rejected,
+        FailReason::Canceled,
+        FailReason::Backend,
+        FailReason::Other,
+    ];
+
+    /// Triton's label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailReason::Rejected => "REJECTED",
+            FailReason::Canceled => "CANCELED",
+            FailReason::Backend => "BACKEND",
+            FailReason::Other => "OTHER",
+        }
+    }
+}
+
 /// Snapshot of every counter.
 #[derive(Debug, Default, Clone)]
 pub struct StatsSnapshot {
@@ -43,6 +76,8 @@ pub struct StatsSnapshot {
     pub execution_count: u64,
     pub success: Dur,
     pub fail: Dur,
+    /// Failures per [`FailReason`], indexed as [`FailReason::ALL`].
+    pub fail_reasons: [u64; 4],
     pub queue: Dur,
     pub compute_input: Dur,
     pub compute_infer: Dur,
@@ -84,9 +119,10 @@ impl ModelStats {
     }
 
     /// A request failed after `total`.
-    pub fn record_failure(&self, total: Duration) {
+    pub fn record_failure(&self, total: Duration, reason: FailReason) {
         self.with(|s| {
             s.fail.add(total);
+            s.fail_reasons[reason as usize] += 1;
             s.last_inference_ms = now_ms();
         })
     }
@@ -156,7 +192,7 @@ mod tests {
         for _ in 0..3 {
             s.record_success(Duration::from_nanos(100), Duration::from_nanos(5), c);
         }
-        s.record_failure(Duration::from_nanos(7));
+        s.record_failure(Duration::from_nanos(7), FailReason::Rejected);
         let j = s.to_json("m", 1);
         assert_eq!(j["inference_count"], 3);
         assert_eq!(j["execution_count"], 1);
