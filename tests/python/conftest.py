@@ -18,20 +18,22 @@ class Kiln:
              "--grpc-port", "0", "--metrics-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.port = self.grpc_port = None
+        ports = {}
         deadline = time.time() + 30
         for line in self.proc.stdout:
-            m = re.search(r"Started (HTTPService|GRPCInferenceService) at \S+:(\d+)", line)
-            if m and m.group(1) == "HTTPService":
-                self.port = int(m.group(2))
-            elif m:
-                self.grpc_port = int(m.group(2))
-            if (self.port and self.grpc_port) or time.time() > deadline:
+            m = re.search(r"Started (HTTPService|GRPCInferenceService|Metrics Service) at \S+:(\d+)", line)
+            if m:
+                ports[m.group(1)] = int(m.group(2))
+            if len(ports) == 3 or time.time() > deadline:
                 break
-        assert self.port and self.grpc_port, "kiln did not start"
+        assert len(ports) == 3, f"kiln did not start: {ports}"
+        self.port = ports["HTTPService"]
+        self.grpc_port = ports["GRPCInferenceService"]
+        self.metrics_port = ports["Metrics Service"]
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
         self.url = f"localhost:{self.port}"
         self.grpc_url = f"localhost:{self.grpc_port}"
+        self.metrics_url = f"http://localhost:{self.metrics_port}/metrics"
 
     def stop(self):
         self.proc.terminate()

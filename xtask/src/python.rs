@@ -13,6 +13,8 @@ const PACKAGES: &[&str] = &[
     "numpy<2.3",
     "pytest==8.3.4",
     "requests==2.32.3",
+    // The reference parser for Prometheus' text format, used to read /metrics.
+    "prometheus-client==0.21.1",
     // perf_analyzer links libcudart.so.12 (unused on CPU); this wheel provides it.
     "nvidia-cuda-runtime-cu12==12.4.127",
 ];

@@ -119,7 +119,7 @@ impl Inflight {
         }
         let ok = !matches!(event, ResponseEvent::Error(_));
         st.finished = Some(ok);
-        let _ = self.sink.send(event);
+        self.sink.send(event);
         self.maybe_record(&mut st);
         true
     }
@@ -424,7 +424,7 @@ unsafe extern "C" fn h_response_send(
     if last || matches!(event, ResponseEvent::Error(_)) {
         inf.finish(event);
     } else {
-        let _ = inf.sink.send(event);
+        inf.sink.send(event);
     }
     std::ptr::null_mut()
 }

@@ -232,10 +232,13 @@ impl Queues {
             if !main.iter().any(|p| p.deadline.is_some_and(|d| d <= now)) {
                 continue;
             }
-            let action = policies.get(i).map(|p| p.timeout_action).unwrap_or_default();
+            let action = policies
+                .get(i)
+                .map(|p| p.timeout_action)
+                .unwrap_or_default();
             let (keep, expired): (VecDeque<_>, VecDeque<_>) = main
                 .drain(..)
-                .partition(|p| !p.deadline.is_some_and(|d| d <= now));
+                .partition(|p| p.deadline.is_none_or(|d| d > now));
             *main = keep;
             match action {
                 TimeoutAction::Reject => rejected.extend(expired),
@@ -528,7 +531,11 @@ mod tests {
         );
     }
 
-    fn pending(priority: u64, timeout_us: u64, at: Instant) -> (Pending, crate::request::ResponseStream) {
+    fn pending(
+        priority: u64,
+        timeout_us: u64,
+        at: Instant,
+    ) -> (Pending, crate::request::ResponseStream) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut r = InferRequest::new("m");
         r.priority = priority;
@@ -567,7 +574,10 @@ mod tests {
     #[test]
     fn priority_levels_dispatch_high_first_and_default_out_of_range() {
         let p = two_levels(TimeoutAction::Reject, false);
-        assert_eq!((p.level_of(0), p.level_of(1), p.level_of(2), p.level_of(9)), (1, 0, 1, 1));
+        assert_eq!(
+            (p.level_of(0), p.level_of(1), p.level_of(2), p.level_of(9)),
+            (1, 0, 1, 1)
+        );
         let t0 = Instant::now();
         let mut q = Queues::new(2);
         let mut keep = Vec::new();
@@ -590,7 +600,9 @@ mod tests {
         let (a, _ra) = pending(1, 1_000_000, t0);
         q.push(0, &p.levels[0], a);
         assert_eq!(q.next_deadline(), Some(t0 + Duration::from_millis(10)));
-        assert!(q.expire(&p.levels, t0 + Duration::from_millis(9)).is_empty());
+        assert!(q
+            .expire(&p.levels, t0 + Duration::from_millis(9))
+            .is_empty());
         let gone = q.expire(&p.levels, t0 + Duration::from_millis(10));
         assert_eq!(gone.len(), 1);
         assert!(q.is_empty());
@@ -611,10 +623,14 @@ mod tests {
             keep.push(rx);
             q.push(p.level_of(prio), &p.levels[p.level_of(prio)], item);
         }
-        assert!(q.expire(&p.levels, t0 + Duration::from_millis(6)).is_empty());
+        assert!(q
+            .expire(&p.levels, t0 + Duration::from_millis(6))
+            .is_empty());
         assert_eq!(order(&q), ["p1-t50000", "p1-t5000", "p2-t50000"]);
         // A delayed request is never rejected later.
-        assert!(q.expire(&p.levels, t0 + Duration::from_millis(40)).is_empty());
+        assert!(q
+            .expire(&p.levels, t0 + Duration::from_millis(40))
+            .is_empty());
     }
 
     #[test]

@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value};
 use crate::error::{CoreError, CoreResult};
 use crate::model::ModelVersion;
 use crate::repository::{ControlMode, ModelManager, RepositoryOptions};
-use crate::stats::FailReason;
 use crate::request::{InferRequest, InferResponse, ResponseEvent, ResponseSink, ResponseStream};
+use crate::stats::FailReason;
 
 /// Server-wide options.
 #[derive(Debug, Clone)]

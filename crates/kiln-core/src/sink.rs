@@ -145,7 +145,9 @@ mod tests {
         let mut v = Vec::new();
         while let Ok(e) = rx.try_recv() {
             v.push(match e {
-                ResponseEvent::Response { response, last } => format!("{}{}", response.id, if last { "!" } else { "" }),
+                ResponseEvent::Response { response, last } => {
+                    format!("{}{}", response.id, if last { "!" } else { "" })
+                }
                 ResponseEvent::Error(_) => "err".into(),
                 ResponseEvent::Final => "final".into(),
             });

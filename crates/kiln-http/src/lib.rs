@@ -47,6 +47,42 @@ pub async fn serve(
     grace: Duration,
 ) {
     let state = Arc::new(routes::State { server, opts });
+    accept_loop(
+        listener,
+        move |req| routes::handle(state.clone(), req),
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// Serves Prometheus metrics (`GET /metrics`) on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    server: Arc<Server>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let cpu = Arc::new(kiln_metrics::CpuSampler::default());
+    accept_loop(
+        listener,
+        move |req| routes::metrics(server.clone(), cpu.clone(), req),
+        shutdown,
+        Duration::from_secs(1),
+    )
+    .await
+}
+
+/// Accepts connections and answers each request with `handler`; on `shutdown`, stops
+/// accepting and waits up to `grace` for open connections.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = http::Response<body::ChunkedBody>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
@@ -61,10 +97,10 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
+                let handler = handler.clone();
                 let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(routes::handle(state, req).await) }
+                    let fut = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn.into_owned());

@@ -133,6 +133,29 @@ fn body_json(body: &[u8]) -> Result<Value, CoreError> {
         .map_err(|e| CoreError::invalid(format!("failed to parse the request JSON: {e}")))
 }
 
+/// The metrics endpoint: `GET /metrics` in Prometheus' text format.
+pub async fn metrics(
+    server: Arc<Server>,
+    cpu: Arc<kiln_metrics::CpuSampler>,
+    req: Request<Incoming>,
+) -> Resp {
+    if req.method() != Method::GET || req.uri().path().trim_end_matches('/') != "/metrics" {
+        return error_status(
+            StatusCode::NOT_FOUND,
+            "the metrics endpoint is GET /metrics",
+        );
+    }
+    match tokio::task::spawn_blocking(move || kiln_metrics::render(&server, &cpu)).await {
+        Ok(Ok(text)) => respond(
+            StatusCode::OK,
+            Some(kiln_metrics::CONTENT_TYPE),
+            vec![Bytes::from(text)],
+        ),
+        Ok(Err(e)) => error_status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error_status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// Routes one request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();

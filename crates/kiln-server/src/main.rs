@@ -64,9 +64,15 @@ struct Args {
     /// Largest gRPC message received or sent, in bytes (Triton's limit: 2^31-1).
     #[arg(long = "grpc-max-message-size", default_value_t = i32::MAX as usize)]
     grpc_max_message_size: usize,
-    /// Metrics port (reserved; the metrics endpoint is not in this build).
+    /// Prometheus metrics port (`GET /metrics`; 0 picks a free port).
     #[arg(long = "metrics-port", default_value_t = 8002)]
     metrics_port: u16,
+    /// Address the metrics server binds (default: the HTTP address).
+    #[arg(long = "metrics-address")]
+    metrics_address: Option<String>,
+    /// Serve Prometheus metrics.
+    #[arg(long = "allow-metrics", default_value_t = true, action = clap::ArgAction::Set)]
+    allow_metrics: bool,
     /// Model control mode.
     #[arg(long = "model-control-mode", value_enum, default_value_t = Mode::None)]
     model_control_mode: Mode,
@@ -214,6 +220,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Err(e) = kiln_grpc::serve(listener, s, grpc_opts, stop, grace).await {
                 tracing::error!("gRPC server failed: {e}");
             }
+        }));
+    }
+    if args.allow_metrics {
+        let host = args
+            .metrics_address
+            .as_deref()
+            .unwrap_or(&args.http_address);
+        let addr: SocketAddr = format!("{host}:{}", args.metrics_port)
+            .parse()
+            .context("invalid --metrics-address")?;
+        let listener = kiln_http::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind metrics on {addr}"))?;
+        tracing::info!("Started Metrics Service at {}", listener.local_addr()?);
+        let mut rx = stop_rx.clone();
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            kiln_http::serve_metrics(listener, s, async move {
+                let _ = rx.changed().await;
+            })
+            .await
         }));
     }
     shutdown_signal().await;

@@ -1,0 +1,142 @@
+//! Prometheus metrics with Triton's names and labels, rendered at scrape time from the
+//! core's per-model statistics (the same numbers `/v2/models/stats` reports), plus the
+//! host's CPU and memory gauges.
+//!
+//! The `prometheus` crate writes the classic text format (0.0.4) that Triton serves, so
+//! counters keep Triton's exact names (OpenMetrics encoders would append `_total`, which
+//! would break dashboards written for Triton).
+mod system;
+
+use kiln_core::stats::FailReason;
+use kiln_core::Server;
+use prometheus::{Encoder, Gauge, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub use system::CpuSampler;
+
+/// Content type of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+type Metric<'a> = (
+    &'a str,
+    &'a str,
+    fn(&kiln_core::stats::StatsSnapshot) -> u64,
+);
+
+/// Triton's per-model counters: name, help, value.
+const COUNTERS: &[Metric<'static>] = &[
+    (
+        "nv_inference_request_success",
+        "Number of successful inference requests, all batch sizes",
+        |s| s.success.count,
+    ),
+    (
+        "nv_inference_count",
+        "Number of inferences performed (does not include cached requests)",
+        |s| s.inference_count,
+    ),
+    (
+        "nv_inference_exec_count",
+        "Number of model executions performed (does not include cached requests)",
+        |s| s.execution_count,
+    ),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative inference request duration in microseconds (includes cached requests)",
+        |s| s.success.ns / 1000,
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "Cumulative inference queuing duration in microseconds (includes cached requests)",
+        |s| s.queue.ns / 1000,
+    ),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative compute input duration in microseconds (does not include cached requests)",
+        |s| s.compute_input.ns / 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative compute inference duration in microseconds (does not include cached requests)",
+        |s| s.compute_infer.ns / 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative inference compute output duration in microseconds (does not include cached requests)",
+        |s| s.compute_output.ns / 1000,
+    ),
+];
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// Renders every metric in Prometheus' text format.
+pub fn render(server: &Server, cpu: &CpuSampler) -> prometheus::Result<String> {
+    let r = Registry::new();
+    let labels = ["model", "version"];
+    let counters: Vec<(IntCounterVec, _)> = COUNTERS
+        .iter()
+        .map(|(name, help, value)| Ok((counter(&r, name, help, &labels)?, *value)))
+        .collect::<prometheus::Result<_>>()?;
+    let failure = counter(
+        &r,
+        "nv_inference_request_failure",
+        "Number of failed inference requests, all batch sizes",
+        &["model", "version", "reason"],
+    )?;
+    let pending = IntGaugeVec::new(
+        Opts::new(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution per-model.",
+        ),
+        &labels,
+    )?;
+    r.register(Box::new(pending.clone()))?;
+
+    for mv in server.models().ready_versions() {
+        let (name, version) = (mv.shared.name.as_str(), mv.shared.version.to_string());
+        let lv = [name, version.as_str()];
+        let snap = mv.shared.stats.snapshot();
+        for (c, value) in &counters {
+            c.with_label_values(&lv).inc_by(value(&snap));
+        }
+        for reason in FailReason::ALL {
+            failure
+                .with_label_values(&[name, version.as_str(), reason.label()])
+                .inc_by(snap.fail_reasons[reason as usize]);
+        }
+        pending.with_label_values(&lv).set(mv.pending() as i64);
+    }
+
+    let gauge = |name: &str, help: &str, v: f64| -> prometheus::Result<()> {
+        let g = Gauge::with_opts(Opts::new(name, help))?;
+        g.set(v);
+        r.register(Box::new(g))
+    };
+    if let Some(u) = cpu.utilization() {
+        gauge("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", u)?;
+    }
+    if let Some((total, used)) = system::memory() {
+        gauge(
+            "nv_cpu_memory_total_bytes",
+            "CPU total memory (RAM), in bytes",
+            total as f64,
+        )?;
+        gauge(
+            "nv_cpu_memory_used_bytes",
+            "CPU used memory (RAM), in bytes",
+            used as f64,
+        )?;
+    }
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out)?;
+    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
