@@ -6,7 +6,8 @@
 //! * `serve`  — `build`, then starts the server on `model_repository/` (extra args pass through).
 //! * `test`   — `build`, the Rust tests, then the Python suite with the real `tritonclient`
 //!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
-//! * `bench`  — perf_analyzer against a running Kiln: throughput and latency per concurrency.
+//! * `bench`  — criterion microbenchmarks (request decode/encode, batch gather/scatter),
+//!   then perf_analyzer against a running Kiln: throughput and latency per concurrency.
 mod python;
 
 use std::path::{Path, PathBuf};
@@ -139,6 +140,12 @@ fn test() -> Result<()> {
 fn bench(extra: &[String]) -> Result<()> {
     let dist = build()?;
     let root = root();
+    // Criterion microbenchmarks of the request path's hot pieces.
+    run(cargo()
+        .current_dir(&root)
+        .args(["bench", "-p", "kiln-http", "-p", "kiln-sdk"])
+        .args(["--bench", "request_path", "--bench", "batch", "--"])
+        .args(["--warm-up-time", "1", "--measurement-time", "3"]))?;
     let py = python::ensure_venv(&root)?;
     run(Command::new(py.join("bin").join("python"))
         .current_dir(&root)

@@ -22,7 +22,7 @@ pub use dtype::{bytes_elements, push_bytes_element, DataType};
 pub use error::{Error, ErrorCode, Result};
 pub use host::{log, LogLevel};
 pub use kiln_abi as abi;
-pub use request::{Request, Response, Tensor};
+pub use request::{batch_rows, concat_batch, Request, Response, Tensor};
 
 /// Facts about a model, from its config and repository.
 #[derive(Debug, Clone)]

@@ -185,31 +185,50 @@ impl<'a> Request<'a> {
     /// Returns the joined bytes and the joined shape. Fails if the non-batch dimensions
     /// or types differ.
     pub fn gather(requests: &[Request<'_>], name: &str) -> Result<(DataType, Vec<i64>, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut shape: Option<Vec<i64>> = None;
-        let mut dtype = None;
-        for r in requests {
-            let t = r.require_input(name)?;
-            match (&mut shape, dtype) {
-                (None, _) => {
-                    shape = Some(t.shape.to_vec());
-                    dtype = Some(t.dtype);
-                }
-                (Some(sh), Some(dt)) => {
-                    if dt != t.dtype || sh.len() != t.shape.len() || sh[1..] != t.shape[1..] {
-                        return Err(Error::invalid_arg(format!(
-                            "input '{name}' has different shapes or types across the batch"
-                        )));
-                    }
-                    sh[0] += t.shape.first().copied().unwrap_or(1);
-                }
-                _ => unreachable!(),
-            }
-            out.extend_from_slice(t.data);
-        }
-        let shape = shape.ok_or_else(|| Error::invalid_arg("empty batch"))?;
-        Ok((dtype.unwrap_or(DataType::Bytes), shape, out))
+        let tensors = requests
+            .iter()
+            .map(|r| r.require_input(name))
+            .collect::<Result<Vec<_>>>()?;
+        concat_batch(name, &tensors)
     }
+}
+
+/// Concatenates tensors along the batch (first) dimension: the joined type, shape and
+/// bytes. Fails if the types or the non-batch dimensions differ.
+pub fn concat_batch(name: &str, tensors: &[Tensor<'_>]) -> Result<(DataType, Vec<i64>, Vec<u8>)> {
+    let first = tensors
+        .first()
+        .ok_or_else(|| Error::invalid_arg("empty batch"))?;
+    let mut shape = first.shape.to_vec();
+    if shape.is_empty() {
+        return Err(Error::invalid_arg(format!(
+            "input '{name}' has no batch dimension"
+        )));
+    }
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum());
+    out.extend_from_slice(first.data);
+    for t in &tensors[1..] {
+        if t.dtype != first.dtype || t.shape.len() != shape.len() || t.shape[1..] != shape[1..] {
+            return Err(Error::invalid_arg(format!(
+                "input '{name}' has different shapes or types across the batch"
+            )));
+        }
+        shape[0] += t.shape[0];
+        out.extend_from_slice(t.data);
+    }
+    Ok((first.dtype, shape, out))
+}
+
+/// Rows `first_row..first_row + rows` of a batched buffer with `row_bytes` per row.
+pub fn batch_rows(
+    batched: &[u8],
+    first_row: usize,
+    rows: usize,
+    row_bytes: usize,
+) -> Option<&[u8]> {
+    batched.get(
+        first_row.checked_mul(row_bytes)?..(first_row.checked_add(rows)?).checked_mul(row_bytes)?,
+    )
 }
 
 fn tensor_from_view<'a>(v: &'a KilnTensorView) -> Option<Tensor<'a>> {
@@ -324,8 +343,7 @@ impl Response<'_> {
         let mut shape = Vec::with_capacity(item_shape.len() + 1);
         shape.push(rows as i64);
         shape.extend_from_slice(item_shape);
-        let src = batched
-            .get(first_row * row_bytes..(first_row + rows) * row_bytes)
+        let src = batch_rows(batched, first_row, rows, row_bytes)
             .ok_or_else(|| Error::internal(format!("batched output '{name}' is too short")))?;
         self.output(name, dtype, &shape, src.len())?
             .copy_from_slice(src);
