@@ -397,3 +397,26 @@ def test_grpc_health_service(kiln):
                            request_serializer=lambda b: b, response_deserializer=lambda b: b)
     assert check(b"") == b"\x08\x01"
     ch.close()
+
+
+def test_sigterm_finishes_in_flight_grpc_requests():
+    from conftest import Kiln
+    k = Kiln("--model-control-mode", "explicit")
+    try:
+        c = grpcclient.InferenceServerClient(url=k.grpc_url)
+        cfg = {"name": "identity_fp32", "backend": "identity", "max_batch_size": 1,
+               "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+               "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+               "parameters": {"execute_delay_ms": {"string_value": "500"}}}
+        c.load_model("identity_fp32", config=json.dumps(cfg))
+        x = np.full((1, 3), 2.5, dtype=np.float32)
+        i = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+        i.set_data_from_numpy(x)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(c.infer, "identity_fp32", [i])
+            time.sleep(0.2)
+            k.proc.terminate()
+            np.testing.assert_array_equal(fut.result(timeout=20).as_numpy("OUTPUT0"), x)
+        assert k.proc.wait(timeout=30) == 0
+    finally:
+        k.stop()
