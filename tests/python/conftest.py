@@ -12,9 +12,9 @@ REPO = os.environ.get("KILN_REPO", os.path.join(os.path.dirname(__file__), "..",
 
 
 class Kiln:
-    def __init__(self, *args):
+    def __init__(self, *args, repo=REPO):
         self.proc = subprocess.Popen(
-            [os.path.join(DIST, "kiln"), "--model-repository", REPO, "--http-port", "0",
+            [os.path.join(DIST, "kiln"), "--model-repository", repo, "--http-port", "0",
              "--grpc-port", "0", "--metrics-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

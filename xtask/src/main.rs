@@ -8,6 +8,7 @@
 //!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
 //! * `bench`  — criterion microbenchmarks (request decode/encode, batch gather/scatter),
 //!   then perf_analyzer against a running Kiln: throughput and latency per concurrency.
+mod models;
 mod python;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 const WORKSPACE_BACKENDS: &[(&str, &str)] = &[
     ("identity", "identity"),
     ("repeat", "repeat"),
+    ("candle-backend", "candle"),
     ("kiln-faulty-backend", "faulty"),
 ];
 /// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).
@@ -103,8 +105,13 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+fn fetch_models() -> Result<()> {
+    models::fetch_models(&root(), &target_dir().join("model-cache"))
+}
+
 fn serve(extra: &[String]) -> Result<()> {
     let dist = build()?;
+    fetch_models()?;
     let repo = root().join("model_repository");
     println!("Kiln: HTTP on http://localhost:8000  (health: /v2/health/ready, models: /v2/models/<name>)");
     println!("      model repository {}", repo.display());
@@ -121,6 +128,7 @@ fn serve(extra: &[String]) -> Result<()> {
 
 fn test() -> Result<()> {
     let dist = build()?;
+    fetch_models()?;
     let root = root();
     run(cargo().current_dir(&root).env("KILN_DIST", &dist).args([
         "test",
@@ -139,6 +147,7 @@ fn test() -> Result<()> {
 
 fn bench(extra: &[String]) -> Result<()> {
     let dist = build()?;
+    fetch_models()?;
     let root = root();
     // Criterion microbenchmarks of the request path's hot pieces.
     run(cargo()
@@ -161,10 +170,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("build") => build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
+        Some("fetch-models") => fetch_models(),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <build|serve|test|bench> [args]");
+            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models> [args]");
             std::process::exit(2)
         }
     }

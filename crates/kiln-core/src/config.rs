@@ -239,6 +239,14 @@ pub fn normalize(
         if g.kind == Kind::Gpu as i32 && g.gpus.is_empty() {
             g.gpus = (0..gpu_count.max(1) as i32).collect();
         }
+        if g.kind == Kind::Gpu as i32 {
+            if let Some(bad) = g.gpus.iter().find(|&&id| id < 0 || id as u32 >= gpu_count) {
+                return Err(invalid(format!(
+                    "instance group {} of model {} specifies invalid or unsupported gpu id {bad}: this machine has {gpu_count} NVIDIA GPU(s)",
+                    g.name, cfg.name
+                )));
+            }
+        }
         if g.kind == Kind::Cpu as i32 && !g.gpus.is_empty() {
             return Err(invalid(format!(
                 "instance group '{}' is KIND_CPU and must not list 'gpus'",
