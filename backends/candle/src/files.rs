@@ -13,7 +13,8 @@ pub const FETCH_HINT: &str =
 /// Everything read from the model folder and the config's `parameters`.
 pub struct ModelFiles {
     pub weights: PathBuf,
-    pub tokenizer: PathBuf,
+    /// Needed only when the model takes TEXT (token-id inputs need none).
+    pub tokenizer: Option<PathBuf>,
     pub config: BertConfig,
     pub pooling: Pooling,
     pub normalize: bool,
@@ -45,7 +46,14 @@ impl ModelFiles {
     /// Reads the folder `dir`; `config` is the model config (Triton JSON) for overrides.
     pub fn load(dir: &Path, config: &Value) -> Result<Self> {
         let weights = require(dir, "model.safetensors")?;
-        let tokenizer = require(dir, "tokenizer.json")?;
+        let takes_text = config["input"]
+            .as_array()
+            .is_some_and(|ins| ins.iter().any(|i| i["name"] == "TEXT"));
+        let tokenizer = if takes_text {
+            Some(require(dir, "tokenizer.json")?)
+        } else {
+            None
+        };
         let bert_json = require(dir, "config.json")?;
         let bert: BertConfig = serde_json::from_str(
             &std::fs::read_to_string(&bert_json)

@@ -31,7 +31,7 @@ pub struct CandleBackend;
 /// A loaded model: files, settings and the tokenizer (shared by instances).
 pub struct EmbeddingModel {
     files: Arc<ModelFiles>,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 /// One instance: the network's weights on its device.
@@ -39,7 +39,7 @@ pub struct EmbeddingInstance {
     bert: Bert,
     device: Device,
     files: Arc<ModelFiles>,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 fn candle_err(e: candle_core::Error) -> Error {
@@ -65,23 +65,31 @@ impl Backend for CandleBackend {
             }
         }
         let files = ModelFiles::load(&info.version_path(), &config)?;
-        let mut tokenizer = Tokenizer::from_file(&files.tokenizer)
-            .map_err(|e| Error::invalid_arg(format!("{}: {e}", files.tokenizer.display())))?;
-        // The batch is padded to its longest sequence at execution, not to the tokenizer
-        // file's fixed length; sequences are cut at the model's max_seq_length as
-        // sentence-transformers does.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: files.max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::invalid_arg(format!("tokenizer truncation: {e}")))?;
+        let tokenizer = match &files.tokenizer {
+            Some(path) => Some(Arc::new(load_tokenizer(path, files.max_len)?)),
+            None => None,
+        };
         Ok(EmbeddingModel {
             files: Arc::new(files),
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
         })
     }
+}
+
+/// Reads `tokenizer.json`. The batch is padded to its longest sequence at execution, not to
+/// the file's fixed length; sequences are cut at the model's max_seq_length as
+/// sentence-transformers does.
+fn load_tokenizer(path: &std::path::Path, max_len: usize) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_file(path)
+        .map_err(|e| Error::invalid_arg(format!("{}: {e}", path.display())))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::invalid_arg(format!("tokenizer truncation: {e}")))?;
+    Ok(tokenizer)
 }
 
 /// The device an instance asks for.
@@ -144,8 +152,12 @@ impl EmbeddingInstance {
                         .map_err(|_| Error::invalid_arg("TEXT must be UTF-8"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let enc = self
-                .tokenizer
+            let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
+                Error::invalid_arg(
+                    "this model has no tokenizer.json: send INPUT_IDS instead of TEXT",
+                )
+            })?;
+            let enc = tokenizer
                 .encode_batch(strings, true)
                 .map_err(|e| Error::invalid_arg(format!("tokenizer: {e}")))?;
             return Ok(enc
