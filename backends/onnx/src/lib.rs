@@ -1,0 +1,274 @@
+//! The `onnx` backend: ONNX models (`platform: "onnxruntime_onnx"`, `backend: "onnxruntime"`
+//! or `backend: "onnx"`) read with candle-onnx and run by Kiln's own executor on candle —
+//! planned once per instance (see [`plan`]), CPU or CUDA.
+pub mod attrs;
+pub mod convert;
+pub mod ops;
+pub mod plan;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::ModelProto;
+use kiln_sdk::{
+    export_backend, Backend, DataType, Error, ErrorCode, Instance, InstanceInfo, InstanceKind,
+    Model, ModelInfo, Request, Response, Result,
+};
+use serde_json::Value;
+
+use plan::Plan;
+
+/// The backend (stateless).
+pub struct OnnxBackend;
+
+/// A loaded model file, shared by the instances.
+pub struct OnnxModel {
+    proto: Arc<ModelProto>,
+    path: PathBuf,
+    batching: bool,
+}
+
+/// One instance: the planned graph on its device.
+pub struct OnnxInstance {
+    plan: Plan,
+    batching: bool,
+}
+
+/// Reads the model file named by `default_model_filename` (default `model.onnx`).
+fn model_path(info: &ModelInfo, config: &Value) -> PathBuf {
+    let file = config["default_model_filename"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("model.onnx");
+    info.version_path().join(file)
+}
+
+/// Checks the config's inputs and outputs against the graph's, naming the tensor at fault.
+fn check_io(config: &Value, plan: &Plan) -> Result<()> {
+    let batching = config["max_batch_size"].as_i64().unwrap_or(0) > 0;
+    for (kind, list, graph) in [
+        ("input", "input", &plan.inputs),
+        ("output", "output", &plan.outputs),
+    ] {
+        for t in config[list].as_array().into_iter().flatten() {
+            let name = t["name"].as_str().unwrap_or("");
+            let g = graph.iter().find(|g| g.name == name).ok_or_else(|| {
+                let known: Vec<&str> = graph.iter().map(|g| g.name.as_str()).collect();
+                Error::invalid_arg(format!(
+                    "{kind} '{name}' of the config is not a graph {kind} (the graph has {known:?})"
+                ))
+            })?;
+            let cfg_type = t["data_type"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("TYPE_");
+            if let Some(dt) = g.dtype {
+                let graph_type = dt.config_name().trim_start_matches("TYPE_");
+                if cfg_type != graph_type {
+                    return Err(Error::invalid_arg(format!(
+                        "{kind} '{name}': the config says {cfg_type} but the graph has {graph_type}"
+                    )));
+                }
+            }
+            let dims: Vec<i64> = t["dims"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_i64)
+                .collect();
+            let gdims = if batching && !g.dims.is_empty() {
+                &g.dims[1..]
+            } else {
+                &g.dims[..]
+            };
+            if !g.dims.is_empty() && t["reshape"].is_null() {
+                let ok = dims.len() == gdims.len()
+                    && dims
+                        .iter()
+                        .zip(gdims)
+                        .all(|(&c, &m)| c == -1 || m == -1 || c == m);
+                if !ok {
+                    return Err(Error::invalid_arg(format!(
+                        "{kind} '{name}': config dims {dims:?} do not match the graph's {gdims:?}{}",
+                        if batching { " (after the batch dimension)" } else { "" }
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Backend for OnnxBackend {
+    type Model = OnnxModel;
+
+    fn initialize() -> Result<Self> {
+        Ok(OnnxBackend)
+    }
+
+    fn load_model(&self, info: &ModelInfo) -> Result<OnnxModel> {
+        let config: Value = serde_json::from_str(&info.config_json)
+            .map_err(|e| Error::internal(format!("bad config JSON: {e}")))?;
+        let path = model_path(info, &config);
+        if !path.is_file() {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("model file {} not found", path.display()),
+            ));
+        }
+        let proto = candle_onnx::read_file(&path).map_err(|e| {
+            Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
+        })?;
+        if let Some(g) = proto.graph.as_ref() {
+            let missing = plan::unsupported_ops(g);
+            if !missing.is_empty() {
+                return Err(Error::unsupported(format!(
+                    "{}: unsupported ONNX operators: {}",
+                    path.display(),
+                    missing.join(", ")
+                )));
+            }
+        }
+        // Plan once on the CPU to validate the graph and the config's tensors at load.
+        let plan = Plan::new(&proto, &Device::Cpu)
+            .map_err(|e| Error::invalid_arg(format!("{}: {e}", path.display())))?;
+        check_io(&config, &plan)?;
+        Ok(OnnxModel {
+            proto: Arc::new(proto),
+            path,
+            batching: config["max_batch_size"].as_i64().unwrap_or(0) > 0,
+        })
+    }
+}
+
+fn device(kind: InstanceKind) -> Result<Device> {
+    match kind {
+        InstanceKind::Cpu | InstanceKind::Model => Ok(Device::Cpu),
+        InstanceKind::Gpu(_) => Err(Error::unsupported(
+            "KIND_GPU: the onnx backend runs on the CPU in this build (use KIND_CPU)",
+        )),
+    }
+}
+
+impl Model for OnnxModel {
+    type Instance = OnnxInstance;
+
+    fn new_instance(&self, info: &InstanceInfo) -> Result<OnnxInstance> {
+        let dev = device(info.kind)?;
+        let plan = Plan::new(&self.proto, &dev)
+            .map_err(|e| Error::invalid_arg(format!("{}: {e}", self.path.display())))?;
+        Ok(OnnxInstance {
+            plan,
+            batching: self.batching,
+        })
+    }
+}
+
+impl OnnxInstance {
+    /// Runs the graph once on `inputs` (name → tensor).
+    fn run(
+        &self,
+        inputs: Vec<(&str, DataType, Vec<i64>, &[u8])>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut values = HashMap::new();
+        for (name, dt, shape, data) in inputs {
+            values.insert(
+                name.to_string(),
+                convert::to_tensor(dt, &shape, data, self.plan.device())?,
+            );
+        }
+        self.plan.run(values).map_err(Error::internal)
+    }
+
+    fn output_type(&self, name: &str) -> Result<DataType> {
+        self.plan
+            .outputs
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.dtype)
+            .ok_or_else(|| Error::unsupported(format!("output '{name}' has an unsupported type")))
+    }
+
+    /// Writes each requested output (only rows `first..first + n` when `rows` is given)
+    /// into `response`.
+    fn fill(
+        &self,
+        request: &Request<'_>,
+        response: &mut Response,
+        outputs: &HashMap<String, Tensor>,
+        rows: Option<(usize, usize)>,
+    ) -> Result<()> {
+        for name in request.requested_outputs() {
+            let Some(t) = outputs.get(name) else { continue };
+            let t = match rows {
+                Some((first, n)) => t
+                    .narrow(0, first, n)
+                    .map_err(|e| Error::internal(format!("output '{name}': {e}")))?,
+                None => t.clone(),
+            };
+            let dt = self.output_type(name)?;
+            let bytes = convert::to_bytes(&t, dt)?;
+            let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+            response
+                .output(name, dt, &shape, bytes.len())?
+                .copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+}
+
+impl Instance for OnnxInstance {
+    fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
+        let inputs = request
+            .inputs()
+            .map(|t| (t.name, t.dtype, t.shape.to_vec(), t.data))
+            .collect();
+        let outputs = self.run(inputs)?;
+        self.fill(request, response, &outputs, None)
+    }
+
+    /// A dynamic batch runs as one graph execution: inputs are concatenated along the
+    /// batch dimension (the scheduler only merges requests with equal other dimensions)
+    /// and each request gets its rows of every output.
+    fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
+        if !self.batching || requests.len() < 2 {
+            return kiln_sdk::infer_each(self, requests);
+        }
+        let names: Vec<&str> = requests[0].inputs().map(|t| t.name).collect();
+        let mut joined = Vec::with_capacity(names.len());
+        for name in &names {
+            let tensors = requests
+                .iter()
+                .map(|r| r.require_input(name))
+                .collect::<Result<Vec<_>>>()?;
+            joined.push(kiln_sdk::concat_batch(name, &tensors)?);
+        }
+        let outputs = match self.run(
+            names
+                .iter()
+                .zip(&joined)
+                .map(|(n, (dt, shape, data))| (*n, *dt, shape.clone(), data.as_slice()))
+                .collect(),
+        ) {
+            Ok(o) => o,
+            // A batch that fails as a whole is retried request by request, so one bad
+            // request fails alone.
+            Err(_) => return kiln_sdk::infer_each(self, requests),
+        };
+        let mut first = 0;
+        for r in requests {
+            let rows = r.batch_size() as usize;
+            let mut response = r.response()?;
+            match self.fill(r, &mut response, &outputs, Some((first, rows))) {
+                Ok(()) => response.send()?,
+                Err(e) => response.send_error(e)?,
+            }
+            first += rows;
+        }
+        Ok(())
+    }
+}
+
+export_backend!(OnnxBackend);

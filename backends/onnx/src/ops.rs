@@ -1,0 +1,800 @@
+//! ONNX operators on candle tensors. Every operator a graph uses is checked against
+//! [`SUPPORTED`] when the model loads, so an unknown one fails the load, never a request.
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_onnx::onnx::NodeProto;
+
+use crate::attrs;
+use crate::convert::onnx_dtype;
+
+/// Operators this executor implements (default ONNX domain).
+pub const SUPPORTED: &[&str] = &[
+    "And",
+    "ArgMax",
+    "ArgMin",
+    "CastLike",
+    "Or",
+    "Pad",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+    "Selu",
+    "Sign",
+    "Size",
+    "Softplus",
+    "Softsign",
+    "Split",
+    "Tile",
+    "Xor",
+    "Abs",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Cos",
+    "Div",
+    "Dropout",
+    "Elu",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Greater",
+    "GreaterOrEqual",
+    "HardSigmoid",
+    "Identity",
+    "LayerNormalization",
+    "LeakyRelu",
+    "Less",
+    "LessOrEqual",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "Max",
+    "MaxPool",
+    "Mean",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "Pow",
+    "Range",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Sin",
+    "Slice",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Sum",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+];
+
+fn req<'a>(ins: &'a [Option<Tensor>], i: usize, node: &NodeProto) -> Result<&'a Tensor> {
+    match ins.get(i) {
+        Some(Some(t)) => Ok(t),
+        _ => bail!("{} node '{}' is missing input {i}", node.op_type, node.name),
+    }
+}
+
+fn opt(ins: &[Option<Tensor>], i: usize) -> Option<&Tensor> {
+    ins.get(i).and_then(Option::as_ref)
+}
+
+/// A small tensor (shapes, axes, indices) as i64 values.
+pub fn i64s(t: &Tensor) -> Result<Vec<i64>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()
+}
+
+fn f64_scalar(t: &Tensor) -> Result<f64> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .get(0)?
+        .to_scalar::<f64>()
+}
+
+fn axis(a: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let a = if a < 0 { a + r } else { a };
+    if a < 0 || a >= r.max(1) {
+        bail!("axis {a} out of range for rank {rank}")
+    }
+    Ok(a as usize)
+}
+
+/// Broadcasts both tensors to their common (numpy) shape.
+fn broadcast_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let shape = a
+        .shape()
+        .broadcast_shape_binary_op(b.shape(), "broadcast")?;
+    Ok((a.broadcast_as(shape.clone())?, b.broadcast_as(shape)?))
+}
+
+fn softmax(x: &Tensor, axis: usize, log: bool) -> Result<Tensor> {
+    let m = x.max_keepdim(axis)?;
+    let e = x.broadcast_sub(&m)?;
+    let s = e.exp()?.sum_keepdim(axis)?;
+    if log {
+        e.broadcast_sub(&s.log()?)
+    } else {
+        e.exp()?.broadcast_div(&s)
+    }
+}
+
+fn axes_of(node: &NodeProto, ins: &[Option<Tensor>], input: usize) -> Result<Option<Vec<i64>>> {
+    Ok(match opt(ins, input) {
+        Some(t) => Some(i64s(t)?),
+        None => attrs::ints(node, "axes"),
+    })
+}
+
+fn reduce(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
+    let keep = attrs::int(node, "keepdims", 1) != 0;
+    let axes = match axes_of(node, ins, 1)? {
+        Some(a) if !a.is_empty() => a,
+        _ if attrs::int(node, "noop_with_empty_axes", 0) != 0 => return Ok(x.clone()),
+        _ => (0..x.rank() as i64).collect(),
+    };
+    let mut axes: Vec<usize> = axes
+        .iter()
+        .map(|&a| axis(a, x.rank()))
+        .collect::<Result<_>>()?;
+    axes.sort_unstable();
+    axes.dedup();
+    let op = node.op_type.as_str();
+    let mut y = match op {
+        "ReduceSumSquare" | "ReduceL2" => x.sqr()?,
+        "ReduceL1" => x.abs()?,
+        "ReduceLogSumExp" => x.exp()?,
+        _ => x.clone(),
+    };
+    for &a in axes.iter().rev() {
+        y = match op {
+            "ReduceMean" => y.mean_keepdim(a)?,
+            "ReduceMax" => y.max_keepdim(a)?,
+            "ReduceMin" => y.min_keepdim(a)?,
+            _ => y.sum_keepdim(a)?,
+        };
+    }
+    y = match op {
+        "ReduceL2" => y.sqrt()?,
+        "ReduceLogSumExp" => y.log()?,
+        _ => y,
+    };
+    if !keep {
+        for &a in axes.iter().rev() {
+            y = y.squeeze(a)?;
+        }
+    }
+    Ok(y)
+}
+
+fn reshape(x: &Tensor, spec: &[i64], allow_zero: bool) -> Result<Tensor> {
+    let dims = x.dims();
+    let mut out: Vec<i64> = spec
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d == 0 && !allow_zero {
+                dims.get(i).map_or(0, |&v| v as i64)
+            } else {
+                d
+            }
+        })
+        .collect();
+    if let Some(pos) = out.iter().position(|&d| d == -1) {
+        let known: i64 = out.iter().filter(|&&d| d != -1).product();
+        out[pos] = if known == 0 {
+            0
+        } else {
+            x.elem_count() as i64 / known
+        };
+    }
+    x.reshape(out.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>())
+}
+
+fn gather(x: &Tensor, idx: &Tensor, ax: usize) -> Result<Tensor> {
+    let n = x.dim(ax)? as i64;
+    let flat: Vec<i64> = i64s(idx)?
+        .iter()
+        .map(|&i| if i < 0 { i + n } else { i })
+        .collect();
+    let ids = Tensor::from_vec(
+        flat.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        flat.len(),
+        x.device(),
+    )?;
+    let picked = x.index_select(&ids, ax)?;
+    let mut shape: Vec<usize> = x.dims()[..ax].to_vec();
+    shape.extend_from_slice(idx.dims());
+    shape.extend_from_slice(&x.dims()[ax + 1..]);
+    picked.reshape(shape)
+}
+
+fn slice(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
+    let (starts, ends) = match (opt(ins, 1), opt(ins, 2)) {
+        (Some(s), Some(e)) => (i64s(s)?, i64s(e)?),
+        _ => (
+            attrs::ints(node, "starts").unwrap_or_default(),
+            attrs::ints(node, "ends").unwrap_or_default(),
+        ),
+    };
+    let axes = match opt(ins, 3) {
+        Some(a) => i64s(a)?,
+        None => attrs::ints(node, "axes").unwrap_or_else(|| (0..starts.len() as i64).collect()),
+    };
+    let steps = match opt(ins, 4) {
+        Some(s) => i64s(s)?,
+        None => vec![1; starts.len()],
+    };
+    let mut y = x.clone();
+    for (k, &a) in axes.iter().enumerate() {
+        let a = axis(a, x.rank())?;
+        let n = y.dim(a)? as i64;
+        let step = steps.get(k).copied().unwrap_or(1);
+        if step != 1 {
+            bail!("Slice with step {step} is not supported")
+        }
+        let clampi = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
+        let (s, e) = (clampi(starts[k]), clampi(ends[k]));
+        y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+    }
+    Ok(y)
+}
+
+fn pad(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
+    let mode = attrs::string(node, "mode", "constant");
+    if mode != "constant" {
+        bail!("Pad: mode '{mode}' is not supported")
+    }
+    let pads = match opt(ins, 1) {
+        Some(p) => i64s(p)?,
+        None => attrs::ints(node, "pads").unwrap_or_default(),
+    };
+    let value = match opt(ins, 2) {
+        Some(v) if v.elem_count() > 0 => f64_scalar(v)?,
+        _ => attrs::float(node, "value", 0.0) as f64,
+    };
+    let axes: Vec<usize> = match opt(ins, 3) {
+        Some(a) => i64s(a)?
+            .iter()
+            .map(|&a| axis(a, x.rank()))
+            .collect::<Result<_>>()?,
+        None => (0..x.rank()).collect(),
+    };
+    let n = axes.len();
+    if pads.len() != 2 * n {
+        bail!("Pad: expected {} pads, got {}", 2 * n, pads.len())
+    }
+    // Zero padding of (x - value), then + value, pads with `value`.
+    let shifted = value != 0.0;
+    let mut y = if shifted {
+        x.affine(1.0, -value)?
+    } else {
+        x.clone()
+    };
+    for (k, &a) in axes.iter().enumerate() {
+        let (lo, hi) = (pads[k], pads[k + n]);
+        if lo < 0 {
+            y = y.narrow(a, (-lo) as usize, y.dim(a)? - (-lo) as usize)?;
+        }
+        if hi < 0 {
+            y = y.narrow(a, 0, y.dim(a)? - (-hi) as usize)?;
+        }
+        y = y.pad_with_zeros(a, lo.max(0) as usize, hi.max(0) as usize)?;
+    }
+    if shifted {
+        y = y.affine(1.0, value)?;
+    }
+    Ok(y)
+}
+
+fn split(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Vec<Tensor>> {
+    let a = axis(attrs::int(node, "axis", 0), x.rank())?;
+    let n = x.dim(a)?;
+    let count = node.output.len().max(1);
+    let sizes: Vec<usize> = match opt(ins, 1) {
+        Some(s) => i64s(s)?.iter().map(|&v| v.max(0) as usize).collect(),
+        None => match attrs::ints(node, "split") {
+            Some(s) => s.iter().map(|&v| v.max(0) as usize).collect(),
+            None => {
+                let chunk = n.div_ceil(count);
+                (0..count)
+                    .map(|i| chunk.min(n.saturating_sub(i * chunk)))
+                    .collect()
+            }
+        },
+    };
+    let mut at = 0;
+    let mut out = Vec::with_capacity(sizes.len());
+    for s in sizes {
+        out.push(x.narrow(a, at, s)?);
+        at += s;
+    }
+    Ok(out)
+}
+
+fn pool_params(node: &NodeProto, x: &Tensor) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    if x.rank() != 4 {
+        bail!("{}: only 2-D pooling (NCHW) is supported", node.op_type)
+    }
+    let k: Vec<usize> = attrs::ints(node, "kernel_shape")
+        .unwrap_or_default()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let s: Vec<usize> = attrs::ints(node, "strides")
+        .unwrap_or_else(|| vec![1, 1])
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let p: Vec<usize> = attrs::ints(node, "pads")
+        .unwrap_or_else(|| vec![0; 4])
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    if k.len() != 2 || s.len() != 2 || p.len() != 4 {
+        bail!("{}: expected 2-D kernel_shape/strides/pads", node.op_type)
+    }
+    if attrs::string(node, "auto_pad", "NOTSET") != "NOTSET"
+        || attrs::int(node, "ceil_mode", 0) != 0
+    {
+        bail!("{}: auto_pad and ceil_mode are not supported", node.op_type)
+    }
+    Ok((k, s, p))
+}
+
+fn pad2d(x: &Tensor, p: &[usize]) -> Result<Tensor> {
+    x.pad_with_zeros(2, p[0], p[2])?
+        .pad_with_zeros(3, p[1], p[3])
+}
+
+fn conv(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let x = req(ins, 0, node)?;
+    let w = req(ins, 1, node)?;
+    if x.rank() != 4 {
+        bail!("Conv: only 2-D convolutions (NCHW) are supported")
+    }
+    if attrs::string(node, "auto_pad", "NOTSET") != "NOTSET" {
+        bail!("Conv: auto_pad is not supported")
+    }
+    let pads = attrs::ints(node, "pads").unwrap_or_else(|| vec![0; 4]);
+    let strides = attrs::ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+    let dil = attrs::ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
+    let groups = attrs::int(node, "group", 1) as usize;
+    if strides[0] != strides[1] || dil[0] != dil[1] {
+        bail!("Conv: different strides or dilations per axis are not supported")
+    }
+    let p: Vec<usize> = pads.iter().map(|&v| v as usize).collect();
+    let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
+        (x.clone(), p[0])
+    } else {
+        (pad2d(x, &p)?, 0)
+    };
+    let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
+    match opt(ins, 2) {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+fn constant(node: &NodeProto) -> Result<Tensor> {
+    if let Some(t) = attrs::tensor(node, "value") {
+        return crate::convert::tensor_from_proto(t);
+    }
+    if attrs::has(node, "value_float") {
+        return Tensor::new(attrs::float(node, "value_float", 0.0), &Device::Cpu);
+    }
+    if attrs::has(node, "value_int") {
+        return Tensor::new(attrs::int(node, "value_int", 0), &Device::Cpu);
+    }
+    if let Some(v) = attrs::ints(node, "value_ints") {
+        return Tensor::new(v, &Device::Cpu);
+    }
+    if let Some(a) = node.attribute.iter().find(|a| a.name == "value_floats") {
+        return Tensor::new(a.floats.clone(), &Device::Cpu);
+    }
+    bail!(
+        "Constant node '{}' has no supported value attribute",
+        node.name
+    )
+}
+
+/// Runs one node. `ins` follows the node's inputs (`None` for an omitted optional one).
+pub fn run(node: &NodeProto, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>> {
+    let op = node.op_type.as_str();
+    let x = || req(ins, 0, node);
+    let y = || req(ins, 1, node);
+    let out = match op {
+        "Add" => x()?.broadcast_add(y()?)?,
+        "Sub" => x()?.broadcast_sub(y()?)?,
+        "Mul" => x()?.broadcast_mul(y()?)?,
+        "Div" => x()?.broadcast_div(y()?)?,
+        "Pow" => {
+            let x = x()?;
+            let (a, b) = broadcast_pair(&x.to_dtype(DType::F64)?, &y()?.to_dtype(DType::F64)?)?;
+            // |a|^b, negated where a < 0 and b is odd; b = 0 gives 1 (also for a = 0).
+            let mag = (b.clone() * a.abs()?.log()?)?.exp()?;
+            let odd = ((&b / 2.0)?.floor()? * 2.0)?.ne(&b)?;
+            let flip = a.lt(0.0)?.mul(&odd)?;
+            let sign = (flip.to_dtype(DType::F64)? * -2.0)? + 1.0;
+            let r = mag.mul(&sign?)?;
+            let one = Tensor::ones_like(&r)?;
+            b.eq(0.0)?.where_cond(&one, &r)?.to_dtype(x.dtype())?
+        }
+        "Equal" => x()?.broadcast_eq(y()?)?,
+        "Less" => x()?.broadcast_lt(y()?)?,
+        "LessOrEqual" => x()?.broadcast_le(y()?)?,
+        "Greater" => x()?.broadcast_gt(y()?)?,
+        "GreaterOrEqual" => x()?.broadcast_ge(y()?)?,
+        "Not" => x()?.eq(0u8)?,
+        "Where" => {
+            let c = x()?;
+            let (a, b) = broadcast_pair(y()?, req(ins, 2, node)?)?;
+            let shape = c.shape().broadcast_shape_binary_op(a.shape(), "Where")?;
+            c.broadcast_as(shape.clone())?
+                .where_cond(&a.broadcast_as(shape.clone())?, &b.broadcast_as(shape)?)?
+        }
+        "Sum" | "Max" | "Min" | "Mean" => {
+            let mut acc = x()?.clone();
+            for t in ins.iter().skip(1).flatten() {
+                acc = match op {
+                    "Max" => acc.broadcast_maximum(t)?,
+                    "Min" => acc.broadcast_minimum(t)?,
+                    _ => acc.broadcast_add(t)?,
+                };
+            }
+            if op == "Mean" {
+                (acc / ins.iter().flatten().count() as f64)?
+            } else {
+                acc
+            }
+        }
+        "Identity" => x()?.clone(),
+        "Dropout" => {
+            // Inference: the input unchanged and an all-true mask.
+            let x = x()?;
+            return Ok(vec![
+                x.clone(),
+                Tensor::ones(x.dims(), DType::U8, x.device())?,
+            ]);
+        }
+        "Abs" => x()?.abs()?,
+        "Neg" => x()?.neg()?,
+        "Exp" => x()?.exp()?,
+        "Log" => x()?.log()?,
+        "Sqrt" => x()?.sqrt()?,
+        "Reciprocal" => x()?.recip()?,
+        "Floor" => x()?.floor()?,
+        "Ceil" => x()?.ceil()?,
+        "Sin" => x()?.sin()?,
+        "Cos" => x()?.cos()?,
+        "Tanh" => x()?.tanh()?,
+        "Erf" => x()?.erf()?,
+        "Relu" => x()?.relu()?,
+        "Sigmoid" => (x()?.neg()?.exp()? + 1.0)?.recip()?,
+        "Gelu" => {
+            if attrs::string(node, "approximate", "none") == "tanh" {
+                x()?.gelu()?
+            } else {
+                x()?.gelu_erf()?
+            }
+        }
+        "LeakyRelu" => {
+            let a = attrs::float(node, "alpha", 0.01) as f64;
+            let x = x()?;
+            x.relu()?.sub(&(x.neg()?.relu()? * a)?)?
+        }
+        "Elu" => {
+            let a = attrs::float(node, "alpha", 1.0) as f64;
+            let x = x()?;
+            x.relu()?.add(&((x.minimum(0.0)?.exp()? - 1.0)? * a)?)?
+        }
+        "HardSigmoid" => {
+            let a = attrs::float(node, "alpha", 0.2) as f64;
+            let b = attrs::float(node, "beta", 0.5) as f64;
+            x()?.affine(a, b)?.clamp(0.0, 1.0)?
+        }
+        "Clip" => {
+            let mut t = x()?.clone();
+            let lo = match opt(ins, 1) {
+                Some(v) => Some(f64_scalar(v)?),
+                None => attrs::has(node, "min").then(|| attrs::float(node, "min", 0.0) as f64),
+            };
+            let hi = match opt(ins, 2) {
+                Some(v) => Some(f64_scalar(v)?),
+                None => attrs::has(node, "max").then(|| attrs::float(node, "max", 0.0) as f64),
+            };
+            if let Some(lo) = lo {
+                t = t.maximum(lo)?;
+            }
+            if let Some(hi) = hi {
+                t = t.minimum(hi)?;
+            }
+            t
+        }
+        "Softmax" | "LogSoftmax" => {
+            let x = x()?;
+            let a = axis(attrs::int(node, "axis", -1), x.rank())?;
+            softmax(x, a, op == "LogSoftmax")?
+        }
+        "MatMul" => {
+            let (a, b) = (x()?, y()?);
+            let a2 = if a.rank() == 1 {
+                a.unsqueeze(0)?
+            } else {
+                a.clone()
+            };
+            let b2 = if b.rank() == 1 {
+                b.unsqueeze(1)?
+            } else {
+                b.clone()
+            };
+            let mut r = a2.broadcast_matmul(&b2)?;
+            if b.rank() == 1 {
+                r = r.squeeze(D::Minus1)?;
+            }
+            if a.rank() == 1 {
+                r = r.squeeze(r.rank().saturating_sub(if b.rank() == 1 { 1 } else { 2 }))?;
+            }
+            r
+        }
+        "Gemm" => {
+            let mut a = x()?.clone();
+            let mut b = y()?.clone();
+            if attrs::int(node, "transA", 0) != 0 {
+                a = a.t()?;
+            }
+            if attrs::int(node, "transB", 0) != 0 {
+                b = b.t()?;
+            }
+            let mut r = (a.contiguous()?.matmul(&b.contiguous()?)?
+                * attrs::float(node, "alpha", 1.0) as f64)?;
+            if let Some(c) = opt(ins, 2) {
+                r = r.broadcast_add(&(c * attrs::float(node, "beta", 1.0) as f64)?)?;
+            }
+            r
+        }
+        "Reshape" => reshape(x()?, &i64s(y()?)?, attrs::int(node, "allowzero", 0) != 0)?,
+        "Flatten" => {
+            let x = x()?;
+            let a = attrs::int(node, "axis", 1);
+            let a = if a < 0 { a + x.rank() as i64 } else { a } as usize;
+            let outer: usize = x.dims()[..a].iter().product();
+            x.reshape((outer, x.elem_count() / outer.max(1)))?
+        }
+        "Transpose" => {
+            let x = x()?;
+            let perm: Vec<usize> = match attrs::ints(node, "perm") {
+                Some(p) => p.iter().map(|&v| v as usize).collect(),
+                None => (0..x.rank()).rev().collect(),
+            };
+            x.permute(perm)?.contiguous()?
+        }
+        "Squeeze" => {
+            let x = x()?;
+            let axes = match axes_of(node, ins, 1)? {
+                Some(a) => a
+                    .iter()
+                    .map(|&a| axis(a, x.rank()))
+                    .collect::<Result<Vec<_>>>()?,
+                None => (0..x.rank()).filter(|&i| x.dims()[i] == 1).collect(),
+            };
+            let dims: Vec<usize> = x
+                .dims()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !axes.contains(i))
+                .map(|(_, &d)| d)
+                .collect();
+            x.reshape(dims)?
+        }
+        "Unsqueeze" => {
+            let x = x()?;
+            let axes = axes_of(node, ins, 1)?.unwrap_or_default();
+            let rank = x.rank() + axes.len();
+            let mut axes: Vec<usize> =
+                axes.iter().map(|&a| axis(a, rank)).collect::<Result<_>>()?;
+            axes.sort_unstable();
+            let mut dims = x.dims().to_vec();
+            for a in axes {
+                dims.insert(a, 1);
+            }
+            x.reshape(dims)?
+        }
+        "Concat" => {
+            let ts: Vec<&Tensor> = ins.iter().flatten().collect();
+            let first = ts
+                .first()
+                .copied()
+                .ok_or_else(|| candle_core::Error::Msg("Concat without inputs".into()))?;
+            let a = axis(attrs::int(node, "axis", 0), first.rank())?;
+            Tensor::cat(&ts, a)?
+        }
+        "Gather" => {
+            let x = x()?;
+            gather(x, y()?, axis(attrs::int(node, "axis", 0), x.rank())?)?
+        }
+        "Shape" => {
+            let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
+            let r = dims.len() as i64;
+            let norm = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let s = norm(attrs::int(node, "start", 0));
+            let e = norm(attrs::int(node, "end", r));
+            Tensor::new(&dims[s..e.max(s)], dev)?
+        }
+        "Cast" => {
+            let to = attrs::int(node, "to", 1) as i32;
+            let d = onnx_dtype(to).ok_or_else(|| {
+                candle_core::Error::Msg(format!("Cast to ONNX type {to} is not supported"))
+            })?;
+            x()?.to_dtype(d)?
+        }
+        "Slice" => slice(node, ins, x()?)?,
+        "Constant" => constant(node)?.to_device(dev)?,
+        "ConstantOfShape" => {
+            let dims: Vec<usize> = i64s(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let v = match attrs::tensor(node, "value") {
+                Some(t) => crate::convert::tensor_from_proto(t)?,
+                None => Tensor::new(&[0f32], &Device::Cpu)?,
+            };
+            v.flatten_all()?
+                .to_device(dev)?
+                .broadcast_as(dims)?
+                .contiguous()?
+        }
+        "Expand" => {
+            let x = x()?;
+            let want: Vec<usize> = i64s(y()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let shape = x
+                .shape()
+                .broadcast_shape_binary_op(&candle_core::Shape::from(want), "Expand")?;
+            x.broadcast_as(shape)?.contiguous()?
+        }
+        "Range" => {
+            let (s, l, d) = (x()?, y()?, req(ins, 2, node)?);
+            let (s0, l0, d0) = (f64_scalar(s)?, f64_scalar(l)?, f64_scalar(d)?);
+            let n = ((l0 - s0) / d0).ceil().max(0.0) as usize;
+            let v: Vec<f64> = (0..n).map(|i| s0 + i as f64 * d0).collect();
+            Tensor::new(v, dev)?.to_dtype(s.dtype())?
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare" | "ReduceL1"
+        | "ReduceL2" | "ReduceLogSumExp" => reduce(node, ins, x()?)?,
+        "CastLike" => x()?.to_dtype(y()?.dtype())?,
+        "Size" => Tensor::new(x()?.elem_count() as i64, dev)?,
+        "And" => x()?.broadcast_mul(y()?)?.ne(0u8)?,
+        "Or" => x()?.broadcast_add(y()?)?.ne(0u8)?,
+        "Xor" => x()?.broadcast_ne(y()?)?,
+        "Sign" => x()?.sign()?,
+        "Softplus" => (x()?.exp()? + 1.0)?.log()?,
+        "Softsign" => x()?.broadcast_div(&(x()?.abs()? + 1.0)?)?,
+        "Selu" => {
+            let a = attrs::float(node, "alpha", 1.673_263_2) as f64;
+            let g = attrs::float(node, "gamma", 1.050_701) as f64;
+            let x = x()?;
+            ((x.relu()? + ((x.minimum(0.0)?.exp()? - 1.0)? * a)?)? * g)?
+        }
+        "ArgMax" | "ArgMin" => {
+            let x = x()?;
+            if attrs::int(node, "select_last_index", 0) != 0 {
+                bail!("{op}: select_last_index is not supported")
+            }
+            let a = axis(attrs::int(node, "axis", 0), x.rank())?;
+            let r = if op == "ArgMax" {
+                x.argmax_keepdim(a)?
+            } else {
+                x.argmin_keepdim(a)?
+            };
+            let r = r.to_dtype(DType::I64)?;
+            if attrs::int(node, "keepdims", 1) != 0 {
+                r
+            } else {
+                r.squeeze(a)?
+            }
+        }
+        "Tile" => {
+            let reps: Vec<usize> = i64s(y()?)?.iter().map(|&r| r.max(0) as usize).collect();
+            x()?.repeat(reps)?
+        }
+        "Pad" => pad(node, ins, x()?)?,
+        "Split" => return split(node, ins, x()?),
+        "LayerNormalization" => {
+            let x = x()?;
+            let a = axis(attrs::int(node, "axis", -1), x.rank())?;
+            let eps = attrs::float(node, "epsilon", 1e-5) as f64;
+            let mut mean = x.clone();
+            for d in a..x.rank() {
+                mean = mean.mean_keepdim(d)?;
+            }
+            let c = x.broadcast_sub(&mean)?;
+            let mut var = c.sqr()?;
+            for d in a..x.rank() {
+                var = var.mean_keepdim(d)?;
+            }
+            let inv_std = (var + eps)?.sqrt()?.recip()?;
+            let mut yv = c.broadcast_mul(&inv_std)?.broadcast_mul(y()?)?;
+            if let Some(b) = opt(ins, 2) {
+                yv = yv.broadcast_add(b)?;
+            }
+            return Ok(vec![yv, mean, inv_std]);
+        }
+        "BatchNormalization" => {
+            let x = x()?;
+            let shape: Vec<usize> = (0..x.rank())
+                .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
+                .collect();
+            let p = |i: usize| -> Result<Tensor> { req(ins, i, node)?.reshape(shape.clone()) };
+            let eps = attrs::float(node, "epsilon", 1e-5) as f64;
+            let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+            x.broadcast_sub(&mean)?
+                .broadcast_div(&(var + eps)?.sqrt()?)?
+                .broadcast_mul(&scale)?
+                .broadcast_add(&bias)?
+        }
+        "Conv" => conv(node, ins)?,
+        "MaxPool" => {
+            let x = x()?;
+            let (k, s, p) = pool_params(node, x)?;
+            if attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+                bail!("MaxPool: dilations are not supported")
+            }
+            // Zero padding is neutral after shifting every value to >= 0.
+            let lo = x
+                .min_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .min(0.0);
+            let shifted = (x - lo)?;
+            (pad2d(&shifted, &p)?.max_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))? + lo)?
+        }
+        "AveragePool" => {
+            let x = x()?;
+            let (k, s, p) = pool_params(node, x)?;
+            if p.iter().any(|&v| v != 0) && attrs::int(node, "count_include_pad", 0) == 0 {
+                bail!("AveragePool: padding without count_include_pad is not supported")
+            }
+            pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?
+        }
+        "GlobalAveragePool" | "GlobalMaxPool" => {
+            let mut t = x()?.clone();
+            for d in (2..t.rank()).rev() {
+                t = if op == "GlobalMaxPool" {
+                    t.max_keepdim(d)?
+                } else {
+                    t.mean_keepdim(d)?
+                };
+            }
+            t
+        }
+        other => bail!("unsupported ONNX operator '{other}'"),
+    };
+    Ok(vec![out])
+}

@@ -1,0 +1,157 @@
+//! The ONNX project's own node tests (`onnx/backend/test/data/node/*` from the `onnx` wheel,
+//! fetched by `cargo xtask test` into `$KILN_ONNX_TESTS`) run through the executor.
+//!
+//! Every test is classified pass / fail / unsupported and the report is written to
+//! `$CARGO_TARGET_TMPDIR/onnx-node-report.txt`. Each test listed in `node_tests_pass.txt`
+//! must pass (a ratchet: the list grows as operators are added). Tolerances are the ONNX
+//! backend runner's: rtol 1e-3, atol 1e-7.
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_onnx::onnx::TensorProto;
+use kiln_onnx::plan::Plan;
+use prost::Message;
+
+enum Outcome {
+    Pass,
+    Fail(String),
+    Unsupported(String),
+}
+
+fn read_tensor(path: &Path) -> Result<Tensor, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tp =
+        TensorProto::decode(bytes.as_slice()).map_err(|e| format!("{}: {e}", path.display()))?;
+    kiln_onnx::convert::tensor_from_proto(&tp).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
+    if got.dims() != want.dims() {
+        return Err(format!(
+            "shape {:?}, expected {:?}",
+            got.dims(),
+            want.dims()
+        ));
+    }
+    let f = |t: &Tensor| -> Result<Vec<f64>, String> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .map_err(|e| e.to_string())
+    };
+    let (g, w) = (f(got)?, f(want)?);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-7 + 1e-3 * b.abs();
+        if !ok {
+            return Err(format!("element {i}: {a}, expected {b}"));
+        }
+    }
+    Ok(())
+}
+
+fn run_one(dir: &Path) -> Outcome {
+    let model = match candle_onnx::read_file(dir.join("model.onnx")) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Fail(format!("read: {e}")),
+    };
+    let plan = match Plan::new(&model, &Device::Cpu) {
+        Ok(p) => p,
+        Err(e) if e.starts_with("unsupported ONNX operators") => return Outcome::Unsupported(e),
+        Err(e) => return Outcome::Fail(e),
+    };
+    let data = dir.join("test_data_set_0");
+    let mut inputs = HashMap::new();
+    for (i, info) in plan.inputs.iter().enumerate() {
+        let p = data.join(format!("input_{i}.pb"));
+        if !p.exists() {
+            continue;
+        }
+        match read_tensor(&p) {
+            Ok(t) => {
+                inputs.insert(info.name.clone(), t);
+            }
+            Err(e) => return Outcome::Fail(e),
+        }
+    }
+    let outputs = match plan.run(inputs) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(e),
+    };
+    for (i, info) in plan.outputs.iter().enumerate() {
+        let p = data.join(format!("output_{i}.pb"));
+        if !p.exists() {
+            continue;
+        }
+        let want = match read_tensor(&p) {
+            Ok(t) => t,
+            Err(e) => return Outcome::Fail(e),
+        };
+        let Some(got) = outputs.get(&info.name) else {
+            return Outcome::Fail(format!("output '{}' missing", info.name));
+        };
+        if let Err(e) = close(got, &want) {
+            return Outcome::Fail(format!("output '{}': {e}", info.name));
+        }
+    }
+    Outcome::Pass
+}
+
+#[test]
+fn onnx_node_tests() {
+    let Some(root) = std::env::var_os("KILN_ONNX_TESTS") else {
+        eprintln!("KILN_ONNX_TESTS is not set (cargo xtask test fetches the onnx wheel's test data): skipped");
+        return;
+    };
+    let node = Path::new(&root).join("node");
+    let mut names: Vec<String> = std::fs::read_dir(&node)
+        .expect("node test folder")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.onnx").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut report = String::new();
+    let (mut pass, mut fail, mut unsupported) = (0, 0, 0);
+    let mut passed = std::collections::HashSet::new();
+    for name in &names {
+        let outcome = catch_unwind(AssertUnwindSafe(|| run_one(&node.join(name))))
+            .unwrap_or_else(|_| Outcome::Fail("panicked".into()));
+        let line = match outcome {
+            Outcome::Pass => {
+                pass += 1;
+                passed.insert(name.clone());
+                format!("PASS {name}")
+            }
+            Outcome::Fail(e) => {
+                fail += 1;
+                format!("FAIL {name}: {e}")
+            }
+            Outcome::Unsupported(e) => {
+                unsupported += 1;
+                format!("UNSUPPORTED {name}: {e}")
+            }
+        };
+        report.push_str(&line);
+        report.push('\n');
+    }
+    let summary = format!(
+        "ONNX node tests: {pass} pass, {fail} fail, {unsupported} unsupported of {}",
+        names.len()
+    );
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-node-report.txt");
+    std::fs::write(&out, format!("{summary}\n{report}")).expect("write report");
+    eprintln!("{summary} (report: {})", out.display());
+    let expected: Vec<&str> = include_str!("node_tests_pass.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let regressed: Vec<&&str> = expected.iter().filter(|n| !passed.contains(**n)).collect();
+    assert!(
+        regressed.is_empty(),
+        "node tests that passed before now fail: {regressed:?} (see {})",
+        out.display()
+    );
+}

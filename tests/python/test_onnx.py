@@ -1,0 +1,74 @@
+"""The onnx backend with Triton-style ONNX model folders (models from the ONNX project's
+node tests, which `cargo xtask test` fetches into $KILN_ONNX_TESTS)."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+
+from conftest import Kiln
+
+NODE = os.path.join(os.environ.get("KILN_ONNX_TESTS", ""), "node")
+pytestmark = pytest.mark.skipif(not os.path.isdir(NODE), reason="KILN_ONNX_TESTS not set (cargo xtask test sets it)")
+
+
+def folder(repo, name, test, config):
+    os.makedirs(repo / name / "1")
+    shutil.copy(os.path.join(NODE, test, "model.onnx"), repo / name / "1" / "model.onnx")
+    (repo / name / "config.pbtxt").write_text(config)
+
+
+@pytest.fixture(scope="module")
+def onnx_kiln(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("onnx_repo")
+    fp32 = 'data_type: TYPE_FP32 dims: [ 3, 4, 5 ]'
+    folder(repo, "add", "test_add",
+           f'platform: "onnxruntime_onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "y" {fp32} }} ]\n'
+           f'output [ {{ name: "sum" {fp32} }} ]\n')
+    folder(repo, "softmax", "test_softmax_axis_1",
+           f'backend: "onnxruntime"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "y" {fp32} }} ]\n')
+    # Resize is not implemented: the load fails naming the operator.
+    folder(repo, "resize", "test_resize_upsample_scales_nearest",
+           'backend: "onnx"\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 1, 1, 2, 2 ] }, '
+           '{ name: "scales" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+           'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1, 1, 4, 6 ] } ]\n')
+    # A config naming a tensor the graph does not have.
+    folder(repo, "wrong_name", "test_add",
+           f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "z" {fp32} }} ]\n'
+           f'output [ {{ name: "sum" {fp32} }} ]\n')
+    k = Kiln("--strict-readiness", "false", repo=str(repo))
+    yield k
+    k.stop()
+
+
+def index(k):
+    return {e["name"]: e for e in requests.post(f"http://{k.url}/v2/repository/index", json={}).json()}
+
+
+def test_triton_onnx_folders_serve(onnx_kiln):
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.random.default_rng(0).random((3, 4, 5), dtype=np.float32)
+    y = np.random.default_rng(1).random((3, 4, 5), dtype=np.float32)
+    ins = [httpclient.InferInput("x", [3, 4, 5], "FP32"), httpclient.InferInput("y", [3, 4, 5], "FP32")]
+    ins[0].set_data_from_numpy(x)
+    ins[1].set_data_from_numpy(y)
+    np.testing.assert_allclose(c.infer("add", ins).as_numpy("sum"), x + y, rtol=1e-6)
+    assert c.get_model_metadata("add")["platform"] == "onnxruntime_onnx"
+    i = httpclient.InferInput("x", [3, 4, 5], "FP32")
+    i.set_data_from_numpy(x)
+    got = c.infer("softmax", [i]).as_numpy("y")
+    want = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_unsupported_operator_fails_the_load_by_name(onnx_kiln):
+    e = index(onnx_kiln)["resize"]
+    assert e["state"] == "UNAVAILABLE" and "Resize" in e["reason"], e
+
+
+def test_config_tensor_not_in_graph_is_named(onnx_kiln):
+    e = index(onnx_kiln)["wrong_name"]
+    assert e["state"] == "UNAVAILABLE" and "'z'" in e["reason"], e
+    assert index(onnx_kiln)["add"]["state"] == "READY"
