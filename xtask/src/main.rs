@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's set-up, serve, test and bench entry points.
 //!
+//! * `setup`  — system packages the build needs (protoc for candle-onnx), via apt as root.
 //! * `build`  — builds the server and every backend (including the out-of-workspace
 //!   `backends/simple_math`) in release mode and lays them out in `target/kiln/`:
 //!   `target/kiln/kiln` and `target/kiln/backends/<name>/libkiln_<name>.so`.
@@ -67,6 +68,7 @@ pub fn dist() -> PathBuf {
 }
 
 fn build() -> Result<PathBuf> {
+    python::ensure_protoc()?;
     let root = root();
     let target = target_dir();
     let mut c = cargo();
@@ -177,6 +179,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("build") => build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
+        Some("setup") => python::ensure_protoc(),
         Some("fetch-models") => fetch_models(),
         Some("fetch-onnx-tests") => models::fetch_onnx_tests(&target_dir().join("model-cache"))
             .map(|d| println!("{}", d.display())),
@@ -198,7 +201,7 @@ fn main() -> Result<()> {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <build|serve|test|bench|fetch-models|fetch-onnx-tests|build-cuda|gen-onnx> [args]");
+            eprintln!("usage: cargo xtask <setup|build|serve|test|bench|fetch-models|fetch-onnx-tests|build-cuda|gen-onnx> [args]");
             std::process::exit(2)
         }
     }

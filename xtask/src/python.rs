@@ -36,15 +36,10 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
     Ok(venv)
 }
 
-/// perf_analyzer needs Debian's libb64; install it when missing and we are root.
-fn ensure_libb64() -> Result<()> {
-    let have = [
-        "/usr/lib/x86_64-linux-gnu/libb64.so.0d",
-        "/usr/lib/libb64.so.0d",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists());
-    if have {
+/// Installs a Debian package when `present` is false: with apt-get when running as root,
+/// otherwise fails with the command to run.
+fn ensure_apt(package: &str, why: &str, present: bool) -> Result<()> {
+    if present {
         return Ok(());
     }
     let is_root = Command::new("id")
@@ -53,12 +48,30 @@ fn ensure_libb64() -> Result<()> {
         .map(|o| o.stdout.starts_with(b"0"))
         .unwrap_or(false);
     if !is_root {
-        bail!("perf_analyzer needs libb64: run `sudo apt-get install -y libb64-0d`");
+        bail!("{why} needs {package}: run `sudo apt-get install -y {package}`");
     }
     let _ = Command::new("apt-get").args(["update", "-qq"]).status();
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "libb64-0d"])
+        .args(["install", "-y", "-qq", package])
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// perf_analyzer needs Debian's libb64.
+fn ensure_libb64() -> Result<()> {
+    let have = [
+        "/usr/lib/x86_64-linux-gnu/libb64.so.0d",
+        "/usr/lib/libb64.so.0d",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    ensure_apt("libb64-0d", "perf_analyzer", have)
+}
+
+/// candle-onnx compiles ONNX's .proto with `protoc` at build time (unless `PROTOC` names one).
+pub fn ensure_protoc() -> Result<()> {
+    let have = std::env::var_os("PROTOC").is_some()
+        || Command::new("protoc").arg("--version").output().is_ok();
+    ensure_apt("protobuf-compiler", "the onnx backend's build (candle-onnx)", have)
 }
 
 /// LD_LIBRARY_PATH that lets perf_analyzer find libcudart.so.12 from the venv.
