@@ -71,7 +71,11 @@ fn ensure_libb64() -> Result<()> {
 pub fn ensure_protoc() -> Result<()> {
     let have = std::env::var_os("PROTOC").is_some()
         || Command::new("protoc").arg("--version").output().is_ok();
-    ensure_apt("protobuf-compiler", "the onnx backend's build (candle-onnx)", have)
+    ensure_apt(
+        "protobuf-compiler",
+        "the onnx backend's build (candle-onnx)",
+        have,
+    )
 }
 
 /// LD_LIBRARY_PATH that lets perf_analyzer find libcudart.so.12 from the venv.

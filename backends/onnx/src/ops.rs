@@ -58,6 +58,7 @@ pub const SUPPORTED: &[&str] = &[
     "Identity",
     "LayerNormalization",
     "LeakyRelu",
+    "LRN",
     "Less",
     "LessOrEqual",
     "Log",
@@ -428,8 +429,17 @@ fn constant(node: &NodeProto) -> Result<Tensor> {
     )
 }
 
+/// Model-wide facts an operator may depend on.
+pub struct Ctx<'a> {
+    /// The device tensors live on.
+    pub dev: &'a Device,
+    /// Opset version of the default ONNX domain.
+    pub opset: i64,
+}
+
 /// Runs one node. `ins` follows the node's inputs (`None` for an omitted optional one).
-pub fn run(node: &NodeProto, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>> {
+pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Vec<Tensor>> {
+    let dev = ctx.dev;
     let op = node.op_type.as_str();
     let x = || req(ins, 0, node);
     let y = || req(ins, 1, node);
@@ -543,8 +553,34 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec
         }
         "Softmax" | "LogSoftmax" => {
             let x = x()?;
-            let a = axis(attrs::int(node, "axis", -1), x.rank())?;
-            softmax(x, a, op == "LogSoftmax")?
+            if ctx.opset < 13 {
+                // Before opset 13: flatten to 2-D at `axis` (default 1), softmax the rows.
+                let a = axis(attrs::int(node, "axis", 1), x.rank())?;
+                let outer: usize = x.dims()[..a].iter().product();
+                let flat = x.reshape((outer, x.elem_count() / outer.max(1)))?;
+                softmax(&flat, 1, op == "LogSoftmax")?.reshape(x.dims())?
+            } else {
+                let a = axis(attrs::int(node, "axis", -1), x.rank())?;
+                softmax(x, a, op == "LogSoftmax")?
+            }
+        }
+        "LRN" => {
+            // y = x / (bias + alpha / size * sum of x^2 over `size` neighbouring channels)^beta
+            let x = x()?;
+            let size = attrs::int(node, "size", 1).max(1) as usize;
+            let alpha = attrs::float(node, "alpha", 1e-4) as f64;
+            let beta = attrs::float(node, "beta", 0.75) as f64;
+            let bias = attrs::float(node, "bias", 1.0) as f64;
+            let c = x.dim(1)?;
+            let sq = x
+                .sqr()?
+                .pad_with_zeros(1, (size - 1) / 2, size.div_ceil(2) - 1)?;
+            let mut acc = sq.narrow(1, 0, c)?;
+            for k in 1..size {
+                acc = (acc + sq.narrow(1, k, c)?)?;
+            }
+            let denom = acc.affine(alpha / size as f64, bias)?.powf(beta)?;
+            x.div(&denom)?
         }
         "MatMul" => {
             let (a, b) = (x()?, y()?);
@@ -778,10 +814,15 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec
         "AveragePool" => {
             let x = x()?;
             let (k, s, p) = pool_params(node, x)?;
+            let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
             if p.iter().any(|&v| v != 0) && attrs::int(node, "count_include_pad", 0) == 0 {
-                bail!("AveragePool: padding without count_include_pad is not supported")
+                // Average over the real elements only: divide by the share of them per window.
+                let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), x.dtype(), x.device())?;
+                let share = pad2d(&ones, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
+                avg.broadcast_div(&share)?
+            } else {
+                avg
             }
-            pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?
         }
         "GlobalAveragePool" | "GlobalMaxPool" => {
             let mut t = x()?.clone();

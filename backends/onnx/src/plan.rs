@@ -57,12 +57,20 @@ struct Step {
 /// The executable form of a model.
 pub struct Plan {
     device: Device,
+    opset: i64,
     constants: HashMap<String, Tensor>,
     steps: Vec<Step>,
     /// Inputs the caller provides (graph inputs that are not initializers).
     pub inputs: Vec<ValueInfo>,
     /// Graph outputs.
     pub outputs: Vec<ValueInfo>,
+}
+
+/// An operator's error for the client: node, operator and message (no backtrace).
+fn node_error(node: &NodeProto, e: candle_core::Error) -> String {
+    let msg = e.to_string();
+    let first = msg.lines().next().unwrap_or("").trim();
+    format!("node '{}' ({}): {first}", node.name, node.op_type)
 }
 
 /// Operators of `graph` this executor lacks, each with a node using it.
@@ -91,6 +99,12 @@ impl Plan {
     /// Plans `model` for `device`. Fails with the operators' names if any is unsupported.
     pub fn new(model: &ModelProto, device: &Device) -> Result<Plan, String> {
         let graph = model.graph.as_ref().ok_or("the model has no graph")?;
+        let opset = model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map_or(1, |o| o.version);
+        let ctx = ops::Ctx { dev: device, opset };
         let missing = unsupported_ops(graph);
         if !missing.is_empty() {
             return Err(format!(
@@ -137,8 +151,7 @@ impl Plan {
                     .iter()
                     .map(|i| constants.get(i).cloned())
                     .collect();
-                let outs = ops::run(node, &ins, device)
-                    .map_err(|e| format!("node '{}' ({}): {e}", node.name, node.op_type))?;
+                let outs = ops::run(node, &ins, &ctx).map_err(|e| node_error(node, e))?;
                 for (name, t) in node.output.iter().zip(outs) {
                     constants.insert(name.clone(), t);
                 }
@@ -173,6 +186,7 @@ impl Plan {
             .collect();
         Ok(Plan {
             device: device.clone(),
+            opset,
             constants,
             steps,
             inputs,
@@ -201,8 +215,11 @@ impl Plan {
                     }
                 })
                 .collect();
-            let outs = ops::run(&step.node, &ins, &self.device)
-                .map_err(|e| format!("node '{}' ({}): {e}", step.node.name, step.node.op_type))?;
+            let ctx = ops::Ctx {
+                dev: &self.device,
+                opset: self.opset,
+            };
+            let outs = ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?;
             for (name, t) in step.node.output.iter().zip(outs) {
                 values.insert(name.clone(), t);
             }

@@ -155,3 +155,100 @@ fn onnx_node_tests() {
         out.display()
     );
 }
+
+/// The `light` real-architecture models (ResNet-50, DenseNet-121, Inception, VGG, …) with
+/// ONNX's reference outputs; the input is ONNX's dummy input (arange(n) / n, unknown dims 1).
+fn run_light(model_path: &Path) -> Outcome {
+    let model = match candle_onnx::read_file(model_path) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Fail(format!("read: {e}")),
+    };
+    let plan = match Plan::new(&model, &Device::Cpu) {
+        Ok(p) => p,
+        Err(e) if e.starts_with("unsupported ONNX operators") => return Outcome::Unsupported(e),
+        Err(e) => return Outcome::Fail(e),
+    };
+    let mut inputs = HashMap::new();
+    for info in &plan.inputs {
+        let dims: Vec<usize> = info
+            .dims
+            .iter()
+            .map(|&d| if d > 0 { d as usize } else { 1 })
+            .collect();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+        match Tensor::from_vec(v, dims, &Device::Cpu) {
+            Ok(t) => inputs.insert(info.name.clone(), t),
+            Err(e) => return Outcome::Fail(e.to_string()),
+        };
+    }
+    let outputs = match plan.run(inputs) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(e),
+    };
+    let stem = model_path.with_extension("");
+    for (i, info) in plan.outputs.iter().enumerate() {
+        let want = match read_tensor(Path::new(&format!("{}_output_{i}.pb", stem.display()))) {
+            Ok(t) => t,
+            Err(e) => return Outcome::Fail(e),
+        };
+        let got = match outputs.get(&info.name) {
+            Some(t) => t,
+            None => return Outcome::Fail(format!("output '{}' missing", info.name)),
+        };
+        if let Err(e) = close(got, &want) {
+            return Outcome::Fail(format!("output '{}': {e}", info.name));
+        }
+    }
+    Outcome::Pass
+}
+
+#[test]
+fn onnx_light_models() {
+    let Some(root) = std::env::var_os("KILN_ONNX_TESTS") else {
+        eprintln!("KILN_ONNX_TESTS is not set: skipped");
+        return;
+    };
+    let light = Path::new(&root).join("light");
+    let mut models: Vec<_> = std::fs::read_dir(&light)
+        .expect("light model folder")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .collect();
+    models.sort();
+    let mut report = String::new();
+    let mut passed = std::collections::HashSet::new();
+    for m in &models {
+        let name = m
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let t0 = std::time::Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(|| run_light(m)))
+            .unwrap_or_else(|_| Outcome::Fail("panicked".into()));
+        let line = match outcome {
+            Outcome::Pass => {
+                passed.insert(name.clone());
+                format!("PASS {name} ({:.2} s)", t0.elapsed().as_secs_f64())
+            }
+            Outcome::Fail(e) => format!("FAIL {name}: {e}"),
+            Outcome::Unsupported(e) => format!("UNSUPPORTED {name}: {e}"),
+        };
+        report.push_str(&line);
+        report.push('\n');
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-light-report.txt");
+    std::fs::write(&out, &report).expect("write report");
+    eprintln!("{report}");
+    let expected: Vec<&str> = include_str!("light_pass.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let regressed: Vec<&&str> = expected.iter().filter(|n| !passed.contains(**n)).collect();
+    assert!(
+        regressed.is_empty(),
+        "light models that passed before now fail: {regressed:?}"
+    );
+}
