@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (no Rust, no internet): carries target/kiln-cuda (built here by
-# `cargo xtask build-cuda`) and tests/gpu; prints one table (see gpu_check.py).
-#   run command:  bash tests/gpu/gpu_check.sh      carry: ["target/kiln-cuda"]
+# Runs on the lent GPU machine (no Rust, no internet): the server and the CUDA candle backend
+# built here by `cargo xtask build-cuda` (stripped: ~58 MiB of the 64 MiB carry limit) plus
+# tests/gpu; prints one table (see gpu_check.py).
+#   run command:  bash tests/gpu/gpu_check.sh
+#   carry:        ["target/kiln-cuda/kiln", "target/kiln-cuda/backends/candle"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SP=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')

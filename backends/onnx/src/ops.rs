@@ -395,6 +395,19 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
         bail!("Conv: different strides or dilations per axis are not supported")
     }
     let p: Vec<usize> = pads.iter().map(|&v| v as usize).collect();
+    let (oc, _, kh, kw) = w.dims4()?;
+    if kh == 1 && kw == 1 && groups == 1 && strides[0] == 1 && p.iter().all(|&v| v == 0) {
+        // A 1×1 convolution is a matrix product: [oc, ic] × [b, ic, h·w].
+        let (b, ic, h, wd) = x.dims4()?;
+        let y = w
+            .reshape((oc, ic))?
+            .broadcast_matmul(&x.reshape((b, ic, h * wd))?)?
+            .reshape((b, oc, h, wd))?;
+        return match opt(ins, 2) {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, oc, 1, 1))?),
+            None => Ok(y),
+        };
+    }
     let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
         (x.clone(), p[0])
     } else {

@@ -73,6 +73,113 @@ fn node_error(node: &NodeProto, e: candle_core::Error) -> String {
     format!("node '{}' ({}): {first}", node.name, node.op_type)
 }
 
+/// Folds `BatchNormalization(Conv(x, W, b))` into one Conv with scaled weights when the
+/// Conv's only consumer is the BatchNormalization and every parameter is a constant:
+/// W' = W · s, b' = (b − mean) · s + β with s = γ / √(var + ε) per output channel.
+fn fold_batch_norms(
+    nodes: Vec<NodeProto>,
+    constants: &mut HashMap<String, Tensor>,
+    outputs: &[ValueInfo],
+) -> Result<Vec<NodeProto>, String> {
+    let mut consumers: HashMap<&str, usize> = HashMap::new();
+    for n in &nodes {
+        for i in &n.input {
+            *consumers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let graph_outputs: HashSet<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+    let producer: HashMap<String, usize> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(k, n)| n.output.iter().map(move |o| (o.clone(), k)))
+        .collect();
+    let mut fold: Vec<(usize, usize)> = Vec::new(); // (conv index, bn index)
+    for (k, n) in nodes.iter().enumerate() {
+        if n.op_type != "BatchNormalization" || n.output.len() > 1 {
+            continue;
+        }
+        let Some(&c) = n.input.first().and_then(|x| producer.get(x)) else {
+            continue;
+        };
+        let conv = &nodes[c];
+        let x = n.input[0].as_str();
+        let params_const = n.input[1..].iter().all(|i| constants.contains_key(i))
+            && conv
+                .input
+                .iter()
+                .skip(1)
+                .all(|i| i.is_empty() || constants.contains_key(i));
+        if conv.op_type == "Conv"
+            && params_const
+            && n.input.len() == 5
+            && consumers.get(x) == Some(&1)
+            && !graph_outputs.contains(x)
+        {
+            fold.push((c, k));
+        }
+    }
+    if fold.is_empty() {
+        return Ok(nodes);
+    }
+    let err = |e: candle_core::Error| format!("folding BatchNormalization into Conv: {e}");
+    let mut nodes: Vec<Option<NodeProto>> = nodes.into_iter().map(Some).collect();
+    for (c, k) in fold {
+        let (Some(conv), Some(bn)) = (nodes[c].clone(), nodes[k].clone()) else {
+            continue;
+        };
+        let get = |name: &str| {
+            constants
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("constant '{name}' missing"))
+        };
+        let w = get(&conv.input[1])?;
+        let (gamma, beta, mean, var) = (
+            get(&bn.input[1])?,
+            get(&bn.input[2])?,
+            get(&bn.input[3])?,
+            get(&bn.input[4])?,
+        );
+        let eps = crate::attrs::float(&bn, "epsilon", 1e-5) as f64;
+        let dt = w.dtype();
+        let f = |t: Tensor| t.to_dtype(candle_core::DType::F64);
+        let scale = (f(gamma).map_err(err)?
+            / (f(var).map_err(err)? + eps)
+                .map_err(err)?
+                .sqrt()
+                .map_err(err)?)
+        .map_err(err)?;
+        let out_ch = w.dim(0).map_err(err)?;
+        let mut wshape = vec![1usize; w.rank()];
+        wshape[0] = out_ch;
+        let w2 = f(w.clone())
+            .and_then(|w| w.broadcast_mul(&scale.reshape(wshape)?))
+            .and_then(|w| w.to_dtype(dt))
+            .map_err(err)?;
+        let b = match conv.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => f(get(b)?).map_err(err)?,
+            None => Tensor::zeros(out_ch, candle_core::DType::F64, w.device()).map_err(err)?,
+        };
+        let b2 = (b - f(mean).map_err(err)?)
+            .and_then(|d| d.mul(&scale))
+            .and_then(|d| d + f(beta)?)
+            .and_then(|d| d.to_dtype(dt))
+            .map_err(err)?;
+        let (wn, bn_name) = (
+            format!("{}::folded_w", bn.output[0]),
+            format!("{}::folded_b", bn.output[0]),
+        );
+        constants.insert(wn.clone(), w2);
+        constants.insert(bn_name.clone(), b2);
+        let mut merged = conv;
+        merged.input = vec![merged.input[0].clone(), wn, bn_name];
+        merged.output = bn.output.clone();
+        nodes[c] = Some(merged);
+        nodes[k] = None;
+    }
+    Ok(nodes.into_iter().flatten().collect())
+}
+
 /// Operators of `graph` this executor lacks, each with a node using it.
 pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     let mut seen = HashSet::new();
@@ -160,6 +267,7 @@ impl Plan {
                 nodes.push(node.clone());
             }
         }
+        let nodes = fold_batch_norms(nodes, &mut constants, &outputs)?;
         for o in &outputs {
             if !defined.contains(&o.name) && !constants.contains_key(&o.name) {
                 return Err(format!("graph output '{}' is never produced", o.name));
@@ -201,8 +309,18 @@ impl Plan {
 
     /// Runs the graph on `inputs` (by name); returns every graph output.
     pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
+        self.run_profiled(inputs, None)
+    }
+
+    /// [`Plan::run`], adding each operator type's wall time (ms) and count to `profile`.
+    pub fn run_profiled(
+        &self,
+        inputs: HashMap<String, Tensor>,
+        mut profile: Option<&mut HashMap<String, (f64, usize)>>,
+    ) -> Result<HashMap<String, Tensor>, String> {
         let mut values = inputs;
         for step in &self.steps {
+            let started = std::time::Instant::now();
             let ins: Vec<Option<Tensor>> = step
                 .node
                 .input
@@ -225,6 +343,11 @@ impl Plan {
             }
             for f in &step.free {
                 values.remove(f);
+            }
+            if let Some(p) = profile.as_deref_mut() {
+                let e = p.entry(step.node.op_type.clone()).or_default();
+                e.0 += started.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
             }
         }
         self.outputs

@@ -1,0 +1,61 @@
+//! Median latency of the onnx backend's executor on one model, in process:
+//! `bench_plan <model.onnx> [iterations] [batch]`. Inputs are ONNX's dummy data
+//! (arange(n) / n); unknown dimensions are `batch` (first) or 1. Used by `cargo xtask bench`
+//! next to onnxruntime on the same file and input.
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use kiln_onnx::plan::Plan;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let path = args
+        .next()
+        .ok_or("usage: bench_plan <model.onnx> [iterations] [batch]")?;
+    let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
+    let batch: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let model = candle_onnx::read_file(&path)?;
+    let plan = Plan::new(&model, &Device::Cpu)?;
+    let mut inputs = HashMap::new();
+    for info in &plan.inputs {
+        let dims: Vec<usize> = info
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                if d > 0 {
+                    d as usize
+                } else if i == 0 {
+                    batch
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+        inputs.insert(info.name.clone(), Tensor::from_vec(v, dims, &Device::Cpu)?);
+    }
+    plan.run(inputs.clone())?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        plan.run(inputs.clone())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    println!("{:.3}", times[times.len() / 2]);
+    // Where the time goes: one profiled run, top operators by time (stderr).
+    let mut profile = HashMap::new();
+    plan.run_profiled(inputs, Some(&mut profile))?;
+    let mut ops: Vec<_> = profile.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let top: Vec<String> = ops
+        .iter()
+        .take(4)
+        .map(|(op, (ms, n))| format!("{op} {ms:.1} ms/{n}"))
+        .collect();
+    eprintln!("{}", top.join(", "));
+    Ok(())
+}
