@@ -171,7 +171,17 @@ fn bench(extra: &[String]) -> Result<()> {
         .env("KILN_REPO", root.join("model_repository"))
         .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
         .arg("tests/bench/perf.py")
-        .args(extra))
+        .args(extra))?;
+    // The onnx executor against onnxruntime on ONNX's light models.
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "onnx-backend", "--example", "bench_plan"]))?;
+    let onnx_tests = models::fetch_onnx_tests(&target_dir().join("model-cache"))?;
+    run(Command::new(py.join("bin").join("python"))
+        .current_dir(&root)
+        .arg("tests/bench/onnx_vs_ort.py")
+        .arg(target_dir().join("release/examples/bench_plan"))
+        .arg(onnx_tests.join("light")))
 }
 
 fn main() -> Result<()> {

@@ -15,6 +15,8 @@ const PACKAGES: &[&str] = &[
     "requests==2.32.3",
     // The reference parser for Prometheus' text format, used to read /metrics.
     "prometheus-client==0.21.1",
+    // The bench's reference for the onnx backend (same model files, same machine).
+    "onnxruntime==1.20.1",
     // perf_analyzer links libcudart.so.12 (unused on CPU); this wheel provides it.
     "nvidia-cuda-runtime-cu12==12.4.127",
 ];
