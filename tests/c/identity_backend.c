@@ -58,10 +58,18 @@ static KilnError* execute(void* inst, const KilnRequestView* reqs, size_t n) {
   return NULL;
 }
 
+/* -DTEST_ABI_1_0 builds the table as an ABI 1.0 backend did: shorter, minor 0. */
+#ifdef TEST_ABI_1_0
+#define TEST_TABLE_SIZE offsetof(KilnBackendApi, model_autocomplete)
+#else
+#define TEST_TABLE_SIZE sizeof(KilnBackendApi)
+#endif
+
 static const KilnBackendApi API = {
-  {KILN_ABI_MAGIC, sizeof(KilnBackendApi), TEST_ABI_MAJOR, TEST_ABI_MINOR},
+  {KILN_ABI_MAGIC, TEST_TABLE_SIZE, TEST_ABI_MAJOR, TEST_ABI_MINOR},
   {(const uint8_t*)"c_identity", 10},
   backend_init, backend_fini, model_init, model_fini, instance_init, instance_fini, execute,
+  NULL,
 };
 
 const KilnBackendApi* kiln_backend_entry(void) { return &API; }

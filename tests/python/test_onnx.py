@@ -8,7 +8,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
-from conftest import Kiln
+from conftest import REPO, Kiln
 
 NODE = os.path.join(os.environ.get("KILN_ONNX_TESTS", ""), "node")
 pytestmark = pytest.mark.skipif(not os.path.isdir(NODE), reason="KILN_ONNX_TESTS not set (cargo xtask test sets it)")
@@ -38,6 +38,13 @@ def onnx_kiln(tmp_path_factory):
     folder(repo, "wrong_name", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "z" {fp32} }} ]\n'
            f'output [ {{ name: "sum" {fp32} }} ]\n')
+    # Triton-style folders with only the model file, and with a partial config.
+    simple = os.path.join(REPO, "simple", "1", "model.onnx")
+    os.makedirs(repo / "auto" / "1")
+    shutil.copy(simple, repo / "auto" / "1" / "model.onnx")
+    os.makedirs(repo / "partial" / "1")
+    shutil.copy(simple, repo / "partial" / "1" / "model.onnx")
+    (repo / "partial" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 2\n')
     k = Kiln("--strict-readiness", "false", repo=str(repo))
     yield k
     k.stop()
@@ -72,3 +79,33 @@ def test_config_tensor_not_in_graph_is_named(onnx_kiln):
     e = index(onnx_kiln)["wrong_name"]
     assert e["state"] == "UNAVAILABLE" and "'z'" in e["reason"], e
     assert index(onnx_kiln)["add"]["state"] == "READY"
+
+
+def simple_inputs(a, b):
+    ins = [httpclient.InferInput("INPUT0", list(a.shape), "INT32"), httpclient.InferInput("INPUT1", list(b.shape), "INT32")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(b)
+    return ins
+
+
+def test_folder_without_config_is_auto_completed(onnx_kiln):
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    cfg = c.get_model_config("auto")
+    assert cfg["platform"] == "onnxruntime_onnx" and cfg["max_batch_size"] == 4
+    assert "dynamic_batching" in cfg
+    assert [(t["name"], t["data_type"], t["dims"]) for t in cfg["input"]] == [
+        ("INPUT0", "TYPE_INT32", [16]), ("INPUT1", "TYPE_INT32", [16])]
+    assert [t["name"] for t in cfg["output"]] == ["OUTPUT0", "OUTPUT1"]
+    a = np.arange(32, dtype=np.int32).reshape(2, 16)
+    r = c.infer("auto", simple_inputs(a, a))
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * a)
+
+
+def test_partial_config_keeps_what_it_says(onnx_kiln):
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    cfg = c.get_model_config("partial")
+    assert cfg["max_batch_size"] == 2 and "dynamic_batching" not in cfg
+    assert [t["dims"] for t in cfg["input"]] == [[16], [16]]
+    a = np.ones((3, 16), dtype=np.int32)
+    with pytest.raises(Exception):
+        c.infer("partial", simple_inputs(a, a))  # batch 3 > max_batch_size 2

@@ -43,6 +43,13 @@ fn c_backend_and_broken_libraries() {
         &d.join("libkiln_abi_minor.so"),
         &["-DTEST_ABI_MINOR=99"],
     );
+    // A backend built against ABI 1.0 (shorter table, no model_autocomplete) still serves.
+    let d = add_model(r, "abi_1_0", &fp32_config("abi_1_0", ""));
+    compile_c_backend(
+        &c_source("identity_backend.c"),
+        &d.join("libkiln_abi_1_0.so"),
+        &["-DTEST_ABI_1_0", "-DTEST_ABI_MINOR=0"],
+    );
     let d = add_model(r, "triton_so", &fp32_config("triton_so", ""));
     compile_c_backend(
         &c_source("triton_backend.c"),
@@ -65,9 +72,11 @@ fn c_backend_and_broken_libraries() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["outputs"][0]["data"], json!([1.5, -2.0]));
 
+    let (s, v) = k.post("/v2/models/abi_1_0/infer", &fp32_request(&[4.0]));
+    assert_eq!(s, 200, "an ABI 1.0 backend must load: {v}");
     let (st, why) = state_of(&k, "abi_major");
     assert_eq!(st, "UNAVAILABLE");
-    assert!(why.contains("ABI 2.0") && why.contains("ABI 1.0"), "{why}");
+    assert!(why.contains("ABI 2.0") && why.contains("ABI 1.1"), "{why}");
     let (_, why) = state_of(&k, "abi_minor");
     assert!(why.contains("ABI 1.99"), "{why}");
     let (_, why) = state_of(&k, "triton_so");

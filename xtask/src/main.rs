@@ -173,9 +173,14 @@ fn bench(extra: &[String]) -> Result<()> {
         .arg("tests/bench/perf.py")
         .args(extra))?;
     // The onnx executor against onnxruntime on ONNX's light models.
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "onnx-backend", "--example", "bench_plan"]))?;
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "onnx-backend",
+        "--example",
+        "bench_plan",
+    ]))?;
     let onnx_tests = models::fetch_onnx_tests(&target_dir().join("model-cache"))?;
     run(Command::new(py.join("bin").join("python"))
         .current_dir(&root)

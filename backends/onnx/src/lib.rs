@@ -101,11 +101,67 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Default `max_batch_size` auto-complete gives a model whose every input and output has
+/// a dynamic first dimension (Triton's `--backend-config=default-max-batch-size`).
+const DEFAULT_MAX_BATCH_SIZE: i64 = 4;
+
+/// Completes `config` from the graph as Triton's onnxruntime backend does: missing inputs
+/// and outputs (name, type, dims) and, when the config did not set `max_batch_size` and
+/// every tensor's first dimension is dynamic, batching with dynamic batching on.
+pub fn complete_config(mut config: Value, model: &ModelProto) -> Result<Value> {
+    let (inputs, outputs) = plan::graph_io(model);
+    let declared = |k: &str| config[k].as_array().is_some_and(|a| !a.is_empty());
+    let (has_in, has_out) = (declared("input"), declared("output"));
+    let mut mbs = config["max_batch_size"].as_i64().unwrap_or(0);
+    let all_batched = inputs
+        .iter()
+        .chain(&outputs)
+        .all(|t| t.dims.first() == Some(&-1));
+    if mbs == 0 && !has_in && !has_out && all_batched && !inputs.is_empty() {
+        mbs = DEFAULT_MAX_BATCH_SIZE;
+        config["max_batch_size"] = Value::from(mbs);
+        if config.get("dynamic_batching").is_none() && config.get("sequence_batching").is_none() {
+            config["dynamic_batching"] = serde_json::json!({});
+        }
+    }
+    let entry = |t: &plan::ValueInfo| -> Result<Value> {
+        let dt = t.dtype.ok_or_else(|| {
+            Error::unsupported(format!("tensor '{}' has a type Kiln cannot serve", t.name))
+        })?;
+        let dims = if mbs > 0 {
+            t.dims.get(1..).unwrap_or(&[])
+        } else {
+            &t.dims[..]
+        };
+        Ok(serde_json::json!({"name": t.name, "data_type": dt.config_name(), "dims": dims}))
+    };
+    if !has_in {
+        config["input"] = Value::Array(inputs.iter().map(entry).collect::<Result<_>>()?);
+    }
+    if !has_out {
+        config["output"] = Value::Array(outputs.iter().map(entry).collect::<Result<_>>()?);
+    }
+    Ok(config)
+}
+
 impl Backend for OnnxBackend {
     type Model = OnnxModel;
 
     fn initialize() -> Result<Self> {
         Ok(OnnxBackend)
+    }
+
+    fn autocomplete(&self, info: &ModelInfo) -> Result<Option<String>> {
+        let config: Value = serde_json::from_str(&info.config_json)
+            .map_err(|e| Error::internal(format!("bad config JSON: {e}")))?;
+        let path = model_path(info, &config);
+        if !path.is_file() {
+            return Ok(None); // load_model reports the missing file
+        }
+        let proto = candle_onnx::read_file(&path).map_err(|e| {
+            Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
+        })?;
+        Ok(Some(complete_config(config, &proto)?.to_string()))
     }
 
     fn load_model(&self, info: &ModelInfo) -> Result<OnnxModel> {

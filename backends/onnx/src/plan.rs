@@ -66,6 +66,22 @@ pub struct Plan {
     pub outputs: Vec<ValueInfo>,
 }
 
+/// The inputs (initializers excluded) and outputs a model declares.
+pub fn graph_io(model: &ModelProto) -> (Vec<ValueInfo>, Vec<ValueInfo>) {
+    let Some(g) = model.graph.as_ref() else {
+        return (Vec::new(), Vec::new());
+    };
+    let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    (
+        g.input
+            .iter()
+            .filter(|i| !inits.contains(i.name.as_str()))
+            .map(value_info)
+            .collect(),
+        g.output.iter().map(value_info).collect(),
+    )
+}
+
 /// An operator's error for the client: node, operator and message (no backtrace).
 fn node_error(node: &NodeProto, e: candle_core::Error) -> String {
     let msg = e.to_string();

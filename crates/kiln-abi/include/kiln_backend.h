@@ -17,7 +17,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x004942414E4C494BULL /* "KILNABI\0" little-endian */
 #define KILN_ABI_MAJOR 1u
-#define KILN_ABI_MINOR 0u
+#define KILN_ABI_MINOR 1u
 
 typedef uint32_t KilnDataType;
 enum {
@@ -138,6 +138,10 @@ typedef struct KilnBackendApi {
   KilnError* (*instance_init)(void* model, const KilnInstanceInfo* info, void** state);
   KilnError* (*instance_fini)(void* instance);
   KilnError* (*instance_execute)(void* instance, const KilnRequestView* requests, size_t count);
+  /* ABI 1.1, may be NULL: complete the model configuration (Triton's auto-complete). Call
+     set_config(ctx, json) at most once with the completed config in Triton's JSON form. */
+  KilnError* (*model_autocomplete)(void* backend, const KilnModelInfo* info, void* ctx,
+                                   void (*set_config)(void* ctx, KilnStr config_json));
 } KilnBackendApi;
 
 typedef const KilnBackendApi* (*KilnBackendEntryFn)(void);
@@ -170,9 +174,10 @@ _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInf
 _Static_assert(sizeof(KilnHostApi) == 24 + 13 * KILN_P, "KilnHostApi");
 _Static_assert(offsetof(KilnHostApi, output_alloc) == 24 + 7 * KILN_P, "KilnHostApi.output_alloc");
 _Static_assert(offsetof(KilnHostApi, report_compute) == 24 + 12 * KILN_P, "KilnHostApi.report_compute");
-_Static_assert(sizeof(KilnBackendApi) == 40 + 7 * KILN_P, "KilnBackendApi");
+_Static_assert(sizeof(KilnBackendApi) == 40 + 8 * KILN_P, "KilnBackendApi");
 _Static_assert(offsetof(KilnBackendApi, backend_init) == 40, "KilnBackendApi.backend_init");
 _Static_assert(offsetof(KilnBackendApi, instance_execute) == 40 + 6 * KILN_P, "KilnBackendApi.instance_execute");
+_Static_assert(offsetof(KilnBackendApi, model_autocomplete) == 40 + 7 * KILN_P, "KilnBackendApi.model_autocomplete");
 
 #ifdef __cplusplus
 }

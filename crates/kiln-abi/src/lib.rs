@@ -20,7 +20,7 @@ pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
 /// Incompatible changes bump the major version.
 pub const KILN_ABI_MAJOR: u32 = 1;
 /// Appended functions bump the minor version.
-pub const KILN_ABI_MINOR: u32 = 0;
+pub const KILN_ABI_MINOR: u32 = 1;
 /// The one symbol a backend library exports.
 pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
 
@@ -311,7 +311,24 @@ pub struct KilnBackendApi {
         requests: *const KilnRequestView,
         count: usize,
     ) -> *mut KilnError,
+    /// ABI 1.1 (nullable; absent when `struct_size` is ABI 1.0's): completes a model
+    /// configuration, as Triton's auto-complete does. `info.config_json` holds the config
+    /// so far (possibly only name and backend); the backend calls `set_config(ctx, json)`
+    /// at most once with the completed config in Triton's JSON form, or not at all to
+    /// keep it. `info.version` is the version whose files to read.
+    pub model_autocomplete: Option<
+        unsafe extern "C" fn(
+            backend: *mut c_void,
+            info: *const KilnModelInfo,
+            ctx: *mut c_void,
+            set_config: unsafe extern "C" fn(ctx: *mut c_void, config_json: KilnStr),
+        ) -> *mut KilnError,
+    >,
 }
+
+/// Size of ABI 1.0's `KilnBackendApi` (before `model_autocomplete`); the host accepts
+/// tables at least this large and reads later fields only when `struct_size` covers them.
+pub const KILN_BACKEND_API_SIZE_1_0: usize = offset_of!(KilnBackendApi, model_autocomplete);
 
 /// Signature of the entry symbol.
 pub type KilnBackendEntryFn = unsafe extern "C" fn() -> *const KilnBackendApi;
@@ -351,9 +368,10 @@ const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
 const _: () = assert!(size_of::<KilnHostApi>() == 24 + 13 * P);
 const _: () = assert!(offset_of!(KilnHostApi, output_alloc) == 24 + 7 * P);
 const _: () = assert!(offset_of!(KilnHostApi, report_compute) == 24 + 12 * P);
-const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 7 * P);
+const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 8 * P);
 const _: () = assert!(offset_of!(KilnBackendApi, backend_init) == 40);
 const _: () = assert!(offset_of!(KilnBackendApi, instance_execute) == 40 + 6 * P);
+const _: () = assert!(offset_of!(KilnBackendApi, model_autocomplete) == 40 + 7 * P);
 
 /// Every (name, size) and (name.field, offset) pair of the layout contract; the tests
 /// compile the C header and compare against this table.
@@ -389,5 +407,9 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnBackendApi,instance_execute)",
         offset_of!(KilnBackendApi, instance_execute),
+    ),
+    (
+        "offsetof(KilnBackendApi,model_autocomplete)",
+        offset_of!(KilnBackendApi, model_autocomplete),
     ),
 ];

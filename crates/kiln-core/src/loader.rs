@@ -46,6 +46,26 @@ pub struct BackendLibrary {
     pub state: *mut c_void,
 }
 
+impl BackendLibrary {
+    /// The ABI 1.1 `model_autocomplete` hook, when the library's table has it.
+    pub fn autocomplete_fn(
+        &self,
+    ) -> Option<
+        unsafe extern "C" fn(
+            *mut c_void,
+            *const abi::KilnModelInfo,
+            *mut c_void,
+            unsafe extern "C" fn(*mut c_void, abi::KilnStr),
+        ) -> *mut abi::KilnError,
+    > {
+        let h = self.api.header;
+        if h.abi_minor < 1 || (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
+            return None;
+        }
+        self.api.model_autocomplete
+    }
+}
+
 // SAFETY: the backend state is only passed back to the backend, which must be thread-safe
 // for the calls the ABI allows from several threads (model/instance init on host threads).
 unsafe impl Send for BackendLibrary {}
@@ -160,7 +180,7 @@ fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
             host_minor: abi::KILN_ABI_MINOR,
         });
     }
-    if (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
+    if (h.struct_size as usize) < abi::KILN_BACKEND_API_SIZE_1_0 {
         return Err(LoadError::NotKiln {
             path: p,
             reason: format!(

@@ -85,6 +85,7 @@ fn read_config(
             config::parse_json(j).map_err(|e| CoreError::invalid(e.to_string()))?,
             String::new(),
         ),
+        None if !file.exists() => (detect_config(model_dir, name)?, String::new()),
         None => {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 CoreError::invalid(format!("cannot read '{}': {e}", file.display()))
@@ -98,6 +99,87 @@ fn read_config(
     config::normalize(&mut cfg, &file, &text, name, gpu_count())
         .map_err(|e| CoreError::invalid(e.to_string()))?;
     Ok(cfg)
+}
+
+/// Model files Triton recognises without a config.pbtxt, and the platform/backend they imply.
+const DEFAULT_MODEL_FILES: &[(&str, &str, &str)] =
+    &[("model.onnx", "onnxruntime_onnx", "onnxruntime")];
+
+/// A minimal config (name, platform, backend) for a folder without config.pbtxt, from the
+/// model file in its version folders, as Triton does; the backend's auto-complete fills in
+/// the rest.
+fn detect_config(model_dir: &Path, name: &str) -> CoreResult<ModelConfig> {
+    for v in available_versions(model_dir) {
+        for (file, platform, backend) in DEFAULT_MODEL_FILES {
+            if model_dir.join(v.to_string()).join(file).is_file() {
+                return Ok(ModelConfig {
+                    name: name.to_string(),
+                    platform: platform.to_string(),
+                    backend: backend.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    Err(CoreError::invalid(format!(
+        "'{}' has no config.pbtxt and no model file to derive one from ({})",
+        model_dir.join("config.pbtxt").display(),
+        DEFAULT_MODEL_FILES
+            .iter()
+            .map(|f| format!("<version>/{}", f.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+/// Lets the backend complete `cfg` (Triton's auto-complete) from the files of `version`.
+fn autocomplete(
+    cfg: ModelConfig,
+    lib: &loader::BackendLibrary,
+    dir: &Path,
+    version: i64,
+) -> CoreResult<ModelConfig> {
+    let Some(f) = lib.autocomplete_fn() else {
+        return Ok(cfg);
+    };
+    let json = config::to_json(&cfg).to_string();
+    let path = dir.display().to_string();
+    let info = kiln_abi::KilnModelInfo {
+        name: kiln_abi::KilnStr::from_str(&cfg.name),
+        version,
+        repository_path: kiln_abi::KilnStr::from_str(&path),
+        config_json: kiln_abi::KilnStr::from_str(&json),
+    };
+    unsafe extern "C" fn set(ctx: *mut std::ffi::c_void, s: kiln_abi::KilnStr) {
+        // SAFETY: `ctx` is the `Option<String>` below; `s` is valid for the call.
+        let out = unsafe { &mut *(ctx as *mut Option<String>) };
+        *out = Some(String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned());
+    }
+    let mut completed: Option<String> = None;
+    // SAFETY: ABI call; `info` and its strings outlive it, `set` copies the string.
+    let e = unsafe {
+        f(
+            lib.state,
+            &info,
+            &mut completed as *mut Option<String> as *mut std::ffi::c_void,
+            set,
+        )
+    };
+    if let Some(e) = crate::host::take_error(e) {
+        return Err(CoreError::new(
+            e.kind,
+            format!("auto-complete failed: {}", e.message),
+        ));
+    }
+    let Some(json) = completed else {
+        return Ok(cfg);
+    };
+    let mut new = config::parse_json(&json)
+        .map_err(|e| CoreError::invalid(format!("the backend's auto-completed config: {e}")))?;
+    let file = dir.join("config.pbtxt");
+    config::normalize(&mut new, &file, "", &cfg.name, gpu_count())
+        .map_err(|e| CoreError::invalid(format!("the backend's auto-completed config: {e}")))?;
+    Ok(new)
 }
 
 fn available_versions(model_dir: &Path) -> Vec<i64> {
@@ -250,13 +332,28 @@ impl ModelManager {
             }
         };
         let versions = select_versions(&cfg, &available_versions(dir));
-        if versions.is_empty() {
+        let Some(&newest) = versions.iter().max() else {
             return Err(fail(
                 format!("failed to load '{name}': at least one version must be available under the version policy of model '{name}'"),
                 vec![],
                 self,
             ));
-        }
+        };
+        // Auto-complete from the newest selected version's files (Triton does the same).
+        let cfg =
+            match loader::find_and_open(&cfg.backend, dir, newest, &self.opts.backend_directory)
+                .map_err(|e| CoreError::invalid(e.to_string()))
+                .and_then(|lib| autocomplete(cfg, &lib, dir, newest))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(fail(
+                        format!("failed to load '{name}': {}", e.message),
+                        vec![],
+                        self,
+                    ))
+                }
+            };
         let mut loaded = BTreeMap::new();
         let mut first_error = None;
         for &v in &versions {

@@ -74,6 +74,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn initialize() -> Result<Self>;
     /// Loads one version of one model.
     fn load_model(&self, info: &ModelInfo) -> Result<Self::Model>;
+
+    /// Triton's auto-complete: given the config so far (`info.config_json`, possibly only
+    /// name and backend, when the folder has no config.pbtxt), return the completed config
+    /// in Triton's JSON form, or `None` to keep it. Fill only what is missing. The default
+    /// completes nothing.
+    fn autocomplete(&self, info: &ModelInfo) -> Result<Option<String>> {
+        let _ = info;
+        Ok(None)
+    }
 }
 
 /// A loaded model version, shared by its instances.
@@ -132,6 +141,7 @@ macro_rules! export_backend {
                 instance_init: $crate::__private::instance_init::<$backend>,
                 instance_fini: $crate::__private::instance_fini::<$backend>,
                 instance_execute: $crate::__private::instance_execute::<$backend>,
+                model_autocomplete: Some($crate::__private::model_autocomplete::<$backend>),
             };
             &API
         }

@@ -41,6 +41,15 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+fn model_info(i: &KilnModelInfo) -> ModelInfo {
+    ModelInfo {
+        name: text(&i.name),
+        version: i.version,
+        repository_path: text(&i.repository_path).into(),
+        config_json: text(&i.config_json),
+    }
+}
+
 fn text(k: &abi::KilnStr) -> String {
     // SAFETY: the host passes valid strings for the duration of the call.
     String::from_utf8_lossy(unsafe { k.as_bytes() }).into_owned()
@@ -91,13 +100,7 @@ pub unsafe extern "C" fn model_init<B: Backend>(
     guard(|| {
         // SAFETY: pointers from the host, valid for the call.
         let (b, i) = unsafe { (&*(backend as *const B), &*info) };
-        let mi = ModelInfo {
-            name: text(&i.name),
-            version: i.version,
-            repository_path: text(&i.repository_path).into(),
-            config_json: text(&i.config_json),
-        };
-        let m = b.load_model(&mi)?;
+        let m = b.load_model(&model_info(i))?;
         // SAFETY: out pointer from the host.
         unsafe { *state = Box::into_raw(Box::new(m)) as *mut c_void };
         Ok(())
@@ -216,6 +219,33 @@ pub unsafe extern "C" fn instance_execute<B: Backend>(
             host::check(unsafe { (h.request_release)(r.handle(), abi::KILN_REQUEST_RELEASE_ALL) });
     }
     std::ptr::null_mut()
+}
+
+/// # Safety
+/// `backend` came from `backend_init::<B>`; `info` is valid for the call; `set_config`
+/// copies the string it is given.
+pub unsafe extern "C" fn model_autocomplete<B: Backend>(
+    backend: *mut c_void,
+    info: *const KilnModelInfo,
+    ctx: *mut c_void,
+    set_config: unsafe extern "C" fn(*mut c_void, abi::KilnStr),
+) -> *mut KilnError {
+    guard(|| {
+        // SAFETY: created in backend_init and alive until backend_fini.
+        let Some(b) = (unsafe { (backend as *const B).as_ref() }) else {
+            return Err(Error::internal("autocomplete before backend_init"));
+        };
+        // SAFETY: valid for the call.
+        let Some(info) = (unsafe { info.as_ref() }) else {
+            return Err(Error::internal("autocomplete without model info"));
+        };
+        let info = model_info(info);
+        if let Some(json) = b.autocomplete(&info)? {
+            // SAFETY: the host copies the string before returning.
+            unsafe { set_config(ctx, abi::KilnStr::from_str(&json)) };
+        }
+        Ok(())
+    })
 }
 
 /// Current host time in nanoseconds, for compute statistics.
