@@ -6,6 +6,10 @@ use candle_onnx::onnx::NodeProto;
 use crate::attrs;
 use crate::convert::onnx_dtype;
 
+/// Internal operator the planner puts in place of an inference BatchNormalization:
+/// inputs x, scale[C], shift[C] → x · scale + shift per channel (axis 1).
+pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
+
 /// Operators this executor implements (default ONNX domain).
 pub const SUPPORTED: &[&str] = &[
     "And",
@@ -809,6 +813,15 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 .broadcast_add(&bias)?
         }
         "Conv" => conv(node, ins)?,
+        CHANNEL_AFFINE => {
+            let x = x()?;
+            let shape: Vec<usize> = (0..x.rank())
+                .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
+                .collect();
+            let scale = y()?.reshape(shape.clone())?;
+            let shift = req(ins, 2, node)?.reshape(shape)?;
+            x.broadcast_mul(&scale)?.broadcast_add(&shift)?
+        }
         "MaxPool" => {
             let x = x()?;
             let (k, s, p) = pool_params(node, x)?;

@@ -134,11 +134,53 @@ fn fold_batch_norms(
             fold.push((c, k));
         }
     }
-    if fold.is_empty() {
-        return Ok(nodes);
-    }
-    let err = |e: candle_core::Error| format!("folding BatchNormalization into Conv: {e}");
+    let err = |e: candle_core::Error| format!("folding BatchNormalization: {e}");
+    let folded: HashSet<usize> = fold.iter().map(|&(_, k)| k).collect();
     let mut nodes: Vec<Option<NodeProto>> = nodes.into_iter().map(Some).collect();
+    // Every other inference BatchNormalization with constant parameters becomes one
+    // per-channel affine x · s + (β − mean · s) with precomputed s = γ / √(var + ε).
+    for (k, slot) in nodes.iter_mut().enumerate() {
+        let Some(bn) = slot.as_ref() else { continue };
+        if bn.op_type != "BatchNormalization"
+            || folded.contains(&k)
+            || bn.output.len() > 1
+            || bn.input.len() != 5
+            || !bn.input[1..].iter().all(|i| constants.contains_key(i))
+        {
+            continue;
+        }
+        let get = |name: &str| {
+            constants
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("constant '{name}' missing"))
+        };
+        let (gamma, beta, mean, var) = (
+            get(&bn.input[1])?,
+            get(&bn.input[2])?,
+            get(&bn.input[3])?,
+            get(&bn.input[4])?,
+        );
+        let eps = crate::attrs::float(bn, "epsilon", 1e-5) as f64;
+        let scale = (var + eps)
+            .and_then(|v| v.sqrt())
+            .and_then(|d| gamma.div(&d))
+            .map_err(err)?;
+        let shift = mean.mul(&scale).and_then(|m| beta - m).map_err(err)?;
+        let (sn, hn) = (
+            format!("{}::bn_scale", bn.output[0]),
+            format!("{}::bn_shift", bn.output[0]),
+        );
+        constants.insert(sn.clone(), scale);
+        constants.insert(hn.clone(), shift);
+        let mut affine = bn.clone();
+        affine.op_type = ops::CHANNEL_AFFINE.into();
+        affine.input = vec![bn.input[0].clone(), sn, hn];
+        *slot = Some(affine);
+    }
+    if fold.is_empty() {
+        return Ok(nodes.into_iter().flatten().collect());
+    }
     for (c, k) in fold {
         let (Some(conv), Some(bn)) = (nodes[c].clone(), nodes[k].clone()) else {
             continue;
