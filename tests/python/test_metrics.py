@@ -116,3 +116,26 @@ def test_rejected_requests_count_as_failures_not_successes(kiln_explicit):
         return value(after, name, "identity_fp32", reason) - value(before, name, "identity_fp32", reason)
     assert d("nv_inference_request_success") == ok
     assert d("nv_inference_request_failure", "REJECTED") == rejected
+
+
+def test_first_response_histogram_is_opt_in(kiln):
+    _, types = scrape(kiln.metrics_url)
+    assert "nv_inference_first_response_histogram_ms" not in types
+    from conftest import Kiln
+    k = Kiln("--metrics-config", "histogram_latencies=true")
+    try:
+        h = httpclient.InferenceServerClient(url=k.url)
+        for _ in range(3):
+            h.infer("simple", simple_inputs(httpclient, np.ones((1, 16), dtype=np.int32)))
+        text = requests.get(k.metrics_url, timeout=10).text
+        fam = next(f for f in text_string_to_metric_families(text)
+                   if f.name == "nv_inference_first_response_histogram_ms")
+        assert fam.type == "histogram"
+        s = {(x.name, x.labels.get("le")): x.value for x in fam.samples if x.labels.get("model") == "simple"}
+        assert s[("nv_inference_first_response_histogram_ms_count", None)] == 3
+        assert s[("nv_inference_first_response_histogram_ms_bucket", "+Inf")] == 3
+        # Cumulative buckets at Triton's default bounds; requests this fast land in the first.
+        assert s[("nv_inference_first_response_histogram_ms_bucket", "100")] == 3
+        assert 0 < s[("nv_inference_first_response_histogram_ms_sum", None)] < 300
+    finally:
+        k.stop()

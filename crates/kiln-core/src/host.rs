@@ -71,6 +71,8 @@ struct InflightState {
     /// Queue and compute times, once the execution that ran it has returned.
     exec: Option<(Duration, ComputeTimes)>,
     stats_recorded: bool,
+    /// Whether a successful response was already delivered (first-response latency).
+    responded: bool,
 }
 
 /// A request handed to a backend, kept alive (with its views) until released.
@@ -111,12 +113,31 @@ impl Inflight {
         }
     }
 
+    /// Records the first-response latency on the request's first successful response.
+    fn note_response(&self, st: &mut InflightState, event: &ResponseEvent) {
+        if !st.responded && matches!(event, ResponseEvent::Response { .. }) {
+            st.responded = true;
+            self.model
+                .stats
+                .record_first_response(self.request.arrival.elapsed());
+        }
+    }
+
+    /// Delivers a response that is not the last one.
+    pub(crate) fn send(&self, event: ResponseEvent) {
+        let mut st = self.lock();
+        self.note_response(&mut st, &event);
+        drop(st);
+        self.sink.send(event);
+    }
+
     /// Delivers the final outcome if none was delivered yet.
     pub(crate) fn finish(&self, event: ResponseEvent) -> bool {
         let mut st = self.lock();
         if st.finished.is_some() {
             return false;
         }
+        self.note_response(&mut st, &event);
         let ok = !matches!(event, ResponseEvent::Error(_));
         st.finished = Some(ok);
         self.sink.send(event);
@@ -424,7 +445,7 @@ unsafe extern "C" fn h_response_send(
     if last || matches!(event, ResponseEvent::Error(_)) {
         inf.finish(event);
     } else {
-        inf.sink.send(event);
+        inf.send(event);
     }
     std::ptr::null_mut()
 }

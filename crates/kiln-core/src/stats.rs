@@ -68,6 +68,22 @@ impl FailReason {
     }
 }
 
+/// Upper bounds (ms) of the first-response latency histogram: Triton's default buckets for
+/// `nv_inference_first_response_histogram_ms`.
+pub const FIRST_RESPONSE_BUCKETS_MS: [f64; 4] = [100.0, 500.0, 2000.0, 5000.0];
+
+/// Time to a request's first response: per-bucket counts (not cumulative; the last slot
+/// is above every bound), total count and sum.
+#[derive(Debug, Default, Clone)]
+pub struct LatencyHistogram {
+    /// Observations per bucket of [`FIRST_RESPONSE_BUCKETS_MS`], then the overflow.
+    pub buckets: [u64; 5],
+    /// Observations.
+    pub count: u64,
+    /// Their sum in milliseconds.
+    pub sum_ms: f64,
+}
+
 /// Snapshot of every counter.
 #[derive(Debug, Default, Clone)]
 pub struct StatsSnapshot {
@@ -84,6 +100,8 @@ pub struct StatsSnapshot {
     pub compute_output: Dur,
     /// Per batch size: compute input / infer / output.
     pub batch: BTreeMap<u64, [Dur; 3]>,
+    /// Time from arrival to the first successful response.
+    pub first_response: LatencyHistogram,
 }
 
 /// Thread-safe statistics of one model version.
@@ -124,6 +142,21 @@ impl ModelStats {
             s.fail.add(total);
             s.fail_reasons[reason as usize] += 1;
             s.last_inference_ms = now_ms();
+        })
+    }
+
+    /// A request's first successful response left `latency` after it arrived.
+    pub fn record_first_response(&self, latency: Duration) {
+        let ms = latency.as_secs_f64() * 1e3;
+        self.with(|s| {
+            let h = &mut s.first_response;
+            let slot = FIRST_RESPONSE_BUCKETS_MS
+                .iter()
+                .position(|&b| ms <= b)
+                .unwrap_or(FIRST_RESPONSE_BUCKETS_MS.len());
+            h.buckets[slot] += 1;
+            h.count += 1;
+            h.sum_ms += ms;
         })
     }
 

@@ -60,12 +60,14 @@ pub async fn serve(
 pub async fn serve_metrics(
     listener: TcpListener,
     server: Arc<Server>,
+    opts: kiln_metrics::MetricsOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let cpu = Arc::new(kiln_metrics::CpuSampler::default());
+    let opts = Arc::new(opts);
     accept_loop(
         listener,
-        move |req| routes::metrics(server.clone(), cpu.clone(), req),
+        move |req| routes::metrics(server.clone(), cpu.clone(), opts.clone(), req),
         shutdown,
         Duration::from_secs(1),
     )

@@ -137,6 +137,7 @@ fn body_json(body: &[u8]) -> Result<Value, CoreError> {
 pub async fn metrics(
     server: Arc<Server>,
     cpu: Arc<kiln_metrics::CpuSampler>,
+    opts: Arc<kiln_metrics::MetricsOptions>,
     req: Request<Incoming>,
 ) -> Resp {
     if req.method() != Method::GET || req.uri().path().trim_end_matches('/') != "/metrics" {
@@ -145,7 +146,7 @@ pub async fn metrics(
             "the metrics endpoint is GET /metrics",
         );
     }
-    match tokio::task::spawn_blocking(move || kiln_metrics::render(&server, &cpu)).await {
+    match tokio::task::spawn_blocking(move || kiln_metrics::render(&server, &cpu, &opts)).await {
         Ok(Ok(text)) => respond(
             StatusCode::OK,
             Some(kiln_metrics::CONTENT_TYPE),

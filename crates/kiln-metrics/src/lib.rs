@@ -77,8 +77,86 @@ fn counter(
     Ok(c)
 }
 
+/// Metric settings (tritonserver's `--metrics-config key=value`).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsOptions {
+    /// `histogram_latencies=true`: also serve `nv_inference_first_response_histogram_ms`.
+    pub histogram_latencies: bool,
+}
+
+impl MetricsOptions {
+    /// Applies one `key=value` setting; unknown keys are refused with the known ones.
+    pub fn set(&mut self, setting: &str) -> Result<(), String> {
+        let (k, v) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("--metrics-config expects key=value, got '{setting}'"))?;
+        let flag = || {
+            v.parse::<bool>()
+                .map_err(|_| format!("--metrics-config {k} must be true or false, got '{v}'"))
+        };
+        match k {
+            "histogram_latencies" => self.histogram_latencies = flag()?,
+            _ => {
+                return Err(format!(
+                    "unsupported --metrics-config key '{k}' (supported: histogram_latencies)"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Triton's first-response histogram for every ready model version, in milliseconds.
+fn first_response_family(server: &Server) -> prometheus::proto::MetricFamily {
+    use kiln_core::stats::FIRST_RESPONSE_BUCKETS_MS;
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+    let label = |n: &str, v: &str| {
+        let mut l = LabelPair::default();
+        l.set_name(n.into());
+        l.set_value(v.into());
+        l
+    };
+    let mut metrics = Vec::new();
+    for mv in server.models().ready_versions() {
+        let h = mv.shared.stats.snapshot().first_response;
+        let mut cumulative = 0;
+        let buckets = FIRST_RESPONSE_BUCKETS_MS
+            .iter()
+            .zip(h.buckets)
+            .map(|(&bound, n)| {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(bound);
+                b.set_cumulative_count(cumulative);
+                b
+            })
+            .collect();
+        let mut hist = Histogram::default();
+        hist.set_sample_count(h.count);
+        hist.set_sample_sum(h.sum_ms);
+        hist.set_bucket(buckets);
+        let mut m = Metric::default();
+        m.set_label(vec![
+            label("model", &mv.shared.name),
+            label("version", &mv.shared.version.to_string()),
+        ]);
+        m.set_histogram(hist);
+        metrics.push(m);
+    }
+    let mut family = MetricFamily::default();
+    family.set_name("nv_inference_first_response_histogram_ms".into());
+    family.set_help("Duration from request to first response in milliseconds".into());
+    family.set_field_type(MetricType::HISTOGRAM);
+    family.set_metric(metrics);
+    family
+}
+
 /// Renders every metric in Prometheus' text format.
-pub fn render(server: &Server, cpu: &CpuSampler) -> prometheus::Result<String> {
+pub fn render(
+    server: &Server,
+    cpu: &CpuSampler,
+    opts: &MetricsOptions,
+) -> prometheus::Result<String> {
     let r = Registry::new();
     let labels = ["model", "version"];
     let counters: Vec<(IntCounterVec, _)> = COUNTERS
@@ -136,7 +214,11 @@ pub fn render(server: &Server, cpu: &CpuSampler) -> prometheus::Result<String> {
         )?;
     }
 
+    let mut families = r.gather();
+    if opts.histogram_latencies {
+        families.push(first_response_family(server));
+    }
     let mut out = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut out)?;
+    TextEncoder::new().encode(&families, &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
 }

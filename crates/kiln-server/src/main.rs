@@ -73,6 +73,10 @@ struct Args {
     /// Serve Prometheus metrics.
     #[arg(long = "allow-metrics", default_value_t = true, action = clap::ArgAction::Set)]
     allow_metrics: bool,
+    /// Metric settings, `key=value` (repeatable): `histogram_latencies=true` adds
+    /// nv_inference_first_response_histogram_ms.
+    #[arg(long = "metrics-config")]
+    metrics_config: Vec<String>,
     /// Model control mode.
     #[arg(long = "model-control-mode", value_enum, default_value_t = Mode::None)]
     model_control_mode: Mode,
@@ -223,6 +227,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     if args.allow_metrics {
+        let mut metrics_opts = kiln_metrics::MetricsOptions::default();
+        for setting in &args.metrics_config {
+            metrics_opts.set(setting).map_err(anyhow::Error::msg)?;
+        }
         let host = args
             .metrics_address
             .as_deref()
@@ -237,7 +245,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut rx = stop_rx.clone();
         let s = server.clone();
         tasks.push(tokio::spawn(async move {
-            kiln_http::serve_metrics(listener, s, async move {
+            kiln_http::serve_metrics(listener, s, metrics_opts, async move {
                 let _ = rx.changed().await;
             })
             .await
