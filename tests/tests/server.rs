@@ -76,7 +76,10 @@ fn c_backend_and_broken_libraries() {
     assert_eq!(s, 200, "an ABI 1.0 backend must load: {v}");
     let (st, why) = state_of(&k, "abi_major");
     assert_eq!(st, "UNAVAILABLE");
-    assert!(why.contains("ABI 2.1") && why.contains("speaks ABI 1.1"), "{why}");
+    assert!(
+        why.contains("ABI 2.1") && why.contains("speaks ABI 1.1"),
+        "{why}"
+    );
     let (_, why) = state_of(&k, "abi_minor");
     assert!(why.contains("ABI 1.99"), "{why}");
     let (_, why) = state_of(&k, "triton_so");
