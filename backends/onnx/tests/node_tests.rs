@@ -105,18 +105,34 @@ fn onnx_node_tests() {
         return;
     };
     let node = Path::new(&root).join("node");
-    let mut names: Vec<String> = std::fs::read_dir(&node)
+    let mut cases: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&node)
         .expect("node test folder")
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("model.onnx").exists())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
         .collect();
-    names.sort();
+    cases.sort();
+    run_suite(
+        &cases,
+        run_one,
+        "onnx-node-report.txt",
+        include_str!("node_tests_pass.txt"),
+    );
+}
+
+/// Runs every case, writes `<report>` under CARGO_TARGET_TMPDIR (first line: the summary)
+/// and asserts that every name listed in `must_pass` (the committed ratchet) passed.
+fn run_suite(
+    cases: &[(String, std::path::PathBuf)],
+    run: fn(&Path) -> Outcome,
+    report_name: &str,
+    must_pass: &str,
+) {
     let mut report = String::new();
     let (mut pass, mut fail, mut unsupported) = (0, 0, 0);
     let mut passed = std::collections::HashSet::new();
-    for name in &names {
-        let outcome = catch_unwind(AssertUnwindSafe(|| run_one(&node.join(name))))
+    for (name, path) in cases {
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(path)))
             .unwrap_or_else(|_| Outcome::Fail("panicked".into()));
         let line = match outcome {
             Outcome::Pass => {
@@ -137,21 +153,21 @@ fn onnx_node_tests() {
         report.push('\n');
     }
     let summary = format!(
-        "ONNX node tests: {pass} pass, {fail} fail, {unsupported} unsupported of {}",
-        names.len()
+        "{report_name}: {pass} pass, {fail} fail, {unsupported} unsupported of {}",
+        cases.len()
     );
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-node-report.txt");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(report_name);
     std::fs::write(&out, format!("{summary}\n{report}")).expect("write report");
     eprintln!("{summary} (report: {})", out.display());
-    let expected: Vec<&str> = include_str!("node_tests_pass.txt")
+    let regressed: Vec<&str> = must_pass
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter(|n| !passed.contains(*n))
         .collect();
-    let regressed: Vec<&&str> = expected.iter().filter(|n| !passed.contains(**n)).collect();
     assert!(
         regressed.is_empty(),
-        "node tests that passed before now fail: {regressed:?} (see {})",
+        "cases that passed before now fail: {regressed:?} (see {})",
         out.display()
     );
 }
@@ -210,45 +226,25 @@ fn onnx_light_models() {
         return;
     };
     let light = Path::new(&root).join("light");
-    let mut models: Vec<_> = std::fs::read_dir(&light)
+    let mut cases: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&light)
         .expect("light model folder")
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .map(|p| {
+            (
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                p,
+            )
+        })
         .collect();
-    models.sort();
-    let mut report = String::new();
-    let mut passed = std::collections::HashSet::new();
-    for m in &models {
-        let name = m
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let t0 = std::time::Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| run_light(m)))
-            .unwrap_or_else(|_| Outcome::Fail("panicked".into()));
-        let line = match outcome {
-            Outcome::Pass => {
-                passed.insert(name.clone());
-                format!("PASS {name} ({:.2} s)", t0.elapsed().as_secs_f64())
-            }
-            Outcome::Fail(e) => format!("FAIL {name}: {e}"),
-            Outcome::Unsupported(e) => format!("UNSUPPORTED {name}: {e}"),
-        };
-        report.push_str(&line);
-        report.push('\n');
-    }
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-light-report.txt");
-    std::fs::write(&out, &report).expect("write report");
-    eprintln!("{report}");
-    let expected: Vec<&str> = include_str!("light_pass.txt")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    let regressed: Vec<&&str> = expected.iter().filter(|n| !passed.contains(**n)).collect();
-    assert!(
-        regressed.is_empty(),
-        "light models that passed before now fail: {regressed:?}"
+    cases.sort();
+    run_suite(
+        &cases,
+        run_light,
+        "onnx-light-report.txt",
+        include_str!("light_pass.txt"),
     );
 }

@@ -6,6 +6,22 @@ use kiln_sdk::DataType;
 
 use crate::error::CoreError;
 
+/// Parses a model version as the protocols carry it ("" = chosen by the version policy).
+pub fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse::<i64>()
+        .ok()
+        .filter(|&n| n >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            CoreError::invalid(format!(
+                "failed to parse model version '{v}': must be a non-negative integer"
+            ))
+        })
+}
+
 /// One input tensor: its bytes are a slice of the request body (no copy).
 #[derive(Debug, Clone)]
 pub struct InputTensor {

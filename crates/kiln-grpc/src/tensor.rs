@@ -1,5 +1,6 @@
 //! Converting `ModelInferRequest` / `ModelInferResponse` to and from the core's types.
 use bytes::{BufMut, Bytes, BytesMut};
+pub use kiln_core::request::parse_version;
 use kiln_core::{CoreError, DataType, InferRequest, InferResponse, InputTensor, RequestedOutput};
 use kiln_proto::inference::{
     infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
@@ -10,22 +11,6 @@ use std::collections::HashMap;
 
 fn bad(msg: impl Into<String>) -> CoreError {
     CoreError::invalid(msg)
-}
-
-/// Parses a protocol version string ("" = chosen by the version policy).
-pub fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse::<i64>()
-        .ok()
-        .filter(|&n| n >= 0)
-        .map(Some)
-        .ok_or_else(|| {
-            bad(format!(
-                "failed to parse model version '{v}': must be a non-negative integer"
-            ))
-        })
 }
 
 /// An `InferParameter` as the JSON value the core keeps parameters in.

@@ -6,6 +6,7 @@ use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGT
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use kiln_core::request::parse_version;
 use kiln_core::{CoreError, Server};
 use serde_json::{json, Value};
 
@@ -53,21 +54,6 @@ fn error(e: &CoreError) -> Resp {
 
 fn error_status(status: StatusCode, msg: impl Into<String>) -> Resp {
     json_resp(status, &json!({ "error": msg.into() }))
-}
-
-fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse::<i64>()
-        .ok()
-        .filter(|&n| n >= 0)
-        .map(Some)
-        .ok_or_else(|| {
-            CoreError::invalid(format!(
-                "failed to parse model version '{v}': must be a non-negative integer"
-            ))
-        })
 }
 
 /// Reads and (if needed) decompresses the request body, enforcing the size limit.
