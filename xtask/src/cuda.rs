@@ -3,8 +3,8 @@
 //!
 //! NVIDIA's CUDA 13.0 wheels from PyPI provide nvcc and the libraries; a link-time-only
 //! stub `libcuda.so` stands in for the driver. The result is `target/kiln-cuda/`: the same
-//! server and backends as `target/kiln/`, with `backends/candle/libkiln_candle.so` built
-//! with candle's `cuda` feature. Only that library links CUDA; the server never does.
+//! server and backends as `target/kiln/`, with the candle and onnx backends built with
+//! candle's `cuda` feature. Only those libraries link CUDA; the server never does.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,6 +24,9 @@ const WHEELS: &[&str] = &[
     "nvidia-curand==10.4.0.35",
     "nvidia-cuda-nvrtc==13.0.88",
 ];
+
+/// Backends built with candle's `cuda` feature in the CUDA variant.
+const CUDA_BACKENDS: &[&str] = &["candle", "onnx"];
 
 /// H100/H200 (sm_90a).
 const COMPUTE_CAP: &str = "90";
@@ -148,9 +151,10 @@ pub fn build_cuda(root: &Path, target: &Path, dist: &Path) -> Result<PathBuf> {
             "--release",
             "-p",
             "candle-backend",
-            "--features",
-            "cuda",
+            "-p",
+            "onnx-backend",
         ])
+        .args(["--features", "candle-backend/cuda,onnx-backend/cuda"])
         .arg("--target-dir")
         .arg(&cuda_target))?;
     let out = target.join("kiln-cuda");
@@ -162,7 +166,7 @@ pub fn build_cuda(root: &Path, target: &Path, dist: &Path) -> Result<PathBuf> {
         let Some(name) = dir.file_name() else {
             continue;
         };
-        if name == "candle" {
+        if CUDA_BACKENDS.iter().any(|b| name == *b) {
             continue;
         }
         std::fs::create_dir_all(out.join("backends").join(name))?;
@@ -173,14 +177,24 @@ pub fn build_cuda(root: &Path, target: &Path, dist: &Path) -> Result<PathBuf> {
             }
         }
     }
-    std::fs::create_dir_all(out.join("backends/candle"))?;
-    let lib = out.join("backends/candle/libkiln_candle.so");
-    copy(&cuda_target.join("release/libkiln_candle.so"), &lib)?;
-    // Smaller to carry; symbols are not needed to run.
-    let _ = Command::new("strip")
-        .arg("--strip-unneeded")
-        .arg(&lib)
-        .status();
-    eprintln!("laid out {} (candle backend with CUDA)", out.display());
+    let mut stripped = vec![out.join("kiln")];
+    for b in CUDA_BACKENDS {
+        std::fs::create_dir_all(out.join("backends").join(b))?;
+        let file = format!("libkiln_{b}.so");
+        let lib = out.join("backends").join(b).join(&file);
+        copy(&cuda_target.join("release").join(&file), &lib)?;
+        stripped.push(lib);
+    }
+    // Smaller to carry to a GPU machine (64 MiB there): symbols are not needed to run.
+    for f in &stripped {
+        let _ = Command::new("strip")
+            .arg("--strip-unneeded")
+            .arg(f)
+            .status();
+    }
+    eprintln!(
+        "laid out {} (candle and onnx backends with CUDA)",
+        out.display()
+    );
     Ok(out)
 }

@@ -199,11 +199,20 @@ impl Backend for OnnxBackend {
     }
 }
 
+/// The device an instance asks for (CUDA only in the `cuda` build).
 fn device(kind: InstanceKind) -> Result<Device> {
     match kind {
         InstanceKind::Cpu | InstanceKind::Model => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        InstanceKind::Gpu(id) => Device::new_cuda(id.max(0) as usize).map_err(|e| {
+            Error::new(
+                ErrorCode::Unavailable,
+                format!("KIND_GPU instance: cannot open CUDA device {id}: {e}"),
+            )
+        }),
+        #[cfg(not(feature = "cuda"))]
         InstanceKind::Gpu(_) => Err(Error::unsupported(
-            "KIND_GPU: the onnx backend runs on the CPU in this build (use KIND_CPU)",
+            "KIND_GPU instance: this onnx backend was built without CUDA; build the CUDA variant with `cargo xtask build-cuda` (or use KIND_CPU)",
         )),
     }
 }
