@@ -61,8 +61,11 @@ pub const SUPPORTED: &[&str] = &[
     "HardSigmoid",
     "Identity",
     "LayerNormalization",
+    "GatherElements",
     "LeakyRelu",
     "LRN",
+    "Mod",
+    "Trilu",
     "Less",
     "LessOrEqual",
     "Log",
@@ -813,6 +816,46 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 .broadcast_add(&bias)?
         }
         "Conv" => conv(node, ins)?,
+        "GatherElements" => {
+            let x = x()?;
+            let a = axis(attrs::int(node, "axis", 0), x.rank())?;
+            let idx = y()?.to_dtype(DType::I64)?;
+            let n = x.dim(a)? as f64;
+            // Negative indices count from the end.
+            let fixed = idx.ge(0i64)?.where_cond(&idx, &idx.affine(1.0, n)?)?;
+            x.contiguous()?
+                .gather(&fixed.to_dtype(DType::U32)?.contiguous()?, a)?
+        }
+        "Mod" => {
+            let x = x()?;
+            let (a, b) = broadcast_pair(&x.to_dtype(DType::F64)?, &y()?.to_dtype(DType::F64)?)?;
+            let q = a.div(&b)?;
+            // fmod=1: C fmod (truncated quotient); fmod=0: Python's mod (floored quotient).
+            let q = if attrs::int(node, "fmod", 0) != 0 {
+                q.sign()?.mul(&q.abs()?.floor()?)?
+            } else {
+                q.floor()?
+            };
+            a.sub(&b.mul(&q)?)?.to_dtype(x.dtype())?
+        }
+        "Trilu" => {
+            let x = x()?;
+            let k = match opt(ins, 1) {
+                Some(t) => i64s(t)?.first().copied().unwrap_or(0),
+                None => 0,
+            };
+            let (r, c) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+            let rows = Tensor::arange(0i64, r as i64, dev)?.reshape((r, 1))?;
+            let cols = Tensor::arange(0i64, c as i64, dev)?.reshape((1, c))?;
+            let diff = cols.broadcast_sub(&rows)?; // j - i
+            let keep = if attrs::int(node, "upper", 1) != 0 {
+                diff.ge(k)?
+            } else {
+                diff.le(k)?
+            };
+            let zeros = Tensor::zeros_like(x)?;
+            keep.broadcast_as(x.shape())?.where_cond(x, &zeros)?
+        }
         CHANNEL_AFFINE => {
             let x = x()?;
             let shape: Vec<usize> = (0..x.rank())
