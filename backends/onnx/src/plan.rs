@@ -89,6 +89,34 @@ fn node_error(node: &NodeProto, e: candle_core::Error) -> String {
     format!("node '{}' ({}): {first}", node.name, node.op_type)
 }
 
+/// An inference BatchNormalization's constants as a per-channel affine, in F64:
+/// s = γ / √(var + ε) and shift = β − mean · s, so that y = x · s + shift.
+fn bn_scale_shift(
+    bn: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Result<(Tensor, Tensor), String> {
+    let get = |i: usize| {
+        constants
+            .get(&bn.input[i])
+            .ok_or_else(|| format!("constant '{}' missing", bn.input[i]))
+            .and_then(|t| {
+                t.to_dtype(candle_core::DType::F64)
+                    .map_err(|e| e.to_string())
+            })
+    };
+    let (gamma, beta, mean, var) = (get(1)?, get(2)?, get(3)?, get(4)?);
+    let eps = crate::attrs::float(bn, "epsilon", 1e-5) as f64;
+    let scale = (var + eps)
+        .and_then(|v| v.sqrt())
+        .and_then(|d| gamma.div(&d))
+        .map_err(|e| e.to_string())?;
+    let shift = mean
+        .mul(&scale)
+        .and_then(|m| beta - m)
+        .map_err(|e| e.to_string())?;
+    Ok((scale, shift))
+}
+
 /// Folds `BatchNormalization(Conv(x, W, b))` into one Conv with scaled weights when the
 /// Conv's only consumer is the BatchNormalization and every parameter is a constant:
 /// W' = W · s, b' = (b − mean) · s + β with s = γ / √(var + ε) per output channel.
@@ -149,24 +177,12 @@ fn fold_batch_norms(
         {
             continue;
         }
-        let get = |name: &str| {
-            constants
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("constant '{name}' missing"))
-        };
-        let (gamma, beta, mean, var) = (
-            get(&bn.input[1])?,
-            get(&bn.input[2])?,
-            get(&bn.input[3])?,
-            get(&bn.input[4])?,
-        );
-        let eps = crate::attrs::float(bn, "epsilon", 1e-5) as f64;
-        let scale = (var + eps)
-            .and_then(|v| v.sqrt())
-            .and_then(|d| gamma.div(&d))
-            .map_err(err)?;
-        let shift = mean.mul(&scale).and_then(|m| beta - m).map_err(err)?;
+        let dt = constants
+            .get(&bn.input[1])
+            .map_or(candle_core::DType::F32, |t| t.dtype());
+        let (scale, shift) = bn_scale_shift(bn, constants)?;
+        let scale = scale.to_dtype(dt).map_err(err)?;
+        let shift = shift.to_dtype(dt).map_err(err)?;
         let (sn, hn) = (
             format!("{}::bn_scale", bn.output[0]),
             format!("{}::bn_shift", bn.output[0]),
@@ -185,44 +201,32 @@ fn fold_batch_norms(
         let (Some(conv), Some(bn)) = (nodes[c].clone(), nodes[k].clone()) else {
             continue;
         };
-        let get = |name: &str| {
-            constants
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("constant '{name}' missing"))
-        };
-        let w = get(&conv.input[1])?;
-        let (gamma, beta, mean, var) = (
-            get(&bn.input[1])?,
-            get(&bn.input[2])?,
-            get(&bn.input[3])?,
-            get(&bn.input[4])?,
-        );
-        let eps = crate::attrs::float(&bn, "epsilon", 1e-5) as f64;
+        let w = constants
+            .get(&conv.input[1])
+            .cloned()
+            .ok_or_else(|| format!("constant '{}' missing", conv.input[1]))?;
+        let (scale, shift) = bn_scale_shift(&bn, constants)?;
         let dt = w.dtype();
-        let f = |t: Tensor| t.to_dtype(candle_core::DType::F64);
-        let scale = (f(gamma).map_err(err)?
-            / (f(var).map_err(err)? + eps)
-                .map_err(err)?
-                .sqrt()
-                .map_err(err)?)
-        .map_err(err)?;
+        let f64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64);
         let out_ch = w.dim(0).map_err(err)?;
         let mut wshape = vec![1usize; w.rank()];
         wshape[0] = out_ch;
-        let w2 = f(w.clone())
+        // W' = W · s per output channel; b' = b · s + shift.
+        let w2 = f64(&w)
             .and_then(|w| w.broadcast_mul(&scale.reshape(wshape)?))
             .and_then(|w| w.to_dtype(dt))
             .map_err(err)?;
-        let b = match conv.input.get(2).filter(|s| !s.is_empty()) {
-            Some(b) => f(get(b)?).map_err(err)?,
-            None => Tensor::zeros(out_ch, candle_core::DType::F64, w.device()).map_err(err)?,
-        };
-        let b2 = (b - f(mean).map_err(err)?)
-            .and_then(|d| d.mul(&scale))
-            .and_then(|d| d + f(beta)?)
-            .and_then(|d| d.to_dtype(dt))
-            .map_err(err)?;
+        let b2 = match conv.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => {
+                let b = constants
+                    .get(b)
+                    .ok_or_else(|| format!("constant '{b}' missing"))?;
+                f64(b).and_then(|b| b.mul(&scale)?.add(&shift))
+            }
+            None => Ok(shift),
+        }
+        .and_then(|b| b.to_dtype(dt))
+        .map_err(err)?;
         let (wn, bn_name) = (
             format!("{}::folded_w", bn.output[0]),
             format!("{}::folded_b", bn.output[0]),
