@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let top: Vec<String> = ops
         .iter()
-        .take(4)
+        .take(12)
         .map(|(op, (ms, n))| format!("{op} {ms:.1} ms/{n}"))
         .collect();
     eprintln!("{}", top.join(", "));

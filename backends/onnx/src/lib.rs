@@ -3,6 +3,7 @@
 //! planned once per instance (see [`plan`]), CPU or CUDA.
 pub mod attrs;
 pub mod convert;
+pub mod cpu_conv;
 pub mod ops;
 pub mod plan;
 

@@ -385,7 +385,19 @@ fn pad2d(x: &Tensor, p: &[usize]) -> Result<Tensor> {
         .pad_with_zeros(3, p[1], p[3])
 }
 
-fn conv(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+/// The contiguous f32 data of a CPU tensor, given to `f`; `None` for other tensors.
+pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            let (a, b) = layout.contiguous_offsets()?;
+            Some(f(&v[a..b]))
+        }
+        _ => None,
+    }
+}
+
+fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
     if x.rank() != 4 {
@@ -398,22 +410,41 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     let strides = attrs::ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
     let dil = attrs::ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
     let groups = attrs::int(node, "group", 1) as usize;
+    let p: Vec<usize> = pads.iter().map(|&v| v as usize).collect();
+    let (oc, icg, kh, kw) = w.dims4()?;
+    let (b, ic, h, wd) = x.dims4()?;
+    if groups == 0 || ic != icg * groups || oc % groups != 0 {
+        bail!("Conv: {ic} input channels do not match the weight's {icg} × {groups} groups")
+    }
+    let bias = opt(ins, 2);
+    if x.device().is_cpu() && x.dtype() == DType::F32 && p.len() == 4 && strides.len() == 2 {
+        let geo = crate::cpu_conv::Conv2d {
+            input: [b, ic, h, wd],
+            out_channels: oc,
+            kernel: [kh, kw],
+            stride: [strides[0] as usize, strides[1] as usize],
+            dilation: [dil[0] as usize, dil[1] as usize],
+            pads: [p[0], p[1], p[2], p[3]],
+            groups,
+        };
+        let Some([oh, ow]) = geo.out_hw() else {
+            bail!("Conv: the kernel is larger than the padded input")
+        };
+        let x = x.contiguous()?;
+        let w = w.contiguous()?;
+        let bias = bias.map(|t| t.contiguous()).transpose()?;
+        let out = with_cpu_f32(&x, |xs| {
+            with_cpu_f32(&w, |ws| match &bias {
+                Some(bt) => with_cpu_f32(bt, |bs| geo.run(xs, ws, Some(bs), ctx.threads)),
+                None => Some(geo.run(xs, ws, None, ctx.threads)),
+            })
+        });
+        if let Some(Some(Some(out))) = out {
+            return Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu);
+        }
+    }
     if strides[0] != strides[1] || dil[0] != dil[1] {
         bail!("Conv: different strides or dilations per axis are not supported")
-    }
-    let p: Vec<usize> = pads.iter().map(|&v| v as usize).collect();
-    let (oc, _, kh, kw) = w.dims4()?;
-    if kh == 1 && kw == 1 && groups == 1 && strides[0] == 1 && p.iter().all(|&v| v == 0) {
-        // A 1×1 convolution is a matrix product: [oc, ic] × [b, ic, h·w].
-        let (b, ic, h, wd) = x.dims4()?;
-        let y = w
-            .reshape((oc, ic))?
-            .broadcast_matmul(&x.reshape((b, ic, h * wd))?)?
-            .reshape((b, oc, h, wd))?;
-        return match opt(ins, 2) {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, oc, 1, 1))?),
-            None => Ok(y),
-        };
     }
     let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
         (x.clone(), p[0])
@@ -421,7 +452,7 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
         (pad2d(x, &p)?, 0)
     };
     let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
-    match opt(ins, 2) {
+    match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
@@ -455,6 +486,8 @@ pub struct Ctx<'a> {
     pub dev: &'a Device,
     /// Opset version of the default ONNX domain.
     pub opset: i64,
+    /// Threads the CPU kernels may use.
+    pub threads: usize,
 }
 
 /// Runs one node. `ins` follows the node's inputs (`None` for an omitted optional one).
@@ -632,8 +665,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             if attrs::int(node, "transB", 0) != 0 {
                 b = b.t()?;
             }
-            let mut r = (a.contiguous()?.matmul(&b.contiguous()?)?
-                * attrs::float(node, "alpha", 1.0) as f64)?;
+            let mut r = (a.matmul(&b)? * attrs::float(node, "alpha", 1.0) as f64)?;
             if let Some(c) = opt(ins, 2) {
                 r = r.broadcast_add(&(c * attrs::float(node, "beta", 1.0) as f64)?)?;
             }
@@ -815,7 +847,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 .broadcast_mul(&scale)?
                 .broadcast_add(&bias)?
         }
-        "Conv" => conv(node, ins)?,
+        "Conv" => conv(node, ins, ctx)?,
         "GatherElements" => {
             let x = x()?;
             let a = axis(attrs::int(node, "axis", 0), x.rank())?;

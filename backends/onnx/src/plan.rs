@@ -273,7 +273,11 @@ impl Plan {
             .iter()
             .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
             .map_or(1, |o| o.version);
-        let ctx = ops::Ctx { dev: device, opset };
+        let ctx = ops::Ctx {
+            dev: device,
+            opset,
+            threads: rayon::current_num_threads(),
+        };
         let missing = unsupported_ops(graph);
         if !missing.is_empty() {
             return Err(format!(
@@ -398,6 +402,7 @@ impl Plan {
             let ctx = ops::Ctx {
                 dev: &self.device,
                 opset: self.opset,
+                threads: rayon::current_num_threads(),
             };
             let outs = ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?;
             for (name, t) in step.node.output.iter().zip(outs) {
