@@ -1,6 +1,8 @@
 """Kiln's onnx executor vs onnxruntime: same model file, same input, same machine and
 threads, one run; median latency in ms and the Kiln/ORT ratio. Run by `cargo xtask bench`
-with the path of the `bench_plan` example binary and the ONNX light models."""
+with the path of the `bench_plan` example binary and the folder `make_bench_models` wrote
+(ResNet-50 and DenseNet-121 light models with a symbolic batch dimension, and a BERT
+encoder of all-MiniLM-L6-v2's shape with random weights)."""
 import os
 import subprocess
 import sys
@@ -9,16 +11,27 @@ import time
 import numpy as np
 
 
-def ort_median(path, batch, iters):
+def feeds_for(inputs, batch, seq):
+    """The inputs `bench_plan` builds: unknown dims are batch (first) or seq; floats are
+    arange(n)/n, integers 1 for a mask and (31 i) mod 1000 otherwise."""
+    feeds = {}
+    for i in inputs:
+        dims = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else seq) for k, d in enumerate(i.shape)]
+        n = int(np.prod(dims))
+        if i.type == "tensor(int64)":
+            v = np.ones(n, np.int64) if "mask" in i.name else (31 * np.arange(n, dtype=np.int64)) % 1000
+            feeds[i.name] = v.reshape(dims)
+        else:
+            feeds[i.name] = (np.arange(n).reshape(dims) / n).astype(np.float32)
+    return feeds
+
+
+def ort_median(path, batch, seq, iters):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = len(os.sched_getaffinity(0))
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feeds = {}
-    for i in s.get_inputs():
-        dims = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 1) for k, d in enumerate(i.shape)]
-        n = int(np.prod(dims))
-        feeds[i.name] = (np.arange(n).reshape(dims) / n).astype(np.float32)
+    feeds = feeds_for(s.get_inputs(), batch, seq)
     s.run(None, feeds)
     times = []
     for _ in range(iters):
@@ -29,27 +42,35 @@ def ort_median(path, batch, iters):
 
 
 def main():
-    bench_bin, light = sys.argv[1], sys.argv[2]
+    bench_bin, models = sys.argv[1], sys.argv[2]
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         print("onnxruntime is not installed; ONNX comparison skipped")
         return
-    print(f"{'model':22} {'batch':>5} {'kiln ms':>9} {'ort ms':>9} {'kiln/ort':>9}  kiln top ops")
-    for name, iters in [("light_resnet50", 20), ("light_densenet121", 10), ("light_inception_v2", 20)]:
-        path = os.path.join(light, name + ".onnx")
-        for batch in [1]:  # the light models have a fixed batch dimension of 1
-            k = subprocess.run([bench_bin, path, str(iters), str(batch)], capture_output=True, text=True)
+    print(f"{'model':26} {'batch':>5} {'kiln ms':>9} {'ort ms':>9} {'kiln/ort':>9}  kiln top ops")
+    # (file, sequence length, [(batch, iterations)])
+    runs = [
+        ("light_resnet50_dynbatch", 1, [(1, 20), (8, 5)]),
+        ("light_densenet121_dynbatch", 1, [(1, 10), (8, 3)]),
+        ("bert_minilm", 128, [(1, 20), (8, 5)]),
+    ]
+    for name, seq, batches in runs:
+        path = os.path.join(models, name + ".onnx")
+        label = f"{name} s{seq}" if seq > 1 else name
+        for batch, iters in batches:
+            k = subprocess.run([bench_bin, path, str(iters), str(batch), str(seq)], capture_output=True, text=True)
             if k.returncode != 0:
-                print(f"{name:22} {batch:>5} kiln failed: {k.stderr.strip()[-200:]}")
+                print(f"{label:26} {batch:>5} kiln failed: {k.stderr.strip()[-200:]}")
                 continue
             kiln = float(k.stdout.strip())
             try:
-                o = ort_median(path, batch, iters)
-            except Exception as e:  # a fixed batch dimension, for instance
-                print(f"{name:22} {batch:>5} {kiln:>9.2f}  ort: {str(e)[:80]}")
+                o = ort_median(path, batch, seq, iters)
+            except Exception as e:
+                print(f"{label:26} {batch:>5} {kiln:>9.2f}  ort: {str(e)[:80]}")
                 continue
-            print(f"{name:22} {batch:>5} {kiln:>9.2f} {o:>9.2f} {kiln / o:>9.2f}  {k.stderr.strip()}")
+            top = ", ".join(k.stderr.strip().split(", ")[:4])
+            print(f"{label:26} {batch:>5} {kiln:>9.2f} {o:>9.2f} {kiln / o:>9.2f}  {top}", flush=True)
 
 
 if __name__ == "__main__":

@@ -180,13 +180,23 @@ fn bench(extra: &[String]) -> Result<()> {
         "onnx-backend",
         "--example",
         "bench_plan",
+        "--example",
+        "make_bench_models",
     ]))?;
     let onnx_tests = models::fetch_onnx_tests(&target_dir().join("model-cache"))?;
+    let light = onnx_tests.join("light");
+    let bench_models = target_dir().join("bench-models");
+    run(
+        Command::new(target_dir().join("release/examples/make_bench_models"))
+            .arg(&bench_models)
+            .arg(light.join("light_resnet50.onnx"))
+            .arg(light.join("light_densenet121.onnx")),
+    )?;
     run(Command::new(py.join("bin").join("python"))
         .current_dir(&root)
         .arg("tests/bench/onnx_vs_ort.py")
         .arg(target_dir().join("release/examples/bench_plan"))
-        .arg(onnx_tests.join("light")))
+        .arg(&bench_models))
 }
 
 fn main() -> Result<()> {

@@ -1,12 +1,15 @@
 //! Median latency of the onnx backend's executor on one model, in process:
-//! `bench_plan <model.onnx> [iterations] [batch]`. Inputs are ONNX's dummy data
-//! (arange(n) / n); unknown dimensions are `batch` (first) or 1. Used by `cargo xtask bench`
-//! next to onnxruntime on the same file and input.
+//! `bench_plan <model.onnx> [iterations] [batch] [sequence]`. Float inputs are
+//! arange(n) / n; integer inputs are 1 when the name says "mask", else (31·i) mod 1000 (token
+//! ids); unknown dimensions are `batch` (first) or `sequence` (default 1). Used by
+//! `cargo xtask bench` next to onnxruntime on the same file and input
+//! (`tests/bench/onnx_vs_ort.py` builds the same inputs).
 use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use kiln_onnx::plan::Plan;
+use kiln_sdk::DataType;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -15,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: bench_plan <model.onnx> [iterations] [batch]")?;
     let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
     let batch: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let seq: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let model = candle_onnx::read_file(&path)?;
     let plan = Plan::new(&model, &Device::Cpu)?;
     let mut inputs = HashMap::new();
@@ -29,13 +33,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else if i == 0 {
                     batch
                 } else {
-                    1
+                    seq
                 }
             })
             .collect();
         let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
-        inputs.insert(info.name.clone(), Tensor::from_vec(v, dims, &Device::Cpu)?);
+        let t = match info.dtype {
+            Some(DataType::Int64) => {
+                let mask = info.name.contains("mask");
+                let v: Vec<i64> = (0..n as i64)
+                    .map(|i| if mask { 1 } else { (31 * i) % 1000 })
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu)?
+            }
+            _ => {
+                let v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+                Tensor::from_vec(v, dims, &Device::Cpu)?
+            }
+        };
+        inputs.insert(info.name.clone(), t);
     }
     plan.run(inputs.clone())?;
     let mut times = Vec::with_capacity(iters);

@@ -58,12 +58,21 @@ impl Conv2d {
     }
 
     /// Runs the convolution: `x` is `[b, ic, h, w]`, `weight` `[oc, ic/groups, kh, kw]`,
-    /// `bias` `[oc]`; returns `[b, oc, oh, ow]`. The caller checks the shapes.
+    /// `bias` `[oc]`, `residual` (added to the result) `[b, oc, oh, ow]`; `relu` clamps the
+    /// result at zero last. Returns `[b, oc, oh, ow]`. The caller checks the shapes.
     ///
     /// The work is cut into tiles of output pixels (and, when there are few tiles, of output
     /// channels); each tile builds its own small im2col block, which stays in cache, and runs
     /// one single-threaded matrix product into its part of the output. Tiles run in parallel.
-    pub fn run(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>, threads: usize) -> Vec<f32> {
+    pub fn run(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        relu: bool,
+        threads: usize,
+    ) -> Vec<f32> {
         let [b, ic, h, w] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
             return Vec::new();
@@ -72,10 +81,17 @@ impl Conv2d {
         let (g, n) = (self.groups, oh * ow);
         let (icg, ocg) = (ic / g, oc / g);
         let k = icg * self.kernel[0] * self.kernel[1];
-        let mut out = vec![0f32; b * oc * n];
+        let mut out = match residual {
+            Some(r) => r.to_vec(),
+            None => vec![0f32; b * oc * n],
+        };
         if let Some(bias) = bias {
             for (plane, &v) in out.chunks_mut(n).zip(bias.iter().cycle()) {
-                plane.fill(v);
+                if residual.is_some() {
+                    plane.iter_mut().for_each(|o| *o += v);
+                } else {
+                    plane.fill(v);
+                }
             }
         }
         // About 128 KiB of patches per tile, a multiple of 16 pixels.
@@ -93,6 +109,7 @@ impl Conv2d {
         };
         let rows = ocg.div_ceil(parts);
         let dst = SharedOut(out.as_mut_ptr());
+        let fast = crate::sgemm::available();
         let job = |col: &mut Vec<f32>, j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
@@ -116,27 +133,48 @@ impl Conv2d {
             // [ocg, n] output block (row stride n) and no other job touches them; lhs is
             // [m1-m0, k] and rhs [k, p1-p0] with row stride rhs_rs, all in bounds.
             unsafe {
-                gemm::gemm(
-                    m1 - m0,
-                    p1 - p0,
-                    k,
-                    dst.at(at),
-                    1,
-                    n as isize,
-                    bias.is_some(),
-                    lhs.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                if fast {
+                    crate::sgemm::sgemm_acc(
+                        m1 - m0,
+                        p1 - p0,
+                        k,
+                        lhs.as_ptr(),
+                        k,
+                        rhs.as_ptr(),
+                        rhs_rs,
+                        dst.at(at),
+                        n,
+                    );
+                } else {
+                    gemm::gemm(
+                        m1 - m0,
+                        p1 - p0,
+                        k,
+                        dst.at(at),
+                        1,
+                        n as isize,
+                        true,
+                        lhs.as_ptr(),
+                        1,
+                        k as isize,
+                        rhs.as_ptr(),
+                        1,
+                        rhs_rs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                if relu {
+                    for r in 0..m1 - m0 {
+                        std::slice::from_raw_parts_mut(dst.at(at + r * n), p1 - p0)
+                            .iter_mut()
+                            .for_each(|v| *v = v.max(0.0));
+                    }
+                }
             }
         };
         let total = jobs * parts;
@@ -291,16 +329,26 @@ mod tests {
             let x = data(input.iter().product(), 7 + i as u32);
             let wt = data(oc * input[1] / groups * kernel[0] * kernel[1], 99);
             let bias = data(oc, 3);
+            let n_out = naive(&p, &x, &wt, None).len();
+            let residual = data(n_out, 5);
             for threads in [1, 2] {
                 for b in [None, Some(bias.as_slice())] {
-                    let got = p.run(&x, &wt, b, threads);
-                    let want = naive(&p, &x, &wt, b);
-                    assert_eq!(got.len(), want.len(), "case {i}");
-                    for (a, e) in got.iter().zip(&want) {
-                        assert!(
-                            (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                            "case {i}: {a} vs {e}"
-                        );
+                    for (res, relu) in [(None, false), (None, true), (Some(&residual), true)] {
+                        let got = p.run(&x, &wt, b, res.map(|r| r.as_slice()), relu, threads);
+                        let mut want = naive(&p, &x, &wt, b);
+                        for (k, v) in want.iter_mut().enumerate() {
+                            *v += res.map_or(0.0, |r| r[k]);
+                            if relu {
+                                *v = v.max(0.0);
+                            }
+                        }
+                        assert_eq!(got.len(), want.len(), "case {i}");
+                        for (a, e) in got.iter().zip(&want) {
+                            assert!(
+                                (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                "case {i} relu {relu}: {a} vs {e}"
+                            );
+                        }
                     }
                 }
             }

@@ -4,8 +4,11 @@
 pub mod attrs;
 pub mod convert;
 pub mod cpu_conv;
+pub mod cpu_kernels;
+pub mod fuse;
 pub mod ops;
 pub mod plan;
+pub mod sgemm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,10 +1,11 @@
 //! ONNX operators on candle tensors. Every operator a graph uses is checked against
 //! [`SUPPORTED`] when the model loads, so an unknown one fails the load, never a request.
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Layout, Result, Tensor, D};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
 use crate::convert::onnx_dtype;
+use crate::fuse;
 
 /// Internal operator the planner puts in place of an inference BatchNormalization:
 /// inputs x, scale[C], shift[C] → x · scale + shift per channel (axis 1).
@@ -147,6 +148,14 @@ fn broadcast_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 fn softmax(x: &Tensor, axis: usize, log: bool) -> Result<Tensor> {
+    if cpu_f32(x) && axis + 1 == x.rank() {
+        let x = x.contiguous()?;
+        let (g, l) = x.storage_and_layout();
+        if let Some(v) = f32_data(&g, l) {
+            let out = crate::cpu_kernels::softmax_rows(v, x.dim(axis)?, log);
+            return Tensor::from_vec(out, x.dims(), &Device::Cpu);
+        }
+    }
     let m = x.max_keepdim(axis)?;
     let e = x.broadcast_sub(&m)?;
     let s = e.exp()?.sum_keepdim(axis)?;
@@ -385,18 +394,78 @@ fn pad2d(x: &Tensor, p: &[usize]) -> Result<Tensor> {
         .pad_with_zeros(3, p[1], p[3])
 }
 
-/// The contiguous f32 data of a CPU tensor, given to `f`; `None` for other tensors.
-pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
+/// The f32 data of a contiguous CPU tensor's storage; `None` for any other tensor.
+pub fn f32_data<'a>(s: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match s {
         candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
             let (a, b) = layout.contiguous_offsets()?;
-            Some(f(&v[a..b]))
+            v.get(a..b)
         }
         _ => None,
     }
 }
 
+/// Whether `t` is an f32 tensor on the CPU (the fast kernels' domain).
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `a [.., k] · b [k, n] (+ bias [n])` on the CPU kernels when everything is f32 on the CPU
+/// and `b` is a matrix; `None` to let candle do it.
+fn linear(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !(cpu_f32(a) && cpu_f32(b) && bias.is_none_or(cpu_f32)) || a.rank() < 2 || b.rank() != 2 {
+        return Ok(None);
+    }
+    let (k, n) = b.dims2()?;
+    if a.dim(D::Minus1)? != k || bias.is_some_and(|t| t.dims() != [n]) {
+        return Ok(None);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let (ag, al) = a.storage_and_layout();
+    let (bg, bl) = b.storage_and_layout();
+    let cg = bias.as_ref().map(|t| t.storage_and_layout());
+    let cs = cg.as_ref().and_then(|(g, l)| f32_data(g, l));
+    let (Some(av), Some(bv)) = (f32_data(&ag, al), f32_data(&bg, bl)) else {
+        return Ok(None);
+    };
+    if bias.is_some() && cs.is_none() {
+        return Ok(None);
+    }
+    let out = crate::cpu_kernels::linear(av, bv, cs, k, n);
+    let mut dims = a.dims().to_vec();
+    *dims.last_mut().unwrap_or(&mut 0) = n;
+    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+}
+
+/// `x · scale + shift` per channel (dimension 1) on the CPU kernel, when all are f32 on the
+/// CPU and `scale`/`shift` hold one value per channel or one in all; `None` otherwise.
+fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Option<Tensor>> {
+    let c = x.dim(1)?;
+    let fits = |t: &Tensor| cpu_f32(t) && (t.elem_count() == c || t.elem_count() == 1);
+    if !(cpu_f32(x) && fits(scale) && fits(shift)) {
+        return Ok(None);
+    }
+    let (x, scale, shift) = (x.contiguous()?, scale.contiguous()?, shift.contiguous()?);
+    let (xg, xl) = x.storage_and_layout();
+    let (sg, sl) = scale.storage_and_layout();
+    let (tg, tl) = shift.storage_and_layout();
+    let (Some(xv), Some(sv), Some(tv)) = (f32_data(&xg, xl), f32_data(&sg, sl), f32_data(&tg, tl))
+    else {
+        return Ok(None);
+    };
+    let plane: usize = x.dims()[2..].iter().product();
+    let out = crate::cpu_kernels::channel_affine(xv, c, plane, sv, tv, relu);
+    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+}
+
+/// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
+/// output, attribute `kiln_relu` a ReLU applied last.
 fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
@@ -417,7 +486,10 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tenso
         bail!("Conv: {ic} input channels do not match the weight's {icg} × {groups} groups")
     }
     let bias = opt(ins, 2);
-    if x.device().is_cpu() && x.dtype() == DType::F32 && p.len() == 4 && strides.len() == 2 {
+    let mut residual = opt(ins, 3);
+    let mut relu = attrs::int(node, fuse::RELU, 0) != 0;
+    let mut y = None;
+    if cpu_f32(x) && cpu_f32(w) && p.len() == 4 && strides.len() == 2 && dil.len() == 2 {
         let geo = crate::cpu_conv::Conv2d {
             input: [b, ic, h, wd],
             out_channels: oc,
@@ -433,29 +505,54 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tenso
         let x = x.contiguous()?;
         let w = w.contiguous()?;
         let bias = bias.map(|t| t.contiguous()).transpose()?;
-        let out = with_cpu_f32(&x, |xs| {
-            with_cpu_f32(&w, |ws| match &bias {
-                Some(bt) => with_cpu_f32(bt, |bs| geo.run(xs, ws, Some(bs), ctx.threads)),
-                None => Some(geo.run(xs, ws, None, ctx.threads)),
-            })
-        });
-        if let Some(Some(Some(out))) = out {
-            return Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu);
+        // A residual of exactly the output's shape is where the products accumulate.
+        let res = residual
+            .filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow])
+            .map(|t| t.contiguous())
+            .transpose()?;
+        let (xg, xl) = x.storage_and_layout();
+        let (wg, wl) = w.storage_and_layout();
+        let bg = bias.as_ref().map(|t| t.storage_and_layout());
+        let rg = res.as_ref().map(|t| t.storage_and_layout());
+        let bs = bg.as_ref().and_then(|(g, l)| f32_data(g, l));
+        let rs = rg.as_ref().and_then(|(g, l)| f32_data(g, l));
+        let xs = f32_data(&xg, xl);
+        let ws = f32_data(&wg, wl);
+        if let (Some(xs), Some(ws), true) = (xs, ws, bias.is_none() || bs.is_some()) {
+            let fused_relu = relu && (residual.is_none() || rs.is_some());
+            let out = geo.run(xs, ws, bs, rs, fused_relu, ctx.threads);
+            if rs.is_some() {
+                residual = None;
+            }
+            relu &= !fused_relu;
+            y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
         }
     }
-    if strides[0] != strides[1] || dil[0] != dil[1] {
-        bail!("Conv: different strides or dilations per axis are not supported")
-    }
-    let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
-        (x.clone(), p[0])
-    } else {
-        (pad2d(x, &p)?, 0)
+    let mut y = match y {
+        Some(y) => y,
+        None => {
+            if strides[0] != strides[1] || dil[0] != dil[1] {
+                bail!("Conv: different strides or dilations per axis are not supported")
+            }
+            let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
+                (x.clone(), p[0])
+            } else {
+                (pad2d(x, &p)?, 0)
+            };
+            let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
+            match bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+                None => y,
+            }
+        }
     };
-    let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(y),
+    if let Some(r) = residual {
+        y = y.broadcast_add(r)?;
     }
+    if relu {
+        y = y.relu()?;
+    }
+    Ok(y)
 }
 
 fn constant(node: &NodeProto) -> Result<Tensor> {
@@ -637,6 +734,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "MatMul" => {
             let (a, b) = (x()?, y()?);
+            let bias = opt(ins, 2); // fused by the planner (fuse.rs)
+            if let Some(r) = linear(a, b, bias)? {
+                return Ok(vec![r]);
+            }
             let a2 = if a.rank() == 1 {
                 a.unsqueeze(0)?
             } else {
@@ -654,7 +755,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             if a.rank() == 1 {
                 r = r.squeeze(r.rank().saturating_sub(if b.rank() == 1 { 1 } else { 2 }))?;
             }
-            r
+            match bias {
+                Some(bias) => r.broadcast_add(bias)?,
+                None => r,
+            }
         }
         "Gemm" => {
             let mut a = x()?.clone();
@@ -888,8 +992,38 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let zeros = Tensor::zeros_like(x)?;
             keep.broadcast_as(x.shape())?.where_cond(x, &zeros)?
         }
+        fuse::AFFINE => {
+            let (x, scale, shift) = (x()?, y()?, req(ins, 2, node)?);
+            let relu = attrs::int(node, fuse::RELU, 0) != 0;
+            // Per channel of an NCHW tensor: one pass on the CPU.
+            let per_channel = |t: &Tensor| {
+                let d = t.dims();
+                x.rank() == 4
+                    && d.len() <= 4
+                    && d.iter()
+                        .rev()
+                        .enumerate()
+                        .all(|(i, &v)| v == 1 || (i == 2 && v == x.dims()[1]))
+            };
+            if x.rank() == 4 && per_channel(scale) && per_channel(shift) {
+                if let Some(r) = channel_affine(x, scale, shift, relu)? {
+                    return Ok(vec![r]);
+                }
+            }
+            let r = x.broadcast_mul(scale)?.broadcast_add(shift)?;
+            if relu {
+                r.relu()?
+            } else {
+                r
+            }
+        }
         CHANNEL_AFFINE => {
             let x = x()?;
+            if x.rank() >= 2 {
+                if let Some(r) = channel_affine(x, y()?, req(ins, 2, node)?, false)? {
+                    return Ok(vec![r]);
+                }
+            }
             let shape: Vec<usize> = (0..x.rank())
                 .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
                 .collect();
@@ -902,6 +1036,22 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let (k, s, p) = pool_params(node, x)?;
             if attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
                 bail!("MaxPool: dilations are not supported")
+            }
+            if cpu_f32(x) {
+                let x = x.contiguous()?;
+                let (b, c, h, w) = x.dims4()?;
+                let pool = crate::cpu_kernels::Pool2d {
+                    planes: b * c,
+                    hw: [h, w],
+                    kernel: [k[0], k[1]],
+                    stride: [s[0], s[1]],
+                    pads: [p[0], p[1], p[2], p[3]],
+                };
+                let (g, l) = x.storage_and_layout();
+                if let (Some(v), Some([oh, ow])) = (f32_data(&g, l), pool.out_hw()) {
+                    let out = pool.max(v);
+                    return Ok(vec![Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)?]);
+                }
             }
             // Zero padding is neutral after shifting every value to >= 0.
             let lo = x

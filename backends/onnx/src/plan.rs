@@ -334,6 +334,8 @@ impl Plan {
             }
         }
         let nodes = fold_batch_norms(nodes, &mut constants, &outputs)?;
+        let output_names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
+        let nodes = crate::fuse::fuse(nodes, &mut constants, &output_names);
         for o in &outputs {
             if !defined.contains(&o.name) && !constants.contains_key(&o.name) {
                 return Err(format!("graph output '{}' is never produced", o.name));
@@ -366,6 +368,11 @@ impl Plan {
             inputs,
             outputs,
         })
+    }
+
+    /// The operator of each planned step, in execution order (after folding and fusion).
+    pub fn step_ops(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.node.op_type.as_str()).collect()
     }
 
     /// The device the plan runs on.

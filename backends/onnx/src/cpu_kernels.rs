@@ -1,0 +1,273 @@
+//! CPU fast paths for f32 operators that dominate real models after the convolution: a
+//! matrix product against a constant weight with its bias added in place, softmax over the
+//! last axis in one pass per row, and 2-D max pooling. Each works on contiguous slices and
+//! splits its rows over rayon's threads; the operators fall back to candle for anything else.
+use rayon::prelude::*;
+
+/// `x [rows, k] · w [k, n] (+ bias [n])` → `[rows, n]`, rows split over threads.
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
+    let rows = x.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![0f32; rows * n];
+    if let Some(b) = bias {
+        for row in out.chunks_mut(n.max(1)) {
+            row.copy_from_slice(b);
+        }
+    }
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    // Blocks of at most 96 rows (a pass over w is amortised over them), as many per thread.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = threads * rows.div_ceil(96 * threads);
+    let per = rows.div_ceil(blocks).max(1);
+    let job = |(blk, dst): (usize, &mut [f32])| {
+        let r0 = blk * per;
+        let m = dst.len() / n;
+        if crate::sgemm::available() {
+            // SAFETY: AVX2/FMA present; x holds rows r0..r0+m of k values, w is [k, n],
+            // dst is this block's own [m, n].
+            unsafe {
+                crate::sgemm::sgemm_acc(
+                    m,
+                    n,
+                    k,
+                    x[r0 * k..].as_ptr(),
+                    k,
+                    w.as_ptr(),
+                    n,
+                    dst.as_mut_ptr(),
+                    n,
+                )
+            }
+        } else {
+            // SAFETY: as above; the gemm crate reads the same strided matrices.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    x[r0 * k..].as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        }
+    };
+    out.par_chunks_mut(per * n).enumerate().for_each(job);
+    out
+}
+
+/// `x · scale[c] + shift[c]` (then ReLU if asked) over `[n, c, plane]` data, where `scale`
+/// and `shift` hold one value per channel or a single value for all.
+pub fn channel_affine(
+    x: &[f32],
+    channels: usize,
+    plane: usize,
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) -> Vec<f32> {
+    let mut out = x.to_vec();
+    if plane == 0 || channels == 0 {
+        return out;
+    }
+    let pick = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+    out.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+        let c = i % channels;
+        let (s, t) = (pick(scale, c), pick(shift, c));
+        if relu {
+            p.iter_mut().for_each(|v| *v = (*v * s + t).max(0.0));
+        } else {
+            p.iter_mut().for_each(|v| *v = *v * s + t);
+        }
+    });
+    out
+}
+
+/// Softmax (or log-softmax) of each row of `width` values.
+pub fn softmax_rows(x: &[f32], width: usize, log: bool) -> Vec<f32> {
+    let mut out = x.to_vec();
+    if width == 0 {
+        return out;
+    }
+    let per = (16384 / width).max(1) * width;
+    out.par_chunks_mut(per).for_each(|rows| {
+        for row in rows.chunks_mut(width) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                let e = (*v - max).exp();
+                sum += e;
+                if !log {
+                    *v = e;
+                }
+            }
+            if log {
+                let shift = max + sum.ln();
+                row.iter_mut().for_each(|v| *v -= shift);
+            } else {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    });
+    out
+}
+
+/// Geometry of a 2-D max pooling over `[planes, h, w]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pool2d {
+    /// Images × channels.
+    pub planes: usize,
+    /// Input height and width.
+    pub hw: [usize; 2],
+    /// Window height and width.
+    pub kernel: [usize; 2],
+    /// Stride along height and width.
+    pub stride: [usize; 2],
+    /// Padding: top, left, bottom, right (padding never wins the maximum).
+    pub pads: [usize; 4],
+}
+
+impl Pool2d {
+    /// Output height and width; `None` when the window does not fit.
+    pub fn out_hw(&self) -> Option<[usize; 2]> {
+        let d = |i: usize, k: usize, s: usize, p: usize| {
+            (i + p).checked_sub(k).map(|v| v / s.max(1) + 1)
+        };
+        Some([
+            d(
+                self.hw[0],
+                self.kernel[0],
+                self.stride[0],
+                self.pads[0] + self.pads[2],
+            )?,
+            d(
+                self.hw[1],
+                self.kernel[1],
+                self.stride[1],
+                self.pads[1] + self.pads[3],
+            )?,
+        ])
+    }
+
+    /// Max over each window, planes split over threads.
+    pub fn max(&self, x: &[f32]) -> Vec<f32> {
+        let Some([oh, ow]) = self.out_hw() else {
+            return Vec::new();
+        };
+        let [h, w] = self.hw;
+        let mut out = vec![0f32; self.planes * oh * ow];
+        if oh * ow == 0 {
+            return out;
+        }
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, src)| {
+                for oy in 0..oh {
+                    let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
+                    let ys = y0.max(0) as usize
+                        ..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
+                    for ox in 0..ow {
+                        let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
+                        let xs = x0.max(0) as usize
+                            ..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
+                        let mut m = f32::NEG_INFINITY;
+                        for yy in ys.clone() {
+                            for &v in &src[yy * w + xs.start..yy * w + xs.end] {
+                                m = m.max(v);
+                            }
+                        }
+                        dst[oy * ow + ox] = m;
+                    }
+                }
+            });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_the_definition_with_and_without_bias() {
+        let (rows, k, n) = (37, 29, 21);
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        for bias in [None, Some(b.as_slice())] {
+            let got = linear(&x, &w, bias, k, n);
+            for r in 0..rows {
+                for j in 0..n {
+                    let want = bias.map_or(0.0, |b| b[j])
+                        + (0..k).map(|q| x[r * k + q] * w[q * n + j]).sum::<f32>();
+                    assert_eq!(got[r * n + j], want, "({r}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_log_softmax_is_its_log() {
+        let x: Vec<f32> = (0..3 * 5).map(|i| (i as f32 * 0.7).sin() * 30.0).collect();
+        let p = softmax_rows(&x, 5, false);
+        let lp = softmax_rows(&x, 5, true);
+        for r in 0..3 {
+            let row = &p[r * 5..r * 5 + 5];
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            // Order is kept: the largest input has the largest probability.
+            let arg = |v: &[f32]| (0..5).max_by(|&a, &b| v[a].total_cmp(&v[b]));
+            assert_eq!(arg(row), arg(&x[r * 5..r * 5 + 5]));
+            for j in 0..5 {
+                assert!((lp[r * 5 + j] - row[j].ln()).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn channel_affine_scales_each_channel_and_clamps_with_relu() {
+        // [n=2, c=2, plane=3]
+        let x: Vec<f32> = (0..12).map(|v| v as f32 - 6.0).collect();
+        let got = channel_affine(&x, 2, 3, &[2.0, -1.0], &[1.0, 0.5], false);
+        for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+            let c = (i / 3) % 2;
+            assert_eq!(g, v * [2.0, -1.0][c] + [1.0, 0.5][c]);
+        }
+        let relu = channel_affine(&x, 2, 3, &[3.0], &[-1.0], true);
+        assert_eq!(
+            relu,
+            x.iter()
+                .map(|v| (v * 3.0 - 1.0).max(0.0))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn max_pool_ignores_padding_even_for_negative_inputs() {
+        // One 3×3 plane of negatives, 2×2 window, stride 2, one row/column of padding.
+        let p = Pool2d {
+            planes: 1,
+            hw: [3, 3],
+            kernel: [2, 2],
+            stride: [2, 2],
+            pads: [1, 1, 0, 0],
+        };
+        let x: Vec<f32> = (1..=9).map(|v| -(v as f32)).collect();
+        assert_eq!(p.out_hw(), Some([2, 2]));
+        assert_eq!(p.max(&x), vec![-1.0, -2.0, -4.0, -5.0]);
+    }
+}

@@ -1,0 +1,341 @@
+//! Planner rewrites that merge a node with the element-wise nodes after it, so their work
+//! happens while the node's output is still in cache instead of as separate passes:
+//!
+//! * `Add(Conv(..), r)` → one `Conv` whose input 3 is the residual `r`, and `Relu(Conv(..))`
+//!   → one `Conv` whose attribute [`RELU`] asks for the ReLU; together they merge ResNet's
+//!   `Relu(Add(Conv, shortcut))`;
+//! * `Add(MatMul(x, W), b)` with a constant 2-D `W` and constant 1-D `b` → one `MatMul`
+//!   whose input 2 is the bias (every linear layer of a transformer export);
+//! * chains of `Mul`/`Add` by constants → one [`AFFINE`] node `x · S + T` (S, T the chain's
+//!   constants combined by broadcasting, so the result is exactly the chain's), folded into
+//!   the weights and bias of a Conv before it when S and T are per output channel, with a
+//!   following `Relu` merged into it (DenseNet's `BatchNormalization, Mul, Add, Relu`).
+//!
+//! A value is only fused away when the merged node was its single consumer and it is not a
+//! graph output. The merged node takes the place of the last node of the pattern, where
+//! every value it reads exists.
+use std::collections::{HashMap, HashSet};
+
+use candle_core::Tensor;
+use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+
+/// Attribute of a fused `Conv` or [`AFFINE`]: apply ReLU to the result.
+pub const RELU: &str = "kiln_relu";
+
+/// `x · S + T` with constants S and T (inputs 1 and 2), broadcasting as `Mul` and `Add` do.
+pub const AFFINE: &str = "KilnAffine";
+
+struct Graph<'a> {
+    consumers: HashMap<String, usize>,
+    producer: HashMap<String, usize>,
+    outputs: HashSet<&'a str>,
+}
+
+impl Graph<'_> {
+    /// The index of the node producing `value` if only one node reads it and it is no
+    /// graph output.
+    fn sole_producer(&self, value: &str) -> Option<usize> {
+        if self.consumers.get(value) != Some(&1) || self.outputs.contains(value) {
+            return None;
+        }
+        self.producer.get(value).copied()
+    }
+}
+
+fn is_add(n: &NodeProto) -> bool {
+    (n.op_type == "Add" || n.op_type == "Sum") && n.input.len() == 2 && n.output.len() == 1
+}
+
+fn graph<'a>(slots: &[Option<NodeProto>], graph_outputs: &'a [String]) -> Graph<'a> {
+    let mut consumers: HashMap<String, usize> = HashMap::new();
+    for n in slots.iter().flatten() {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *consumers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    Graph {
+        consumers,
+        producer: slots
+            .iter()
+            .enumerate()
+            .filter_map(|(k, n)| n.as_ref().map(|n| (k, n)))
+            .flat_map(|(k, n)| n.output.iter().map(move |o| (o.clone(), k)))
+            .collect(),
+        outputs: graph_outputs.iter().map(String::as_str).collect(),
+    }
+}
+
+/// One rewrite: given the graph and a node, the merged node that replaces it and the
+/// indices of the nodes it absorbed.
+type Rewrite<'c> =
+    dyn FnMut(&Graph, &[Option<NodeProto>], &NodeProto) -> Option<(NodeProto, Vec<usize>)> + 'c;
+
+fn sweep(slots: &mut [Option<NodeProto>], graph_outputs: &[String], rewrite: &mut Rewrite<'_>) {
+    let g = graph(slots, graph_outputs);
+    for k in 0..slots.len() {
+        let Some(n) = slots[k].clone() else { continue };
+        if let Some((node, removed)) = rewrite(&g, slots, &n) {
+            for r in removed {
+                slots[r] = None;
+            }
+            slots[k] = Some(node);
+        }
+    }
+}
+
+/// Applies the rewrites in the module docs; new constants (folded weights, combined
+/// scales) go into `constants`.
+pub fn fuse(
+    nodes: Vec<NodeProto>,
+    constants: &mut HashMap<String, Tensor>,
+    graph_outputs: &[String],
+) -> Vec<NodeProto> {
+    let mut slots: Vec<Option<NodeProto>> = nodes.into_iter().map(Some).collect();
+    // Linear layers first, so their bias Add is not taken for an affine chain.
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        is_add(n)
+            .then(|| bias_into_matmul(g, s, n, constants))
+            .flatten()
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        affine_chain(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        affine_into_conv(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        if n.op_type == "Relu" && n.input.len() == 1 {
+            relu_chain(g, s, n)
+        } else if is_add(n) {
+            add_into_conv(g, s, n)
+        } else {
+            None
+        }
+    });
+    slots.into_iter().flatten().collect()
+}
+
+/// A constant usable in an affine chain: f32 and at most one dimension above 1.
+fn affine_constant<'t>(constants: &'t HashMap<String, Tensor>, name: &str) -> Option<&'t Tensor> {
+    constants.get(name).filter(|t| {
+        t.dtype() == candle_core::DType::F32 && t.dims().iter().filter(|&&d| d > 1).count() <= 1
+    })
+}
+
+fn affine_node(like: &NodeProto, x: &str, s: String, t: String) -> NodeProto {
+    NodeProto {
+        op_type: AFFINE.into(),
+        name: like.name.clone(),
+        input: vec![x.into(), s, t],
+        output: like.output.clone(),
+        ..Default::default()
+    }
+}
+
+/// `Mul(x, c)` / `Add(x, c)` → an affine node, merged with an affine node producing `x`.
+fn affine_chain(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &mut HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if !matches!(n.op_type.as_str(), "Mul" | "Add") || n.input.len() != 2 || n.output.len() != 1 {
+        return None;
+    }
+    let (x, c) = if affine_constant(constants, &n.input[1]).is_some() {
+        (&n.input[0], &n.input[1])
+    } else if affine_constant(constants, &n.input[0]).is_some() {
+        (&n.input[1], &n.input[0])
+    } else {
+        return None;
+    };
+    if constants.contains_key(x) {
+        return None; // both constant: folded already
+    }
+    let cv = affine_constant(constants, c)?.clone();
+    let prev = g.sole_producer(x).and_then(|p| {
+        slots[p]
+            .as_ref()
+            .filter(|a| a.op_type == AFFINE && a.attribute.is_empty())
+            .map(|a| (p, a))
+    });
+    let one = || Tensor::ones((), candle_core::DType::F32, cv.device());
+    let zero = || Tensor::zeros((), candle_core::DType::F32, cv.device());
+    let (input, s0, t0, removed) = match prev {
+        Some((p, a)) => (
+            a.input[0].clone(),
+            constants.get(&a.input[1])?.clone(),
+            constants.get(&a.input[2])?.clone(),
+            vec![p],
+        ),
+        None => (x.clone(), one().ok()?, zero().ok()?, vec![]),
+    };
+    // (x·S + T)·c = x·(S·c) + T·c ; (x·S + T) + c = x·S + (T + c)
+    let (s1, t1) = if n.op_type == "Mul" {
+        (s0.broadcast_mul(&cv).ok()?, t0.broadcast_mul(&cv).ok()?)
+    } else {
+        (s0, t0.broadcast_add(&cv).ok()?)
+    };
+    let (sn, tn) = (
+        format!("{}::affine_s", n.output[0]),
+        format!("{}::affine_t", n.output[0]),
+    );
+    constants.insert(sn.clone(), s1);
+    constants.insert(tn.clone(), t1);
+    Some((affine_node(n, &input, sn, tn), removed))
+}
+
+/// The per-output-channel values of an affine constant for a Conv with `oc` output
+/// channels (shapes `[]`, `[1]`, `[oc,1,1]`, `[1,oc,1,1]`), as `[oc]`.
+fn per_channel(t: &Tensor, oc: usize) -> Option<Tensor> {
+    let dims = t.dims();
+    let ok = match dims.len() {
+        0 => true,
+        1 => dims[0] == 1,
+        3 => dims[1] == 1 && dims[2] == 1 && (dims[0] == oc || dims[0] == 1),
+        4 => dims[0] == 1 && dims[2] == 1 && dims[3] == 1 && (dims[1] == oc || dims[1] == 1),
+        _ => false,
+    };
+    if !ok {
+        return None;
+    }
+    t.flatten_all()
+        .ok()?
+        .broadcast_as(oc)
+        .ok()?
+        .contiguous()
+        .ok()
+}
+
+/// `Affine(Conv(x, W, b), S, T)` → `Conv(x, W·S, b·S + T)` when S and T are per channel.
+fn affine_into_conv(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &mut HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != AFFINE || !n.attribute.is_empty() {
+        return None;
+    }
+    let c = g.sole_producer(&n.input[0])?;
+    let conv = unfused_conv(slots, c).filter(|c| c.input.len() <= 3)?;
+    let w = constants.get(conv.input.get(1)?)?;
+    let oc = w.dim(0).ok()?;
+    let s = per_channel(constants.get(&n.input[1])?, oc)?
+        .to_dtype(w.dtype())
+        .ok()?;
+    let t = per_channel(constants.get(&n.input[2])?, oc)?
+        .to_dtype(w.dtype())
+        .ok()?;
+    let mut wshape = vec![1usize; w.rank()];
+    wshape[0] = oc;
+    let w2 = w.broadcast_mul(&s.reshape(wshape).ok()?).ok()?;
+    let b2 = match conv.input.get(2).filter(|b| !b.is_empty()) {
+        Some(b) => constants.get(b)?.mul(&s).ok()?.add(&t).ok()?,
+        None => t,
+    };
+    let (wn, bn) = (
+        format!("{}::affine_w", n.output[0]),
+        format!("{}::affine_b", n.output[0]),
+    );
+    constants.insert(wn.clone(), w2);
+    constants.insert(bn.clone(), b2);
+    let mut merged = conv.clone();
+    merged.input = vec![merged.input[0].clone(), wn, bn];
+    merged.output = n.output.clone();
+    Some((merged, vec![c]))
+}
+
+fn with_relu(mut conv: NodeProto) -> NodeProto {
+    conv.attribute.push(AttributeProto {
+        name: RELU.into(),
+        r#type: AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    });
+    conv
+}
+
+/// A node of type `op` that has no ReLU fused yet.
+fn without_relu<'s>(slots: &'s [Option<NodeProto>], k: usize, op: &str) -> Option<&'s NodeProto> {
+    slots[k].as_ref().filter(|c| {
+        c.op_type == op && c.output.len() == 1 && !c.attribute.iter().any(|a| a.name == RELU)
+    })
+}
+
+fn unfused_conv(slots: &[Option<NodeProto>], k: usize) -> Option<&NodeProto> {
+    without_relu(slots, k, "Conv")
+}
+
+/// `Relu(Conv)` or `Relu(Affine)`; the Conv may already hold a residual (the Add came
+/// first).
+fn relu_chain(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    relu: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    let p = g.sole_producer(&relu.input[0])?;
+    let prev = unfused_conv(slots, p).or_else(|| without_relu(slots, p, AFFINE))?;
+    let mut node = with_relu(prev.clone());
+    node.output = relu.output.clone();
+    Some((node, vec![p]))
+}
+
+/// `Add(Conv, r)` → `Conv` with residual `r`, producing the Add's output.
+fn add_into_conv(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    add: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    for (side, other) in [(0, 1), (1, 0)] {
+        let Some(c) = g.sole_producer(&add.input[side]) else {
+            continue;
+        };
+        let Some(conv) = unfused_conv(slots, c).filter(|c| c.input.len() <= 3) else {
+            continue;
+        };
+        if add.input[other] == add.input[side] {
+            continue;
+        }
+        let mut node = conv.clone();
+        node.input.resize(3, String::new());
+        node.input.push(add.input[other].clone());
+        node.output = add.output.clone();
+        return Some((node, vec![c]));
+    }
+    None
+}
+
+/// `Add(MatMul(x, W), b)` with constant 2-D `W` and constant `b` of `W`'s column count.
+fn bias_into_matmul(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    add: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    for (side, other) in [(0, 1), (1, 0)] {
+        let Some(m) = g.sole_producer(&add.input[side]) else {
+            continue;
+        };
+        let Some(mm) = slots[m]
+            .as_ref()
+            .filter(|n| n.op_type == "MatMul" && n.input.len() == 2)
+        else {
+            continue;
+        };
+        let (Some(w), Some(b)) = (
+            constants.get(&mm.input[1]),
+            constants.get(&add.input[other]),
+        ) else {
+            continue;
+        };
+        if w.rank() != 2 || b.rank() != 1 || b.dims()[0] != w.dims()[1] || b.dtype() != w.dtype() {
+            continue;
+        }
+        let mut node = mm.clone();
+        node.input.push(add.input[other].clone());
+        node.output = add.output.clone();
+        return Some((node, vec![m]));
+    }
+    None
+}

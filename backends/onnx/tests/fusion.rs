@@ -1,0 +1,153 @@
+//! The planner's fusions (`fuse.rs`) change how many steps run, never the result: graphs
+//! with the fused patterns are checked against candle-onnx's `simple_eval` as the oracle.
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto,
+};
+use kiln_onnx::plan::Plan;
+
+fn info(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+fn init(name: &str, dims: &[i64], seed: usize) -> TensorProto {
+    let n: i64 = dims.iter().product();
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        float_data: (0..n as usize)
+            .map(|i| (((i + seed) * 37 % 23) as f32 - 11.0) / 10.0)
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn pads(v: i64) -> AttributeProto {
+    AttributeProto {
+        name: "pads".into(),
+        r#type: AttributeType::Ints as i32,
+        ints: vec![v; 4],
+        ..Default::default()
+    }
+}
+
+fn model(
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: inputs.iter().map(|n| info(n)).collect(),
+            output: outputs.iter().map(|n| info(n)).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn check(model: &ModelProto, inputs: HashMap<String, Tensor>, expect_ops: &[&str]) {
+    let plan = Plan::new(model, &Device::Cpu).expect("plan");
+    assert_eq!(plan.step_ops(), expect_ops, "planned steps");
+    let got = plan.run(inputs.clone()).expect("run");
+    let want = candle_onnx::simple_eval(model, inputs).expect("oracle");
+    for (name, w) in want {
+        let g = &got[&name];
+        assert_eq!(g.dims(), w.dims(), "{name}");
+        let diff = (g - &w)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        let scale = w
+            .abs()
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("max");
+        assert!(
+            diff <= 1e-4 * (1.0 + scale),
+            "{name}: max difference {diff}"
+        );
+    }
+}
+
+fn input(dims: &[usize]) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 17) as f32 - 8.0) / 4.0).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).expect("input")
+}
+
+#[test]
+fn conv_with_affine_chain_residual_and_relu_runs_as_fused_convs() {
+    // a = Relu(Conv(x) · s + t); y = Relu(Conv(a) + x); z = Relu(x · s2 + t2) (no conv).
+    let nodes = vec![
+        node("Conv", &["x", "w1", "b1"], "c1", vec![pads(1)]),
+        node("Mul", &["c1", "s"], "m1", vec![]),
+        node("Add", &["m1", "t"], "a1", vec![]),
+        node("Relu", &["a1"], "r1", vec![]),
+        node("Conv", &["r1", "w2"], "c2", vec![pads(1)]),
+        node("Add", &["c2", "x"], "sum", vec![]),
+        node("Relu", &["sum"], "y", vec![]),
+        node("Mul", &["x", "s"], "m2", vec![]),
+        node("Add", &["t", "m2"], "a2", vec![]),
+        node("Relu", &["a2"], "z", vec![]),
+    ];
+    let inits = vec![
+        init("w1", &[4, 4, 3, 3], 1),
+        init("b1", &[4], 2),
+        init("s", &[4, 1, 1], 3),
+        init("t", &[1, 4, 1, 1], 4),
+        init("w2", &[4, 4, 3, 3], 5),
+    ];
+    let m = model(nodes, inits, &["x"], &["y", "z"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 4, 6, 5]))]);
+    check(&m, inputs, &["Conv", "Conv", "KilnAffine"]);
+}
+
+#[test]
+fn linear_layer_bias_is_fused_into_the_matmul() {
+    let nodes = vec![
+        node("MatMul", &["x", "w"], "mm", vec![]),
+        node("Add", &["b", "mm"], "y", vec![]),
+        // The product is also a graph output here, so it must not be fused away.
+        node("MatMul", &["x", "w"], "kept", vec![]),
+        node("Add", &["kept", "b"], "y2", vec![]),
+    ];
+    let inits = vec![init("w", &[7, 19], 1), init("b", &[19], 2)];
+    let m = model(nodes, inits, &["x"], &["y", "kept", "y2"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[3, 5, 7]))]);
+    check(&m, inputs, &["MatMul", "MatMul", "KilnAffine"]);
+}
