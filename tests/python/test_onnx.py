@@ -38,6 +38,11 @@ def onnx_kiln(tmp_path_factory):
     folder(repo, "wrong_name", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "z" {fp32} }} ]\n'
            f'output [ {{ name: "sum" {fp32} }} ]\n')
+    # A thread count that is not a number.
+    folder(repo, "threads_bad", "test_add",
+           f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "y" {fp32} }} ]\n'
+           f'output [ {{ name: "sum" {fp32} }} ]\n'
+           'parameters { key: "intra_op_thread_count" value: { string_value: "many" } }\n')
     # Triton-style folders with only the model file, and with a partial config.
     simple = os.path.join(REPO, "simple", "1", "model.onnx")
     os.makedirs(repo / "auto" / "1")
@@ -109,3 +114,38 @@ def test_partial_config_keeps_what_it_says(onnx_kiln):
     a = np.ones((3, 16), dtype=np.int32)
     with pytest.raises(Exception):
         c.infer("partial", simple_inputs(a, a))  # batch 3 > max_batch_size 2
+
+
+def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):
+    e = index(onnx_kiln)["threads_bad"]
+    assert e["state"] == "UNAVAILABLE" and "intra_op_thread_count" in e["reason"], e
+
+
+def onnx_threads(pid):
+    """Names of the server's threads that belong to onnx instances' CPU pools."""
+    names = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(n for n in names if n.startswith("kiln-onnx-"))
+
+
+def test_intra_op_thread_count_sizes_each_instance_pool(tmp_path):
+    fp32 = 'data_type: TYPE_FP32 dims: [ 3, 4, 5 ]'
+    folder(tmp_path, "add3", "test_add",
+           f'backend: "onnxruntime"\ninput [ {{ name: "x" {fp32} }}, {{ name: "y" {fp32} }} ]\n'
+           f'output [ {{ name: "sum" {fp32} }} ]\n'
+           'instance_group [ { count: 2 kind: KIND_CPU } ]\n'
+           'parameters { key: "intra_op_thread_count" value: { string_value: "3" } }\n')
+    k = Kiln(repo=str(tmp_path))
+    try:
+        # Two instances with three threads each.
+        assert onnx_threads(k.proc.pid) == ["kiln-onnx-0"] * 2 + ["kiln-onnx-1"] * 2 + ["kiln-onnx-2"] * 2
+        c = httpclient.InferenceServerClient(url=k.url)
+        x = np.ones((3, 4, 5), np.float32)
+        ins = [httpclient.InferInput("x", [3, 4, 5], "FP32"), httpclient.InferInput("y", [3, 4, 5], "FP32")]
+        ins[0].set_data_from_numpy(x)
+        ins[1].set_data_from_numpy(2 * x)
+        np.testing.assert_array_equal(c.infer("add3", ins).as_numpy("sum"), 3 * x)
+    finally:
+        k.stop()

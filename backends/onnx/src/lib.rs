@@ -32,12 +32,27 @@ pub struct OnnxModel {
     proto: Arc<ModelProto>,
     path: PathBuf,
     batching: bool,
+    threads: usize,
 }
 
-/// One instance: the planned graph on its device.
+/// One instance: the planned graph on its device and the threads its CPU kernels use.
 pub struct OnnxInstance {
     plan: Plan,
     batching: bool,
+    pool: rayon::ThreadPool,
+}
+
+/// Threads per instance for the CPU kernels: the model parameter `intra_op_thread_count`
+/// (the name Triton's onnxruntime backend reads); absent or 0 means one per CPU core.
+fn thread_count(config: &Value) -> Result<usize> {
+    let Some(v) = config["parameters"]["intra_op_thread_count"]["string_value"].as_str() else {
+        return Ok(0);
+    };
+    v.trim().parse::<usize>().map_err(|_| {
+        Error::invalid_arg(format!(
+            "parameter intra_op_thread_count must be a whole number of threads (0 = one per core), got '{v}'"
+        ))
+    })
 }
 
 /// Reads the model file named by `default_model_filename` (default `model.onnx`).
@@ -199,6 +214,7 @@ impl Backend for OnnxBackend {
             proto: Arc::new(proto),
             path,
             batching: config["max_batch_size"].as_i64().unwrap_or(0) > 0,
+            threads: thread_count(&config)?,
         })
     }
 }
@@ -228,9 +244,15 @@ impl Model for OnnxModel {
         let dev = device(info.kind)?;
         let plan = Plan::new(&self.proto, &dev)
             .map_err(|e| Error::invalid_arg(format!("{}: {e}", self.path.display())))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("kiln-onnx-{i}"))
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the instance's threads: {e}")))?;
         Ok(OnnxInstance {
             plan,
             batching: self.batching,
+            pool,
         })
     }
 }
@@ -248,7 +270,9 @@ impl OnnxInstance {
                 convert::to_tensor(dt, &shape, data, self.plan.device())?,
             );
         }
-        self.plan.run(values).map_err(Error::internal)
+        self.pool
+            .install(|| self.plan.run(values))
+            .map_err(Error::internal)
     }
 
     fn output_type(&self, name: &str) -> Result<DataType> {
