@@ -4,6 +4,8 @@
 //! directly into the NCHW output. A 1×1, stride-1, unpadded convolution skips im2col: the
 //! input plane already is the right-hand matrix.
 use gemm::Parallelism;
+
+use crate::sgemm::{Rhs, SharedOut};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (2-D, NCHW).
@@ -134,14 +136,17 @@ impl Conv2d {
             // [m1-m0, k] and rhs [k, p1-p0] with row stride rhs_rs, all in bounds.
             unsafe {
                 if fast {
+                    let rhs = Rhs::Rows {
+                        ptr: rhs.as_ptr(),
+                        ldb: rhs_rs,
+                    };
                     crate::sgemm::sgemm_acc(
                         m1 - m0,
                         p1 - p0,
                         k,
                         lhs.as_ptr(),
                         k,
-                        rhs.as_ptr(),
-                        rhs_rs,
+                        rhs,
                         dst.at(at),
                         n,
                     );
@@ -236,20 +241,6 @@ impl Conv2d {
                 }
             }
         }
-    }
-}
-
-/// The output buffer, shared by jobs that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: jobs write disjoint regions (see `Conv2d::run`) and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

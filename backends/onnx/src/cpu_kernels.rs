@@ -4,8 +4,20 @@
 //! splits its rows over rayon's threads; the operators fall back to candle for anything else.
 use rayon::prelude::*;
 
-/// `x [rows, k] · w [k, n] (+ bias [n])` → `[rows, n]`, rows split over threads.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
+/// The weight of [`linear`]: row-major `[k, n]`, or packed by
+/// [`crate::sgemm::pack_panels`] (only where [`crate::sgemm::available`]).
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    /// Row-major `[k, n]`.
+    Rows(&'a [f32]),
+    /// 16-column panels.
+    Panels(&'a [f32]),
+}
+
+/// `x [rows, k] · w [k, n] (+ bias [n])` → `[rows, n]`. Blocks of at most 96 rows, and
+/// when there are fewer blocks than threads, column panels too, so that each thread
+/// streams its own part of the weight.
+pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len().checked_div(k).unwrap_or(0);
     let mut out = vec![0f32; rows * n];
     if let Some(b) = bias {
@@ -16,44 +28,55 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: usize) ->
     if rows == 0 || n == 0 {
         return out;
     }
-    // Blocks of at most 96 rows (a pass over w is amortised over them), as many per thread.
     let threads = rayon::current_num_threads().max(1);
-    let blocks = threads * rows.div_ceil(96 * threads);
-    let per = rows.div_ceil(blocks).max(1);
-    let job = |(blk, dst): (usize, &mut [f32])| {
-        let r0 = blk * per;
-        let m = dst.len() / n;
-        if crate::sgemm::available() {
-            // SAFETY: AVX2/FMA present; x holds rows r0..r0+m of k values, w is [k, n],
-            // dst is this block's own [m, n].
-            unsafe {
-                crate::sgemm::sgemm_acc(
-                    m,
-                    n,
+    let panels = n.div_ceil(16);
+    let row_blocks = threads * rows.div_ceil(96 * threads);
+    let per = rows.div_ceil(row_blocks).max(1);
+    let row_blocks = rows.div_ceil(per);
+    let groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
+    let per_group = panels.div_ceil(groups);
+    let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+    let fast = crate::sgemm::available();
+    (0..row_blocks * groups).into_par_iter().for_each(|job| {
+        let (rb, g) = (job / groups, job % groups);
+        let (r0, r1) = (rb * per, ((rb + 1) * per).min(rows));
+        let (pa, pb) = (g * per_group, ((g + 1) * per_group).min(panels));
+        let (j0, j1) = (pa * 16, (pb * 16).min(n));
+        if r0 >= r1 || j0 >= j1 {
+            return;
+        }
+        let a = x[r0 * k..].as_ptr();
+        let c = dst.at(r0 * n + j0);
+        // SAFETY: this job owns rows r0..r1 × columns j0..j1 of `out` (row stride n); x
+        // holds those rows of k values and w the k × n weight in the layout it says.
+        unsafe {
+            match w {
+                Weight::Panels(p) if fast => {
+                    let b = crate::sgemm::Rhs::Panels {
+                        ptr: p[pa * k * 16..].as_ptr(),
+                        k,
+                    };
+                    crate::sgemm::sgemm_acc(r1 - r0, j1 - j0, k, a, k, b, c, n)
+                }
+                Weight::Rows(wr) if fast => {
+                    let b = crate::sgemm::Rhs::Rows {
+                        ptr: wr[j0..].as_ptr(),
+                        ldb: n,
+                    };
+                    crate::sgemm::sgemm_acc(r1 - r0, j1 - j0, k, a, k, b, c, n)
+                }
+                Weight::Rows(wr) => gemm::gemm(
+                    r1 - r0,
+                    j1 - j0,
                     k,
-                    x[r0 * k..].as_ptr(),
-                    k,
-                    w.as_ptr(),
-                    n,
-                    dst.as_mut_ptr(),
-                    n,
-                )
-            }
-        } else {
-            // SAFETY: as above; the gemm crate reads the same strided matrices.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
+                    c,
                     1,
                     n as isize,
                     true,
-                    x[r0 * k..].as_ptr(),
+                    a,
                     1,
                     k as isize,
-                    w.as_ptr(),
+                    wr[j0..].as_ptr(),
                     1,
                     n as isize,
                     1.0,
@@ -62,11 +85,11 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: usize) ->
                     false,
                     false,
                     gemm::Parallelism::None,
-                )
+                ),
+                Weight::Panels(_) => unreachable!("weights are packed only where sgemm runs"),
             }
         }
-    };
-    out.par_chunks_mut(per * n).enumerate().for_each(job);
+    });
     out
 }
 
@@ -209,8 +232,16 @@ mod tests {
         let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
         let b: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        for bias in [None, Some(b.as_slice())] {
-            let got = linear(&x, &w, bias, k, n);
+        let packed = crate::sgemm::pack_panels(&w, k, n);
+        let mut layouts = vec![Weight::Rows(&w)];
+        if crate::sgemm::available() {
+            layouts.push(Weight::Panels(&packed));
+        }
+        for (bias, layout) in [None, Some(b.as_slice())]
+            .into_iter()
+            .flat_map(|b| layouts.iter().map(move |l| (b, *l)))
+        {
+            let got = linear(&x, layout, bias, k, n);
             for r in 0..rows {
                 for j in 0..n {
                     let want = bias.map_or(0.0, |b| b[j])

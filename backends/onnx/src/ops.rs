@@ -11,6 +11,10 @@ use crate::fuse;
 /// inputs x, scale[C], shift[C] → x · scale + shift per channel (axis 1).
 pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
 
+/// Attribute of a `MatMul` whose weight (input 1) the planner packed into 16-column panels
+/// for the CPU kernel: the weight's column count.
+pub const PANELS_N: &str = "kiln_panels_n";
+
 /// Operators this executor implements (default ONNX domain).
 pub const SUPPORTED: &[&str] = &[
     "And",
@@ -412,11 +416,26 @@ fn cpu_f32(t: &Tensor) -> bool {
 
 /// `a [.., k] · b [k, n] (+ bias [n])` on the CPU kernels when everything is f32 on the CPU
 /// and `b` is a matrix; `None` to let candle do it.
-fn linear(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !(cpu_f32(a) && cpu_f32(b) && bias.is_none_or(cpu_f32)) || a.rank() < 2 || b.rank() != 2 {
+///
+/// With `panels_n` set, `b` is the planner's packed form of a `[k, n]` weight
+/// (`[n/16, k, 16]`, see `plan.rs`).
+fn linear(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    panels_n: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let want_rank = if panels_n.is_some() { 3 } else { 2 };
+    if !(cpu_f32(a) && cpu_f32(b) && bias.is_none_or(cpu_f32))
+        || a.rank() < 2
+        || b.rank() != want_rank
+    {
         return Ok(None);
     }
-    let (k, n) = b.dims2()?;
+    let (k, n) = match panels_n {
+        Some(n) => (b.dim(1)?, n),
+        None => b.dims2()?,
+    };
     if a.dim(D::Minus1)? != k || bias.is_some_and(|t| t.dims() != [n]) {
         return Ok(None);
     }
@@ -432,7 +451,11 @@ fn linear(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor
     if bias.is_some() && cs.is_none() {
         return Ok(None);
     }
-    let out = crate::cpu_kernels::linear(av, bv, cs, k, n);
+    let w = match panels_n {
+        Some(_) => crate::cpu_kernels::Weight::Panels(bv),
+        None => crate::cpu_kernels::Weight::Rows(bv),
+    };
+    let out = crate::cpu_kernels::linear(av, w, cs, k, n);
     let mut dims = a.dims().to_vec();
     *dims.last_mut().unwrap_or(&mut 0) = n;
     Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
@@ -735,9 +758,21 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "MatMul" => {
             let (a, b) = (x()?, y()?);
             let bias = opt(ins, 2); // fused by the planner (fuse.rs)
-            if let Some(r) = linear(a, b, bias)? {
+            let panels_n =
+                attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
+            if let Some(r) = linear(a, b, bias, panels_n)? {
                 return Ok(vec![r]);
             }
+            // Packed weight, other input: back to [k, n] for candle.
+            let unpacked;
+            let b = match panels_n {
+                Some(n) => {
+                    let (p, k, w) = b.dims3()?;
+                    unpacked = b.permute((1, 0, 2))?.reshape((k, p * w))?.narrow(1, 0, n)?;
+                    &unpacked
+                }
+                None => b,
+            };
             let a2 = if a.rank() == 1 {
                 a.unsqueeze(0)?
             } else {

@@ -242,6 +242,39 @@ fn fold_batch_norms(
     Ok(nodes.into_iter().flatten().collect())
 }
 
+/// Packs the constant f32 `[k, n]` weight of every `MatMul` into 16-column panels for the
+/// CPU kernel (`sgemm::pack_panels`); the node is marked with its column count.
+fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>) {
+    use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto};
+    for node in nodes.iter_mut().filter(|n| n.op_type == "MatMul") {
+        let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
+            continue;
+        };
+        let Ok((k, n)) = w.dims2() else { continue };
+        if w.dtype() != candle_core::DType::F32 || k == 0 || n == 0 {
+            continue;
+        }
+        let packed_name = format!("{}::panels", node.input[1]);
+        if !constants.contains_key(&packed_name) {
+            let Ok(dense) = w.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
+                continue;
+            };
+            let packed = crate::sgemm::pack_panels(&dense, k, n);
+            let Ok(t) = Tensor::from_vec(packed, (n.div_ceil(16), k, 16), &Device::Cpu) else {
+                continue;
+            };
+            constants.insert(packed_name.clone(), t);
+        }
+        node.input[1] = packed_name;
+        node.attribute.push(AttributeProto {
+            name: ops::PANELS_N.into(),
+            r#type: AttributeType::Int as i32,
+            i: n as i64,
+            ..Default::default()
+        });
+    }
+}
+
 /// Operators of `graph` this executor lacks, each with a node using it.
 pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     let mut seen = HashSet::new();
@@ -335,7 +368,17 @@ impl Plan {
         }
         let nodes = fold_batch_norms(nodes, &mut constants, &outputs)?;
         let output_names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
-        let nodes = crate::fuse::fuse(nodes, &mut constants, &output_names);
+        let mut nodes = crate::fuse::fuse(nodes, &mut constants, &output_names);
+        if device.is_cpu() && crate::sgemm::available() {
+            pack_weights(&mut nodes, &mut constants);
+        }
+        // Constants no step reads any more (folded or packed originals) are dropped.
+        let used: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|n| n.input.iter().map(String::as_str))
+            .chain(output_names.iter().map(String::as_str))
+            .collect();
+        constants.retain(|name, _| used.contains(name.as_str()));
         for o in &outputs {
             if !defined.contains(&o.name) && !constants.contains_key(&o.name) {
                 return Err(format!("graph output '{}' is never produced", o.name));

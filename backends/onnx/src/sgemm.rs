@@ -14,6 +14,44 @@ const KC: usize = 256;
 /// Rows of A one pass keeps hot.
 const MC: usize = 96;
 
+/// Where the right-hand matrix of [`sgemm_acc`] lives.
+#[derive(Clone, Copy)]
+pub enum Rhs {
+    /// Row-major `[k, n]` with row stride `ldb`, read in place.
+    Rows { ptr: *const f32, ldb: usize },
+    /// Packed by [`pack_panels`]: 16-column panels, each `[k, 16]` contiguous and
+    /// zero-padded past `n`, so every strip streams from memory in order.
+    Panels { ptr: *const f32, k: usize },
+}
+
+/// Packs row-major `b` (`[k, n]`) into the [`Rhs::Panels`] layout.
+pub fn pack_panels(b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0f32; panels * k * NR];
+    for (p, panel) in out.chunks_mut(k * NR).enumerate() {
+        let (j0, w) = (p * NR, NR.min(n - p * NR));
+        for (kk, row) in panel.chunks_mut(NR).enumerate() {
+            row[..w].copy_from_slice(&b[kk * n + j0..kk * n + j0 + w]);
+        }
+    }
+    out
+}
+
+/// An output buffer shared by jobs that write disjoint parts of it.
+#[derive(Clone, Copy)]
+pub struct SharedOut(pub *mut f32);
+
+// SAFETY: users give each job its own region of the buffer, which outlives the jobs.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The element at `offset`.
+    pub fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// Whether this CPU can run [`sgemm_acc`].
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -26,7 +64,8 @@ pub fn available() -> bool {
     }
 }
 
-/// `C += A · B` for `A` `[m, k]` (row stride `lda`), `B` `[k, n]` (`ldb`), `C` `[m, n]` (`ldc`).
+/// `C += A · B` for `A` `[m, k]` (row stride `lda`), `B` `[k, n]` (see [`Rhs`]), `C`
+/// `[m, n]` (`ldc`).
 ///
 /// # Safety
 /// [`available`] must be true; `a`, `b` and `c` must be valid for the rows and strides given
@@ -38,26 +77,25 @@ pub unsafe fn sgemm_acc(
     k: usize,
     a: *const f32,
     lda: usize,
-    b: *const f32,
-    ldb: usize,
+    b: Rhs,
     c: *mut f32,
     ldc: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
     unsafe {
-        avx2::sgemm_acc(m, n, k, a, lda, b, ldb, c, ldc)
+        avx2::sgemm_acc(m, n, k, a, lda, b, c, ldc)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, n, k, a, lda, b, ldb, c, ldc);
+        let _ = (m, n, k, a, lda, b, c, ldc);
         unreachable!("sgemm_acc needs AVX2 and FMA (check `available` first)")
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{KC, MC, MR, NR};
+    use super::{Rhs, KC, MC, MR, NR};
     use std::arch::x86_64::*;
 
     #[allow(clippy::too_many_arguments)]
@@ -68,8 +106,7 @@ mod avx2 {
         k: usize,
         a: *const f32,
         lda: usize,
-        b: *const f32,
-        ldb: usize,
+        b: Rhs,
         c: *mut f32,
         ldc: usize,
     ) {
@@ -82,20 +119,26 @@ mod avx2 {
                 for j in (0..n).step_by(NR) {
                     let nc = NR.min(n - j);
                     // SAFETY (whole block): offsets stay within the caller's matrices.
-                    let (bp, bs) = if nc == NR {
-                        (unsafe { b.add(k0 * ldb + j) }, ldb)
-                    } else {
-                        for kk in 0..kc {
-                            let row = &mut edge[kk * NR..kk * NR + NR];
-                            for (jj, v) in row.iter_mut().enumerate() {
-                                *v = if jj < nc {
-                                    unsafe { *b.add((k0 + kk) * ldb + j + jj) }
-                                } else {
-                                    0.0
-                                };
-                            }
+                    let (bp, bs) = match b {
+                        Rhs::Panels { ptr, k } => {
+                            (unsafe { ptr.add((j / NR) * k * NR + k0 * NR) }, NR)
                         }
-                        (edge.as_ptr(), NR)
+                        Rhs::Rows { ptr, ldb } if nc == NR => {
+                            (unsafe { ptr.add(k0 * ldb + j) }, ldb)
+                        }
+                        Rhs::Rows { ptr: b, ldb } => {
+                            for kk in 0..kc {
+                                let row = &mut edge[kk * NR..kk * NR + NR];
+                                for (jj, v) in row.iter_mut().enumerate() {
+                                    *v = if jj < nc {
+                                        unsafe { *b.add((k0 + kk) * ldb + j + jj) }
+                                    } else {
+                                        0.0
+                                    };
+                                }
+                            }
+                            (edge.as_ptr(), NR)
+                        }
                     };
                     let mut i = i0;
                     while i < i0 + mc {
@@ -188,19 +231,33 @@ mod tests {
             let mut c: Vec<f32> = (0..m * ldc).map(|i| (i % 3) as f32).collect();
             let before = c.clone();
             // SAFETY: available() checked; the buffers hold the strided matrices.
-            unsafe {
-                sgemm_acc(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    lda,
-                    b.as_ptr(),
-                    ldb,
-                    c.as_mut_ptr(),
-                    ldc,
-                )
+            let rows = Rhs::Rows {
+                ptr: b.as_ptr(),
+                ldb,
             };
+            unsafe { sgemm_acc(m, n, k, a.as_ptr(), lda, rows, c.as_mut_ptr(), ldc) };
+            // The same product from packed panels adds the same sums again.
+            let dense: Vec<f32> = (0..k)
+                .flat_map(|q| b[q * ldb..q * ldb + n].to_vec())
+                .collect();
+            let packed = pack_panels(&dense, k, n);
+            let mut twice = c.clone();
+            let panels = Rhs::Panels {
+                ptr: packed.as_ptr(),
+                k,
+            };
+            // SAFETY: as above, with the packed copy.
+            unsafe { sgemm_acc(m, n, k, a.as_ptr(), lda, panels, twice.as_mut_ptr(), ldc) };
+            for i in 0..m {
+                for j in 0..n {
+                    let delta = twice[i * ldc + j] - c[i * ldc + j];
+                    assert_eq!(
+                        delta,
+                        c[i * ldc + j] - before[i * ldc + j],
+                        "panels ({i}, {j})"
+                    );
+                }
+            }
             for i in 0..m {
                 for j in 0..ldc {
                     let want = if j < n {
