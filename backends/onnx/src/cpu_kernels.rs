@@ -120,6 +120,14 @@ pub fn channel_affine(
     out
 }
 
+/// `f` applied to every element, chunks split over threads (for costly unary functions).
+pub fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut(16384)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    out
+}
+
 /// Softmax (or log-softmax) of each row of `width` values.
 pub fn softmax_rows(x: &[f32], width: usize, log: bool) -> Vec<f32> {
     let mut out = x.to_vec();

@@ -6,7 +6,7 @@
 //!   `Relu(Add(Conv, shortcut))`;
 //! * `Add(MatMul(x, W), b)` with a constant 2-D `W` and constant 1-D `b` → one `MatMul`
 //!   whose input 2 is the bias (every linear layer of a transformer export);
-//! * chains of `Mul`/`Add` by constants → one [`AFFINE`] node `x · S + T` (S, T the chain's
+//! * chains of `Mul`/`Add`/`Div` by constants → one [`AFFINE`] node `x · S + T` (S, T the chain's
 //!   constants combined by broadcasting, so the result is exactly the chain's), folded into
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
 //!   following `Relu` merged into it (DenseNet's `BatchNormalization, Mul, Add, Relu`).
@@ -139,12 +139,15 @@ fn affine_chain(
     n: &NodeProto,
     constants: &mut HashMap<String, Tensor>,
 ) -> Option<(NodeProto, Vec<usize>)> {
-    if !matches!(n.op_type.as_str(), "Mul" | "Add") || n.input.len() != 2 || n.output.len() != 1 {
+    if !matches!(n.op_type.as_str(), "Mul" | "Add" | "Div")
+        || n.input.len() != 2
+        || n.output.len() != 1
+    {
         return None;
     }
     let (x, c) = if affine_constant(constants, &n.input[1]).is_some() {
         (&n.input[0], &n.input[1])
-    } else if affine_constant(constants, &n.input[0]).is_some() {
+    } else if n.op_type != "Div" && affine_constant(constants, &n.input[0]).is_some() {
         (&n.input[1], &n.input[0])
     } else {
         return None;
@@ -152,7 +155,10 @@ fn affine_chain(
     if constants.contains_key(x) {
         return None; // both constant: folded already
     }
-    let cv = affine_constant(constants, c)?.clone();
+    let mut cv = affine_constant(constants, c)?.clone();
+    if n.op_type == "Div" {
+        cv = cv.recip().ok()?; // x / c = x · (1 / c)
+    }
     let prev = g.sole_producer(x).and_then(|p| {
         slots[p]
             .as_ref()
@@ -171,7 +177,7 @@ fn affine_chain(
         None => (x.clone(), one().ok()?, zero().ok()?, vec![]),
     };
     // (x·S + T)·c = x·(S·c) + T·c ; (x·S + T) + c = x·S + (T + c)
-    let (s1, t1) = if n.op_type == "Mul" {
+    let (s1, t1) = if n.op_type != "Add" {
         (s0.broadcast_mul(&cv).ok()?, t0.broadcast_mul(&cv).ok()?)
     } else {
         (s0, t0.broadcast_add(&cv).ok()?)

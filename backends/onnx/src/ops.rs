@@ -487,6 +487,20 @@ fn channel_affine(
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
+/// `f` on every element of an f32 CPU tensor, in parallel; `None` for other tensors.
+fn map_cpu_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+    if !cpu_f32(x) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (g, l) = x.storage_and_layout();
+    let Some(v) = f32_data(&g, l) else {
+        return Ok(None);
+    };
+    let out = crate::cpu_kernels::map_par(v, f);
+    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+}
+
 /// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
 /// output, attribute `kiln_relu` a ReLU applied last.
 fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
@@ -681,7 +695,13 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Sin" => x()?.sin()?,
         "Cos" => x()?.cos()?,
         "Tanh" => x()?.tanh()?,
-        "Erf" => x()?.erf()?,
+        "Erf" => {
+            let x = x()?;
+            match map_cpu_f32(x, candle_core::cpu::erf::erf_f32)? {
+                Some(r) => r,
+                None => x.erf()?,
+            }
+        }
         "Relu" => x()?.relu()?,
         "Sigmoid" => (x()?.neg()?.exp()? + 1.0)?.recip()?,
         "Gelu" => {
@@ -1043,6 +1063,17 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             if x.rank() == 4 && per_channel(scale) && per_channel(shift) {
                 if let Some(r) = channel_affine(x, scale, shift, relu)? {
                     return Ok(vec![r]);
+                }
+            }
+            if scale.elem_count() == 1
+                && shift.elem_count() == 1
+                && scale.rank() <= x.rank()
+                && shift.rank() <= x.rank()
+            {
+                // One scale and shift for all: the whole tensor is one channel.
+                let flat = x.reshape((1, 1, x.elem_count()))?;
+                if let Some(r) = channel_affine(&flat, scale, shift, relu)? {
+                    return Ok(vec![r.reshape(x.dims())?]);
                 }
             }
             let r = x.broadcast_mul(scale)?.broadcast_add(shift)?;

@@ -151,3 +151,17 @@ fn linear_layer_bias_is_fused_into_the_matmul() {
     let inputs = HashMap::from([("x".to_string(), input(&[3, 5, 7]))]);
     check(&m, inputs, &["MatMul", "MatMul", "KilnAffine"]);
 }
+
+#[test]
+fn division_by_a_constant_joins_the_affine_chain() {
+    // y = Erf(x) / d + t, over a rank-3 tensor (one scale and shift for all elements).
+    let nodes = vec![
+        node("Erf", &["x"], "e", vec![]),
+        node("Div", &["e", "d"], "q", vec![]),
+        node("Add", &["q", "t"], "y", vec![]),
+    ];
+    let inits = vec![init("d", &[], 3), init("t", &[1], 4)];
+    let m = model(nodes, inits, &["x"], &["y"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 3, 33]))]);
+    check(&m, inputs, &["Erf", "KilnAffine"]);
+}
