@@ -5,7 +5,7 @@
 //! input plane already is the right-hand matrix.
 use gemm::Parallelism;
 
-use crate::sgemm::{Rhs, SharedOut};
+use crate::sgemm::{Base, Epilogue, Rhs, SharedOut};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (2-D, NCHW).
@@ -83,26 +83,30 @@ impl Conv2d {
         let (g, n) = (self.groups, oh * ow);
         let (icg, ocg) = (ic / g, oc / g);
         let k = icg * self.kernel[0] * self.kernel[1];
+        let fast = crate::sgemm::available();
+        // The AVX2 kernel starts each output block from the residual and bias itself; the
+        // gemm crate adds to what is there, so it gets them written in first.
         let mut out = match residual {
-            Some(r) => r.to_vec(),
-            None => vec![0f32; b * oc * n],
+            Some(r) if !fast => r.to_vec(),
+            _ => vec![0f32; b * oc * n],
         };
-        if let Some(bias) = bias {
+        if let (Some(bias), false) = (bias, fast) {
             for (plane, &v) in out.chunks_mut(n).zip(bias.iter().cycle()) {
-                if residual.is_some() {
-                    plane.iter_mut().for_each(|o| *o += v);
-                } else {
-                    plane.fill(v);
-                }
+                plane.iter_mut().for_each(|o| *o += v);
             }
         }
-        // About 128 KiB of patches per tile, a multiple of 16 pixels.
-        let tile = (32 * 1024 / k.max(1))
-            .clamp(16, 4096)
-            .next_multiple_of(16)
-            .min(n.max(1));
-        let tiles = n.div_ceil(tile);
-        let jobs = b * g * tiles;
+        // Pixel tiles are runs of 16-pixel panels: at most ~256 KiB of patches (but at least
+        // 4 panels, so each pass over the weights serves 64 pixels), at least 4 jobs per
+        // thread where the image allows, panels spread evenly so the threads finish together.
+        let panels = n.div_ceil(16);
+        let widest = (64 * 1024 / k.max(1) / 16).max(4);
+        let images = b * g;
+        let mut tiles = panels.div_ceil(widest);
+        if images * tiles < 4 * threads {
+            tiles = tiles.max((4 * threads).div_ceil(images).min(panels / 4));
+        }
+        let tiles = tiles.clamp(1, panels.max(1));
+        let jobs = images * tiles;
         // Too few pixel tiles to keep every thread busy: split the output channels too.
         let parts = if jobs >= 2 * threads {
             1
@@ -111,12 +115,13 @@ impl Conv2d {
         };
         let rows = ocg.div_ceil(parts);
         let dst = SharedOut(out.as_mut_ptr());
-        let fast = crate::sgemm::available();
         let job = |col: &mut Vec<f32>, j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
             let (ti, pi) = (rest / parts, rest % parts);
-            let (p0, p1) = (ti * tile, ((ti + 1) * tile).min(n));
+            // Tile ti holds panels ti·panels/tiles .. (ti+1)·panels/tiles.
+            let p0 = (ti * panels / tiles) * 16;
+            let p1 = ((ti + 1) * panels / tiles * 16).min(n);
             let (m0, m1) = (pi * rows, ((pi + 1) * rows).min(ocg));
             if m0 >= m1 {
                 return;
@@ -140,16 +145,20 @@ impl Conv2d {
                         ptr: rhs.as_ptr(),
                         ldb: rhs_rs,
                     };
-                    crate::sgemm::sgemm_acc(
-                        m1 - m0,
-                        p1 - p0,
-                        k,
-                        lhs.as_ptr(),
-                        k,
-                        rhs,
-                        dst.at(at),
-                        n,
-                    );
+                    let e = Epilogue {
+                        base: match residual {
+                            Some(r) => Base::Other {
+                                ptr: r[at..].as_ptr(),
+                                ld: n,
+                            },
+                            None => Base::Zero,
+                        },
+                        row_bias: bias.map(|v| v[gi * ocg + m0..].as_ptr()),
+                        col_bias: None,
+                        relu,
+                    };
+                    let (m, cols) = (m1 - m0, p1 - p0);
+                    crate::sgemm::sgemm(m, cols, k, lhs.as_ptr(), k, rhs, dst.at(at), n, e);
                 } else {
                     gemm::gemm(
                         m1 - m0,
@@ -173,7 +182,7 @@ impl Conv2d {
                         Parallelism::None,
                     );
                 }
-                if relu {
+                if relu && !fast {
                     for r in 0..m1 - m0 {
                         std::slice::from_raw_parts_mut(dst.at(at + r * n), p1 - p0)
                             .iter_mut()

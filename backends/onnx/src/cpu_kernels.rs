@@ -20,14 +20,22 @@ pub enum Weight<'a> {
 pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len().checked_div(k).unwrap_or(0);
     let mut out = vec![0f32; rows * n];
-    if let Some(b) = bias {
-        for row in out.chunks_mut(n.max(1)) {
-            row.copy_from_slice(b);
-        }
-    }
     if rows == 0 || n == 0 {
         return out;
     }
+    let fast = crate::sgemm::available();
+    if let (Some(b), false) = (bias, fast) {
+        // The gemm crate adds the product to what is there: start from the bias.
+        for row in out.chunks_mut(n) {
+            row.copy_from_slice(b);
+        }
+    }
+    let epilogue = crate::sgemm::Epilogue {
+        base: crate::sgemm::Base::Zero,
+        row_bias: None,
+        col_bias: bias.map(|b| b.as_ptr()),
+        relu: false,
+    };
     let threads = rayon::current_num_threads().max(1);
     let panels = n.div_ceil(16);
     let row_blocks = threads * rows.div_ceil(96 * threads);
@@ -36,7 +44,7 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
     let groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
     let per_group = panels.div_ceil(groups);
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
-    let fast = crate::sgemm::available();
+    let epilogue = &epilogue; // shared whole (it is Sync; its raw fields alone are not)
     (0..row_blocks * groups).into_par_iter().for_each(|job| {
         let (rb, g) = (job / groups, job % groups);
         let (r0, r1) = (rb * per, ((rb + 1) * per).min(rows));
@@ -47,6 +55,10 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
         }
         let a = x[r0 * k..].as_ptr();
         let c = dst.at(r0 * n + j0);
+        let e = crate::sgemm::Epilogue {
+            col_bias: epilogue.col_bias.map(|p| p.wrapping_add(j0)),
+            ..*epilogue
+        };
         // SAFETY: this job owns rows r0..r1 × columns j0..j1 of `out` (row stride n); x
         // holds those rows of k values and w the k × n weight in the layout it says.
         unsafe {
@@ -56,14 +68,14 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
                         ptr: p[pa * k * 16..].as_ptr(),
                         k,
                     };
-                    crate::sgemm::sgemm_acc(r1 - r0, j1 - j0, k, a, k, b, c, n)
+                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, a, k, b, c, n, e)
                 }
                 Weight::Rows(wr) if fast => {
                     let b = crate::sgemm::Rhs::Rows {
                         ptr: wr[j0..].as_ptr(),
                         ldb: n,
                     };
-                    crate::sgemm::sgemm_acc(r1 - r0, j1 - j0, k, a, k, b, c, n)
+                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, a, k, b, c, n, e)
                 }
                 Weight::Rows(wr) => gemm::gemm(
                     r1 - r0,
