@@ -9,7 +9,8 @@
 //! * chains of `Mul`/`Add`/`Div` by constants → one [`AFFINE`] node `x · S + T` (S, T the chain's
 //!   constants combined by broadcasting, so the result is exactly the chain's), folded into
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
-//!   following `Relu` merged into it (DenseNet's `BatchNormalization, Mul, Add, Relu`).
+//!   following `Relu` merged into it, or merged into a BatchNormalization before it
+//!   (DenseNet's `BatchNormalization, Mul, Add, Relu` becomes one pass).
 //!
 //! A value is only fused away when the merged node was its single consumer and it is not a
 //! graph output. The merged node takes the place of the last node of the pattern, where
@@ -18,6 +19,8 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
 use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+
+use crate::ops::CHANNEL_AFFINE;
 
 /// Attribute of a fused `Conv` or [`AFFINE`]: apply ReLU to the result.
 pub const RELU: &str = "kiln_relu";
@@ -101,7 +104,7 @@ pub fn fuse(
         affine_chain(g, s, n, constants)
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
-        affine_into_conv(g, s, n, constants)
+        affine_into_conv(g, s, n, constants).or_else(|| affine_into_batch_norm(g, s, n, constants))
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         if n.op_type == "Relu" && n.input.len() == 1 {
@@ -213,6 +216,58 @@ fn per_channel(t: &Tensor, oc: usize) -> Option<Tensor> {
         .ok()
 }
 
+/// `Affine(ChannelAffine(x, s, t), S, T)` (a BatchNormalization followed by a per-channel
+/// `Mul`/`Add`, as DenseNet exports have) → one `ChannelAffine(x, s·S, t·S + T)` when S and
+/// T are per channel of a 4-D tensor. The merged node keeps `s, t, S, T` as inputs 3–6:
+/// on an input that is not 4-D (where S and T would not be per channel) it computes the
+/// two steps as written.
+fn affine_into_batch_norm(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &mut HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != AFFINE || !n.attribute.is_empty() {
+        return None;
+    }
+    let p = g.sole_producer(&n.input[0])?;
+    let bn = slots[p]
+        .as_ref()
+        // (It keeps the BatchNormalization's own attributes, such as epsilon.)
+        .filter(|b| {
+            b.op_type == CHANNEL_AFFINE
+                && b.input.len() == 3
+                && !b.attribute.iter().any(|a| a.name == RELU)
+        })?;
+    let (s, t) = (constants.get(&bn.input[1])?, constants.get(&bn.input[2])?);
+    let c = s.elem_count();
+    if s.dtype() != candle_core::DType::F32 || s.dims() != [c] || t.dims() != [c] {
+        return None;
+    }
+    let big_s = per_channel(constants.get(&n.input[1])?, c)?;
+    let big_t = per_channel(constants.get(&n.input[2])?, c)?;
+    let scale = s.mul(&big_s).ok()?;
+    let shift = t.mul(&big_s).ok()?.add(&big_t).ok()?;
+    let (sn, tn) = (
+        format!("{}::merged_scale", n.output[0]),
+        format!("{}::merged_shift", n.output[0]),
+    );
+    constants.insert(sn.clone(), scale);
+    constants.insert(tn.clone(), shift);
+    let mut merged = bn.clone();
+    merged.input = vec![
+        bn.input[0].clone(),
+        sn,
+        tn,
+        bn.input[1].clone(),
+        bn.input[2].clone(),
+        n.input[1].clone(),
+        n.input[2].clone(),
+    ];
+    merged.output = n.output.clone();
+    Some((merged, vec![p]))
+}
+
 /// `Affine(Conv(x, W, b), S, T)` → `Conv(x, W·S, b·S + T)` when S and T are per channel.
 fn affine_into_conv(
     g: &Graph,
@@ -281,7 +336,9 @@ fn relu_chain(
     relu: &NodeProto,
 ) -> Option<(NodeProto, Vec<usize>)> {
     let p = g.sole_producer(&relu.input[0])?;
-    let prev = unfused_conv(slots, p).or_else(|| without_relu(slots, p, AFFINE))?;
+    let prev = unfused_conv(slots, p)
+        .or_else(|| without_relu(slots, p, AFFINE))
+        .or_else(|| without_relu(slots, p, CHANNEL_AFFINE))?;
     let mut node = with_relu(prev.clone());
     node.output = relu.output.clone();
     Some((node, vec![p]))

@@ -1094,18 +1094,36 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             }
         }
         CHANNEL_AFFINE => {
+            // x · scale + shift per channel (dimension 1); the planner may have merged a
+            // following per-channel affine (inputs 3–6, see fuse.rs) and a ReLU into it.
             let x = x()?;
-            if x.rank() >= 2 {
-                if let Some(r) = channel_affine(x, y()?, req(ins, 2, node)?, false)? {
-                    return Ok(vec![r]);
+            let relu = attrs::int(node, fuse::RELU, 0) != 0;
+            let per_dim1 = |t: &Tensor| -> Result<Tensor> {
+                let shape: Vec<usize> = (0..x.rank())
+                    .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
+                    .collect();
+                t.reshape(shape)
+            };
+            let r = if ins.len() == 7 && x.rank() != 4 {
+                let bn = x
+                    .broadcast_mul(&per_dim1(req(ins, 3, node)?)?)?
+                    .broadcast_add(&per_dim1(req(ins, 4, node)?)?)?;
+                bn.broadcast_mul(req(ins, 5, node)?)?
+                    .broadcast_add(req(ins, 6, node)?)?
+            } else {
+                if x.rank() >= 2 {
+                    if let Some(r) = channel_affine(x, y()?, req(ins, 2, node)?, relu)? {
+                        return Ok(vec![r]);
+                    }
                 }
+                x.broadcast_mul(&per_dim1(y()?)?)?
+                    .broadcast_add(&per_dim1(req(ins, 2, node)?)?)?
+            };
+            if relu {
+                r.relu()?
+            } else {
+                r
             }
-            let shape: Vec<usize> = (0..x.rank())
-                .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
-                .collect();
-            let scale = y()?.reshape(shape.clone())?;
-            let shift = req(ins, 2, node)?.reshape(shape)?;
-            x.broadcast_mul(&scale)?.broadcast_add(&shift)?
         }
         "MaxPool" => {
             let x = x()?;

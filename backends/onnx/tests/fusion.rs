@@ -165,3 +165,38 @@ fn division_by_a_constant_joins_the_affine_chain() {
     let inputs = HashMap::from([("x".to_string(), input(&[2, 3, 33]))]);
     check(&m, inputs, &["Erf", "KilnAffine"]);
 }
+
+#[test]
+fn batch_norm_then_channel_affine_and_relu_is_one_pass() {
+    // DenseNet's pre-activation: Relu(BN(x) · s + t), then a Conv.
+    let nodes = vec![
+        node(
+            "BatchNormalization",
+            &["x", "gamma", "beta", "mean", "var"],
+            "bn",
+            vec![],
+        ),
+        node("Mul", &["bn", "s"], "m", vec![]),
+        node("Add", &["m", "t"], "a", vec![]),
+        node("Relu", &["a"], "r", vec![]),
+        node("Conv", &["r", "w"], "y", vec![pads(0)]),
+    ];
+    let mut var = init("var", &[4], 9);
+    var.float_data.iter_mut().for_each(|v| *v = v.abs() + 0.5);
+    let inits = vec![
+        init("gamma", &[4], 1),
+        init("beta", &[4], 2),
+        init("mean", &[4], 3),
+        var,
+        init("s", &[4, 1, 1], 4),
+        init("t", &[1, 4, 1, 1], 5),
+        init("w", &[3, 4, 1, 1], 6),
+    ];
+    let m = model(nodes, inits, &["x"], &["y"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 4, 5, 3]))]);
+    check(&m, inputs, &["KilnChannelAffine", "Conv"]);
+    // A 3-D input: s and t are then not per channel, and the merged node must compute the
+    // steps as written (the result broadcasts to [1, 4, 4, 3]).
+    let inputs = HashMap::from([("x".to_string(), input(&[4, 4, 3]))]);
+    check(&m, inputs, &["KilnChannelAffine", "Conv"]);
+}
