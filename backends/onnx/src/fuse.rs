@@ -10,7 +10,9 @@
 //!   constants combined by broadcasting, so the result is exactly the chain's), folded into
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
 //!   following `Relu` merged into it, or merged into a BatchNormalization before it
-//!   (DenseNet's `BatchNormalization, Mul, Add, Relu` becomes one pass).
+//!   (DenseNet's `BatchNormalization, Mul, Add, Relu` becomes one pass);
+//! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
+//!   nodes, in either order of the products) → one ONNX `Gelu` node.
 //!
 //! A value is only fused away when the merged node was its single consumer and it is not a
 //! graph output. The merged node takes the place of the last node of the pattern, where
@@ -102,6 +104,9 @@ pub fn fuse(
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         affine_chain(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        gelu(g, s, n, constants)
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         affine_into_conv(g, s, n, constants).or_else(|| affine_into_batch_norm(g, s, n, constants))
@@ -214,6 +219,107 @@ fn per_channel(t: &Tensor, oc: usize) -> Option<Tensor> {
         .ok()?
         .contiguous()
         .ok()
+}
+
+/// The value of a one-element f32 constant.
+fn scalar(constants: &HashMap<String, Tensor>, name: &str) -> Option<f32> {
+    let t = constants.get(name)?;
+    if t.elem_count() != 1 || t.dtype() != candle_core::DType::F32 {
+        return None;
+    }
+    t.flatten_all()
+        .ok()?
+        .to_vec1::<f32>()
+        .ok()?
+        .first()
+        .copied()
+}
+
+/// The input `x` of `n` if it is an affine node `x · s + t` with scalar `s` and `t`.
+fn affine_input(
+    constants: &HashMap<String, Tensor>,
+    n: &NodeProto,
+    s: f32,
+    t: f32,
+) -> Option<String> {
+    if n.op_type != AFFINE || !n.attribute.is_empty() {
+        return None;
+    }
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    (close(scalar(constants, &n.input[1])?, s) && close(scalar(constants, &n.input[2])?, t))
+        .then(|| n.input[0].clone())
+}
+
+/// [`affine_input`] of the node in slot `k`.
+fn scalar_affine(
+    constants: &HashMap<String, Tensor>,
+    slots: &[Option<NodeProto>],
+    k: usize,
+    s: f32,
+    t: f32,
+) -> Option<String> {
+    affine_input(constants, slots[k].as_ref()?, s, t)
+}
+
+/// `1 + erf(h / √2)` produced by sole-consumer nodes: returns `h` and the nodes.
+fn one_plus_erf(
+    g: &Graph,
+    constants: &HashMap<String, Tensor>,
+    slots: &[Option<NodeProto>],
+    value: &str,
+) -> Option<(String, Vec<usize>)> {
+    let add = g.sole_producer(value)?;
+    let e = g.sole_producer(&scalar_affine(constants, slots, add, 1.0, 1.0)?)?;
+    let erf = slots[e].as_ref().filter(|n| n.op_type == "Erf")?;
+    let div = g.sole_producer(&erf.input[0])?;
+    let h = scalar_affine(constants, slots, div, std::f32::consts::FRAC_1_SQRT_2, 0.0)?;
+    Some((h, vec![add, e, div]))
+}
+
+/// GELU: `Mul(Affine(h, ½, 0), 1 + erf(h/√2))` or `Affine(Mul(h, 1 + erf(h/√2)), ½, 0)`.
+fn gelu(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    let node = |h: String| NodeProto {
+        op_type: "Gelu".into(),
+        name: n.name.clone(),
+        input: vec![h],
+        output: n.output.clone(),
+        ..Default::default()
+    };
+    if n.op_type == "Mul" && n.input.len() == 2 {
+        for (side, other) in [(0, 1), (1, 0)] {
+            let Some((h, mut removed)) = one_plus_erf(g, constants, slots, &n.input[side]) else {
+                continue;
+            };
+            // The other factor is ½·h (an affine node) or h itself, halved afterwards.
+            let half = g.sole_producer(&n.input[other]);
+            if let Some(k) =
+                half.filter(|&k| scalar_affine(constants, slots, k, 0.5, 0.0).as_ref() == Some(&h))
+            {
+                removed.push(k);
+                return Some((node(h), removed));
+            }
+        }
+        return None;
+    }
+    // Affine(Mul(h, 1 + erf(h/√2)), ½, 0)
+    let m = g.sole_producer(&affine_input(constants, n, 0.5, 0.0)?)?;
+    let mul = slots[m]
+        .as_ref()
+        .filter(|x| x.op_type == "Mul" && x.input.len() == 2)?;
+    for (side, other) in [(0, 1), (1, 0)] {
+        if let Some((h, mut removed)) = one_plus_erf(g, constants, slots, &mul.input[side]) {
+            if mul.input[other] == h {
+                removed.push(m);
+                return Some((node(h), removed));
+            }
+        }
+    }
+    None
 }
 
 /// `Affine(ChannelAffine(x, s, t), S, T)` (a BatchNormalization followed by a per-channel

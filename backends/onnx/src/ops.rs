@@ -487,8 +487,38 @@ fn channel_affine(
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
-/// `f` on every element of an f32 CPU tensor, in parallel; `None` for other tensors.
-fn map_cpu_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+/// LayerNormalization over the dimensions from `axis` on, with `scale` and `bias` of that
+/// size, on the CPU kernel; `None` when the tensors do not fit it.
+fn layer_norm(
+    x: &Tensor,
+    axis: usize,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    let d: usize = x.dims()[axis..].iter().product();
+    let fits = |t: &Tensor| cpu_f32(t) && t.elem_count() == d;
+    if !(cpu_f32(x) && fits(scale) && bias.is_none_or(fits)) || d == 0 {
+        return Ok(None);
+    }
+    let (x, scale) = (x.contiguous()?, scale.contiguous()?);
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let (xg, xl) = x.storage_and_layout();
+    let (sg, sl) = scale.storage_and_layout();
+    let bg = bias.as_ref().map(|t| t.storage_and_layout());
+    let bv = bg.as_ref().and_then(|(g, l)| f32_data(g, l));
+    let (Some(xv), Some(sv)) = (f32_data(&xg, xl), f32_data(&sg, sl)) else {
+        return Ok(None);
+    };
+    if bias.is_some() && bv.is_none() {
+        return Ok(None);
+    }
+    let out = crate::cpu_kernels::layer_norm(xv, d, sv, bv, eps);
+    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+}
+
+/// `f` on the data of an f32 CPU tensor (same shape out); `None` for other tensors.
+fn cpu_f32_op(x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Option<Tensor>> {
     if !cpu_f32(x) {
         return Ok(None);
     }
@@ -497,7 +527,7 @@ fn map_cpu_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tenso
     let Some(v) = f32_data(&g, l) else {
         return Ok(None);
     };
-    let out = crate::cpu_kernels::map_par(v, f);
+    let out = f(v);
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
@@ -707,7 +737,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Tanh" => x()?.tanh()?,
         "Erf" => {
             let x = x()?;
-            match map_cpu_f32(x, candle_core::cpu::erf::erf_f32)? {
+            let erf = |v: &[f32]| crate::cpu_kernels::map_par(v, candle_core::cpu::erf::erf_f32);
+            match cpu_f32_op(x, erf)? {
                 Some(r) => r,
                 None => x.erf()?,
             }
@@ -715,10 +746,14 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Relu" => x()?.relu()?,
         "Sigmoid" => (x()?.neg()?.exp()? + 1.0)?.recip()?,
         "Gelu" => {
+            let x = x()?;
             if attrs::string(node, "approximate", "none") == "tanh" {
-                x()?.gelu()?
+                x.gelu()?
             } else {
-                x()?.gelu_erf()?
+                match cpu_f32_op(x, crate::cpu_kernels::gelu)? {
+                    Some(r) => r,
+                    None => x.gelu_erf()?,
+                }
             }
         }
         "LeakyRelu" => {
@@ -987,6 +1022,12 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let x = x()?;
             let a = axis(attrs::int(node, "axis", -1), x.rank())?;
             let eps = attrs::float(node, "epsilon", 1e-5) as f64;
+            // Only the normalised output wanted: one parallel pass per row on the CPU.
+            if node.output.iter().skip(1).all(|o| o.is_empty()) {
+                if let Some(r) = layer_norm(x, a, y()?, opt(ins, 2), eps as f32)? {
+                    return Ok(vec![r]);
+                }
+            }
             let mut mean = x.clone();
             for d in a..x.rank() {
                 mean = mean.mean_keepdim(d)?;

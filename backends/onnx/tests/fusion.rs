@@ -200,3 +200,58 @@ fn batch_norm_then_channel_affine_and_relu_is_one_pass() {
     let inputs = HashMap::from([("x".to_string(), input(&[4, 4, 3]))]);
     check(&m, inputs, &["KilnChannelAffine", "Conv"]);
 }
+
+fn scalar_init(name: &str, v: f32) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![],
+        data_type: DataType::Float as i32,
+        float_data: vec![v],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn exact_gelu_written_out_becomes_one_gelu_node() {
+    // y1 = (x · ½) · (1 + erf(x / √2)); y2 = (x · (erf(x · 1/√2) + 1)) · ½ — both GELU.
+    let nodes = vec![
+        node("Div", &["x", "sqrt2"], "d", vec![]),
+        node("Erf", &["d"], "e", vec![]),
+        node("Add", &["one", "e"], "a", vec![]),
+        node("Mul", &["x", "half"], "h", vec![]),
+        node("Mul", &["h", "a"], "y1", vec![]),
+        node("Mul", &["x", "inv_sqrt2"], "d2", vec![]),
+        node("Erf", &["d2"], "e2", vec![]),
+        node("Add", &["e2", "one"], "a2", vec![]),
+        node("Mul", &["x", "a2"], "m2", vec![]),
+        node("Mul", &["m2", "half"], "y2", vec![]),
+        // Not GELU (¼ instead of ½): left as it is.
+        node("Div", &["x", "sqrt2"], "d3", vec![]),
+        node("Erf", &["d3"], "e3", vec![]),
+        node("Add", &["e3", "one"], "a3", vec![]),
+        node("Mul", &["x", "quarter"], "h3", vec![]),
+        node("Mul", &["h3", "a3"], "y3", vec![]),
+    ];
+    let inits = vec![
+        scalar_init("sqrt2", std::f32::consts::SQRT_2),
+        scalar_init("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2),
+        scalar_init("one", 1.0),
+        scalar_init("half", 0.5),
+        scalar_init("quarter", 0.25),
+    ];
+    let m = model(nodes, inits, &["x"], &["y1", "y2", "y3"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[3, 50]))]);
+    check(
+        &m,
+        inputs,
+        &[
+            "Gelu",
+            "Gelu",
+            "KilnAffine",
+            "Erf",
+            "KilnAffine",
+            "KilnAffine",
+            "Mul",
+        ],
+    );
+}
