@@ -250,28 +250,66 @@ pub fn softmax_rows(x: &[f32], width: usize, log: bool) -> Vec<f32> {
     let per = (16384 / width).max(1) * width;
     out.par_chunks_mut(per).for_each(|rows| {
         for row in rows.chunks_mut(width) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if log {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
                 let shift = max + sum.ln();
                 row.iter_mut().for_each(|v| *v -= shift);
-                continue;
+            } else {
+                softmax_in_place(row);
             }
-            exp_shifted_in_place(row, max);
-            // Eight partial sums, so the reduction vectorises too.
-            let mut lanes = [0f32; 8];
-            let mut chunks = row.chunks_exact(8);
-            for c in &mut chunks {
-                for (l, v) in lanes.iter_mut().zip(c) {
-                    *l += v;
-                }
-            }
-            let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
         }
     });
     out
+}
+
+/// Softmax of each row of `width` values of `x · scale + shift + mask`, where row `r` adds
+/// `mask[offsets[r] + j · inner]` at column `j` (`inner` 0 or 1: the mask broadcast).
+pub fn masked_softmax_rows(
+    x: &[f32],
+    width: usize,
+    scale: f32,
+    shift: f32,
+    mask: &[f32],
+    offsets: &[usize],
+    inner: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if width == 0 {
+        return out;
+    }
+    let rows_per = (16384 / width).max(1);
+    out.par_chunks_mut(rows_per * width)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (i, row) in rows.chunks_mut(width).enumerate() {
+                let r = c * rows_per + i;
+                let src = &x[r * width..(r + 1) * width];
+                let off = offsets[r];
+                for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
+                    *o = v * scale + shift + mask[off + j * inner];
+                }
+                softmax_in_place(row);
+            }
+        });
+    out
+}
+
+/// Softmax of one row, in place (vectorised exponentials and sum).
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    exp_shifted_in_place(row, max);
+    // Eight partial sums, so the reduction vectorises too.
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Geometry of a 2-D max pooling over `[planes, h, w]`.

@@ -11,6 +11,8 @@
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
 //!   following `Relu` merged into it, or merged into a BatchNormalization before it
 //!   (DenseNet's `BatchNormalization, Mul, Add, Relu` becomes one pass);
+//! * attention's `Softmax(Add(x · s + t, mask))` (scores scaled by a scalar, then the mask)
+//!   → one `Softmax` with the mask as input 1 and attributes [`SCALE`], [`SHIFT`];
 //! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
 //!   nodes, in either order of the products) → one ONNX `Gelu` node.
 //!
@@ -26,6 +28,11 @@ use crate::ops::CHANNEL_AFFINE;
 
 /// Attribute of a fused `Conv` or [`AFFINE`]: apply ReLU to the result.
 pub const RELU: &str = "kiln_relu";
+
+/// Attributes of a fused `Softmax(x · scale + shift + mask)` (mask = input 1).
+pub const SCALE: &str = "kiln_scale";
+/// See [`SCALE`].
+pub const SHIFT: &str = "kiln_shift";
 
 /// `x · S + T` with constants S and T (inputs 1 and 2), broadcasting as `Mul` and `Add` do.
 pub const AFFINE: &str = "KilnAffine";
@@ -107,6 +114,9 @@ pub fn fuse(
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         gelu(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        masked_softmax(g, s, n, constants)
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         affine_into_conv(g, s, n, constants).or_else(|| affine_into_batch_norm(g, s, n, constants))
@@ -219,6 +229,55 @@ fn per_channel(t: &Tensor, oc: usize) -> Option<Tensor> {
         .ok()?
         .contiguous()
         .ok()
+}
+
+/// `Softmax(Add(p, mask))`, `p` optionally a scalar affine `x · s + t`: one Softmax node
+/// reading `x` and `mask` (it keeps Softmax's own attributes, so its axis semantics).
+fn masked_softmax(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != "Softmax" || n.input.len() != 1 {
+        return None;
+    }
+    let a = g.sole_producer(&n.input[0])?;
+    let add = slots[a].as_ref().filter(|x| is_add(x))?;
+    let mut removed = vec![a];
+    let (mut x, mut mask) = (add.input[0].clone(), add.input[1].clone());
+    let (mut s, mut t) = (1.0, 0.0);
+    for (side, other) in [(0, 1), (1, 0)] {
+        let Some(k) = g.sole_producer(&add.input[side]) else {
+            continue;
+        };
+        let Some(aff) = slots[k]
+            .as_ref()
+            .filter(|x| x.op_type == AFFINE && x.attribute.is_empty())
+        else {
+            continue;
+        };
+        let (Some(sv), Some(tv)) = (
+            scalar(constants, &aff.input[1]),
+            scalar(constants, &aff.input[2]),
+        ) else {
+            continue;
+        };
+        (x, mask, s, t) = (aff.input[0].clone(), add.input[other].clone(), sv, tv);
+        removed.push(k);
+        break;
+    }
+    let float = |name: &str, f: f32| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    };
+    let mut node = n.clone();
+    node.input = vec![x, mask];
+    node.attribute.push(float(SCALE, s));
+    node.attribute.push(float(SHIFT, t));
+    Some((node, removed))
 }
 
 /// The value of a one-element f32 constant.

@@ -517,6 +517,48 @@ fn layer_norm(
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
+/// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
+/// are f32 on the CPU and `mask` broadcasts to `x`'s shape; `None` otherwise.
+fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f32, shift: f32) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && cpu_f32(mask)) || x.rank() == 0 || mask.rank() > x.rank() {
+        return Ok(None);
+    }
+    // The mask's strides against x's dimensions (0 where it broadcasts).
+    let pad = x.rank() - mask.rank();
+    let mut strides = vec![0usize; x.rank()];
+    let mut acc = 1;
+    for i in (0..mask.rank()).rev() {
+        let (md, xd) = (mask.dims()[i], x.dims()[pad + i]);
+        if md != xd && md != 1 {
+            return Ok(None);
+        }
+        strides[pad + i] = if md == 1 { 0 } else { acc };
+        acc *= md;
+    }
+    let width = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / width.max(1);
+    let outer = &x.dims()[..x.rank() - 1];
+    let offsets: Vec<usize> = (0..rows)
+        .map(|mut r| {
+            let mut off = 0;
+            for (d, st) in outer.iter().zip(&strides).rev() {
+                off += (r % d) * st;
+                r /= d;
+            }
+            off
+        })
+        .collect();
+    let (x, mask) = (x.contiguous()?, mask.contiguous()?);
+    let (xg, xl) = x.storage_and_layout();
+    let (mg, ml) = mask.storage_and_layout();
+    let (Some(xv), Some(mv)) = (f32_data(&xg, xl), f32_data(&mg, ml)) else {
+        return Ok(None);
+    };
+    let inner = strides[x.rank() - 1];
+    let out = crate::cpu_kernels::masked_softmax_rows(xv, width, scale, shift, mv, &offsets, inner);
+    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+}
+
 /// `f` on the data of an f32 CPU tensor (same shape out); `None` for other tensors.
 fn cpu_f32_op(x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Option<Tensor>> {
     if !cpu_f32(x) {
@@ -791,6 +833,27 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "Softmax" | "LogSoftmax" => {
             let x = x()?;
+            // Fused by the planner: softmax of x · scale + shift + mask (fuse.rs).
+            let pre;
+            let x = match opt(ins, 1) {
+                Some(mask) => {
+                    let scale = attrs::float(node, fuse::SCALE, 1.0);
+                    let shift = attrs::float(node, fuse::SHIFT, 0.0);
+                    let last = if ctx.opset < 13 {
+                        axis(attrs::int(node, "axis", 1), x.rank())? + 1 == x.rank()
+                    } else {
+                        axis(attrs::int(node, "axis", -1), x.rank())? + 1 == x.rank()
+                    };
+                    if last {
+                        if let Some(r) = masked_softmax(x, mask, scale, shift)? {
+                            return Ok(vec![r]);
+                        }
+                    }
+                    pre = x.affine(scale as f64, shift as f64)?.broadcast_add(mask)?;
+                    &pre
+                }
+                None => x,
+            };
             if ctx.opset < 13 {
                 // Before opset 13: flatten to 2-D at `axis` (default 1), softmax the rows.
                 let a = axis(attrs::int(node, "axis", 1), x.rank())?;

@@ -255,3 +255,29 @@ fn exact_gelu_written_out_becomes_one_gelu_node() {
         ],
     );
 }
+
+#[test]
+fn scaled_masked_softmax_is_one_node() {
+    // Attention: Softmax(scores / 4 + mask) with the mask broadcast over heads and queries,
+    // and a softmax over the mask added first (other order), for a 3-D mask too.
+    let mut axis = pads(0);
+    axis.name = "axis".into();
+    axis.r#type = AttributeType::Int as i32;
+    axis.ints.clear();
+    axis.i = -1;
+    let nodes = vec![
+        node("Div", &["scores", "four"], "scaled", vec![]),
+        node("Add", &["scaled", "mask"], "biased", vec![]),
+        node("Softmax", &["biased"], "p", vec![axis.clone()]),
+        node("Add", &["mask3", "scores"], "b2", vec![]),
+        node("Softmax", &["b2"], "p2", vec![axis]),
+    ];
+    let inits = vec![scalar_init("four", 4.0)];
+    let m = model(nodes, inits, &["scores", "mask", "mask3"], &["p", "p2"]);
+    let inputs = HashMap::from([
+        ("scores".to_string(), input(&[2, 3, 5, 7])),
+        ("mask".to_string(), input(&[2, 1, 1, 7])),
+        ("mask3".to_string(), input(&[3, 1, 7])),
+    ]);
+    check(&m, inputs, &["Softmax", "Softmax"]);
+}
