@@ -105,6 +105,52 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
     out
 }
 
+/// `batch` independent products `a[i] [m, k] · b[i] [k, n]`, one batch entry per job.
+pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3]) -> Vec<f32> {
+    let mut out = vec![0f32; batch * m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let fast = crate::sgemm::available();
+    out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+        let (ap, bp) = (a[i * m * k..].as_ptr(), b[i * k * n..].as_ptr());
+        // SAFETY: entry i of a is [m, k], of b [k, n], and c is this job's own [m, n].
+        unsafe {
+            if fast {
+                let rhs = crate::sgemm::Rhs::Rows { ptr: bp, ldb: n };
+                let e = crate::sgemm::Epilogue {
+                    base: crate::sgemm::Base::Zero,
+                    ..crate::sgemm::Epilogue::ACCUMULATE
+                };
+                crate::sgemm::sgemm(m, n, k, ap, k, rhs, c.as_mut_ptr(), n, e);
+            } else {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    ap,
+                    1,
+                    k as isize,
+                    bp,
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    out
+}
+
 /// `x · scale[c] + shift[c]` (then ReLU if asked) over `[n, c, plane]` data, where `scale`
 /// and `shift` hold one value per channel or a single value for all.
 pub fn channel_affine(
@@ -409,6 +455,28 @@ mod tests {
                     let want = bias.map_or(0.0, |b| b[j])
                         + (0..k).map(|q| x[r * k + q] * w[q * n + j]).sum::<f32>();
                     assert_eq!(got[r * n + j], want, "({r}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_matmul_multiplies_each_entry() {
+        let (batch, m, k, n) = (3, 5, 4, 18);
+        let a: Vec<f32> = (0..batch * m * k)
+            .map(|i| ((i * 7) % 5) as f32 - 2.0)
+            .collect();
+        let b: Vec<f32> = (0..batch * k * n)
+            .map(|i| ((i * 3) % 7) as f32 - 3.0)
+            .collect();
+        let c = batched_matmul(&a, &b, batch, [m, k, n]);
+        for e in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k)
+                        .map(|q| a[e * m * k + i * k + q] * b[e * k * n + q * n + j])
+                        .sum();
+                    assert_eq!(c[e * m * n + i * n + j], want);
                 }
             }
         }

@@ -517,6 +517,35 @@ fn layer_norm(
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
+/// `a [.., m, k] · b [.., k, n]` with the same batch dimensions, on the CPU kernel (the
+/// batch split over threads) when both are f32 on the CPU; `None` otherwise.
+fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let r = a.rank();
+    if !(cpu_f32(a) && cpu_f32(b))
+        || r < 3
+        || b.rank() != r
+        || a.dims()[..r - 2] != b.dims()[..r - 2]
+    {
+        return Ok(None);
+    }
+    let (m, k) = (a.dims()[r - 2], a.dims()[r - 1]);
+    let n = b.dims()[r - 1];
+    if b.dims()[r - 2] != k {
+        return Ok(None);
+    }
+    let batch: usize = a.dims()[..r - 2].iter().product();
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (ag, al) = a.storage_and_layout();
+    let (bg, bl) = b.storage_and_layout();
+    let (Some(av), Some(bv)) = (f32_data(&ag, al), f32_data(&bg, bl)) else {
+        return Ok(None);
+    };
+    let out = crate::cpu_kernels::batched_matmul(av, bv, batch, [m, k, n]);
+    let mut dims = a.dims().to_vec();
+    dims[r - 1] = n;
+    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+}
+
 /// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
 /// are f32 on the CPU and `mask` broadcasts to `x`'s shape; `None` otherwise.
 fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f32, shift: f32) -> Result<Option<Tensor>> {
@@ -890,6 +919,11 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
             if let Some(r) = linear(a, b, bias, panels_n)? {
                 return Ok(vec![r]);
+            }
+            if bias.is_none() && panels_n.is_none() {
+                if let Some(r) = batched_matmul(a, b)? {
+                    return Ok(vec![r]);
+                }
             }
             // Packed weight, other input: back to [k, n] for candle.
             let unpacked;
