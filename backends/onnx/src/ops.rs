@@ -658,17 +658,7 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tenso
         let ws = f32_data(&wg, wl);
         if let (Some(xs), Some(ws), true) = (xs, ws, bias.is_none() || bs.is_some()) {
             let fused_relu = relu && (residual.is_none() || rs.is_some());
-            let t0 = std::time::Instant::now();
             let out = geo.run(xs, ws, bs, rs, fused_relu, ctx.threads);
-            if std::env::var("CONV_TRACE").is_ok() {
-                let el = t0.elapsed().as_secs_f64() * 1e3;
-                let fl = 2.0 * (b * oc * oh * ow * icg * kh * kw) as f64;
-                eprintln!(
-                    "CT {ic}->{oc} k{kh}x{kw} s{} g{groups} {oh}x{ow} {el:.3} ms {:.1} GF/s",
-                    strides[0],
-                    fl / el / 1e6
-                );
-            }
             if rs.is_some() {
                 residual = None;
             }
