@@ -172,7 +172,8 @@ fn bench(extra: &[String]) -> Result<()> {
         .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
         .arg("tests/bench/perf.py")
         .args(extra))?;
-    // The onnx executor against onnxruntime on ONNX's light models.
+    // The onnx executor against onnxruntime: ResNet-50 and DenseNet-121 (ONNX's light models,
+    // batch dimension made symbolic) at batch 1 and 8, and a BERT encoder of MiniLM's shape.
     run(cargo().current_dir(&root).args([
         "build",
         "--release",
