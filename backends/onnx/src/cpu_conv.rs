@@ -192,7 +192,9 @@ impl Conv2d {
             }
         };
         let total = jobs * parts;
-        if threads > 1 && total > 1 {
+        // Small convolutions stay on the calling thread (a pool hand-off costs more).
+        let macs = b * oc * n * k;
+        if threads > 1 && total > 1 && macs >= 256 * 1024 {
             (0..total)
                 .into_par_iter()
                 .for_each_init(Vec::new, |col, j| job(col, j));

@@ -4,6 +4,42 @@
 //! splits its rows over rayon's threads; the operators fall back to candle for anything else.
 use rayon::prelude::*;
 
+/// Work below this many elements runs on the calling thread: handing it to a thread pool
+/// would cost more than it saves (and small models never wake the pool).
+const PAR_MIN: usize = 32 * 1024;
+/// The same threshold for matrix products, in multiply-adds.
+const PAR_MIN_MACS: usize = 256 * 1024;
+
+/// `f(i, chunk)` for each `chunk_len`-sized chunk of `data`, split over threads when `work`
+/// is at least `min`.
+fn chunks(
+    data: &mut [f32],
+    chunk_len: usize,
+    work: usize,
+    min: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    let chunk_len = chunk_len.max(1);
+    if work < min {
+        data.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `f(j)` for `j` in `0..count`, split over threads when `work` is at least `min`.
+pub(crate) fn jobs(count: usize, work: usize, min: usize, f: impl Fn(usize) + Sync + Send) {
+    if work < min {
+        (0..count).for_each(f);
+    } else {
+        (0..count).into_par_iter().for_each(f);
+    }
+}
+
 /// The weight of [`linear`]: row-major `[k, n]`, or packed by
 /// [`crate::sgemm::pack_panels`] (only where [`crate::sgemm::available`]).
 #[derive(Clone, Copy)]
@@ -45,7 +81,7 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
     let per_group = panels.div_ceil(groups);
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
     let epilogue = &epilogue; // shared whole (it is Sync; its raw fields alone are not)
-    (0..row_blocks * groups).into_par_iter().for_each(|job| {
+    jobs(row_blocks * groups, rows * n * k, PAR_MIN_MACS, |job| {
         let (rb, g) = (job / groups, job % groups);
         let (r0, r1) = (rb * per, ((rb + 1) * per).min(rows));
         let (pa, pb) = (g * per_group, ((g + 1) * per_group).min(panels));
@@ -112,7 +148,7 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3])
         return out;
     }
     let fast = crate::sgemm::available();
-    out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+    chunks(&mut out, m * n, batch * m * n * k, PAR_MIN_MACS, |i, c| {
         let (ap, bp) = (a[i * m * k..].as_ptr(), b[i * k * n..].as_ptr());
         // SAFETY: entry i of a is [m, k], of b [k, n], and c is this job's own [m, n].
         unsafe {
@@ -166,7 +202,8 @@ pub fn channel_affine(
         return out;
     }
     let pick = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
-    out.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+    let len = out.len();
+    chunks(&mut out, plane, len, PAR_MIN, |i, p| {
         let c = i % channels;
         let (s, t) = (pick(scale, c), pick(shift, c));
         if relu {
@@ -255,15 +292,18 @@ pub fn gelu_approx(x: f32) -> f32 {
 /// GELU (exact form) of every element, vectorised and split over threads.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(16384).for_each(gelu_in_place);
+    let len = out.len();
+    chunks(&mut out, 16384, len, PAR_MIN, |_, c| gelu_in_place(c));
     out
 }
 
 /// `f` applied to every element, chunks split over threads (for costly unary functions).
 pub fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(16384)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    let len = out.len();
+    chunks(&mut out, 16384, len, PAR_MIN, |_, c| {
+        c.iter_mut().for_each(|v| *v = f(*v))
+    });
     out
 }
 
@@ -274,7 +314,8 @@ pub fn layer_norm(x: &[f32], d: usize, scale: &[f32], bias: Option<&[f32]>, eps:
         return out;
     }
     let per = (16384 / d).max(1) * d;
-    out.par_chunks_mut(per).for_each(|rows| {
+    let len = out.len();
+    chunks(&mut out, per, len, PAR_MIN, |_, rows| {
         for row in rows.chunks_mut(d) {
             let mean = row.iter().sum::<f32>() / d as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
@@ -294,7 +335,8 @@ pub fn softmax_rows(x: &[f32], width: usize, log: bool) -> Vec<f32> {
         return out;
     }
     let per = (16384 / width).max(1) * width;
-    out.par_chunks_mut(per).for_each(|rows| {
+    let len = out.len();
+    chunks(&mut out, per, len, PAR_MIN, |_, rows| {
         for row in rows.chunks_mut(width) {
             if log {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -325,19 +367,18 @@ pub fn masked_softmax_rows(
         return out;
     }
     let rows_per = (16384 / width).max(1);
-    out.par_chunks_mut(rows_per * width)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            for (i, row) in rows.chunks_mut(width).enumerate() {
-                let r = c * rows_per + i;
-                let src = &x[r * width..(r + 1) * width];
-                let off = offsets[r];
-                for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
-                    *o = v * scale + shift + mask[off + j * inner];
-                }
-                softmax_in_place(row);
+    let len = out.len();
+    chunks(&mut out, rows_per * width, len, PAR_MIN, |c, rows| {
+        for (i, row) in rows.chunks_mut(width).enumerate() {
+            let r = c * rows_per + i;
+            let src = &x[r * width..(r + 1) * width];
+            let off = offsets[r];
+            for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
+                *o = v * scale + shift + mask[off + j * inner];
             }
-        });
+            softmax_in_place(row);
+        }
+    });
     out
 }
 
@@ -405,27 +446,27 @@ impl Pool2d {
         if oh * ow == 0 {
             return out;
         }
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(dst, src)| {
-                for oy in 0..oh {
-                    let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
-                    let ys = y0.max(0) as usize
-                        ..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
-                    for ox in 0..ow {
-                        let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
-                        let xs = x0.max(0) as usize
-                            ..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
-                        let mut m = f32::NEG_INFINITY;
-                        for yy in ys.clone() {
-                            for &v in &src[yy * w + xs.start..yy * w + xs.end] {
-                                m = m.max(v);
-                            }
+        let work = out.len() * self.kernel[0] * self.kernel[1];
+        chunks(&mut out, oh * ow, work, PAR_MIN, |i, dst| {
+            let src = &x[i * h * w..(i + 1) * h * w];
+            for oy in 0..oh {
+                let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
+                let ys =
+                    y0.max(0) as usize..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
+                for ox in 0..ow {
+                    let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
+                    let xs = x0.max(0) as usize
+                        ..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
+                    let mut m = f32::NEG_INFINITY;
+                    for yy in ys.clone() {
+                        for &v in &src[yy * w + xs.start..yy * w + xs.end] {
+                            m = m.max(v);
                         }
-                        dst[oy * ow + ox] = m;
                     }
+                    dst[oy * ow + ox] = m;
                 }
-            });
+            }
+        });
         out
     }
 }
@@ -458,6 +499,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn large_inputs_split_over_threads_give_the_same_values() {
+        // Above PAR_MIN the kernels run in parallel chunks; each value must be what the
+        // element-wise definition gives.
+        let n = 4 * PAR_MIN + 123;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 1001) as f32 / 100.0 - 5.0)
+            .collect();
+        let g = gelu(&x);
+        assert!(g.iter().zip(&x).all(|(a, &v)| *a == gelu_approx(v)));
+        let width = 1000;
+        let rows = &x[..(n / width) * width];
+        let p = softmax_rows(rows, width, false);
+        for (r, row) in p.chunks(width).enumerate() {
+            let mut one = rows[r * width..(r + 1) * width].to_vec();
+            softmax_in_place(&mut one);
+            assert_eq!(row, one.as_slice(), "row {r}");
+        }
+        let a = channel_affine(&x, 1, n, &[2.0], &[-1.0], true);
+        assert!(a
+            .iter()
+            .zip(&x)
+            .all(|(a, v)| *a == (v * 2.0 - 1.0).max(0.0)));
     }
 
     #[test]

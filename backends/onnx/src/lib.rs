@@ -12,6 +12,7 @@ pub mod sgemm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -40,6 +41,8 @@ pub struct OnnxInstance {
     plan: Plan,
     batching: bool,
     pool: rayon::ThreadPool,
+    /// Duration of the last run in µs (chooses this thread or the pool for the next).
+    last_us: AtomicU64,
 }
 
 /// Threads per instance for the CPU kernels: the model parameter `intra_op_thread_count`
@@ -253,6 +256,8 @@ impl Model for OnnxModel {
             plan,
             batching: self.batching,
             pool,
+            // The first run goes to the pool (as a large model's should).
+            last_us: AtomicU64::new(u64::MAX),
         })
     }
 }
@@ -270,9 +275,19 @@ impl OnnxInstance {
                 convert::to_tensor(dt, &shape, data, self.plan.device())?,
             );
         }
-        self.pool
-            .install(|| self.plan.run(values))
-            .map_err(Error::internal)
+        // A run that took under a millisecond last time runs on this thread (its kernels stay
+        // sequential at that size); longer ones run in the instance's pool, whose threads the
+        // kernels split their work over. Handing a tiny model's request to the pool would
+        // cost more CPU than the model itself.
+        let started = std::time::Instant::now();
+        let out = if self.last_us.load(Ordering::Relaxed) < 1000 {
+            self.plan.run(values)
+        } else {
+            self.pool.install(|| self.plan.run(values))
+        };
+        let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.last_us.store(us, Ordering::Relaxed);
+        out.map_err(Error::internal)
     }
 
     fn output_type(&self, name: &str) -> Result<DataType> {
