@@ -29,7 +29,11 @@ def onnx_kiln(tmp_path_factory):
            f'output [ {{ name: "sum" {fp32} }} ]\n')
     folder(repo, "softmax", "test_softmax_axis_1",
            f'backend: "onnxruntime"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "y" {fp32} }} ]\n')
-    # Resize is not implemented: the load fails naming the operator.
+    # Hardmax is not implemented: the load fails naming the operator.
+    folder(repo, "hardmax", "test_hardmax_axis_1",
+           'backend: "onnx"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 4, 5 ] } ]\n'
+           'output [ { name: "y" data_type: TYPE_FP32 dims: [ 3, 4, 5 ] } ]\n')
+    # Resize (nearest, scales as an input) serves.
     folder(repo, "resize", "test_resize_upsample_scales_nearest",
            'backend: "onnx"\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 1, 1, 2, 2 ] }, '
            '{ name: "scales" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
@@ -76,8 +80,18 @@ def test_triton_onnx_folders_serve(onnx_kiln):
 
 
 def test_unsupported_operator_fails_the_load_by_name(onnx_kiln):
-    e = index(onnx_kiln)["resize"]
-    assert e["state"] == "UNAVAILABLE" and "Resize" in e["reason"], e
+    e = index(onnx_kiln)["hardmax"]
+    assert e["state"] == "UNAVAILABLE" and "Hardmax" in e["reason"], e
+
+
+def test_resize_upsamples_nearest(onnx_kiln):
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.array([[[[1, 2], [3, 4]]]], np.float32)
+    ins = [httpclient.InferInput("X", [1, 1, 2, 2], "FP32"), httpclient.InferInput("scales", [4], "FP32")]
+    ins[0].set_data_from_numpy(x)
+    ins[1].set_data_from_numpy(np.array([1, 1, 2, 3], np.float32))
+    got = c.infer("resize", ins).as_numpy("Y")
+    np.testing.assert_array_equal(got, x.repeat(2, axis=2).repeat(3, axis=3))
 
 
 def test_config_tensor_not_in_graph_is_named(onnx_kiln):

@@ -57,6 +57,8 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "Resize",
+    "Upsample",
     "Gelu",
     "Gemm",
     "GlobalAveragePool",
@@ -1145,6 +1147,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 .broadcast_add(&bias)?
         }
         "Conv" => conv(node, ins, ctx)?,
+        "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
         "GatherElements" => {
             let x = x()?;
             let a = axis(attrs::int(node, "axis", 0), x.rank())?;
