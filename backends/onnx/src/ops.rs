@@ -717,6 +717,14 @@ fn constant(node: &NodeProto) -> Result<Tensor> {
     )
 }
 
+/// One-input element-wise operators computed by candle's float-only unary functions.
+const ELEMENTWISE: &[&str] = &[
+    "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Sin", "Cos", "Tan",
+    "Tanh", "Erf", "Relu", "Sigmoid", "Sign", "Softplus", "Softsign", "LeakyRelu", "Elu",
+    "Selu", "HardSigmoid", "HardSwish", "Mish", "Gelu", "Round", "Asin", "Acos", "Atan",
+    "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Celu", "ThresholdedRelu",
+];
+
 /// Model-wide facts an operator may depend on.
 pub struct Ctx<'a> {
     /// The device tensors live on.
@@ -731,6 +739,19 @@ pub struct Ctx<'a> {
 pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Vec<Tensor>> {
     let dev = ctx.dev;
     let op = node.op_type.as_str();
+    // candle's element-wise functions exist for floats only (on integers they panic):
+    // integer inputs (shape arithmetic, ONNX's integer Abs/Neg/Sign/Relu) go through f64,
+    // exact for every integer a shape or index holds, and back.
+    if ELEMENTWISE.contains(&op) {
+        if let Some(x) = ins.first().and_then(|t| t.as_ref()).filter(|t| !t.dtype().is_float()) {
+            let dt = x.dtype();
+            let wide = [Some(x.to_dtype(DType::F64)?)];
+            return run(node, &wide, ctx)?
+                .into_iter()
+                .map(|t| if t.dtype() == DType::F64 { t.to_dtype(dt) } else { Ok(t) })
+                .collect();
+        }
+    }
     let x = || req(ins, 0, node);
     let y = || req(ins, 1, node);
     let out = match op {
