@@ -8,6 +8,7 @@ pub mod cpu_kernels;
 pub mod fuse;
 pub mod ops;
 pub mod plan;
+pub mod pool;
 pub mod resize;
 pub mod sgemm;
 

@@ -604,24 +604,48 @@ fn cpu_f32_op(x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Option<Tenso
     Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
 }
 
+/// A 1-D convolution as a 2-D one of height 1 (attributes and tensors gain a unit axis).
+fn conv1d(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
+    let mut two = node.clone();
+    for a in two.attribute.iter_mut() {
+        a.ints = match a.name.as_str() {
+            "pads" if a.ints.len() == 2 => vec![0, a.ints[0], 0, a.ints[1]],
+            "strides" | "dilations" if a.ints.len() == 1 => vec![1, a.ints[0]],
+            "kernel_shape" if a.ints.len() == 1 => vec![1, a.ints[0]],
+            _ => std::mem::take(&mut a.ints),
+        };
+    }
+    let ins2: Vec<Option<Tensor>> = ins
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            // X, W and a fused residual are [n, c, l]; the bias stays [c].
+            Some(t) if i != 2 => t.unsqueeze(2).map(Some),
+            other => Ok(other.clone()),
+        })
+        .collect::<Result<_>>()?;
+    conv(&two, &ins2, ctx)?.squeeze(2)
+}
+
 /// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
 /// output, attribute `kiln_relu` a ReLU applied last.
 fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
-    if x.rank() != 4 {
-        bail!("Conv: only 2-D convolutions (NCHW) are supported")
+    if x.rank() == 3 && w.rank() == 3 {
+        return conv1d(node, ins, ctx);
     }
-    if attrs::string(node, "auto_pad", "NOTSET") != "NOTSET" {
-        bail!("Conv: auto_pad is not supported")
+    if x.rank() != 4 || w.rank() != 4 {
+        bail!("Conv: only 1-D and 2-D convolutions are supported")
     }
-    let pads = attrs::ints(node, "pads").unwrap_or_else(|| vec![0; 4]);
-    let strides = attrs::ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
-    let dil = attrs::ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
-    let groups = attrs::int(node, "group", 1) as usize;
-    let p: Vec<usize> = pads.iter().map(|&v| v as usize).collect();
     let (oc, icg, kh, kw) = w.dims4()?;
     let (b, ic, h, wd) = x.dims4()?;
+    // Strides, dilations and pads (explicit or from auto_pad) as ONNX defines them.
+    let win = crate::pool::window(node, &[h, wd], Some(vec![kh, kw]))?;
+    let strides: Vec<i64> = win.stride.iter().map(|&v| v as i64).collect();
+    let dil: Vec<i64> = win.dilation.iter().map(|&v| v as i64).collect();
+    let p = vec![win.pads[0].0, win.pads[1].0, win.pads[0].1, win.pads[1].1];
+    let groups = attrs::int(node, "group", 1) as usize;
     if groups == 0 || ic != icg * groups || oc % groups != 0 {
         bail!("Conv: {ic} input channels do not match the weight's {icg} × {groups} groups")
     }
@@ -719,10 +743,42 @@ fn constant(node: &NodeProto) -> Result<Tensor> {
 
 /// One-input element-wise operators computed by candle's float-only unary functions.
 const ELEMENTWISE: &[&str] = &[
-    "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Sin", "Cos", "Tan",
-    "Tanh", "Erf", "Relu", "Sigmoid", "Sign", "Softplus", "Softsign", "LeakyRelu", "Elu",
-    "Selu", "HardSigmoid", "HardSwish", "Mish", "Gelu", "Round", "Asin", "Acos", "Atan",
-    "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Celu", "ThresholdedRelu",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Sin",
+    "Cos",
+    "Tan",
+    "Tanh",
+    "Erf",
+    "Relu",
+    "Sigmoid",
+    "Sign",
+    "Softplus",
+    "Softsign",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "HardSigmoid",
+    "HardSwish",
+    "Mish",
+    "Gelu",
+    "Round",
+    "Asin",
+    "Acos",
+    "Atan",
+    "Sinh",
+    "Cosh",
+    "Asinh",
+    "Acosh",
+    "Atanh",
+    "Celu",
+    "ThresholdedRelu",
 ];
 
 /// Model-wide facts an operator may depend on.
@@ -743,12 +799,22 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
     // integer inputs (shape arithmetic, ONNX's integer Abs/Neg/Sign/Relu) go through f64,
     // exact for every integer a shape or index holds, and back.
     if ELEMENTWISE.contains(&op) {
-        if let Some(x) = ins.first().and_then(|t| t.as_ref()).filter(|t| !t.dtype().is_float()) {
+        if let Some(x) = ins
+            .first()
+            .and_then(|t| t.as_ref())
+            .filter(|t| !t.dtype().is_float())
+        {
             let dt = x.dtype();
             let wide = [Some(x.to_dtype(DType::F64)?)];
             return run(node, &wide, ctx)?
                 .into_iter()
-                .map(|t| if t.dtype() == DType::F64 { t.to_dtype(dt) } else { Ok(t) })
+                .map(|t| {
+                    if t.dtype() == DType::F64 {
+                        t.to_dtype(dt)
+                    } else {
+                        Ok(t)
+                    }
+                })
                 .collect();
         }
     }
@@ -1279,10 +1345,14 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "MaxPool" => {
             let x = x()?;
-            let (k, s, p) = pool_params(node, x)?;
-            if attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
-                bail!("MaxPool: dilations are not supported")
-            }
+            let dilated = attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1));
+            let indices = node.output.get(1).is_some_and(|o| !o.is_empty());
+            // 2-D without dilation, ceil_mode or auto_pad: the fast kernels; anything else
+            // (1-D, 3-D, SAME padding, ...) the general pooling.
+            let (k, s, p) = match pool_params(node, x) {
+                Ok(params) if !dilated && !indices => params,
+                _ => return Ok(vec![crate::pool::pool(node, x)?]),
+            };
             if cpu_f32(x) {
                 let x = x.contiguous()?;
                 let (b, c, h, w) = x.dims4()?;
@@ -1310,7 +1380,11 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "AveragePool" => {
             let x = x()?;
-            let (k, s, p) = pool_params(node, x)?;
+            let dilated = attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1));
+            let (k, s, p) = match pool_params(node, x) {
+                Ok(params) if !dilated && !cpu_f32(x) => params,
+                _ => return Ok(vec![crate::pool::pool(node, x)?]),
+            };
             let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
             if p.iter().any(|&v| v != 0) && attrs::int(node, "count_include_pad", 0) == 0 {
                 // Average over the real elements only: divide by the share of them per window.
