@@ -57,6 +57,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "ConvTranspose",
     "Resize",
     "Upsample",
     "Gelu",
@@ -1235,6 +1236,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "Conv" => conv(node, ins, ctx)?,
         "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
+        "ConvTranspose" => crate::conv_transpose::conv_transpose(node, x()?, y()?, opt(ins, 2))?,
         "GatherElements" => {
             let x = x()?;
             let a = axis(attrs::int(node, "axis", 0), x.rank())?;
