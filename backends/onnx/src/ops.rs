@@ -58,6 +58,15 @@ pub const SUPPORTED: &[&str] = &[
     "Floor",
     "Gather",
     "ConvTranspose",
+    "CumSum",
+    "Hardmax",
+    "IsInf",
+    "OneHot",
+    "ReduceLogSum",
+    "ReduceProd",
+    "Round",
+    "ThresholdedRelu",
+    "TopK",
     "Resize",
     "Upsample",
     "Gelu",
@@ -137,7 +146,7 @@ fn f64_scalar(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()
 }
 
-fn axis(a: i64, rank: usize) -> Result<usize> {
+pub fn axis(a: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if a < 0 { a + r } else { a };
     if a < 0 || a >= r.max(1) {
@@ -194,6 +203,9 @@ fn reduce(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor
     axes.sort_unstable();
     axes.dedup();
     let op = node.op_type.as_str();
+    if op == "ReduceProd" {
+        return crate::ops_more::reduce_prod(x, &axes, keep);
+    }
     let mut y = match op {
         "ReduceSumSquare" | "ReduceL2" => x.sqr()?,
         "ReduceL1" => x.abs()?,
@@ -210,7 +222,7 @@ fn reduce(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor
     }
     y = match op {
         "ReduceL2" => y.sqrt()?,
-        "ReduceLogSumExp" => y.log()?,
+        "ReduceLogSumExp" | "ReduceLogSum" => y.log()?,
         _ => y,
     };
     if !keep {
@@ -296,8 +308,8 @@ fn slice(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor>
 
 fn pad(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
     let mode = attrs::string(node, "mode", "constant");
-    if mode != "constant" {
-        bail!("Pad: mode '{mode}' is not supported")
+    if !matches!(mode.as_str(), "constant" | "edge" | "reflect" | "wrap") {
+        bail!("Pad: mode '{mode}' is not one of constant, edge, reflect, wrap")
     }
     let pads = match opt(ins, 1) {
         Some(p) => i64s(p)?,
@@ -333,7 +345,11 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
         if hi < 0 {
             y = y.narrow(a, 0, y.dim(a)? - (-hi) as usize)?;
         }
-        y = y.pad_with_zeros(a, lo.max(0) as usize, hi.max(0) as usize)?;
+        y = if mode == "constant" {
+            y.pad_with_zeros(a, lo.max(0) as usize, hi.max(0) as usize)?
+        } else {
+            crate::ops_more::pad_mode(&y, a, lo.max(0) as usize, hi.max(0) as usize, &mode)?
+        };
     }
     if shifted {
         y = y.affine(1.0, value)?;
@@ -1156,7 +1172,9 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             Tensor::new(v, dev)?.to_dtype(s.dtype())?
         }
         "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare" | "ReduceL1"
-        | "ReduceL2" | "ReduceLogSumExp" => reduce(node, ins, x()?)?,
+        | "ReduceL2" | "ReduceLogSumExp" | "ReduceLogSum" | "ReduceProd" => {
+            reduce(node, ins, x()?)?
+        }
         "CastLike" => x()?.to_dtype(y()?.dtype())?,
         "Size" => Tensor::new(x()?.elem_count() as i64, dev)?,
         "And" => x()?.broadcast_mul(y()?)?.ne(0u8)?,
@@ -1173,10 +1191,11 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "ArgMax" | "ArgMin" => {
             let x = x()?;
-            if attrs::int(node, "select_last_index", 0) != 0 {
-                bail!("{op}: select_last_index is not supported")
-            }
             let a = axis(attrs::int(node, "axis", 0), x.rank())?;
+            if attrs::int(node, "select_last_index", 0) != 0 {
+                let keep = attrs::int(node, "keepdims", 1) != 0;
+                return Ok(vec![crate::ops_more::arg_last(op, x, a, keep)?]);
+            }
             let r = if op == "ArgMax" {
                 x.argmax_keepdim(a)?
             } else {
@@ -1237,6 +1256,13 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Conv" => conv(node, ins, ctx)?,
         "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
         "ConvTranspose" => crate::conv_transpose::conv_transpose(node, x()?, y()?, opt(ins, 2))?,
+        "Round" => crate::ops_more::round_half_even(x()?)?,
+        "IsInf" => crate::ops_more::is_inf(node, x()?)?,
+        "ThresholdedRelu" => crate::ops_more::thresholded_relu(node, x()?)?,
+        "CumSum" => crate::ops_more::cumsum(node, x()?, y()?)?,
+        "Hardmax" => crate::ops_more::hardmax(node, x()?, ctx.opset)?,
+        "OneHot" => crate::ops_more::one_hot(node, ins)?,
+        "TopK" => return crate::ops_more::top_k(node, x()?, y()?),
         "GatherElements" => {
             let x = x()?;
             let a = axis(attrs::int(node, "axis", 0), x.rank())?;
