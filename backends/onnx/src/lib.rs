@@ -8,6 +8,7 @@ pub mod cpu_conv;
 pub mod cpu_kernels;
 pub mod fuse;
 pub mod ops;
+pub mod ops_index;
 pub mod ops_more;
 pub mod plan;
 pub mod pool;

@@ -58,6 +58,12 @@ pub const SUPPORTED: &[&str] = &[
     "Floor",
     "Gather",
     "ConvTranspose",
+    "DequantizeLinear",
+    "NonMaxSuppression",
+    "QuantizeLinear",
+    "Scatter",
+    "ScatterElements",
+    "ScatterND",
     "CumSum",
     "Hardmax",
     "IsInf",
@@ -1257,6 +1263,13 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
         "ConvTranspose" => crate::conv_transpose::conv_transpose(node, x()?, y()?, opt(ins, 2))?,
         "Round" => crate::ops_more::round_half_even(x()?)?,
+        "Scatter" | "ScatterElements" => {
+            crate::ops_index::scatter_elements(node, x()?, y()?, req(ins, 2, node)?)?
+        }
+        "ScatterND" => crate::ops_index::scatter_nd(node, x()?, y()?, req(ins, 2, node)?)?,
+        "NonMaxSuppression" => crate::ops_index::non_max_suppression(node, ins)?,
+        "QuantizeLinear" => crate::ops_index::quantize(node, ins)?,
+        "DequantizeLinear" => crate::ops_index::dequantize(node, ins)?,
         "IsInf" => crate::ops_more::is_inf(node, x()?)?,
         "ThresholdedRelu" => crate::ops_more::thresholded_relu(node, x()?)?,
         "CumSum" => crate::ops_more::cumsum(node, x()?, y()?)?,

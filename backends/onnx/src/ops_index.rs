@@ -1,0 +1,266 @@
+//! Operators that move values by index or select them: ScatterElements, ScatterND,
+//! NonMaxSuppression, and the linear (de)quantization of quantized models. They run on the
+//! host in f64 (exact for every integer up to 2^53), then convert back.
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_onnx::onnx::NodeProto;
+
+use crate::attrs;
+use crate::ops::{axis, i64s};
+
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+}
+
+fn back(v: Vec<f64>, like: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, dims, &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())
+}
+
+/// Combines an existing value with an update per `reduction`.
+fn reduce(reduction: &str, old: f64, new: f64) -> f64 {
+    match reduction {
+        "add" => old + new,
+        "mul" => old * new,
+        "max" => old.max(new),
+        "min" => old.min(new),
+        _ => new,
+    }
+}
+
+fn strides(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+/// ScatterElements (and the older Scatter): `data` with `updates` written at `indices`
+/// along `axis`.
+pub fn scatter_elements(
+    node: &NodeProto,
+    data: &Tensor,
+    idx: &Tensor,
+    upd: &Tensor,
+) -> Result<Tensor> {
+    let a = axis(attrs::int(node, "axis", 0), data.rank())?;
+    let reduction = attrs::string(node, "reduction", "none");
+    if idx.dims() != upd.dims() || idx.rank() != data.rank() {
+        bail!(
+            "ScatterElements: indices {:?} and updates {:?} must match and have data's rank",
+            idx.dims(),
+            upd.dims()
+        )
+    }
+    let (mut out, ix, up) = (host(data)?, i64s(idx)?, host(upd)?);
+    let (ds, is) = (strides(data.dims()), strides(idx.dims()));
+    let len = data.dims()[a] as i64;
+    for (k, (&i, &u)) in ix.iter().zip(&up).enumerate() {
+        let i = if i < 0 { i + len } else { i };
+        if !(0..len).contains(&i) {
+            bail!("ScatterElements: index {i} out of range for an axis of {len}")
+        }
+        let mut at = 0;
+        for d in 0..data.rank() {
+            let c = if d == a {
+                i as usize
+            } else {
+                (k / is[d]) % idx.dims()[d]
+            };
+            at += c * ds[d];
+        }
+        out[at] = reduce(&reduction, out[at], u);
+    }
+    back(out, data, data.dims())
+}
+
+/// ScatterND: `updates` slices written at the index tuples of `indices`' last axis.
+pub fn scatter_nd(node: &NodeProto, data: &Tensor, idx: &Tensor, upd: &Tensor) -> Result<Tensor> {
+    let reduction = attrs::string(node, "reduction", "none");
+    let q = *idx.dims().last().unwrap_or(&0);
+    if q > data.rank() {
+        bail!(
+            "ScatterND: index tuples of {q} for data of rank {}",
+            data.rank()
+        )
+    }
+    let (mut out, ix, up) = (host(data)?, i64s(idx)?, host(upd)?);
+    let ds = strides(data.dims());
+    let slice: usize = data.dims()[q..].iter().product();
+    for (t, tuple) in ix.chunks(q.max(1)).enumerate().take(ix.len() / q.max(1)) {
+        let mut at = 0;
+        for (d, &i) in tuple.iter().enumerate() {
+            let len = data.dims()[d] as i64;
+            let i = if i < 0 { i + len } else { i };
+            if !(0..len).contains(&i) {
+                bail!("ScatterND: index {i} out of range for an axis of {len}")
+            }
+            at += i as usize * ds[d];
+        }
+        for j in 0..slice {
+            let u = *up.get(t * slice + j).unwrap_or(&0.0);
+            out[at + j] = reduce(&reduction, out[at + j], u);
+        }
+    }
+    back(out, data, data.dims())
+}
+
+/// NonMaxSuppression: per batch and class, boxes by descending score, each kept unless it
+/// overlaps an already kept one by more than the IoU threshold. Output `[k, 3]` int64
+/// rows `(batch, class, box)`.
+pub fn non_max_suppression(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| {
+        ins.get(i)
+            .and_then(|t| t.as_ref())
+            .filter(|t| t.elem_count() > 0)
+    };
+    let (Some(boxes), Some(scores)) = (get(0), get(1)) else {
+        bail!("NonMaxSuppression: needs boxes and scores")
+    };
+    let scalar = |i: usize, default: f64| -> Result<f64> {
+        Ok(match get(i) {
+            Some(t) => *host(t)?.first().unwrap_or(&default),
+            None => default,
+        })
+    };
+    let max_out = scalar(2, 0.0)?.max(0.0) as usize;
+    let iou_max = scalar(3, 0.0)?;
+    let min_score = get(4)
+        .map(|t| host(t))
+        .transpose()?
+        .and_then(|v| v.first().copied());
+    let center = attrs::int(node, "center_point_box", 0) != 0;
+    let (nb, nbox) = (boxes.dims()[0], boxes.dims()[1]);
+    let nc = scores.dims()[1];
+    if boxes.dims() != [nb, nbox, 4] || scores.dims() != [nb, nc, nbox] {
+        bail!(
+            "NonMaxSuppression: boxes {:?} and scores {:?} do not match",
+            boxes.dims(),
+            scores.dims()
+        )
+    }
+    let (bv, sv) = (host(boxes)?, host(scores)?);
+    // Corners (y1, x1, y2, x2), ordered.
+    let corners = |b: usize, i: usize| {
+        let p = &bv[(b * nbox + i) * 4..(b * nbox + i) * 4 + 4];
+        if center {
+            let (xc, yc, w, h) = (p[0], p[1], p[2], p[3]);
+            [yc - h / 2.0, xc - w / 2.0, yc + h / 2.0, xc + w / 2.0]
+        } else {
+            [
+                p[0].min(p[2]),
+                p[1].min(p[3]),
+                p[0].max(p[2]),
+                p[1].max(p[3]),
+            ]
+        }
+    };
+    let iou = |a: [f64; 4], b: [f64; 4]| {
+        let ih = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let iw = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let inter = ih * iw;
+        let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+        if union <= 0.0 {
+            0.0
+        } else {
+            inter / union
+        }
+    };
+    let mut out: Vec<i64> = Vec::new();
+    for b in 0..nb {
+        for c in 0..nc {
+            let s = &sv[(b * nc + c) * nbox..(b * nc + c + 1) * nbox];
+            let mut order: Vec<usize> = (0..nbox)
+                .filter(|&i| min_score.is_none_or(|m| s[i] > m))
+                .collect();
+            order.sort_by(|&i, &j| s[j].total_cmp(&s[i]).then(i.cmp(&j)));
+            let mut kept: Vec<usize> = Vec::new();
+            for i in order {
+                if kept.len() >= max_out {
+                    break;
+                }
+                if kept
+                    .iter()
+                    .all(|&k| iou(corners(b, k), corners(b, i)) <= iou_max)
+                {
+                    kept.push(i);
+                    out.extend([b as i64, c as i64, i as i64]);
+                }
+            }
+        }
+    }
+    let rows = out.len() / 3;
+    Tensor::from_vec(out, (rows, 3), &Device::Cpu)?.to_device(boxes.device())
+}
+
+/// Per-axis (or per-tensor) broadcast of a quantization parameter against `x`.
+fn along_axis(p: &Tensor, x: &Tensor, a: usize) -> Result<Tensor> {
+    if p.rank() == 1 && p.elem_count() > 1 {
+        let mut shape = vec![1usize; x.rank()];
+        shape[a] = p.elem_count();
+        p.reshape(shape)
+    } else {
+        Ok(p.clone())
+    }
+}
+
+/// The axis of per-axis parameters (a 1-D scale of more than one value); 0 otherwise.
+fn param_axis(node: &NodeProto, scale: &Tensor, x: &Tensor) -> Result<usize> {
+    if scale.rank() == 1 && scale.elem_count() > 1 {
+        axis(attrs::int(node, "axis", 1), x.rank())
+    } else {
+        Ok(0)
+    }
+}
+
+/// DequantizeLinear: `(x − zero_point) · scale`, per tensor or per `axis`.
+pub fn dequantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(x), Some(scale)) = (get(0), get(1)) else {
+        bail!("DequantizeLinear: needs x and x_scale")
+    };
+    if attrs::int(node, "block_size", 0) != 0 {
+        bail!("DequantizeLinear: blocked quantization (block_size) is not supported")
+    }
+    let a = param_axis(node, scale, x)?;
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = match get(2) {
+        Some(zp) => xf.broadcast_sub(&along_axis(&zp.to_dtype(DType::F32)?, x, a)?)?,
+        None => xf,
+    };
+    centred
+        .broadcast_mul(&along_axis(&scale.to_dtype(DType::F32)?, x, a)?)?
+        .to_dtype(scale.dtype())
+}
+
+/// QuantizeLinear: `saturate(round_half_even(x / scale) + zero_point)` into the zero
+/// point's type (UINT8 without one). A widened INT8 (I16 here) saturates to INT8's range.
+pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(x), Some(scale)) = (get(0), get(1)) else {
+        bail!("QuantizeLinear: needs x and y_scale")
+    };
+    if attrs::int(node, "block_size", 0) != 0 {
+        bail!("QuantizeLinear: blocked quantization (block_size) is not supported")
+    }
+    let a = param_axis(node, scale, x)?;
+    let zp = get(2);
+    let out = zp.map_or(DType::U8, |z| z.dtype());
+    let (lo, hi) = match out {
+        DType::U8 => (0.0, 255.0),
+        DType::I16 => (-128.0, 127.0),
+        DType::U32 => (0.0, 65535.0),
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        other => bail!("QuantizeLinear: output type {other:?} is not supported"),
+    };
+    let q =
+        x.to_dtype(DType::F64)?
+            .broadcast_div(&along_axis(&scale.to_dtype(DType::F64)?, x, a)?)?;
+    let q = crate::ops_more::round_half_even(&q)?;
+    let q = match zp {
+        Some(z) => q.broadcast_add(&along_axis(&z.to_dtype(DType::F64)?, x, a)?)?,
+        None => q,
+    };
+    q.clamp(lo, hi)?.to_dtype(out)
+}
