@@ -127,7 +127,7 @@ pub fn non_max_suppression(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<T
     let max_out = scalar(2, 0.0)?.max(0.0) as usize;
     let iou_max = scalar(3, 0.0)?;
     let min_score = get(4)
-        .map(|t| host(t))
+        .map(host)
         .transpose()?
         .and_then(|v| v.first().copied());
     let center = attrs::int(node, "center_point_box", 0) != 0;
