@@ -58,6 +58,8 @@ pub const SUPPORTED: &[&str] = &[
     "Floor",
     "Gather",
     "ConvTranspose",
+    "NegativeLogLikelihoodLoss",
+    "SoftmaxCrossEntropyLoss",
     "DequantizeLinear",
     "NonMaxSuppression",
     "QuantizeLinear",
@@ -1268,6 +1270,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "ScatterND" => crate::ops_index::scatter_nd(node, x()?, y()?, req(ins, 2, node)?)?,
         "NonMaxSuppression" => crate::ops_index::non_max_suppression(node, ins)?,
+        "NegativeLogLikelihoodLoss" => crate::ops_index::nll_loss(node, ins)?,
+        "SoftmaxCrossEntropyLoss" => return crate::ops_index::softmax_cross_entropy(node, ins),
         "QuantizeLinear" => crate::ops_index::quantize(node, ins)?,
         "DequantizeLinear" => crate::ops_index::dequantize(node, ins)?,
         "IsInf" => crate::ops_more::is_inf(node, x()?)?,

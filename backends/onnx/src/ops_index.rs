@@ -264,3 +264,83 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     };
     q.clamp(lo, hi)?.to_dtype(out)
 }
+
+/// NegativeLogLikelihoodLoss on host values: `input` `[n, c, d...]` (log-probabilities),
+/// `target` `[n, d...]`, optional class `weight` `[c]`; returns the loss (shape `[n, d...]`
+/// for reduction `none`, else a scalar).
+fn nll(
+    node: &NodeProto,
+    input: &[f64],
+    dims: &[usize],
+    target: &[i64],
+    weight: Option<&[f64]>,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (n, c) = (dims[0], dims[1]);
+    let inner: usize = dims[2..].iter().product();
+    let ignore = attrs::has(node, "ignore_index").then(|| attrs::int(node, "ignore_index", 0));
+    let reduction = attrs::string(node, "reduction", "mean");
+    let (mut loss, mut wsum) = (vec![0f64; n * inner], 0f64);
+    for i in 0..n {
+        for j in 0..inner {
+            let t = target[i * inner + j];
+            if Some(t) == ignore {
+                continue;
+            }
+            if !(0..c as i64).contains(&t) {
+                bail!("{}: target {t} is not a class of {c}", node.op_type)
+            }
+            let w = weight.map_or(1.0, |w| w[t as usize]);
+            loss[i * inner + j] = -input[(i * c + t as usize) * inner + j] * w;
+            wsum += w;
+        }
+    }
+    Ok(match reduction.as_str() {
+        "none" => {
+            let mut shape = vec![n];
+            shape.extend(&dims[2..]);
+            (loss, shape)
+        }
+        "sum" => (vec![loss.iter().sum()], vec![]),
+        _ => (vec![loss.iter().sum::<f64>() / wsum], vec![]),
+    })
+}
+
+/// NegativeLogLikelihoodLoss(input, target, weight?).
+pub fn nll_loss(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(x), Some(t)) = (get(0), get(1)) else {
+        bail!("NegativeLogLikelihoodLoss: needs input and target")
+    };
+    if x.rank() < 2 {
+        bail!("NegativeLogLikelihoodLoss: input must be [N, C, ...]")
+    }
+    let w = get(2).map(host).transpose()?;
+    let (loss, shape) = nll(node, &host(x)?, x.dims(), &i64s(t)?, w.as_deref())?;
+    back(loss, x, &shape)
+}
+
+/// SoftmaxCrossEntropyLoss(scores, labels, weights?): NLL of log-softmax over axis 1;
+/// the second output (if asked) is that log-probability.
+pub fn softmax_cross_entropy(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(x), Some(t)) = (get(0), get(1)) else {
+        bail!("SoftmaxCrossEntropyLoss: needs scores and labels")
+    };
+    if x.rank() < 2 {
+        bail!("SoftmaxCrossEntropyLoss: scores must be [N, C, ...]")
+    }
+    let (n, c) = (x.dims()[0], x.dims()[1]);
+    let inner: usize = x.dims()[2..].iter().product();
+    let mut lp = host(x)?;
+    for i in 0..n {
+        for j in 0..inner {
+            let at = |k: usize| (i * c + k) * inner + j;
+            let max = (0..c).map(|k| lp[at(k)]).fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + (0..c).map(|k| (lp[at(k)] - max).exp()).sum::<f64>().ln();
+            (0..c).for_each(|k| lp[at(k)] -= lse);
+        }
+    }
+    let w = get(2).map(host).transpose()?;
+    let (loss, shape) = nll(node, &lp, x.dims(), &i64s(t)?, w.as_deref())?;
+    Ok(vec![back(loss, x, &shape)?, back(lp, x, x.dims())?])
+}
