@@ -10,6 +10,7 @@ pub mod fuse;
 pub mod ops;
 pub mod ops_index;
 pub mod ops_more;
+pub mod ops_nn;
 pub mod plan;
 pub mod pool;
 pub mod resize;

@@ -57,6 +57,35 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "Tan",
+    "Asin",
+    "Acos",
+    "Atan",
+    "Sinh",
+    "Cosh",
+    "Asinh",
+    "Acosh",
+    "Atanh",
+    "HardSwish",
+    "Mish",
+    "Celu",
+    "Shrink",
+    "IsNaN",
+    "PRelu",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "MeanVarianceNormalization",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "NonZero",
+    "GatherND",
+    "EyeLike",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+    "BitwiseNot",
+    "BitShift",
+    "LpPool",
     "ConvTranspose",
     "NegativeLogLikelihoodLoss",
     "SoftmaxCrossEntropyLoss",
@@ -1265,6 +1294,27 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
         "ConvTranspose" => crate::conv_transpose::conv_transpose(node, x()?, y()?, opt(ins, 2))?,
         "Round" => crate::ops_more::round_half_even(x()?)?,
+        "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh"
+        | "HardSwish" | "Mish" | "Celu" | "Shrink" => match crate::ops_nn::unary(node, x()?)? {
+            Some(t) => t,
+            None => bail!("{op}: no implementation"),
+        },
+        "IsNaN" => crate::ops_nn::is_nan(x()?)?,
+        "PRelu" => crate::ops_nn::prelu(x()?, y()?)?,
+        "InstanceNormalization" => {
+            crate::ops_nn::instance_norm(node, x()?, y()?, req(ins, 2, node)?)?
+        }
+        "GroupNormalization" => crate::ops_nn::group_norm(node, x()?, y()?, req(ins, 2, node)?)?,
+        "MeanVarianceNormalization" => crate::ops_nn::mvn(node, x()?)?,
+        "DepthToSpace" | "SpaceToDepth" => crate::ops_nn::depth_space(node, x()?)?,
+        "NonZero" => crate::ops_nn::non_zero(x()?)?,
+        "GatherND" => crate::ops_nn::gather_nd(node, x()?, y()?)?,
+        "EyeLike" => crate::ops_nn::eye_like(node, x()?)?,
+        "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" | "BitShift" => {
+            crate::ops_nn::bitwise(node, x()?, Some(y()?))?
+        }
+        "BitwiseNot" => crate::ops_nn::bitwise(node, x()?, None)?,
+        "LpPool" => crate::ops_nn::lp_pool(node, x()?)?,
         "Scatter" | "ScatterElements" => {
             crate::ops_index::scatter_elements(node, x()?, y()?, req(ins, 2, node)?)?
         }
