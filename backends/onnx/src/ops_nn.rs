@@ -106,7 +106,7 @@ pub fn instance_norm(
 pub fn group_norm(node: &NodeProto, x: &Tensor, scale: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let eps = attrs::float(node, "epsilon", 1e-5) as f64;
     let groups = attrs::int(node, "num_groups", 1).max(1) as usize;
-    if x.rank() < 2 || x.dims()[1] % groups != 0 {
+    if x.rank() < 2 || !x.dims()[1].is_multiple_of(groups) {
         bail!(
             "GroupNormalization: {groups} groups do not divide the channels of {:?}",
             x.dims()
