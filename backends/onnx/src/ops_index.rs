@@ -254,9 +254,16 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
         DType::I32 => (i32::MIN as f64, i32::MAX as f64),
         other => bail!("QuantizeLinear: output type {other:?} is not supported"),
     };
-    let q =
-        x.to_dtype(DType::F64)?
-            .broadcast_div(&along_axis(&scale.to_dtype(DType::F64)?, x, a)?)?;
+    // x / scale in x's own precision (f32 unless f64), as ONNX's reference does.
+    let dt = if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let q = x
+        .to_dtype(dt)?
+        .broadcast_div(&along_axis(&scale.to_dtype(dt)?, x, a)?)?
+        .to_dtype(DType::F64)?;
     let q = crate::ops_more::round_half_even(&q)?;
     let q = match zp {
         Some(z) => q.broadcast_add(&along_axis(&z.to_dtype(DType::F64)?, x, a)?)?,
@@ -343,4 +350,107 @@ pub fn softmax_cross_entropy(node: &NodeProto, ins: &[Option<Tensor>]) -> Result
     let w = get(2).map(host).transpose()?;
     let (loss, shape) = nll(node, &lp, x.dims(), &i64s(t)?, w.as_deref())?;
     Ok(vec![back(loss, x, &shape)?, back(lp, x, x.dims())?])
+}
+
+/// `t − zero_point` in f64; a 1-D zero point applies along `axis` of `t` (rows of A: the
+/// second-to-last axis; columns of B: the last).
+fn centred(t: &Tensor, zp: Option<&Tensor>, axis_from_end: usize) -> Result<Tensor> {
+    let t64 = t.to_dtype(DType::F64)?;
+    let Some(zp) = zp.filter(|z| z.elem_count() > 0) else {
+        return Ok(t64);
+    };
+    let z = zp.to_dtype(DType::F64)?;
+    let z = if z.elem_count() > 1 && z.rank() == 1 {
+        let mut shape = vec![1usize; t.rank()];
+        shape[t.rank() - axis_from_end] = z.elem_count();
+        z.reshape(shape)?
+    } else {
+        z
+    };
+    t64.broadcast_sub(&z)
+}
+
+/// MatMulInteger(A, B, a_zero_point?, b_zero_point?): the exact integer product as INT32.
+pub fn matmul_integer(ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(a), Some(b)) = (get(0), get(1)) else {
+        bail!("MatMulInteger: needs A and B")
+    };
+    let a = centred(a, get(2), 2.min(a.rank()))?;
+    let b = centred(b, get(3), 1)?;
+    a.broadcast_matmul(&b)?.to_dtype(DType::I32)
+}
+
+/// Saturating cast of rounded values into a quantized type (UINT8, or INT8 held as I16).
+fn saturate(q: &Tensor, like: DType) -> Result<Tensor> {
+    let (lo, hi) = match like {
+        DType::U8 => (0.0, 255.0),
+        _ => (-128.0, 127.0),
+    };
+    crate::ops_more::round_half_even(q)?
+        .clamp(lo, hi)?
+        .to_dtype(like)
+}
+
+/// QLinearMatMul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp).
+pub fn qlinear_matmul(ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let get = |i: usize| {
+        ins.get(i)
+            .and_then(|t| t.as_ref())
+            .ok_or_else(|| candle_core::Error::Msg(format!("QLinearMatMul: input {i} missing")))
+    };
+    let (a, b) = (get(0)?, get(3)?);
+    let acc = centred(a, Some(get(2)?), 2.min(a.rank()))?.broadcast_matmul(&centred(
+        b,
+        Some(get(5)?),
+        1,
+    )?)?;
+    let f = |i: usize| get(i)?.to_dtype(DType::F64);
+    let (sa, sb, sy) = (f(1)?, f(4)?, f(6)?);
+    let sb = if sb.elem_count() > 1 {
+        sb.reshape((1, sb.elem_count()))?
+    } else {
+        sb
+    };
+    let y = acc
+        .broadcast_mul(&sa)?
+        .broadcast_mul(&sb)?
+        .broadcast_div(&sy)?
+        .broadcast_add(&f(7)?)?;
+    saturate(&y, get(7)?.dtype())
+}
+
+/// DynamicQuantizeLinear(x) → (y UINT8, y_scale, y_zero_point) over the range of x and 0,
+/// in f32 arithmetic as ONNX's reference computes it.
+pub fn dynamic_quantize(x: &Tensor) -> Result<Vec<Tensor>> {
+    let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let max = v.iter().copied().fold(0f32, f32::max);
+    let min = v.iter().copied().fold(0f32, f32::min);
+    let scale = (max - min) / 255.0;
+    let even = |q: f32| {
+        let r = q.round();
+        if (r - q).abs() == 0.5 {
+            2.0 * (q / 2.0).round()
+        } else {
+            r
+        }
+    };
+    let zp = if scale == 0.0 {
+        0.0
+    } else {
+        even(-min / scale).clamp(0.0, 255.0)
+    };
+    let y: Vec<u8> = v
+        .iter()
+        .map(|&a| {
+            let q = if scale == 0.0 { 0.0 } else { even(a / scale) };
+            (q + zp).clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    let dev = x.device();
+    Ok(vec![
+        Tensor::from_vec(y, x.dims(), &Device::Cpu)?.to_device(dev)?,
+        Tensor::new(scale, dev)?,
+        Tensor::new(zp as u8, dev)?,
+    ])
 }
