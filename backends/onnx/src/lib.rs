@@ -6,6 +6,7 @@ pub mod conv_transpose;
 pub mod convert;
 pub mod cpu_conv;
 pub mod cpu_kernels;
+pub mod einsum;
 pub mod fuse;
 pub mod ops;
 pub mod ops_index;

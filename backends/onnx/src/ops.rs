@@ -57,6 +57,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "Einsum",
     "MatMulInteger",
     "QLinearMatMul",
     "DynamicQuantizeLinear",
@@ -1327,6 +1328,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "SoftmaxCrossEntropyLoss" => return crate::ops_index::softmax_cross_entropy(node, ins),
         "QuantizeLinear" => crate::ops_index::quantize(node, ins)?,
         "MatMulInteger" => crate::ops_index::matmul_integer(ins)?,
+        "Einsum" => {
+            let operands: Vec<Tensor> = ins.iter().flatten().cloned().collect();
+            crate::einsum::einsum(&attrs::string(node, "equation", ""), &operands)?
+        }
         "QLinearMatMul" => crate::ops_index::qlinear_matmul(ins)?,
         "DynamicQuantizeLinear" => return crate::ops_index::dynamic_quantize(x()?),
         "DequantizeLinear" => crate::ops_index::dequantize(node, ins)?,
