@@ -275,7 +275,7 @@ mod tests {
             })
             .sum();
         assert_eq!(
-            einsum("ii->", &[m.clone()])
+            einsum("ii->", std::slice::from_ref(&m))
                 .expect("trace")
                 .to_scalar::<f32>()
                 .expect("s"),
