@@ -15,6 +15,7 @@ pub mod ops_nn;
 pub mod plan;
 pub mod pool;
 pub mod resize;
+pub mod rnn;
 pub mod sgemm;
 
 use std::collections::HashMap;

@@ -57,6 +57,9 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "GRU",
+    "LSTM",
+    "RNN",
     "Einsum",
     "MatMulInteger",
     "QLinearMatMul",
@@ -1328,6 +1331,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "SoftmaxCrossEntropyLoss" => return crate::ops_index::softmax_cross_entropy(node, ins),
         "QuantizeLinear" => crate::ops_index::quantize(node, ins)?,
         "MatMulInteger" => crate::ops_index::matmul_integer(ins)?,
+        "RNN" | "GRU" | "LSTM" => return crate::rnn::recurrent(node, ins),
         "Einsum" => {
             let operands: Vec<Tensor> = ins.iter().flatten().cloned().collect();
             crate::einsum::einsum(&attrs::string(node, "equation", ""), &operands)?
