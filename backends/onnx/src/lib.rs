@@ -2,6 +2,7 @@
 //! or `backend: "onnx"`) read with candle-onnx and run by Kiln's own executor on candle —
 //! planned once per instance (see [`plan`]), CPU or CUDA.
 pub mod attrs;
+pub mod control;
 pub mod conv_transpose;
 pub mod convert;
 pub mod cpu_conv;

@@ -57,6 +57,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "If",
     "GRU",
     "LSTM",
     "RNN",

@@ -52,6 +52,8 @@ struct Step {
     node: NodeProto,
     /// Values no later step or output needs: dropped after this step.
     free: Vec<String>,
+    /// The planned branches of an `If` node.
+    branches: Option<Box<crate::control::Branches>>,
 }
 
 /// The executable form of a model.
@@ -278,9 +280,19 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
 /// Operators of `graph` this executor lacks, each with a node using it.
 pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     let mut seen = HashSet::new();
-    graph
-        .node
-        .iter()
+    // Nodes of the graph and of every subgraph (If branches), depth first.
+    fn all<'g>(g: &'g GraphProto, out: &mut Vec<&'g NodeProto>) {
+        for n in &g.node {
+            out.push(n);
+            for sub in crate::control::subgraphs(n) {
+                all(sub, out);
+            }
+        }
+    }
+    let mut nodes = Vec::new();
+    all(graph, &mut nodes);
+    nodes
+        .into_iter()
         .filter(|n| {
             (!n.domain.is_empty() && n.domain != "ai.onnx")
                 || !ops::SUPPORTED.contains(&n.op_type.as_str())
@@ -336,7 +348,18 @@ impl Plan {
         // Fold nodes whose inputs are all known now; keep the rest in graph order.
         let mut defined: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
         let mut nodes = Vec::new();
-        for node in &graph.node {
+        let graph_nodes: Vec<NodeProto> = graph
+            .node
+            .iter()
+            .map(|n| {
+                if n.op_type == "If" {
+                    crate::control::with_free_inputs(n)
+                } else {
+                    n.clone()
+                }
+            })
+            .collect();
+        for node in &graph_nodes {
             for i in node.input.iter().filter(|i| !i.is_empty()) {
                 if !defined.contains(i) && !constants.contains_key(i) {
                     return Err(format!(
@@ -345,8 +368,9 @@ impl Plan {
                     ));
                 }
             }
-            let foldable =
-                node.op_type != "Shape" || node.input.iter().all(|i| constants.contains_key(i));
+            let foldable = node.op_type != "If"
+                && (node.op_type != "Shape"
+                    || node.input.iter().all(|i| constants.contains_key(i)));
             let all_const = node
                 .input
                 .iter()
@@ -401,8 +425,19 @@ impl Plan {
         let steps = nodes
             .into_iter()
             .zip(free)
-            .map(|(node, free)| Step { node, free })
-            .collect();
+            .map(|(node, free)| {
+                let branches = if node.op_type == "If" {
+                    Some(Box::new(crate::control::plan_if(&node, model, device)?))
+                } else {
+                    None
+                };
+                Ok(Step {
+                    node,
+                    free,
+                    branches,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Plan {
             device: device.clone(),
             opset,
@@ -454,7 +489,10 @@ impl Plan {
                 opset: self.opset,
                 threads: rayon::current_num_threads(),
             };
-            let outs = ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?;
+            let outs = match &step.branches {
+                Some(b) => crate::control::run_if(b, &ins)?,
+                None => ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?,
+            };
             for (name, t) in step.node.output.iter().zip(outs) {
                 values.insert(name.clone(), t);
             }

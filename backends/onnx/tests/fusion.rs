@@ -1,5 +1,6 @@
-//! The planner's fusions (`fuse.rs`) change how many steps run, never the result: graphs
-//! with the fused patterns are checked against candle-onnx's `simple_eval` as the oracle.
+//! The planner: its fusions (`fuse.rs`) change how many steps run, never the result (graphs
+//! with the fused patterns are checked against candle-onnx's `simple_eval`), and `If` runs
+//! the branch its condition picks.
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
@@ -280,4 +281,48 @@ fn scaled_masked_softmax_is_one_node() {
         ("mask3".to_string(), input(&[3, 1, 7])),
     ]);
     check(&m, inputs, &["Softmax", "Softmax"]);
+}
+
+#[test]
+fn if_runs_the_branch_the_condition_picks_reading_outer_values() {
+    let branch = |op: &str, c: &str| GraphProto {
+        node: vec![node(op, &["x", c], "out", vec![])],
+        output: vec![info("out")],
+        ..Default::default()
+    };
+    let g = |name: &str, graph: GraphProto| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Graph as i32,
+        g: Some(graph),
+        ..Default::default()
+    };
+    let nodes = vec![
+        node("Relu", &["x0"], "x", vec![]),
+        node(
+            "If",
+            &["cond"],
+            "y",
+            vec![
+                g("then_branch", branch("Add", "one")),
+                g("else_branch", branch("Mul", "two")),
+            ],
+        ),
+    ];
+    let inits = vec![scalar_init("one", 1.0), scalar_init("two", 2.0)];
+    let m = model(nodes, inits, &["cond", "x0"], &["y"]);
+    let plan = Plan::new(&m, &Device::Cpu).expect("plan");
+    let x = Tensor::new(&[-1f32, 2.0, 3.0], &Device::Cpu).expect("x");
+    for (cond, want) in [(1u8, [1f32, 3.0, 4.0]), (0u8, [0f32, 4.0, 6.0])] {
+        let inputs = HashMap::from([
+            (
+                "cond".to_string(),
+                Tensor::new(&[cond], &Device::Cpu).expect("cond"),
+            ),
+            ("x0".to_string(), x.clone()),
+        ]);
+        let y = plan.run(inputs).expect("run")["y"]
+            .to_vec1::<f32>()
+            .expect("y");
+        assert_eq!(y, want, "cond {cond}");
+    }
 }
