@@ -1,6 +1,8 @@
-//! ONNX `If`: both branches are planned once, as graphs whose inputs are the outer values
-//! they read; at run time the condition picks one. The outer values a branch reads become
-//! explicit inputs of the `If` node, so the planner orders and frees them like any other.
+//! ONNX control flow. `If`: both branches are planned once, as graphs whose inputs are the
+//! outer values they read; at run time the condition picks one. `Loop`: the body is planned
+//! once and run per iteration with the iteration number, the condition and the
+//! loop-carried values. The outer values a subgraph reads become explicit inputs of the
+//! node, so the planner orders and frees them like any other.
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{Device, Tensor};
@@ -46,17 +48,48 @@ pub fn free_values(g: &GraphProto) -> Vec<String> {
     free
 }
 
-/// An `If` node with the outer values its branches read appended to its inputs.
+/// An `If` or `Loop` node with the outer values its subgraphs read appended to its inputs.
 pub fn with_free_inputs(node: &NodeProto) -> NodeProto {
     let mut n = node.clone();
+    let own = n.input.len();
     for sub in subgraphs(node) {
         for f in free_values(sub) {
-            if !n.input[1..].contains(&f) {
+            if !n.input[own..].contains(&f) {
                 n.input.push(f);
             }
         }
     }
     n
+}
+
+/// A planned `If` or `Loop`.
+pub enum Control {
+    /// Both branches of an `If`.
+    If(Branches),
+    /// The body of a `Loop`.
+    Loop(LoopBody),
+}
+
+/// Plans the subgraphs of an `If` or `Loop` node.
+pub fn plan(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<Control, String> {
+    if node.op_type == "Loop" {
+        plan_loop(node, model, device).map(Control::Loop)
+    } else {
+        plan_if(node, model, device).map(Control::If)
+    }
+}
+
+/// Runs a planned `If` or `Loop` on the node's inputs.
+pub fn run(c: &Control, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>, String> {
+    match c {
+        Control::If(b) => run_if(b, ins),
+        Control::Loop(b) => run_loop(b, ins, dev),
+    }
+}
+
+/// Whether `op` is a control-flow operator this module runs.
+pub fn is_control(op: &str) -> bool {
+    op == "If" || op == "Loop"
 }
 
 /// The planned branches of one `If` node.
@@ -132,4 +165,131 @@ pub fn run_if(b: &Branches, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>, Strin
                 .ok_or_else(|| format!("If: branch output '{}' missing", o.name))
         })
         .collect()
+}
+
+/// A planned `Loop` body.
+pub struct LoopBody {
+    body: Plan,
+    /// Body input names: iteration number, condition, loop-carried values.
+    inputs: Vec<String>,
+    /// Outer values the body reads (the node's inputs after the loop-carried ones).
+    free: Vec<String>,
+}
+
+/// Plans the body of a `Loop` node (as returned by [`with_free_inputs`]).
+pub fn plan_loop(
+    node: &NodeProto,
+    model: &ModelProto,
+    device: &Device,
+) -> Result<LoopBody, String> {
+    let mut g = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "body")
+        .and_then(|a| a.g.clone())
+        .ok_or_else(|| format!("Loop node '{}' has no body", node.name))?;
+    let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    if inputs.len() < 2 {
+        return Err(format!(
+            "Loop node '{}': the body needs (iteration, condition, ...) inputs",
+            node.name
+        ));
+    }
+    let carried = inputs.len() - 2;
+    let free: Vec<String> = node.input.iter().skip(2 + carried).cloned().collect();
+    g.input.extend(free.iter().map(|f| ValueInfoProto {
+        name: f.clone(),
+        ..Default::default()
+    }));
+    let sub = ModelProto {
+        opset_import: model.opset_import.clone(),
+        ir_version: model.ir_version,
+        graph: Some(g),
+        ..Default::default()
+    };
+    let body =
+        Plan::new(&sub, device).map_err(|e| format!("Loop node '{}', body: {e}", node.name))?;
+    Ok(LoopBody { body, inputs, free })
+}
+
+fn scalar(t: &Tensor) -> Result<f64, String> {
+    t.to_dtype(candle_core::DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(|e| e.to_string())?
+        .first()
+        .copied()
+        .ok_or_else(|| "an empty scalar".to_string())
+}
+
+/// Runs a `Loop`: inputs (max trip count?, condition?, carried..., outer values...);
+/// outputs the final carried values, then each scan output stacked over the iterations.
+pub fn run_loop(b: &LoopBody, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>, String> {
+    let carried_n = b.inputs.len() - 2;
+    let max = ins
+        .first()
+        .cloned()
+        .flatten()
+        .map(|t| scalar(&t))
+        .transpose()?;
+    let mut cond = ins
+        .get(1)
+        .cloned()
+        .flatten()
+        .map(|t| scalar(&t))
+        .transpose()?;
+    let mut carried: Vec<Tensor> = (0..carried_n)
+        .map(|k| {
+            ins.get(2 + k)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| format!("Loop: loop-carried input {k} missing"))
+        })
+        .collect::<Result<_, _>>()?;
+    let outer: Vec<(String, Tensor)> = b
+        .free
+        .iter()
+        .zip(ins.iter().skip(2 + carried_n))
+        .filter_map(|(n, t)| t.clone().map(|t| (n.clone(), t)))
+        .collect();
+    let scan_n = b.body.outputs.len().saturating_sub(1 + carried_n);
+    let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); scan_n];
+    let mut i: i64 = 0;
+    while max.is_none_or(|m| (i as f64) < m) && cond.is_none_or(|c| c != 0.0) {
+        let mut values: HashMap<String, Tensor> = outer.iter().cloned().collect();
+        let it = Tensor::new(i, dev).map_err(|e| e.to_string())?;
+        let c =
+            Tensor::new(cond.map_or(1u8, |c| (c != 0.0) as u8), dev).map_err(|e| e.to_string())?;
+        values.insert(b.inputs[0].clone(), it);
+        values.insert(b.inputs[1].clone(), c);
+        for (name, t) in b.inputs[2..].iter().zip(&carried) {
+            values.insert(name.clone(), t.clone());
+        }
+        let mut out = b.body.run(values)?;
+        let mut take = |k: usize| {
+            let name = &b.body.outputs[k].name;
+            out.remove(name)
+                .ok_or_else(|| format!("Loop: body output '{name}' missing"))
+        };
+        cond = Some(scalar(&take(0)?)?);
+        carried = (0..carried_n)
+            .map(|k| take(1 + k))
+            .collect::<Result<_, _>>()?;
+        for (k, s) in scans.iter_mut().enumerate() {
+            s.push(take(1 + carried_n + k)?);
+        }
+        i += 1;
+        if i > 100_000_000 {
+            return Err("Loop: more than 10^8 iterations".into());
+        }
+    }
+    let mut outs = carried;
+    for s in scans {
+        outs.push(if s.is_empty() {
+            Tensor::zeros(0, candle_core::DType::F32, dev).map_err(|e| e.to_string())?
+        } else {
+            Tensor::stack(&s, 0).map_err(|e| format!("Loop: scan output: {e}"))?
+        });
+    }
+    Ok(outs)
 }

@@ -58,6 +58,7 @@ pub const SUPPORTED: &[&str] = &[
     "Floor",
     "Gather",
     "If",
+    "Loop",
     "GRU",
     "LSTM",
     "RNN",

@@ -52,8 +52,8 @@ struct Step {
     node: NodeProto,
     /// Values no later step or output needs: dropped after this step.
     free: Vec<String>,
-    /// The planned branches of an `If` node.
-    branches: Option<Box<crate::control::Branches>>,
+    /// The planned subgraphs of an `If` or `Loop` node.
+    branches: Option<Box<crate::control::Control>>,
 }
 
 /// The executable form of a model.
@@ -352,7 +352,7 @@ impl Plan {
             .node
             .iter()
             .map(|n| {
-                if n.op_type == "If" {
+                if crate::control::is_control(&n.op_type) {
                     crate::control::with_free_inputs(n)
                 } else {
                     n.clone()
@@ -368,7 +368,7 @@ impl Plan {
                     ));
                 }
             }
-            let foldable = node.op_type != "If"
+            let foldable = !crate::control::is_control(&node.op_type)
                 && (node.op_type != "Shape"
                     || node.input.iter().all(|i| constants.contains_key(i)));
             let all_const = node
@@ -426,8 +426,8 @@ impl Plan {
             .into_iter()
             .zip(free)
             .map(|(node, free)| {
-                let branches = if node.op_type == "If" {
-                    Some(Box::new(crate::control::plan_if(&node, model, device)?))
+                let branches = if crate::control::is_control(&node.op_type) {
+                    Some(Box::new(crate::control::plan(&node, model, device)?))
                 } else {
                     None
                 };
@@ -490,7 +490,7 @@ impl Plan {
                 threads: rayon::current_num_threads(),
             };
             let outs = match &step.branches {
-                Some(b) => crate::control::run_if(b, &ins)?,
+                Some(b) => crate::control::run(b, &ins, &self.device)?,
                 None => ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?,
             };
             for (name, t) in step.node.output.iter().zip(outs) {

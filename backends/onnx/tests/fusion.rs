@@ -326,3 +326,48 @@ fn if_runs_the_branch_the_condition_picks_reading_outer_values() {
         assert_eq!(y, want, "cond {cond}");
     }
 }
+
+#[test]
+fn loop_carries_values_and_stacks_scan_outputs() {
+    // acc_{i+1} = acc_i + step (an outer value), for M = 4 iterations; scan = acc each time.
+    let body = GraphProto {
+        node: vec![
+            node("Identity", &["cond_in"], "cond_out", vec![]),
+            node("Add", &["acc_in", "step"], "acc_out", vec![]),
+            node("Identity", &["acc_out"], "scan", vec![]),
+        ],
+        input: vec![info("i"), info("cond_in"), info("acc_in")],
+        output: vec![info("cond_out"), info("acc_out"), info("scan")],
+        ..Default::default()
+    };
+    let mut lp = node(
+        "Loop",
+        &["m", "", "acc0"],
+        "acc",
+        vec![AttributeProto {
+            name: "body".into(),
+            r#type: AttributeType::Graph as i32,
+            g: Some(body),
+            ..Default::default()
+        }],
+    );
+    lp.output = vec!["acc".into(), "scans".into()];
+    let m = model(
+        vec![lp],
+        vec![scalar_init("step", 0.5)],
+        &["m", "acc0"],
+        &["acc", "scans"],
+    );
+    let plan = Plan::new(&m, &Device::Cpu).expect("plan");
+    let inputs = HashMap::from([
+        ("m".to_string(), Tensor::new(4i64, &Device::Cpu).expect("m")),
+        (
+            "acc0".to_string(),
+            Tensor::new(&[1f32, 2.0], &Device::Cpu).expect("acc0"),
+        ),
+    ]);
+    let out = plan.run(inputs).expect("run");
+    assert_eq!(out["acc"].to_vec1::<f32>().expect("acc"), [3.0, 4.0]);
+    let scans = out["scans"].to_vec2::<f32>().expect("scans");
+    assert_eq!(scans, [[1.5, 2.5], [2.0, 3.0], [2.5, 3.5], [3.0, 4.0]]);
+}
