@@ -57,6 +57,13 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "HannWindow",
+    "HammingWindow",
+    "BlackmanWindow",
+    "CenterCropPad",
+    "Compress",
+    "ReverseSequence",
+    "Det",
     "If",
     "Loop",
     "GRU",
@@ -1303,6 +1310,13 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Resize" | "Upsample" => crate::resize::resize(node, ins, ctx.opset)?,
         "ConvTranspose" => crate::conv_transpose::conv_transpose(node, x()?, y()?, opt(ins, 2))?,
         "Round" => crate::ops_more::round_half_even(x()?)?,
+        "HannWindow" | "HammingWindow" | "BlackmanWindow" => {
+            crate::ops_more::window_fn(node, x()?)?
+        }
+        "CenterCropPad" => crate::ops_more::center_crop_pad(node, x()?, y()?)?,
+        "Compress" => crate::ops_more::compress(node, x()?, y()?)?,
+        "ReverseSequence" => crate::ops_more::reverse_sequence(node, x()?, y()?)?,
+        "Det" => crate::ops_more::det(x()?)?,
         "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh"
         | "HardSwish" | "Mish" | "Celu" | "Shrink" => match crate::ops_nn::unary(node, x()?)? {
             Some(t) => t,

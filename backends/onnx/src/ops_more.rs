@@ -222,3 +222,144 @@ pub fn pad_mode(x: &Tensor, a: usize, lo: usize, hi: usize, mode: &str) -> Resul
         .collect();
     x.index_select(&Tensor::new(idx, x.device())?, a)
 }
+
+/// HannWindow, HammingWindow, BlackmanWindow of `size` values (`periodic` by default).
+pub fn window_fn(node: &NodeProto, size: &Tensor) -> Result<Tensor> {
+    let n = *i64s(size)?.first().unwrap_or(&0);
+    let n = n.max(0) as usize;
+    let periodic = attrs::int(node, "periodic", 1) != 0;
+    let denom = if periodic { n as f64 } else { n as f64 - 1.0 };
+    let tau = std::f64::consts::TAU;
+    let v: Vec<f64> = (0..n)
+        .map(|k| {
+            let x = if denom > 0.0 { k as f64 / denom } else { 0.0 };
+            match node.op_type.as_str() {
+                "HannWindow" => 0.5 - 0.5 * (tau * x).cos(),
+                "HammingWindow" => 25.0 / 46.0 - (21.0 / 46.0) * (tau * x).cos(),
+                _ => 0.42 - 0.5 * (tau * x).cos() + 0.08 * (2.0 * tau * x).cos(),
+            }
+        })
+        .collect();
+    let dt = crate::convert::onnx_dtype(attrs::int(node, "output_datatype", 1) as i32)
+        .unwrap_or(DType::F32);
+    Tensor::from_vec(v, n, &Device::Cpu)?
+        .to_dtype(dt)?
+        .to_device(size.device())
+}
+
+/// CenterCropPad: each listed axis cropped or zero-padded to the wanted size, centred.
+pub fn center_crop_pad(node: &NodeProto, x: &Tensor, shape: &Tensor) -> Result<Tensor> {
+    let want = i64s(shape)?;
+    let axes: Vec<usize> = match attrs::ints(node, "axes") {
+        Some(a) => a
+            .iter()
+            .map(|&v| axis(v, x.rank()))
+            .collect::<Result<_>>()?,
+        None => (0..x.rank()).collect(),
+    };
+    if want.len() != axes.len() {
+        bail!(
+            "CenterCropPad: {} sizes for {} axes",
+            want.len(),
+            axes.len()
+        )
+    }
+    let mut y = x.clone();
+    for (&a, &w) in axes.iter().zip(&want) {
+        let (d, w) = (y.dim(a)?, w.max(0) as usize);
+        y = if w < d {
+            y.narrow(a, (d - w) / 2, w)?
+        } else if w > d {
+            let before = (w - d) / 2;
+            y.pad_with_zeros(a, before, w - d - before)?
+        } else {
+            y
+        };
+    }
+    Ok(y)
+}
+
+/// Compress: the slices along `axis` (or elements of the flattened input) where the
+/// condition is true.
+pub fn compress(node: &NodeProto, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+    let keep: Vec<u32> = cond
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v != 0.0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let (x, a) = if attrs::has(node, "axis") {
+        (x.clone(), axis(attrs::int(node, "axis", 0), x.rank())?)
+    } else {
+        (x.flatten_all()?, 0)
+    };
+    let keep: Vec<u32> = keep
+        .into_iter()
+        .filter(|&i| (i as usize) < x.dim(a).unwrap_or(0))
+        .collect();
+    let n = keep.len();
+    x.index_select(&Tensor::from_vec(keep, n, x.device())?, a)
+}
+
+/// ReverseSequence: per batch entry, its first `len` steps along the time axis reversed.
+pub fn reverse_sequence(node: &NodeProto, x: &Tensor, lens: &Tensor) -> Result<Tensor> {
+    let ba = axis(attrs::int(node, "batch_axis", 1), x.rank())?;
+    let ta = axis(attrs::int(node, "time_axis", 0), x.rank())?;
+    let lens = i64s(lens)?;
+    let steps = x.dim(ta)?;
+    let mut parts = Vec::with_capacity(x.dim(ba)?);
+    for (b, &l) in lens.iter().enumerate().take(x.dim(ba)?) {
+        let l = (l.max(0) as usize).min(steps);
+        let idx: Vec<u32> = (0..steps)
+            .map(|t| if t < l { (l - 1 - t) as u32 } else { t as u32 })
+            .collect();
+        let slice = x.narrow(ba, b, 1)?.contiguous()?;
+        parts.push(slice.index_select(&Tensor::from_vec(idx, steps, x.device())?, ta)?);
+    }
+    Tensor::cat(&parts, ba)
+}
+
+/// Det: the determinant of each trailing square matrix (LU with partial pivoting, f64).
+pub fn det(x: &Tensor) -> Result<Tensor> {
+    let r = x.rank();
+    if r < 2 || x.dims()[r - 1] != x.dims()[r - 2] {
+        bail!("Det: expected [..., M, M], got {:?}", x.dims())
+    }
+    let m = x.dims()[r - 1];
+    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let dets: Vec<f64> = v
+        .chunks(m * m)
+        .map(|a| {
+            let mut a = a.to_vec();
+            let mut det = 1.0;
+            for c in 0..m {
+                let p = (c..m)
+                    .max_by(|&i, &j| a[i * m + c].abs().total_cmp(&a[j * m + c].abs()))
+                    .unwrap_or(c);
+                if a[p * m + c] == 0.0 {
+                    return 0.0;
+                }
+                if p != c {
+                    for k in 0..m {
+                        a.swap(p * m + k, c * m + k);
+                    }
+                    det = -det;
+                }
+                det *= a[c * m + c];
+                for i in c + 1..m {
+                    let f = a[i * m + c] / a[c * m + c];
+                    for k in c..m {
+                        a[i * m + k] -= f * a[c * m + k];
+                    }
+                }
+            }
+            det
+        })
+        .collect();
+    Tensor::from_vec(dets, &x.dims()[..r - 2], &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
