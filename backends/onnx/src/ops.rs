@@ -57,6 +57,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "GridSample",
     "HannWindow",
     "HammingWindow",
     "BlackmanWindow",
@@ -1338,6 +1339,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "BitwiseNot" => crate::ops_nn::bitwise(node, x()?, None)?,
         "LpPool" => crate::ops_nn::lp_pool(node, x()?)?,
+        "GridSample" => crate::ops_nn::grid_sample(node, x()?, y()?)?,
         "Scatter" | "ScatterElements" => {
             crate::ops_index::scatter_elements(node, x()?, y()?, req(ins, 2, node)?)?
         }

@@ -327,3 +327,181 @@ pub fn lp_pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
         .to_dtype(x.dtype())?
         .to_device(x.device())
 }
+
+/// GridSample (2-D and 3-D or more): `x` `[n, c, spatial...]` sampled at `grid`
+/// `[n, out..., r]` (normalised coordinates, last spatial dimension first) with nearest,
+/// (bi)linear or (bi)cubic interpolation and zeros / border / reflection padding.
+pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor> {
+    let r = x.rank().saturating_sub(2);
+    if r == 0 || grid.rank() != r + 2 || grid.dims()[r + 1] != r || grid.dims()[0] != x.dims()[0] {
+        bail!(
+            "GridSample: grid {:?} does not fit input {:?}",
+            grid.dims(),
+            x.dims()
+        )
+    }
+    let mode = attrs::string(node, "mode", "linear");
+    let pad = attrs::string(node, "padding_mode", "zeros");
+    let align = attrs::int(node, "align_corners", 0) != 0;
+    let (n, c) = (x.dims()[0], x.dims()[1]);
+    let dims = &x.dims()[2..];
+    let outs = &grid.dims()[1..=r];
+    let (size_in, size_out) = (
+        dims.iter().product::<usize>(),
+        outs.iter().product::<usize>(),
+    );
+    let xv: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let gv: Vec<f64> = grid.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let (lo, hi): (Vec<f64>, Vec<f64>) = dims
+        .iter()
+        .map(|&d| {
+            if align {
+                (0.0, d as f64 - 1.0)
+            } else {
+                (-0.5, d as f64 - 0.5)
+            }
+        })
+        .unzip();
+    let reflect = |v: f64, lo: f64, hi: f64| {
+        let span = hi - lo;
+        if span <= 0.0 {
+            return lo;
+        }
+        let (dist, from_lo) = if v < lo {
+            (lo - v, true)
+        } else if v > hi {
+            (v - hi, false)
+        } else {
+            return v;
+        };
+        let flips = (dist / span) as i64;
+        let rest = dist - flips as f64 * span;
+        if (flips % 2 == 0) == from_lo {
+            lo + rest
+        } else {
+            hi - rest
+        }
+    };
+    // An integer index in dimension d after padding, or None (zeros outside).
+    let index = |i: i64, d: usize| -> Option<usize> {
+        let len = dims[d] as i64;
+        match pad.as_str() {
+            "border" => Some(i.clamp(0, len - 1) as usize),
+            "reflection" => {
+                Some((reflect(i as f64, lo[d], hi[d]) as i64).clamp(0, len - 1) as usize)
+            }
+            _ => (0..len).contains(&i).then_some(i as usize),
+        }
+    };
+    let cubic = |t: f64| {
+        let a = -0.75;
+        let w = |x: f64| {
+            let x = x.abs();
+            if x <= 1.0 {
+                ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+            } else if x < 2.0 {
+                ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+            } else {
+                0.0
+            }
+        };
+        [w(t + 1.0), w(t), w(1.0 - t), w(2.0 - t)]
+    };
+    let mut out = vec![0f64; n * c * size_out];
+    for b in 0..n {
+        for o in 0..size_out {
+            let g = &gv[(b * size_out + o) * r..(b * size_out + o + 1) * r];
+            // Per spatial dimension: the (index, weight) taps.
+            let mut taps: Vec<Vec<(Option<usize>, f64)>> = Vec::with_capacity(r);
+            for d in 0..r {
+                let norm = g[r - 1 - d];
+                let len = dims[d] as f64;
+                // In f32, as the reference computes it (rounding ties depend on it).
+                let (nf, lf) = (norm as f32, len as f32);
+                let mut v = if align {
+                    (nf + 1.0) / 2.0 * (lf - 1.0)
+                } else {
+                    ((nf + 1.0) * lf - 1.0) / 2.0
+                } as f64;
+                if mode == "nearest" {
+                    v = if r == 3 {
+                        v.round()
+                    } else {
+                        let f = v.round();
+                        if (f - v).abs() == 0.5 {
+                            2.0 * (v / 2.0).round()
+                        } else {
+                            f
+                        }
+                    };
+                }
+                if v < lo[d] || v > hi[d] {
+                    v = match pad.as_str() {
+                        "border" => v.clamp(0.0, len - 1.0),
+                        "reflection" => reflect(v, lo[d], hi[d]),
+                        _ => v,
+                    };
+                }
+                let base = v.floor();
+                let t = v - base;
+                let i0 = base as i64;
+                taps.push(match mode.as_str() {
+                    "nearest" => vec![(index(v as i64, d), 1.0)],
+                    "cubic" | "bicubic" => {
+                        let w = cubic(t);
+                        (0..4)
+                            .map(|k| (index(i0 - 1 + k as i64, d), w[k]))
+                            .collect()
+                    }
+                    _ => vec![(index(i0, d), 1.0 - t), (index(i0 + 1, d), t)],
+                });
+            }
+            for ch in 0..c {
+                let src = &xv[(b * c + ch) * size_in..(b * c + ch + 1) * size_in];
+                // Sum over every combination of taps.
+                let mut acc = 0.0;
+                let mut pick = vec![0usize; r];
+                loop {
+                    let mut w = 1.0;
+                    let mut at = Some(0usize);
+                    for d in 0..r {
+                        let (i, wd) = taps[d][pick[d]];
+                        w *= wd;
+                        at = match (at, i) {
+                            (Some(a), Some(i)) => Some(a * dims[d] + i),
+                            _ => None,
+                        };
+                    }
+                    if let Some(a) = at {
+                        acc += w * src[a];
+                    }
+                    let mut d = r;
+                    loop {
+                        if d == 0 {
+                            break;
+                        }
+                        d -= 1;
+                        pick[d] += 1;
+                        if pick[d] < taps[d].len() {
+                            break;
+                        }
+                        pick[d] = 0;
+                        if d == 0 {
+                            d = usize::MAX;
+                            break;
+                        }
+                    }
+                    if d == usize::MAX {
+                        break;
+                    }
+                }
+                out[(b * c + ch) * size_out + o] = acc;
+            }
+        }
+    }
+    let mut shape = vec![n, c];
+    shape.extend(outs);
+    Tensor::from_vec(out, shape, &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
