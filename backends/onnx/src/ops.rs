@@ -1510,7 +1510,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let x = x()?;
             let dilated = attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1));
             let (k, s, p) = match pool_params(node, x) {
-                Ok(params) if !dilated && !cpu_f32(x) => params,
+                Ok(params) if !dilated => params,
                 _ => return Ok(vec![crate::pool::pool(node, x)?]),
             };
             let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
