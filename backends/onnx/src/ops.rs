@@ -218,11 +218,10 @@ fn broadcast_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 fn softmax(x: &Tensor, axis: usize, log: bool) -> Result<Tensor> {
-    if cpu_f32(x) && axis + 1 == x.rank() {
-        let x = x.contiguous()?;
-        let (g, l) = x.storage_and_layout();
-        if let Some(v) = f32_data(&g, l) {
-            let out = crate::cpu_kernels::softmax_rows(v, x.dim(axis)?, log);
+    if axis + 1 == x.rank() {
+        let width = x.dim(axis)?;
+        let run = |s: &[&[f32]]| crate::cpu_kernels::softmax_rows(s[0], width, log);
+        if let Some(out) = on_cpu_f32(&[Some(x)], run)? {
             return Tensor::from_vec(out, x.dims(), &Device::Cpu);
         }
     }
@@ -487,6 +486,33 @@ fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// Runs `f` on the f32 data of the given CPU tensors (made contiguous; an absent one is an
+/// empty slice); `None` when a present tensor is not f32 on the CPU.
+fn on_cpu_f32<R>(ts: &[Option<&Tensor>], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
+    if ts.iter().flatten().any(|t| !cpu_f32(t)) {
+        return Ok(None);
+    }
+    let owned: Vec<Option<Tensor>> = ts
+        .iter()
+        .map(|t| t.map(|t| t.contiguous()).transpose())
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = owned
+        .iter()
+        .map(|t| t.as_ref().map(|t| t.storage_and_layout()))
+        .collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for g in &guards {
+        match g {
+            Some((g, l)) => match f32_data(g, l) {
+                Some(v) => slices.push(v),
+                None => return Ok(None),
+            },
+            None => slices.push(&[]),
+        }
+    }
+    Ok(Some(f(&slices)))
+}
+
 /// `a [.., k] · b [k, n] (+ bias [n])` on the CPU kernels when everything is f32 on the CPU
 /// and `b` is a matrix; `None` to let candle do it.
 ///
@@ -512,26 +538,18 @@ fn linear(
     if a.dim(D::Minus1)? != k || bias.is_some_and(|t| t.dims() != [n]) {
         return Ok(None);
     }
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let bias = bias.map(|t| t.contiguous()).transpose()?;
-    let (ag, al) = a.storage_and_layout();
-    let (bg, bl) = b.storage_and_layout();
-    let cg = bias.as_ref().map(|t| t.storage_and_layout());
-    let cs = cg.as_ref().and_then(|(g, l)| f32_data(g, l));
-    let (Some(av), Some(bv)) = (f32_data(&ag, al), f32_data(&bg, bl)) else {
-        return Ok(None);
+    let run = |s: &[&[f32]]| {
+        let w = match panels_n {
+            Some(_) => crate::cpu_kernels::Weight::Panels(s[1]),
+            None => crate::cpu_kernels::Weight::Rows(s[1]),
+        };
+        crate::cpu_kernels::linear(s[0], w, bias.map(|_| s[2]), k, n)
     };
-    if bias.is_some() && cs.is_none() {
-        return Ok(None);
-    }
-    let w = match panels_n {
-        Some(_) => crate::cpu_kernels::Weight::Panels(bv),
-        None => crate::cpu_kernels::Weight::Rows(bv),
-    };
-    let out = crate::cpu_kernels::linear(av, w, cs, k, n);
     let mut dims = a.dims().to_vec();
     *dims.last_mut().unwrap_or(&mut 0) = n;
-    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+    on_cpu_f32(&[Some(a), Some(b), bias], run)?
+        .map(|out| Tensor::from_vec(out, dims, &Device::Cpu))
+        .transpose()
 }
 
 /// `x · scale + shift` per channel (dimension 1) on the CPU kernel, when all are f32 on the
@@ -547,17 +565,11 @@ fn channel_affine(
     if !(cpu_f32(x) && fits(scale) && fits(shift)) {
         return Ok(None);
     }
-    let (x, scale, shift) = (x.contiguous()?, scale.contiguous()?, shift.contiguous()?);
-    let (xg, xl) = x.storage_and_layout();
-    let (sg, sl) = scale.storage_and_layout();
-    let (tg, tl) = shift.storage_and_layout();
-    let (Some(xv), Some(sv), Some(tv)) = (f32_data(&xg, xl), f32_data(&sg, sl), f32_data(&tg, tl))
-    else {
-        return Ok(None);
-    };
     let plane: usize = x.dims()[2..].iter().product();
-    let out = crate::cpu_kernels::channel_affine(xv, c, plane, sv, tv, relu);
-    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+    let run = |s: &[&[f32]]| crate::cpu_kernels::channel_affine(s[0], c, plane, s[1], s[2], relu);
+    on_cpu_f32(&[Some(x), Some(scale), Some(shift)], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
 }
 
 /// LayerNormalization over the dimensions from `axis` on, with `scale` and `bias` of that
@@ -574,20 +586,10 @@ fn layer_norm(
     if !(cpu_f32(x) && fits(scale) && bias.is_none_or(fits)) || d == 0 {
         return Ok(None);
     }
-    let (x, scale) = (x.contiguous()?, scale.contiguous()?);
-    let bias = bias.map(|t| t.contiguous()).transpose()?;
-    let (xg, xl) = x.storage_and_layout();
-    let (sg, sl) = scale.storage_and_layout();
-    let bg = bias.as_ref().map(|t| t.storage_and_layout());
-    let bv = bg.as_ref().and_then(|(g, l)| f32_data(g, l));
-    let (Some(xv), Some(sv)) = (f32_data(&xg, xl), f32_data(&sg, sl)) else {
-        return Ok(None);
-    };
-    if bias.is_some() && bv.is_none() {
-        return Ok(None);
-    }
-    let out = crate::cpu_kernels::layer_norm(xv, d, sv, bv, eps);
-    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+    let run = |s: &[&[f32]]| crate::cpu_kernels::layer_norm(s[0], d, s[1], bias.map(|_| s[2]), eps);
+    on_cpu_f32(&[Some(x), Some(scale), bias], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
 }
 
 /// `a [.., m, k] · b [.., k, n]` with the same batch dimensions, on the CPU kernel (the
@@ -607,16 +609,12 @@ fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let batch: usize = a.dims()[..r - 2].iter().product();
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let (ag, al) = a.storage_and_layout();
-    let (bg, bl) = b.storage_and_layout();
-    let (Some(av), Some(bv)) = (f32_data(&ag, al), f32_data(&bg, bl)) else {
-        return Ok(None);
-    };
-    let out = crate::cpu_kernels::batched_matmul(av, bv, batch, [m, k, n]);
+    let run = |s: &[&[f32]]| crate::cpu_kernels::batched_matmul(s[0], s[1], batch, [m, k, n]);
     let mut dims = a.dims().to_vec();
     dims[r - 1] = n;
-    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+    on_cpu_f32(&[Some(a), Some(b)], run)?
+        .map(|out| Tensor::from_vec(out, dims, &Device::Cpu))
+        .transpose()
 }
 
 /// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
@@ -650,29 +648,20 @@ fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f32, shift: f32) -> Result<O
             off
         })
         .collect();
-    let (x, mask) = (x.contiguous()?, mask.contiguous()?);
-    let (xg, xl) = x.storage_and_layout();
-    let (mg, ml) = mask.storage_and_layout();
-    let (Some(xv), Some(mv)) = (f32_data(&xg, xl), f32_data(&mg, ml)) else {
-        return Ok(None);
-    };
     let inner = strides[x.rank() - 1];
-    let out = crate::cpu_kernels::masked_softmax_rows(xv, width, scale, shift, mv, &offsets, inner);
-    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+    let run = |s: &[&[f32]]| {
+        crate::cpu_kernels::masked_softmax_rows(s[0], width, scale, shift, s[1], &offsets, inner)
+    };
+    on_cpu_f32(&[Some(x), Some(mask)], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
 }
 
 /// `f` on the data of an f32 CPU tensor (same shape out); `None` for other tensors.
 fn cpu_f32_op(x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Option<Tensor>> {
-    if !cpu_f32(x) {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let (g, l) = x.storage_and_layout();
-    let Some(v) = f32_data(&g, l) else {
-        return Ok(None);
-    };
-    let out = f(v);
-    Ok(Some(Tensor::from_vec(out, x.dims(), &Device::Cpu)?))
+    on_cpu_f32(&[Some(x)], |s| f(s[0]))?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
 }
 
 /// A 1-D convolution as a 2-D one of height 1 (attributes and tensors gain a unit axis).
@@ -737,26 +726,15 @@ fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tenso
         let Some([oh, ow]) = geo.out_hw() else {
             bail!("Conv: the kernel is larger than the padded input")
         };
-        let x = x.contiguous()?;
-        let w = w.contiguous()?;
-        let bias = bias.map(|t| t.contiguous()).transpose()?;
         // A residual of exactly the output's shape is where the products accumulate.
-        let res = residual
-            .filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow])
-            .map(|t| t.contiguous())
-            .transpose()?;
-        let (xg, xl) = x.storage_and_layout();
-        let (wg, wl) = w.storage_and_layout();
-        let bg = bias.as_ref().map(|t| t.storage_and_layout());
-        let rg = res.as_ref().map(|t| t.storage_and_layout());
-        let bs = bg.as_ref().and_then(|(g, l)| f32_data(g, l));
-        let rs = rg.as_ref().and_then(|(g, l)| f32_data(g, l));
-        let xs = f32_data(&xg, xl);
-        let ws = f32_data(&wg, wl);
-        if let (Some(xs), Some(ws), true) = (xs, ws, bias.is_none() || bs.is_some()) {
-            let fused_relu = relu && (residual.is_none() || rs.is_some());
-            let out = geo.run(xs, ws, bs, rs, fused_relu, ctx.threads);
-            if rs.is_some() {
+        let res = residual.filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow]);
+        let fused_relu = relu && (residual.is_none() || res.is_some());
+        let run = |s: &[&[f32]]| {
+            let (bs, rs) = (bias.map(|_| s[2]), res.map(|_| s[3]));
+            geo.run(s[0], s[1], bs, rs, fused_relu, ctx.threads)
+        };
+        if let Some(out) = on_cpu_f32(&[Some(x), Some(w), bias, res], run)? {
+            if res.is_some() {
                 residual = None;
             }
             relu &= !fused_relu;
@@ -1481,19 +1459,16 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 Ok(params) if !dilated && !indices => params,
                 _ => return Ok(vec![crate::pool::pool(node, x)?]),
             };
-            if cpu_f32(x) {
-                let x = x.contiguous()?;
-                let (b, c, h, w) = x.dims4()?;
-                let pool = crate::cpu_kernels::Pool2d {
-                    planes: b * c,
-                    hw: [h, w],
-                    kernel: [k[0], k[1]],
-                    stride: [s[0], s[1]],
-                    pads: [p[0], p[1], p[2], p[3]],
-                };
-                let (g, l) = x.storage_and_layout();
-                if let (Some(v), Some([oh, ow])) = (f32_data(&g, l), pool.out_hw()) {
-                    let out = pool.max(v);
+            let (b, c, h, w) = x.dims4()?;
+            let pool = crate::cpu_kernels::Pool2d {
+                planes: b * c,
+                hw: [h, w],
+                kernel: [k[0], k[1]],
+                stride: [s[0], s[1]],
+                pads: [p[0], p[1], p[2], p[3]],
+            };
+            if let Some([oh, ow]) = pool.out_hw() {
+                if let Some(out) = on_cpu_f32(&[Some(x)], |v| pool.max(v[0]))? {
                     return Ok(vec![Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)?]);
                 }
             }
