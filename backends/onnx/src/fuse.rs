@@ -381,6 +381,15 @@ fn gelu(
     None
 }
 
+/// For an affine node with nothing fused into it yet: the node producing its input, when
+/// the affine node is that value's only reader.
+fn affine_source(g: &Graph, n: &NodeProto) -> Option<usize> {
+    if n.op_type != AFFINE || !n.attribute.is_empty() {
+        return None;
+    }
+    g.sole_producer(&n.input[0])
+}
+
 /// `Affine(ChannelAffine(x, s, t), S, T)` (a BatchNormalization followed by a per-channel
 /// `Mul`/`Add`, as DenseNet exports have) → one `ChannelAffine(x, s·S, t·S + T)` when S and
 /// T are per channel of a 4-D tensor. The merged node keeps `s, t, S, T` as inputs 3–6:
@@ -392,10 +401,7 @@ fn affine_into_batch_norm(
     n: &NodeProto,
     constants: &mut HashMap<String, Tensor>,
 ) -> Option<(NodeProto, Vec<usize>)> {
-    if n.op_type != AFFINE || !n.attribute.is_empty() {
-        return None;
-    }
-    let p = g.sole_producer(&n.input[0])?;
+    let p = affine_source(g, n)?;
     let bn = slots[p]
         .as_ref()
         // (It keeps the BatchNormalization's own attributes, such as epsilon.)
@@ -440,10 +446,7 @@ fn affine_into_conv(
     n: &NodeProto,
     constants: &mut HashMap<String, Tensor>,
 ) -> Option<(NodeProto, Vec<usize>)> {
-    if n.op_type != AFFINE || !n.attribute.is_empty() {
-        return None;
-    }
-    let c = g.sole_producer(&n.input[0])?;
+    let c = affine_source(g, n)?;
     let conv = unfused_conv(slots, c).filter(|c| c.input.len() <= 3)?;
     let w = constants.get(conv.input.get(1)?)?;
     let oc = w.dim(0).ok()?;

@@ -394,17 +394,7 @@ pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor
         }
     };
     let cubic = |t: f64| {
-        let a = -0.75;
-        let w = |x: f64| {
-            let x = x.abs();
-            if x <= 1.0 {
-                ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-            } else if x < 2.0 {
-                ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
-            } else {
-                0.0
-            }
-        };
+        let w = |x: f64| crate::resize::cubic(x as f32, -0.75) as f64;
         [w(t + 1.0), w(t), w(1.0 - t), w(2.0 - t)]
     };
     let mut out = vec![0f64; n * c * size_out];

@@ -22,7 +22,8 @@ struct Mode {
 /// `tf_crop_and_resize` maps outside the input (the extrapolation value goes there).
 type AxisPlan = Vec<Option<Vec<(usize, f32)>>>;
 
-fn cubic(x: f32, a: f32) -> f32 {
+/// Keys' cubic convolution kernel with parameter `a` (ONNX uses -0.75 by default).
+pub fn cubic(x: f32, a: f32) -> f32 {
     let x = x.abs();
     if x <= 1.0 {
         ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
