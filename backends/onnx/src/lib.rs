@@ -10,6 +10,7 @@ pub mod cpu_kernels;
 pub mod einsum;
 pub mod fuse;
 pub mod ops;
+pub mod ops_fast;
 pub mod ops_index;
 pub mod ops_more;
 pub mod ops_nn;

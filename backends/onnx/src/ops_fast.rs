@@ -1,0 +1,316 @@
+//! Operators with CPU f32 fast paths — Conv (with what the planner fused into it), the
+//! linear and batched MatMul, channel affine, LayerNormalization, masked softmax — and the
+//! helper that hands the kernels their tensors' f32 data. Each falls back to candle for
+//! other devices and types.
+use candle_core::{bail, DType, Device, Layout, Result, Tensor, D};
+use candle_onnx::onnx::NodeProto;
+
+use crate::attrs;
+use crate::fuse;
+use crate::ops::{opt, pad2d, req, Ctx};
+
+/// The f32 data of a contiguous CPU tensor's storage; `None` for any other tensor.
+pub fn f32_data<'a>(s: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            let (a, b) = layout.contiguous_offsets()?;
+            v.get(a..b)
+        }
+        _ => None,
+    }
+}
+
+/// Whether `t` is an f32 tensor on the CPU (the fast kernels' domain).
+pub(crate) fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Runs `f` on the f32 data of the given CPU tensors (made contiguous; an absent one is an
+/// empty slice); `None` when a present tensor is not f32 on the CPU.
+pub(crate) fn on_cpu_f32<R>(
+    ts: &[Option<&Tensor>],
+    f: impl FnOnce(&[&[f32]]) -> R,
+) -> Result<Option<R>> {
+    if ts.iter().flatten().any(|t| !cpu_f32(t)) {
+        return Ok(None);
+    }
+    let owned: Vec<Option<Tensor>> = ts
+        .iter()
+        .map(|t| t.map(|t| t.contiguous()).transpose())
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = owned
+        .iter()
+        .map(|t| t.as_ref().map(|t| t.storage_and_layout()))
+        .collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for g in &guards {
+        match g {
+            Some((g, l)) => match f32_data(g, l) {
+                Some(v) => slices.push(v),
+                None => return Ok(None),
+            },
+            None => slices.push(&[]),
+        }
+    }
+    Ok(Some(f(&slices)))
+}
+
+/// `a [.., k] · b [k, n] (+ bias [n])` on the CPU kernels when everything is f32 on the CPU
+/// and `b` is a matrix; `None` to let candle do it.
+///
+/// With `panels_n` set, `b` is the planner's packed form of a `[k, n]` weight
+/// (`[n/16, k, 16]`, see `plan.rs`).
+pub(crate) fn linear(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    panels_n: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let want_rank = if panels_n.is_some() { 3 } else { 2 };
+    if !(cpu_f32(a) && cpu_f32(b) && bias.is_none_or(cpu_f32))
+        || a.rank() < 2
+        || b.rank() != want_rank
+    {
+        return Ok(None);
+    }
+    let (k, n) = match panels_n {
+        Some(n) => (b.dim(1)?, n),
+        None => b.dims2()?,
+    };
+    if a.dim(D::Minus1)? != k || bias.is_some_and(|t| t.dims() != [n]) {
+        return Ok(None);
+    }
+    let run = |s: &[&[f32]]| {
+        let w = match panels_n {
+            Some(_) => crate::cpu_kernels::Weight::Panels(s[1]),
+            None => crate::cpu_kernels::Weight::Rows(s[1]),
+        };
+        crate::cpu_kernels::linear(s[0], w, bias.map(|_| s[2]), k, n)
+    };
+    let mut dims = a.dims().to_vec();
+    *dims.last_mut().unwrap_or(&mut 0) = n;
+    on_cpu_f32(&[Some(a), Some(b), bias], run)?
+        .map(|out| Tensor::from_vec(out, dims, &Device::Cpu))
+        .transpose()
+}
+
+/// `x · scale + shift` per channel (dimension 1) on the CPU kernel, when all are f32 on the
+/// CPU and `scale`/`shift` hold one value per channel or one in all; `None` otherwise.
+pub(crate) fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Option<Tensor>> {
+    let c = x.dim(1)?;
+    let fits = |t: &Tensor| cpu_f32(t) && (t.elem_count() == c || t.elem_count() == 1);
+    if !(cpu_f32(x) && fits(scale) && fits(shift)) {
+        return Ok(None);
+    }
+    let plane: usize = x.dims()[2..].iter().product();
+    let run = |s: &[&[f32]]| crate::cpu_kernels::channel_affine(s[0], c, plane, s[1], s[2], relu);
+    on_cpu_f32(&[Some(x), Some(scale), Some(shift)], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
+}
+
+/// LayerNormalization over the dimensions from `axis` on, with `scale` and `bias` of that
+/// size, on the CPU kernel; `None` when the tensors do not fit it.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    axis: usize,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    let d: usize = x.dims()[axis..].iter().product();
+    let fits = |t: &Tensor| cpu_f32(t) && t.elem_count() == d;
+    if !(cpu_f32(x) && fits(scale) && bias.is_none_or(fits)) || d == 0 {
+        return Ok(None);
+    }
+    let run = |s: &[&[f32]]| crate::cpu_kernels::layer_norm(s[0], d, s[1], bias.map(|_| s[2]), eps);
+    on_cpu_f32(&[Some(x), Some(scale), bias], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
+}
+
+/// `a [.., m, k] · b [.., k, n]` with the same batch dimensions, on the CPU kernel (the
+/// batch split over threads) when both are f32 on the CPU; `None` otherwise.
+pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let r = a.rank();
+    if !(cpu_f32(a) && cpu_f32(b))
+        || r < 3
+        || b.rank() != r
+        || a.dims()[..r - 2] != b.dims()[..r - 2]
+    {
+        return Ok(None);
+    }
+    let (m, k) = (a.dims()[r - 2], a.dims()[r - 1]);
+    let n = b.dims()[r - 1];
+    if b.dims()[r - 2] != k {
+        return Ok(None);
+    }
+    let batch: usize = a.dims()[..r - 2].iter().product();
+    let run = |s: &[&[f32]]| crate::cpu_kernels::batched_matmul(s[0], s[1], batch, [m, k, n]);
+    let mut dims = a.dims().to_vec();
+    dims[r - 1] = n;
+    on_cpu_f32(&[Some(a), Some(b)], run)?
+        .map(|out| Tensor::from_vec(out, dims, &Device::Cpu))
+        .transpose()
+}
+
+/// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
+/// are f32 on the CPU and `mask` broadcasts to `x`'s shape; `None` otherwise.
+pub(crate) fn masked_softmax(
+    x: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+    shift: f32,
+) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && cpu_f32(mask)) || x.rank() == 0 || mask.rank() > x.rank() {
+        return Ok(None);
+    }
+    // The mask's strides against x's dimensions (0 where it broadcasts).
+    let pad = x.rank() - mask.rank();
+    let mut strides = vec![0usize; x.rank()];
+    let mut acc = 1;
+    for i in (0..mask.rank()).rev() {
+        let (md, xd) = (mask.dims()[i], x.dims()[pad + i]);
+        if md != xd && md != 1 {
+            return Ok(None);
+        }
+        strides[pad + i] = if md == 1 { 0 } else { acc };
+        acc *= md;
+    }
+    let width = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / width.max(1);
+    let outer = &x.dims()[..x.rank() - 1];
+    let offsets: Vec<usize> = (0..rows)
+        .map(|mut r| {
+            let mut off = 0;
+            for (d, st) in outer.iter().zip(&strides).rev() {
+                off += (r % d) * st;
+                r /= d;
+            }
+            off
+        })
+        .collect();
+    let inner = strides[x.rank() - 1];
+    let run = |s: &[&[f32]]| {
+        crate::cpu_kernels::masked_softmax_rows(s[0], width, scale, shift, s[1], &offsets, inner)
+    };
+    on_cpu_f32(&[Some(x), Some(mask)], run)?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
+}
+
+/// `f` on the data of an f32 CPU tensor (same shape out); `None` for other tensors.
+pub(crate) fn cpu_f32_op(x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Option<Tensor>> {
+    on_cpu_f32(&[Some(x)], |s| f(s[0]))?
+        .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
+        .transpose()
+}
+
+/// A 1-D convolution as a 2-D one of height 1 (attributes and tensors gain a unit axis).
+pub(crate) fn conv1d(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
+    let mut two = node.clone();
+    for a in two.attribute.iter_mut() {
+        a.ints = match a.name.as_str() {
+            "pads" if a.ints.len() == 2 => vec![0, a.ints[0], 0, a.ints[1]],
+            "strides" | "dilations" if a.ints.len() == 1 => vec![1, a.ints[0]],
+            "kernel_shape" if a.ints.len() == 1 => vec![1, a.ints[0]],
+            _ => std::mem::take(&mut a.ints),
+        };
+    }
+    let ins2: Vec<Option<Tensor>> = ins
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            // X, W and a fused residual are [n, c, l]; the bias stays [c].
+            Some(t) if i != 2 => t.unsqueeze(2).map(Some),
+            other => Ok(other.clone()),
+        })
+        .collect::<Result<_>>()?;
+    conv(&two, &ins2, ctx)?.squeeze(2)
+}
+
+/// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
+/// output, attribute `kiln_relu` a ReLU applied last.
+pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
+    let x = req(ins, 0, node)?;
+    let w = req(ins, 1, node)?;
+    if x.rank() == 3 && w.rank() == 3 {
+        return conv1d(node, ins, ctx);
+    }
+    if x.rank() != 4 || w.rank() != 4 {
+        bail!("Conv: only 1-D and 2-D convolutions are supported")
+    }
+    let (oc, icg, kh, kw) = w.dims4()?;
+    let (b, ic, h, wd) = x.dims4()?;
+    // Strides, dilations and pads (explicit or from auto_pad) as ONNX defines them.
+    let win = crate::pool::window(node, &[h, wd], Some(vec![kh, kw]))?;
+    let strides: Vec<i64> = win.stride.iter().map(|&v| v as i64).collect();
+    let dil: Vec<i64> = win.dilation.iter().map(|&v| v as i64).collect();
+    let p = vec![win.pads[0].0, win.pads[1].0, win.pads[0].1, win.pads[1].1];
+    let groups = attrs::int(node, "group", 1) as usize;
+    if groups == 0 || ic != icg * groups || oc % groups != 0 {
+        bail!("Conv: {ic} input channels do not match the weight's {icg} × {groups} groups")
+    }
+    let bias = opt(ins, 2);
+    let mut residual = opt(ins, 3);
+    let mut relu = attrs::int(node, fuse::RELU, 0) != 0;
+    let mut y = None;
+    if cpu_f32(x) && cpu_f32(w) && p.len() == 4 && strides.len() == 2 && dil.len() == 2 {
+        let geo = crate::cpu_conv::Conv2d {
+            input: [b, ic, h, wd],
+            out_channels: oc,
+            kernel: [kh, kw],
+            stride: [strides[0] as usize, strides[1] as usize],
+            dilation: [dil[0] as usize, dil[1] as usize],
+            pads: [p[0], p[1], p[2], p[3]],
+            groups,
+        };
+        let Some([oh, ow]) = geo.out_hw() else {
+            bail!("Conv: the kernel is larger than the padded input")
+        };
+        // A residual of exactly the output's shape is where the products accumulate.
+        let res = residual.filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow]);
+        let fused_relu = relu && (residual.is_none() || res.is_some());
+        let run = |s: &[&[f32]]| {
+            let (bs, rs) = (bias.map(|_| s[2]), res.map(|_| s[3]));
+            geo.run(s[0], s[1], bs, rs, fused_relu, ctx.threads)
+        };
+        if let Some(out) = on_cpu_f32(&[Some(x), Some(w), bias, res], run)? {
+            if res.is_some() {
+                residual = None;
+            }
+            relu &= !fused_relu;
+            y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
+        }
+    }
+    let mut y = match y {
+        Some(y) => y,
+        None => {
+            if strides[0] != strides[1] || dil[0] != dil[1] {
+                bail!("Conv: different strides or dilations per axis are not supported")
+            }
+            let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
+                (x.clone(), p[0])
+            } else {
+                (pad2d(x, &p)?, 0)
+            };
+            let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
+            match bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+                None => y,
+            }
+        }
+    };
+    if let Some(r) = residual {
+        y = y.broadcast_add(r)?;
+    }
+    if relu {
+        y = y.relu()?;
+    }
+    Ok(y)
+}
