@@ -61,6 +61,8 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "ConvInteger",
+    "QLinearConv",
     "GridSample",
     "HannWindow",
     "HammingWindow",
@@ -1033,6 +1035,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "SoftmaxCrossEntropyLoss" => return crate::ops_index::softmax_cross_entropy(node, ins),
         "QuantizeLinear" => crate::ops_index::quantize(node, ins)?,
         "MatMulInteger" => crate::ops_index::matmul_integer(ins)?,
+        "ConvInteger" => crate::ops_index::conv_integer(node, ins, ctx)?,
+        "QLinearConv" => crate::ops_index::qlinear_conv(node, ins, ctx)?,
         "RNN" | "GRU" | "LSTM" => return crate::rnn::recurrent(node, ins),
         "Einsum" => {
             let operands: Vec<Tensor> = ins.iter().flatten().cloned().collect();

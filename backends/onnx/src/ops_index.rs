@@ -454,3 +454,85 @@ pub fn dynamic_quantize(x: &Tensor) -> Result<Vec<Tensor>> {
         Tensor::new(zp as u8, dev)?,
     ])
 }
+
+/// `(x − zp)` in f64, the zero point per channel (axis 1 of x, or axis 0 of a weight) when
+/// it has several values.
+fn minus_zero_point(x: &Tensor, zp: Option<&Tensor>, channel_axis: usize) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F64)?;
+    let Some(zp) = zp.filter(|z| z.elem_count() > 0) else {
+        return Ok(xf);
+    };
+    let z = zp.to_dtype(DType::F64)?;
+    let z = if z.elem_count() > 1 {
+        let mut shape = vec![1usize; x.rank()];
+        shape[channel_axis] = z.elem_count();
+        z.reshape(shape)?
+    } else {
+        z.flatten_all()?.get(0)?
+    };
+    xf.broadcast_sub(&z)
+}
+
+/// ConvInteger(x, w, x_zero_point?, w_zero_point?): the exact integer convolution as INT32
+/// (the Conv attributes apply as for Conv).
+pub fn conv_integer(
+    node: &NodeProto,
+    ins: &[Option<Tensor>],
+    ctx: &crate::ops::Ctx<'_>,
+) -> Result<Tensor> {
+    let get = |i: usize| ins.get(i).and_then(|t| t.as_ref());
+    let (Some(x), Some(w)) = (get(0), get(1)) else {
+        bail!("ConvInteger: needs x and w")
+    };
+    let xs = minus_zero_point(x, get(2), 1)?;
+    let ws = minus_zero_point(w, get(3), 0)?;
+    let mut conv = node.clone();
+    conv.op_type = "Conv".into();
+    crate::ops_fast::conv(&conv, &[Some(xs), Some(ws)], ctx)?.to_dtype(DType::I32)
+}
+
+/// QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B?): the integer
+/// convolution plus bias, rescaled by x_scale·w_scale/y_scale (w_scale per output channel
+/// or one), rounded half to even and saturated into y_zp's type.
+pub fn qlinear_conv(
+    node: &NodeProto,
+    ins: &[Option<Tensor>],
+    ctx: &crate::ops::Ctx<'_>,
+) -> Result<Tensor> {
+    let get = |i: usize| {
+        ins.get(i)
+            .and_then(|t| t.as_ref())
+            .ok_or_else(|| candle_core::Error::Msg(format!("QLinearConv: input {i} missing")))
+    };
+    let xs = minus_zero_point(get(0)?, Some(get(2)?), 1)?;
+    let ws = minus_zero_point(get(3)?, Some(get(5)?), 0)?;
+    let mut conv = node.clone();
+    conv.op_type = "Conv".into();
+    let mut acc = crate::ops_fast::conv(&conv, &[Some(xs), Some(ws)], ctx)?;
+    let rank = acc.rank();
+    // One value, or one per output channel (axis 1 of the result).
+    let per_channel = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(DType::F64)?;
+        if t.elem_count() > 1 {
+            let mut shape = vec![1usize; rank];
+            shape[1] = t.elem_count();
+            t.reshape(shape)
+        } else {
+            t.flatten_all()?.get(0)
+        }
+    };
+    if let Some(b) = ins
+        .get(8)
+        .and_then(|t| t.as_ref())
+        .filter(|t| t.elem_count() > 0)
+    {
+        acc = acc.broadcast_add(&per_channel(b)?)?;
+    }
+    let scale = per_channel(get(1)?)?
+        .broadcast_mul(&per_channel(get(4)?)?)?
+        .broadcast_div(&per_channel(get(6)?)?)?;
+    let y = acc
+        .broadcast_mul(&scale)?
+        .broadcast_add(&per_channel(get(7)?)?)?;
+    saturate(&y, get(7)?.dtype())
+}
