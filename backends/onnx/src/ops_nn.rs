@@ -495,3 +495,160 @@ pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor
         .to_dtype(x.dtype())?
         .to_device(x.device())
 }
+
+/// AffineGrid(theta [n, r, r+1], size [n, c, spatial...]): the sampling grid
+/// `[n, spatial..., r]` (x first) of each affine transform, for GridSample.
+pub fn affine_grid(node: &NodeProto, theta: &Tensor, size: &Tensor) -> Result<Tensor> {
+    let size: Vec<usize> = i64s(size)?.iter().map(|&v| v.max(0) as usize).collect();
+    let r = size.len().saturating_sub(2);
+    let n = *size.first().unwrap_or(&0);
+    if r == 0 || theta.dims() != [n, r, r + 1] {
+        bail!(
+            "AffineGrid: theta {:?} does not fit size {size:?}",
+            theta.dims()
+        )
+    }
+    let align = attrs::int(node, "align_corners", 0) != 0;
+    let spatial = &size[2..];
+    let th: Vec<f64> = theta.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    // Normalised coordinate of index i of an axis of length len.
+    let coord = |i: usize, len: usize| {
+        if align {
+            if len <= 1 {
+                0.0
+            } else {
+                -1.0 + 2.0 * i as f64 / (len - 1) as f64
+            }
+        } else {
+            (2.0 * i as f64 + 1.0) / len as f64 - 1.0
+        }
+    };
+    let points: usize = spatial.iter().product();
+    let mut out = Vec::with_capacity(n * points * r);
+    for b in 0..n {
+        let t = &th[b * r * (r + 1)..(b + 1) * r * (r + 1)];
+        for p in 0..points {
+            // Spatial index (last axis fastest) → base point (x = last axis first).
+            let mut rest = p;
+            let mut base = vec![0f64; r];
+            for d in (0..r).rev() {
+                base[r - 1 - d] = coord(rest % spatial[d], spatial[d]);
+                rest /= spatial[d];
+            }
+            for row in 0..r {
+                let m = &t[row * (r + 1)..(row + 1) * (r + 1)];
+                out.push((0..r).map(|k| m[k] * base[k]).sum::<f64>() + m[r]);
+            }
+        }
+    }
+    let mut shape = vec![n];
+    shape.extend(spatial);
+    shape.push(r);
+    Tensor::from_vec(out, shape, &Device::Cpu)?
+        .to_dtype(theta.dtype())?
+        .to_device(theta.device())
+}
+
+/// MaxUnpool(x, indices, output_shape?): zeros with each value of `x` written at its flat
+/// index (as MaxPool's Indices output gives it).
+pub fn max_unpool(
+    node: &NodeProto,
+    x: &Tensor,
+    idx: &Tensor,
+    out_shape: Option<&Tensor>,
+) -> Result<Tensor> {
+    let shape: Vec<usize> = match out_shape.filter(|t| t.elem_count() > 0) {
+        Some(s) => i64s(s)?.iter().map(|&v| v.max(0) as usize).collect(),
+        None => {
+            let w = crate::pool::window(node, &x.dims()[2..], None)?;
+            let mut s = x.dims()[..2].to_vec();
+            for d in 0..w.input.len() {
+                s.push((w.input[d] - 1) * w.stride[d] + w.kernel[d] - w.pads[d].0 - w.pads[d].1);
+            }
+            s
+        }
+    };
+    let total: usize = shape.iter().product();
+    let vals: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f64; total];
+    for (&i, &v) in i64s(idx)?.iter().zip(&vals) {
+        match usize::try_from(i).ok().filter(|&i| i < total) {
+            Some(i) => out[i] = v,
+            None => bail!("MaxUnpool: index {i} outside the output of {total} values"),
+        }
+    }
+    Tensor::from_vec(out, shape, &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
+
+/// Col2Im(input [n, c·prod(block), l], image_shape, block_shape): the blocks summed back
+/// into `[n, c, image...]` (dilations, pads, strides as for a convolution).
+pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> Result<Tensor> {
+    let image: Vec<usize> = i64s(image)?.iter().map(|&v| v.max(0) as usize).collect();
+    let block: Vec<usize> = i64s(block)?.iter().map(|&v| v.max(1) as usize).collect();
+    let r = image.len();
+    let ints = |name: &str, default: usize, len: usize| -> Vec<usize> {
+        attrs::ints(node, name).map_or(vec![default; len], |v| {
+            v.iter().map(|&x| x.max(0) as usize).collect()
+        })
+    };
+    let (dil, pads, strides) = (
+        ints("dilations", 1, r),
+        ints("pads", 0, 2 * r),
+        ints("strides", 1, r),
+    );
+    let (n, ck, l) = x.dims3()?;
+    let taps: usize = block.iter().product();
+    if block.len() != r || ck % taps != 0 {
+        bail!("Col2Im: block {block:?} does not fit input {:?}", x.dims())
+    }
+    let c = ck / taps;
+    // Blocks per spatial dimension.
+    let counts: Vec<usize> = (0..r)
+        .map(|d| (image[d] + pads[d] + pads[r + d] - dil[d] * (block[d] - 1) - 1) / strides[d] + 1)
+        .collect();
+    if counts.iter().product::<usize>() != l {
+        bail!("Col2Im: {l} blocks do not fit image {image:?}")
+    }
+    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let size: usize = image.iter().product();
+    let mut out = vec![0f64; n * c * size];
+    for b in 0..n {
+        for ch in 0..c {
+            for tap in 0..taps {
+                let row = (b * ck + ch * taps + tap) * l;
+                let mut k = vec![0usize; r];
+                let mut rest = tap;
+                for d in (0..r).rev() {
+                    k[d] = rest % block[d];
+                    rest /= block[d];
+                }
+                for j in 0..l {
+                    let (mut rest, mut at, mut inside) = (j, 0usize, true);
+                    let mut pos = vec![0usize; r];
+                    for d in (0..r).rev() {
+                        pos[d] = rest % counts[d];
+                        rest /= counts[d];
+                    }
+                    for d in 0..r {
+                        let o = (pos[d] * strides[d] + k[d] * dil[d]) as i64 - pads[d] as i64;
+                        if o < 0 || o >= image[d] as i64 {
+                            inside = false;
+                            break;
+                        }
+                        at = at * image[d] + o as usize;
+                    }
+                    if inside {
+                        out[(b * c + ch) * size + at] += v[row + j];
+                    }
+                }
+            }
+        }
+    }
+    let mut shape = vec![n, c];
+    shape.extend(&image);
+    Tensor::from_vec(out, shape, &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
