@@ -61,6 +61,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "Unique",
     "AffineGrid",
     "MaxUnpool",
     "Col2Im",
@@ -1007,6 +1008,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Compress" => crate::ops_more::compress(node, x()?, y()?)?,
         "ReverseSequence" => crate::ops_more::reverse_sequence(node, x()?, y()?)?,
         "Det" => crate::ops_more::det(x()?)?,
+        "Unique" => return crate::ops_more::unique(node, x()?),
         "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh"
         | "HardSwish" | "Mish" | "Celu" | "Shrink" => match crate::ops_nn::unary(node, x()?)? {
             Some(t) => t,

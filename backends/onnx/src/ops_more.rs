@@ -363,3 +363,70 @@ pub fn det(x: &Tensor) -> Result<Tensor> {
         .to_dtype(x.dtype())?
         .to_device(x.device())
 }
+
+/// Unique: the distinct elements (or slices along `axis`), sorted or in order of first
+/// appearance, with their first indices, the inverse indices and the counts.
+pub fn unique(node: &NodeProto, x: &Tensor) -> Result<Vec<Tensor>> {
+    let sorted = attrs::int(node, "sorted", 1) != 0;
+    let (t, a) = if attrs::has(node, "axis") {
+        (x.clone(), axis(attrs::int(node, "axis", 0), x.rank())?)
+    } else {
+        (x.flatten_all()?, 0)
+    };
+    // Slices along the axis as rows.
+    let moved = t.transpose(0, a)?.contiguous()?;
+    let rows = moved.dim(0)?;
+    let width = moved.elem_count() / rows.max(1);
+    let v: Vec<f64> = moved.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let row = |i: usize| &v[i * width..(i + 1) * width];
+    let cmp = |i: usize, j: usize| {
+        row(i)
+            .iter()
+            .zip(row(j))
+            .map(|(p, q)| p.total_cmp(q))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    };
+    // First occurrences, in input order.
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut inverse = vec![0i64; rows];
+    let mut counts: Vec<i64> = Vec::new();
+    for i in 0..rows {
+        match firsts.iter().position(|&f| cmp(f, i).is_eq()) {
+            Some(k) => {
+                inverse[i] = k as i64;
+                counts[k] += 1;
+            }
+            None => {
+                inverse[i] = firsts.len() as i64;
+                firsts.push(i);
+                counts.push(1);
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..firsts.len()).collect();
+    if sorted {
+        order.sort_by(|&p, &q| cmp(firsts[p], firsts[q]));
+    }
+    let mut rank = vec![0i64; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        rank[old] = new as i64;
+    }
+    let picked: Vec<u32> = order.iter().map(|&k| firsts[k] as u32).collect();
+    let n = picked.len();
+    let y = moved
+        .index_select(&Tensor::from_vec(picked, n, x.device())?, 0)?
+        .transpose(0, a)?
+        .contiguous()?;
+    let dev = x.device();
+    let ints = |v: Vec<i64>| {
+        let len = v.len();
+        Tensor::from_vec(v, len, dev)
+    };
+    Ok(vec![
+        y,
+        ints(order.iter().map(|&k| firsts[k] as i64).collect())?,
+        ints(inverse.iter().map(|&k| rank[k as usize]).collect())?,
+        ints(order.iter().map(|&k| counts[k]).collect())?,
+    ])
+}
