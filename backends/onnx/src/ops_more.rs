@@ -391,14 +391,14 @@ pub fn unique(node: &NodeProto, x: &Tensor) -> Result<Vec<Tensor>> {
     let mut firsts: Vec<usize> = Vec::new();
     let mut inverse = vec![0i64; rows];
     let mut counts: Vec<i64> = Vec::new();
-    for i in 0..rows {
+    for (i, inv) in inverse.iter_mut().enumerate() {
         match firsts.iter().position(|&f| cmp(f, i).is_eq()) {
             Some(k) => {
-                inverse[i] = k as i64;
+                *inv = k as i64;
                 counts[k] += 1;
             }
             None => {
-                inverse[i] = firsts.len() as i64;
+                *inv = firsts.len() as i64;
                 firsts.push(i);
                 counts.push(1);
             }
