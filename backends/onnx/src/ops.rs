@@ -61,6 +61,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "RoiAlign",
     "Unique",
     "AffineGrid",
     "MaxUnpool",
@@ -1032,6 +1033,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "LpPool" => crate::ops_nn::lp_pool(node, x()?)?,
         "GridSample" => crate::ops_nn::grid_sample(node, x()?, y()?)?,
         "AffineGrid" => crate::ops_nn::affine_grid(node, x()?, y()?)?,
+        "RoiAlign" => crate::ops_nn::roi_align(node, x()?, y()?, req(ins, 2, node)?)?,
         "MaxUnpool" => crate::ops_nn::max_unpool(node, x()?, y()?, opt(ins, 2))?,
         "Col2Im" => crate::ops_nn::col2im(node, x()?, y()?, req(ins, 2, node)?)?,
         "Scatter" | "ScatterElements" => {

@@ -652,3 +652,125 @@ pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> R
         .to_dtype(x.dtype())?
         .to_device(x.device())
 }
+
+/// RoiAlign(x [n, c, h, w], rois [r, 4] (x1, y1, x2, y2), batch_indices [r]) → `[r, c,
+/// output_height, output_width]`: each bin is the average (or, as onnxruntime defines
+/// `max`, the largest weighted corner) of bilinear samples on a regular grid.
+pub fn roi_align(node: &NodeProto, x: &Tensor, rois: &Tensor, batch: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (r, four) = rois.dims2()?;
+    if four != 4 {
+        bail!("RoiAlign: rois must be [R, 4], got {:?}", rois.dims())
+    }
+    let oh = attrs::int(node, "output_height", 1).max(1) as usize;
+    let ow = attrs::int(node, "output_width", 1).max(1) as usize;
+    let ratio = attrs::int(node, "sampling_ratio", 0).max(0) as usize;
+    let scale = attrs::float(node, "spatial_scale", 1.0) as f64;
+    let half = attrs::string(node, "coordinate_transformation_mode", "half_pixel") == "half_pixel";
+    let max_mode = attrs::string(node, "mode", "avg") == "max";
+    let xv: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let rv: Vec<f64> = rois.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let bv = i64s(batch)?;
+    let mut out = vec![0f64; r * c * oh * ow];
+    let offset = if half { 0.5 } else { 0.0 };
+    for k in 0..r {
+        let b = bv.get(k).copied().unwrap_or(0);
+        if !(0..n as i64).contains(&b) {
+            bail!("RoiAlign: batch index {b} out of range")
+        }
+        let roi = &rv[k * 4..k * 4 + 4];
+        let (sx, sy) = (roi[0] * scale - offset, roi[1] * scale - offset);
+        let (mut rw, mut rh) = (roi[2] * scale - offset - sx, roi[3] * scale - offset - sy);
+        if !half {
+            rw = rw.max(1.0);
+            rh = rh.max(1.0);
+        }
+        let (bh, bw) = (rh / oh as f64, rw / ow as f64);
+        let gh = if ratio > 0 {
+            ratio
+        } else {
+            (rh / oh as f64).ceil() as usize
+        };
+        let gw = if ratio > 0 {
+            ratio
+        } else {
+            (rw / ow as f64).ceil() as usize
+        };
+        let count = (gh * gw).max(1) as f64;
+        // Bilinear corners and weights of one sample (None outside the image).
+        let corners = |yy: f64, xx: f64| -> Option<[(usize, f64); 4]> {
+            if yy < -1.0 || yy > h as f64 || xx < -1.0 || xx > w as f64 {
+                return None;
+            }
+            let (mut y, mut xq) = (yy.max(0.0), xx.max(0.0));
+            let (mut y0, mut x0) = (y.floor() as usize, xq.floor() as usize);
+            let (y1, x1);
+            if y0 >= h - 1 {
+                y0 = h - 1;
+                y1 = h - 1;
+                y = y0 as f64;
+            } else {
+                y1 = y0 + 1;
+            }
+            if x0 >= w - 1 {
+                x0 = w - 1;
+                x1 = w - 1;
+                xq = x0 as f64;
+            } else {
+                x1 = x0 + 1;
+            }
+            let (ly, lx) = (y - y0 as f64, xq - x0 as f64);
+            let (hy, hx) = (1.0 - ly, 1.0 - lx);
+            Some([
+                (y0 * w + x0, hy * hx),
+                (y0 * w + x1, hy * lx),
+                (y1 * w + x0, ly * hx),
+                (y1 * w + x1, ly * lx),
+            ])
+        };
+        for ch in 0..c {
+            let plane = &xv[(b as usize * c + ch) * h * w..(b as usize * c + ch + 1) * h * w];
+            for py in 0..oh {
+                for px in 0..ow {
+                    let mut acc = if max_mode { f64::NEG_INFINITY } else { 0.0 };
+                    let mut any = false;
+                    for iy in 0..gh {
+                        let yy = sy + py as f64 * bh + (iy as f64 + 0.5) * bh / gh as f64;
+                        for ix in 0..gw {
+                            let xx = sx + px as f64 * bw + (ix as f64 + 0.5) * bw / gw as f64;
+                            let Some(cs) = corners(yy, xx) else {
+                                if max_mode {
+                                    acc = acc.max(0.0);
+                                    any = true;
+                                }
+                                continue;
+                            };
+                            if max_mode {
+                                let m = cs
+                                    .iter()
+                                    .map(|&(i, wt)| wt * plane[i])
+                                    .fold(f64::NEG_INFINITY, f64::max);
+                                acc = acc.max(m);
+                                any = true;
+                            } else {
+                                acc += cs.iter().map(|&(i, wt)| wt * plane[i]).sum::<f64>();
+                            }
+                        }
+                    }
+                    out[((k * c + ch) * oh + py) * ow + px] = if max_mode {
+                        if any {
+                            acc
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        acc / count
+                    };
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (r, c, oh, ow), &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
