@@ -14,6 +14,7 @@ pub mod ops_fast;
 pub mod ops_index;
 pub mod ops_more;
 pub mod ops_nn;
+pub mod ops_spatial;
 pub mod plan;
 pub mod pool;
 pub mod resize;

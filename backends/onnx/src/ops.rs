@@ -1031,11 +1031,11 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "BitwiseNot" => crate::ops_nn::bitwise(node, x()?, None)?,
         "LpPool" => crate::ops_nn::lp_pool(node, x()?)?,
-        "GridSample" => crate::ops_nn::grid_sample(node, x()?, y()?)?,
-        "AffineGrid" => crate::ops_nn::affine_grid(node, x()?, y()?)?,
-        "RoiAlign" => crate::ops_nn::roi_align(node, x()?, y()?, req(ins, 2, node)?)?,
-        "MaxUnpool" => crate::ops_nn::max_unpool(node, x()?, y()?, opt(ins, 2))?,
-        "Col2Im" => crate::ops_nn::col2im(node, x()?, y()?, req(ins, 2, node)?)?,
+        "GridSample" => crate::ops_spatial::grid_sample(node, x()?, y()?)?,
+        "AffineGrid" => crate::ops_spatial::affine_grid(node, x()?, y()?)?,
+        "RoiAlign" => crate::ops_spatial::roi_align(node, x()?, y()?, req(ins, 2, node)?)?,
+        "MaxUnpool" => crate::ops_spatial::max_unpool(node, x()?, y()?, opt(ins, 2))?,
+        "Col2Im" => crate::ops_spatial::col2im(node, x()?, y()?, req(ins, 2, node)?)?,
         "Scatter" | "ScatterElements" => {
             crate::ops_index::scatter_elements(node, x()?, y()?, req(ins, 2, node)?)?
         }
