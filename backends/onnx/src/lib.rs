@@ -20,6 +20,7 @@ pub mod pool;
 pub mod resize;
 pub mod rnn;
 pub mod sgemm;
+pub mod spectral;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

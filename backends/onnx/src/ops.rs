@@ -61,6 +61,8 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "DFT",
+    "STFT",
     "RoiAlign",
     "Unique",
     "AffineGrid",
@@ -1009,6 +1011,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Compress" => crate::ops_more::compress(node, x()?, y()?)?,
         "ReverseSequence" => crate::ops_more::reverse_sequence(node, x()?, y()?)?,
         "Det" => crate::ops_more::det(x()?)?,
+        "DFT" => crate::spectral::dft(node, ins, ctx.opset)?,
+        "STFT" => crate::spectral::stft(node, ins)?,
         "Unique" => return crate::ops_more::unique(node, x()?),
         "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh"
         | "HardSwish" | "Mish" | "Celu" | "Shrink" => match crate::ops_nn::unary(node, x()?)? {
