@@ -307,15 +307,28 @@ pub fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
-/// Layer normalisation of each row of `d` values: `(x − mean) / √(var + eps) · scale + bias`.
-pub fn layer_norm(x: &[f32], d: usize, scale: &[f32], bias: Option<&[f32]>, eps: f32) -> Vec<f32> {
+/// Layer normalisation of each row of `d` values: `(x − mean) / √(var + eps) · scale + bias`,
+/// of `x + residual` when a residual (same length as `x`) is given.
+pub fn layer_norm(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    d: usize,
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    eps: f32,
+) -> Vec<f32> {
     let mut out = x.to_vec();
     if d == 0 {
         return out;
     }
     let per = (16384 / d).max(1) * d;
     let len = out.len();
-    chunks(&mut out, per, len, PAR_MIN, |_, rows| {
+    chunks(&mut out, per, len, PAR_MIN, |i, rows| {
+        if let Some(r) = residual {
+            for (v, a) in rows.iter_mut().zip(&r[i * per..]) {
+                *v += a;
+            }
+        }
         for row in rows.chunks_mut(d) {
             let mean = row.iter().sum::<f32>() / d as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
@@ -572,7 +585,7 @@ mod tests {
             .map(|i| ((i * 5) % 9) as f32 * 1.5 - 3.0)
             .collect();
         let ones = vec![1.0; d];
-        let y = layer_norm(&x, d, &ones, None, 1e-6);
+        let y = layer_norm(&x, None, d, &ones, None, 1e-6);
         for row in y.chunks(d) {
             let mean = row.iter().sum::<f32>() / d as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
@@ -583,7 +596,13 @@ mod tests {
         }
         let scale: Vec<f32> = (0..d).map(|j| j as f32).collect();
         let bias: Vec<f32> = (0..d).map(|j| -(j as f32)).collect();
-        let z = layer_norm(&x, d, &scale, Some(&bias), 1e-6);
+        let z = layer_norm(&x, None, d, &scale, Some(&bias), 1e-6);
+        // With a residual: the same as normalising the sum.
+        let half: Vec<f32> = x.iter().map(|v| v / 2.0).collect();
+        assert_eq!(
+            layer_norm(&half, Some(&half), d, &scale, Some(&bias), 1e-6),
+            z
+        );
         for (k, (&zv, &yv)) in z.iter().zip(&y).enumerate() {
             let j = k % d;
             assert!((zv - (yv * scale[j] + bias[j])).abs() < 1e-5);

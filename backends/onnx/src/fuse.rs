@@ -11,6 +11,8 @@
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
 //!   following `Relu` merged into it, or merged into a BatchNormalization before it
 //!   (DenseNet's `BatchNormalization, Mul, Add, Relu` becomes one pass);
+//! * `LayerNormalization(Add(a, b))` → one LayerNormalization with the residual `b` as
+//!   input 3;
 //! * attention's `Softmax(Add(x · s + t, mask))` (scores scaled by a scalar, then the mask)
 //!   → one `Softmax` with the mask as input 1 and attributes [`SCALE`], [`SHIFT`];
 //! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
@@ -117,6 +119,9 @@ pub fn fuse(
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         masked_softmax(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        add_into_layer_norm(g, s, n)
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         affine_into_conv(g, s, n, constants).or_else(|| affine_into_batch_norm(g, s, n, constants))
@@ -278,6 +283,25 @@ fn masked_softmax(
     node.attribute.push(float(SCALE, s));
     node.attribute.push(float(SHIFT, t));
     Some((node, removed))
+}
+
+/// `LayerNormalization(Add(a, b), scale, bias)` → one LayerNormalization of `a` with `b` as
+/// input 3, added as the rows are read (transformers' residual connections).
+fn add_into_layer_norm(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != "LayerNormalization" || n.input.len() > 3 {
+        return None;
+    }
+    let k = g.sole_producer(&n.input[0])?;
+    let add = slots[k].as_ref().filter(|a| is_add(a))?;
+    let mut node = n.clone();
+    node.input.resize(3, String::new());
+    node.input[0] = add.input[0].clone();
+    node.input.push(add.input[1].clone());
+    Some((node, vec![k]))
 }
 
 /// The value of a one-element f32 constant.

@@ -962,15 +962,24 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Pad" => pad(node, ins, x()?)?,
         "Split" => return split(node, ins, x()?),
         "LayerNormalization" => {
-            let x = x()?;
-            let a = axis(attrs::int(node, "axis", -1), x.rank())?;
+            // Input 3: a residual the planner fused in (`Add` before it, fuse.rs).
+            let residual = opt(ins, 3);
+            let a = axis(attrs::int(node, "axis", -1), x()?.rank())?;
             let eps = attrs::float(node, "epsilon", 1e-5) as f64;
             // Only the normalised output wanted: one parallel pass per row on the CPU.
             if node.output.iter().skip(1).all(|o| o.is_empty()) {
-                if let Some(r) = layer_norm(x, a, y()?, opt(ins, 2), eps as f32)? {
+                if let Some(r) = layer_norm(x()?, residual, a, y()?, opt(ins, 2), eps as f32)? {
                     return Ok(vec![r]);
                 }
             }
+            let summed;
+            let x = match residual {
+                Some(r) => {
+                    summed = x()?.broadcast_add(r)?;
+                    &summed
+                }
+                None => x()?,
+            };
             let mut mean = x.clone();
             for d in a..x.rank() {
                 mean = mean.mean_keepdim(d)?;

@@ -118,6 +118,7 @@ pub(crate) fn channel_affine(
 /// size, on the CPU kernel; `None` when the tensors do not fit it.
 pub(crate) fn layer_norm(
     x: &Tensor,
+    residual: Option<&Tensor>,
     axis: usize,
     scale: &Tensor,
     bias: Option<&Tensor>,
@@ -125,11 +126,17 @@ pub(crate) fn layer_norm(
 ) -> Result<Option<Tensor>> {
     let d: usize = x.dims()[axis..].iter().product();
     let fits = |t: &Tensor| cpu_f32(t) && t.elem_count() == d;
-    if !(cpu_f32(x) && fits(scale) && bias.is_none_or(fits)) || d == 0 {
+    if !(cpu_f32(x) && fits(scale) && bias.is_none_or(fits))
+        || d == 0
+        || residual.is_some_and(|r| r.dims() != x.dims())
+    {
         return Ok(None);
     }
-    let run = |s: &[&[f32]]| crate::cpu_kernels::layer_norm(s[0], d, s[1], bias.map(|_| s[2]), eps);
-    on_cpu_f32(&[Some(x), Some(scale), bias], run)?
+    let run = |s: &[&[f32]]| {
+        let (res, b) = (residual.map(|_| s[3]), bias.map(|_| s[2]));
+        crate::cpu_kernels::layer_norm(s[0], res, d, s[1], b, eps)
+    };
+    on_cpu_f32(&[Some(x), Some(scale), bias, residual], run)?
         .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
         .transpose()
 }

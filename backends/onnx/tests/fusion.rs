@@ -371,3 +371,39 @@ fn loop_carries_values_and_stacks_scan_outputs() {
     let scans = out["scans"].to_vec2::<f32>().expect("scans");
     assert_eq!(scans, [[1.5, 2.5], [2.0, 3.0], [2.5, 3.5], [3.0, 4.0]]);
 }
+
+#[test]
+fn residual_add_joins_the_layer_norm_after_it() {
+    let nodes = || {
+        vec![
+            node("Add", &["a", "b"], "sum", vec![]),
+            node("LayerNormalization", &["sum", "g", "beta"], "y", vec![]),
+        ]
+    };
+    let inits = || vec![init("g", &[6], 1), init("beta", &[6], 2)];
+    let fused = model(nodes(), inits(), &["a", "b"], &["y"]);
+    // The sum is also a graph output here, so it stays a separate Add.
+    let plain = model(nodes(), inits(), &["a", "b"], &["y", "sum"]);
+    let inputs = HashMap::from([
+        ("a".to_string(), input(&[2, 3, 6])),
+        (
+            "b".to_string(),
+            input(&[2, 3, 6]).affine(0.5, 1.0).expect("b"),
+        ),
+    ]);
+    let (pf, pp) = (
+        Plan::new(&fused, &Device::Cpu).expect("plan"),
+        Plan::new(&plain, &Device::Cpu).expect("plan"),
+    );
+    assert_eq!(pf.step_ops(), ["LayerNormalization"]);
+    assert_eq!(pp.step_ops(), ["Add", "LayerNormalization"]);
+    let (yf, yp) = (
+        &pf.run(inputs.clone()).expect("run")["y"],
+        &pp.run(inputs).expect("run")["y"],
+    );
+    let diff = (yf - yp)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>());
+    assert!(diff.expect("diff") < 1e-5);
+}
