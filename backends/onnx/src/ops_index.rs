@@ -131,6 +131,13 @@ pub fn non_max_suppression(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<T
         .transpose()?
         .and_then(|v| v.first().copied());
     let center = attrs::int(node, "center_point_box", 0) != 0;
+    if boxes.rank() != 3 || scores.rank() != 3 {
+        bail!(
+            "NonMaxSuppression: boxes {:?} and scores {:?} must be 3-D",
+            boxes.dims(),
+            scores.dims()
+        )
+    }
     let (nb, nbox) = (boxes.dims()[0], boxes.dims()[1]);
     let nc = scores.dims()[1];
     if boxes.dims() != [nb, nbox, 4] || scores.dims() != [nb, nc, nbox] {

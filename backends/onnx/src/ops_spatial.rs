@@ -277,6 +277,9 @@ pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> R
         ints("pads", 0, 2 * r),
         ints("strides", 1, r),
     );
+    if dil.len() != r || pads.len() != 2 * r || strides.len() != r || strides.contains(&0) {
+        bail!("Col2Im: dilations, pads and strides must fit {r} spatial dimensions")
+    }
     let (n, ck, l) = x.dims3()?;
     let taps: usize = block.iter().product();
     if block.len() != r || ck % taps != 0 {

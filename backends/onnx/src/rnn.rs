@@ -82,6 +82,14 @@ pub fn recurrent(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>
     let (Some(x), Some(w), Some(r)) = (get(0), get(1), get(2)) else {
         bail!("{op}: needs X, W and R")
     };
+    if w.rank() != 3 || r.rank() != 3 || x.rank() != 3 {
+        bail!(
+            "{op}: X, W and R must be 3-D, got {:?}, {:?}, {:?}",
+            x.dims(),
+            w.dims(),
+            r.dims()
+        )
+    }
     let layout = attrs::int(node, "layout", 0);
     let x = if layout == 1 {
         x.transpose(0, 1)?.contiguous()?
@@ -372,5 +380,14 @@ mod tests {
                 .and_then(|d| d.to_scalar::<f32>());
             assert!(diff.expect("diff") < 1e-5, "{op} Y_h");
         }
+    }
+
+    #[test]
+    fn malformed_weights_are_an_error_not_a_panic() {
+        let x = t(&[2, 1, 3], 1);
+        let flat = t(&[4, 3], 2); // W without its direction axis
+        let r = t(&[1, 4, 4], 3);
+        let got = recurrent(&node("RNN", "forward", 4), &[Some(x), Some(flat), Some(r)]);
+        assert!(got.is_err());
     }
 }

@@ -41,7 +41,7 @@ pub fn dft(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tenso
         bail!("DFT: input missing")
     };
     let rank = x.rank();
-    let comp = x.dims()[rank - 1];
+    let comp = x.dims().last().copied().unwrap_or(0);
     if rank < 2 || !(comp == 1 || comp == 2) {
         bail!(
             "DFT: the last axis must hold 1 (real) or 2 (complex) values, got {:?}",
