@@ -303,6 +303,28 @@ impl ModelManager {
         result
     }
 
+    /// The model's config (read, then auto-completed from the newest selected version's
+    /// files, as Triton does) and the versions its policy selects; the error says why not.
+    fn prepare(
+        &self,
+        name: &str,
+        dir: &Path,
+        config_override: Option<&str>,
+    ) -> Result<(ModelConfig, Vec<i64>), String> {
+        let cfg = read_config(dir, name, config_override).map_err(|e| e.message)?;
+        let versions = select_versions(&cfg, &available_versions(dir));
+        let Some(&newest) = versions.iter().max() else {
+            return Err(format!(
+                "at least one version must be available under the version policy of model '{name}'"
+            ));
+        };
+        let cfg = loader::find_and_open(&cfg.backend, dir, newest, &self.opts.backend_directory)
+            .map_err(|e| CoreError::invalid(e.to_string()))
+            .and_then(|lib| autocomplete(cfg, &lib, dir, newest))
+            .map_err(|e| e.message)?;
+        Ok((cfg, versions))
+    }
+
     fn load_versions(
         &self,
         name: &str,
@@ -321,39 +343,16 @@ impl ModelManager {
             drop(old);
             CoreError::invalid(msg)
         };
-        let cfg = match read_config(dir, name, config_override) {
-            Ok(c) => c,
-            Err(e) => {
+        let (cfg, versions) = match self.prepare(name, dir, config_override) {
+            Ok(prepared) => prepared,
+            Err(msg) => {
                 return Err(fail(
-                    format!("failed to load '{name}': {}", e.message),
+                    format!("failed to load '{name}': {msg}"),
                     vec![],
                     self,
                 ))
             }
         };
-        let versions = select_versions(&cfg, &available_versions(dir));
-        let Some(&newest) = versions.iter().max() else {
-            return Err(fail(
-                format!("failed to load '{name}': at least one version must be available under the version policy of model '{name}'"),
-                vec![],
-                self,
-            ));
-        };
-        // Auto-complete from the newest selected version's files (Triton does the same).
-        let cfg =
-            match loader::find_and_open(&cfg.backend, dir, newest, &self.opts.backend_directory)
-                .map_err(|e| CoreError::invalid(e.to_string()))
-                .and_then(|lib| autocomplete(cfg, &lib, dir, newest))
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    return Err(fail(
-                        format!("failed to load '{name}': {}", e.message),
-                        vec![],
-                        self,
-                    ))
-                }
-            };
         let mut loaded = BTreeMap::new();
         let mut first_error = None;
         for &v in &versions {
