@@ -140,114 +140,94 @@ pub fn tensor_from_proto(t: &candle_onnx::onnx::TensorProto) -> candle_core::Res
     let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
     let n: usize = dims.iter().product();
     let raw = &t.raw_data;
-    fn le<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+    /// Values from `raw_data` (little-endian, `N` bytes each), else from the typed field.
+    fn values<const N: usize, T>(
+        raw: &[u8],
+        decode: impl Fn([u8; N]) -> T,
+        field: impl FnOnce() -> Vec<T>,
+    ) -> Vec<T> {
+        if raw.is_empty() {
+            return field();
+        }
         raw.chunks_exact(N)
-            .map(|c| f(c.try_into().unwrap_or([0; N])))
+            .map(|c| decode(c.try_into().unwrap_or([0; N])))
             .collect()
     }
     let dev = &Device::Cpu;
-    let ints = || t.int32_data.clone();
+    /// The `int32_data` field (where ONNX keeps 8- and 16-bit types), converted.
+    fn ints<T>(d: &[i32], f: impl Fn(i32) -> T) -> Vec<T> {
+        d.iter().map(|&x| f(x)).collect()
+    }
+    let i32s = &t.int32_data;
     let tensor = match t.data_type {
-        1 => {
-            let v = if raw.is_empty() {
-                t.float_data.clone()
-            } else {
-                le(raw, f32::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
-        2 | 9 => {
-            let v: Vec<u8> = if raw.is_empty() {
-                ints().iter().map(|&x| x as u8).collect()
-            } else {
-                raw.clone()
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
+        1 => Tensor::from_vec(
+            values(raw, f32::from_le_bytes, || t.float_data.clone()),
+            n,
+            dev,
+        )?,
+        2 | 9 => Tensor::from_vec(
+            values(raw, |[b]: [u8; 1]| b, || ints(i32s, |x| x as u8)),
+            n,
+            dev,
+        )?,
         3 => {
-            let v: Vec<i16> = if raw.is_empty() {
-                ints().iter().map(|&x| x as i8 as i16).collect()
-            } else {
-                raw.iter().map(|&b| b as i8 as i16).collect()
-            };
+            let v = values(
+                raw,
+                |[b]: [u8; 1]| b as i8 as i16,
+                || ints(i32s, |x| x as i8 as i16),
+            );
             Tensor::from_vec(v, n, dev)?
         }
         4 => {
-            let v: Vec<u32> = if raw.is_empty() {
-                ints().iter().map(|&x| x as u16 as u32).collect()
-            } else {
-                le(raw, |b| u16::from_le_bytes(b) as u32)
-            };
+            let v = values(
+                raw,
+                |b| u16::from_le_bytes(b) as u32,
+                || ints(i32s, |x| x as u16 as u32),
+            );
             Tensor::from_vec(v, n, dev)?
         }
-        5 => {
-            let v: Vec<i16> = if raw.is_empty() {
-                ints().iter().map(|&x| x as i16).collect()
-            } else {
-                le(raw, i16::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
-        6 => {
-            let v = if raw.is_empty() {
-                ints()
-            } else {
-                le(raw, i32::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
-        7 => {
-            let v = if raw.is_empty() {
-                t.int64_data.clone()
-            } else {
-                le(raw, i64::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
+        5 => Tensor::from_vec(
+            values(raw, i16::from_le_bytes, || ints(i32s, |x| x as i16)),
+            n,
+            dev,
+        )?,
+        6 => Tensor::from_vec(
+            values(raw, i32::from_le_bytes, || t.int32_data.clone()),
+            n,
+            dev,
+        )?,
+        7 => Tensor::from_vec(
+            values(raw, i64::from_le_bytes, || t.int64_data.clone()),
+            n,
+            dev,
+        )?,
         10 => {
-            let v: Vec<half::f16> = if raw.is_empty() {
-                ints()
-                    .iter()
-                    .map(|&x| half::f16::from_bits(x as u16))
-                    .collect()
-            } else {
-                le(raw, |b| half::f16::from_bits(u16::from_le_bytes(b)))
-            };
+            let v = values(
+                raw,
+                |b| half::f16::from_bits(u16::from_le_bytes(b)),
+                || ints(i32s, |x| half::f16::from_bits(x as u16)),
+            );
             Tensor::from_vec(v, n, dev)?
         }
-        11 => {
-            let v = if raw.is_empty() {
-                t.double_data.clone()
-            } else {
-                le(raw, f64::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
-        }
+        11 => Tensor::from_vec(
+            values(raw, f64::from_le_bytes, || t.double_data.clone()),
+            n,
+            dev,
+        )?,
         12 => {
-            let v: Vec<u32> = if raw.is_empty() {
-                t.uint64_data.iter().map(|&x| x as u32).collect()
-            } else {
-                le(raw, u32::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
+            let field = || t.uint64_data.iter().map(|&x| x as u32).collect();
+            Tensor::from_vec(values(raw, u32::from_le_bytes, field), n, dev)?
         }
         13 => {
-            let v: Vec<i64> = if raw.is_empty() {
-                t.uint64_data.iter().map(|&x| x as i64).collect()
-            } else {
-                le(raw, i64::from_le_bytes)
-            };
-            Tensor::from_vec(v, n, dev)?
+            let field = || t.uint64_data.iter().map(|&x| x as i64).collect();
+            Tensor::from_vec(values(raw, i64::from_le_bytes, field), n, dev)?
         }
         16 => {
-            let v: Vec<half::bf16> = if raw.is_empty() {
-                ints()
-                    .iter()
-                    .map(|&x| half::bf16::from_bits(x as u16))
-                    .collect()
-            } else {
-                le(raw, |b| half::bf16::from_bits(u16::from_le_bytes(b)))
-            };
+            let v = values(
+                raw,
+                |b| half::bf16::from_bits(u16::from_le_bytes(b)),
+                || ints(i32s, |x| half::bf16::from_bits(x as u16)),
+            );
             Tensor::from_vec(v, n, dev)?
         }
         other => bail!(
