@@ -197,6 +197,23 @@ pub(crate) fn opt(ins: &[Option<Tensor>], i: usize) -> Option<&Tensor> {
     ins.get(i).and_then(Option::as_ref)
 }
 
+/// A tensor's values as f64 on the host (for the operators computed there; exact for every
+/// integer up to 2^53).
+pub fn f64s(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+}
+
+/// Host values shaped `dims`, as a tensor of `like`'s type on `like`'s device.
+pub fn like<T: candle_core::WithDType>(
+    v: Vec<T>,
+    dims: impl Into<candle_core::Shape>,
+    like: &Tensor,
+) -> Result<Tensor> {
+    Tensor::from_vec(v, dims, &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())
+}
+
 /// A small tensor (shapes, axes, indices) as i64 values.
 pub fn i64s(t: &Tensor) -> Result<Vec<i64>> {
     t.to_device(&Device::Cpu)?

@@ -5,17 +5,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
-use crate::ops::{axis, i64s};
-
-fn host(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
-}
-
-fn back(v: Vec<f64>, like: &Tensor, dims: &[usize]) -> Result<Tensor> {
-    Tensor::from_vec(v, dims, &Device::Cpu)?
-        .to_dtype(like.dtype())?
-        .to_device(like.device())
-}
+use crate::ops::{axis, f64s, i64s, like};
 
 /// Combines an existing value with an update per `reduction`.
 fn reduce(reduction: &str, old: f64, new: f64) -> f64 {
@@ -53,7 +43,7 @@ pub fn scatter_elements(
             upd.dims()
         )
     }
-    let (mut out, ix, up) = (host(data)?, i64s(idx)?, host(upd)?);
+    let (mut out, ix, up) = (f64s(data)?, i64s(idx)?, f64s(upd)?);
     let (ds, is) = (strides(data.dims()), strides(idx.dims()));
     let len = data.dims()[a] as i64;
     for (k, (&i, &u)) in ix.iter().zip(&up).enumerate() {
@@ -72,7 +62,7 @@ pub fn scatter_elements(
         }
         out[at] = reduce(&reduction, out[at], u);
     }
-    back(out, data, data.dims())
+    like(out, data.dims(), data)
 }
 
 /// ScatterND: `updates` slices written at the index tuples of `indices`' last axis.
@@ -85,7 +75,7 @@ pub fn scatter_nd(node: &NodeProto, data: &Tensor, idx: &Tensor, upd: &Tensor) -
             data.rank()
         )
     }
-    let (mut out, ix, up) = (host(data)?, i64s(idx)?, host(upd)?);
+    let (mut out, ix, up) = (f64s(data)?, i64s(idx)?, f64s(upd)?);
     let ds = strides(data.dims());
     let slice: usize = data.dims()[q..].iter().product();
     for (t, tuple) in ix.chunks(q.max(1)).enumerate().take(ix.len() / q.max(1)) {
@@ -103,7 +93,7 @@ pub fn scatter_nd(node: &NodeProto, data: &Tensor, idx: &Tensor, upd: &Tensor) -
             out[at + j] = reduce(&reduction, out[at + j], u);
         }
     }
-    back(out, data, data.dims())
+    like(out, data.dims(), data)
 }
 
 /// NonMaxSuppression: per batch and class, boxes by descending score, each kept unless it
@@ -120,14 +110,14 @@ pub fn non_max_suppression(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<T
     };
     let scalar = |i: usize, default: f64| -> Result<f64> {
         Ok(match get(i) {
-            Some(t) => *host(t)?.first().unwrap_or(&default),
+            Some(t) => *f64s(t)?.first().unwrap_or(&default),
             None => default,
         })
     };
     let max_out = scalar(2, 0.0)?.max(0.0) as usize;
     let iou_max = scalar(3, 0.0)?;
     let min_score = get(4)
-        .map(host)
+        .map(f64s)
         .transpose()?
         .and_then(|v| v.first().copied());
     let center = attrs::int(node, "center_point_box", 0) != 0;
@@ -147,7 +137,7 @@ pub fn non_max_suppression(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<T
             scores.dims()
         )
     }
-    let (bv, sv) = (host(boxes)?, host(scores)?);
+    let (bv, sv) = (f64s(boxes)?, f64s(scores)?);
     // Corners (y1, x1, y2, x2), ordered.
     let corners = |b: usize, i: usize| {
         let p = &bv[(b * nbox + i) * 4..(b * nbox + i) * 4 + 4];
@@ -328,9 +318,9 @@ pub fn nll_loss(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     if x.rank() < 2 {
         bail!("NegativeLogLikelihoodLoss: input must be [N, C, ...]")
     }
-    let w = get(2).map(host).transpose()?;
-    let (loss, shape) = nll(node, &host(x)?, x.dims(), &i64s(t)?, w.as_deref())?;
-    back(loss, x, &shape)
+    let w = get(2).map(f64s).transpose()?;
+    let (loss, shape) = nll(node, &f64s(x)?, x.dims(), &i64s(t)?, w.as_deref())?;
+    like(loss, shape, x)
 }
 
 /// SoftmaxCrossEntropyLoss(scores, labels, weights?): NLL of log-softmax over axis 1;
@@ -345,7 +335,7 @@ pub fn softmax_cross_entropy(node: &NodeProto, ins: &[Option<Tensor>]) -> Result
     }
     let (n, c) = (x.dims()[0], x.dims()[1]);
     let inner: usize = x.dims()[2..].iter().product();
-    let mut lp = host(x)?;
+    let mut lp = f64s(x)?;
     for i in 0..n {
         for j in 0..inner {
             let at = |k: usize| (i * c + k) * inner + j;
@@ -354,9 +344,9 @@ pub fn softmax_cross_entropy(node: &NodeProto, ins: &[Option<Tensor>]) -> Result
             (0..c).for_each(|k| lp[at(k)] -= lse);
         }
     }
-    let w = get(2).map(host).transpose()?;
+    let w = get(2).map(f64s).transpose()?;
     let (loss, shape) = nll(node, &lp, x.dims(), &i64s(t)?, w.as_deref())?;
-    Ok(vec![back(loss, x, &shape)?, back(lp, x, x.dims())?])
+    Ok(vec![like(loss, shape, x)?, like(lp, x.dims(), x)?])
 }
 
 /// `t − zero_point` in f64; a 1-D zero point applies along `axis` of `t` (rows of A: the

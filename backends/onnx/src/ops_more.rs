@@ -143,7 +143,7 @@ pub fn top_k(node: &NodeProto, x: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
     let k = k as usize;
     let moved = x.transpose(a, x.rank() - 1)?.contiguous()?;
     let rows = moved.elem_count() / d.max(1);
-    let data: Vec<f64> = moved.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f64> = crate::ops::f64s(&moved)?;
     let (mut vals, mut idxs) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
     for row in data.chunks(d.max(1)).take(rows) {
         let mut order: Vec<usize> = (0..d).collect();
@@ -329,7 +329,7 @@ pub fn det(x: &Tensor) -> Result<Tensor> {
         bail!("Det: expected [..., M, M], got {:?}", x.dims())
     }
     let m = x.dims()[r - 1];
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let dets: Vec<f64> = v
         .chunks(m * m)
         .map(|a| {
@@ -359,9 +359,7 @@ pub fn det(x: &Tensor) -> Result<Tensor> {
             det
         })
         .collect();
-    Tensor::from_vec(dets, &x.dims()[..r - 2], &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(dets, &x.dims()[..r - 2], x)
 }
 
 /// Unique: the distinct elements (or slices along `axis`), sorted or in order of first
@@ -377,7 +375,7 @@ pub fn unique(node: &NodeProto, x: &Tensor) -> Result<Vec<Tensor>> {
     let moved = t.transpose(0, a)?.contiguous()?;
     let rows = moved.dim(0)?;
     let width = moved.elem_count() / rows.max(1);
-    let v: Vec<f64> = moved.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(&moved)?;
     let row = |i: usize| &v[i * width..(i + 1) * width];
     let cmp = |i: usize, j: usize| {
         row(i)

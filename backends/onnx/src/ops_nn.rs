@@ -10,11 +10,9 @@ use crate::ops::{axis, i64s};
 
 /// `f` on every value, computed in f64 on the host, back in `x`'s type and device.
 pub fn host_map(x: &Tensor, f: impl Fn(f64) -> f64) -> Result<Tensor> {
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let out: Vec<f64> = v.into_iter().map(f).collect();
-    Tensor::from_vec(out, x.dims(), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, x.dims(), x)
 }
 
 /// One-input functions by name (those candle lacks), or `None`.
@@ -51,7 +49,7 @@ pub fn unary(node: &NodeProto, x: &Tensor) -> Result<Option<Tensor>> {
 
 /// IsNaN as a boolean (U8) tensor.
 pub fn is_nan(x: &Tensor) -> Result<Tensor> {
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let out: Vec<u8> = v.iter().map(|v| v.is_nan() as u8).collect();
     Tensor::from_vec(out, x.dims(), &Device::Cpu)?.to_device(x.device())
 }
@@ -65,7 +63,7 @@ pub fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
 /// Normalises `x` over the dimensions from `from` on within each group of rows:
 /// `(x − mean) / √(var + eps)`, in f64.
 fn normalise(x: &Tensor, rows: usize, eps: f64) -> Result<Vec<f64>> {
-    let mut v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let mut v: Vec<f64> = crate::ops::f64s(x)?;
     let width = v.len() / rows.max(1);
     if width == 0 {
         return Ok(v);
@@ -183,7 +181,7 @@ pub fn depth_space(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
 
 /// NonZero: the coordinates of non-zero values, `[rank, count]` int64.
 pub fn non_zero(x: &Tensor) -> Result<Tensor> {
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let dims = x.dims();
     let hits: Vec<usize> = (0..v.len()).filter(|&i| v[i] != 0.0).collect();
     let r = dims.len().max(1);
@@ -206,7 +204,7 @@ pub fn gather_nd(node: &NodeProto, data: &Tensor, idx: &Tensor) -> Result<Tensor
     if bd + q > dd.len() || id.len() < bd + 1 || dd[..bd] != id[..bd] {
         bail!("GatherND: indices {id:?} do not fit data {dd:?} with batch_dims {bd}")
     }
-    let v: Vec<f64> = data.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(data)?;
     let ix = i64s(idx)?;
     let batches: usize = dd[..bd].iter().product();
     let per_batch_data: usize = dd[bd..].iter().product();
@@ -231,9 +229,7 @@ pub fn gather_nd(node: &NodeProto, data: &Tensor, idx: &Tensor) -> Result<Tensor
     }
     let mut shape = id[..id.len() - 1].to_vec();
     shape.extend(&dd[bd + q..]);
-    Tensor::from_vec(out, shape, &Device::Cpu)?
-        .to_dtype(data.dtype())?
-        .to_device(data.device())
+    crate::ops::like(out, shape, data)
 }
 
 /// EyeLike: ones on the `k`-th diagonal of a 2-D tensor shaped like `x`.
@@ -302,9 +298,7 @@ pub fn bitwise(node: &NodeProto, a: &Tensor, b: Option<&Tensor>) -> Result<Tenso
             _ => !p & mask, // BitwiseNot
         })
         .collect();
-    Tensor::from_vec(out, dims, &Device::Cpu)?
-        .to_dtype(a.dtype())?
-        .to_device(a.device())
+    crate::ops::like(out, dims, a)
 }
 
 /// LpPool: the p-norm over each window (`p` attribute, default 2).
@@ -323,7 +317,5 @@ pub fn lp_pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
         .collect();
     let mut dims = x.dims()[..2].to_vec();
     dims.extend(&w.output);
-    Tensor::from_vec(sums, dims, &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(sums, dims, x)
 }

@@ -1,7 +1,7 @@
 //! Spatial sampling and rearrangement operators of detection and spatial-transformer
 //! models: GridSample, AffineGrid, RoiAlign, MaxUnpool and Col2Im. They run on the host in
 //! f64 and convert back.
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
@@ -29,8 +29,8 @@ pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor
         dims.iter().product::<usize>(),
         outs.iter().product::<usize>(),
     );
-    let xv: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let gv: Vec<f64> = grid.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let xv: Vec<f64> = crate::ops::f64s(x)?;
+    let gv: Vec<f64> = crate::ops::f64s(grid)?;
     let (lo, hi): (Vec<f64>, Vec<f64>) = dims
         .iter()
         .map(|&d| {
@@ -170,9 +170,7 @@ pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor
     }
     let mut shape = vec![n, c];
     shape.extend(outs);
-    Tensor::from_vec(out, shape, &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, shape, x)
 }
 
 /// AffineGrid(theta [n, r, r+1], size [n, c, spatial...]): the sampling grid
@@ -189,7 +187,7 @@ pub fn affine_grid(node: &NodeProto, theta: &Tensor, size: &Tensor) -> Result<Te
     }
     let align = attrs::int(node, "align_corners", 0) != 0;
     let spatial = &size[2..];
-    let th: Vec<f64> = theta.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let th: Vec<f64> = crate::ops::f64s(theta)?;
     // Normalised coordinate of index i of an axis of length len.
     let coord = |i: usize, len: usize| {
         if align {
@@ -223,9 +221,7 @@ pub fn affine_grid(node: &NodeProto, theta: &Tensor, size: &Tensor) -> Result<Te
     let mut shape = vec![n];
     shape.extend(spatial);
     shape.push(r);
-    Tensor::from_vec(out, shape, &Device::Cpu)?
-        .to_dtype(theta.dtype())?
-        .to_device(theta.device())
+    crate::ops::like(out, shape, theta)
 }
 
 /// MaxUnpool(x, indices, output_shape?): zeros with each value of `x` written at its flat
@@ -248,7 +244,7 @@ pub fn max_unpool(
         }
     };
     let total: usize = shape.iter().product();
-    let vals: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let vals: Vec<f64> = crate::ops::f64s(x)?;
     let mut out = vec![0f64; total];
     for (&i, &v) in i64s(idx)?.iter().zip(&vals) {
         match usize::try_from(i).ok().filter(|&i| i < total) {
@@ -256,9 +252,7 @@ pub fn max_unpool(
             None => bail!("MaxUnpool: index {i} outside the output of {total} values"),
         }
     }
-    Tensor::from_vec(out, shape, &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, shape, x)
 }
 
 /// Col2Im(input [n, c·prod(block), l], image_shape, block_shape): the blocks summed back
@@ -293,7 +287,7 @@ pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> R
     if counts.iter().product::<usize>() != l {
         bail!("Col2Im: {l} blocks do not fit image {image:?}")
     }
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let size: usize = image.iter().product();
     let mut out = vec![0f64; n * c * size];
     for b in 0..n {
@@ -330,9 +324,7 @@ pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> R
     }
     let mut shape = vec![n, c];
     shape.extend(&image);
-    Tensor::from_vec(out, shape, &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, shape, x)
 }
 
 /// RoiAlign(x [n, c, h, w], rois [r, 4] (x1, y1, x2, y2), batch_indices [r]) → `[r, c,
@@ -350,8 +342,8 @@ pub fn roi_align(node: &NodeProto, x: &Tensor, rois: &Tensor, batch: &Tensor) ->
     let scale = attrs::float(node, "spatial_scale", 1.0) as f64;
     let half = attrs::string(node, "coordinate_transformation_mode", "half_pixel") == "half_pixel";
     let max_mode = attrs::string(node, "mode", "avg") == "max";
-    let xv: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let rv: Vec<f64> = rois.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let xv: Vec<f64> = crate::ops::f64s(x)?;
+    let rv: Vec<f64> = crate::ops::f64s(rois)?;
     let bv = i64s(batch)?;
     let mut out = vec![0f64; r * c * oh * ow];
     let offset = if half { 0.5 } else { 0.0 };
@@ -452,7 +444,5 @@ pub fn roi_align(node: &NodeProto, x: &Tensor, rois: &Tensor, batch: &Tensor) ->
             }
         }
     }
-    Tensor::from_vec(out, (r, c, oh, ow), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, (r, c, oh, ow), x)
 }

@@ -2,7 +2,7 @@
 //! strides, dilations, explicit pads, `auto_pad` (`SAME_UPPER`, `SAME_LOWER`, `VALID`),
 //! `ceil_mode` and `count_include_pad`. Values are computed in f32 per (image, channel)
 //! plane, planes split over threads.
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 use rayon::prelude::*;
 
@@ -205,9 +205,7 @@ pub fn pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
     let out = w.pool(&data, planes, op == "MaxPool", include_pad);
     let mut dims = x.dims()[..2].to_vec();
     dims.extend(&w.output);
-    Tensor::from_vec(out, dims, &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, dims, x)
 }
 
 #[cfg(test)]

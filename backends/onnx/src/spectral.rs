@@ -75,7 +75,7 @@ pub fn dft(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tenso
     // Move the axis next to the complex axis: [outer, len, comp].
     let moved = x.transpose(a, rank - 2)?.contiguous()?;
     let mdims = moved.dims().to_vec();
-    let v: Vec<f64> = moved.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(&moved)?;
     let outer = v.len() / (len * comp).max(1);
     let mut out = Vec::with_capacity(outer * keep * 2);
     for o in 0..outer {
@@ -130,7 +130,7 @@ pub fn stft(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     } else {
         frame
     };
-    let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f64> = crate::ops::f64s(x)?;
     let mut out = Vec::with_capacity(batch * frames * keep * 2);
     for b in 0..batch {
         for f in 0..frames {
@@ -149,7 +149,5 @@ pub fn stft(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(out, (batch, frames, keep, 2), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    crate::ops::like(out, (batch, frames, keep, 2), x)
 }
