@@ -107,13 +107,20 @@ fn run_one(dir: &Path) -> Outcome {
     })
 }
 
-#[test]
-fn onnx_node_tests() {
+/// `$KILN_ONNX_TESTS/<sub>`, or `None` (with a note) when the test data is not fetched.
+fn test_data(sub: &str) -> Option<std::path::PathBuf> {
     let Some(root) = std::env::var_os("KILN_ONNX_TESTS") else {
         eprintln!("KILN_ONNX_TESTS is not set (cargo xtask test fetches the onnx wheel's test data): skipped");
+        return None;
+    };
+    Some(Path::new(&root).join(sub))
+}
+
+#[test]
+fn onnx_node_tests() {
+    let Some(node) = test_data("node") else {
         return;
     };
-    let node = Path::new(&root).join("node");
     let mut cases: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&node)
         .expect("node test folder")
         .filter_map(|e| e.ok())
@@ -219,11 +226,9 @@ fn run_light(model_path: &Path) -> Outcome {
 
 #[test]
 fn onnx_light_models() {
-    let Some(root) = std::env::var_os("KILN_ONNX_TESTS") else {
-        eprintln!("KILN_ONNX_TESTS is not set: skipped");
+    let Some(light) = test_data("light") else {
         return;
     };
-    let light = Path::new(&root).join("light");
     let mut cases: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&light)
         .expect("light model folder")
         .filter_map(|e| e.ok())
