@@ -371,29 +371,23 @@ pub fn roi_align(node: &NodeProto, x: &Tensor, rois: &Tensor, batch: &Tensor) ->
             (rw / ow as f64).ceil() as usize
         };
         let count = (gh * gw).max(1) as f64;
+        // Along one axis of `len`: the two neighbouring indices and the weight of the second
+        // (a coordinate past the last index sticks to it).
+        let axis = |v: f64, len: usize| {
+            let v = v.max(0.0);
+            let lo = v.floor() as usize;
+            if lo >= len - 1 {
+                (len - 1, len - 1, 0.0)
+            } else {
+                (lo, lo + 1, v - lo as f64)
+            }
+        };
         // Bilinear corners and weights of one sample (None outside the image).
         let corners = |yy: f64, xx: f64| -> Option<[(usize, f64); 4]> {
             if yy < -1.0 || yy > h as f64 || xx < -1.0 || xx > w as f64 {
                 return None;
             }
-            let (mut y, mut xq) = (yy.max(0.0), xx.max(0.0));
-            let (mut y0, mut x0) = (y.floor() as usize, xq.floor() as usize);
-            let (y1, x1);
-            if y0 >= h - 1 {
-                y0 = h - 1;
-                y1 = h - 1;
-                y = y0 as f64;
-            } else {
-                y1 = y0 + 1;
-            }
-            if x0 >= w - 1 {
-                x0 = w - 1;
-                x1 = w - 1;
-                xq = x0 as f64;
-            } else {
-                x1 = x0 + 1;
-            }
-            let (ly, lx) = (y - y0 as f64, xq - x0 as f64);
+            let ((y0, y1, ly), (x0, x1, lx)) = (axis(yy, h), axis(xx, w));
             let (hy, hx) = (1.0 - ly, 1.0 - lx);
             Some([
                 (y0 * w + x0, hy * hx),
