@@ -64,14 +64,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{:.3}", times[times.len() / 2]);
     // Where the time goes: one profiled run, top operators by time (stderr).
     let mut profile = HashMap::new();
-    plan.run_profiled(inputs, Some(&mut profile))?;
+    // KILN_PROFILE_SHAPES=1: per operator and shape, with GFLOP/s for convolutions.
+    let by_shape = std::env::var_os("KILN_PROFILE_SHAPES").is_some();
+    plan.run_profiled(inputs, Some(&mut profile), by_shape)?;
     let mut ops: Vec<_> = profile.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let top: Vec<String> = ops
         .iter()
-        .take(12)
+        .take(if by_shape { 60 } else { 12 })
         .map(|(op, (ms, n))| format!("{op} {ms:.1} ms/{n}"))
         .collect();
-    eprintln!("{}", top.join(", "));
+    eprintln!("{}", top.join(if by_shape { "\n" } else { ", " }));
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! input plane already is the right-hand matrix.
 use gemm::Parallelism;
 
-use crate::sgemm::{Base, Epilogue, Rhs, SharedOut};
+use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (2-D, NCHW).
@@ -55,27 +55,25 @@ impl Conv2d {
         ])
     }
 
-    fn is_pointwise(&self) -> bool {
-        self.kernel == [1, 1] && self.stride == [1, 1] && self.pads == [0; 4]
-    }
-
-    /// Runs the convolution: `x` is `[b, ic, h, w]`, `weight` `[oc, ic/groups, kh, kw]`,
-    /// `bias` `[oc]`, `residual` (added to the result) `[b, oc, oh, ow]`; `relu` clamps the
-    /// result at zero last. Returns `[b, oc, oh, ow]`. The caller checks the shapes.
+    /// Runs the convolution: `x` is `[b, ic, h, w]`, `weight` `[oc, ic/groups, kh, kw]`
+    /// (or packed, see [`Weight`]), `bias` `[oc]`, `residual` (added to the result) `[b,
+    /// oc, oh, ow]`; `relu` clamps the result at zero last. Returns `[b, oc, oh, ow]`. The
+    /// caller checks the shapes.
     ///
     /// The work is cut into tiles of output pixels (and, when there are few tiles, of output
     /// channels); each tile builds its own small im2col block, which stays in cache, and runs
     /// one single-threaded matrix product into its part of the output. Tiles run in parallel.
+    /// A packed weight on a small map (≤ 256 pixels) takes [`Conv2d::run_packed`].
     pub fn run(
         &self,
         x: &[f32],
-        weight: &[f32],
+        weight: Weight<'_>,
         bias: Option<&[f32]>,
         residual: Option<&[f32]>,
         relu: bool,
         threads: usize,
     ) -> Vec<f32> {
-        let [b, ic, h, w] = self.input;
+        let [b, ic, _, _] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
             return Vec::new();
         };
@@ -84,6 +82,15 @@ impl Conv2d {
         let (icg, ocg) = (ic / g, oc / g);
         let k = icg * self.kernel[0] * self.kernel[1];
         let fast = crate::sgemm::available();
+        if let Weight::Packed(p) = weight {
+            if !fast || g != 1 {
+                let dense = unpack_weight(p, oc, k);
+                return self.run(x, Weight::Dense(&dense), bias, residual, relu, threads);
+            }
+            if n <= 256 {
+                return self.run_packed(x, p, bias, residual, relu, threads);
+            }
+        }
         // The AVX2 kernel starts each output block from the residual and bias itself; the
         // gemm crate adds to what is there, so it gets them written in first.
         let mut out = match residual {
@@ -113,9 +120,15 @@ impl Conv2d {
         } else {
             (2 * threads).div_ceil(jobs).min(ocg.div_ceil(8)).max(1)
         };
-        let rows = ocg.div_ceil(parts);
+        // Packed weights come in 16-channel blocks, which a channel range must not split.
+        let rows = match weight {
+            Weight::Packed(_) => ocg.div_ceil(parts).next_multiple_of(PANEL),
+            Weight::Dense(_) => ocg.div_ceil(parts),
+        };
         let dst = SharedOut(out.as_mut_ptr());
-        let job = |col: &mut Vec<f32>, j: usize| {
+        let (xp, plane) = self.padded(x);
+        let taps = self.taps();
+        let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
             let (ti, pi) = (rest / parts, rest % parts);
@@ -126,24 +139,28 @@ impl Conv2d {
             if m0 >= m1 {
                 return;
             }
-            let src = &x[(bi * ic + gi * icg) * h * w..][..icg * h * w];
-            let (rhs, rhs_rs): (&[f32], usize) = if self.is_pointwise() {
-                (&src[p0..], h * w)
-            } else {
-                col.resize(k * (p1 - p0), 0.0);
-                self.im2col(src, [p0, p1], ow, col);
-                (col, p1 - p0)
+            let src = &xp[(bi * g + gi) * icg * plane..][..icg * plane];
+            // The columns this job reads, packed into 16-column panels (`[k, 16]` each,
+            // contiguous): rows of a strided plane would all fall in a few cache sets.
+            let width = p1 - p0;
+            col.0.resize(k * width.div_ceil(PANEL) * PANEL, 0.0);
+            self.pixel_offsets([p0, p1], &mut col.1);
+            pack_patches::<PANEL>(src, &taps, &col.1, &mut col.0);
+            let col = &col.0;
+            // Dense rows of this job's channels (a packed weight is read below instead).
+            let lhs = match weight {
+                Weight::Dense(wt) => &wt[(gi * ocg + m0) * k..][..(m1 - m0) * k],
+                Weight::Packed(_) => &[][..],
             };
-            let lhs = &weight[(gi * ocg + m0) * k..][..(m1 - m0) * k];
             let at = (bi * oc + gi * ocg + m0) * n + p0;
             // SAFETY: this job writes rows m0..m1, columns p0..p1 of its image and group's
             // [ocg, n] output block (row stride n) and no other job touches them; lhs is
             // [m1-m0, k] and rhs [k, p1-p0] with row stride rhs_rs, all in bounds.
             unsafe {
                 if fast {
-                    let rhs = Rhs::Rows {
-                        ptr: rhs.as_ptr(),
-                        ldb: rhs_rs,
+                    let rhs = Rhs::Panels {
+                        ptr: col.as_ptr(),
+                        k,
                     };
                     let e = Epilogue {
                         base: match residual {
@@ -158,29 +175,43 @@ impl Conv2d {
                         relu,
                     };
                     let (m, cols) = (m1 - m0, p1 - p0);
-                    crate::sgemm::sgemm(m, cols, k, lhs.as_ptr(), k, rhs, dst.at(at), n, e);
+                    let a = match weight {
+                        Weight::Dense(_) => Lhs::Rows {
+                            ptr: lhs.as_ptr(),
+                            lda: k,
+                        },
+                        Weight::Packed(p) => Lhs::Blocks {
+                            ptr: p[m0 * k..].as_ptr(),
+                            k,
+                            bw: PANEL,
+                        },
+                    };
+                    crate::sgemm::sgemm(m, cols, k, a, rhs, Out::rows(dst.at(at), n), e);
                 } else {
-                    gemm::gemm(
-                        m1 - m0,
-                        p1 - p0,
-                        k,
-                        dst.at(at),
-                        1,
-                        n as isize,
-                        true,
-                        lhs.as_ptr(),
-                        1,
-                        k as isize,
-                        rhs.as_ptr(),
-                        1,
-                        rhs_rs as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    // One product per 16-column panel (the gemm crate takes plain strides).
+                    for (pi, panel) in col.chunks(16 * k).enumerate().take(width.div_ceil(16)) {
+                        gemm::gemm(
+                            m1 - m0,
+                            16.min(width - pi * 16),
+                            k,
+                            dst.at(at + pi * 16),
+                            1,
+                            n as isize,
+                            true,
+                            lhs.as_ptr(),
+                            1,
+                            k as isize,
+                            panel.as_ptr(),
+                            1,
+                            16,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
                 }
                 if relu && !fast {
                     for r in 0..m1 - m0 {
@@ -197,62 +228,213 @@ impl Conv2d {
         if threads > 1 && total > 1 && macs >= 256 * 1024 {
             (0..total)
                 .into_par_iter()
-                .for_each_init(Vec::new, |col, j| job(col, j));
+                .for_each_init(Default::default, |col, j| job(col, j));
         } else {
-            let mut col = Vec::new();
+            let mut col = Default::default();
             (0..total).for_each(|j| job(&mut col, j));
         }
         out
     }
 
-    /// Fills `col` (`[icg·kh·kw, p1-p0]`) with the patches of output pixels `p0..p1` of one
-    /// image's channel group `src` (`[icg, h, w]`).
-    fn im2col(&self, src: &[f32], [p0, p1]: [usize; 2], ow: usize, col: &mut [f32]) {
-        let [_, _, h, w] = self.input;
+    /// [`Conv2d::run`] for one channel group with the weight packed by [`pack_weight`]:
+    /// the product runs with output pixels as rows and output channels as columns, so a
+    /// small feature map (7×7 = 49 pixels) fills whole 6-row register tiles where it would
+    /// leave a 16-pixel panel mostly empty, and each job's patches are packed in 6-pixel
+    /// slivers that stream in order. Jobs are tiles of at most 96 pixels (each weight panel
+    /// is read once per tile) and, when those are few, ranges of output channels.
+    #[allow(clippy::too_many_arguments)]
+    fn run_packed(
+        &self,
+        x: &[f32],
+        panels: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        relu: bool,
+        threads: usize,
+    ) -> Vec<f32> {
+        let [b, ic, _, _] = self.input;
+        let Some([oh, ow]) = self.out_hw() else {
+            return Vec::new();
+        };
+        let (oc, n) = (self.out_channels, oh * ow);
+        let k = ic * self.kernel[0] * self.kernel[1];
+        let mut out = vec![0f32; b * oc * n];
+        if n == 0 || oc == 0 {
+            return out;
+        }
+        let slivers = n.div_ceil(SLIVER);
+        let tiles = n.div_ceil(96);
+        let oc_panels = oc.div_ceil(PANEL);
+        let parts = if b * tiles >= 2 * threads {
+            1
+        } else {
+            (2 * threads).div_ceil(b * tiles).min(oc_panels)
+        };
+        let dst = SharedOut(out.as_mut_ptr());
+        let (xp, plane) = self.padded(x);
+        let taps = self.taps();
+        let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
+            let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
+            // Tile ti holds slivers ti·slivers/tiles .. (ti+1)·slivers/tiles.
+            let r0 = ti * slivers / tiles * SLIVER;
+            let r1 = ((ti + 1) * slivers / tiles * SLIVER).min(n);
+            let (pa, pb) = (pi * oc_panels / parts, (pi + 1) * oc_panels / parts);
+            let (c0, c1) = (pa * PANEL, (pb * PANEL).min(oc));
+            if r0 >= r1 || c0 >= c1 {
+                return;
+            }
+            let src = &xp[bi * ic * plane..][..ic * plane];
+            let width = r1 - r0;
+            col.0.resize(k * width.div_ceil(SLIVER) * SLIVER, 0.0);
+            self.pixel_offsets([r0, r1], &mut col.1);
+            pack_patches::<SLIVER>(src, &taps, &col.1, &mut col.0);
+            let col = &col.0;
+            let at = (bi * oc + c0) * n + r0;
+            let e = Epilogue {
+                base: match residual {
+                    Some(res) => Base::Other {
+                        ptr: res[at..].as_ptr(),
+                        ld: 1,
+                    },
+                    None => Base::Zero,
+                },
+                row_bias: None,
+                col_bias: bias.map(|v| v[c0..].as_ptr()),
+                relu,
+            };
+            let a = Lhs::Blocks {
+                ptr: col.as_ptr(),
+                k,
+                bw: SLIVER,
+            };
+            let rhs = Rhs::Panels {
+                ptr: panels[pa * k * PANEL..].as_ptr(),
+                k,
+            };
+            let c = Out {
+                ptr: dst.at(at),
+                rs: 1,
+                cs: n,
+            };
+            // SAFETY: this job writes pixels r0..r1 of channels c0..c1 of image bi (an
+            // NCHW block: pixel stride 1, channel stride n) and no other job touches them;
+            // col holds the job's slivers and panels the packed [k, oc] weight.
+            unsafe { crate::sgemm::sgemm(width, c1 - c0, k, a, rhs, c, e) };
+        };
+        let total = b * tiles * parts;
+        if threads > 1 && total > 1 && b * oc * n * k >= 256 * 1024 {
+            (0..total)
+                .into_par_iter()
+                .for_each_init(Default::default, |col, j| job(col, j));
+        } else {
+            let mut col = Default::default();
+            (0..total).for_each(|j| job(&mut col, j));
+        }
+        out
+    }
+
+    /// The input with its padding written out as zeros (`[b, ic, hp, wp]`) and the size of
+    /// one padded plane; the input itself when there is no padding.
+    fn padded<'x>(&self, x: &'x [f32]) -> (std::borrow::Cow<'x, [f32]>, usize) {
+        let [b, ic, h, w] = self.input;
+        let [pt, pl, pb, pr] = self.pads;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        if self.pads == [0; 4] {
+            return (x.into(), h * w);
+        }
+        let mut out = vec![0f32; b * ic * hp * wp];
+        for (dst, src) in out.chunks_mut(hp * wp).zip(x.chunks(h * w)) {
+            for (y, line) in src.chunks(w).enumerate() {
+                dst[(y + pt) * wp + pl..][..w].copy_from_slice(line);
+            }
+        }
+        (out.into(), hp * wp)
+    }
+
+    /// For each row of the patch matrix (input channel of a group, kernel row, kernel
+    /// column), where its tap starts in the padded input of one group.
+    fn taps(&self) -> Vec<usize> {
+        let [_, ic, h, w] = self.input;
+        let [pt, pl, pb, pr] = self.pads;
+        let wp = w + pl + pr;
+        let plane = (h + pt + pb) * wp;
         let [kh, kw] = self.kernel;
-        let [sy, sx] = self.stride;
-        for (r, row) in col.chunks_mut(p1 - p0).enumerate() {
-            let (c, ki, kj) = (r / (kh * kw), (r / kw) % kh, r % kw);
-            let plane = &src[c * h * w..][..h * w];
-            let dy = (ki * self.dilation[0]) as isize - self.pads[0] as isize;
-            let dx = (kj * self.dilation[1]) as isize - self.pads[1] as isize;
-            for oy in p0 / ow..=(p1 - 1) / ow {
-                let lo = if oy == p0 / ow { p0 % ow } else { 0 };
-                let hi = if oy == (p1 - 1) / ow {
-                    (p1 - 1) % ow + 1
-                } else {
-                    ow
-                };
-                let out = &mut row[oy * ow + lo - p0..oy * ow + hi - p0];
-                let iy = (oy * sy) as isize + dy;
-                if iy < 0 || iy >= h as isize {
-                    out.fill(0.0);
-                    continue;
+        let mut taps = Vec::with_capacity(ic / self.groups * kh * kw);
+        for c in 0..ic / self.groups {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    taps.push(c * plane + ki * self.dilation[0] * wp + kj * self.dilation[1]);
                 }
-                let line = &plane[iy as usize * w..][..w];
-                if sx == 1 {
-                    // Contiguous: zeros left of the image, one copy, zeros right of it.
-                    let a = (-dx).clamp(lo as isize, hi as isize) as usize;
-                    let z = (w as isize - dx).clamp(a as isize, hi as isize) as usize;
-                    out[..a - lo].fill(0.0);
-                    if z > a {
-                        let start = (a as isize + dx) as usize;
-                        out[a - lo..z - lo].copy_from_slice(&line[start..start + z - a]);
-                    }
-                    out[z - lo..].fill(0.0);
-                } else {
-                    for (o, ox) in out.iter_mut().zip(lo..hi) {
-                        let ix = (ox * sx) as isize + dx;
-                        *o = if ix >= 0 && ix < w as isize {
-                            line[ix as usize]
-                        } else {
-                            0.0
-                        };
-                    }
+            }
+        }
+        taps
+    }
+
+    /// Where output pixels `p0..p1` read the padded input, relative to a tap.
+    fn pixel_offsets(&self, [p0, p1]: [usize; 2], offs: &mut Vec<usize>) {
+        let wp = self.input[3] + self.pads[1] + self.pads[3];
+        let ow = self.out_hw().map_or(1, |[_, ow]| ow.max(1));
+        offs.clear();
+        offs.extend((p0..p1).map(|q| (q / ow) * self.stride[0] * wp + (q % ow) * self.stride[1]));
+    }
+}
+
+/// Packs the patch matrix (`[taps, pixels]`: row `r`, column `q` is `src[taps[r] +
+/// offs[q]]`) into blocks of `BW` columns, as [`to_blocks`] lays them out. A whole block of
+/// neighbouring pixels (one output row, stride 1) is one fixed-size copy.
+fn pack_patches<const BW: usize>(src: &[f32], taps: &[usize], offs: &[usize], blocks: &mut [f32]) {
+    let k = taps.len();
+    for (bi, o) in offs.chunks(BW).enumerate() {
+        let out = &mut blocks[bi * k * BW..][..k * BW];
+        let n = o.len();
+        if n == BW && o[n - 1] - o[0] == n - 1 {
+            for (dst, &t) in out.chunks_exact_mut(BW).zip(taps) {
+                let dst: &mut [f32; BW] = dst.try_into().expect("chunks_exact_mut yields BW");
+                let from: &[f32; BW] = src[t + o[0]..][..BW].try_into().expect("BW long");
+                *dst = *from;
+            }
+        } else {
+            for (dst, &t) in out.chunks_exact_mut(BW).zip(taps) {
+                for (d, &q) in dst.iter_mut().zip(o) {
+                    *d = src[t + q];
                 }
             }
         }
     }
+}
+
+/// A convolution's weight as [`Conv2d::run`] takes it.
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    /// `[oc, ic/groups, kh, kw]`, as ONNX stores it.
+    Dense(&'a [f32]),
+    /// From [`pack_weight`] (one group only).
+    Packed(&'a [f32]),
+}
+
+/// A convolution weight `[oc, k]` (k = input channels × kernel height × width) packed for
+/// [`Conv2d::run`]: transposed to `[k, oc]`, in 16-channel panels, which serve as the
+/// right-hand panels of a product over pixel rows and (per 16-channel block) as the
+/// left-hand blocks of a product over pixel columns.
+pub fn pack_weight(weight: &[f32], oc: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; oc.div_ceil(PANEL) * k * PANEL];
+    to_blocks(&mut out, PANEL, k, oc, |r, row| {
+        for (co, v) in row.iter_mut().enumerate() {
+            *v = weight[co * k + r];
+        }
+    });
+    out
+}
+
+/// The `[oc, k]` weight back from [`pack_weight`]'s panels.
+pub fn unpack_weight(panels: &[f32], oc: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; oc * k];
+    for (co, row) in out.chunks_mut(k.max(1)).enumerate().take(oc) {
+        for (r, v) in row.iter_mut().enumerate() {
+            *v = panels[((co / PANEL) * k + r) * PANEL + co % PANEL];
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -317,6 +499,10 @@ mod tests {
             // Taps that fall wholly in the right padding.
             ([1, 2, 3, 2], 2, [1, 3], [1, 1], [1, 3], [0, 0, 0, 5], 1),
             ([2, 3, 40, 40], 8, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
+            // Many channels on a small map (several panels, ragged slivers, k > 256).
+            ([1, 40, 7, 7], 37, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
+            ([2, 300, 5, 5], 20, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
+            ([1, 20, 17, 17], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
         ];
         for (i, &(input, oc, kernel, stride, dilation, pads, groups)) in cases.iter().enumerate() {
             let p = Conv2d {
@@ -336,7 +522,8 @@ mod tests {
             for threads in [1, 2] {
                 for b in [None, Some(bias.as_slice())] {
                     for (res, relu) in [(None, false), (None, true), (Some(&residual), true)] {
-                        let got = p.run(&x, &wt, b, res.map(|r| r.as_slice()), relu, threads);
+                        let res = res.map(|r| r.as_slice());
+                        let got = p.run(&x, Weight::Dense(&wt), b, res, relu, threads);
                         let mut want = naive(&p, &x, &wt, b);
                         for (k, v) in want.iter_mut().enumerate() {
                             *v += res.map_or(0.0, |r| r[k]);
@@ -350,6 +537,21 @@ mod tests {
                                 (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
                                 "case {i} relu {relu}: {a} vs {e}"
                             );
+                        }
+                        // The packed weight: pixel rows on small maps, 16-channel blocks on
+                        // larger ones, unpacked again for groups.
+                        let k = wt.len() / oc;
+                        let packed = pack_weight(&wt, oc, k);
+                        assert_eq!(unpack_weight(&packed, oc, k), wt);
+                        {
+                            let got = p.run(&x, Weight::Packed(&packed), b, res, relu, threads);
+                            assert_eq!(got.len(), want.len(), "case {i}");
+                            for (a, e) in got.iter().zip(&want) {
+                                assert!(
+                                    (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                    "packed, case {i} relu {relu}: {a} vs {e}"
+                                );
+                            }
                         }
                     }
                 }

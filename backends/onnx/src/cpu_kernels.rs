@@ -2,6 +2,7 @@
 //! matrix product against a constant weight with its bias added in place, softmax over the
 //! last axis in one pass per row, and 2-D max pooling. Each works on contiguous slices and
 //! splits its rows over rayon's threads; the operators fall back to candle for anything else.
+use crate::sgemm::{Lhs, Out};
 use rayon::prelude::*;
 
 /// Work below this many elements runs on the calling thread: handing it to a thread pool
@@ -90,6 +91,7 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
             return;
         }
         let a = x[r0 * k..].as_ptr();
+        let lhs = Lhs::Rows { ptr: a, lda: k };
         let c = dst.at(r0 * n + j0);
         let e = crate::sgemm::Epilogue {
             col_bias: epilogue.col_bias.map(|p| p.wrapping_add(j0)),
@@ -104,14 +106,14 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
                         ptr: p[pa * k * 16..].as_ptr(),
                         k,
                     };
-                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, a, k, b, c, n, e)
+                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, lhs, b, Out::rows(c, n), e)
                 }
                 Weight::Rows(wr) if fast => {
                     let b = crate::sgemm::Rhs::Rows {
                         ptr: wr[j0..].as_ptr(),
                         ldb: n,
                     };
-                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, a, k, b, c, n, e)
+                    crate::sgemm::sgemm(r1 - r0, j1 - j0, k, lhs, b, Out::rows(c, n), e)
                 }
                 Weight::Rows(wr) => gemm::gemm(
                     r1 - r0,
@@ -158,7 +160,8 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3])
                     base: crate::sgemm::Base::Zero,
                     ..crate::sgemm::Epilogue::ACCUMULATE
                 };
-                crate::sgemm::sgemm(m, n, k, ap, k, rhs, c.as_mut_ptr(), n, e);
+                let lhs = Lhs::Rows { ptr: ap, lda: k };
+                crate::sgemm::sgemm(m, n, k, lhs, rhs, Out::rows(c.as_mut_ptr(), n), e);
             } else {
                 gemm::gemm(
                     m,

@@ -18,6 +18,9 @@ pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
 /// Attribute of a `MatMul` whose weight (input 1) the planner packed into 16-column panels
 /// for the CPU kernel: the weight's column count.
 pub const PANELS_N: &str = "kiln_panels_n";
+/// Set by the planner on a Conv whose weight (input 1) it packed with
+/// `cpu_conv::pack_weight` into a flat tensor: the weight's `[oc, ic, kh, kw]`.
+pub const PACKED_CONV: &str = "kiln_packed_conv";
 
 /// Operators this executor implements (default ONNX domain).
 pub const SUPPORTED: &[&str] = &[

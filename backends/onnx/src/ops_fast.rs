@@ -246,13 +246,21 @@ pub(crate) fn conv1d(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) ->
 pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
+    // A weight the planner packed (plan.rs), with its own shape.
+    let packed = match attrs::ints(node, crate::ops::PACKED_CONV).as_deref() {
+        Some(&[oc, icg, kh, kw]) => Some([oc as usize, icg as usize, kh as usize, kw as usize]),
+        _ => None,
+    };
     if x.rank() == 3 && w.rank() == 3 {
         return conv1d(node, ins, ctx);
     }
-    if x.rank() != 4 || w.rank() != 4 {
+    if x.rank() != 4 || (w.rank() != 4 && packed.is_none()) {
         bail!("Conv: only 1-D and 2-D convolutions are supported")
     }
-    let (oc, icg, kh, kw) = w.dims4()?;
+    let (oc, icg, kh, kw) = match packed {
+        Some([oc, icg, kh, kw]) => (oc, icg, kh, kw),
+        None => w.dims4()?,
+    };
     let (b, ic, h, wd) = x.dims4()?;
     // Strides, dilations and pads (explicit or from auto_pad) as ONNX defines them.
     let win = crate::pool::window(node, &[h, wd], Some(vec![kh, kw]))?;
@@ -285,7 +293,11 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
         let fused_relu = relu && (residual.is_none() || res.is_some());
         let run = |s: &[&[f32]]| {
             let (bs, rs) = (bias.map(|_| s[2]), res.map(|_| s[3]));
-            geo.run(s[0], s[1], bs, rs, fused_relu, ctx.threads)
+            let wt = match packed {
+                Some(_) => crate::cpu_conv::Weight::Packed(s[1]),
+                None => crate::cpu_conv::Weight::Dense(s[1]),
+            };
+            geo.run(s[0], wt, bs, rs, fused_relu, ctx.threads)
         };
         if let Some(out) = on_cpu_f32(&[Some(x), Some(w), bias, res], run)? {
             if res.is_some() {
@@ -305,6 +317,17 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
                 (x.clone(), p[0])
             } else {
                 (pad2d(x, &p)?, 0)
+            };
+            let dense;
+            let w = match packed {
+                Some(dims) => {
+                    let k = icg * kh * kw;
+                    let flat = crate::cpu_conv::unpack_weight(&w.to_vec1::<f32>()?, oc, k);
+                    dense =
+                        Tensor::from_vec(flat, dims.to_vec(), w.device())?.to_dtype(x.dtype())?;
+                    &dense
+                }
+                None => w,
             };
             let y = x.conv2d(w, pad, strides[0] as usize, dil[0] as usize, groups)?;
             match bias {

@@ -245,9 +245,45 @@ fn fold_batch_norms(
 }
 
 /// Packs the constant f32 `[k, n]` weight of every `MatMul` into 16-column panels for the
-/// CPU kernel (`sgemm::pack_panels`); the node is marked with its column count.
+/// CPU kernel (`sgemm::pack_panels`); the node is marked with its column count. Does the
+/// same for every one-group 2-D `Conv` (`cpu_conv::pack_weight`), marked with the weight's
+/// shape.
 fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>) {
     use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto};
+    for node in nodes.iter_mut().filter(|n| n.op_type == "Conv") {
+        let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
+            continue;
+        };
+        let Ok((oc, icg, kh, kw)) = w.dims4() else {
+            continue;
+        };
+        let k = icg * kh * kw;
+        if w.dtype() != candle_core::DType::F32
+            || crate::attrs::int(node, "group", 1) != 1
+            || oc * k == 0
+        {
+            continue;
+        }
+        let packed_name = format!("{}::conv_panels", node.input[1]);
+        if !constants.contains_key(&packed_name) {
+            let Ok(dense) = w.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
+                continue;
+            };
+            let packed = crate::cpu_conv::pack_weight(&dense, oc, k);
+            let len = packed.len();
+            let Ok(t) = Tensor::from_vec(packed, len, &Device::Cpu) else {
+                continue;
+            };
+            constants.insert(packed_name.clone(), t);
+        }
+        node.input[1] = packed_name;
+        node.attribute.push(AttributeProto {
+            name: ops::PACKED_CONV.into(),
+            r#type: AttributeType::Ints as i32,
+            ints: [oc, icg, kh, kw].iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        });
+    }
     for node in nodes.iter_mut().filter(|n| n.op_type == "MatMul") {
         let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
             continue;
@@ -460,14 +496,16 @@ impl Plan {
 
     /// Runs the graph on `inputs` (by name); returns every graph output.
     pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
-        self.run_profiled(inputs, None)
+        self.run_profiled(inputs, None, false)
     }
 
-    /// [`Plan::run`], adding each operator type's wall time (ms) and count to `profile`.
+    /// [`Plan::run`], adding each operator type's wall time (ms) and count to `profile`;
+    /// with `by_shape`, keyed by the operator and its first input's and output's shapes.
     pub fn run_profiled(
         &self,
         inputs: HashMap<String, Tensor>,
         mut profile: Option<&mut HashMap<String, (f64, usize)>>,
+        by_shape: bool,
     ) -> Result<HashMap<String, Tensor>, String> {
         let mut values = inputs;
         for step in &self.steps {
@@ -493,16 +531,33 @@ impl Plan {
                 Some(b) => crate::control::run(b, &ins, &self.device)?,
                 None => ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?,
             };
+            let elapsed = started.elapsed().as_secs_f64() * 1e3;
+            if let Some(p) = profile.as_deref_mut() {
+                let key = match (by_shape, ins.first(), outs.first()) {
+                    (true, Some(Some(i)), Some(o)) => {
+                        let w = ins
+                            .get(1)
+                            .and_then(|w| w.as_ref())
+                            .map(|w| w.dims().to_vec());
+                        format!(
+                            "{} {:?} w{:?} -> {:?}",
+                            step.node.op_type,
+                            i.dims(),
+                            w,
+                            o.dims()
+                        )
+                    }
+                    _ => step.node.op_type.clone(),
+                };
+                let e = p.entry(key).or_default();
+                e.0 += elapsed;
+                e.1 += 1;
+            }
             for (name, t) in step.node.output.iter().zip(outs) {
                 values.insert(name.clone(), t);
             }
             for f in &step.free {
                 values.remove(f);
-            }
-            if let Some(p) = profile.as_deref_mut() {
-                let e = p.entry(step.node.op_type.clone()).or_default();
-                e.0 += started.elapsed().as_secs_f64() * 1e3;
-                e.1 += 1;
             }
         }
         self.outputs

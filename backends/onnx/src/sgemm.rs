@@ -1,6 +1,8 @@
 //! A single-threaded f32 matrix product for x86-64 CPUs with AVX2 and FMA, made for the
-//! convolution's shapes: `C[m, n] += A[m, k] · B[k, n]` with every matrix row-major and read
-//! in place (no packing). A 6×16 register tile (12 accumulators) walks `k` in blocks that
+//! convolution's and linear layers' shapes: `C[m, n] = start + A[m, k] · B[k, n]`, each
+//! operand either row-major in place or packed by the caller (A in 6-row slivers, B in
+//! 16-column panels), C with any row and column stride (so a product over pixel rows can
+//! write an NCHW plane). A 6×16 register tile (12 accumulators) walks `k` in blocks that
 //! keep the 16-column strip of B in L1 and the rows of A in L2. Callers run one product per
 //! thread on disjoint parts of C and fall back to the `gemm` crate when [`available`] is
 //! false.
@@ -13,6 +15,44 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of A one pass keeps hot.
 const MC: usize = 96;
+
+/// Where the left-hand matrix of [`sgemm`] lives.
+#[derive(Clone, Copy)]
+pub enum Lhs {
+    /// Row-major `[m, k]` with row stride `lda`, read in place.
+    Rows { ptr: *const f32, lda: usize },
+    /// Packed in blocks of `bw` rows: block `s` holds rows `s·bw..(s+1)·bw` as `[k, bw]`,
+    /// contiguous (see [`to_blocks`]), so a register tile reads its rows of A as one
+    /// stream. `bw` divides 96; tiles never cross a block (16 rows run as 6 + 6 + 4).
+    Blocks {
+        ptr: *const f32,
+        k: usize,
+        bw: usize,
+    },
+}
+
+/// Where [`sgemm`] writes C: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct Out {
+    /// The element (0, 0).
+    pub ptr: *mut f32,
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride (1 for a row-major C; the vector stores need it).
+    pub cs: usize,
+}
+
+impl Out {
+    /// A row-major C with row stride `ld`.
+    pub fn rows(ptr: *mut f32, ld: usize) -> Out {
+        Out { ptr, rs: ld, cs: 1 }
+    }
+}
+
+/// Rows of one register tile: the natural [`Lhs::Blocks`] width.
+pub const SLIVER: usize = MR;
+/// Columns of a packed right-hand panel.
+pub const PANEL: usize = NR;
 
 /// Where the right-hand matrix of [`sgemm`] lives.
 #[derive(Clone, Copy)]
@@ -50,7 +90,7 @@ pub enum Base {
     Accumulate,
     /// C = A·B (C is only written).
     Zero,
-    /// C = other + A·B.
+    /// C = other + A·B, `other` laid out like C but with row stride `ld`.
     Other { ptr: *const f32, ld: usize },
 }
 
@@ -66,15 +106,32 @@ impl Epilogue {
 
 /// Packs row-major `b` (`[k, n]`) into the [`Rhs::Panels`] layout.
 pub fn pack_panels(b: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0f32; panels * k * NR];
-    for (p, panel) in out.chunks_mut(k * NR).enumerate() {
-        let (j0, w) = (p * NR, NR.min(n - p * NR));
-        for (kk, row) in panel.chunks_mut(NR).enumerate() {
-            row[..w].copy_from_slice(&b[kk * n + j0..kk * n + j0 + w]);
+    let mut out = vec![0f32; n.div_ceil(NR) * k * NR];
+    to_blocks(&mut out, NR, k, n, |r, row| {
+        row.copy_from_slice(&b[r * n..(r + 1) * n])
+    });
+    out
+}
+
+/// Writes a `[k, width]` matrix, produced a row at a time by `row`, into `blocks` as
+/// blocks of `bw` columns (`[k, bw]` each, contiguous; block `i` starts at `i·k·bw`):
+/// [`Rhs::Panels`] for `bw` = [`PANEL`], and, for the transpose of the matrix,
+/// [`Lhs::Blocks`]. Columns past `width` in the last block are
+/// left as they are (products from them are never stored).
+pub fn to_blocks(
+    blocks: &mut [f32],
+    bw: usize,
+    k: usize,
+    width: usize,
+    mut row: impl FnMut(usize, &mut [f32]),
+) {
+    let mut line = vec![0f32; width];
+    for r in 0..k {
+        row(r, &mut line);
+        for (bi, chunk) in line.chunks(bw).enumerate() {
+            blocks[(bi * k + r) * bw..][..chunk.len()].copy_from_slice(chunk);
         }
     }
-    out
 }
 
 /// An output buffer shared by jobs that write disjoint parts of it.
@@ -104,39 +161,29 @@ pub fn available() -> bool {
     }
 }
 
-/// `C = start + A · B` (see [`Epilogue`]) for `A` `[m, k]` (row stride `lda`), `B`
-/// `[k, n]` (see [`Rhs`]), `C` `[m, n]` (`ldc`).
+/// `C = start + A · B` (see [`Epilogue`]) for `A` `[m, k]` (see [`Lhs`]), `B` `[k, n]`
+/// (see [`Rhs`]), `C` `[m, n]` (see [`Out`]).
 ///
 /// # Safety
 /// [`available`] must be true; `a`, `b`, `c` and the epilogue's pointers must be valid for
 /// the rows and strides given, and no other thread may touch the `m × n` block of `c`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: Rhs,
-    c: *mut f32,
-    ldc: usize,
-    epilogue: Epilogue,
-) {
+pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, epilogue: Epilogue) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
     unsafe {
-        avx2::sgemm(m, n, k, a, lda, b, c, ldc, epilogue)
+        avx2::sgemm(m, n, k, a, b, c, epilogue)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, n, k, a, lda, b, c, ldc, epilogue);
+        let _ = (m, n, k, a, b, c, epilogue);
         unreachable!("sgemm needs AVX2 and FMA (check `available` first)")
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Base, Epilogue, Rhs, KC, MC, MR, NR};
+    use super::{Base, Epilogue, Lhs, Out, Rhs, KC, MC, MR, NR};
     use std::arch::x86_64::*;
 
     /// One register tile's epilogue: where its start values come from on the first pass
@@ -153,17 +200,7 @@ mod avx2 {
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn sgemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: Rhs,
-        c: *mut f32,
-        ldc: usize,
-        e: Epilogue,
-    ) {
+    pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, e: Epilogue) {
         // A strip of B narrower than 16 columns is copied here, zero-padded.
         let mut edge = vec![0f32; KC * NR];
         // k = 0 still writes the start values (one pass with an empty product).
@@ -202,15 +239,26 @@ mod avx2 {
                     };
                     let mut i = i0;
                     while i < i0 + mc {
-                        let ap = unsafe { a.add(i * lda + k0) };
-                        let cp = unsafe { c.add(i * ldc + j) };
-                        let rows = MR.min(i0 + mc - i);
+                        let (ap, lda, rows) = match a {
+                            Lhs::Rows { ptr, lda } => {
+                                (unsafe { ptr.add(i * lda + k0) }, lda, MR.min(i0 + mc - i))
+                            }
+                            Lhs::Blocks { ptr, k, bw } => {
+                                let at = (i / bw) * k * bw + k0 * bw + i % bw;
+                                let rows = MR.min(i0 + mc - i).min(bw - i % bw);
+                                (unsafe { ptr.add(at) }, bw, rows)
+                            }
+                        };
+                        let cp = Out {
+                            ptr: unsafe { c.ptr.add(i * c.rs + j * c.cs) },
+                            ..c
+                        };
                         let st = Store {
                             first: k0 == 0,
                             last: k0 + kc >= k,
                             base: match e.base {
                                 Base::Other { ptr, ld } => Base::Other {
-                                    ptr: ptr.wrapping_add(i * ld + j),
+                                    ptr: ptr.wrapping_add(i * ld + j * c.cs),
                                     ld,
                                 },
                                 other => other,
@@ -219,14 +267,30 @@ mod avx2 {
                             col_bias: e.col_bias.map(|p| p.wrapping_add(j)),
                             relu: e.relu,
                         };
+                        let ab = (ap, lda);
+                        // The first tile of a strip fetches the next packed strip of B
+                        // into cache while it works (later tiles touch their own, a no-op).
+                        let pf = match b {
+                            Rhs::Panels { ptr, k } if i == i0 && j + NR < n => {
+                                ptr.wrapping_add((j / NR + 1) * k * NR + k0 * NR)
+                            }
+                            _ => bp,
+                        };
+                        let bp = (bp, pf);
                         unsafe {
-                            match rows {
-                                6 => tile::<6>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
-                                5 => tile::<5>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
-                                4 => tile::<4>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
-                                3 => tile::<3>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
-                                2 => tile::<2>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
-                                _ => tile::<1>(kc, ap, lda, bp, bs, cp, ldc, nc, st),
+                            match (rows, matches!(a, Lhs::Rows { .. })) {
+                                (6, true) => tile::<6, true>(kc, ab, bp, bs, cp, nc, st),
+                                (5, true) => tile::<5, true>(kc, ab, bp, bs, cp, nc, st),
+                                (4, true) => tile::<4, true>(kc, ab, bp, bs, cp, nc, st),
+                                (3, true) => tile::<3, true>(kc, ab, bp, bs, cp, nc, st),
+                                (2, true) => tile::<2, true>(kc, ab, bp, bs, cp, nc, st),
+                                (_, true) => tile::<1, true>(kc, ab, bp, bs, cp, nc, st),
+                                (6, false) => tile::<6, false>(kc, ab, bp, bs, cp, nc, st),
+                                (5, false) => tile::<5, false>(kc, ab, bp, bs, cp, nc, st),
+                                (4, false) => tile::<4, false>(kc, ab, bp, bs, cp, nc, st),
+                                (3, false) => tile::<3, false>(kc, ab, bp, bs, cp, nc, st),
+                                (2, false) => tile::<2, false>(kc, ab, bp, bs, cp, nc, st),
+                                (_, false) => tile::<1, false>(kc, ab, bp, bs, cp, nc, st),
                             }
                         }
                         i += rows;
@@ -237,16 +301,15 @@ mod avx2 {
     }
 
     /// `R × 16` block of C (`nc` valid columns) = start + `R × kc` of A · `kc × 16` of B.
-    #[allow(clippy::too_many_arguments)]
+    /// With `ROWS`, A's element `(r, kk)` is at `a.0 + r·a.1 + kk` (rows in place);
+    /// otherwise at `a.0 + kk·a.1 + r` (a packed block).
     #[inline(always)]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const ROWS: bool>(
         kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
+        (a, lda): (*const f32, usize),
+        (b, pf): (*const f32, *const f32),
         ldb: usize,
-        c: *mut f32,
-        ldc: usize,
+        c: Out,
         nc: usize,
         st: Store,
     ) {
@@ -254,21 +317,30 @@ mod avx2 {
             let mut lo = [_mm256_setzero_ps(); R];
             let mut hi = [_mm256_setzero_ps(); R];
             for kk in 0..kc {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
                 let b0 = _mm256_loadu_ps(b.add(kk * ldb));
                 let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
                 for r in 0..R {
-                    let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
+                    let at = if ROWS {
+                        a.add(r * lda + kk)
+                    } else {
+                        a.add(kk * lda + r)
+                    };
+                    let av = _mm256_broadcast_ss(&*at);
                     lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
                 }
             }
-            // Loads 16 values (the first nc of them real) as two vectors.
+            // Loads 16 values of a row of C's layout (the first nc of them real) as two
+            // vectors; `store` writes them back.
             let load = |p: *const f32| {
-                if nc == NR {
+                if nc == NR && c.cs == 1 {
                     (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
                 } else {
                     let mut t = [0f32; NR];
-                    std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), nc);
+                    for (jj, v) in t.iter_mut().enumerate().take(nc) {
+                        *v = *p.add(jj * c.cs);
+                    }
                     (
                         _mm256_loadu_ps(t.as_ptr()),
                         _mm256_loadu_ps(t.as_ptr().add(8)),
@@ -277,11 +349,18 @@ mod avx2 {
             };
             let zero = _mm256_setzero_ps();
             let col = match st.col_bias {
-                Some(p) if st.first => load(p),
+                Some(p) if st.first => {
+                    let mut t = [0f32; NR];
+                    std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), nc);
+                    (
+                        _mm256_loadu_ps(t.as_ptr()),
+                        _mm256_loadu_ps(t.as_ptr().add(8)),
+                    )
+                }
                 _ => (zero, zero),
             };
             for r in 0..R {
-                let row = c.add(r * ldc);
+                let row = c.ptr.add(r * c.rs);
                 let (mut s0, mut s1) = if !st.first {
                     load(row)
                 } else {
@@ -306,14 +385,16 @@ mod avx2 {
                     v0 = _mm256_max_ps(v0, zero);
                     v1 = _mm256_max_ps(v1, zero);
                 }
-                if nc == NR {
+                if nc == NR && c.cs == 1 {
                     _mm256_storeu_ps(row, v0);
                     _mm256_storeu_ps(row.add(8), v1);
                 } else {
                     let mut t = [0f32; NR];
                     _mm256_storeu_ps(t.as_mut_ptr(), v0);
                     _mm256_storeu_ps(t.as_mut_ptr().add(8), v1);
-                    std::ptr::copy_nonoverlapping(t.as_ptr(), row, nc);
+                    for (jj, v) in t.iter().enumerate().take(nc) {
+                        *row.add(jj * c.cs) = *v;
+                    }
                 }
             }
         }
@@ -352,11 +433,12 @@ mod tests {
                     m,
                     n,
                     k,
-                    a.as_ptr(),
-                    lda,
+                    Lhs::Rows {
+                        ptr: a.as_ptr(),
+                        lda,
+                    },
                     rows,
-                    c.as_mut_ptr(),
-                    ldc,
+                    Out::rows(c.as_mut_ptr(), ldc),
                     Epilogue::ACCUMULATE,
                 )
             };
@@ -376,11 +458,12 @@ mod tests {
                     m,
                     n,
                     k,
-                    a.as_ptr(),
-                    lda,
+                    Lhs::Rows {
+                        ptr: a.as_ptr(),
+                        lda,
+                    },
                     panels,
-                    twice.as_mut_ptr(),
-                    ldc,
+                    Out::rows(twice.as_mut_ptr(), ldc),
                     Epilogue::ACCUMULATE,
                 )
             };
@@ -448,7 +531,11 @@ mod tests {
                     ldb: n,
                 };
                 // SAFETY: available() checked; all buffers hold the matrices named.
-                unsafe { sgemm(m, n, k, a.as_ptr(), k, rows, c.as_mut_ptr(), n, e) };
+                let lhs = Lhs::Rows {
+                    ptr: a.as_ptr(),
+                    lda: k,
+                };
+                unsafe { sgemm(m, n, k, lhs, rows, Out::rows(c.as_mut_ptr(), n), e) };
                 for i in 0..m {
                     for j in 0..n {
                         let mut want = product(i, j);

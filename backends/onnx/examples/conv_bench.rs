@@ -1,0 +1,89 @@
+//! GFLOP/s of the CPU convolution on ResNet-50's layer shapes: `conv_bench [reps] [threads]`.
+use kiln_onnx::cpu_conv::Conv2d;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    // (ic, h, oc, k, stride)
+    let shapes = [
+        (3, 224, 64, 7, 2),
+        (64, 56, 64, 3, 1),
+        (64, 56, 256, 1, 1),
+        (256, 56, 64, 1, 1),
+        (128, 28, 128, 3, 1),
+        (128, 28, 512, 1, 1),
+        (256, 14, 256, 3, 1),
+        (256, 14, 1024, 1, 1),
+        (1024, 14, 256, 1, 1),
+        (512, 7, 512, 3, 1),
+        (512, 7, 2048, 1, 1),
+        (2048, 7, 512, 1, 1),
+    ];
+    for &(ic, h, oc, k, s) in &shapes {
+        let p = k / 2;
+        let geo = Conv2d {
+            input: [1, ic, h, h],
+            out_channels: oc,
+            kernel: [k, k],
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: [p, p, p, p],
+            groups: 1,
+        };
+        let [oh, ow] = geo.out_hw().unwrap();
+        let x: Vec<f32> = (0..ic * h * h).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..oc * ic * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let bias = vec![0.5f32; oc];
+        let t = median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    pool.install(|| {
+                        geo.run(
+                            &x,
+                            kiln_onnx::cpu_conv::Weight::Dense(&w),
+                            Some(&bias),
+                            None,
+                            true,
+                            threads,
+                        )
+                    });
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        let kk = ic * k * k;
+        let packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, kk);
+        let tp = median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    pool.install(|| {
+                        geo.run(
+                            &x,
+                            kiln_onnx::cpu_conv::Weight::Packed(&packed),
+                            Some(&bias),
+                            None,
+                            true,
+                            threads,
+                        )
+                    });
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        let macs = (oc * oh * ow * kk) as f64;
+        println!("ic{ic:5} {h:3}x{h:<3} oc{oc:5} k{k} s{s}: {:7.3} ms {:6.1} GF/s | packed {:7.3} ms {:6.1} GF/s", t * 1e3, 2.0 * macs / t / 1e9, tp * 1e3, 2.0 * macs / tp / 1e9);
+    }
+}

@@ -1,0 +1,67 @@
+//! Single-thread GFLOP/s of the AVX2 matrix kernel on a few shapes: `sgemm_bench [reps]`.
+use kiln_onnx::sgemm::{pack_panels, sgemm, Base, Epilogue, Lhs, Out, Rhs};
+use std::time::Instant;
+
+fn main() {
+    if !kiln_onnx::sgemm::available() {
+        eprintln!("no AVX2/FMA");
+        return;
+    }
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    for &(m, n, k) in &[
+        (96, 256, 256),
+        (128, 64, 1152),
+        (256, 64, 2304),
+        (512, 49, 512),
+        (2048, 49, 512),
+        (64, 256, 64),
+        (256, 196, 256),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
+        let packed = pack_panels(&b, k, n);
+        let mut c = vec![0f32; m * n];
+        for (name, rhs) in [
+            (
+                "rows",
+                Rhs::Rows {
+                    ptr: b.as_ptr(),
+                    ldb: n,
+                },
+            ),
+            (
+                "panels",
+                Rhs::Panels {
+                    ptr: packed.as_ptr(),
+                    k,
+                },
+            ),
+        ] {
+            let mut best = Vec::new();
+            for _ in 0..reps {
+                let t = Instant::now();
+                let lhs = Lhs::Rows {
+                    ptr: a.as_ptr(),
+                    lda: k,
+                };
+                let e = Epilogue {
+                    base: Base::Zero,
+                    row_bias: None,
+                    col_bias: None,
+                    relu: false,
+                };
+                unsafe { sgemm(m, n, k, lhs, rhs, Out::rows(c.as_mut_ptr(), n), e) };
+                best.push(t.elapsed().as_secs_f64());
+            }
+            best.sort_by(f64::total_cmp);
+            let t = best[best.len() / 2];
+            println!(
+                "m{m:5} n{n:4} k{k:5} {name:7} {:6.1} GF/s",
+                2.0 * (m * n * k) as f64 / t / 1e9
+            );
+        }
+    }
+}
