@@ -45,19 +45,17 @@ fn main() {
         let x: Vec<f32> = (0..ic * h * h).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..oc * ic * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
         let bias = vec![0.5f32; oc];
+        let fused = kiln_onnx::cpu_conv::Fused {
+            bias: Some(&bias),
+            relu: true,
+            ..Default::default()
+        };
         let t = median(
             (0..reps)
                 .map(|_| {
                     let t = Instant::now();
                     pool.install(|| {
-                        geo.run(
-                            &x,
-                            kiln_onnx::cpu_conv::Weight::Dense(&w),
-                            Some(&bias),
-                            None,
-                            true,
-                            threads,
-                        )
+                        geo.run(&x, kiln_onnx::cpu_conv::Weight::Dense(&w), &fused, threads)
                     });
                     t.elapsed().as_secs_f64()
                 })
@@ -73,9 +71,7 @@ fn main() {
                         geo.run(
                             &x,
                             kiln_onnx::cpu_conv::Weight::Packed(&packed),
-                            Some(&bias),
-                            None,
-                            true,
+                            &fused,
                             threads,
                         )
                     });

@@ -56,23 +56,20 @@ impl Conv2d {
     }
 
     /// Runs the convolution: `x` is `[b, ic, h, w]`, `weight` `[oc, ic/groups, kh, kw]`
-    /// (or packed, see [`Weight`]), `bias` `[oc]`, `residual` (added to the result) `[b,
-    /// oc, oh, ow]`; `relu` clamps the result at zero last. Returns `[b, oc, oh, ow]`. The
-    /// caller checks the shapes.
+    /// (or packed, see [`Weight`]), with what [`Fused`] adds before and after. Returns `[b,
+    /// oc, oh, ow]`. The caller checks the shapes.
     ///
     /// The work is cut into tiles of output pixels (and, when there are few tiles, of output
     /// channels); each tile builds its own small im2col block, which stays in cache, and runs
     /// one single-threaded matrix product into its part of the output. Tiles run in parallel.
     /// A packed weight on a small map (≤ 256 pixels) takes [`Conv2d::run_packed`].
-    pub fn run(
-        &self,
-        x: &[f32],
-        weight: Weight<'_>,
-        bias: Option<&[f32]>,
-        residual: Option<&[f32]>,
-        relu: bool,
-        threads: usize,
-    ) -> Vec<f32> {
+    pub fn run(&self, x: &[f32], weight: Weight<'_>, f: &Fused<'_>, threads: usize) -> Vec<f32> {
+        let Fused {
+            bias,
+            residual,
+            relu,
+            ..
+        } = *f;
         let [b, ic, _, _] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
             return Vec::new();
@@ -85,10 +82,10 @@ impl Conv2d {
         if let Weight::Packed(p) = weight {
             if !fast || g != 1 {
                 let dense = unpack_weight(p, oc, k);
-                return self.run(x, Weight::Dense(&dense), bias, residual, relu, threads);
+                return self.run(x, Weight::Dense(&dense), f, threads);
             }
             if n <= 256 {
-                return self.run_packed(x, p, bias, residual, relu, threads);
+                return self.run_packed(x, p, f, threads);
             }
         }
         // The AVX2 kernel starts each output block from the residual and bias itself; the
@@ -126,8 +123,7 @@ impl Conv2d {
             Weight::Dense(_) => ocg.div_ceil(parts),
         };
         let dst = SharedOut(out.as_mut_ptr());
-        let (xp, plane) = self.padded(x);
-        let taps = self.taps();
+        let src = self.source(x, f.pre);
         let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
@@ -139,13 +135,12 @@ impl Conv2d {
             if m0 >= m1 {
                 return;
             }
-            let src = &xp[(bi * g + gi) * icg * plane..][..icg * plane];
             // The columns this job reads, packed into 16-column panels (`[k, 16]` each,
             // contiguous): rows of a strided plane would all fall in a few cache sets.
             let width = p1 - p0;
             col.0.resize(k * width.div_ceil(PANEL) * PANEL, 0.0);
             self.pixel_offsets([p0, p1], &mut col.1);
-            pack_patches::<PANEL>(src, &taps, &col.1, &mut col.0);
+            src.pack::<PANEL>(bi * g + gi, &col.1, &mut col.0);
             let col = &col.0;
             // Dense rows of this job's channels (a packed weight is read below instead).
             let lhs = match weight {
@@ -242,16 +237,13 @@ impl Conv2d {
     /// leave a 16-pixel panel mostly empty, and each job's patches are packed in 6-pixel
     /// slivers that stream in order. Jobs are tiles of at most 96 pixels (each weight panel
     /// is read once per tile) and, when those are few, ranges of output channels.
-    #[allow(clippy::too_many_arguments)]
-    fn run_packed(
-        &self,
-        x: &[f32],
-        panels: &[f32],
-        bias: Option<&[f32]>,
-        residual: Option<&[f32]>,
-        relu: bool,
-        threads: usize,
-    ) -> Vec<f32> {
+    fn run_packed(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
+        let Fused {
+            bias,
+            residual,
+            relu,
+            ..
+        } = *f;
         let [b, ic, _, _] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
             return Vec::new();
@@ -271,84 +263,144 @@ impl Conv2d {
             (2 * threads).div_ceil(b * tiles).min(oc_panels)
         };
         let dst = SharedOut(out.as_mut_ptr());
-        let (xp, plane) = self.padded(x);
-        let taps = self.taps();
-        let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
-            let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
-            // Tile ti holds slivers ti·slivers/tiles .. (ti+1)·slivers/tiles.
-            let r0 = ti * slivers / tiles * SLIVER;
-            let r1 = ((ti + 1) * slivers / tiles * SLIVER).min(n);
-            let (pa, pb) = (pi * oc_panels / parts, (pi + 1) * oc_panels / parts);
-            let (c0, c1) = (pa * PANEL, (pb * PANEL).min(oc));
-            if r0 >= r1 || c0 >= c1 {
-                return;
-            }
-            let src = &xp[bi * ic * plane..][..ic * plane];
-            let width = r1 - r0;
-            col.0.resize(k * width.div_ceil(SLIVER) * SLIVER, 0.0);
-            self.pixel_offsets([r0, r1], &mut col.1);
-            pack_patches::<SLIVER>(src, &taps, &col.1, &mut col.0);
-            let col = &col.0;
-            let at = (bi * oc + c0) * n + r0;
-            let e = Epilogue {
-                base: match residual {
-                    Some(res) => Base::Other {
-                        ptr: res[at..].as_ptr(),
-                        ld: 1,
+        let src = self.source(x, f.pre);
+        let parallel = threads > 1 && b * oc * n * k >= 256 * 1024;
+        // Each image's patches are packed once (in slivers, shared by the jobs that split
+        // its channels), a few images at a time so the buffer stays near 8 MiB.
+        let per_image = slivers * SLIVER * k;
+        let chunk = (2 * 1024 * 1024 / per_image.max(1)).clamp(1, b);
+        let mut patches = vec![0f32; chunk * per_image];
+        let tile_slivers = |ti: usize| [ti * slivers / tiles, (ti + 1) * slivers / tiles];
+        for b0 in (0..b).step_by(chunk) {
+            let nb = chunk.min(b - b0);
+            let shared = SharedOut(patches.as_mut_ptr());
+            let pack = |offs: &mut Vec<usize>, j: usize| {
+                let (bi, ti) = (j / tiles, j % tiles);
+                let [s0, s1] = tile_slivers(ti);
+                let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
+                if r0 >= r1 {
+                    return;
+                }
+                self.pixel_offsets([r0, r1], offs);
+                // SAFETY: slivers s0..s1 of image bi are this job's own part of `patches`.
+                let region = unsafe {
+                    let at = bi * per_image + s0 * SLIVER * k;
+                    std::slice::from_raw_parts_mut(shared.at(at), (s1 - s0) * SLIVER * k)
+                };
+                src.pack::<SLIVER>(b0 + bi, offs, region);
+            };
+            let gemm = |j: usize| {
+                let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
+                let [s0, s1] = tile_slivers(ti);
+                let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
+                let (pa, pb) = (pi * oc_panels / parts, (pi + 1) * oc_panels / parts);
+                let (c0, c1) = (pa * PANEL, (pb * PANEL).min(oc));
+                if r0 >= r1 || c0 >= c1 {
+                    return;
+                }
+                let at = ((b0 + bi) * oc + c0) * n + r0;
+                let e = Epilogue {
+                    base: match residual {
+                        Some(res) => Base::Other {
+                            ptr: res[at..].as_ptr(),
+                            ld: 1,
+                        },
+                        None => Base::Zero,
                     },
-                    None => Base::Zero,
-                },
-                row_bias: None,
-                col_bias: bias.map(|v| v[c0..].as_ptr()),
-                relu,
+                    row_bias: None,
+                    col_bias: bias.map(|v| v[c0..].as_ptr()),
+                    relu,
+                };
+                let a = Lhs::Blocks {
+                    ptr: shared.at(bi * per_image + s0 * SLIVER * k),
+                    k,
+                    bw: SLIVER,
+                };
+                let rhs = Rhs::Panels {
+                    ptr: panels[pa * k * PANEL..].as_ptr(),
+                    k,
+                };
+                let c = Out {
+                    ptr: dst.at(at),
+                    rs: 1,
+                    cs: n,
+                };
+                // SAFETY: this job writes pixels r0..r1 of channels c0..c1 of its image
+                // (an NCHW block: pixel stride 1, channel stride n) and no other job touches
+                // them; the image's slivers were packed above and are only read now.
+                unsafe { crate::sgemm::sgemm(r1 - r0, c1 - c0, k, a, rhs, c, e) };
             };
-            let a = Lhs::Blocks {
-                ptr: col.as_ptr(),
-                k,
-                bw: SLIVER,
-            };
-            let rhs = Rhs::Panels {
-                ptr: panels[pa * k * PANEL..].as_ptr(),
-                k,
-            };
-            let c = Out {
-                ptr: dst.at(at),
-                rs: 1,
-                cs: n,
-            };
-            // SAFETY: this job writes pixels r0..r1 of channels c0..c1 of image bi (an
-            // NCHW block: pixel stride 1, channel stride n) and no other job touches them;
-            // col holds the job's slivers and panels the packed [k, oc] weight.
-            unsafe { crate::sgemm::sgemm(width, c1 - c0, k, a, rhs, c, e) };
-        };
-        let total = b * tiles * parts;
-        if threads > 1 && total > 1 && b * oc * n * k >= 256 * 1024 {
-            (0..total)
-                .into_par_iter()
-                .for_each_init(Default::default, |col, j| job(col, j));
-        } else {
-            let mut col = Default::default();
-            (0..total).for_each(|j| job(&mut col, j));
+            if parallel {
+                (0..nb * tiles)
+                    .into_par_iter()
+                    .for_each_init(Vec::new, |offs, j| pack(offs, j));
+                (0..nb * tiles * parts).into_par_iter().for_each(gemm);
+            } else {
+                let mut offs = Vec::new();
+                (0..nb * tiles).for_each(|j| pack(&mut offs, j));
+                (0..nb * tiles * parts).for_each(gemm);
+            }
         }
         out
     }
 
-    /// The input with its padding written out as zeros (`[b, ic, hp, wp]`) and the size of
-    /// one padded plane; the input itself when there is no padding.
-    fn padded<'x>(&self, x: &'x [f32]) -> (std::borrow::Cow<'x, [f32]>, usize) {
+    /// What the patches are gathered from: the input, copied with its padding written out
+    /// as zeros (`[b, ic, hp, wp]`) when it has any; `pre` is applied in that copy, or
+    /// else while gathering.
+    fn source<'x>(&self, x: &'x [f32], pre: Option<PreAffine<'x>>) -> Source<'x> {
         let [b, ic, h, w] = self.input;
         let [pt, pl, pb, pr] = self.pads;
         let (hp, wp) = (h + pt + pb, w + pl + pr);
+        let taps = self.taps();
+        let icg = ic / self.groups;
         if self.pads == [0; 4] {
-            return (x.into(), h * w);
+            // Each tap row reads one channel: its affine, per group.
+            let per_tap = pre.map(|p| {
+                let taps_per_channel = taps.len() / icg.max(1);
+                let pick = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+                let per = |v: &[f32]| -> Vec<f32> {
+                    (0..self.groups * taps.len())
+                        .map(|i| {
+                            let (gi, r) = (i / taps.len(), i % taps.len());
+                            pick(v, gi * icg + r / taps_per_channel.max(1))
+                        })
+                        .collect()
+                };
+                (per(p.scale), per(p.shift), p.relu)
+            });
+            return Source {
+                data: x.into(),
+                group: icg * h * w,
+                groups: self.groups,
+                taps,
+                per_tap,
+            };
         }
         let mut out = vec![0f32; b * ic * hp * wp];
-        for (dst, src) in out.chunks_mut(hp * wp).zip(x.chunks(h * w)) {
+        for (i, (dst, src)) in out.chunks_mut(hp * wp).zip(x.chunks(h * w)).enumerate() {
+            let c = i % ic;
             for (y, line) in src.chunks(w).enumerate() {
-                dst[(y + pt) * wp + pl..][..w].copy_from_slice(line);
+                let dst = &mut dst[(y + pt) * wp + pl..][..w];
+                match pre {
+                    Some(p) => {
+                        let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
+                        let (sc, sh) = (pick(p.scale), pick(p.shift));
+                        for (d, &v) in dst.iter_mut().zip(line) {
+                            let a = v * sc + sh;
+                            *d = if p.relu { a.max(0.0) } else { a };
+                        }
+                    }
+                    None => dst.copy_from_slice(line),
+                }
             }
         }
-        (out.into(), hp * wp)
+        Source {
+            data: out.into(),
+            group: icg * hp * wp,
+            groups: self.groups,
+            taps,
+            per_tap: None,
+        }
     }
 
     /// For each row of the patch matrix (input channel of a group, kernel row, kernel
@@ -379,28 +431,109 @@ impl Conv2d {
     }
 }
 
-/// Packs the patch matrix (`[taps, pixels]`: row `r`, column `q` is `src[taps[r] +
-/// offs[q]]`) into blocks of `BW` columns, as [`to_blocks`] lays them out. A whole block of
-/// neighbouring pixels (one output row, stride 1) is one fixed-size copy.
-fn pack_patches<const BW: usize>(src: &[f32], taps: &[usize], offs: &[usize], blocks: &mut [f32]) {
-    let k = taps.len();
-    for (bi, o) in offs.chunks(BW).enumerate() {
-        let out = &mut blocks[bi * k * BW..][..k * BW];
-        let n = o.len();
-        if n == BW && o[n - 1] - o[0] == n - 1 {
-            for (dst, &t) in out.chunks_exact_mut(BW).zip(taps) {
-                let dst: &mut [f32; BW] = dst.try_into().expect("chunks_exact_mut yields BW");
-                let from: &[f32; BW] = src[t + o[0]..][..BW].try_into().expect("BW long");
-                *dst = *from;
-            }
-        } else {
-            for (dst, &t) in out.chunks_exact_mut(BW).zip(taps) {
-                for (d, &q) in dst.iter_mut().zip(o) {
-                    *d = src[t + q];
+/// What a convolution gathers its patches from (see [`Conv2d::source`]).
+struct Source<'x> {
+    data: std::borrow::Cow<'x, [f32]>,
+    /// Elements of one image's channel group.
+    group: usize,
+    /// Channel groups of the convolution.
+    groups: usize,
+    /// Where each row of the patch matrix starts within a group (see [`Conv2d::taps`]).
+    taps: Vec<usize>,
+    /// Scale, shift (per group and tap row) and ReLU still to apply while gathering.
+    per_tap: Option<(Vec<f32>, Vec<f32>, bool)>,
+}
+
+impl Source<'_> {
+    /// Packs the patch matrix of image-group `ig` (`[taps, pixels]`: row `r`, column `q`
+    /// is `data[taps[r] + offs[q]]`) into blocks of `BW` columns, as [`to_blocks`] lays
+    /// them out. A whole block of neighbouring pixels (one output row, stride 1) is one
+    /// fixed-size copy.
+    fn pack<const BW: usize>(&self, ig: usize, offs: &[usize], blocks: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm::available() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.pack_avx2::<BW>(ig, offs, blocks) };
+        }
+        self.pack_any::<BW>(ig, offs, blocks)
+    }
+
+    /// [`Source::pack`] compiled for AVX2 (the affine and copies vectorise 8 wide).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pack_avx2<const BW: usize>(&self, ig: usize, offs: &[usize], blocks: &mut [f32]) {
+        self.pack_any::<BW>(ig, offs, blocks)
+    }
+
+    #[inline(always)]
+    fn pack_any<const BW: usize>(&self, ig: usize, offs: &[usize], blocks: &mut [f32]) {
+        let src = &self.data[ig * self.group..][..self.group];
+        let k = self.taps.len();
+        let g = ig % self.groups;
+        for (bi, o) in offs.chunks(BW).enumerate() {
+            let out = &mut blocks[bi * k * BW..][..k * BW];
+            let n = o.len();
+            let run = n == BW && o[n - 1] - o[0] == n - 1;
+            let rows = out.chunks_exact_mut(BW).zip(&self.taps);
+            match (&self.per_tap, run) {
+                (None, true) => {
+                    for (dst, &t) in rows {
+                        let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+                        *dst = src[t + o[0]..][..BW].try_into().expect("BW long");
+                    }
+                }
+                (None, false) => {
+                    for (dst, &t) in rows {
+                        for (d, &q) in dst.iter_mut().zip(o) {
+                            *d = src[t + q];
+                        }
+                    }
+                }
+                (Some((sc, sh, relu)), run) => {
+                    let lo = if *relu { 0.0 } else { f32::NEG_INFINITY };
+                    let (sc, sh) = (&sc[g * k..][..k], &sh[g * k..][..k]);
+                    for (((dst, &t), &a), &b) in rows.zip(sc).zip(sh) {
+                        if run {
+                            let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+                            let from: &[f32; BW] = src[t + o[0]..][..BW].try_into().expect("BW");
+                            for (d, &v) in dst.iter_mut().zip(from) {
+                                *d = (v * a + b).max(lo);
+                            }
+                        } else {
+                            for (d, &q) in dst.iter_mut().zip(o) {
+                                *d = (src[t + q] * a + b).max(lo);
+                            }
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// What the planner fused into a convolution (`fuse.rs`), for [`Conv2d::run`].
+#[derive(Clone, Copy, Default)]
+pub struct Fused<'a> {
+    /// Per output channel, added to the result.
+    pub bias: Option<&'a [f32]>,
+    /// `[b, oc, oh, ow]`, added to the result.
+    pub residual: Option<&'a [f32]>,
+    /// Clamp the result at zero last.
+    pub relu: bool,
+    /// Applied to the input first.
+    pub pre: Option<PreAffine<'a>>,
+}
+
+/// `x · scale[c] + shift[c]` per input channel `c` (one value: for all), then ReLU if
+/// `relu`, applied to a convolution's input as it is read (padding stays zero).
+#[derive(Clone, Copy)]
+pub struct PreAffine<'a> {
+    /// Per input channel, or one value.
+    pub scale: &'a [f32],
+    /// Per input channel, or one value.
+    pub shift: &'a [f32],
+    /// Clamp at zero after the affine.
+    pub relu: bool,
 }
 
 /// A convolution's weight as [`Conv2d::run`] takes it.
@@ -523,8 +656,31 @@ mod tests {
                 for b in [None, Some(bias.as_slice())] {
                     for (res, relu) in [(None, false), (None, true), (Some(&residual), true)] {
                         let res = res.map(|r| r.as_slice());
-                        let got = p.run(&x, Weight::Dense(&wt), b, res, relu, threads);
-                        let mut want = naive(&p, &x, &wt, b);
+                        // A pre-affine on the input (scale, shift per channel, ReLU).
+                        let (sc, sh) = (data(input[1], 11), data(input[1], 12));
+                        let pre = (res.is_some() && b.is_some()).then_some(PreAffine {
+                            scale: &sc,
+                            shift: &sh,
+                            relu: true,
+                        });
+                        let f = Fused {
+                            bias: b,
+                            residual: res,
+                            relu,
+                            pre,
+                        };
+                        let got = p.run(&x, Weight::Dense(&wt), &f, threads);
+                        let plane = input[2] * input[3];
+                        let xa: Vec<f32> = match pre {
+                            Some(_) => (x.iter().enumerate())
+                                .map(|(i, v)| {
+                                    let c = i / plane % input[1];
+                                    (v * sc[c] + sh[c]).max(0.0)
+                                })
+                                .collect(),
+                            None => x.clone(),
+                        };
+                        let mut want = naive(&p, &xa, &wt, b);
                         for (k, v) in want.iter_mut().enumerate() {
                             *v += res.map_or(0.0, |r| r[k]);
                             if relu {
@@ -544,7 +700,7 @@ mod tests {
                         let packed = pack_weight(&wt, oc, k);
                         assert_eq!(unpack_weight(&packed, oc, k), wt);
                         {
-                            let got = p.run(&x, Weight::Packed(&packed), b, res, relu, threads);
+                            let got = p.run(&x, Weight::Packed(&packed), &f, threads);
                             assert_eq!(got.len(), want.len(), "case {i}");
                             for (a, e) in got.iter().zip(&want) {
                                 assert!(

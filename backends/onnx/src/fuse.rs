@@ -15,6 +15,9 @@
 //!   input 3;
 //! * attention's `Softmax(Add(x · s + t, mask))` (scores scaled by a scalar, then the mask)
 //!   → one `Softmax` with the mask as input 1 and attributes [`SCALE`], [`SHIFT`];
+//! * a per-channel affine (a BatchNormalization, with its ReLU) whose only reader is a
+//!   Conv → that Conv with the affine's parameters as inputs 4.. ([`PRE_RELU`] for the ReLU), applied
+//!   while the convolution gathers its input (DenseNet's pre-activation `BN, ReLU, Conv`);
 //! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
 //!   nodes, in either order of the products) → one ONNX `Gelu` node.
 //!
@@ -35,6 +38,10 @@ pub const RELU: &str = "kiln_relu";
 pub const SCALE: &str = "kiln_scale";
 /// See [`SCALE`].
 pub const SHIFT: &str = "kiln_shift";
+
+/// Attribute of a Conv with a per-channel affine on its input (inputs 4 and 5): apply ReLU
+/// after the affine, before the convolution.
+pub const PRE_RELU: &str = "kiln_pre_relu";
 
 /// `x · S + T` with constants S and T (inputs 1 and 2), broadcasting as `Mul` and `Add` do.
 pub const AFFINE: &str = "KilnAffine";
@@ -135,7 +142,59 @@ pub fn fuse(
             None
         }
     });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        affine_before_conv(g, s, n, constants)
+    });
     slots.into_iter().flatten().collect()
+}
+
+/// `Conv(ChannelAffine(x))` → `Conv(x)` with the affine's other inputs as inputs 4.. (its
+/// per-channel scale and shift first; inputs 2 and 3, bias and residual, left empty where
+/// absent) and its ReLU as [`PRE_RELU`]. Only for one f32 value per input channel of a
+/// 2-D convolution's weight.
+fn affine_before_conv(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    conv: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if conv.op_type != "Conv" || conv.input.len() > 4 || conv.input.len() < 2 {
+        return None;
+    }
+    let p = g.sole_producer(&conv.input[0])?;
+    let affine = slots[p].as_ref().filter(|a| {
+        a.op_type == CHANNEL_AFFINE
+            && (a.input.len() == 3 || a.input.len() == 7)
+            && a.output.len() == 1
+    })?;
+    let (s, t) = (
+        constants.get(&affine.input[1])?,
+        constants.get(&affine.input[2])?,
+    );
+    let w = constants.get(&conv.input[1])?;
+    let groups = conv
+        .attribute
+        .iter()
+        .find(|a| a.name == "group")
+        .map_or(1, |a| a.i.max(1) as usize);
+    let (_, icg, _, _) = w.dims4().ok()?;
+    let c = icg * groups;
+    let f32 = candle_core::DType::F32;
+    if s.dims() != [c] || t.dims() != [c] || s.dtype() != f32 || t.dtype() != f32 {
+        return None;
+    }
+    let mut node = conv.clone();
+    node.input[0] = affine.input[0].clone();
+    node.input.resize(4, String::new());
+    node.input.extend(affine.input[1..].iter().cloned());
+    let relu = affine.attribute.iter().any(|a| a.name == RELU && a.i != 0);
+    node.attribute.push(AttributeProto {
+        name: PRE_RELU.into(),
+        r#type: AttributeType::Int as i32,
+        i: relu as i64,
+        ..Default::default()
+    });
+    Some((node, vec![p]))
 }
 
 /// A constant usable in an affine chain: f32 and at most one dimension above 1.

@@ -18,6 +18,47 @@ pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
 /// Attribute of a `MatMul` whose weight (input 1) the planner packed into 16-column panels
 /// for the CPU kernel: the weight's column count.
 pub const PANELS_N: &str = "kiln_panels_n";
+/// [`CHANNEL_AFFINE`] on `x` with the node's other inputs `params`: `x · scale + shift` per
+/// channel (dimension 1), then ReLU if `relu`. The planner may have merged a following
+/// per-channel affine into it (`params` 2–5, see fuse.rs), which a 4-D input has folded
+/// into `params` 0–1 and any other input computes as written.
+pub(crate) fn channel_affine_node(
+    x: &Tensor,
+    params: &[Option<Tensor>],
+    relu: bool,
+) -> Result<Tensor> {
+    let p = |i: usize| {
+        params.get(i).and_then(|t| t.as_ref()).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{CHANNEL_AFFINE}: input {} missing", i + 1))
+        })
+    };
+    let per_dim1 = |t: &Tensor| -> Result<Tensor> {
+        let shape: Vec<usize> = (0..x.rank())
+            .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
+            .collect();
+        t.reshape(shape)
+    };
+    let r = if params.len() == 6 && x.rank() != 4 {
+        let bn = x
+            .broadcast_mul(&per_dim1(p(2)?)?)?
+            .broadcast_add(&per_dim1(p(3)?)?)?;
+        bn.broadcast_mul(p(4)?)?.broadcast_add(p(5)?)?
+    } else {
+        if x.rank() >= 2 {
+            if let Some(r) = channel_affine(x, p(0)?, p(1)?, relu)? {
+                return Ok(r);
+            }
+        }
+        x.broadcast_mul(&per_dim1(p(0)?)?)?
+            .broadcast_add(&per_dim1(p(1)?)?)?
+    };
+    if relu {
+        r.relu()
+    } else {
+        Ok(r)
+    }
+}
+
 /// Set by the planner on a Conv whose weight (input 1) it packed with
 /// `cpu_conv::pack_weight` into a flat tensor: the weight's `[oc, ic, kh, kw]`.
 pub const PACKED_CONV: &str = "kiln_packed_conv";
@@ -1171,36 +1212,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             }
         }
         CHANNEL_AFFINE => {
-            // x · scale + shift per channel (dimension 1); the planner may have merged a
-            // following per-channel affine (inputs 3–6, see fuse.rs) and a ReLU into it.
-            let x = x()?;
             let relu = attrs::int(node, fuse::RELU, 0) != 0;
-            let per_dim1 = |t: &Tensor| -> Result<Tensor> {
-                let shape: Vec<usize> = (0..x.rank())
-                    .map(|i| if i == 1 { x.dim(1).unwrap_or(1) } else { 1 })
-                    .collect();
-                t.reshape(shape)
-            };
-            let r = if ins.len() == 7 && x.rank() != 4 {
-                let bn = x
-                    .broadcast_mul(&per_dim1(req(ins, 3, node)?)?)?
-                    .broadcast_add(&per_dim1(req(ins, 4, node)?)?)?;
-                bn.broadcast_mul(req(ins, 5, node)?)?
-                    .broadcast_add(req(ins, 6, node)?)?
-            } else {
-                if x.rank() >= 2 {
-                    if let Some(r) = channel_affine(x, y()?, req(ins, 2, node)?, relu)? {
-                        return Ok(vec![r]);
-                    }
-                }
-                x.broadcast_mul(&per_dim1(y()?)?)?
-                    .broadcast_add(&per_dim1(req(ins, 2, node)?)?)?
-            };
-            if relu {
-                r.relu()?
-            } else {
-                r
-            }
+            channel_affine_node(x()?, &ins[1..], relu)?
         }
         "MaxPool" => {
             let x = x()?;

@@ -251,6 +251,21 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
         Some(&[oc, icg, kh, kw]) => Some([oc as usize, icg as usize, kh as usize, kw as usize]),
         _ => None,
     };
+    // A per-channel affine (and ReLU) on the input, fused by the planner (inputs 4..,
+    // fuse.rs): gathered with the patches when the fast path takes it, else applied first.
+    let pre_relu = attrs::int(node, fuse::PRE_RELU, 0) != 0;
+    if ins.len() > 4 {
+        let c = if x.rank() == 4 { x.dim(1)? } else { 0 };
+        let fits = |i: usize| {
+            opt(ins, i).is_some_and(|t| cpu_f32(t) && (t.elem_count() == c || t.elem_count() == 1))
+        };
+        if !(cpu_f32(x) && fits(4) && fits(5)) {
+            let x = crate::ops::channel_affine_node(x, &ins[4..], pre_relu)?;
+            let mut plain = vec![Some(x)];
+            plain.extend(ins[1..4].iter().cloned());
+            return conv(node, &plain, ctx);
+        }
+    }
     if x.rank() == 3 && w.rank() == 3 {
         return conv1d(node, ins, ctx);
     }
@@ -274,6 +289,7 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
     let bias = opt(ins, 2);
     let mut residual = opt(ins, 3);
     let mut relu = attrs::int(node, fuse::RELU, 0) != 0;
+    let pre = opt(ins, 4).zip(opt(ins, 5));
     let mut y = None;
     if cpu_f32(x) && cpu_f32(w) && p.len() == 4 && strides.len() == 2 && dil.len() == 2 {
         let geo = crate::cpu_conv::Conv2d {
@@ -292,14 +308,31 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
         let res = residual.filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow]);
         let fused_relu = relu && (residual.is_none() || res.is_some());
         let run = |s: &[&[f32]]| {
-            let (bs, rs) = (bias.map(|_| s[2]), res.map(|_| s[3]));
             let wt = match packed {
                 Some(_) => crate::cpu_conv::Weight::Packed(s[1]),
                 None => crate::cpu_conv::Weight::Dense(s[1]),
             };
-            geo.run(s[0], wt, bs, rs, fused_relu, ctx.threads)
+            let f = crate::cpu_conv::Fused {
+                bias: bias.map(|_| s[2]),
+                residual: res.map(|_| s[3]),
+                relu: fused_relu,
+                pre: pre.map(|_| crate::cpu_conv::PreAffine {
+                    scale: s[4],
+                    shift: s[5],
+                    relu: pre_relu,
+                }),
+            };
+            geo.run(s[0], wt, &f, ctx.threads)
         };
-        if let Some(out) = on_cpu_f32(&[Some(x), Some(w), bias, res], run)? {
+        let slices = [
+            Some(x),
+            Some(w),
+            bias,
+            res,
+            pre.map(|p| p.0),
+            pre.map(|p| p.1),
+        ];
+        if let Some(out) = on_cpu_f32(&slices, run)? {
             if res.is_some() {
                 residual = None;
             }
@@ -313,10 +346,14 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
             if strides[0] != strides[1] || dil[0] != dil[1] {
                 bail!("Conv: different strides or dilations per axis are not supported")
             }
+            let x = match pre {
+                Some(_) => crate::ops::channel_affine_node(x, &ins[4..], pre_relu)?,
+                None => x.clone(),
+            };
             let (x, pad) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
                 (x.clone(), p[0])
             } else {
-                (pad2d(x, &p)?, 0)
+                (pad2d(&x, &p)?, 0)
             };
             let dense;
             let w = match packed {

@@ -168,8 +168,9 @@ fn division_by_a_constant_joins_the_affine_chain() {
 }
 
 #[test]
-fn batch_norm_then_channel_affine_and_relu_is_one_pass() {
-    // DenseNet's pre-activation: Relu(BN(x) · s + t), then a Conv.
+fn batch_norm_then_channel_affine_and_relu_joins_the_conv() {
+    // DenseNet's pre-activation: Relu(BN(x) · s + t), then a Conv, which applies it while
+    // it gathers its input.
     let nodes = vec![
         node(
             "BatchNormalization",
@@ -188,18 +189,43 @@ fn batch_norm_then_channel_affine_and_relu_is_one_pass() {
         init("gamma", &[4], 1),
         init("beta", &[4], 2),
         init("mean", &[4], 3),
-        var,
+        var.clone(),
         init("s", &[4, 1, 1], 4),
         init("t", &[1, 4, 1, 1], 5),
         init("w", &[3, 4, 1, 1], 6),
     ];
     let m = model(nodes, inits, &["x"], &["y"]);
     let inputs = HashMap::from([("x".to_string(), input(&[2, 4, 5, 3]))]);
-    check(&m, inputs, &["KilnChannelAffine", "Conv"]);
+    check(&m, inputs, &["Conv"]);
     // A 3-D input: s and t are then not per channel, and the merged node must compute the
     // steps as written (the result broadcasts to [1, 4, 4, 3]).
     let inputs = HashMap::from([("x".to_string(), input(&[4, 4, 3]))]);
-    check(&m, inputs, &["KilnChannelAffine", "Conv"]);
+    check(&m, inputs, &["Conv"]);
+    // BN, ReLU, then a padded 3×3 Conv: the padding stays zero (the affine is not applied
+    // to it), on a map large enough for the many-pixel path and on a small one.
+    let nodes = vec![
+        node(
+            "BatchNormalization",
+            &["x", "gamma", "beta", "mean", "var"],
+            "bn",
+            vec![],
+        ),
+        node("Relu", &["bn"], "r", vec![]),
+        node("Conv", &["r", "w", "b"], "y", vec![pads(1)]),
+    ];
+    let inits = vec![
+        init("gamma", &[4], 1),
+        init("beta", &[4], 2),
+        init("mean", &[4], 3),
+        var,
+        init("w", &[20, 4, 3, 3], 6),
+        init("b", &[20], 7),
+    ];
+    let m = model(nodes, inits, &["x"], &["y"]);
+    for dims in [[2, 4, 20, 19], [1, 4, 5, 3]] {
+        let inputs = HashMap::from([("x".to_string(), input(&dims))]);
+        check(&m, inputs, &["Conv"]);
+    }
 }
 
 fn scalar_init(name: &str, v: f32) -> TensorProto {
