@@ -90,9 +90,13 @@ impl Conv2d {
         }
         // The AVX2 kernel starts each output block from the residual and bias itself; the
         // gemm crate adds to what is there, so it gets them written in first.
+        // The AVX2 kernel writes every output element (start values included), so its
+        // buffer is not zeroed first: its length is set once the jobs are done.
+        let len = b * oc * n;
         let mut out = match residual {
-            Some(r) if !fast => r.to_vec(),
-            _ => vec![0f32; b * oc * n],
+            _ if fast => Vec::with_capacity(len),
+            Some(r) => r.to_vec(),
+            None => vec![0f32; len],
         };
         if let (Some(bias), false) = (bias, fast) {
             for (plane, &v) in out.chunks_mut(n).zip(bias.iter().cycle()) {
@@ -228,6 +232,11 @@ impl Conv2d {
             let mut col = Default::default();
             (0..total).for_each(|j| job(&mut col, j));
         }
+        if fast {
+            // SAFETY: the jobs wrote all `len` elements (every image, group, channel range
+            // and pixel tile) into the allocation of capacity `len`.
+            unsafe { out.set_len(len) };
+        }
         out
     }
 
@@ -250,8 +259,10 @@ impl Conv2d {
         };
         let (oc, n) = (self.out_channels, oh * ow);
         let k = ic * self.kernel[0] * self.kernel[1];
-        let mut out = vec![0f32; b * oc * n];
-        if n == 0 || oc == 0 {
+        // Every element is written by the kernel (see `run`); the length is set at the end.
+        let len = b * oc * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        if len == 0 {
             return out;
         }
         let slivers = n.div_ceil(SLIVER);
@@ -341,6 +352,8 @@ impl Conv2d {
                 (0..nb * tiles * parts).for_each(gemm);
             }
         }
+        // SAFETY: the jobs wrote every pixel of every channel of every image.
+        unsafe { out.set_len(len) };
         out
     }
 

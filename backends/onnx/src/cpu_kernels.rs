@@ -218,57 +218,95 @@ pub fn channel_affine(
     out
 }
 
-/// Defines `$name(xs, $arg)`: `xs[i] = $body` (with `$v` = `xs[i]`) over a slice, compiled a
-/// second time for AVX2 and FMA and run that way when the CPU has them, so the loop
-/// vectorises 8 wide. (A closure passed into a `target_feature` function is not reliably
-/// compiled with its features; a loop written inside one is.)
+/// Defines `$name(xs, $arg)`: `xs[i] = $f(xs[i], $arg)` over a slice, where `$f` works on
+/// an array of lanes (`[f32; L]`) one step at a time across all lanes. Blocks of 32 lanes
+/// make each step four independent 8-wide vectors, so the long polynomial chains of
+/// `exp`/`erfc` overlap instead of waiting on each other; the whole is compiled a second
+/// time for AVX2 and FMA and run that way when the CPU has them. (A closure passed into a
+/// `target_feature` function is not reliably compiled with its features; a loop written
+/// inside one is.)
 macro_rules! simd_map {
-    ($name:ident, |$v:ident $(, $arg:ident: $ty:ty)*| $body:expr) => {
+    ($name:ident, $f:ident $(, $arg:ident: $ty:ty)*) => {
         fn $name(xs: &mut [f32] $(, $arg: $ty)*) {
+            #[inline(always)]
+            fn body(xs: &mut [f32] $(, $arg: $ty)*) {
+                let mut blocks = xs.chunks_exact_mut(32);
+                for b in &mut blocks {
+                    let b: &mut [f32; 32] = b.try_into().expect("chunks of 32");
+                    *b = $f(*b $(, $arg)*);
+                }
+                for v in blocks.into_remainder() {
+                    *v = $f([*v] $(, $arg)*)[0];
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2(xs: &mut [f32] $(, $arg: $ty)*) {
-                    for $v in xs.iter_mut() {
-                        *$v = $body;
-                    }
+                    body(xs $(, $arg)*)
                 }
                 if crate::sgemm::available() {
                     // SAFETY: the CPU has AVX2 and FMA (checked just above).
                     return unsafe { avx2(xs $(, $arg)*) };
                 }
             }
-            for $v in xs.iter_mut() {
-                *$v = $body;
-            }
+            body(xs $(, $arg)*)
         }
     };
 }
 
-simd_map!(gelu_in_place, |v| gelu_approx(*v));
-simd_map!(exp_shifted_in_place, |v, shift: f32| exp_approx(*v - shift));
+simd_map!(gelu_in_place, gelu_lanes);
+simd_map!(exp_shifted_in_place, exp_shifted_lanes, shift: f32);
 
-/// `e^x` from f32 arithmetic only (no library call, so loops over it vectorise): `2^n · e^y`
-/// with `n` the nearest integer to `x·log2 e`, `y = x − n·ln2` (`|y| ≤ ln2/2`) and a degree-7 Taylor
-/// polynomial (relative error below 2e-7); inputs are clamped to [-87, 88].
+#[inline(always)]
+fn exp_shifted_lanes<const L: usize>(mut x: [f32; L], shift: f32) -> [f32; L] {
+    x.iter_mut().for_each(|v| *v -= shift);
+    exp_lanes(x)
+}
+
+/// `e^x` for f32: `2^n · e^y`, with `n` the nearest integer to `x·log2 e`, `y = x − n·ln2`
+/// (`|y| ≤ ln2/2`) and a degree-7 Taylor polynomial (relative error below 2e-7); inputs
+/// are clamped to [-87, 88].
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // Round x·log2 e to nearest by adding 1.5 · 2^23: the sum's low mantissa bits then hold
-    // the integer (read from the bits, as a float-to-int cast would not vectorise).
-    let big = x * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = big - 12_582_912.0;
-    let ni = (big.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    // y = x − n·ln2 in two steps (Cody–Waite): ln2's high part has few enough bits that
-    // n·high is exact, so the small remainder keeps f32 precision.
-    let y = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
-    let p = 1.0
-        + y * (1.0
-            + y * (0.5
-                + y * (1.0 / 6.0
-                    + y * (1.0 / 24.0
-                        + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
-    p * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
+    exp_lanes([x])[0]
+}
+
+/// [`exp_approx`] of each lane, one step at a time across the lanes.
+#[inline(always)]
+fn exp_lanes<const L: usize>(x: [f32; L]) -> [f32; L] {
+    let mut y = [0f32; L];
+    let mut scale = [0f32; L];
+    for i in 0..L {
+        let x = x[i].clamp(-87.0, 88.0);
+        // Round x·log2 e to nearest by adding 1.5 · 2^23: the sum's low mantissa bits then
+        // hold the integer (read from the bits, as a float-to-int cast would not vectorise).
+        let big = x.mul_add(std::f32::consts::LOG2_E, 12_582_912.0);
+        let n = big - 12_582_912.0;
+        let ni = (big.to_bits() as i32).wrapping_sub(0x4B40_0000);
+        // y = x − n·ln2 in two steps (Cody–Waite): ln2's high part has few enough bits
+        // that n·high is exact, so the small remainder keeps f32 precision.
+        y[i] = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
+        scale[i] = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    }
+    let mut p = [1.0f32 / 5040.0; L];
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        for i in 0..L {
+            p[i] = p[i].mul_add(y[i], c);
+        }
+    }
+    for i in 0..L {
+        p[i] *= scale[i];
+    }
+    p
 }
 
 /// The exact (erf) GELU, `x · Φ(x) = ½ · x · erfc(−x/√2)`, with erfc from Numerical Recipes'
@@ -276,20 +314,46 @@ pub fn exp_approx(x: f32) -> f32 {
 /// accurate) and [`exp_approx`].
 #[inline(always)]
 pub fn gelu_approx(x: f32) -> f32 {
-    let w = -x * std::f32::consts::FRAC_1_SQRT_2;
-    let z = w.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_78))))))));
-    let r = t * exp_approx(-z * z + poly);
-    let erfc = if w >= 0.0 { r } else { 2.0 - r };
-    0.5 * x * erfc
+    gelu_lanes([x])[0]
+}
+
+/// [`gelu_approx`] of each lane, one step at a time across the lanes.
+#[inline(always)]
+fn gelu_lanes<const L: usize>(x: [f32; L]) -> [f32; L] {
+    let mut z = [0f32; L];
+    let mut t = [0f32; L];
+    for i in 0..L {
+        z[i] = (x[i] * std::f32::consts::FRAC_1_SQRT_2).abs();
+        t[i] = 1.0 / z[i].mul_add(0.5, 1.0);
+    }
+    let mut poly = [0.170_872_78f32; L];
+    for c in [
+        -0.822_152_2,
+        1.488_515_9,
+        -1.135_204,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+        -1.265_512_2,
+    ] {
+        for i in 0..L {
+            poly[i] = poly[i].mul_add(t[i], c);
+        }
+    }
+    for i in 0..L {
+        poly[i] = (-z[i]).mul_add(z[i], poly[i]);
+    }
+    let e = exp_lanes(poly);
+    let mut out = [0f32; L];
+    for i in 0..L {
+        // erfc(w) for w = −x/√2: r for w ≥ 0 (x ≤ 0), 2 − r otherwise.
+        let r = t[i] * e[i];
+        let erfc = if x[i] <= 0.0 { r } else { 2.0 - r };
+        out[i] = 0.5 * x[i] * erfc;
+    }
+    out
 }
 
 /// GELU (exact form) of every element, vectorised and split over threads.
