@@ -2,6 +2,7 @@
 import asyncio
 import concurrent.futures
 import json
+import os
 import queue
 import time
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -383,11 +385,58 @@ def test_settings_and_shared_memory(client):
     assert log["log_info"]["bool_param"] is True
     trace = client.get_trace_settings(as_json=True)["settings"]
     assert trace["trace_level"]["value"] == ["OFF"]
+    client.unregister_system_shared_memory()
     assert len(client.get_system_shared_memory_status().regions) == 0
     with pytest.raises(InferenceServerException) as e:
-        client.register_system_shared_memory("r", "/key", 64)
-    assert status_of(e) == "StatusCode.UNIMPLEMENTED"
+        client.register_system_shared_memory("r", "/kiln_no_such_object", 64)
+    assert "Unable to open shared memory region" in str(e.value)
+    with pytest.raises(InferenceServerException) as e:
+        client.get_system_shared_memory_status("r")
+    assert status_of(e) == "StatusCode.NOT_FOUND"
+    assert len(client.get_cuda_shared_memory_status().regions) == 0
+
+
+def test_system_shared_memory_mixed_with_raw_tensors(client):
+    """INPUT0 and OUTPUT0 in shared memory, INPUT1 and OUTPUT1 in the message: the raw
+    contents then hold only the tensors not in shared memory (as tritonclient sends them)."""
     client.unregister_system_shared_memory()
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 5, dtype=np.int32)
+    n = a.nbytes
+    key_in, key_out = f"/kiln_gin_{os.getpid()}", f"/kiln_gout_{os.getpid()}"
+    inp = shm.create_shared_memory_region("gin", key_in, n)
+    out = shm.create_shared_memory_region("gout", key_out, n)
+    try:
+        shm.set_shared_memory_region(inp, [a])
+        client.register_system_shared_memory("in", key_in, n)
+        client.register_system_shared_memory("out", key_out, n)
+        with pytest.raises(InferenceServerException) as e:
+            client.register_system_shared_memory("in", key_in, n)
+        assert status_of(e) == "StatusCode.ALREADY_EXISTS"
+        st = client.get_system_shared_memory_status("in").regions["in"]
+        assert (st.key, st.offset, st.byte_size) == (key_in, 0, n)
+        i0 = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
+        i0.set_shared_memory("in", n)
+        i1 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
+        i1.set_data_from_numpy(b)
+        o0 = grpcclient.InferRequestedOutput("OUTPUT0")
+        o0.set_shared_memory("out", n)
+        o1 = grpcclient.InferRequestedOutput("OUTPUT1")
+        r = client.infer("simple", [i0, i1], outputs=[o0, o1])
+        assert (r.as_numpy("OUTPUT1") == a - b).all()
+        assert list(r.get_output("OUTPUT0").shape) == [1, 16]
+        assert (shm.get_contents_as_numpy(out, np.int32, [1, 16]) == a + b).all()
+        o0.set_shared_memory("out", n, offset=4)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("simple", [i0, i1], outputs=[o0, o1])
+        assert status_of(e) == "StatusCode.INVALID_ARGUMENT"
+        assert "Invalid offset + byte size" in str(e.value)
+        client.unregister_system_shared_memory("in")
+        assert list(client.get_system_shared_memory_status().regions) == ["out"]
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(inp)
+        shm.destroy_shared_memory_region(out)
 
 
 def test_grpc_health_service(kiln):

@@ -2,12 +2,14 @@
 import concurrent.futures
 import gzip
 import json
+import os
 import zlib
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 
@@ -315,7 +317,77 @@ def test_concurrent_clients_all_correct(kiln):
 def test_settings_and_shared_memory_status(client):
     assert client.get_log_settings()["log_info"] is True
     assert client.get_trace_settings()["trace_level"] == ["OFF"]
-    assert client.get_system_shared_memory_status() == []
     client.unregister_system_shared_memory()
-    with pytest.raises(InferenceServerException, match="not supported"):
-        client.register_system_shared_memory("r", "/kiln_test", 64)
+    assert client.get_system_shared_memory_status() == []
+    assert "system_shared_memory" in client.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="Unable to open shared memory region"):
+        client.register_system_shared_memory("r", "/kiln_no_such_object", 64)
+    with pytest.raises(InferenceServerException, match="Unable to find system shared memory region"):
+        client.get_system_shared_memory_status("r")
+    # No GPU shared memory in this server: nothing registered, registering is refused.
+    assert client.get_cuda_shared_memory_status() == []
+
+
+def test_system_shared_memory_inputs_and_outputs(client):
+    """The flow of Triton's simple_http_shm_client: inputs read from and outputs written
+    to client-created POSIX shared memory, registered by name."""
+    client.unregister_system_shared_memory()
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    n = a.nbytes
+    tag = os.getpid()
+    inp = shm.create_shared_memory_region("kiln_in", f"/kiln_in_{tag}", 2 * n)
+    out = shm.create_shared_memory_region("kiln_out", f"/kiln_out_{tag}", 2 * n)
+    try:
+        shm.set_shared_memory_region(inp, [a, b])
+        client.register_system_shared_memory("input_data", f"/kiln_in_{tag}", 2 * n)
+        client.register_system_shared_memory("output_data", f"/kiln_out_{tag}", 2 * n)
+        with pytest.raises(InferenceServerException, match="already in manager"):
+            client.register_system_shared_memory("input_data", f"/kiln_in_{tag}", n)
+        assert client.get_system_shared_memory_status("input_data") == [
+            {"name": "input_data", "key": f"/kiln_in_{tag}", "offset": 0, "byte_size": 2 * n}]
+        assert sorted(r["name"] for r in client.get_system_shared_memory_status()) == [
+            "input_data", "output_data"]
+
+        def run(out0_size=n):
+            i0 = httpclient.InferInput("INPUT0", [1, 16], "INT32")
+            i0.set_shared_memory("input_data", n)
+            i1 = httpclient.InferInput("INPUT1", [1, 16], "INT32")
+            i1.set_shared_memory("input_data", n, offset=n)
+            o0 = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+            o0.set_shared_memory("output_data", out0_size)
+            o1 = httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)
+            o1.set_shared_memory("output_data", n, offset=n)
+            return client.infer("simple", [i0, i1], outputs=[o0, o1])
+
+        r = run()
+        o = r.get_output("OUTPUT0")
+        # No data in the response for an output in shared memory (JSON or binary asked).
+        assert o["shape"] == [1, 16] and o["datatype"] == "INT32" and "data" not in o
+        assert "binary_data_size" not in o.get("parameters", {})
+        assert "data" not in r.get_output("OUTPUT1")
+        assert (shm.get_contents_as_numpy(out, np.int32, [1, 16]) == a + b).all()
+        assert (shm.get_contents_as_numpy(out, np.int32, [1, 16], offset=n) == a - b).all()
+        # New input values in the same region give new results.
+        shm.set_shared_memory_region(inp, [b])
+        run()
+        assert (shm.get_contents_as_numpy(out, np.int32, [1, 16]) == 2 * b).all()
+        with pytest.raises(InferenceServerException, match="should be at least 64 bytes"):
+            run(out0_size=8)
+        i0 = httpclient.InferInput("INPUT0", [1, 16], "INT32")
+        i0.set_shared_memory("no_region", n)
+        i1 = httpclient.InferInput("INPUT1", [1, 16], "INT32")
+        i1.set_data_from_numpy(b)
+        with pytest.raises(InferenceServerException, match="Unable to find shared memory region"):
+            client.infer("simple", [i0, i1])
+        i0.set_shared_memory("input_data", n, offset=2 * n)
+        with pytest.raises(InferenceServerException, match="Invalid offset"):
+            client.infer("simple", [i0, i1])
+        client.unregister_system_shared_memory("input_data")
+        assert [r["name"] for r in client.get_system_shared_memory_status()] == ["output_data"]
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(inp)
+        shm.destroy_shared_memory_region(out)

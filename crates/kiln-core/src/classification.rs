@@ -94,6 +94,7 @@ pub fn classify(
         dtype: DataType::Bytes,
         shape,
         data: Bytes::from(data),
+        in_shared_memory: false,
     })
 }
 
@@ -119,6 +120,7 @@ mod tests {
             dtype: DataType::Fp32,
             shape: vec![2, 3],
             data: Bytes::from(vals),
+            in_shared_memory: false,
         };
         let labels = vec!["a".to_string(), "b".into(), "c".into()];
         let c = classify(&t, 2, true, Some(&labels)).unwrap();
@@ -142,6 +144,7 @@ mod tests {
             dtype: DataType::Int32,
             shape: vec![3],
             data: Bytes::from(vals),
+            in_shared_memory: false,
         };
         let c = classify(&t, 10, false, None).unwrap();
         assert_eq!(c.shape, vec![3]);

@@ -539,5 +539,6 @@ pub(crate) fn output_tensor(
         dtype,
         shape,
         data: Bytes::from(data),
+        in_shared_memory: false,
     }
 }

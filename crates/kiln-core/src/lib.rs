@@ -16,6 +16,7 @@ pub mod repository;
 pub mod request;
 pub mod scheduler;
 pub mod server;
+pub mod shm;
 pub mod sink;
 pub mod stats;
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kiln_abi::{self as abi, KilnInstanceInfo, KilnModelInfo, KilnRequestView, KilnStr};
 use kiln_proto::inference::{
     model_config::SchedulingChoice, model_instance_group::Kind, model_queue_policy, ModelConfig,
@@ -320,7 +321,14 @@ pub(crate) fn build_response(
                     r.name
                 ))
             })?;
-            if r.class_count > 0 {
+            if let Some(slot) = &r.shm {
+                slot.write(&r.name, &t.data)?;
+                out.push(OutputTensor {
+                    data: Bytes::new(),
+                    in_shared_memory: true,
+                    ..t
+                });
+            } else if r.class_count > 0 {
                 let labels = model.labels.get(&r.name).map(Vec::as_slice);
                 out.push(classify(
                     &t,

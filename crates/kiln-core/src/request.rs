@@ -42,6 +42,8 @@ pub struct RequestedOutput {
     pub name: String,
     /// Classification extension: top-k classes instead of raw data (0 = raw).
     pub class_count: u32,
+    /// System shared memory the output is written to instead of the response.
+    pub shm: Option<crate::shm::ShmSlot>,
 }
 
 /// An inference request after protocol decoding.
@@ -150,8 +152,12 @@ pub struct OutputTensor {
     pub dtype: DataType,
     /// Shape.
     pub shape: Vec<i64>,
-    /// Row-major bytes (BYTES: length-prefixed elements).
+    /// Row-major bytes (BYTES: length-prefixed elements); empty when the output went to
+    /// shared memory.
     pub data: Bytes,
+    /// The output was written to the system shared memory the client named, so the
+    /// response carries no data for it.
+    pub in_shared_memory: bool,
 }
 
 /// A complete inference response.

@@ -25,6 +25,7 @@ pub struct Server {
     opts: ServerOptions,
     models: ModelManager,
     shutting_down: AtomicBool,
+    shm: crate::shm::SharedMemory,
 }
 
 /// Name reported by `GET /v2` (tritonclient examples check for "triton").
@@ -41,6 +42,7 @@ pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "system_shared_memory",
 ];
 
 impl Server {
@@ -50,6 +52,7 @@ impl Server {
             models: ModelManager::new(opts.repository.clone()),
             opts,
             shutting_down: AtomicBool::new(false),
+            shm: Default::default(),
         });
         s.models.load_startup_models();
         s
@@ -280,6 +283,11 @@ impl Server {
     pub fn trace_settings(&self) -> Value {
         json!({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1",
                "log_frequency": "0", "trace_file": "", "trace_mode": "triton"})
+    }
+
+    /// The registered system shared-memory regions.
+    pub fn shared_memory(&self) -> &crate::shm::SharedMemory {
+        &self.shm
     }
 
     /// Whether load/unload requests are allowed.

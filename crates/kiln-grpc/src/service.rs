@@ -114,7 +114,7 @@ impl Inference {
             ..Default::default()
         };
         let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
-        let started = tensor::decode(msg).and_then(|(req, opts)| {
+        let started = tensor::decode(msg, self.server.shared_memory()).and_then(|(req, opts)| {
             Ok((self.server.infer_stream(req)?, opts.empty_final_response))
         });
         let (mut events, empty_final) = match started {
@@ -211,7 +211,7 @@ impl GrpcInferenceService for Inference {
     ) -> GrpcResult<pb::ModelInferResponse> {
         let msg = r.into_inner();
         let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
-        let req = match tensor::decode(msg) {
+        let req = match tensor::decode(msg, self.server.shared_memory()) {
             Ok((req, _)) => req,
             Err(e) => {
                 self.server
@@ -315,37 +315,78 @@ impl GrpcInferenceService for Inference {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<pb::SystemSharedMemoryStatusRequest>,
+        r: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryStatusResponse> {
-        ok(pb::SystemSharedMemoryStatusResponse::default())
+        let name = r.into_inner().name;
+        let shm = self.server.shared_memory();
+        if !name.is_empty() {
+            shm.status(Some(&name)).map_err(status)?;
+        }
+        let regions = shm
+            .regions()
+            .into_iter()
+            .filter(|(n, ..)| name.is_empty() || *n == name)
+            .map(|(n, key, offset, byte_size)| {
+                let st = pb::system_shared_memory_status_response::RegionStatus {
+                    name: n.clone(),
+                    key,
+                    offset,
+                    byte_size,
+                };
+                (n, st)
+            })
+            .collect();
+        ok(pb::SystemSharedMemoryStatusResponse { regions })
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+        r: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryRegisterResponse> {
-        Err(no_shared_memory())
+        let r = r.into_inner();
+        if r.name.is_empty() {
+            return Err(status(CoreError::invalid(
+                "'region name' is necessary to register system shared memory region",
+            )));
+        }
+        self.server
+            .shared_memory()
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(status)?;
+        ok(pb::SystemSharedMemoryRegisterResponse {})
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+        r: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryUnregisterResponse> {
+        let name = r.into_inner().name;
+        let name = (!name.is_empty()).then_some(name.as_str());
+        self.server.shared_memory().unregister(name);
         ok(pb::SystemSharedMemoryUnregisterResponse {})
     }
 
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<pb::CudaSharedMemoryStatusRequest>,
+        r: Request<pb::CudaSharedMemoryStatusRequest>,
     ) -> GrpcResult<pb::CudaSharedMemoryStatusResponse> {
+        let name = r.into_inner().name;
+        if !name.is_empty() {
+            return Err(status(CoreError::not_found(format!(
+                "Unable to find cuda shared memory region: '{name}'"
+            ))));
+        }
         ok(pb::CudaSharedMemoryStatusResponse::default())
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+        r: Request<pb::CudaSharedMemoryRegisterRequest>,
     ) -> GrpcResult<pb::CudaSharedMemoryRegisterResponse> {
-        Err(no_shared_memory())
+        Err(status(CoreError::invalid(format!(
+            "failed to register CUDA shared memory region: '{}', GPUs not supported",
+            r.into_inner().name
+        ))))
     }
 
     async fn cuda_shared_memory_unregister(
@@ -416,12 +457,6 @@ fn json_text(v: &Value) -> String {
         Value::String(s) => s.clone(),
         v => v.to_string(),
     }
-}
-
-fn no_shared_memory() -> Status {
-    status(CoreError::unsupported(
-        "shared memory is not supported by this server",
-    ))
 }
 
 fn read_only_settings() -> Status {

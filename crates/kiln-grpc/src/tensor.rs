@@ -1,6 +1,7 @@
 //! Converting `ModelInferRequest` / `ModelInferResponse` to and from the core's types.
 use bytes::{BufMut, Bytes, BytesMut};
 pub use kiln_core::request::parse_version;
+use kiln_core::shm::SharedMemory;
 use kiln_core::{CoreError, DataType, InferRequest, InferResponse, InputTensor, RequestedOutput};
 use kiln_proto::inference::{
     infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
@@ -31,19 +32,6 @@ fn params_to_json(p: &HashMap<String, InferParameter>) -> Map<String, Value> {
         .collect()
 }
 
-fn reject_shared_memory(
-    what: &str,
-    name: &str,
-    p: &HashMap<String, InferParameter>,
-) -> Result<(), CoreError> {
-    if p.contains_key("shared_memory_region") {
-        return Err(CoreError::unsupported(format!(
-            "{what} '{name}': shared memory is not supported by this server"
-        )));
-    }
-    Ok(())
-}
-
 /// What the stream handler needs to know besides the request itself.
 #[derive(Debug)]
 pub struct StreamOptions {
@@ -51,8 +39,12 @@ pub struct StreamOptions {
     pub empty_final_response: bool,
 }
 
-/// Decodes a `ModelInferRequest`; raw contents become slices of the received message.
-pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), CoreError> {
+/// Decodes a `ModelInferRequest`; raw contents become slices of the received message and
+/// tensors may name regions of `shm` (such inputs have no raw contents entry).
+pub fn decode(
+    msg: ModelInferRequest,
+    shm: &SharedMemory,
+) -> Result<(InferRequest, StreamOptions), CoreError> {
     let mut req = InferRequest::new(msg.model_name);
     req.model_version = parse_version(&msg.model_version)?;
     req.id = msg.id;
@@ -69,10 +61,14 @@ pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), C
     req.set_parameters(params)?;
 
     let raw = msg.raw_input_contents;
-    if !raw.is_empty() && raw.len() != msg.inputs.len() {
+    let not_shared = msg
+        .inputs
+        .iter()
+        .filter(|i| !i.parameters.contains_key("shared_memory_region"))
+        .count();
+    if !raw.is_empty() && raw.len() != not_shared {
         return Err(bad(format!(
-            "expected {} inputs in raw_input_contents (one per input) but got {}",
-            msg.inputs.len(),
+            "expected {not_shared} inputs in raw_input_contents (one per input not in shared memory) but got {}",
             raw.len()
         )));
     }
@@ -84,15 +80,24 @@ pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), C
                 input.datatype, input.name
             ))
         })?;
-        reject_shared_memory("input", &input.name, &input.parameters)?;
         if input.shape.iter().any(|&d| d < 0) {
             return Err(bad(format!(
                 "input '{}' has a negative dimension in its shape",
                 input.name
             )));
         }
-        let data = match raw.next() {
-            Some(bytes) => {
+        let from_shm = shm.input(&input.name, &params_to_json(&input.parameters))?;
+        let data = match from_shm.map(Ok).or_else(|| raw.next().map(Err)) {
+            Some(Ok(shared)) => {
+                if input.contents.is_some() {
+                    return Err(bad(format!(
+                        "unexpected 'content' provided when using shared memory for input tensor '{}' for model '{}'",
+                        input.name, req.model_name
+                    )));
+                }
+                shared
+            }
+            Some(Err(bytes)) => {
                 if input.contents.is_some() {
                     return Err(bad(format!(
                         "input '{}' has contents although raw_input_contents is used",
@@ -111,7 +116,7 @@ pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), C
         });
     }
     for o in msg.outputs {
-        reject_shared_memory("output", &o.name, &o.parameters)?;
+        let slot = shm.output(&o.name, &params_to_json(&o.parameters))?;
         let class_count = match o.parameters.get("classification").map(param_to_json) {
             None => 0,
             Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
@@ -124,6 +129,7 @@ pub fn decode(msg: ModelInferRequest) -> Result<(InferRequest, StreamOptions), C
         req.outputs.push(RequestedOutput {
             name: o.name,
             class_count,
+            shm: slot,
         });
     }
     Ok((
@@ -189,7 +195,8 @@ fn typed_contents(input: &InferInputTensor, dtype: DataType) -> Result<Bytes, Co
 }
 
 /// Encodes a response: one `raw_output_contents` entry per output, in output order,
-/// holding the buffer the backend wrote (no copy).
+/// holding the buffer the backend wrote (no copy; empty for an output written to shared
+/// memory, as Triton sends it).
 pub fn encode(resp: InferResponse) -> ModelInferResponse {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut raw = Vec::with_capacity(resp.outputs.len());
@@ -277,7 +284,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let (r, _) = decode(msg).unwrap();
+        let (r, _) = decode(msg, &SharedMemory::default()).unwrap();
         assert_eq!(&r.inputs[0].data[..], &[1, 0, 0xfe, 0xff]);
         assert_eq!(&r.inputs[1].data[..], &[2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]);
         assert_eq!(r.outputs[0].class_count, 3);
@@ -297,7 +304,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let e = decode(msg).unwrap_err();
+        let e = decode(msg, &SharedMemory::default()).unwrap_err();
         assert!(
             e.message.contains("unexpected number of elements"),
             "{}",
@@ -311,7 +318,7 @@ mod tests {
             raw_input_contents: vec![Bytes::from_static(&[0; 4])],
             ..Default::default()
         };
-        assert!(decode(msg)
+        assert!(decode(msg, &SharedMemory::default())
             .unwrap_err()
             .message
             .contains("raw_input_contents"));
@@ -324,7 +331,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        assert!(decode(msg)
+        assert!(decode(msg, &SharedMemory::default())
             .unwrap_err()
             .message
             .contains("raw_input_contents"));
@@ -355,7 +362,7 @@ mod tests {
             .into(),
             ..Default::default()
         };
-        let (r, so) = decode(msg).unwrap();
+        let (r, so) = decode(msg, &SharedMemory::default()).unwrap();
         assert_eq!((r.priority, r.timeout_us, r.correlation_id), (2, 500, 7));
         assert!(so.empty_final_response);
         assert_eq!(r.parameters.len(), 1);

@@ -24,16 +24,17 @@ fn binary_body(n: usize) -> (Bytes, usize) {
 }
 
 fn bench(c: &mut Criterion) {
+    let shm = kiln_core::shm::SharedMemory::default();
     let mut g = c.benchmark_group("http_decode");
     for n in [16usize, 4096] {
         g.throughput(Throughput::Elements(n as u64));
         let body = json_body(n);
         g.bench_with_input(BenchmarkId::new("json", n), &body, |b, body| {
-            b.iter(|| decode("m", None, body.clone(), None).map(|(r, _)| r.inputs.len()))
+            b.iter(|| decode("m", None, body.clone(), None, &shm).map(|(r, _)| r.inputs.len()))
         });
         let (body, hl) = binary_body(n);
         g.bench_with_input(BenchmarkId::new("binary", n), &body, |b, body| {
-            b.iter(|| decode("m", None, body.clone(), Some(hl)).map(|(r, _)| r.inputs.len()))
+            b.iter(|| decode("m", None, body.clone(), Some(hl), &shm).map(|(r, _)| r.inputs.len()))
         });
     }
     g.finish();
@@ -50,14 +51,15 @@ fn bench(c: &mut Criterion) {
                 dtype: DataType::Fp32,
                 shape: vec![1, n as i64],
                 data: Bytes::from(vec![0u8; n * 4]),
+                in_shared_memory: false,
             }],
         };
         for binary in [false, true] {
             let (_, enc) = if binary {
                 let (body, hl) = binary_body(n);
-                decode("m", None, body, Some(hl)).expect("valid request")
+                decode("m", None, body, Some(hl), &shm).expect("valid request")
             } else {
-                decode("m", None, json_body(n), None).expect("valid request")
+                decode("m", None, json_body(n), None, &shm).expect("valid request")
             };
             let name = if binary { "binary" } else { "json" };
             g.bench_function(BenchmarkId::new(name, n), |b| {

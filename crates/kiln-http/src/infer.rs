@@ -1,5 +1,6 @@
 //! `POST .../infer`: decoding the JSON header + binary tensor data, and encoding the response.
 use bytes::Bytes;
+use kiln_core::shm::SharedMemory;
 use kiln_core::{CoreError, DataType, InferRequest, InferResponse, InputTensor, RequestedOutput};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -69,12 +70,14 @@ fn param_bool(p: &Map<String, Value>, k: &str) -> Result<Option<bool>, CoreError
     }
 }
 
-/// Decodes an infer request body. `header_len` is `Inference-Header-Content-Length`.
+/// Decodes an infer request body. `header_len` is `Inference-Header-Content-Length`;
+/// tensors may name regions of `shm`.
 pub fn decode(
     model: &str,
     version: Option<i64>,
     body: Bytes,
     header_len: Option<usize>,
+    shm: &SharedMemory,
 ) -> Result<(InferRequest, OutputEncoding), CoreError> {
     let hl = header_len.unwrap_or(body.len());
     if hl > body.len() {
@@ -113,13 +116,18 @@ pub fn decode(
         }
         let count: usize = input.shape.iter().map(|&d| d as usize).product();
         let p = input.parameters.unwrap_or_default();
-        if p.contains_key("shared_memory_region") {
-            return Err(CoreError::unsupported(
-                "shared memory is not supported by this server",
-            ));
-        }
-        let data = match param_u64(&p, "binary_data_size")? {
-            Some(n) => {
+        let from_shm = shm.input(&input.name, &p)?;
+        let data = match (from_shm, param_u64(&p, "binary_data_size")?) {
+            (Some(d), binary) => {
+                if input.data.is_some() || binary.is_some() {
+                    return Err(bad(format!(
+                        "input '{}' has data in the request although it names a shared memory region",
+                        input.name
+                    )));
+                }
+                d
+            }
+            (None, Some(n)) => {
                 let n = n as usize;
                 if input.data.is_some() {
                     return Err(bad(format!(
@@ -138,7 +146,7 @@ pub fn decode(
                 offset = end;
                 d
             }
-            None => {
+            (None, None) => {
                 let d = input.data.as_ref().ok_or_else(|| {
                     bad(format!(
                         "input '{}' has no 'data' and no 'binary_data_size'",
@@ -164,11 +172,7 @@ pub fn decode(
     let mut binary = Vec::new();
     for o in header.outputs.unwrap_or_default() {
         let p = o.parameters.unwrap_or_default();
-        if p.contains_key("shared_memory_region") {
-            return Err(CoreError::unsupported(
-                "shared memory is not supported by this server",
-            ));
-        }
+        let slot = shm.output(&o.name, &p)?;
         let class_count = param_u64(&p, "classification")?.unwrap_or(0);
         let class_count = u32::try_from(class_count)
             .map_err(|_| bad("parameter 'classification' is too large"))?;
@@ -179,6 +183,7 @@ pub fn decode(
         req.outputs.push(RequestedOutput {
             name: o.name,
             class_count,
+            shm: slot,
         });
     }
     Ok((
@@ -216,7 +221,9 @@ pub fn encode(resp: InferResponse, enc: &OutputEncoding) -> Result<Encoded, Core
             Value::String(o.dtype.protocol_name().into()),
         );
         j.insert("shape".into(), json!(o.shape));
-        if as_binary {
+        if o.in_shared_memory {
+            // The data is in the client's shared memory region.
+        } else if as_binary {
             j.insert(
                 "parameters".into(),
                 json!({"binary_data_size": o.data.len()}),
@@ -254,14 +261,16 @@ mod tests {
         let hdr = br#"{"inputs":[{"name":"A","shape":[2],"datatype":"INT32","parameters":{"binary_data_size":8}},{"name":"B","shape":[1],"datatype":"INT32","data":[5]}],"outputs":[{"name":"O","parameters":{"binary_data":true,"classification":2}}]}"#;
         let mut body = hdr.to_vec();
         body.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0]);
-        let (r, enc) = decode("m", Some(1), Bytes::from(body), Some(hdr.len())).unwrap();
+        let shm = SharedMemory::default();
+        let (r, enc) = decode("m", Some(1), Bytes::from(body), Some(hdr.len()), &shm).unwrap();
         assert_eq!(&r.inputs[0].data[..], &[1, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(&r.inputs[1].data[..], &[5, 0, 0, 0]);
         assert_eq!(
             r.outputs[0],
             RequestedOutput {
                 name: "O".into(),
-                class_count: 2
+                class_count: 2,
+                shm: None,
             }
         );
         assert!(enc.binary[0].1);
@@ -270,8 +279,16 @@ mod tests {
     #[test]
     fn header_length_beyond_body_and_short_binary_are_errors() {
         let hdr = br#"{"inputs":[{"name":"A","shape":[2],"datatype":"INT32","parameters":{"binary_data_size":8}}]}"#;
-        assert!(decode("m", None, Bytes::from_static(hdr), Some(hdr.len() + 1)).is_err());
-        let e = decode("m", None, Bytes::from_static(hdr), Some(hdr.len())).unwrap_err();
+        let shm = SharedMemory::default();
+        assert!(decode(
+            "m",
+            None,
+            Bytes::from_static(hdr),
+            Some(hdr.len() + 1),
+            &shm
+        )
+        .is_err());
+        let e = decode("m", None, Bytes::from_static(hdr), Some(hdr.len()), &shm).unwrap_err();
         assert!(e.message.contains("binary data size"), "{}", e.message);
     }
 }

@@ -179,20 +179,30 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         ) => error(&CoreError::unsupported(
             "changing log or trace settings at run time is not supported by this server",
         )),
-        (Method::GET, ["v2", "systemsharedmemory" | "cudasharedmemory", "status"]) => {
-            json_resp(StatusCode::OK, &json!([]))
+        (_, ["v2", kind @ ("systemsharedmemory" | "cudasharedmemory"), rest @ ..]) => {
+            let (region, action) = match rest {
+                [action] => (None, *action),
+                ["region", name, action] => (Some(name.to_string()), *action),
+                _ => {
+                    return error_status(StatusCode::NOT_FOUND, format!("unknown endpoint {path}"))
+                }
+            };
+            let want = if action == "status" {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            if !matches!(action, "status" | "register" | "unregister")
+                || (action == "register" && region.is_none())
+            {
+                return error_status(StatusCode::NOT_FOUND, format!("unknown endpoint {path}"));
+            }
+            if method != want {
+                return error_status(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+            }
+            let (kind, action) = (kind.to_string(), action.to_string());
+            shared_memory(&state, req, &kind, region, &action).await
         }
-        (Method::POST, ["v2", "systemsharedmemory" | "cudasharedmemory", "unregister"])
-        | (
-            Method::POST,
-            ["v2", "systemsharedmemory" | "cudasharedmemory", "region", _, "unregister"],
-        ) => empty(StatusCode::OK),
-        (
-            Method::POST,
-            ["v2", "systemsharedmemory" | "cudasharedmemory", "region", _, "register"],
-        ) => error(&CoreError::unsupported(
-            "shared memory is not supported by this server",
-        )),
         (Method::POST, ["v2", "repository", "models", model, action @ ("load" | "unload")]) => {
             let (model, action) = (model.to_string(), action.to_string());
             repository_control(&state, req, model, &action).await
@@ -272,7 +282,8 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
             }
         },
     };
-    let (request, enc) = match infer::decode(&model, version, body, header_len) {
+    let shm = state.server.shared_memory();
+    let (request, enc) = match infer::decode(&model, version, body, header_len, shm) {
         Ok(x) => x,
         Err(e) => {
             state.server.record_malformed(&model, version);
@@ -314,6 +325,78 @@ async fn repository_index(state: &State, req: Request<Incoming>) -> Resp {
         Err(e) => return error(&e),
     };
     json_resp(StatusCode::OK, &state.server.repository_index(ready_only))
+}
+
+/// The shared-memory endpoints. Every failure is a 400, as in Triton. CUDA regions cannot
+/// be registered (no GPU shared memory in this server), so their status is always empty.
+async fn shared_memory(
+    state: &State,
+    req: Request<Incoming>,
+    kind: &str,
+    region: Option<String>,
+    action: &str,
+) -> Resp {
+    let shm = state.server.shared_memory();
+    let cuda = kind == "cudasharedmemory";
+    let r = match (action, cuda) {
+        ("status", false) => shm.status(region.as_deref()).map(|v| Some(json!(v))),
+        ("status", true) => match &region {
+            None => Ok(Some(json!([]))),
+            Some(n) => Err(CoreError::not_found(format!(
+                "Unable to find cuda shared memory region: '{n}'"
+            ))),
+        },
+        ("register", true) => Err(CoreError::invalid(format!(
+            "failed to register CUDA shared memory region: '{}', GPUs not supported",
+            region.as_deref().unwrap_or_default()
+        ))),
+        ("register", false) => {
+            let body = match read_body(state, req).await {
+                Ok((_, b)) => b,
+                Err(r) => return r,
+            };
+            let name = region.as_deref().unwrap_or_default();
+            body_json(&body)
+                .and_then(|v| register_request(&v))
+                .and_then(|(key, offset, size)| shm.register(name, &key, offset, size))
+                .map(|()| None)
+        }
+        (_, false) => {
+            shm.unregister(region.as_deref());
+            Ok(None)
+        }
+        (_, true) => Ok(None),
+    };
+    match r {
+        Ok(Some(v)) => json_resp(StatusCode::OK, &v),
+        Ok(None) => empty(StatusCode::OK),
+        Err(e) => error_status(StatusCode::BAD_REQUEST, e.message),
+    }
+}
+
+/// `{"key", "offset", "byte_size"}` of a register request (offset optional).
+fn register_request(v: &Value) -> Result<(String, u64, u64), CoreError> {
+    let key = match v.get("key") {
+        Some(Value::String(k)) => k.clone(),
+        Some(_) => return Err(CoreError::invalid("'key' must be a string")),
+        None => {
+            return Err(CoreError::invalid(
+                "Shared memory register request has no 'key' field",
+            ))
+        }
+    };
+    let number = |field: &str| {
+        v.get(field).map(|n| {
+            n.as_u64().ok_or_else(|| {
+                CoreError::invalid(format!("'{field}' must be a non-negative integer"))
+            })
+        })
+    };
+    let offset = number("offset").transpose()?.unwrap_or(0);
+    let size = number("byte_size").transpose()?.ok_or_else(|| {
+        CoreError::invalid("Shared memory register request has no 'byte_size' field")
+    })?;
+    Ok((key, offset, size))
 }
 
 async fn repository_control(
