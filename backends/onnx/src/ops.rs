@@ -423,12 +423,35 @@ fn slice(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor>
         let a = axis(a, x.rank())?;
         let n = y.dim(a)? as i64;
         let step = steps.get(k).copied().unwrap_or(1);
-        if step != 1 {
-            bail!("Slice with step {step} is not supported")
+        if step == 0 {
+            bail!("Slice: a step of 0 is not allowed")
         }
-        let clampi = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
-        let (s, e) = (clampi(starts[k]), clampi(ends[k]));
-        y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+        let (start, end) = (
+            starts.get(k).copied().unwrap_or(0),
+            ends.get(k).copied().unwrap_or(i64::MAX),
+        );
+        // ONNX's clamping: [0, n] for a positive step, [-1, n-1] (start [0, n-1]) otherwise.
+        let shift = |v: i64| if v < 0 { v.saturating_add(n) } else { v };
+        if step == 1 {
+            let (s, e) = (shift(start).clamp(0, n), shift(end).clamp(0, n));
+            y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+            continue;
+        }
+        let idx: Vec<u32> = if step > 0 {
+            let (s, e) = (shift(start).clamp(0, n), shift(end).clamp(0, n));
+            (s..e).step_by(step as usize).map(|i| i as u32).collect()
+        } else {
+            let (s, e) = (shift(start).clamp(0, n - 1), shift(end).clamp(-1, n - 1));
+            let mut v = Vec::new();
+            let mut i = s;
+            while i > e {
+                v.push(i as u32);
+                i += step;
+            }
+            v
+        };
+        let len = idx.len();
+        y = y.index_select(&Tensor::from_vec(idx, len, y.device())?, a)?;
     }
     Ok(y)
 }

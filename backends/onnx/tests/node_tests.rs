@@ -27,6 +27,24 @@ fn read_tensor(path: &Path) -> Result<Tensor, String> {
     kiln_onnx::convert::tensor_from_proto(&tp).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// ONNX's test data stores BFLOAT16 tensors as UINT16 bit patterns (the runner hands them
+/// to the model as BFLOAT16): such a tensor (widened to U32 on reading) becomes the BF16
+/// tensor it stands for when the graph declares BF16.
+fn as_declared(t: Tensor, declared: Option<kiln_sdk::DataType>) -> Result<Tensor, String> {
+    if declared != Some(kiln_sdk::DataType::Bf16) || t.dtype() != DType::U32 {
+        return Ok(t);
+    }
+    let bits = t
+        .flatten_all()
+        .and_then(|f| f.to_vec1::<u32>())
+        .map_err(|e| e.to_string())?;
+    let v: Vec<half::bf16> = bits
+        .iter()
+        .map(|&b| half::bf16::from_bits(b as u16))
+        .collect();
+    Tensor::from_vec(v, t.dims(), &Device::Cpu).map_err(|e| e.to_string())
+}
+
 fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
     if got.dims() != want.dims() {
         return Err(format!(
@@ -59,7 +77,7 @@ fn compare(
 ) -> Outcome {
     for (i, info) in plan.outputs.iter().enumerate() {
         let Some(path) = expected(i) else { continue };
-        let want = match read_tensor(&path) {
+        let want = match read_tensor(&path).and_then(|t| as_declared(t, info.dtype)) {
             Ok(t) => t,
             Err(e) => return Outcome::Fail(e),
         };
@@ -90,7 +108,7 @@ fn run_one(dir: &Path) -> Outcome {
         if !p.exists() {
             continue;
         }
-        match read_tensor(&p) {
+        match read_tensor(&p).and_then(|t| as_declared(t, info.dtype)) {
             Ok(t) => {
                 inputs.insert(info.name.clone(), t);
             }
