@@ -396,6 +396,20 @@ def test_settings_and_shared_memory(client):
     assert len(client.get_cuda_shared_memory_status().regions) == 0
 
 
+def test_log_settings_update(client):
+    before = client.get_log_settings(as_json=True)["settings"]
+    try:
+        got = client.update_log_settings({"log_verbose_level": 2}, as_json=True)["settings"]
+        assert got["log_verbose_level"]["uint32_param"] == 2
+        assert got["log_info"]["bool_param"] is True
+        with pytest.raises(InferenceServerException) as e:
+            client.update_log_settings({"log_file": "x.log"})
+        assert status_of(e) == "StatusCode.UNIMPLEMENTED"
+    finally:
+        client.update_log_settings({"log_verbose_level": 0})
+    assert client.get_log_settings(as_json=True)["settings"] == before
+
+
 def test_system_shared_memory_mixed_with_raw_tensors(client):
     """INPUT0 and OUTPUT0 in shared memory, INPUT1 and OUTPUT1 in the message: the raw
     contents then hold only the tensors not in shared memory (as tritonclient sends them)."""

@@ -328,6 +328,27 @@ def test_settings_and_shared_memory_status(client):
     assert client.get_cuda_shared_memory_status() == []
 
 
+def test_log_settings_change_at_run_time(kiln):
+    """POST /v2/logging changes the settings (and the server's log filter) as Triton does."""
+    client = httpclient.InferenceServerClient(url=kiln.url)
+    before = client.get_log_settings()
+    try:
+        got = client.update_log_settings({"log_verbose_level": 1, "log_info": False})
+        assert got["log_verbose_level"] == 1 and got["log_info"] is False
+        assert got["log_warning"] is True and got["log_format"] == "default"
+        assert client.get_log_settings() == got
+        with pytest.raises(InferenceServerException, match="log file location can not be updated"):
+            client.update_log_settings({"log_file": "/tmp/x.log"})
+        with pytest.raises(InferenceServerException, match="invalid argument for --log_format"):
+            client.update_log_settings({"log_format": "json"})
+        with pytest.raises(InferenceServerException, match="must be a boolean"):
+            client.update_log_settings({"log_error": 3})
+        assert client.get_log_settings() == got  # failed updates change nothing
+    finally:
+        client.update_log_settings({k: before[k] for k in before if k != "log_file"})
+    assert client.get_log_settings() == before
+
+
 def test_system_shared_memory_inputs_and_outputs(client):
     """The flow of Triton's simple_http_shm_client: inputs read from and outputs written
     to client-created POSIX shared memory, registered by name."""

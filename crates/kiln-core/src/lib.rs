@@ -24,4 +24,4 @@ pub use error::{CoreError, CoreResult, ErrorKind};
 pub use kiln_sdk::{bytes_elements, DataType};
 pub use repository::{ControlMode, RepositoryOptions};
 pub use request::{InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput};
-pub use server::{Server, ServerOptions};
+pub use server::{LogHook, LogSettings, Server, ServerOptions};

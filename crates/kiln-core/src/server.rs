@@ -18,7 +18,27 @@ pub struct ServerOptions {
     pub repository: RepositoryOptions,
     /// `--strict-readiness`: ready only when every model is ready.
     pub strict_readiness: bool,
+    /// `--log-verbose`: the verbose level the server starts with.
+    pub log_verbose: u32,
 }
+
+/// Triton's log settings (`/v2/logging`), changeable at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Informational messages on.
+    pub info: bool,
+    /// Warnings on.
+    pub warning: bool,
+    /// Errors on.
+    pub error: bool,
+    /// Verbose level (0 = off; 1 = debug; 2 and up = trace).
+    pub verbose: u32,
+    /// `default` or `ISO8601`.
+    pub format: String,
+}
+
+/// Applies log settings to the process's logger (installed by the binary).
+pub type LogHook = Box<dyn Fn(&LogSettings) + Send + Sync>;
 
 /// The inference server core, shared (in an `Arc`) by the front ends.
 pub struct Server {
@@ -26,6 +46,7 @@ pub struct Server {
     models: ModelManager,
     shutting_down: AtomicBool,
     shm: crate::shm::SharedMemory,
+    log: std::sync::Mutex<(LogSettings, Option<LogHook>)>,
 }
 
 /// Name reported by `GET /v2` (tritonclient examples check for "triton").
@@ -50,9 +71,19 @@ impl Server {
     pub fn start(opts: ServerOptions) -> Arc<Server> {
         let s = Arc::new(Server {
             models: ModelManager::new(opts.repository.clone()),
-            opts,
             shutting_down: AtomicBool::new(false),
             shm: Default::default(),
+            log: std::sync::Mutex::new((
+                LogSettings {
+                    info: true,
+                    warning: true,
+                    error: true,
+                    verbose: opts.log_verbose,
+                    format: "default".into(),
+                },
+                None,
+            )),
+            opts,
         });
         s.models.load_startup_models();
         s
@@ -273,10 +304,73 @@ impl Server {
         }
     }
 
-    /// Triton's log settings, as Kiln runs with them (read-only).
+    /// Triton's log settings, as the server runs with them.
     pub fn log_settings(&self) -> Value {
-        json!({"log_file": "", "log_info": true, "log_warning": true, "log_error": true,
-               "log_verbose_level": 0, "log_format": "default"})
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let l = &log.0;
+        json!({"log_file": "", "log_info": l.info, "log_warning": l.warning, "log_error": l.error,
+               "log_verbose_level": l.verbose, "log_format": l.format})
+    }
+
+    /// Installs what applies log settings to the logger, and applies the current ones.
+    pub fn set_log_hook(&self, hook: LogHook) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        hook(&log.0);
+        log.1 = Some(hook);
+    }
+
+    /// Changes the log settings named in `changes` (Triton's `/v2/logging` POST: `null`
+    /// leaves a setting as it is; the log file cannot be changed) and returns them all.
+    pub fn update_log_settings(&self, changes: &Map<String, Value>) -> CoreResult<Value> {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = log.0.clone();
+        let set = |k: &str| changes.get(k).filter(|v| !v.is_null());
+        let boolean = |k: &str, v: &Value| {
+            v.as_bool().ok_or_else(|| {
+                CoreError::invalid(format!("log setting '{k}' must be a boolean, got {v}"))
+            })
+        };
+        if set("log_file").is_some() {
+            return Err(CoreError::unsupported(
+                "log file location can not be updated through network protocol",
+            ));
+        }
+        if let Some(v) = set("log_info") {
+            next.info = boolean("log_info", v)?;
+        }
+        if let Some(v) = set("log_warning") {
+            next.warning = boolean("log_warning", v)?;
+        }
+        if let Some(v) = set("log_error") {
+            next.error = boolean("log_error", v)?;
+        }
+        if let Some(v) = set("log_verbose_level") {
+            next.verbose = v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    CoreError::invalid(format!(
+                        "log setting 'log_verbose_level' must be a non-negative integer, got {v}"
+                    ))
+                })?;
+        }
+        if let Some(v) = set("log_format") {
+            match v.as_str() {
+                Some(f @ ("default" | "ISO8601")) => next.format = f.to_string(),
+                _ => {
+                    return Err(CoreError::unavailable(format!(
+                        "invalid argument for --log_format, got: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    )))
+                }
+            }
+        }
+        if let Some(hook) = &log.1 {
+            hook(&next);
+        }
+        log.0 = next;
+        drop(log);
+        Ok(self.log_settings())
     }
 
     /// Triton's trace settings: tracing is off (read-only).

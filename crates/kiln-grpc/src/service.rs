@@ -401,7 +401,7 @@ impl GrpcInferenceService for Inference {
         r: Request<pb::TraceSettingRequest>,
     ) -> GrpcResult<pb::TraceSettingResponse> {
         if !r.into_inner().settings.is_empty() {
-            return Err(read_only_settings());
+            return Err(read_only_trace_settings());
         }
         let settings = self
             .server
@@ -425,12 +425,27 @@ impl GrpcInferenceService for Inference {
         r: Request<pb::LogSettingsRequest>,
     ) -> GrpcResult<pb::LogSettingsResponse> {
         use log_settings_response::{setting_value::ParameterChoice as C, SettingValue};
-        if !r.into_inner().settings.is_empty() {
-            return Err(read_only_settings());
-        }
-        let settings = self
-            .server
-            .log_settings()
+        use pb::log_settings_request::setting_value::ParameterChoice as In;
+        let changes: serde_json::Map<String, Value> = r
+            .into_inner()
+            .settings
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v.parameter_choice {
+                    Some(In::BoolParam(b)) => Value::Bool(b),
+                    Some(In::Uint32Param(n)) => Value::from(n),
+                    Some(In::StringParam(s)) => Value::String(s),
+                    None => Value::Null,
+                };
+                (k, v)
+            })
+            .collect();
+        let current = if changes.is_empty() {
+            self.server.log_settings()
+        } else {
+            self.server.update_log_settings(&changes).map_err(status)?
+        };
+        let settings = current
             .as_object()
             .into_iter()
             .flatten()
@@ -459,8 +474,8 @@ fn json_text(v: &Value) -> String {
     }
 }
 
-fn read_only_settings() -> Status {
+fn read_only_trace_settings() -> Status {
     status(CoreError::unsupported(
-        "changing log or trace settings at run time is not supported by this server",
+        "changing trace settings at run time is not supported by this server (tracing is off)",
     ))
 }

@@ -171,14 +171,27 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         (Method::GET, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
             json_resp(StatusCode::OK, &state.server.trace_settings())
         }
-        (
-            Method::POST,
-            ["v2", "logging"]
-            | ["v2", "trace", "setting"]
-            | ["v2", "models", _, "trace", "setting"],
-        ) => error(&CoreError::unsupported(
-            "changing log or trace settings at run time is not supported by this server",
-        )),
+        (Method::POST, ["v2", "logging"]) => {
+            let body = match read_body(&state, req).await {
+                Ok((_, b)) => b,
+                Err(r) => return r,
+            };
+            let changes = body_json(&body).and_then(|v| match v {
+                Value::Object(m) => Ok(m),
+                v => Err(CoreError::invalid(format!(
+                    "log settings must be a JSON object, got {v}"
+                ))),
+            });
+            match changes.and_then(|m| state.server.update_log_settings(&m)) {
+                Ok(v) => json_resp(StatusCode::OK, &v),
+                Err(e) => error_status(StatusCode::BAD_REQUEST, e.message),
+            }
+        }
+        (Method::POST, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
+            error(&CoreError::unsupported(
+                "changing trace settings at run time is not supported by this server (tracing is off)",
+            ))
+        }
         (_, ["v2", kind @ ("systemsharedmemory" | "cudasharedmemory"), rest @ ..]) => {
             let (region, action) = match rest {
                 [action] => (None, *action),

@@ -6,7 +6,36 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use kiln_core::{ControlMode, RepositoryOptions, Server, ServerOptions};
+use kiln_core::{ControlMode, LogSettings, RepositoryOptions, Server, ServerOptions};
+use tracing_subscriber::{prelude::*, reload, EnvFilter};
+
+/// Changes the log filter at run time (`POST /v2/logging`); `None` when `RUST_LOG` rules.
+type FilterHandle = Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>>;
+
+/// The filter for Triton's log settings: the enabled severities, and debug (verbose 1) or
+/// trace (2 and up) for Kiln's own crates when verbose.
+fn log_filter(s: &LogSettings) -> EnvFilter {
+    let base = match (s.info, s.warning, s.error) {
+        (true, ..) => "info",
+        (false, true, _) => "warn",
+        (false, false, true) => "error",
+        _ => "off",
+    };
+    let mut directives = base.to_string();
+    if s.verbose > 0 {
+        let level = if s.verbose >= 2 { "trace" } else { "debug" };
+        for krate in [
+            "kiln",
+            "kiln_core",
+            "kiln_http",
+            "kiln_grpc",
+            "kiln_metrics",
+        ] {
+            directives.push_str(&format!(",{krate}={level}"));
+        }
+    }
+    EnvFilter::new(directives)
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -127,24 +156,32 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let level = if args.log_verbose > 0 {
-        "debug"
-    } else {
-        "info"
-    };
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let rules = from_env.is_none();
+    let initial = from_env.unwrap_or_else(|| {
+        log_filter(&LogSettings {
+            info: true,
+            warning: true,
+            error: true,
+            verbose: args.log_verbose,
+            format: "default".into(),
+        })
+    });
+    let (filter, handle) = reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
         )
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, rules.then_some(handle)))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
     let repo = args.model_repository.canonicalize().with_context(|| {
         format!(
             "model repository '{}' not found",
@@ -165,9 +202,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             startup_models: args.load_model.clone(),
         },
         strict_readiness: args.strict_readiness,
+        log_verbose: args.log_verbose,
     };
     tracing::info!(backend_directory = %opts.repository.backend_directory.display(), "starting kiln {}", env!("CARGO_PKG_VERSION"));
     let server: Arc<Server> = tokio::task::spawn_blocking(move || Server::start(opts)).await?;
+    if let Some(handle) = filter {
+        server.set_log_hook(Box::new(move |s| {
+            if let Err(e) = handle.reload(log_filter(s)) {
+                tracing::warn!("log settings not applied: {e}");
+            }
+        }));
+    }
     for e in server.models().index(false) {
         tracing::info!(model = %e.name, version = ?e.version, state = ?e.state, "{}", e.reason);
     }
