@@ -256,7 +256,6 @@ macro_rules! simd_map {
 }
 
 simd_map!(gelu_in_place, gelu_lanes);
-simd_map!(exp_shifted_in_place, exp_shifted_lanes, shift: f32);
 
 #[inline(always)]
 fn exp_shifted_lanes<const L: usize>(mut x: [f32; L], shift: f32) -> [f32; L] {
@@ -453,28 +452,97 @@ pub fn masked_softmax_rows(
             let r = c * rows_per + i;
             let src = &x[r * width..(r + 1) * width];
             let off = offsets[r];
-            for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
-                *o = v * scale + shift + mask[off + j * inner];
-            }
-            softmax_in_place(row);
+            // The mask's row: `width` values (inner 1) or one value for the whole row.
+            let m = if inner == 1 {
+                &mask[off..off + width]
+            } else {
+                &mask[off..off + 1]
+            };
+            masked_softmax_row(row, src, scale, shift, m);
         }
     });
     out
 }
 
-/// Softmax of one row, in place (vectorised exponentials and sum).
+/// Softmax of one row, in place.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    exp_shifted_in_place(row, max);
-    // Eight partial sums, so the reduction vectorises too.
-    let mut lanes = [0f32; 8];
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { softmax_avx2(row) };
+    }
+    softmax_any(row)
+}
+
+/// `row = softmax(src · scale + shift + mask)`, `mask` one value per column or one for all.
+fn masked_softmax_row(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { masked_softmax_avx2(row, src, scale, shift, mask) };
+    }
+    masked_softmax_any(row, src, scale, shift, mask)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(row: &mut [f32]) {
+    softmax_any(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn masked_softmax_avx2(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+    masked_softmax_any(row, src, scale, shift, mask)
+}
+
+#[inline(always)]
+fn masked_softmax_any(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+    if let [m] = mask {
+        let add = shift + m;
+        for (o, &v) in row.iter_mut().zip(src) {
+            *o = v * scale + add;
+        }
+    } else {
+        for ((o, &v), &m) in row.iter_mut().zip(src).zip(mask) {
+            *o = v * scale + shift + m;
+        }
+    }
+    softmax_any(row)
+}
+
+/// The row's maximum (eight running maxima, so it vectorises), exponentials 32 lanes at a
+/// time, then the sum and the division.
+#[inline(always)]
+fn softmax_any(row: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut blocks = row.chunks_exact_mut(32);
+    for b in &mut blocks {
+        let b: &mut [f32; 32] = b.try_into().expect("chunks of 32");
+        *b = exp_shifted_lanes(*b, max);
+    }
+    for v in blocks.into_remainder() {
+        *v = exp_approx(*v - max);
+    }
+    let mut sums = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in sums.iter_mut().zip(c) {
             *l += v;
         }
     }
-    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let sum = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
 }
