@@ -396,15 +396,60 @@ pub fn layer_norm(
             }
         }
         for row in rows.chunks_mut(d) {
-            let mean = row.iter().sum::<f32>() / d as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = (*v - mean) * inv * scale[j] + bias.map_or(0.0, |b| b[j]);
-            }
+            normalize_row(row, scale, bias, eps);
         }
     });
     out
+}
+
+/// One row of [`layer_norm`], in place.
+fn normalize_row(row: &mut [f32], scale: &[f32], bias: Option<&[f32]>, eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { normalize_row_avx2(row, scale, bias, eps) };
+    }
+    normalize_row_any(row, scale, bias, eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn normalize_row_avx2(row: &mut [f32], scale: &[f32], bias: Option<&[f32]>, eps: f32) {
+    normalize_row_any(row, scale, bias, eps)
+}
+
+#[inline(always)]
+fn normalize_row_any(row: &mut [f32], scale: &[f32], bias: Option<&[f32]>, eps: f32) {
+    let d = row.len() as f32;
+    let mean = lane_sum(row, |v| v) / d;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / d;
+    let inv = 1.0 / (var + eps).sqrt();
+    match bias {
+        Some(b) => {
+            for ((v, &s), &b) in row.iter_mut().zip(scale).zip(b) {
+                *v = (*v - mean) * inv * s + b;
+            }
+        }
+        None => {
+            for (v, &s) in row.iter_mut().zip(scale) {
+                *v = (*v - mean) * inv * s;
+            }
+        }
+    }
+}
+
+/// `Σ f(x)` in eight partial sums, so the loop vectorises (the order of additions differs
+/// from a running sum by rounding only).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Softmax (or log-softmax) of each row of `width` values.
@@ -535,15 +580,7 @@ fn softmax_any(row: &mut [f32]) {
     for v in blocks.into_remainder() {
         *v = exp_approx(*v - max);
     }
-    let mut sums = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, v) in sums.iter_mut().zip(c) {
-            *l += v;
-        }
-    }
-    let sum = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lane_sum(row, |v| v);
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
