@@ -452,6 +452,62 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
+/// `x` (row-major, `dims`) with its axes permuted (`out` axis `i` is `x` axis `perm[i]`),
+/// for permutations that move the last axis: every 2-D slice made of the output's last
+/// axis and the axis that was `x`'s last is transposed in 8×8 tiles, so both sides are read
+/// and written in runs (a plain strided copy would touch one element per cache line).
+/// `None` when the last axis stays last (a copy of contiguous runs is then already fast).
+pub fn transpose_moving_last(x: &[f32], dims: &[usize], perm: &[usize]) -> Option<Vec<f32>> {
+    let rank = dims.len();
+    if rank < 2 || perm.len() != rank || perm[rank - 1] == rank - 1 {
+        return None;
+    }
+    let mut in_strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        in_strides[i] = in_strides[i + 1] * dims[i + 1];
+    }
+    let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+    let mut out_strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
+    }
+    // The 2-D slice: rows along output axis `k` (x's last axis, stride 1 in x), columns
+    // along the output's last axis (stride 1 in the output).
+    let k = perm.iter().position(|&p| p == rank - 1)?;
+    let (rows, cols) = (out_dims[k], out_dims[rank - 1]);
+    let col_stride = in_strides[perm[rank - 1]];
+    let outer: Vec<usize> = (0..rank - 1).filter(|&i| i != k).collect();
+    let count: usize = outer.iter().map(|&i| out_dims[i]).product();
+    let mut out = vec![0f32; x.len()];
+    if x.is_empty() {
+        return Some(out);
+    }
+    let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+    jobs(count, x.len(), PAR_MIN, |j| {
+        // Output and input offsets of slice j.
+        let (mut rem, mut o, mut s) = (j, 0, 0);
+        for &i in outer.iter().rev() {
+            let c = rem % out_dims[i];
+            rem /= out_dims[i];
+            o += c * out_strides[i];
+            s += c * in_strides[perm[i]];
+        }
+        let ok = out_strides[k];
+        for r0 in (0..rows).step_by(8) {
+            for c0 in (0..cols).step_by(8) {
+                for r in r0..(r0 + 8).min(rows) {
+                    for c in c0..(c0 + 8).min(cols) {
+                        // SAFETY: slice j's output elements are written only by job j,
+                        // and every index is inside `out` (x and out have the same size).
+                        unsafe { *dst.at(o + r * ok + c) = x[s + r + c * col_stride] };
+                    }
+                }
+            }
+        }
+    });
+    Some(out)
+}
+
 /// Softmax (or log-softmax) of each row of `width` values.
 pub fn softmax_rows(x: &[f32], width: usize, log: bool) -> Vec<f32> {
     let mut out = x.to_vec();
@@ -779,6 +835,36 @@ mod tests {
             let j = k % d;
             assert!((zv - (yv * scale[j] + bias[j])).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn tiled_transposes_match_the_definition() {
+        let cases: [(&[usize], &[usize]); 5] = [
+            (&[13, 9], &[1, 0]),
+            (&[2, 11, 3, 10], &[0, 2, 3, 1]),
+            (&[3, 17, 5], &[2, 0, 1]),
+            (&[4, 3, 9, 2], &[3, 1, 0, 2]),
+            (&[5, 7, 6], &[1, 2, 0]),
+        ];
+        for (dims, perm) in cases {
+            let n: usize = dims.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let got = transpose_moving_last(&x, dims, perm).expect("the last axis moves");
+            let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+            // Naive: walk the output in order, computing each element's input index.
+            let mut want = Vec::with_capacity(n);
+            for flat in 0..n {
+                let (mut rem, mut idx) = (flat, vec![0usize; dims.len()]);
+                for i in (0..dims.len()).rev() {
+                    idx[perm[i]] = rem % out_dims[i];
+                    rem /= out_dims[i];
+                }
+                let at = idx.iter().zip(dims).fold(0, |a, (&i, &d)| a * d + i);
+                want.push(x[at]);
+            }
+            assert_eq!(got, want, "dims {dims:?} perm {perm:?}");
+        }
+        assert!(transpose_moving_last(&[0.0; 6], &[2, 3], &[0, 1]).is_none());
     }
 
     #[test]

@@ -913,7 +913,14 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 Some(p) => p.iter().map(|&v| v as usize).collect(),
                 None => (0..x.rank()).rev().collect(),
             };
-            x.permute(perm)?.contiguous()?
+            let dims = x.dims().to_vec();
+            let out_dims: Vec<usize> = perm.iter().filter_map(|&p| dims.get(p).copied()).collect();
+            let tiled =
+                |s: &[&[f32]]| crate::cpu_kernels::transpose_moving_last(s[0], &dims, &perm);
+            match on_cpu_f32(&[Some(x)], tiled)?.flatten() {
+                Some(v) => Tensor::from_vec(v, out_dims, &Device::Cpu)?,
+                None => x.permute(perm)?.contiguous()?,
+            }
         }
         "Squeeze" => {
             let x = x()?;
