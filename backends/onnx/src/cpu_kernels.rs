@@ -56,11 +56,18 @@ pub enum Weight<'a> {
 /// streams its own part of the weight.
 pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len().checked_div(k).unwrap_or(0);
-    let mut out = vec![0f32; rows * n];
-    if rows == 0 || n == 0 {
-        return out;
+    let len = rows * n;
+    if len == 0 {
+        return Vec::new();
     }
     let fast = crate::sgemm::available();
+    // The AVX2 kernel writes every element (from zero plus the bias), so its buffer is not
+    // zeroed first; the length is set once the jobs are done.
+    let mut out = if fast {
+        Vec::with_capacity(len)
+    } else {
+        vec![0f32; len]
+    };
     if let (Some(b), false) = (bias, fast) {
         // The gemm crate adds the product to what is there: start from the bias.
         for row in out.chunks_mut(n) {
@@ -140,19 +147,33 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
             }
         }
     });
+    if fast {
+        // SAFETY: the jobs wrote every row block × column group of the output.
+        unsafe { out.set_len(len) };
+    }
     out
 }
 
 /// `batch` independent products `a[i] [m, k] · b[i] [k, n]`, one batch entry per job.
 pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3]) -> Vec<f32> {
-    let mut out = vec![0f32; batch * m * n];
-    if m * n == 0 {
-        return out;
-    }
     let fast = crate::sgemm::available();
-    chunks(&mut out, m * n, batch * m * n * k, PAR_MIN_MACS, |i, c| {
+    let len = batch * m * n;
+    // The AVX2 kernel writes every element (its tiles start from zero), so its buffer is
+    // not zeroed first; the length is set once the jobs are done.
+    let mut out = if fast {
+        Vec::with_capacity(len)
+    } else {
+        vec![0f32; len]
+    };
+    if m * n == 0 {
+        return vec![0f32; len];
+    }
+    let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+    jobs(batch, len * k, PAR_MIN_MACS, |i| {
         let (ap, bp) = (a[i * m * k..].as_ptr(), b[i * k * n..].as_ptr());
-        // SAFETY: entry i of a is [m, k], of b [k, n], and c is this job's own [m, n].
+        let c = dst.at(i * m * n);
+        // SAFETY: entry i of a is [m, k], of b [k, n], and c is this job's own [m, n]
+        // block of the output allocation.
         unsafe {
             if fast {
                 let rhs = crate::sgemm::Rhs::Rows { ptr: bp, ldb: n };
@@ -161,13 +182,13 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3])
                     ..crate::sgemm::Epilogue::ACCUMULATE
                 };
                 let lhs = Lhs::Rows { ptr: ap, lda: k };
-                crate::sgemm::sgemm(m, n, k, lhs, rhs, Out::rows(c.as_mut_ptr(), n), e);
+                crate::sgemm::sgemm(m, n, k, lhs, rhs, Out::rows(c, n), e);
             } else {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    c.as_mut_ptr(),
+                    c,
                     1,
                     n as isize,
                     false,
@@ -187,6 +208,10 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3])
             }
         }
     });
+    if fast {
+        // SAFETY: every batch entry's [m, n] block was written above.
+        unsafe { out.set_len(len) };
+    }
     out
 }
 
