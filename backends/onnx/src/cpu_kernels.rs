@@ -243,44 +243,37 @@ pub fn channel_affine(
     out
 }
 
-/// Defines `$name(xs, $arg)`: `xs[i] = $f(xs[i], $arg)` over a slice, where `$f` works on
-/// an array of lanes (`[f32; L]`) one step at a time across all lanes. Blocks of 32 lanes
-/// make each step four independent 8-wide vectors, so the long polynomial chains of
-/// `exp`/`erfc` overlap instead of waiting on each other; the whole is compiled a second
-/// time for AVX2 and FMA and run that way when the CPU has them. (A closure passed into a
-/// `target_feature` function is not reliably compiled with its features; a loop written
-/// inside one is.)
-macro_rules! simd_map {
-    ($name:ident, $f:ident $(, $arg:ident: $ty:ty)*) => {
-        fn $name(xs: &mut [f32] $(, $arg: $ty)*) {
-            #[inline(always)]
-            fn body(xs: &mut [f32] $(, $arg: $ty)*) {
-                let mut blocks = xs.chunks_exact_mut(32);
-                for b in &mut blocks {
-                    let b: &mut [f32; 32] = b.try_into().expect("chunks of 32");
-                    *b = $f(*b $(, $arg)*);
-                }
-                for v in blocks.into_remainder() {
-                    *v = $f([*v] $(, $arg)*)[0];
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2(xs: &mut [f32] $(, $arg: $ty)*) {
-                    body(xs $(, $arg)*)
-                }
-                if crate::sgemm::available() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    return unsafe { avx2(xs $(, $arg)*) };
-                }
-            }
-            body(xs $(, $arg)*)
+/// `dst[i] = gelu(src[i])`, 32 lanes at a time ([`gelu_lanes`] works one step at a time
+/// across the lanes, so each step is four independent 8-wide vectors and the long
+/// polynomial chains overlap), compiled a second time for AVX2 and FMA and run that way
+/// when the CPU has them. (A closure passed into a `target_feature` function is not
+/// reliably compiled with its features; a loop written inside one is.)
+fn gelu_into(src: &[f32], dst: &mut [f32]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [f32]) {
+        let mut blocks = dst.chunks_exact_mut(32).zip(src.chunks_exact(32));
+        for (d, s) in &mut blocks {
+            let s: &[f32; 32] = s.try_into().expect("chunks of 32");
+            d.copy_from_slice(&gelu_lanes(*s));
         }
-    };
+        let done = src.len() / 32 * 32;
+        for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
+            *d = gelu_lanes([s])[0];
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(src: &[f32], dst: &mut [f32]) {
+            body(src, dst)
+        }
+        if crate::sgemm::available() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2(src, dst) };
+        }
+    }
+    body(src, dst)
 }
-
-simd_map!(gelu_in_place, gelu_lanes);
 
 #[inline(always)]
 fn exp_shifted_lanes<const L: usize>(mut x: [f32; L], shift: f32) -> [f32; L] {
@@ -382,9 +375,12 @@ fn gelu_lanes<const L: usize>(x: [f32; L]) -> [f32; L] {
 
 /// GELU (exact form) of every element, vectorised and split over threads.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    let mut out = x.to_vec();
+    // Written straight from x (no copy first); a fresh zeroed allocation costs no pass.
+    let mut out = vec![0f32; x.len()];
     let len = out.len();
-    chunks(&mut out, 16384, len, PAR_MIN, |_, c| gelu_in_place(c));
+    chunks(&mut out, 16384, len, PAR_MIN, |i, c| {
+        gelu_into(&x[i * 16384..][..c.len()], c)
+    });
     out
 }
 
