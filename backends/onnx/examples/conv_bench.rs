@@ -62,7 +62,7 @@ fn main() {
                 .collect(),
         );
         let kk = ic * k * k;
-        let packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, kk);
+        let packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
         let tp = median(
             (0..reps)
                 .map(|_| {

@@ -358,8 +358,8 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
             let dense;
             let w = match packed {
                 Some(dims) => {
-                    let k = icg * kh * kw;
-                    let flat = crate::cpu_conv::unpack_weight(&w.to_vec1::<f32>()?, oc, k);
+                    let flat =
+                        crate::cpu_conv::unpack_weight(&w.to_vec1::<f32>()?, oc, icg, kh * kw);
                     dense =
                         Tensor::from_vec(flat, dims.to_vec(), w.device())?.to_dtype(x.dtype())?;
                     &dense

@@ -269,7 +269,7 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
             let Ok(dense) = w.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
                 continue;
             };
-            let packed = crate::cpu_conv::pack_weight(&dense, oc, k);
+            let packed = crate::cpu_conv::pack_weight(&dense, oc, icg, kh * kw);
             let len = packed.len();
             let Ok(t) = Tensor::from_vec(packed, len, &Device::Cpu) else {
                 continue;
