@@ -1253,7 +1253,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             // (1-D, 3-D, SAME padding, ...) the general pooling.
             let (k, s, p) = match pool_params(node, x) {
                 Ok(params) if !dilated && !indices => params,
-                _ => return Ok(vec![crate::pool::pool(node, x)?]),
+                _ => return crate::pool::pool(node, x),
             };
             let (b, c, h, w) = x.dims4()?;
             let pool = crate::cpu_kernels::Pool2d {
@@ -1282,7 +1282,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let dilated = attrs::ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1));
             let (k, s, p) = match pool_params(node, x) {
                 Ok(params) if !dilated => params,
-                _ => return Ok(vec![crate::pool::pool(node, x)?]),
+                _ => return crate::pool::pool(node, x),
             };
             let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
             if p.iter().any(|&v| v != 0) && attrs::int(node, "count_include_pad", 0) == 0 {

@@ -111,71 +111,65 @@ pub fn window(node: &NodeProto, input: &[usize], kernel: Option<Vec<usize>>) -> 
 }
 
 impl Window {
-    /// Pools every plane of `x` (`planes × prod(input)` values): the maximum, or the mean
-    /// over the window's positions inside the input (or over all its positions with
-    /// `include_pad`).
-    pub fn pool(&self, x: &[f32], planes: usize, max: bool, include_pad: bool) -> Vec<f32> {
+    /// Calls `f` with the flat index (row-major within one plane) of every position of the
+    /// window of output position `o` that lies inside the input; `k` is scratch.
+    fn for_each_tap(&self, o: &[usize], k: &mut [usize], mut f: impl FnMut(usize)) {
+        let n = self.input.len();
+        let taps: usize = self.kernel.iter().product();
+        k.iter_mut().for_each(|x| *x = 0);
+        for _ in 0..taps {
+            let mut at = 0usize;
+            let mut inside = true;
+            for d in 0..n {
+                let c = (o[d] * self.stride[d] + k[d] * self.dilation[d]) as isize
+                    - self.pads[d].0 as isize;
+                if c < 0 || c >= self.input[d] as isize {
+                    inside = false;
+                } else {
+                    at = at * self.input[d] + c as usize;
+                }
+            }
+            if inside {
+                f(at);
+            }
+            // Next kernel position (last dimension fastest).
+            for d in (0..n).rev() {
+                k[d] += 1;
+                if k[d] < self.kernel[d] {
+                    break;
+                }
+                k[d] = 0;
+            }
+        }
+    }
+
+    /// Runs `f(plane, src, output position, out value, out index)` for every output element,
+    /// planes in parallel.
+    fn each_output(
+        &self,
+        x: &[f32],
+        planes: usize,
+        f: impl Fn(&[f32], &[usize], &mut [usize], &mut f32, &mut i64) + Sync,
+    ) -> (Vec<f32>, Vec<i64>) {
         let (size_in, size_out) = (
             self.input.iter().product::<usize>(),
             self.output.iter().product::<usize>(),
         );
-        let taps: usize = self.kernel.iter().product();
         let mut out = vec![0f32; planes * size_out];
+        let mut idx = vec![0i64; planes * size_out];
         if size_out == 0 {
-            return out;
+            return (out, idx);
         }
         out.par_chunks_mut(size_out)
+            .zip(idx.par_chunks_mut(size_out))
             .enumerate()
-            .for_each(|(p, dst)| {
+            .for_each(|(p, (dst, ids))| {
                 let src = &x[p * size_in..(p + 1) * size_in];
                 let n = self.input.len();
-                let mut o = vec![0usize; n];
-                let mut k = vec![0usize; n];
-                for v in dst.iter_mut() {
-                    let (mut acc, mut count) = (if max { f32::NEG_INFINITY } else { 0.0 }, 0);
-                    k.iter_mut().for_each(|x| *x = 0);
-                    for _ in 0..taps {
-                        let mut at = 0usize;
-                        let mut inside = true;
-                        for d in 0..n {
-                            let c = (o[d] * self.stride[d] + k[d] * self.dilation[d]) as isize
-                                - self.pads[d].0 as isize;
-                            if c < 0 || c >= self.input[d] as isize {
-                                inside = false;
-                            } else {
-                                at = at * self.input[d] + c as usize;
-                            }
-                        }
-                        if inside {
-                            let s = src[at];
-                            if max {
-                                acc = acc.max(s);
-                            } else {
-                                acc += s;
-                            }
-                            count += 1;
-                        }
-                        // Next kernel position (last dimension fastest).
-                        for d in (0..n).rev() {
-                            k[d] += 1;
-                            if k[d] < self.kernel[d] {
-                                break;
-                            }
-                            k[d] = 0;
-                        }
-                    }
-                    *v = if max {
-                        acc
-                    } else {
-                        // With pads counted, every kernel position counts (also those a
-                        // ceil_mode window has beyond the padding, as ONNX's reference does).
-                        let div = if include_pad { taps } else { count };
-                        if div == 0 {
-                            0.0
-                        } else {
-                            acc / div as f32
-                        }
-                    };
+                let (mut o, mut k) = (vec![0usize; n], vec![0usize; n]);
+                for (v, i) in dst.iter_mut().zip(ids.iter_mut()) {
+                    f(src, &o, &mut k, v, i);
+                    *i += (p * size_in) as i64;
                     for d in (0..n).rev() {
                         o[d] += 1;
                         if o[d] < self.output[d] {
@@ -185,18 +179,96 @@ impl Window {
                     }
                 }
             });
-        out
+        (out, idx)
+    }
+
+    /// Pools every plane of `x` (`planes × prod(input)` values): the maximum, or the mean
+    /// over the window's positions inside the input (or over all its positions with
+    /// `include_pad`).
+    pub fn pool(&self, x: &[f32], planes: usize, max: bool, include_pad: bool) -> Vec<f32> {
+        let taps: usize = self.kernel.iter().product();
+        self.each_output(x, planes, |src, o, k, v, _| {
+            let (mut acc, mut count) = (if max { f32::NEG_INFINITY } else { 0.0 }, 0);
+            self.for_each_tap(o, k, |at| {
+                let s = src[at];
+                acc = if max { acc.max(s) } else { acc + s };
+                count += 1;
+            });
+            *v = if max {
+                acc
+            } else {
+                // With pads counted, every kernel position counts (also those a ceil_mode
+                // window has beyond the padding, as ONNX's reference does).
+                let div = if include_pad { taps } else { count };
+                if div == 0 {
+                    0.0
+                } else {
+                    acc / div as f32
+                }
+            };
+        })
+        .0
+    }
+
+    /// MaxPool with its Indices output: each maximum's position in the flattened input
+    /// (the first one on ties), its spatial part row-major, or column-major with
+    /// `column_major` (ONNX's `storage_order` 1).
+    pub fn max_with_indices(
+        &self,
+        x: &[f32],
+        planes: usize,
+        column_major: bool,
+    ) -> (Vec<f32>, Vec<i64>) {
+        self.each_output(x, planes, |src, o, k, v, i| {
+            let (mut best, mut at_best) = (f32::NEG_INFINITY, None);
+            self.for_each_tap(o, k, |at| {
+                if at_best.is_none() || src[at] > best {
+                    best = src[at];
+                    at_best = Some(at);
+                }
+            });
+            *v = best;
+            let at = at_best.unwrap_or(0);
+            *i = if column_major {
+                // Re-read the row-major position as column-major (first axis fastest).
+                let (mut rem, mut flat, mut scale) = (at, 0, 1);
+                let mut coords = vec![0usize; self.input.len()];
+                for d in (0..self.input.len()).rev() {
+                    coords[d] = rem % self.input[d];
+                    rem /= self.input[d];
+                }
+                for (d, &c) in coords.iter().enumerate() {
+                    flat += c * scale;
+                    scale *= self.input[d];
+                }
+                flat as i64
+            } else {
+                at as i64
+            };
+        })
     }
 }
 
-/// `MaxPool` (first output) or `AveragePool` on `x` (`[n, c, spatial...]`).
-pub fn pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+/// `MaxPool` (with its Indices output when the node has one) or `AveragePool` on `x`
+/// (`[n, c, spatial...]`).
+pub fn pool(node: &NodeProto, x: &Tensor) -> Result<Vec<Tensor>> {
     let op = node.op_type.as_str();
     if x.rank() < 3 {
         bail!("{op}: the input needs a batch, a channel and at least one spatial dimension")
     }
     if op == "MaxPool" && node.output.get(1).is_some_and(|o| !o.is_empty()) {
-        bail!("MaxPool: the Indices output is not supported")
+        let w = window(node, &x.dims()[2..], None)?;
+        let planes = x.dims()[0] * x.dims()[1];
+        let data: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let column_major = attrs::int(node, "storage_order", 0) == 1;
+        let (out, idx) = w.max_with_indices(&data, planes, column_major);
+        let mut dims = x.dims()[..2].to_vec();
+        dims.extend(&w.output);
+        let indices = Tensor::from_vec(idx, dims.clone(), &candle_core::Device::Cpu)?;
+        return Ok(vec![
+            crate::ops::like(out, dims, x)?,
+            indices.to_device(x.device())?,
+        ]);
     }
     let w = window(node, &x.dims()[2..], None)?;
     let planes = x.dims()[0] * x.dims()[1];
@@ -205,7 +277,7 @@ pub fn pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
     let out = w.pool(&data, planes, op == "MaxPool", include_pad);
     let mut dims = x.dims()[..2].to_vec();
     dims.extend(&w.output);
-    crate::ops::like(out, dims, x)
+    Ok(vec![crate::ops::like(out, dims, x)?])
 }
 
 #[cfg(test)]
