@@ -232,22 +232,48 @@ pub fn max_unpool(
     idx: &Tensor,
     out_shape: Option<&Tensor>,
 ) -> Result<Tensor> {
+    // The indices are positions in the shape the pooling came from (inferred from the
+    // window); an explicit output_shape places each at the same coordinates in it.
+    let w = crate::pool::window(node, &x.dims()[2..], None)?;
+    let mut inferred = x.dims()[..2].to_vec();
+    for d in 0..w.input.len() {
+        let span = (w.input[d].max(1) - 1) * w.stride[d] + w.kernel[d];
+        inferred.push(span.saturating_sub(w.pads[d].0 + w.pads[d].1));
+    }
     let shape: Vec<usize> = match out_shape.filter(|t| t.elem_count() > 0) {
         Some(s) => i64s(s)?.iter().map(|&v| v.max(0) as usize).collect(),
-        None => {
-            let w = crate::pool::window(node, &x.dims()[2..], None)?;
-            let mut s = x.dims()[..2].to_vec();
-            for d in 0..w.input.len() {
-                s.push((w.input[d] - 1) * w.stride[d] + w.kernel[d] - w.pads[d].0 - w.pads[d].1);
-            }
-            s
+        None => inferred.clone(),
+    };
+    if shape.len() != inferred.len() {
+        bail!("MaxUnpool: output_shape {shape:?} has a different rank than the input")
+    }
+    let remap = |i: usize| -> Option<usize> {
+        if shape == inferred {
+            return Some(i);
         }
+        let (mut rem, mut flat) = (i, 0usize);
+        let mut coords = vec![0usize; shape.len()];
+        for d in (0..shape.len()).rev() {
+            coords[d] = rem % inferred[d].max(1);
+            rem /= inferred[d].max(1);
+        }
+        for (d, &c) in coords.iter().enumerate() {
+            if c >= shape[d] {
+                return None;
+            }
+            flat = flat * shape[d] + c;
+        }
+        Some(flat)
     };
     let total: usize = shape.iter().product();
     let vals: Vec<f64> = crate::ops::f64s(x)?;
     let mut out = vec![0f64; total];
     for (&i, &v) in i64s(idx)?.iter().zip(&vals) {
-        match usize::try_from(i).ok().filter(|&i| i < total) {
+        match usize::try_from(i)
+            .ok()
+            .and_then(remap)
+            .filter(|&i| i < total)
+        {
             Some(i) => out[i] = v,
             None => bail!("MaxUnpool: index {i} outside the output of {total} values"),
         }
