@@ -93,15 +93,12 @@ pub fn grid_sample(node: &NodeProto, x: &Tensor, grid: &Tensor) -> Result<Tensor
                     ((nf + 1.0) * lf - 1.0) / 2.0
                 } as f64;
                 if mode == "nearest" {
-                    v = if r == 3 {
-                        v.round()
+                    // Ties to even, as the reference rounds (numpy's rint).
+                    let f = v.round();
+                    v = if (f - v).abs() == 0.5 {
+                        2.0 * (v / 2.0).round()
                     } else {
-                        let f = v.round();
-                        if (f - v).abs() == 0.5 {
-                            2.0 * (v / 2.0).round()
-                        } else {
-                            f
-                        }
+                        f
                     };
                 }
                 if v < lo[d] || v > hi[d] {
