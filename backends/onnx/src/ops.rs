@@ -340,6 +340,19 @@ fn reduce(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor
         _ => x.clone(),
     };
     for &a in axes.iter().rev() {
+        if y.dim(a)? == 0 && matches!(op, "ReduceMax" | "ReduceMin") {
+            // An empty set reduces to the identity: -inf for Max, +inf for Min (the type's
+            // extreme for integers).
+            let mut dims = y.dims().to_vec();
+            dims[a] = 1;
+            let v = if op == "ReduceMax" {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            };
+            y = Tensor::full(v, dims, y.device())?.to_dtype(y.dtype())?;
+            continue;
+        }
         y = match op {
             "ReduceMean" => y.mean_keepdim(a)?,
             "ReduceMax" => y.max_keepdim(a)?,
