@@ -710,26 +710,49 @@ impl Pool2d {
         }
         let work = out.len() * self.kernel[0] * self.kernel[1];
         chunks(&mut out, oh * ow, work, PAR_MIN, |i, dst| {
-            let src = &x[i * h * w..(i + 1) * h * w];
-            for oy in 0..oh {
-                let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
-                let ys =
-                    y0.max(0) as usize..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
-                for ox in 0..ow {
-                    let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
-                    let xs = x0.max(0) as usize
-                        ..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
-                    let mut m = f32::NEG_INFINITY;
-                    for yy in ys.clone() {
-                        for &v in &src[yy * w + xs.start..yy * w + xs.end] {
-                            m = m.max(v);
-                        }
-                    }
-                    dst[oy * ow + ox] = m;
-                }
-            }
+            self.max_plane(&x[i * h * w..(i + 1) * h * w], dst)
         });
         out
+    }
+
+    /// One plane of [`Pool2d::max`]: per output row, the maximum down the window's rows
+    /// (whole input rows at a time, so it vectorises), then across each window's columns.
+    fn max_plane(&self, src: &[f32], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm::available() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.max_plane_avx2(src, dst) };
+        }
+        self.max_plane_any(src, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn max_plane_avx2(&self, src: &[f32], dst: &mut [f32]) {
+        self.max_plane_any(src, dst)
+    }
+
+    #[inline(always)]
+    fn max_plane_any(&self, src: &[f32], dst: &mut [f32]) {
+        let [h, w] = self.hw;
+        let ow = self.out_hw().map_or(1, |[_, ow]| ow).max(1);
+        let mut column = vec![f32::NEG_INFINITY; w];
+        for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
+            let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
+            let ys = y0.max(0) as usize..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
+            column.fill(f32::NEG_INFINITY);
+            for yy in ys {
+                for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
+                    *c = c.max(v);
+                }
+            }
+            for (ox, o) in out_row.iter_mut().enumerate() {
+                let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
+                let xs =
+                    x0.max(0) as usize..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
+                *o = column[xs].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            }
+        }
     }
 }
 
