@@ -46,14 +46,18 @@ def inferences(port, model):
     return s["inference_count"]
 
 
-def run(pa, port, pid, model, conc, shape=None, seconds_ms=3000, proto="http", stats_port=None, input_data=None):
-    """One perf_analyzer measurement; `stats_port` is the HTTP port for the stats reads."""
+def run(pa, port, pid, model, conc, shape=None, seconds_ms=3000, proto="http", stats_port=None, input_data=None,
+        shm_bytes=0):
+    """One perf_analyzer measurement; `stats_port` is the HTTP port for the stats reads;
+    `shm_bytes` > 0 sends tensors through system shared memory (outputs up to that size)."""
     stats_port = stats_port or port
     out = tempfile.mktemp(suffix=".csv")
     cmd = [pa, "-m", model, "-u", f"localhost:{port}", "-i", proto, "--concurrency-range", f"{conc}:{conc}",
            "--measurement-interval", str(seconds_ms), "-f", out, "--percentile", "99"]
     if shape:
         cmd += ["--shape", shape]
+    if shm_bytes:
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(shm_bytes)]
     if input_data:
         # Embedding requests take tens of ms: accept the median of a few windows.
         cmd += ["--input-data", input_data, "--stability-percentage", "50", "--max-trials", "6"]
@@ -79,19 +83,25 @@ def main():
         raise SystemExit("perf_analyzer not found in the venv")
     proc, port, grpc_port = start()
     try:
-        print(f"{'model':22} {'proto':5} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/inf':>10}")
+        print(f"{'model':22} {'proto':8} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/inf':>10}")
         results = {}
         plan = [("identity_fp32", "INPUT0:16", p, c) for p in ("http", "grpc") for c in (1, 4, 16)]
         plan += [("simple", None, p, c) for p in ("http", "grpc") for c in (1, 4, 16)]
         plan += [("simple_dynamic_batch", None, "http", 16)]
+        # 1 MiB tensors in the request body vs through system shared memory.
+        big = "INPUT0:262144"
+        plan += [("identity_fp32", big, p, 1) for p in ("http", "grpc", "http-shm", "grpc-shm")]
         for model, shape, proto, c in plan:
-            r = run(pa, grpc_port if proto == "grpc" else port, proc.pid, model, c, shape,
-                    proto=proto, stats_port=port)
-            results[(model, proto, c)] = r
+            shm = (1 << 20) if proto.endswith("-shm") else 0
+            wire = proto.removesuffix("-shm")
+            r = run(pa, grpc_port if wire == "grpc" else port, proc.pid, model, c, shape,
+                    proto=wire, stats_port=port, shm_bytes=shm)
+            label = f"{model}[{shape.split(':')[1]}]" if shape == big else model
+            results[(label, proto, c)] = r
             if "error" in r:
-                print(f"{model:22} {proto:5} {c:>4} ERROR {r['error']}")
+                print(f"{label:22} {proto:8} {c:>4} ERROR {r['error']}")
             else:
-                print(f"{model:22} {proto:5} {c:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
+                print(f"{label:22} {proto:8} {c:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
         a, b = results.get(("simple_dynamic_batch", "http", 16), {}), results.get(("simple", "http", 16), {})
         if "thr" in a and "thr" in b:
             print(f"dynamic batcher at c16: {a['thr'] / b['thr']:.2f}x throughput of simple "
@@ -161,7 +171,7 @@ def embeddings(pa, port, pid):
     if "error" in r:
         print(f"all_minilm_l6_v2 http 16 ERROR {r['error']}")
         return
-    print(f"{'all_minilm_l6_v2':22} {'http':5} {16:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
+    print(f"{'all_minilm_l6_v2':22} {'http':8} {16:>4} {r['thr']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us']:>10.1f}")
     py = sentence_transformers_python()
     out = subprocess.run([py, "-c", ST_SCRIPT, folder, json.dumps(SENTENCES)], capture_output=True,
                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}) if py else None
