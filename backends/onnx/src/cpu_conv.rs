@@ -1,8 +1,10 @@
-//! 2-D convolution on the CPU for f32 NCHW tensors: im2col straight from NCHW (rows in
-//! the weight's own `[ic, kh, kw]` order, so ONNX weights are used as they are, never
-//! repacked) and one matrix product per image and group with the `gemm` crate, written
-//! directly into the NCHW output. A 1×1, stride-1, unpadded convolution skips im2col: the
-//! input plane already is the right-hand matrix.
+//! 2-D convolution on the CPU for f32 NCHW tensors, as matrix products written directly
+//! into the NCHW output. Patches are gathered from a zero-padded copy of the input (or the
+//! input itself) through precomputed offsets, into 16-pixel panels (pixel columns) or, on
+//! small maps, 6-pixel slivers (pixel rows); 14×14-sized stride-1 maps skip the patch
+//! matrix (one product per kernel tap over the shifted input). Weights packed at plan time
+//! ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's own layout, used as it is,
+//! feeds it or the `gemm` crate (grouped convolutions, CPUs without AVX2).
 use gemm::Parallelism;
 
 use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER};
@@ -256,9 +258,9 @@ impl Conv2d {
     /// [`Conv2d::run`] for one channel group with the weight packed by [`pack_weight`]:
     /// the product runs with output pixels as rows and output channels as columns, so a
     /// small feature map (7×7 = 49 pixels) fills whole 6-row register tiles where it would
-    /// leave a 16-pixel panel mostly empty, and each job's patches are packed in 6-pixel
-    /// slivers that stream in order. Jobs are tiles of at most 96 pixels (each weight panel
-    /// is read once per tile) and, when those are few, ranges of output channels.
+    /// leave a 16-pixel panel mostly empty. Each image's patches are packed once, in 6-pixel
+    /// slivers that stream in order; then jobs of at most 96 pixels (each weight panel is
+    /// read once per job) and, when those are few, ranges of output channels run.
     fn run_packed(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
         let Fused {
             bias,
