@@ -64,7 +64,8 @@ impl Conv2d {
     /// The work is cut into tiles of output pixels (and, when there are few tiles, of output
     /// channels); each tile builds its own small im2col block, which stays in cache, and runs
     /// one single-threaded matrix product into its part of the output. Tiles run in parallel.
-    /// A packed weight on a small map (≤ 256 pixels) takes [`Conv2d::run_packed`].
+    /// A packed weight on a small map (≤ 256 pixels) runs with pixel rows (`run_packed`),
+    /// and on 14×14-sized stride-1 maps without a patch matrix (`run_direct`).
     pub fn run(&self, x: &[f32], weight: Weight<'_>, f: &Fused<'_>, threads: usize) -> Vec<f32> {
         let Fused {
             bias,

@@ -12,7 +12,7 @@ use crate::ops_fast::{
 };
 
 /// Internal operator the planner puts in place of an inference BatchNormalization:
-/// inputs x, scale[C], shift[C] → x · scale + shift per channel (axis 1).
+/// inputs x, `scale[C]`, `shift[C]` → x · scale + shift per channel (axis 1).
 pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
 
 /// Attribute of a `MatMul` whose weight (input 1) the planner packed into 16-column panels

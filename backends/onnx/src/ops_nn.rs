@@ -77,7 +77,7 @@ fn normalise(x: &Tensor, rows: usize, eps: f64) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-/// InstanceNormalization(x [n, c, ...], scale [c], bias [c]).
+/// InstanceNormalization(`x [n, c, ...]`, `scale [c]`, `bias [c]`).
 pub fn instance_norm(
     node: &NodeProto,
     x: &Tensor,

@@ -350,7 +350,7 @@ pub fn col2im(node: &NodeProto, x: &Tensor, image: &Tensor, block: &Tensor) -> R
     crate::ops::like(out, shape, x)
 }
 
-/// RoiAlign(x [n, c, h, w], rois [r, 4] (x1, y1, x2, y2), batch_indices [r]) → `[r, c,
+/// RoiAlign(`x [n, c, h, w]`, `rois [r, 4]` (x1, y1, x2, y2), `batch_indices [r]`) → `[r, c,
 /// output_height, output_width]`: each bin is the average (or, as onnxruntime defines
 /// `max`, the largest weighted corner) of bilinear samples on a regular grid.
 pub fn roi_align(node: &NodeProto, x: &Tensor, rois: &Tensor, batch: &Tensor) -> Result<Tensor> {
