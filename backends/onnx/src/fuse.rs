@@ -188,12 +188,7 @@ fn affine_before_conv(
     node.input.resize(4, String::new());
     node.input.extend(affine.input[1..].iter().cloned());
     let relu = affine.attribute.iter().any(|a| a.name == RELU && a.i != 0);
-    node.attribute.push(AttributeProto {
-        name: PRE_RELU.into(),
-        r#type: AttributeType::Int as i32,
-        i: relu as i64,
-        ..Default::default()
-    });
+    node.attribute.push(int_attr(PRE_RELU, relu as i64));
     Some((node, vec![p]))
 }
 
@@ -558,13 +553,18 @@ fn affine_into_conv(
     Some((merged, vec![c]))
 }
 
-fn with_relu(mut conv: NodeProto) -> NodeProto {
-    conv.attribute.push(AttributeProto {
-        name: RELU.into(),
+/// An integer attribute (the planner's flags).
+fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
         r#type: AttributeType::Int as i32,
-        i: 1,
+        i,
         ..Default::default()
-    });
+    }
+}
+
+fn with_relu(mut conv: NodeProto) -> NodeProto {
+    conv.attribute.push(int_attr(RELU, 1));
     conv
 }
 

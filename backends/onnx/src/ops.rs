@@ -1,5 +1,5 @@
-//! ONNX operators on candle tensors. Every operator a graph uses is checked against
-//! [`SUPPORTED`] when the model loads, so an unknown one fails the load, never a request.
+//! ONNX operators on candle tensors. Every operator a graph uses is checked with
+//! [`is_supported`] when the model loads, so an unknown one fails the load, never a request.
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_onnx::onnx::NodeProto;
 
@@ -63,8 +63,9 @@ pub(crate) fn channel_affine_node(
 /// `cpu_conv::pack_weight` into a flat tensor: the weight's `[oc, ic, kh, kw]`.
 pub const PACKED_CONV: &str = "kiln_packed_conv";
 
-/// Operators this executor implements (default ONNX domain).
-pub const SUPPORTED: &[&str] = &[
+/// Operators this executor implements (default ONNX domain) besides the element-wise ones
+/// in [`ELEMENTWISE`]; see [`is_supported`].
+const SUPPORTED: &[&str] = &[
     "And",
     "ArgMax",
     "ArgMin",
@@ -75,35 +76,24 @@ pub const SUPPORTED: &[&str] = &[
     "ReduceL2",
     "ReduceLogSumExp",
     "ReduceSumSquare",
-    "Selu",
-    "Sign",
     "Size",
-    "Softplus",
-    "Softsign",
     "Split",
     "Tile",
     "Xor",
-    "Abs",
     "Add",
     "AveragePool",
     "BatchNormalization",
     "Cast",
-    "Ceil",
     "Clip",
     "Concat",
     "Constant",
     "ConstantOfShape",
     "Conv",
-    "Cos",
     "Div",
     "Dropout",
-    "Elu",
     "Equal",
-    "Erf",
-    "Exp",
     "Expand",
     "Flatten",
-    "Floor",
     "Gather",
     "DFT",
     "STFT",
@@ -131,18 +121,6 @@ pub const SUPPORTED: &[&str] = &[
     "MatMulInteger",
     "QLinearMatMul",
     "DynamicQuantizeLinear",
-    "Tan",
-    "Asin",
-    "Acos",
-    "Atan",
-    "Sinh",
-    "Cosh",
-    "Asinh",
-    "Acosh",
-    "Atanh",
-    "HardSwish",
-    "Mish",
-    "Celu",
     "Shrink",
     "IsNaN",
     "PRelu",
@@ -175,28 +153,22 @@ pub const SUPPORTED: &[&str] = &[
     "OneHot",
     "ReduceLogSum",
     "ReduceProd",
-    "Round",
-    "ThresholdedRelu",
     "TopK",
     "Resize",
     "Upsample",
-    "Gelu",
     "Gemm",
     "GlobalAveragePool",
     "GlobalMaxPool",
     "Greater",
     "GreaterOrEqual",
-    "HardSigmoid",
     "Identity",
     "LayerNormalization",
     "GatherElements",
-    "LeakyRelu",
     "LRN",
     "Mod",
     "Trilu",
     "Less",
     "LessOrEqual",
-    "Log",
     "LogSoftmax",
     "MatMul",
     "Max",
@@ -204,27 +176,20 @@ pub const SUPPORTED: &[&str] = &[
     "Mean",
     "Min",
     "Mul",
-    "Neg",
     "Not",
     "Pow",
     "Range",
-    "Reciprocal",
     "ReduceMax",
     "ReduceMean",
     "ReduceMin",
     "ReduceSum",
-    "Relu",
     "Reshape",
     "Shape",
-    "Sigmoid",
-    "Sin",
     "Slice",
     "Softmax",
-    "Sqrt",
     "Squeeze",
     "Sub",
     "Sum",
-    "Tanh",
     "Transpose",
     "Unsqueeze",
     "Where",
@@ -600,6 +565,11 @@ fn constant(node: &NodeProto) -> Result<Tensor> {
         "Constant node '{}' has no supported value attribute",
         node.name
     )
+}
+
+/// Whether this executor implements ONNX operator `op` (default domain).
+pub fn is_supported(op: &str) -> bool {
+    SUPPORTED.contains(&op) || ELEMENTWISE.contains(&op)
 }
 
 /// One-input element-wise operators computed by candle's float-only unary functions.

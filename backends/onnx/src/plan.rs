@@ -244,72 +244,70 @@ fn fold_batch_norms(
     Ok(nodes.into_iter().flatten().collect())
 }
 
+/// Turns a dense weight into its packed tensor (`None` when it cannot).
+type PackFn = dyn FnOnce(&[f32]) -> Option<Tensor>;
+
 /// Packs the constant f32 `[k, n]` weight of every `MatMul` into 16-column panels for the
 /// CPU kernel (`sgemm::pack_panels`); the node is marked with its column count. Does the
 /// same for every one-group 2-D `Conv` (`cpu_conv::pack_weight`), marked with the weight's
 /// shape.
 fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>) {
     use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto};
-    for node in nodes.iter_mut().filter(|n| n.op_type == "Conv") {
+    for node in nodes.iter_mut() {
         let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
             continue;
         };
-        let Ok((oc, icg, kh, kw)) = w.dims4() else {
-            continue;
-        };
-        let k = icg * kh * kw;
-        if w.dtype() != candle_core::DType::F32
-            || crate::attrs::int(node, "group", 1) != 1
-            || oc * k == 0
-        {
+        if w.dtype() != candle_core::DType::F32 {
             continue;
         }
-        let packed_name = format!("{}::conv_panels", node.input[1]);
+        let (suffix, mark, pack): (_, _, Box<PackFn>) = match (node.op_type.as_str(), w.dims()) {
+            ("Conv", &[oc, icg, kh, kw]) if crate::attrs::int(node, "group", 1) == 1 => {
+                let mark = AttributeProto {
+                    name: ops::PACKED_CONV.into(),
+                    r#type: AttributeType::Ints as i32,
+                    ints: [oc, icg, kh, kw].iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                };
+                let pack = move |dense: &[f32]| {
+                    let packed = crate::cpu_conv::pack_weight(dense, oc, icg, kh * kw);
+                    let len = packed.len();
+                    Tensor::from_vec(packed, len, &Device::Cpu).ok()
+                };
+                ("conv_panels", mark, Box::new(pack))
+            }
+            ("MatMul", &[k, n]) => {
+                let mark = AttributeProto {
+                    name: ops::PANELS_N.into(),
+                    r#type: AttributeType::Int as i32,
+                    i: n as i64,
+                    ..Default::default()
+                };
+                let pack = move |dense: &[f32]| {
+                    let packed = crate::sgemm::pack_panels(dense, k, n);
+                    Tensor::from_vec(packed, (n.div_ceil(16), k, 16), &Device::Cpu).ok()
+                };
+                ("panels", mark, Box::new(pack))
+            }
+            _ => continue,
+        };
+        if w.elem_count() == 0 {
+            continue;
+        }
+        // One packed copy per weight, however many nodes share it.
+        let packed_name = format!("{}::{suffix}", node.input[1]);
         if !constants.contains_key(&packed_name) {
-            let Ok(dense) = w.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
-                continue;
-            };
-            let packed = crate::cpu_conv::pack_weight(&dense, oc, icg, kh * kw);
-            let len = packed.len();
-            let Ok(t) = Tensor::from_vec(packed, len, &Device::Cpu) else {
+            let Some(t) = w
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .ok()
+                .and_then(|dense| pack(&dense))
+            else {
                 continue;
             };
             constants.insert(packed_name.clone(), t);
         }
         node.input[1] = packed_name;
-        node.attribute.push(AttributeProto {
-            name: ops::PACKED_CONV.into(),
-            r#type: AttributeType::Ints as i32,
-            ints: [oc, icg, kh, kw].iter().map(|&d| d as i64).collect(),
-            ..Default::default()
-        });
-    }
-    for node in nodes.iter_mut().filter(|n| n.op_type == "MatMul") {
-        let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
-            continue;
-        };
-        let Ok((k, n)) = w.dims2() else { continue };
-        if w.dtype() != candle_core::DType::F32 || k == 0 || n == 0 {
-            continue;
-        }
-        let packed_name = format!("{}::panels", node.input[1]);
-        if !constants.contains_key(&packed_name) {
-            let Ok(dense) = w.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
-                continue;
-            };
-            let packed = crate::sgemm::pack_panels(&dense, k, n);
-            let Ok(t) = Tensor::from_vec(packed, (n.div_ceil(16), k, 16), &Device::Cpu) else {
-                continue;
-            };
-            constants.insert(packed_name.clone(), t);
-        }
-        node.input[1] = packed_name;
-        node.attribute.push(AttributeProto {
-            name: ops::PANELS_N.into(),
-            r#type: AttributeType::Int as i32,
-            i: n as i64,
-            ..Default::default()
-        });
+        node.attribute.push(mark);
     }
 }
 
@@ -330,8 +328,7 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     nodes
         .into_iter()
         .filter(|n| {
-            (!n.domain.is_empty() && n.domain != "ai.onnx")
-                || !ops::SUPPORTED.contains(&n.op_type.as_str())
+            (!n.domain.is_empty() && n.domain != "ai.onnx") || !ops::is_supported(&n.op_type)
         })
         .filter(|n| seen.insert(n.op_type.clone()))
         .map(|n| {

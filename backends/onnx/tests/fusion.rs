@@ -167,33 +167,42 @@ fn division_by_a_constant_joins_the_affine_chain() {
     check(&m, inputs, &["Erf", "KilnAffine"]);
 }
 
+/// `BatchNormalization(x) → "bn"` over 4 channels, with its four parameter initializers.
+fn batch_norm_4() -> (NodeProto, Vec<TensorProto>) {
+    let mut var = init("var", &[4], 9);
+    var.float_data.iter_mut().for_each(|v| *v = v.abs() + 0.5);
+    let bn = node(
+        "BatchNormalization",
+        &["x", "gamma", "beta", "mean", "var"],
+        "bn",
+        vec![],
+    );
+    let inits = vec![
+        init("gamma", &[4], 1),
+        init("beta", &[4], 2),
+        init("mean", &[4], 3),
+        var,
+    ];
+    (bn, inits)
+}
+
 #[test]
 fn batch_norm_then_channel_affine_and_relu_joins_the_conv() {
     // DenseNet's pre-activation: Relu(BN(x) · s + t), then a Conv, which applies it while
     // it gathers its input.
+    let (bn, mut inits) = batch_norm_4();
     let nodes = vec![
-        node(
-            "BatchNormalization",
-            &["x", "gamma", "beta", "mean", "var"],
-            "bn",
-            vec![],
-        ),
+        bn,
         node("Mul", &["bn", "s"], "m", vec![]),
         node("Add", &["m", "t"], "a", vec![]),
         node("Relu", &["a"], "r", vec![]),
         node("Conv", &["r", "w"], "y", vec![pads(0)]),
     ];
-    let mut var = init("var", &[4], 9);
-    var.float_data.iter_mut().for_each(|v| *v = v.abs() + 0.5);
-    let inits = vec![
-        init("gamma", &[4], 1),
-        init("beta", &[4], 2),
-        init("mean", &[4], 3),
-        var.clone(),
+    inits.extend([
         init("s", &[4, 1, 1], 4),
         init("t", &[1, 4, 1, 1], 5),
         init("w", &[3, 4, 1, 1], 6),
-    ];
+    ]);
     let m = model(nodes, inits, &["x"], &["y"]);
     let inputs = HashMap::from([("x".to_string(), input(&[2, 4, 5, 3]))]);
     check(&m, inputs, &["Conv"]);
@@ -203,24 +212,13 @@ fn batch_norm_then_channel_affine_and_relu_joins_the_conv() {
     check(&m, inputs, &["Conv"]);
     // BN, ReLU, then a padded 3×3 Conv: the padding stays zero (the affine is not applied
     // to it), on a map large enough for the many-pixel path and on a small one.
+    let (bn, mut inits) = batch_norm_4();
     let nodes = vec![
-        node(
-            "BatchNormalization",
-            &["x", "gamma", "beta", "mean", "var"],
-            "bn",
-            vec![],
-        ),
+        bn,
         node("Relu", &["bn"], "r", vec![]),
         node("Conv", &["r", "w", "b"], "y", vec![pads(1)]),
     ];
-    let inits = vec![
-        init("gamma", &[4], 1),
-        init("beta", &[4], 2),
-        init("mean", &[4], 3),
-        var,
-        init("w", &[20, 4, 3, 3], 6),
-        init("b", &[20], 7),
-    ];
+    inits.extend([init("w", &[20, 4, 3, 3], 6), init("b", &[20], 7)]);
     let m = model(nodes, inits, &["x"], &["y"]);
     for dims in [[2, 4, 20, 19], [1, 4, 5, 3]] {
         let inputs = HashMap::from([("x".to_string(), input(&dims))]);

@@ -24,6 +24,26 @@ pub struct SharedMemory {
     regions: Mutex<BTreeMap<String, Arc<Region>>>,
 }
 
+/// A registered region as the status APIs report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionStatus {
+    /// Region name.
+    pub name: String,
+    /// The shared-memory object's key (`shm_open` name).
+    pub key: String,
+    /// Offset of the region in the object.
+    pub offset: u64,
+    /// Size of the region.
+    pub byte_size: u64,
+}
+
+impl RegionStatus {
+    /// `{name, key, offset, byte_size}`, as Triton's HTTP status lists it.
+    pub fn to_json(&self) -> Value {
+        json!({"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size})
+    }
+}
+
 /// Where an output is to be written: a range of a registered region (kept mapped until
 /// the request is done, even if the region is unregistered meanwhile).
 #[derive(Clone)]
@@ -150,24 +170,21 @@ impl SharedMemory {
         }
     }
 
-    /// Status of one region or of all: `[{name, key, offset, byte_size}]`.
-    pub fn status(&self, name: Option<&str>) -> CoreResult<Vec<Value>> {
+    /// Status of one region (an error when it is not registered) or of all.
+    pub fn status(&self, name: Option<&str>) -> CoreResult<Vec<RegionStatus>> {
         let regions = self.lock();
-        let entry = |n: &str, r: &Region| json!({"name": n, "key": r.key, "offset": r.offset, "byte_size": r.byte_size});
+        let entry = |n: &str, r: &Region| RegionStatus {
+            name: n.to_string(),
+            key: r.key.clone(),
+            offset: r.offset,
+            byte_size: r.byte_size,
+        };
         match name {
             None => Ok(regions.iter().map(|(n, r)| entry(n, r)).collect()),
             Some(n) => regions.get(n).map(|r| vec![entry(n, r)]).ok_or_else(|| {
                 CoreError::not_found(format!("Unable to find system shared memory region: '{n}'"))
             }),
         }
-    }
-
-    /// Each registered region's name, key, offset and byte size.
-    pub fn regions(&self) -> Vec<(String, String, u64, u64)> {
-        self.lock()
-            .iter()
-            .map(|(n, r)| (n.clone(), r.key.clone(), r.offset, r.byte_size))
-            .collect()
     }
 
     /// An input's bytes when its parameters name a region (copied out of it), `None`
@@ -355,7 +372,7 @@ mod tests {
         );
         let st = shm.status(None).unwrap();
         assert_eq!(
-            st[0],
+            st[0].to_json(),
             json!({"name": "r", "key": obj.0, "offset": 16, "byte_size": 32})
         );
         assert_eq!(

@@ -318,22 +318,20 @@ impl GrpcInferenceService for Inference {
         r: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryStatusResponse> {
         let name = r.into_inner().name;
-        let shm = self.server.shared_memory();
-        if !name.is_empty() {
-            shm.status(Some(&name)).map_err(status)?;
-        }
-        let regions = shm
-            .regions()
+        let regions = self
+            .server
+            .shared_memory()
+            .status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(status)?
             .into_iter()
-            .filter(|(n, ..)| name.is_empty() || *n == name)
-            .map(|(n, key, offset, byte_size)| {
+            .map(|r| {
                 let st = pb::system_shared_memory_status_response::RegionStatus {
-                    name: n.clone(),
-                    key,
-                    offset,
-                    byte_size,
+                    name: r.name.clone(),
+                    key: r.key,
+                    offset: r.offset,
+                    byte_size: r.byte_size,
                 };
-                (n, st)
+                (r.name, st)
             })
             .collect();
         ok(pb::SystemSharedMemoryStatusResponse { regions })

@@ -352,7 +352,9 @@ async fn shared_memory(
     let shm = state.server.shared_memory();
     let cuda = kind == "cudasharedmemory";
     let r = match (action, cuda) {
-        ("status", false) => shm.status(region.as_deref()).map(|v| Some(json!(v))),
+        ("status", false) => shm
+            .status(region.as_deref())
+            .map(|v| Some(Value::Array(v.iter().map(|r| r.to_json()).collect()))),
         ("status", true) => match &region {
             None => Ok(Some(json!([]))),
             Some(n) => Err(CoreError::not_found(format!(
