@@ -1,4 +1,4 @@
-//! GFLOP/s of the CPU convolution on ResNet-50's layer shapes: `conv_bench [reps] [threads]`.
+//! GFLOP/s of the CPU convolution on ResNet-50's layer shapes: `conv_bench [reps] [threads] [batch] [only]`.
 use kiln_onnx::cpu_conv::Conv2d;
 use std::time::Instant;
 
@@ -11,6 +11,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let batch: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    // Only the shapes whose line contains this text (e.g. "56x56").
+    let only = args.next().unwrap_or_default();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -29,11 +32,19 @@ fn main() {
         (512, 7, 512, 3, 1),
         (512, 7, 2048, 1, 1),
         (2048, 7, 512, 1, 1),
+        (128, 56, 128, 3, 2),
+        (256, 28, 256, 3, 2),
+        (512, 14, 512, 3, 2),
+        (256, 56, 512, 1, 2),
+        (1024, 14, 2048, 1, 2),
     ];
     for &(ic, h, oc, k, s) in &shapes {
         let p = k / 2;
+        if h < k {
+            continue;
+        }
         let geo = Conv2d {
-            input: [1, ic, h, h],
+            input: [batch, ic, h, h],
             out_channels: oc,
             kernel: [k, k],
             stride: [s, s],
@@ -42,7 +53,13 @@ fn main() {
             groups: 1,
         };
         let [oh, ow] = geo.out_hw().unwrap();
-        let x: Vec<f32> = (0..ic * h * h).map(|i| (i % 7) as f32 * 0.1).collect();
+        let name = format!("ic{ic:5} {h:3}x{h:<3} oc{oc:5} k{k} s{s}");
+        if !name.contains(&only) {
+            continue;
+        }
+        let x: Vec<f32> = (0..batch * ic * h * h)
+            .map(|i| (i % 7) as f32 * 0.1)
+            .collect();
         let w: Vec<f32> = (0..oc * ic * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
         let bias = vec![0.5f32; oc];
         let fused = kiln_onnx::cpu_conv::Fused {
@@ -62,7 +79,10 @@ fn main() {
                 .collect(),
         );
         let kk = ic * k * k;
-        let packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
+        let mut packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
+        if k == 3 && s == 1 {
+            packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic));
+        }
         let tp = median(
             (0..reps)
                 .map(|_| {
@@ -79,7 +99,13 @@ fn main() {
                 })
                 .collect(),
         );
-        let macs = (oc * oh * ow * kk) as f64;
-        println!("ic{ic:5} {h:3}x{h:<3} oc{oc:5} k{k} s{s}: {:7.3} ms {:6.1} GF/s | packed {:7.3} ms {:6.1} GF/s", t * 1e3, 2.0 * macs / t / 1e9, tp * 1e3, 2.0 * macs / tp / 1e9);
+        let macs = (batch * oc * oh * ow * kk) as f64;
+        println!(
+            "{name}: {:7.3} ms {:6.1} GF/s | packed {:7.3} ms {:6.1} GF/s",
+            t * 1e3,
+            2.0 * macs / t / 1e9,
+            tp * 1e3,
+            2.0 * macs / tp / 1e9
+        );
     }
 }

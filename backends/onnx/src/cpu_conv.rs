@@ -10,6 +10,10 @@ use gemm::Parallelism;
 use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER};
 use rayon::prelude::*;
 
+/// Fewest 4×4 output tiles (over the batch) for the Winograd path: fewer leave the
+/// kernel's 16-column strips part empty.
+const WINOGRAD_MIN_TILES: usize = 16;
+
 /// Geometry of one convolution (2-D, NCHW).
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2d {
@@ -87,6 +91,13 @@ impl Conv2d {
                 let taps = self.kernel[0] * self.kernel[1];
                 let dense = unpack_weight(p, oc, icg, taps);
                 return self.run(x, Weight::Dense(&dense), f, threads);
+            }
+            // A 3×3 stride-1 kernel's Winograd transform follows its panels (plan.rs).
+            let (p, winograd) = p.split_at(p.len().min(oc.div_ceil(PANEL) * PANEL * k));
+            if winograd.len() == crate::winograd::weight_len(oc, ic)
+                && crate::winograd::applies(self, WINOGRAD_MIN_TILES)
+            {
+                return crate::winograd::run(self, x, winograd, f, threads);
             }
             // Small maps (14×14) whose padding columns add little: the direct path saves
             // gathering patches, which small channel counts amortise badly. (Measured on
@@ -751,7 +762,8 @@ pub struct PreAffine<'a> {
 pub enum Weight<'a> {
     /// `[oc, ic/groups, kh, kw]`, as ONNX stores it.
     Dense(&'a [f32]),
-    /// From [`pack_weight`] (one group only).
+    /// From [`pack_weight`] (one group only); for 3×3 kernels possibly followed by the
+    /// Winograd weight of [`crate::winograd::transform_weight`], used where it applies.
     Packed(&'a [f32]),
 }
 

@@ -21,6 +21,7 @@ pub mod resize;
 pub mod rnn;
 pub mod sgemm;
 pub mod spectral;
+pub mod winograd;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -244,6 +244,10 @@ fn fold_batch_norms(
     Ok(nodes.into_iter().flatten().collect())
 }
 
+/// Fewest input and output channels for which a 3×3 convolution gets a Winograd weight:
+/// below, the transforms cost more than the products they save.
+const WINOGRAD_MIN_CHANNELS: usize = 16;
+
 /// Turns a dense weight into its packed tensor (`None` when it cannot).
 type PackFn = dyn FnOnce(&[f32]) -> Option<Tensor>;
 
@@ -268,12 +272,30 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                     ints: [oc, icg, kh, kw].iter().map(|&d| d as i64).collect(),
                     ..Default::default()
                 };
+                // 3×3 stride-1 kernels between enough channels also get their Winograd
+                // transform, after the panels (`cpu_conv::Weight::Packed`).
+                let ones = |name: &str| {
+                    crate::attrs::ints(node, name).is_none_or(|v| v.iter().all(|&d| d == 1))
+                };
+                let winograd = [kh, kw] == [3, 3]
+                    && oc >= WINOGRAD_MIN_CHANNELS
+                    && icg >= WINOGRAD_MIN_CHANNELS
+                    && ones("strides")
+                    && ones("dilations");
                 let pack = move |dense: &[f32]| {
-                    let packed = crate::cpu_conv::pack_weight(dense, oc, icg, kh * kw);
+                    let mut packed = crate::cpu_conv::pack_weight(dense, oc, icg, kh * kw);
+                    if winograd {
+                        packed.extend(crate::winograd::transform_weight(dense, oc, icg));
+                    }
                     let len = packed.len();
                     Tensor::from_vec(packed, len, &Device::Cpu).ok()
                 };
-                ("conv_panels", mark, Box::new(pack))
+                let suffix = if winograd {
+                    "conv_panels_winograd"
+                } else {
+                    "conv_panels"
+                };
+                (suffix, mark, Box::new(pack))
             }
             ("MatMul", &[k, n]) => {
                 let mark = AttributeProto {

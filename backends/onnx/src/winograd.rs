@@ -1,0 +1,529 @@
+//! 3×3 stride-1 convolutions by Winograd's minimal filtering, F(4×4, 3×3) (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016): each 4×4 block of outputs
+//! comes from the 6×6 block of input around it through 36 element-wise products per
+//! channel pair instead of 144, so summed over input channels the convolution becomes 36
+//! matrix products — transformed weight `U[ξ]` (`[oc, ic]`, made once at plan time by
+//! [`transform_weight`]) times transformed input `V[ξ]` (`[ic, tiles]`) — which the AVX2
+//! kernel runs. 2.25× fewer multiplications than the direct product (3× on 14×14 maps once
+//! the edge tiles are counted), for input and output transforms that cost a few additions
+//! per element. Rounding differs from the direct sum by a few ulps of the larger terms
+//! (the transforms use 4, 5 and 8 as factors), as in other runtimes' Winograd kernels.
+//!
+//! The work runs in three parallel passes per group of images: input tiles into `V`
+//! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
+//! back into output blocks with bias, residual and ReLU (per image and channel).
+use rayon::prelude::*;
+
+use crate::cpu_conv::{pack_weight, Conv2d, Fused};
+use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL};
+
+/// Outputs per tile side.
+const OUT: usize = 4;
+/// Inputs per tile side.
+const IN: usize = 6;
+/// Element-wise products per tile (6 × 6).
+const XI: usize = IN * IN;
+
+/// G: a kernel row (3 taps) to its 6 transformed values.
+const G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Whether [`run`] serves this convolution: 3×3, stride and dilation 1, one group, with
+/// enough output tiles (`min_tiles`, over the batch) to fill the kernel's 16-column strips.
+pub fn applies(geo: &Conv2d, min_tiles: usize) -> bool {
+    let Some([oh, ow]) = geo.out_hw() else {
+        return false;
+    };
+    geo.kernel == [3, 3]
+        && geo.stride == [1, 1]
+        && geo.dilation == [1, 1]
+        && geo.groups == 1
+        && geo.input[0] * oh.div_ceil(OUT) * ow.div_ceil(OUT) >= min_tiles
+}
+
+/// Length of [`transform_weight`]'s result.
+pub fn weight_len(oc: usize, ic: usize) -> usize {
+    XI * oc.div_ceil(PANEL) * PANEL * ic
+}
+
+/// `U[ξ] = G g Gᵀ` for every output/input channel pair of a `[oc, ic, 3, 3]` weight
+/// (computed in f64), as 36 `[oc, ic]` matrices each packed by [`pack_weight`] (16-channel
+/// blocks, the kernel's left-hand operand).
+pub fn transform_weight(weight: &[f32], oc: usize, ic: usize) -> Vec<f32> {
+    let mut u = vec![0f32; XI * oc * ic];
+    for (pair, g) in weight.chunks_exact(9).enumerate().take(oc * ic) {
+        let mut t = [[0f64; 3]; IN];
+        for (ti, gi) in t.iter_mut().zip(&G) {
+            for (j, v) in ti.iter_mut().enumerate() {
+                *v = (0..3).map(|r| gi[r] * g[r * 3 + j] as f64).sum();
+            }
+        }
+        for (i, ti) in t.iter().enumerate() {
+            for (j, gj) in G.iter().enumerate() {
+                let v: f64 = (0..3).map(|r| ti[r] * gj[r]).sum();
+                u[(i * IN + j) * oc * ic + pair] = v as f32;
+            }
+        }
+    }
+    u.chunks(oc * ic)
+        .flat_map(|m| pack_weight(m, oc, ic, 1))
+        .collect()
+}
+
+/// Eight values computed together (eight tiles side by side); plain loops over the lanes,
+/// which the compiler turns into vector instructions.
+#[derive(Clone, Copy, Default)]
+struct Lanes([f32; LANES]);
+
+/// Tiles per [`Lanes`].
+const LANES: usize = 8;
+
+impl std::ops::Add for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn add(self, o: Lanes) -> Lanes {
+        Lanes(std::array::from_fn(|l| self.0[l] + o.0[l]))
+    }
+}
+
+impl std::ops::Sub for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn sub(self, o: Lanes) -> Lanes {
+        Lanes(std::array::from_fn(|l| self.0[l] - o.0[l]))
+    }
+}
+
+impl std::ops::Mul<f32> for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn mul(self, k: f32) -> Lanes {
+        Lanes(self.0.map(|v| v * k))
+    }
+}
+
+/// Bᵀ along one axis: 6 inputs to 6 transformed values.
+#[inline(always)]
+fn input_1d<T>(d: [T; 6]) -> [T; 6]
+where
+    T: Copy
+        + std::ops::Add<Output = T>
+        + std::ops::Sub<Output = T>
+        + std::ops::Mul<f32, Output = T>,
+{
+    let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
+    let (c, e) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
+    [
+        d[0] * 4.0 - d[2] * 5.0 + d[4],
+        a + b,
+        a - b,
+        c + e,
+        c - e,
+        d[1] * 4.0 - d[3] * 5.0 + d[5],
+    ]
+}
+
+/// Aᵀ along one axis: 6 products to 4 outputs.
+#[inline(always)]
+fn output_1d<T>(m: [T; 6]) -> [T; 4]
+where
+    T: Copy
+        + std::ops::Add<Output = T>
+        + std::ops::Sub<Output = T>
+        + std::ops::Mul<f32, Output = T>,
+{
+    let (s1, d1) = (m[1] + m[2], m[1] - m[2]);
+    let (s2, d2) = (m[3] + m[4], m[3] - m[4]);
+    [
+        m[0] + s1 + s2,
+        d1 + d2 * 2.0,
+        s1 + s2 * 4.0,
+        d1 + d2 * 8.0 + m[5],
+    ]
+}
+
+/// The 36 transformed values of eight side-by-side tiles (lane `l`: tile `tx0 + l`) of
+/// one tile row, read from the channel's padded plane split by column phase: `q` holds
+/// 4 planes (`phase·rows·qw`), plane `p` column `t` = padded column `4t + p`, and tile row
+/// `ty` starts at row `4·ty`.
+#[inline(always)]
+fn input_tiles(q: &[f32], rows: usize, qw: usize, ty: usize, tx0: usize) -> [[Lanes; 6]; 6] {
+    let load = |r: usize, k: usize| {
+        let at = ((k % 4) * rows + OUT * ty + r) * qw + tx0 + k / 4;
+        Lanes(q[at..at + LANES].try_into().unwrap_or_default())
+    };
+    // Bᵀ along each row of the 6×6 block, then down each column.
+    let h: [[Lanes; 6]; 6] = std::array::from_fn(|r| input_1d(std::array::from_fn(|k| load(r, k))));
+    let mut v = [[Lanes::default(); 6]; 6];
+    for j in 0..IN {
+        for (i, t) in input_1d(std::array::from_fn(|r| h[r][j]))
+            .into_iter()
+            .enumerate()
+        {
+            v[i][j] = t;
+        }
+    }
+    v
+}
+
+/// The 4×4 outputs of eight side-by-side tiles from their 36 products (`m[i][j]`).
+#[inline(always)]
+fn output_tiles(m: &[[Lanes; 6]; 6]) -> [[Lanes; 4]; 4] {
+    let mut z = [[Lanes::default(); 6]; 4];
+    for j in 0..IN {
+        for (r, t) in output_1d(std::array::from_fn(|i| m[i][j]))
+            .into_iter()
+            .enumerate()
+        {
+            z[r][j] = t;
+        }
+    }
+    z.map(output_1d)
+}
+
+/// [`input_tiles`] compiled for AVX2 (the caller checked it).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_tiles_avx2(
+    q: &[f32],
+    rows: usize,
+    qw: usize,
+    ty: usize,
+    tx0: usize,
+) -> [[Lanes; 6]; 6] {
+    input_tiles(q, rows, qw, ty, tx0)
+}
+
+/// [`output_tiles`] compiled for AVX2 (the caller checked it).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_tiles_avx2(m: &[[Lanes; 6]; 6]) -> [[Lanes; 4]; 4] {
+    output_tiles(m)
+}
+
+/// Runs the convolution ([`applies`] holds; `u` from [`transform_weight`]): `x` is `[b,
+/// ic, h, w]`, the result `[b, oc, oh, ow]` with `f`'s bias, residual, ReLU and input affine.
+pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
+    let [b, ic, h, w] = geo.input;
+    let oc = geo.out_channels;
+    let Some([oh, ow]) = geo.out_hw() else {
+        return Vec::new();
+    };
+    let (th, tw) = (oh.div_ceil(OUT), ow.div_ceil(OUT));
+    let per_image = th * tw;
+    let len = b * oc * oh * ow;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 || ic == 0 {
+        return vec![0f32; len];
+    }
+    let ulen = weight_len(oc, ic) / XI;
+    // Images go through in groups whose V and M stay near 16 MiB.
+    let chunk = ((4 << 20) / (XI * (ic + oc) * per_image)).clamp(1, b);
+    let parallel = threads > 1;
+    let dst = SharedOut(out.as_mut_ptr());
+    // The padded plane every tile reads: 4·th + 2 rows of 4·tw + 2 columns, split into
+    // four column phases of `qw` columns (eight tiles read past the last one).
+    let ph = OUT * th + 2;
+    let qw = tw.next_multiple_of(LANES) + 2;
+    for b0 in (0..b).step_by(chunk) {
+        let nb = chunk.min(b - b0);
+        let cols = nb * per_image;
+        let cp = cols.next_multiple_of(PANEL);
+        // V[ξ]: [ic, cp] in 16-column panels. The columns past `cols` only meet unused
+        // columns of M; they are zeroed here, the rest written by the jobs below.
+        let mut v: Vec<f32> = Vec::with_capacity(XI * ic * cp);
+        let vs = SharedOut(v.as_mut_ptr());
+        if cols < cp {
+            for r in 0..XI * ic {
+                let at = (r / ic) * ic * cp + (cols / PANEL) * ic * PANEL + (r % ic) * PANEL;
+                // SAFETY: within the allocation (the last panel of row r % ic of V[r / ic]).
+                unsafe { std::ptr::write_bytes(vs.at(at + cols % PANEL), 0, cp - cols) };
+            }
+        }
+        let input = |q: &mut Vec<f32>, j: usize| {
+            let (bi, c) = (j / ic, j % ic);
+            q.clear();
+            q.resize(4 * ph * qw, 0.0);
+            let src = &x[((b0 + bi) * ic + c) * h * w..][..h * w];
+            let (pt, pl) = (geo.pads[0], geo.pads[1]);
+            let (sc, sh, lo) = match f.pre {
+                Some(p) => {
+                    let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
+                    let lo = if p.relu { 0.0 } else { f32::NEG_INFINITY };
+                    (pick(p.scale), pick(p.shift), lo)
+                }
+                None => (1.0, 0.0, f32::NEG_INFINITY),
+            };
+            // The padded plane, split by column phase (see `input_tiles`); only the rows
+            // and columns the tiles read (the bottom/right padding may be cut short).
+            let used = w.min((OUT * tw + 2).saturating_sub(pl));
+            for (y, line) in src.chunks(w).enumerate().take(ph.saturating_sub(pt)) {
+                // Padded column 4t + phase is column t of that phase's plane.
+                for phase in 0..4 {
+                    let first = (phase + 4 - pl % 4) % 4;
+                    let row = &mut q[(phase * ph + y + pt) * qw + (first + pl) / 4..];
+                    let from = line[..used].iter().skip(first).step_by(4);
+                    for (d, &s) in row.iter_mut().zip(from) {
+                        *d = if f.pre.is_some() {
+                            (s * sc + sh).max(lo)
+                        } else {
+                            s
+                        };
+                    }
+                }
+            }
+            for ty in 0..th {
+                for tx0 in (0..tw).step_by(LANES) {
+                    // SAFETY: run() is only called where the AVX2 kernel is available.
+                    let v = unsafe { input_tiles_avx2(q, ph, qw, ty, tx0) };
+                    let n = LANES.min(tw - tx0);
+                    let col0 = bi * per_image + ty * tw + tx0;
+                    // The lanes in at most two runs, split where a 16-column panel ends.
+                    let mut l = 0;
+                    while l < n {
+                        let col = col0 + l;
+                        let run = (PANEL - col % PANEL).min(n - l);
+                        let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
+                        for (xi, t) in v.iter().flatten().enumerate() {
+                            // SAFETY: (ξ, c, col..col + run) are this job's own elements.
+                            unsafe {
+                                let d = vs.at(xi * ic * cp + at);
+                                if run == LANES {
+                                    // A fixed-size copy: vector moves, not a call.
+                                    d.cast::<[f32; LANES]>().write_unaligned(t.0);
+                                } else {
+                                    for k in 0..run {
+                                        *d.add(k) = t.0[l + k];
+                                    }
+                                }
+                            }
+                        }
+                        l += run;
+                    }
+                }
+            }
+        };
+        for_jobs(parallel, nb * ic, Vec::new, input);
+        // SAFETY: the padding columns were zeroed and the jobs wrote every other element.
+        unsafe { v.set_len(XI * ic * cp) };
+        // M[ξ] = U[ξ] · V[ξ]: [oc, cp] each.
+        let mut m: Vec<f32> = Vec::with_capacity(XI * oc * cp);
+        let ms = SharedOut(m.as_mut_ptr());
+        let strips = cp / PANEL;
+        let per_job = strips
+            .div_ceil((4 * threads).div_ceil(XI).max(1))
+            .clamp(1, 8);
+        let parts = strips.div_ceil(per_job);
+        let product = |_: &mut (), j: usize| {
+            let (xi, s0) = (j / parts, (j % parts) * per_job);
+            let s1 = (s0 + per_job).min(strips);
+            let a = Lhs::Blocks {
+                ptr: u[xi * ulen..].as_ptr(),
+                k: ic,
+                bw: PANEL,
+            };
+            let rhs = Rhs::Panels {
+                ptr: v[xi * ic * cp + s0 * ic * PANEL..].as_ptr(),
+                k: ic,
+            };
+            let e = Epilogue {
+                base: Base::Zero,
+                row_bias: None,
+                col_bias: None,
+                relu: false,
+            };
+            let c = Out::rows(ms.at(xi * oc * cp + s0 * PANEL), cp);
+            // SAFETY: this job writes columns s0·16..s1·16 of M[ξ] and nothing else; U[ξ]
+            // holds oc rows in blocks of k = ic, V[ξ] those strips' panels.
+            unsafe { crate::sgemm::sgemm(oc, (s1 - s0) * PANEL, ic, a, rhs, c, e) };
+        };
+        for_jobs(parallel, XI * parts, || (), product);
+        // SAFETY: the jobs wrote every column of every row of every M[ξ].
+        unsafe { m.set_len(XI * oc * cp) };
+        let output = |_: &mut (), j: usize| {
+            let (bi, o) = (j / oc, j % oc);
+            let plane = ((b0 + bi) * oc + o) * oh * ow;
+            let bias = f.bias.map_or(0.0, |v| v[o]);
+            for ty in 0..th {
+                for tx0 in (0..tw).step_by(LANES) {
+                    let n = LANES.min(tw - tx0);
+                    let at = o * cp + bi * per_image + ty * tw + tx0;
+                    let prods: [[Lanes; 6]; 6] = std::array::from_fn(|i| {
+                        std::array::from_fn(|jj| {
+                            let row = &m[(i * IN + jj) * oc * cp + at..][..n];
+                            match row.try_into() {
+                                Ok(full) => Lanes(full),
+                                Err(_) => {
+                                    let mut t = Lanes::default();
+                                    for (d, &v) in t.0.iter_mut().zip(row) {
+                                        *d = v;
+                                    }
+                                    t
+                                }
+                            }
+                        })
+                    });
+                    // SAFETY: run() is only called where the AVX2 kernel is available.
+                    let y = unsafe { output_tiles_avx2(&prods) };
+                    let x0 = OUT * tx0;
+                    let width = (OUT * n).min(ow - x0);
+                    for (r, yr) in y.iter().enumerate() {
+                        let yy = OUT * ty + r;
+                        if yy >= oh {
+                            break;
+                        }
+                        let mut row = [0f32; OUT * LANES];
+                        for (s, ys) in yr.iter().enumerate() {
+                            for (l, &val) in ys.0.iter().enumerate() {
+                                row[l * OUT + s] = val + bias;
+                            }
+                        }
+                        let idx = plane + yy * ow + x0;
+                        if let Some(res) = f.residual {
+                            for (v, &r) in row.iter_mut().zip(&res[idx..idx + width]) {
+                                *v += r;
+                            }
+                        }
+                        if f.relu {
+                            row.iter_mut().for_each(|v| *v = v.max(0.0));
+                        }
+                        // SAFETY: each output element belongs to one (image, channel) job
+                        // and one tile of it.
+                        unsafe {
+                            let d = dst.at(idx);
+                            if width == row.len() {
+                                d.cast::<[f32; OUT * LANES]>().write_unaligned(row);
+                            } else {
+                                for (k, &v) in row.iter().enumerate().take(width) {
+                                    *d.add(k) = v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        for_jobs(parallel, nb * oc, || (), output);
+    }
+    // SAFETY: every image, channel and pixel was written once above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Runs `job(state, j)` for `j` in `0..n`, on the pool when `parallel`.
+fn for_jobs<S, I, F>(parallel: bool, n: usize, init: I, job: F)
+where
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, usize) + Sync + Send,
+{
+    if parallel && n > 1 {
+        (0..n).into_par_iter().for_each_init(init, job);
+    } else {
+        let mut s = init();
+        (0..n).for_each(|j| job(&mut s, j));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_conv::{PreAffine, Weight};
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against the direct convolution (`Weight::Dense`, checked against the definition in
+    /// `cpu_conv`'s tests) over ragged map sizes, paddings, batches and fused extras.
+    #[test]
+    fn matches_the_direct_convolution() {
+        // (batch, ic, oc, h, w, pads [t, l, b, r])
+        let cases = [
+            (1, 16, 16, 8, 8, [1, 1, 1, 1]),
+            (2, 16, 32, 7, 7, [1, 1, 1, 1]),
+            (1, 24, 20, 14, 14, [1, 1, 1, 1]),
+            (3, 17, 33, 9, 13, [0, 0, 0, 0]),
+            (1, 32, 16, 10, 6, [2, 0, 1, 2]),
+            (2, 16, 48, 5, 23, [1, 2, 0, 1]),
+        ];
+        for (i, &(b, ic, oc, h, w, pads)) in cases.iter().enumerate() {
+            let geo = Conv2d {
+                input: [b, ic, h, w],
+                out_channels: oc,
+                kernel: [3, 3],
+                stride: [1, 1],
+                dilation: [1, 1],
+                pads,
+                groups: 1,
+            };
+            let [oh, ow] = geo.out_hw().unwrap();
+            let x = data(b * ic * h * w, i as u32 + 1);
+            let wt = data(oc * ic * 9, i as u32 + 7);
+            let u = transform_weight(&wt, oc, ic);
+            assert_eq!(u.len(), weight_len(oc, ic));
+            let bias = data(oc, 3);
+            let residual = data(b * oc * oh * ow, 5);
+            let (scale, shift) = (data(ic, 11), data(ic, 13));
+            let variants = [
+                Fused::default(),
+                Fused {
+                    bias: Some(&bias),
+                    relu: true,
+                    ..Default::default()
+                },
+                Fused {
+                    bias: Some(&bias),
+                    residual: Some(&residual),
+                    relu: true,
+                    pre: Some(PreAffine {
+                        scale: &scale,
+                        shift: &shift,
+                        relu: true,
+                    }),
+                },
+            ];
+            for (v, f) in variants.iter().enumerate() {
+                let want = geo.run(&x, Weight::Dense(&wt), f, 1);
+                for threads in [1, 2] {
+                    let got = run(&geo, &x, &u, f, threads);
+                    assert_eq!(got.len(), want.len());
+                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (ic as f32).sqrt(),
+                            "case {i} variant {v} threads {threads} at {j}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn applies_to_3x3_stride_1_with_enough_tiles() {
+        let geo = |b, h, stride| Conv2d {
+            input: [b, 16, h, h],
+            out_channels: 16,
+            kernel: [3, 3],
+            stride: [stride, stride],
+            dilation: [1, 1],
+            pads: [1, 1, 1, 1],
+            groups: 1,
+        };
+        assert!(applies(&geo(1, 14, 1), 16));
+        assert!(!applies(&geo(1, 7, 1), 16));
+        assert!(applies(&geo(4, 7, 1), 16));
+        assert!(!applies(&geo(1, 28, 2), 16));
+    }
+}
