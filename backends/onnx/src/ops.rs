@@ -943,7 +943,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 .copied()
                 .ok_or_else(|| candle_core::Error::Msg("Concat without inputs".into()))?;
             let a = axis(attrs::int(node, "axis", 0), first.rank())?;
-            Tensor::cat(&ts, a)?
+            match crate::ops_fast::concat_f32(&ts, a, ctx.threads)? {
+                Some(t) => t,
+                None => Tensor::cat(&ts, a)?,
+            }
         }
         "Gather" => {
             let x = x()?;

@@ -381,3 +381,75 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
     }
     Ok(y)
 }
+
+/// `Concat` of f32 CPU tensors along `axis`, the copies spread over `threads` (DenseNet
+/// concatenates every layer's features with all before it: a memory-bound copy that one
+/// core cannot saturate). `None` when not all are f32 on the CPU with equal other dims;
+/// candle's `cat` handles those (and reports mismatched shapes).
+pub(crate) fn concat_f32(ts: &[&Tensor], axis: usize, threads: usize) -> Result<Option<Tensor>> {
+    let Some(first) = ts.first() else {
+        return Ok(None);
+    };
+    let dims = first.dims();
+    let same = |t: &&Tensor| {
+        t.rank() == dims.len()
+            && t.dims()
+                .iter()
+                .zip(dims)
+                .enumerate()
+                .all(|(i, (a, b))| i == axis || a == b)
+    };
+    if axis >= dims.len() || !ts.iter().all(same) {
+        return Ok(None);
+    }
+    let inner: usize = dims[axis + 1..].iter().product();
+    let outer: usize = dims[..axis].iter().product();
+    // Elements each input adds to one outer index, and where they start in its row.
+    let widths: Vec<usize> = ts.iter().map(|t| t.dims()[axis] * inner).collect();
+    let row: usize = widths.iter().sum();
+    let starts: Vec<usize> = widths
+        .iter()
+        .scan(0, |acc, &w| {
+            let s = *acc;
+            *acc += w;
+            Some(s)
+        })
+        .collect();
+    let owned: Vec<Option<&Tensor>> = ts.iter().map(|&t| Some(t)).collect();
+    let out = on_cpu_f32(&owned, |srcs| {
+        let len = outer * row;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+        // Runs of at most 64 Ki elements: (input, outer index, offset in the run, length).
+        const PIECE: usize = 64 * 1024;
+        let pieces: Vec<(usize, usize, usize, usize)> = (0..outer)
+            .flat_map(|o| (0..ts.len()).map(move |i| (o, i)))
+            .flat_map(|(o, i)| {
+                let w = widths[i];
+                (0..w)
+                    .step_by(PIECE)
+                    .map(move |at| (i, o, at, PIECE.min(w - at)))
+            })
+            .collect();
+        let copy = |&(i, o, at, n): &(usize, usize, usize, usize)| {
+            let from = &srcs[i][o * widths[i] + at..][..n];
+            // SAFETY: each piece is its own part of one output row.
+            unsafe {
+                std::ptr::copy_nonoverlapping(from.as_ptr(), dst.at(o * row + starts[i] + at), n)
+            };
+        };
+        if threads > 1 && pieces.len() > 1 {
+            use rayon::prelude::*;
+            pieces.par_iter().for_each(copy);
+        } else {
+            pieces.iter().for_each(copy);
+        }
+        // SAFETY: every (outer index, input) run was copied, covering the whole output.
+        unsafe { out.set_len(len) };
+        out
+    })?;
+    let mut shape = dims.to_vec();
+    shape[axis] = ts.iter().map(|t| t.dims()[axis]).sum();
+    out.map(|v| Tensor::from_vec(v, shape, &Device::Cpu))
+        .transpose()
+}

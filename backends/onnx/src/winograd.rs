@@ -246,8 +246,12 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
         }
         let input = |q: &mut Vec<f32>, j: usize| {
             let (bi, c) = (j / ic, j % ic);
-            q.clear();
-            q.resize(4 * ph * qw, 0.0);
+            // Zeroed once per buffer: every channel writes the same interior positions,
+            // so the padding stays zero.
+            if q.len() != 4 * ph * qw {
+                q.clear();
+                q.resize(4 * ph * qw, 0.0);
+            }
             let src = &x[((b0 + bi) * ic + c) * h * w..][..h * w];
             let (pt, pl) = (geo.pads[0], geo.pads[1]);
             let (sc, sh, lo) = match f.pre {
