@@ -19,34 +19,45 @@ fn main() {
         (2048, 49, 512),
         (64, 256, 64),
         (256, 196, 256),
+        (64, 192, 384),
+        (64, 192, 1536),
+        (64, 768, 384),
     ] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
         let packed = pack_panels(&b, k, n);
+        let mut a_blocks = vec![0f32; m.div_ceil(6) * 6 * k];
+        kiln_onnx::sgemm::to_blocks(&mut a_blocks, 6, k, m, |r, line| {
+            for (i, v) in line.iter_mut().enumerate() {
+                *v = a[i * k + r];
+            }
+        });
         let mut c = vec![0f32; m * n];
-        for (name, rhs) in [
-            (
-                "rows",
-                Rhs::Rows {
-                    ptr: b.as_ptr(),
-                    ldb: n,
-                },
-            ),
-            (
-                "panels",
-                Rhs::Panels {
-                    ptr: packed.as_ptr(),
-                    k,
-                },
-            ),
+        let rows = Lhs::Rows {
+            ptr: a.as_ptr(),
+            lda: k,
+        };
+        let blocks = Lhs::Blocks {
+            ptr: a_blocks.as_ptr(),
+            k,
+            bw: 6,
+        };
+        let b_rows = Rhs::Rows {
+            ptr: b.as_ptr(),
+            ldb: n,
+        };
+        let b_panels = Rhs::Panels {
+            ptr: packed.as_ptr(),
+            k,
+        };
+        for (name, lhs, rhs) in [
+            ("rows", rows, b_rows),
+            ("panels", rows, b_panels),
+            ("A-packed", blocks, b_panels),
         ] {
             let mut best = Vec::new();
             for _ in 0..reps {
                 let t = Instant::now();
-                let lhs = Lhs::Rows {
-                    ptr: a.as_ptr(),
-                    lda: k,
-                };
                 let e = Epilogue {
                     base: Base::Zero,
                     row_bias: None,
@@ -59,7 +70,7 @@ fn main() {
             best.sort_by(f64::total_cmp);
             let t = best[best.len() / 2];
             println!(
-                "m{m:5} n{n:4} k{k:5} {name:7} {:6.1} GF/s",
+                "m{m:5} n{n:4} k{k:5} {name:8} {:6.1} GF/s",
                 2.0 * (m * n * k) as f64 / t / 1e9
             );
         }

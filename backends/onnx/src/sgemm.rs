@@ -12,7 +12,7 @@ const MR: usize = 6;
 /// Columns of C one register tile covers (two 8-lane vectors).
 const NR: usize = 16;
 /// Depth of one pass over k.
-const KC: usize = 256;
+const KC: usize = 384;
 /// Rows of A one pass keeps hot.
 const MC: usize = 96;
 
@@ -202,15 +202,17 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, e: Epilogue) {
         // A strip of B narrower than 16 columns is copied here, zero-padded.
-        let mut edge = vec![0f32; KC * NR];
+        // Equal passes of at most KC (k = 384 in one pass, not 256 + 128).
+        let step = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+        let mut edge = vec![0f32; step * NR];
         // k = 0 still writes the start values (one pass with an empty product).
         let passes: Vec<usize> = if k == 0 {
             vec![0]
         } else {
-            (0..k).step_by(KC).collect()
+            (0..k).step_by(step).collect()
         };
         for k0 in passes {
-            let kc = KC.min(k - k0);
+            let kc = step.min(k - k0);
             for i0 in (0..m).step_by(MC) {
                 let mc = MC.min(m - i0);
                 for j in (0..n).step_by(NR) {
