@@ -30,5 +30,8 @@ fn main() {
     let ms = time(reps, || {
         std::hint::black_box(kiln_onnx::cpu_kernels::gelu(&x));
     });
-    println!("gelu [8,128,1536]: {ms:.3} ms ({:.2} ns/element)", ms * 1e6 / n as f64);
+    println!(
+        "gelu [8,128,1536]: {ms:.3} ms ({:.2} ns/element)",
+        ms * 1e6 / n as f64
+    );
 }

@@ -294,17 +294,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
                         let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
                         for (xi, t) in v.iter().flatten().enumerate() {
                             // SAFETY: (ξ, c, col..col + run) are this job's own elements.
-                            unsafe {
-                                let d = vs.at(xi * ic * cp + at);
-                                if run == LANES {
-                                    // A fixed-size copy: vector moves, not a call.
-                                    d.cast::<[f32; LANES]>().write_unaligned(t.0);
-                                } else {
-                                    for k in 0..run {
-                                        *d.add(k) = t.0[l + k];
-                                    }
-                                }
-                            }
+                            unsafe { write_prefix(vs.at(xi * ic * cp + at), &t.0[l..], run) };
                         }
                         l += run;
                     }
@@ -359,16 +349,10 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
                     let prods: [[Lanes; 6]; 6] = std::array::from_fn(|i| {
                         std::array::from_fn(|jj| {
                             let row = &m[(i * IN + jj) * oc * cp + at..][..n];
-                            match row.try_into() {
-                                Ok(full) => Lanes(full),
-                                Err(_) => {
-                                    let mut t = Lanes::default();
-                                    for (d, &v) in t.0.iter_mut().zip(row) {
-                                        *d = v;
-                                    }
-                                    t
-                                }
-                            }
+                            let mut t = Lanes::default();
+                            // SAFETY: n ≤ LANES values into the lanes.
+                            unsafe { write_prefix(t.0.as_mut_ptr(), row, n) };
+                            t
                         })
                     });
                     // SAFETY: run() is only called where the AVX2 kernel is available.
@@ -397,16 +381,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
                         }
                         // SAFETY: each output element belongs to one (image, channel) job
                         // and one tile of it.
-                        unsafe {
-                            let d = dst.at(idx);
-                            if width == row.len() {
-                                d.cast::<[f32; OUT * LANES]>().write_unaligned(row);
-                            } else {
-                                for (k, &v) in row.iter().enumerate().take(width) {
-                                    *d.add(k) = v;
-                                }
-                            }
-                        }
+                        unsafe { write_prefix(dst.at(idx), &row, width) };
                     }
                 }
             }
@@ -416,6 +391,43 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
     // SAFETY: every image, channel and pixel was written once above.
     unsafe { out.set_len(len) };
     out
+}
+
+/// Writes `src[..n]` (`n` at most `src.len()`) to `dst` with fixed-size moves (a
+/// variable-length copy of a few values would be a call to `memcpy`, which costs more
+/// than the copy here).
+///
+/// # Safety
+/// `dst..dst + n` must be valid for writes and not overlap `src`.
+#[inline(always)]
+unsafe fn write_prefix(dst: *mut f32, src: &[f32], n: usize) {
+    #[inline(always)]
+    unsafe fn fixed<const N: usize>(dst: *mut f32, src: &[f32]) {
+        if let Some(s) = src.first_chunk::<N>() {
+            // SAFETY: the caller's promise covers these N values.
+            unsafe { dst.cast::<[f32; N]>().write_unaligned(*s) };
+        }
+    }
+    let n = n.min(src.len());
+    let mut i = 0;
+    // SAFETY (all writes): within dst..dst + n, as the caller promises.
+    unsafe {
+        while i + LANES <= n {
+            fixed::<LANES>(dst.add(i), &src[i..]);
+            i += LANES;
+        }
+        let (d, s) = (dst.add(i), &src[i..]);
+        match n - i {
+            1 => fixed::<1>(d, s),
+            2 => fixed::<2>(d, s),
+            3 => fixed::<3>(d, s),
+            4 => fixed::<4>(d, s),
+            5 => fixed::<5>(d, s),
+            6 => fixed::<6>(d, s),
+            7 => fixed::<7>(d, s),
+            _ => {}
+        }
+    }
 }
 
 /// Runs `job(state, j)` for `j` in `0..n`, on the pool when `parallel`.
@@ -461,6 +473,9 @@ mod tests {
             (3, 17, 33, 9, 13, [0, 0, 0, 0]),
             (1, 32, 16, 10, 6, [2, 0, 1, 2]),
             (2, 16, 48, 5, 23, [1, 2, 0, 1]),
+            // Ten tiles per row: full groups of eight, and groups across 16-column panels.
+            (2, 16, 16, 6, 40, [1, 1, 1, 1]),
+            (1, 16, 24, 38, 37, [1, 1, 1, 1]),
         ];
         for (i, &(b, ic, oc, h, w, pads)) in cases.iter().enumerate() {
             let geo = Conv2d {
