@@ -187,22 +187,110 @@ fn output_tiles(m: &[[Lanes; 6]; 6]) -> [[Lanes; 4]; 4] {
     z.map(output_1d)
 }
 
-/// [`input_tiles`] compiled for AVX2 (the caller checked it).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn input_tiles_avx2(
-    q: &[f32],
-    rows: usize,
+/// Where the tiles of one group of images lie.
+#[derive(Clone, Copy)]
+struct Grid {
+    /// Tile rows and columns per image.
+    th: usize,
+    tw: usize,
+    /// Tiles per image (`th · tw`): columns of V and M per image.
+    per_image: usize,
+    /// Columns of V and M (all images of the group, padded to 16).
+    cp: usize,
+    /// Rows and columns of each column phase of a padded plane (see [`input_tiles`]).
+    ph: usize,
     qw: usize,
-    ty: usize,
-    tx0: usize,
-) -> [[Lanes; 6]; 6] {
-    input_tiles(q, rows, qw, ty, tx0)
+    /// Output height and width.
+    oh: usize,
+    ow: usize,
 }
 
-/// [`output_tiles`] compiled for AVX2 (the caller checked it).
+/// Channel `c` of image `bi`'s columns of every V[ξ] (`[ic, cp]` in 16-column panels),
+/// from its phase-split padded plane `q`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `v` holds 36 such matrices and nothing else writes this
+/// channel's columns of image `bi`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn output_tiles_avx2(m: &[[Lanes; 6]; 6]) -> [[Lanes; 4]; 4] {
-    output_tiles(m)
+unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: SharedOut) {
+    for ty in 0..g.th {
+        for tx0 in (0..g.tw).step_by(LANES) {
+            let vt = input_tiles(q, g.ph, g.qw, ty, tx0);
+            let n = LANES.min(g.tw - tx0);
+            let col0 = bi * g.per_image + ty * g.tw + tx0;
+            // The lanes in at most two runs, split where a 16-column panel ends.
+            let mut l = 0;
+            while l < n {
+                let col = col0 + l;
+                let run = (PANEL - col % PANEL).min(n - l);
+                let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
+                for (xi, t) in vt.iter().flatten().enumerate() {
+                    // SAFETY: (ξ, c, col..col + run) are this job's own elements.
+                    unsafe { write_prefix(v.at(xi * ic * g.cp + at), &t.0[l..], run) };
+                }
+                l += run;
+            }
+        }
+    }
+}
+
+/// Output channel `o` of image `bi` (the plane at `plane`, with `bias` added) from the
+/// 36 products in M (`[oc, cp]` each), with `f`'s residual and ReLU.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `dst` holds the output and nothing else writes this plane.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_channel(
+    g: &Grid,
+    m: &[f32],
+    (oc, o, bi): (usize, usize, usize),
+    (plane, bias): (usize, f32),
+    f: &Fused<'_>,
+    dst: SharedOut,
+) {
+    let (oh, ow, cp) = (g.oh, g.ow, g.cp);
+    for ty in 0..g.th {
+        for tx0 in (0..g.tw).step_by(LANES) {
+            let n = LANES.min(g.tw - tx0);
+            let at = o * cp + bi * g.per_image + ty * g.tw + tx0;
+            let prods: [[Lanes; 6]; 6] = std::array::from_fn(|i| {
+                std::array::from_fn(|jj| {
+                    let row = &m[(i * IN + jj) * oc * cp + at..][..n];
+                    let mut t = Lanes::default();
+                    // SAFETY: n ≤ LANES values into the lanes.
+                    unsafe { write_prefix(t.0.as_mut_ptr(), row, n) };
+                    t
+                })
+            });
+            let y = output_tiles(&prods);
+            let x0 = OUT * tx0;
+            let width = (OUT * n).min(ow - x0);
+            for (r, yr) in y.iter().enumerate() {
+                let yy = OUT * ty + r;
+                if yy >= oh {
+                    break;
+                }
+                let mut row = [0f32; OUT * LANES];
+                for (s, ys) in yr.iter().enumerate() {
+                    for (l, &val) in ys.0.iter().enumerate() {
+                        row[l * OUT + s] = val + bias;
+                    }
+                }
+                let idx = plane + yy * ow + x0;
+                if let Some(res) = f.residual {
+                    for (v, &r) in row.iter_mut().zip(&res[idx..idx + width]) {
+                        *v += r;
+                    }
+                }
+                if f.relu {
+                    row.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                // SAFETY: each output element belongs to one (image, channel) job and
+                // one tile of it.
+                unsafe { write_prefix(dst.at(idx), &row, width) };
+            }
+        }
+    }
 }
 
 /// Runs the convolution ([`applies`] holds; `u` from [`transform_weight`]): `x` is `[b,
@@ -233,6 +321,16 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
         let nb = chunk.min(b - b0);
         let cols = nb * per_image;
         let cp = cols.next_multiple_of(PANEL);
+        let grid = Grid {
+            th,
+            tw,
+            per_image,
+            cp,
+            ph,
+            qw,
+            oh,
+            ow,
+        };
         // V[ξ]: [ic, cp] in 16-column panels. The columns past `cols` only meet unused
         // columns of M; they are zeroed here, the rest written by the jobs below.
         let mut v: Vec<f32> = Vec::with_capacity(XI * ic * cp);
@@ -280,26 +378,9 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
                     }
                 }
             }
-            for ty in 0..th {
-                for tx0 in (0..tw).step_by(LANES) {
-                    // SAFETY: run() is only called where the AVX2 kernel is available.
-                    let v = unsafe { input_tiles_avx2(q, ph, qw, ty, tx0) };
-                    let n = LANES.min(tw - tx0);
-                    let col0 = bi * per_image + ty * tw + tx0;
-                    // The lanes in at most two runs, split where a 16-column panel ends.
-                    let mut l = 0;
-                    while l < n {
-                        let col = col0 + l;
-                        let run = (PANEL - col % PANEL).min(n - l);
-                        let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
-                        for (xi, t) in v.iter().flatten().enumerate() {
-                            // SAFETY: (ξ, c, col..col + run) are this job's own elements.
-                            unsafe { write_prefix(vs.at(xi * ic * cp + at), &t.0[l..], run) };
-                        }
-                        l += run;
-                    }
-                }
-            }
+            // SAFETY: run() is only called where the AVX2 kernel is available; this job
+            // owns channel c of image bi in V.
+            unsafe { input_channel(&grid, q, ic, c, bi, vs) };
         };
         for_jobs(parallel, nb * ic, Vec::new, input);
         // SAFETY: the padding columns were zeroed and the jobs wrote every other element.
@@ -342,49 +423,9 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             let (bi, o) = (j / oc, j % oc);
             let plane = ((b0 + bi) * oc + o) * oh * ow;
             let bias = f.bias.map_or(0.0, |v| v[o]);
-            for ty in 0..th {
-                for tx0 in (0..tw).step_by(LANES) {
-                    let n = LANES.min(tw - tx0);
-                    let at = o * cp + bi * per_image + ty * tw + tx0;
-                    let prods: [[Lanes; 6]; 6] = std::array::from_fn(|i| {
-                        std::array::from_fn(|jj| {
-                            let row = &m[(i * IN + jj) * oc * cp + at..][..n];
-                            let mut t = Lanes::default();
-                            // SAFETY: n ≤ LANES values into the lanes.
-                            unsafe { write_prefix(t.0.as_mut_ptr(), row, n) };
-                            t
-                        })
-                    });
-                    // SAFETY: run() is only called where the AVX2 kernel is available.
-                    let y = unsafe { output_tiles_avx2(&prods) };
-                    let x0 = OUT * tx0;
-                    let width = (OUT * n).min(ow - x0);
-                    for (r, yr) in y.iter().enumerate() {
-                        let yy = OUT * ty + r;
-                        if yy >= oh {
-                            break;
-                        }
-                        let mut row = [0f32; OUT * LANES];
-                        for (s, ys) in yr.iter().enumerate() {
-                            for (l, &val) in ys.0.iter().enumerate() {
-                                row[l * OUT + s] = val + bias;
-                            }
-                        }
-                        let idx = plane + yy * ow + x0;
-                        if let Some(res) = f.residual {
-                            for (v, &r) in row.iter_mut().zip(&res[idx..idx + width]) {
-                                *v += r;
-                            }
-                        }
-                        if f.relu {
-                            row.iter_mut().for_each(|v| *v = v.max(0.0));
-                        }
-                        // SAFETY: each output element belongs to one (image, channel) job
-                        // and one tile of it.
-                        unsafe { write_prefix(dst.at(idx), &row, width) };
-                    }
-                }
-            }
+            // SAFETY: run() is only called where the AVX2 kernel is available; this job
+            // owns output plane `plane`.
+            unsafe { output_channel(&grid, &m, (oc, o, bi), (plane, bias), f, dst) };
         };
         for_jobs(parallel, nb * oc, || (), output);
     }
