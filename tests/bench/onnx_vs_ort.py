@@ -1,5 +1,7 @@
 """Kiln's onnx executor vs onnxruntime: same model file, same input, same machine and
-threads, one run; median latency in ms and the Kiln/ORT ratio. Run by `cargo xtask bench`
+threads, one run; median latency in ms and the Kiln/ORT ratio. Kiln and ORT take turns
+(ROUNDS rounds each), so that load from elsewhere on a shared machine falls on both; the
+ratio printed is the median of the rounds' ratios. Run by `cargo xtask bench`
 with the path of the `bench_plan` example binary and the folder `make_bench_models` wrote
 (ResNet-50 and DenseNet-121 light models with a symbolic batch dimension, and a BERT
 encoder of all-MiniLM-L6-v2's shape with random weights)."""
@@ -26,19 +28,27 @@ def feeds_for(inputs, batch, seq):
     return feeds
 
 
-def ort_median(path, batch, seq, iters):
+def ort_session(path, batch, seq):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = len(os.sched_getaffinity(0))
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feeds = feeds_for(s.get_inputs(), batch, seq)
     s.run(None, feeds)
+    return s, feeds
+
+
+def ort_median(session, iters):
+    s, feeds = session
     times = []
     for _ in range(iters):
         t = time.perf_counter()
         s.run(None, feeds)
         times.append((time.perf_counter() - t) * 1e3)
     return float(np.median(times))
+
+
+ROUNDS = int(os.environ.get("KILN_BENCH_ROUNDS", "3"))
 
 
 def main():
@@ -59,18 +69,25 @@ def main():
         path = os.path.join(models, name + ".onnx")
         label = f"{name} s{seq}" if seq > 1 else name
         for batch, iters in batches:
-            k = subprocess.run([bench_bin, path, str(iters), str(batch), str(seq)], capture_output=True, text=True)
-            if k.returncode != 0:
+            try:
+                session = ort_session(path, batch, seq)
+            except Exception as e:
+                print(f"{label:26} {batch:>5} ort: {str(e)[:80]}")
+                continue
+            kilns, orts, top = [], [], ""
+            for _ in range(ROUNDS):
+                k = subprocess.run([bench_bin, path, str(iters), str(batch), str(seq)], capture_output=True, text=True)
+                if k.returncode != 0:
+                    break
+                kilns.append(float(k.stdout.strip()))
+                top = top or ", ".join(k.stderr.strip().split(", ")[:4])
+                orts.append(ort_median(session, iters))
+            if len(kilns) < ROUNDS:
                 print(f"{label:26} {batch:>5} kiln failed: {k.stderr.strip()[-200:]}")
                 continue
-            kiln = float(k.stdout.strip())
-            try:
-                o = ort_median(path, batch, seq, iters)
-            except Exception as e:
-                print(f"{label:26} {batch:>5} {kiln:>9.2f}  ort: {str(e)[:80]}")
-                continue
-            top = ", ".join(k.stderr.strip().split(", ")[:4])
-            print(f"{label:26} {batch:>5} {kiln:>9.2f} {o:>9.2f} {kiln / o:>9.2f}  {top}", flush=True)
+            ratio = float(np.median([a / b for a, b in zip(kilns, orts)]))
+            kiln, o = float(np.median(kilns)), float(np.median(orts))
+            print(f"{label:26} {batch:>5} {kiln:>9.2f} {o:>9.2f} {ratio:>9.2f}  {top}", flush=True)
 
 
 if __name__ == "__main__":

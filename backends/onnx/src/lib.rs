@@ -1,6 +1,7 @@
 //! The `onnx` backend: ONNX models (`platform: "onnxruntime_onnx"`, `backend: "onnxruntime"`
 //! or `backend: "onnx"`) read with candle-onnx and run by Kiln's own executor on candle —
 //! planned once per instance (see [`plan`]), CPU or CUDA.
+pub mod allocator;
 pub mod attrs;
 pub mod control;
 pub mod conv_transpose;
@@ -183,6 +184,7 @@ impl Backend for OnnxBackend {
     type Model = OnnxModel;
 
     fn initialize() -> Result<Self> {
+        allocator::tune();
         Ok(OnnxBackend)
     }
 
