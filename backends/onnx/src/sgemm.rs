@@ -302,6 +302,59 @@ mod avx2 {
         }
     }
 
+    /// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of row `j`.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// Six values at `p` into lanes 0..6 (lanes 6 and 7 zero).
+    #[inline(always)]
+    unsafe fn load6(p: *const f32) -> __m256 {
+        unsafe {
+            let lo = _mm_loadu_ps(p);
+            let hi = _mm_castpd_ps(_mm_load_sd(p.add(4) as *const f64));
+            _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi)
+        }
+    }
+
+    /// Lanes 0..6 of `v` to `p`.
+    #[inline(always)]
+    unsafe fn store6(p: *mut f32, v: __m256) {
+        unsafe {
+            _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+            _mm_store_sd(
+                p.add(4) as *mut f64,
+                _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
+            );
+        }
+    }
+
     /// `R × 16` block of C (`nc` valid columns) = start + `R × kc` of A · `kc × 16` of B.
     /// With `ROWS`, A's element `(r, kk)` is at `a.0 + r·a.1 + kk` (rows in place);
     /// otherwise at `a.0 + kk·a.1 + r` (a packed block).
@@ -361,6 +414,50 @@ mod avx2 {
                 }
                 _ => (zero, zero),
             };
+            // C transposed (a tile row's 16 values `cs` apart, its 6 rows adjacent: the
+            // pixel-row convolutions' NCHW output): the 6 × 16 block is transposed in
+            // registers, so each column is one run of 6 values instead of 6 single ones.
+            let base_in_runs = !st.first || !matches!(st.base, Base::Other { ld, .. } if ld != 1);
+            if R == 6 && c.rs == 1 && c.cs != 1 && nc == NR && base_in_runs {
+                let mut rows_lo = [zero; 8];
+                let mut rows_hi = [zero; 8];
+                for r in 0..R {
+                    let (mut s0, mut s1) = (lo[r], hi[r]);
+                    if st.first {
+                        if let Some(p) = st.row_bias {
+                            let v = _mm256_broadcast_ss(&*p.add(r));
+                            s0 = _mm256_add_ps(s0, v);
+                            s1 = _mm256_add_ps(s1, v);
+                        }
+                        s0 = _mm256_add_ps(s0, col.0);
+                        s1 = _mm256_add_ps(s1, col.1);
+                    }
+                    rows_lo[r] = s0;
+                    rows_hi[r] = s1;
+                }
+                let start: Option<*const f32> = match (st.first, st.base) {
+                    (false, _) | (true, Base::Accumulate) => Some(c.ptr),
+                    (true, Base::Zero) => None,
+                    (true, Base::Other { ptr, .. }) => Some(ptr),
+                };
+                for (half, block) in [transpose8(rows_lo), transpose8(rows_hi)]
+                    .iter()
+                    .enumerate()
+                {
+                    for (j, &t) in block.iter().enumerate() {
+                        let col_at = (half * 8 + j) * c.cs;
+                        let mut v = t;
+                        if let Some(p) = start {
+                            v = _mm256_add_ps(v, load6(p.add(col_at)));
+                        }
+                        if st.last && st.relu {
+                            v = _mm256_max_ps(v, zero);
+                        }
+                        store6(c.ptr.add(col_at), v);
+                    }
+                }
+                return;
+            }
             for r in 0..R {
                 let row = c.ptr.add(r * c.rs);
                 let (mut s0, mut s1) = if !st.first {
@@ -488,6 +585,91 @@ mod tests {
                         before[i * ldc + j] // padding columns untouched
                     };
                     assert_eq!(c[i * ldc + j], want, "m{m} n{n} k{k} at ({i}, {j})");
+                }
+            }
+        }
+    }
+
+    /// C written transposed (rows adjacent, columns `ldc` apart), as the pixel-row
+    /// convolutions write NCHW: every start value, bias and clamp as with row-major C,
+    /// over full 6 × 16 tiles, edge tiles and more than one pass over k.
+    #[test]
+    fn a_transposed_output_gets_the_same_values() {
+        if !available() {
+            eprintln!("no AVX2/FMA on this CPU; skipped");
+            return;
+        }
+        for &(m, n, k) in &[(12, 32, 20), (13, 37, 700), (6, 16, 1)] {
+            let ldc = m + 3;
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            // Start values laid out like C (element (i, j) at j·ldc + i).
+            let other: Vec<f32> = (0..n * ldc).map(|i| ((i * 3) % 17) as f32 - 8.0).collect();
+            let rb: Vec<f32> = (0..m).map(|i| i as f32 - 2.0).collect();
+            let cb: Vec<f32> = (0..n).map(|j| 1.0 - j as f32).collect();
+            let product =
+                |i: usize, j: usize| (0..k).map(|q| a[i * k + q] * b[q * n + j]).sum::<f32>();
+            let cases = [
+                (Base::Zero, Some(rb.as_ptr()), Some(cb.as_ptr()), true),
+                (Base::Accumulate, None, Some(cb.as_ptr()), false),
+                (
+                    Base::Other {
+                        ptr: other.as_ptr(),
+                        ld: 1,
+                    },
+                    None,
+                    Some(cb.as_ptr()),
+                    true,
+                ),
+            ];
+            for (case, &(base, row_bias, col_bias, relu)) in cases.iter().enumerate() {
+                let mut c: Vec<f32> = (0..n * ldc).map(|i| (i % 5) as f32).collect();
+                let before = c.clone();
+                let e = Epilogue {
+                    base,
+                    row_bias,
+                    col_bias,
+                    relu,
+                };
+                let out = Out {
+                    ptr: c.as_mut_ptr(),
+                    rs: 1,
+                    cs: ldc,
+                };
+                let lhs = Lhs::Rows {
+                    ptr: a.as_ptr(),
+                    lda: k,
+                };
+                let rhs = Rhs::Rows {
+                    ptr: b.as_ptr(),
+                    ldb: n,
+                };
+                // SAFETY: available() checked; C holds n columns of ldc ≥ m values.
+                unsafe { sgemm(m, n, k, lhs, rhs, out, e) };
+                for j in 0..n {
+                    for i in 0..ldc {
+                        let at = j * ldc + i;
+                        if i >= m {
+                            assert_eq!(c[at], before[at], "padding ({i}, {j}) untouched");
+                            continue;
+                        }
+                        let start = match base {
+                            Base::Zero => 0.0,
+                            Base::Accumulate => before[at],
+                            Base::Other { .. } => other[at],
+                        };
+                        let bias = row_bias.map_or(0.0, |_| rb[i]) + cb[j];
+                        let mut want = start + bias + product(i, j);
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let tol = 1e-3 * (1.0 + want.abs());
+                        assert!(
+                            (c[at] - want).abs() <= tol,
+                            "m{m} n{n} k{k} case {case} at ({i}, {j}): {} vs {want}",
+                            c[at]
+                        );
+                    }
                 }
             }
         }
