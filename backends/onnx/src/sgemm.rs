@@ -594,6 +594,7 @@ mod tests {
     /// convolutions write NCHW: every start value, bias and clamp as with row-major C,
     /// over full 6 × 16 tiles, edge tiles and more than one pass over k.
     #[test]
+    #[allow(clippy::needless_range_loop)] // (i, j) index A, B, C and both biases
     fn a_transposed_output_gets_the_same_values() {
         if !available() {
             eprintln!("no AVX2/FMA on this CPU; skipped");
