@@ -4,6 +4,7 @@
 //! splits its rows over rayon's threads; the operators fall back to candle for anything else.
 use crate::sgemm::{Lhs, Out};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Work below this many elements runs on the calling thread: handing it to a thread pool
 /// would cost more than it saves (and small models never wake the pool).
@@ -30,6 +31,44 @@ fn chunks(
             .enumerate()
             .for_each(|(i, c)| f(i, c));
     }
+}
+
+/// A new `len`-element buffer filled by `fill(i, chunk)` for its `chunk_len`-element
+/// chunks (split over threads when `len` is at least `min`), each of which must write
+/// every element of its chunk. Not zeroed first: a large buffer comes from the heap (see
+/// `allocator.rs`), where zeroing would be a full extra pass.
+fn filled(
+    len: usize,
+    chunk_len: usize,
+    min: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    let chunk_len = chunk_len.max(1);
+    if len < min {
+        spare
+            .chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| fill(i, c));
+    } else {
+        spare
+            .par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| fill(i, c));
+    }
+    // SAFETY: every chunk's elements were written by `fill` (its contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The elements of `s` once every one of them has been written.
+///
+/// # Safety
+/// Every element of `s` is initialised.
+unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller promises initialisation.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `f(j)` for `j` in `0..count`, split over threads when `work` is at least `min`.
@@ -248,23 +287,25 @@ pub fn channel_affine(
 /// polynomial chains overlap), compiled a second time for AVX2 and FMA and run that way
 /// when the CPU has them. (A closure passed into a `target_feature` function is not
 /// reliably compiled with its features; a loop written inside one is.)
-fn gelu_into(src: &[f32], dst: &mut [f32]) {
+fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     #[inline(always)]
-    fn body(src: &[f32], dst: &mut [f32]) {
+    fn body(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         let mut blocks = dst.chunks_exact_mut(32).zip(src.chunks_exact(32));
         for (d, s) in &mut blocks {
             let s: &[f32; 32] = s.try_into().expect("chunks of 32");
-            d.copy_from_slice(&gelu_lanes(*s));
+            for (d, v) in d.iter_mut().zip(gelu_lanes(*s)) {
+                d.write(v);
+            }
         }
         let done = src.len() / 32 * 32;
         for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
-            *d = gelu_lanes([s])[0];
+            d.write(gelu_lanes([s])[0]);
         }
     }
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(src: &[f32], dst: &mut [f32]) {
+        unsafe fn avx2(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
             body(src, dst)
         }
         if crate::sgemm::available() {
@@ -375,13 +416,10 @@ fn gelu_lanes<const L: usize>(x: [f32; L]) -> [f32; L] {
 
 /// GELU (exact form) of every element, vectorised and split over threads.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    // Written straight from x (no copy first); a fresh zeroed allocation costs no pass.
-    let mut out = vec![0f32; x.len()];
-    let len = out.len();
-    chunks(&mut out, 16384, len, PAR_MIN, |i, c| {
+    // Written straight from x into a buffer that is not zeroed first.
+    filled(x.len(), 16384, PAR_MIN, |i, c| {
         gelu_into(&x[i * 16384..][..c.len()], c)
-    });
-    out
+    })
 }
 
 /// `f` applied to every element, chunks split over threads (for costly unary functions).
@@ -499,10 +537,11 @@ pub fn transpose_moving_last(x: &[f32], dims: &[usize], perm: &[usize]) -> Optio
     let col_stride = in_strides[perm[rank - 1]];
     let outer: Vec<usize> = (0..rank - 1).filter(|&i| i != k).collect();
     let count: usize = outer.iter().map(|&i| out_dims[i]).product();
-    let mut out = vec![0f32; x.len()];
     if x.is_empty() {
-        return Some(out);
+        return Some(Vec::new());
     }
+    // Every element is written below; not zeroed first (see `filled`).
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
     jobs(count, x.len(), PAR_MIN, |j| {
         // Output and input offsets of slice j.
@@ -526,6 +565,8 @@ pub fn transpose_moving_last(x: &[f32], dims: &[usize], perm: &[usize]) -> Optio
             }
         }
     });
+    // SAFETY: the slices cover every output element (x and out have the same size).
+    unsafe { out.set_len(x.len()) };
     Some(out)
 }
 
@@ -563,13 +604,11 @@ pub fn masked_softmax_rows(
     offsets: &[usize],
     inner: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
     if width == 0 {
-        return out;
+        return vec![0f32; x.len()];
     }
     let rows_per = (16384 / width).max(1);
-    let len = out.len();
-    chunks(&mut out, rows_per * width, len, PAR_MIN, |c, rows| {
+    filled(x.len(), rows_per * width, PAR_MIN, |c, rows| {
         for (i, row) in rows.chunks_mut(width).enumerate() {
             let r = c * rows_per + i;
             let src = &x[r * width..(r + 1) * width];
@@ -582,8 +621,7 @@ pub fn masked_softmax_rows(
             };
             masked_softmax_row(row, src, scale, shift, m);
         }
-    });
-    out
+    })
 }
 
 /// Softmax of one row, in place.
@@ -596,8 +634,15 @@ fn softmax_in_place(row: &mut [f32]) {
     softmax_any(row)
 }
 
-/// `row = softmax(src · scale + shift + mask)`, `mask` one value per column or one for all.
-fn masked_softmax_row(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+/// `row = softmax(src · scale + shift + mask)`, `mask` one value per column or one for all
+/// (`row` is written whole before it is read).
+fn masked_softmax_row(
+    row: &mut [MaybeUninit<f32>],
+    src: &[f32],
+    scale: f32,
+    shift: f32,
+    mask: &[f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::sgemm::available() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -614,23 +659,47 @@ unsafe fn softmax_avx2(row: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn masked_softmax_avx2(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+unsafe fn masked_softmax_avx2(
+    row: &mut [MaybeUninit<f32>],
+    src: &[f32],
+    scale: f32,
+    shift: f32,
+    mask: &[f32],
+) {
     masked_softmax_any(row, src, scale, shift, mask)
 }
 
 #[inline(always)]
-fn masked_softmax_any(row: &mut [f32], src: &[f32], scale: f32, shift: f32, mask: &[f32]) {
+fn masked_softmax_any(
+    row: &mut [MaybeUninit<f32>],
+    src: &[f32],
+    scale: f32,
+    shift: f32,
+    mask: &[f32],
+) {
+    let n = row.len().min(src.len());
+    // (Rows and sources have the same length; anything past a short source is zero.)
+    row[n..].iter_mut().for_each(|o| {
+        o.write(0.0);
+    });
+    let row = &mut row[..n];
     if let [m] = mask {
         let add = shift + m;
         for (o, &v) in row.iter_mut().zip(src) {
-            *o = v * scale + add;
+            o.write(v * scale + add);
+        }
+    } else if mask.len() >= n {
+        // A value per column (the caller slices `width` of them).
+        for ((o, &v), &m) in row.iter_mut().zip(src).zip(&mask[..n]) {
+            o.write(v * scale + shift + m);
         }
     } else {
-        for ((o, &v), &m) in row.iter_mut().zip(src).zip(mask) {
-            *o = v * scale + shift + m;
+        for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
+            o.write(v * scale + shift + mask.get(j).copied().unwrap_or(0.0));
         }
     }
-    softmax_any(row)
+    // SAFETY: each of the row's n elements was written just above.
+    softmax_any(unsafe { assume_init(row) })
 }
 
 /// The row's maximum (eight running maxima, so it vectorises), exponentials 32 lanes at a
