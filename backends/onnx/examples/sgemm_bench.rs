@@ -22,6 +22,8 @@ fn main() {
         (64, 192, 384),
         (64, 192, 1536),
         (64, 768, 384),
+        (66, 512, 256),
+        (196, 1024, 256),
     ] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
@@ -33,6 +35,7 @@ fn main() {
             }
         });
         let mut c = vec![0f32; m * n];
+        let bias = vec![0.5f32; n];
         let rows = Lhs::Rows {
             ptr: a.as_ptr(),
             lda: k,
@@ -54,17 +57,30 @@ fn main() {
             ("rows", rows, b_rows),
             ("panels", rows, b_panels),
             ("A-packed", blocks, b_panels),
+            ("C-transp", blocks, b_panels),
         ] {
             let mut best = Vec::new();
             for _ in 0..reps {
                 let t = Instant::now();
+                // "C-transp": C written column-major with a column bias and ReLU, as the
+                // pixel-row convolutions write NCHW.
+                let transposed = name == "C-transp";
                 let e = Epilogue {
                     base: Base::Zero,
                     row_bias: None,
-                    col_bias: None,
-                    relu: false,
+                    col_bias: transposed.then_some(bias.as_ptr()),
+                    relu: transposed,
                 };
-                unsafe { sgemm(m, n, k, lhs, rhs, Out::rows(c.as_mut_ptr(), n), e) };
+                let out = if transposed {
+                    Out {
+                        ptr: c.as_mut_ptr(),
+                        rs: 1,
+                        cs: m,
+                    }
+                } else {
+                    Out::rows(c.as_mut_ptr(), n)
+                };
+                unsafe { sgemm(m, n, k, lhs, rhs, out, e) };
                 best.push(t.elapsed().as_secs_f64());
             }
             best.sort_by(f64::total_cmp);

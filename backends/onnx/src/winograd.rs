@@ -211,7 +211,7 @@ struct Grid {
 /// # Safety
 /// The CPU has AVX2 and FMA; `v` holds 36 such matrices and nothing else writes this
 /// channel's columns of image `bi`.
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: SharedOut) {
     for ty in 0..g.th {
         for tx0 in (0..g.tw).step_by(LANES) {
@@ -239,7 +239,7 @@ unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: 
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `dst` holds the output and nothing else writes this plane.
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn output_channel(
     g: &Grid,
     m: &[f32],
