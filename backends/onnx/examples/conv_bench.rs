@@ -8,6 +8,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // As the backend does when the server loads it.
+    kiln_onnx::allocator::tune();
     let mut args = std::env::args().skip(1);
     let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
