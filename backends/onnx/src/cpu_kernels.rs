@@ -195,63 +195,160 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
 
 /// `batch` independent products `a[i] [m, k] · b[i] [k, n]`, one batch entry per job.
 pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, [m, k, n]: [usize; 3]) -> Vec<f32> {
-    let fast = crate::sgemm::available();
-    let len = batch * m * n;
-    // The AVX2 kernel writes every element (its tiles start from zero), so its buffer is
-    // not zeroed first; the length is set once the jobs are done.
-    let mut out = if fast {
-        Vec::with_capacity(len)
-    } else {
-        vec![0f32; len]
+    let layout = |rs: usize, entry: usize| MatrixBatch {
+        batch: [1, batch],
+        strides: [0, entry],
+        rs,
+        cs: 1,
     };
+    let (la, lb, lo) = (layout(k, m * k), layout(n, k * n), layout(n, m * n));
+    if let Some(out) = strided_batched_matmul(a, la, b, lb, lo, batch * m * n, [m, k, n]) {
+        return out;
+    }
+    let len = batch * m * n;
+    let mut out = vec![0f32; len];
     if m * n == 0 {
-        return vec![0f32; len];
+        return out;
     }
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
     jobs(batch, len * k, PAR_MIN_MACS, |i| {
         let (ap, bp) = (a[i * m * k..].as_ptr(), b[i * k * n..].as_ptr());
-        let c = dst.at(i * m * n);
-        // SAFETY: entry i of a is [m, k], of b [k, n], and c is this job's own [m, n]
-        // block of the output allocation.
+        // SAFETY: entry i of a is [m, k], of b [k, n], and this job's own [m, n] block of
+        // the output starts at c.
         unsafe {
-            if fast {
-                let rhs = crate::sgemm::Rhs::Rows { ptr: bp, ldb: n };
-                let e = crate::sgemm::Epilogue {
-                    base: crate::sgemm::Base::Zero,
-                    ..crate::sgemm::Epilogue::ACCUMULATE
-                };
-                let lhs = Lhs::Rows { ptr: ap, lda: k };
-                crate::sgemm::sgemm(m, n, k, lhs, rhs, Out::rows(c, n), e);
-            } else {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c,
-                    1,
-                    n as isize,
-                    false,
-                    ap,
-                    1,
-                    k as isize,
-                    bp,
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.at(i * m * n),
+                1,
+                n as isize,
+                false,
+                ap,
+                1,
+                k as isize,
+                bp,
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         }
     });
-    if fast {
-        // SAFETY: every batch entry's [m, n] block was written above.
-        unsafe { out.set_len(len) };
-    }
     out
+}
+
+/// Where the matrices of a batch lie in one buffer: the batch is `batch[0] × batch[1]`
+/// matrices, entry `(i, j)` starting at `i·strides[0] + j·strides[1]`, its element `(r, c)`
+/// `r·rs + c·cs` after that. Attention's heads read and write `[b, s, heads, d]` buffers
+/// this way, with no transposed copies.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixBatch {
+    /// The two batch dimensions.
+    pub batch: [usize; 2],
+    /// Offset between entries along each batch dimension.
+    pub strides: [usize; 2],
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
+}
+
+impl MatrixBatch {
+    fn at(&self, entry: usize) -> usize {
+        let b1 = self.batch[1].max(1);
+        (entry / b1) * self.strides[0] + (entry % b1) * self.strides[1]
+    }
+}
+
+/// `a[i] [m, k] · b[i] [k, n]` for every entry of the batch, read and written where the
+/// layouts say (the output, `out_len` long, is covered by `lo`'s entries). Runs on the AVX2
+/// kernel: `None` without it, or when `a`'s columns are not adjacent. A `b` that is not a
+/// compact row-major matrix (a view of a wider buffer, or transposed) is packed per entry
+/// first.
+pub fn strided_batched_matmul(
+    a: &[f32],
+    la: MatrixBatch,
+    b: &[f32],
+    lb: MatrixBatch,
+    lo: MatrixBatch,
+    out_len: usize,
+    [m, k, n]: [usize; 3],
+) -> Option<Vec<f32>> {
+    let batch = lo.batch[0] * lo.batch[1];
+    if !crate::sgemm::available() || la.cs != 1 || (lb.cs != 1 && lb.rs != 1) {
+        return None;
+    }
+    if m * n * batch == 0 {
+        return Some(vec![0f32; out_len]);
+    }
+    // Every element is written by the kernel; the length is set once the jobs are done.
+    let mut out: Vec<f32> = Vec::with_capacity(out_len);
+    let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+    let job = |panels: &mut Vec<f32>, i: usize| {
+        let (ap, bp) = (a[la.at(i)..].as_ptr(), &b[lb.at(i)..]);
+        let rhs = if lb.cs == 1 && lb.rs == n {
+            crate::sgemm::Rhs::Rows {
+                ptr: bp.as_ptr(),
+                ldb: lb.rs,
+            }
+        } else {
+            // B is a view into a wider buffer (rows far apart, which the kernel's 16-wide
+            // reads would spread over few cache sets) or transposed (columns are the
+            // runs): packed into 16-column panels first.
+            panels.clear();
+            panels.resize(n.div_ceil(16) * 16 * k, 0.0);
+            for (p, panel) in panels.chunks_exact_mut(16 * k).enumerate() {
+                let c0 = p * 16;
+                let width = 16.min(n - c0);
+                for (r, line) in panel.chunks_exact_mut(16).enumerate() {
+                    if lb.cs == 1 {
+                        line[..width].copy_from_slice(&bp[r * lb.rs + c0..][..width]);
+                    } else {
+                        for (c, v) in line[..width].iter_mut().enumerate() {
+                            *v = bp[(c0 + c) * lb.cs + r * lb.rs];
+                        }
+                    }
+                }
+            }
+            crate::sgemm::Rhs::Panels {
+                ptr: panels.as_ptr(),
+                k,
+            }
+        };
+        let e = crate::sgemm::Epilogue {
+            base: crate::sgemm::Base::Zero,
+            ..crate::sgemm::Epilogue::ACCUMULATE
+        };
+        let lhs = Lhs::Rows {
+            ptr: ap,
+            lda: la.rs,
+        };
+        let c = Out {
+            ptr: dst.at(lo.at(i)),
+            rs: lo.rs,
+            cs: lo.cs,
+        };
+        // SAFETY: entry i of a is [m, k] with row stride la.rs, of b [k, n] as its layout
+        // says (or its packed copy), and entry i of the output is this job's own [m, n]
+        // block (the layouts of distinct entries do not overlap).
+        unsafe { crate::sgemm::sgemm(m, n, k, lhs, rhs, c, e) };
+    };
+    if batch > 1 && batch * m * n * k >= PAR_MIN_MACS {
+        (0..batch)
+            .into_par_iter()
+            .for_each_init(Vec::new, |p, i| job(p, i));
+    } else {
+        let mut p = Vec::new();
+        (0..batch).for_each(|i| job(&mut p, i));
+    }
+    // SAFETY: the entries' blocks cover the whole output (the caller's layout).
+    unsafe { out.set_len(out_len) };
+    Some(out)
 }
 
 /// `x · scale[c] + shift[c]` (then ReLU if asked) over `[n, c, plane]` data, where `scale`

@@ -19,7 +19,10 @@
 //!   Conv → that Conv with the affine's parameters as inputs 4.. ([`PRE_RELU`] for the ReLU), applied
 //!   while the convolution gathers its input (DenseNet's pre-activation `BN, ReLU, Conv`);
 //! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
-//!   nodes, in either order of the products) → one ONNX `Gelu` node.
+//!   nodes, in either order of the products) → one ONNX `Gelu` node;
+//! * rank-4 `Transpose` nodes before or after a `MatMul` → the MatMul reading or writing
+//!   through the permutation ([`PERM_A`], [`PERM_B`], [`PERM_OUT`]): attention's heads
+//!   without transposed copies.
 //!
 //! A value is only fused away when the merged node was its single consumer and it is not a
 //! graph output. The merged node takes the place of the last node of the pattern, where
@@ -42,6 +45,14 @@ pub const SHIFT: &str = "kiln_shift";
 /// Attribute of a Conv with a per-channel affine on its input (inputs 4 and 5): apply ReLU
 /// after the affine, before the convolution.
 pub const PRE_RELU: &str = "kiln_pre_relu";
+
+/// Attributes of a `MatMul` that reads input 0 / input 1 permuted, or writes its result
+/// permuted: the rank-4 permutation of the `Transpose` folded in (attention's heads).
+pub const PERM_A: &str = "kiln_perm_a";
+/// See [`PERM_A`].
+pub const PERM_B: &str = "kiln_perm_b";
+/// See [`PERM_A`].
+pub const PERM_OUT: &str = "kiln_perm_out";
 
 /// `x · S + T` with constants S and T (inputs 1 and 2), broadcasting as `Mul` and `Add` do.
 pub const AFFINE: &str = "KilnAffine";
@@ -145,7 +156,83 @@ pub fn fuse(
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         affine_before_conv(g, s, n, constants)
     });
+    sweep(&mut slots, graph_outputs, &mut transpose_into_matmul);
+    sweep(&mut slots, graph_outputs, &mut transposes_into_matmul);
     slots.into_iter().flatten().collect()
+}
+
+/// Whether the planner folded a `Transpose` into this `MatMul` ([`PERM_A`] and others).
+pub fn permutes(node: &NodeProto) -> bool {
+    node.attribute
+        .iter()
+        .any(|a| [PERM_A, PERM_B, PERM_OUT].contains(&a.name.as_str()))
+}
+
+/// The permutation of a `Transpose` with an explicit rank-4 `perm`.
+fn rank4_perm(n: &NodeProto) -> Option<Vec<i64>> {
+    if n.op_type != "Transpose" || n.input.len() != 1 || n.output.len() != 1 {
+        return None;
+    }
+    crate::attrs::ints(n, "perm").filter(|p| p.len() == 4)
+}
+
+fn ints_attr(name: &str, ints: Vec<i64>) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints,
+        ..Default::default()
+    }
+}
+
+/// `Transpose(MatMul(a, b))` (rank 4) → the MatMul writing its result permuted
+/// ([`PERM_OUT`]): attention's heads merged back into `[b, s, heads, d]` as they are
+/// computed.
+fn transpose_into_matmul(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    let perm = rank4_perm(n)?;
+    let k = g.sole_producer(&n.input[0])?;
+    let mm = slots[k].as_ref()?;
+    if mm.op_type != "MatMul" || mm.input.len() != 2 || crate::attrs::has(mm, PERM_OUT) {
+        return None;
+    }
+    let mut merged = mm.clone();
+    merged.output = n.output.clone();
+    merged.attribute.push(ints_attr(PERM_OUT, perm));
+    Some((merged, vec![k]))
+}
+
+/// `MatMul(Transpose(a), Transpose(b))` (rank-4 permutations, either or both) → the MatMul
+/// reading `a` and `b` permuted ([`PERM_A`], [`PERM_B`]): attention's query, key and
+/// value heads read from `[b, s, heads, d]` without transposed copies.
+fn transposes_into_matmul(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != "MatMul" || n.input.len() != 2 {
+        return None;
+    }
+    let mut merged = n.clone();
+    let mut removed = Vec::new();
+    for (i, attr) in [(0, PERM_A), (1, PERM_B)] {
+        let Some(t) = g.sole_producer(&n.input[i]) else {
+            continue;
+        };
+        let Some((tp, perm)) = slots[t].as_ref().and_then(|tp| Some((tp, rank4_perm(tp)?))) else {
+            continue;
+        };
+        if crate::attrs::has(n, attr) {
+            continue;
+        }
+        merged.input[i] = tp.input[0].clone();
+        merged.attribute.push(ints_attr(attr, perm));
+        removed.push(t);
+    }
+    (!removed.is_empty()).then_some((merged, removed))
 }
 
 /// `Conv(ChannelAffine(x))` → `Conv(x)` with the affine's other inputs as inputs 4.. (its

@@ -8,7 +8,7 @@ use crate::convert::onnx_dtype;
 use crate::fuse;
 use crate::ops_fast::{
     batched_matmul, channel_affine, conv, cpu_f32_op, layer_norm, linear, masked_softmax,
-    on_cpu_f32,
+    on_cpu_f32, permuted_matmul,
 };
 
 /// Internal operator the planner puts in place of an inference BatchNormalization:
@@ -824,6 +824,31 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "MatMul" => {
             let (a, b) = (x()?, y()?);
+            let perm = |name| {
+                attrs::ints(node, name).map(|p| p.iter().map(|&d| d as usize).collect::<Vec<_>>())
+            };
+            let perms = [fuse::PERM_A, fuse::PERM_B, fuse::PERM_OUT].map(perm);
+            if perms.iter().any(Option::is_some) {
+                // Transposes folded in by the planner (fuse.rs): read and written through
+                // strides on the CPU; elsewhere the transposes run first.
+                let [pa, pb, po] = [0, 1, 2].map(|i| perms[i].as_deref());
+                if let Some(r) = permuted_matmul(a, b, [pa, pb, po])? {
+                    return Ok(vec![r]);
+                }
+                let a = pa.map_or(Ok(a.clone()), |p| a.permute(p))?;
+                let b = pb.map_or(Ok(b.clone()), |p| b.permute(p))?;
+                let mut plain = node.clone();
+                plain.attribute.clear(); // a MatMul has no attributes of its own
+                let r = run(&plain, &[Some(a.contiguous()?), Some(b.contiguous()?)], ctx)?;
+                let r = r
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| candle_core::Error::Msg("MatMul produced no output".into()))?;
+                return Ok(vec![match po {
+                    Some(p) => r.permute(p)?.contiguous()?,
+                    None => r,
+                }]);
+            }
             let bias = opt(ins, 2); // fused by the planner (fuse.rs)
             let panels_n =
                 attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);

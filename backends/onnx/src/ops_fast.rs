@@ -166,6 +166,83 @@ pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         .transpose()
 }
 
+/// `MatMul(a', b')` permuted by `perm_out`, where `a'` and `b'` are `a` and `b` permuted by
+/// `perm_a` and `perm_b` (the planner folded the `Transpose` nodes around an attention
+/// MatMul into it, `fuse.rs`): rank-4 f32 CPU tensors with equal batch dimensions, read
+/// and written in place through strides. `None` when that does not apply (the caller
+/// transposes explicitly).
+pub(crate) fn permuted_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    [perm_a, perm_b, perm_out]: [Option<&[usize]>; 3],
+) -> Result<Option<Tensor>> {
+    const ID: [usize; 4] = [0, 1, 2, 3];
+    let (pa, pb, po) = (
+        perm_a.unwrap_or(&ID),
+        perm_b.unwrap_or(&ID),
+        perm_out.unwrap_or(&ID),
+    );
+    let valid = |p: &[usize]| {
+        let mut seen = [false; 4];
+        p.len() == 4
+            && p.iter()
+                .all(|&d| d < 4 && !std::mem::replace(&mut seen[d], true))
+    };
+    if !(cpu_f32(a)
+        && cpu_f32(b)
+        && a.rank() == 4
+        && b.rank() == 4
+        && [pa, pb, po].iter().all(|p| valid(p)))
+    {
+        return Ok(None);
+    }
+    // Contiguous strides of a buffer of `dims`.
+    let strides = |dims: &[usize]| -> [usize; 4] {
+        let mut s = [1usize; 4];
+        for i in (0..3).rev() {
+            s[i] = s[i + 1] * dims[i + 1];
+        }
+        s
+    };
+    // The permuted view of a tensor: its dims and strides in the original buffer.
+    let view = |t: &Tensor, p: &[usize]| {
+        let (d, s) = (t.dims(), strides(t.dims()));
+        (
+            [d[p[0]], d[p[1]], d[p[2]], d[p[3]]],
+            [s[p[0]], s[p[1]], s[p[2]], s[p[3]]],
+        )
+    };
+    let ((da, sa), (db, sb)) = (view(a, pa), view(b, pb));
+    if da[..2] != db[..2] || da[3] != db[2] {
+        return Ok(None);
+    }
+    let (m, k, n) = (da[2], da[3], db[3]);
+    // The product's logical dims [b0, b1, m, n]; the result is that permuted by perm_out,
+    // so logical axis po[i] has the result's contiguous stride i.
+    let logical = [da[0], da[1], m, n];
+    let out_dims: Vec<usize> = po.iter().map(|&d| logical[d]).collect();
+    let os = strides(&out_dims);
+    let mut so = [0usize; 4];
+    for (i, &d) in po.iter().enumerate() {
+        so[d] = os[i];
+    }
+    let layout = |d: [usize; 4], s: [usize; 4]| crate::cpu_kernels::MatrixBatch {
+        batch: [d[0], d[1]],
+        strides: [s[0], s[1]],
+        rs: s[2],
+        cs: s[3],
+    };
+    let (la, lb, lo) = (layout(da, sa), layout(db, sb), layout(logical, so));
+    let len = out_dims.iter().product();
+    let run = |s: &[&[f32]]| {
+        crate::cpu_kernels::strided_batched_matmul(s[0], la, s[1], lb, lo, len, [m, k, n])
+    };
+    match on_cpu_f32(&[Some(a), Some(b)], run)?.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, out_dims, &Device::Cpu)?)),
+        None => Ok(None),
+    }
+}
+
 /// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
 /// are f32 on the CPU and `mask` broadcasts to `x`'s shape; `None` otherwise.
 pub(crate) fn masked_softmax(
@@ -452,4 +529,60 @@ pub(crate) fn concat_f32(ts: &[&Tensor], axis: usize, threads: usize) -> Result<
     shape[axis] = ts.iter().map(|t| t.dims()[axis]).sum();
     out.map(|v| Tensor::from_vec(v, shape, &Device::Cpu))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(dims: &[usize], seed: usize) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7 + seed) % 19) as f32 / 4.0 - 2.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).expect("tensor")
+    }
+
+    /// Against explicit permutes and candle's matmul, for attention's three layouts (query
+    /// · keyᵀ, probabilities · value with the result permuted back) and a transposed left
+    /// side, which the strided kernel leaves to the caller.
+    #[test]
+    fn permuted_products_match_explicit_transposes() {
+        if !crate::sgemm::available() {
+            eprintln!("no AVX2/FMA on this CPU: the strided kernel does not run; skipped");
+            return;
+        }
+        let (q, k) = (tensor(&[2, 7, 3, 5], 1), tensor(&[2, 7, 3, 5], 2));
+        let p = tensor(&[2, 3, 7, 7], 3);
+        type Case<'t> = (&'t Tensor, &'t Tensor, [Option<&'t [usize]>; 3]);
+        let cases: [Case; 3] = [
+            (&q, &k, [Some(&[0, 2, 1, 3]), Some(&[0, 2, 3, 1]), None]),
+            (&p, &q, [None, Some(&[0, 2, 1, 3]), Some(&[0, 2, 1, 3])]),
+            (&q, &p, [Some(&[0, 2, 3, 1]), None, None]),
+        ];
+        for (i, (a, b, perms)) in cases.into_iter().enumerate() {
+            let permute = |t: &Tensor, p: Option<&[usize]>| match p {
+                Some(p) => t.permute(p).and_then(|t| t.contiguous()),
+                None => Ok(t.clone()),
+            };
+            let want = permute(a, perms[0])
+                .and_then(|a| a.matmul(&permute(b, perms[1])?))
+                .and_then(|r| permute(&r, perms[2]))
+                .expect("reference");
+            let got = permuted_matmul(a, b, perms).expect("runs");
+            if i == 2 {
+                assert!(
+                    got.is_none(),
+                    "a transposed left side is left to the caller"
+                );
+                continue;
+            }
+            let got = got.expect("strided path");
+            assert_eq!(got.dims(), want.dims(), "case {i}");
+            let diff = (&got - &want)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            assert!(diff < 1e-4, "case {i}: max difference {diff}");
+        }
+    }
 }

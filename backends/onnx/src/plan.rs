@@ -304,7 +304,8 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                 };
                 (suffix, mark, Box::new(pack))
             }
-            ("MatMul", &[k, n]) => {
+            // (Not one that reads or writes permuted, fuse.rs: its operands stay as they are.)
+            ("MatMul", &[k, n]) if !crate::fuse::permutes(node) => {
                 let mark = AttributeProto {
                     name: ops::PANELS_N.into(),
                     r#type: AttributeType::Int as i32,

@@ -281,6 +281,56 @@ fn exact_gelu_written_out_becomes_one_gelu_node() {
     );
 }
 
+fn perm(p: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: "perm".into(),
+        r#type: AttributeType::Ints as i32,
+        ints: p.to_vec(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn attention_transposes_fold_into_the_matmuls() {
+    // Heads as exports write them: q, k, v are [b, s, heads, d]; Qᵀ-style transposes in,
+    // the context transposed back out. Batch 2, sequence 5, 3 heads of 4 (and a
+    // transposed view of k read through packed panels); a Transpose with another reader
+    // stays a node.
+    let nodes = vec![
+        node("Transpose", &["q"], "qh", vec![perm(&[0, 2, 1, 3])]),
+        node("Transpose", &["k"], "kt", vec![perm(&[0, 2, 3, 1])]),
+        node("MatMul", &["qh", "kt"], "scores", vec![]),
+        node("Transpose", &["v"], "vh", vec![perm(&[0, 2, 1, 3])]),
+        node("MatMul", &["scores", "vh"], "ctx", vec![]),
+        node("Transpose", &["ctx"], "out", vec![perm(&[0, 2, 1, 3])]),
+        node("Transpose", &["v"], "vt", vec![perm(&[0, 2, 3, 1])]),
+        node("MatMul", &["vh", "vt"], "gram", vec![]),
+        node("Identity", &["vh"], "vh_copy", vec![]),
+    ];
+    let m = model(
+        nodes,
+        vec![],
+        &["q", "k", "v"],
+        &["out", "scores", "gram", "vh_copy"],
+    );
+    let inputs = HashMap::from([
+        ("q".to_string(), input(&[2, 5, 3, 4])),
+        (
+            "k".to_string(),
+            input(&[2, 5, 3, 4]).affine(0.5, 0.25).expect("k"),
+        ),
+        (
+            "v".to_string(),
+            input(&[2, 5, 3, 4]).affine(-1.0, 0.5).expect("v"),
+        ),
+    ]);
+    check(
+        &m,
+        inputs,
+        &["MatMul", "Transpose", "MatMul", "MatMul", "Identity"],
+    );
+}
+
 #[test]
 fn scaled_masked_softmax_is_one_node() {
     // Attention: Softmax(scores / 4 + mask) with the mask broadcast over heads and queries,
