@@ -539,23 +539,29 @@ pub fn layer_norm(
     bias: Option<&[f32]>,
     eps: f32,
 ) -> Vec<f32> {
-    let mut out = x.to_vec();
     if d == 0 {
-        return out;
+        return x.to_vec();
     }
     let per = (16384 / d).max(1) * d;
-    let len = out.len();
-    chunks(&mut out, per, len, PAR_MIN, |i, rows| {
+    // Each chunk is x copied into the output (one pass, no zeroing), then the residual
+    // added and the rows normalised there.
+    filled(x.len(), per, PAR_MIN, |i, rows| {
+        let src = &x[i * per..][..rows.len()];
+        for (o, &v) in rows.iter_mut().zip(src) {
+            o.write(v);
+        }
+        // SAFETY: every element of the chunk was written just above.
+        let rows = unsafe { assume_init(rows) };
         if let Some(r) = residual {
-            for (v, a) in rows.iter_mut().zip(&r[i * per..]) {
+            // (The chunk is still in cache.)
+            for (v, a) in rows.iter_mut().zip(r.get(i * per..).unwrap_or_default()) {
                 *v += a;
             }
         }
         for row in rows.chunks_mut(d) {
             normalize_row(row, scale, bias, eps);
         }
-    });
-    out
+    })
 }
 
 /// One row of [`layer_norm`], in place.
