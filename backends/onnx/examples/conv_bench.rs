@@ -64,9 +64,13 @@ fn main() {
             .collect();
         let w: Vec<f32> = (0..oc * ic * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
         let bias = vec![0.5f32; oc];
+        // CONV_BENCH_RESIDUAL=1: a residual added as well (ResNet's expanding 1×1 layers).
+        let residual = vec![0.25f32; batch * oc * oh * ow];
+        let with_residual = std::env::var_os("CONV_BENCH_RESIDUAL").is_some();
         let fused = kiln_onnx::cpu_conv::Fused {
             bias: Some(&bias),
             relu: true,
+            residual: with_residual.then_some(&residual[..]),
             ..Default::default()
         };
         let t = median(
