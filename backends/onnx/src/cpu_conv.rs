@@ -534,7 +534,12 @@ impl Conv2d {
         // `slack` zeros after the last plane let a reader run past it (see `run_direct`).
         let plane = if split { 2 * hp * wq } else { hp * wp };
         let mut out = vec![0f32; b * ic * plane + slack];
-        for (i, (dst, src)) in out.chunks_mut(plane).zip(x.chunks(h * w)).enumerate() {
+        // (An empty input leaves the copy all padding: nothing to chunk.)
+        for (i, (dst, src)) in out
+            .chunks_mut(plane.max(1))
+            .zip(x.chunks((h * w).max(1)))
+            .enumerate()
+        {
             let c = i % ic;
             let (sc, sh, lo) = match pre {
                 Some(p) => {
@@ -942,6 +947,41 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A zero-sized input dimension padded out to the kernel's width: every window is
+    /// padding, so every output is the bias (dense, packed and Winograd-carrying weights).
+    #[test]
+    fn an_empty_input_with_padding_gives_the_bias() {
+        let geo = Conv2d {
+            input: [1, 16, 7, 0],
+            out_channels: 16,
+            kernel: [3, 3],
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [1, 2, 1, 2],
+            groups: 1,
+        };
+        let w = data(16 * 16 * 9, 3);
+        let bias = data(16, 5);
+        let f = Fused {
+            bias: Some(&bias),
+            ..Default::default()
+        };
+        let mut packed = pack_weight(&w, 16, 16, 9);
+        let panels = packed.clone();
+        packed.extend(crate::winograd::transform_weight(&w, 16, 16));
+        for weight in [
+            Weight::Dense(&w),
+            Weight::Packed(&panels),
+            Weight::Packed(&packed),
+        ] {
+            let out = geo.run(&[], weight, &f, 2);
+            assert_eq!(out.len(), 16 * 7 * 2);
+            for (plane, &b) in out.chunks(14).zip(&bias) {
+                assert!(plane.iter().all(|&v| v == b), "{plane:?} vs {b}");
             }
         }
     }

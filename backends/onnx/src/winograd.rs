@@ -40,11 +40,13 @@ pub fn applies(geo: &Conv2d, min_tiles: usize) -> bool {
     let Some([oh, ow]) = geo.out_hw() else {
         return false;
     };
+    let [b, ic, h, w] = geo.input;
     geo.kernel == [3, 3]
+        && b * ic * h * w > 0
         && geo.stride == [1, 1]
         && geo.dilation == [1, 1]
         && geo.groups == 1
-        && geo.input[0] * oh.div_ceil(OUT) * ow.div_ceil(OUT) >= min_tiles
+        && b * oh.div_ceil(OUT) * ow.div_ceil(OUT) >= min_tiles
 }
 
 /// Length of [`transform_weight`]'s result.
@@ -618,5 +620,13 @@ mod tests {
         assert!(!applies(&geo(1, 7, 1), 16));
         assert!(applies(&geo(4, 7, 1), 16));
         assert!(!applies(&geo(1, 28, 2), 16));
+        // An empty input (a zero-sized dimension, padded out to a kernel's width) is left
+        // to the direct path.
+        let empty = Conv2d {
+            input: [4, 16, 7, 0],
+            pads: [1, 2, 1, 2],
+            ..geo(4, 7, 1)
+        };
+        assert!(empty.out_hw().is_some() && !applies(&empty, 16));
     }
 }
