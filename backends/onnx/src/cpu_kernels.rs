@@ -291,7 +291,8 @@ pub fn strided_batched_matmul(
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
     let job = |panels: &mut Vec<f32>, i: usize| {
         let (ap, bp) = (a[la.at(i)..].as_ptr(), &b[lb.at(i)..]);
-        let rhs = if lb.cs == 1 && lb.rs == n {
+        // (With k = 0 the kernel reads no B at all.)
+        let rhs = if (lb.cs == 1 && lb.rs == n) || k == 0 {
             crate::sgemm::Rhs::Rows {
                 ptr: bp.as_ptr(),
                 ldb: lb.rs,

@@ -570,6 +570,16 @@ mod tests {
                 .and_then(|r| permute(&r, perms[2]))
                 .expect("reference");
             let got = permuted_matmul(a, b, perms).expect("runs");
+            // The same with k = 0: zeros of the product's shape.
+            if i == 0 {
+                let (qe, ke) = (tensor(&[2, 7, 3, 0], 1), tensor(&[2, 7, 3, 0], 2));
+                let empty = permuted_matmul(&qe, &ke, perms)
+                    .expect("runs")
+                    .expect("k = 0");
+                assert_eq!(empty.dims(), &[2, 3, 7, 7]);
+                let sum = empty.abs().and_then(|t| t.sum_all()?.to_scalar::<f32>());
+                assert_eq!(sum.expect("sum"), 0.0);
+            }
             if i == 2 {
                 assert!(
                     got.is_none(),
