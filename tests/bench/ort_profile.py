@@ -5,7 +5,9 @@ shape): `ort_profile.py <model.onnx> [batch] [sequence] [iterations]`. Same inpu
 import collections
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -20,12 +22,18 @@ def main():
     so = ort.SessionOptions()
     so.intra_op_num_threads = len(os.sched_getaffinity(0))
     so.enable_profiling = True
+    # The profile file goes to a temporary folder, read and removed below.
+    tmp = tempfile.mkdtemp()
+    so.profile_file_prefix = os.path.join(tmp, "ort_profile")
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feeds = feeds_for(s.get_inputs(), batch, seq)
     s.run(None, feeds)  # warm-up, left out below
     for _ in range(iters):
         s.run(None, feeds)
-    events = json.load(open(s.end_profiling()))
+    profile = s.end_profiling()
+    with open(profile) as f:
+        events = json.load(f)
+    shutil.rmtree(tmp, ignore_errors=True)
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     runs = iters + 1
     totals = collections.defaultdict(lambda: [0.0, 0])
