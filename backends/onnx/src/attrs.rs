@@ -1,5 +1,25 @@
-//! Reading a node's attributes.
-use candle_onnx::onnx::{AttributeProto, NodeProto, TensorProto};
+//! Reading a node's attributes, and making the ones the planner adds.
+use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
+
+/// A new integer attribute (the planner's marks on the nodes it rewrites).
+pub fn new_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+/// A new integer-list attribute.
+pub fn new_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints,
+        ..Default::default()
+    }
+}
 
 fn find<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)

@@ -251,14 +251,12 @@ impl Conv2d {
         let total = jobs * parts;
         // Small convolutions stay on the calling thread (a pool hand-off costs more).
         let macs = b * oc * n * k;
-        if threads > 1 && total > 1 && macs >= 256 * 1024 {
-            (0..total)
-                .into_par_iter()
-                .for_each_init(Default::default, |col, j| job(col, j));
-        } else {
-            let mut col = Default::default();
-            (0..total).for_each(|j| job(&mut col, j));
-        }
+        crate::cpu_kernels::jobs_with(
+            total,
+            threads > 1 && macs >= 256 * 1024,
+            Default::default,
+            job,
+        );
         if fast {
             // SAFETY: the jobs wrote all `len` elements (every image, group, channel range
             // and pixel tile) into the allocation of capacity `len`.
@@ -368,16 +366,8 @@ impl Conv2d {
                 // them; the image's slivers were packed above and are only read now.
                 unsafe { crate::sgemm::sgemm(r1 - r0, c1 - c0, k, a, rhs, c, e) };
             };
-            if parallel {
-                (0..nb * tiles)
-                    .into_par_iter()
-                    .for_each_init(Vec::new, |offs, j| pack(offs, j));
-                (0..nb * tiles * parts).into_par_iter().for_each(gemm);
-            } else {
-                let mut offs = Vec::new();
-                (0..nb * tiles).for_each(|j| pack(&mut offs, j));
-                (0..nb * tiles * parts).for_each(gemm);
-            }
+            crate::cpu_kernels::jobs_with(nb * tiles, parallel, Vec::new, pack);
+            crate::cpu_kernels::jobs_with(nb * tiles * parts, parallel, || (), |_, j| gemm(j));
         }
         // SAFETY: the jobs wrote every pixel of every channel of every image.
         unsafe { out.set_len(len) };
@@ -541,14 +531,7 @@ impl Conv2d {
             .enumerate()
         {
             let c = i % ic;
-            let (sc, sh, lo) = match pre {
-                Some(p) => {
-                    let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
-                    let lo = if p.relu { 0.0 } else { f32::NEG_INFINITY };
-                    (pick(p.scale), pick(p.shift), lo)
-                }
-                None => (1.0, 0.0, f32::NEG_INFINITY),
-            };
+            let (sc, sh, lo) = PreAffine::of_channel(pre, c);
             let value = |v: f32| {
                 if pre.is_some() {
                     (v * sc + sh).max(lo)
@@ -760,6 +743,21 @@ pub struct PreAffine<'a> {
     pub shift: &'a [f32],
     /// Clamp at zero after the affine.
     pub relu: bool,
+}
+
+impl PreAffine<'_> {
+    /// Input channel `c`'s scale, shift and lower clamp (0 with the ReLU, else −∞); with
+    /// no affine, the identity.
+    pub fn of_channel(pre: Option<PreAffine<'_>>, c: usize) -> (f32, f32, f32) {
+        match pre {
+            Some(p) => {
+                let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
+                let lo = if p.relu { 0.0 } else { f32::NEG_INFINITY };
+                (pick(p.scale), pick(p.shift), lo)
+            }
+            None => (1.0, 0.0, f32::NEG_INFINITY),
+        }
+    }
 }
 
 /// A convolution's weight as [`Conv2d::run`] takes it.

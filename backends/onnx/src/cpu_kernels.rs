@@ -71,6 +71,30 @@ unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
+/// `job(state, j)` for `j` in `0..count`, on the pool when `parallel` (and there is more
+/// than one job); each thread makes its `state` (a scratch buffer) once with `init`.
+pub(crate) fn jobs_with<S, I, F>(count: usize, parallel: bool, init: I, job: F)
+where
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, usize) + Sync + Send,
+{
+    if parallel && count > 1 {
+        (0..count).into_par_iter().for_each_init(init, job);
+    } else {
+        let mut s = init();
+        (0..count).for_each(|j| job(&mut s, j));
+    }
+}
+
+/// Row-major strides of a buffer of `dims` (elements between neighbours along each axis).
+pub(crate) fn strides(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
 /// `f(j)` for `j` in `0..count`, split over threads when `work` is at least `min`.
 pub(crate) fn jobs(count: usize, work: usize, min: usize, f: impl Fn(usize) + Sync + Send) {
     if work < min {
@@ -339,14 +363,7 @@ pub fn strided_batched_matmul(
         // block (the layouts of distinct entries do not overlap).
         unsafe { crate::sgemm::sgemm(m, n, k, lhs, rhs, c, e) };
     };
-    if batch > 1 && batch * m * n * k >= PAR_MIN_MACS {
-        (0..batch)
-            .into_par_iter()
-            .for_each_init(Vec::new, |p, i| job(p, i));
-    } else {
-        let mut p = Vec::new();
-        (0..batch).for_each(|i| job(&mut p, i));
-    }
+    jobs_with(batch, batch * m * n * k >= PAR_MIN_MACS, Vec::new, job);
     // SAFETY: the entries' blocks cover the whole output (the caller's layout).
     unsafe { out.set_len(out_len) };
     Some(out)
@@ -625,15 +642,9 @@ pub fn transpose_moving_last(x: &[f32], dims: &[usize], perm: &[usize]) -> Optio
     if rank < 2 || perm.len() != rank || perm[rank - 1] == rank - 1 {
         return None;
     }
-    let mut in_strides = vec![1usize; rank];
-    for i in (0..rank - 1).rev() {
-        in_strides[i] = in_strides[i + 1] * dims[i + 1];
-    }
+    let in_strides = strides(dims);
     let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-    let mut out_strides = vec![1usize; rank];
-    for i in (0..rank - 1).rev() {
-        out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
-    }
+    let out_strides = strides(&out_dims);
     // The 2-D slice: rows along output axis `k` (x's last axis, stride 1 in x), columns
     // along the output's last axis (stride 1 in the output).
     let k = perm.iter().position(|&p| p == rank - 1)?;

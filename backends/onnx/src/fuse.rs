@@ -176,15 +176,6 @@ fn rank4_perm(n: &NodeProto) -> Option<Vec<i64>> {
     crate::attrs::ints(n, "perm").filter(|p| p.len() == 4)
 }
 
-fn ints_attr(name: &str, ints: Vec<i64>) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints,
-        ..Default::default()
-    }
-}
-
 /// `Transpose(MatMul(a, b))` (rank 4) → the MatMul writing its result permuted
 /// ([`PERM_OUT`]): attention's heads merged back into `[b, s, heads, d]` as they are
 /// computed.
@@ -201,7 +192,9 @@ fn transpose_into_matmul(
     }
     let mut merged = mm.clone();
     merged.output = n.output.clone();
-    merged.attribute.push(ints_attr(PERM_OUT, perm));
+    merged
+        .attribute
+        .push(crate::attrs::new_ints(PERM_OUT, perm));
     Some((merged, vec![k]))
 }
 
@@ -229,7 +222,7 @@ fn transposes_into_matmul(
             continue;
         }
         merged.input[i] = tp.input[0].clone();
-        merged.attribute.push(ints_attr(attr, perm));
+        merged.attribute.push(crate::attrs::new_ints(attr, perm));
         removed.push(t);
     }
     (!removed.is_empty()).then_some((merged, removed))
@@ -275,7 +268,8 @@ fn affine_before_conv(
     node.input.resize(4, String::new());
     node.input.extend(affine.input[1..].iter().cloned());
     let relu = affine.attribute.iter().any(|a| a.name == RELU && a.i != 0);
-    node.attribute.push(int_attr(PRE_RELU, relu as i64));
+    node.attribute
+        .push(crate::attrs::new_int(PRE_RELU, relu as i64));
     Some((node, vec![p]))
 }
 
@@ -641,17 +635,8 @@ fn affine_into_conv(
 }
 
 /// An integer attribute (the planner's flags).
-fn int_attr(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    }
-}
-
 fn with_relu(mut conv: NodeProto) -> NodeProto {
-    conv.attribute.push(int_attr(RELU, 1));
+    conv.attribute.push(crate::attrs::new_int(RELU, 1));
     conv
 }
 

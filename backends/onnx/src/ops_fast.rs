@@ -196,14 +196,7 @@ pub(crate) fn permuted_matmul(
     {
         return Ok(None);
     }
-    // Contiguous strides of a buffer of `dims`.
-    let strides = |dims: &[usize]| -> [usize; 4] {
-        let mut s = [1usize; 4];
-        for i in (0..3).rev() {
-            s[i] = s[i + 1] * dims[i + 1];
-        }
-        s
-    };
+    use crate::cpu_kernels::strides;
     // The permuted view of a tensor: its dims and strides in the original buffer.
     let view = |t: &Tensor, p: &[usize]| {
         let (d, s) = (t.dims(), strides(t.dims()));
@@ -492,8 +485,8 @@ pub(crate) fn concat_f32(ts: &[&Tensor], axis: usize, threads: usize) -> Result<
             Some(s)
         })
         .collect();
-    let owned: Vec<Option<&Tensor>> = ts.iter().map(|&t| Some(t)).collect();
-    let out = on_cpu_f32(&owned, |srcs| {
+    let all: Vec<Option<&Tensor>> = ts.iter().map(|&t| Some(t)).collect();
+    let out = on_cpu_f32(&all, |srcs| {
         let len = outer * row;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let dst = crate::sgemm::SharedOut(out.as_mut_ptr());

@@ -5,6 +5,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
+use crate::cpu_kernels::strides;
 use crate::ops::{axis, f64s, i64s, like};
 
 /// Combines an existing value with an update per `reduction`.
@@ -16,14 +17,6 @@ fn reduce(reduction: &str, old: f64, new: f64) -> f64 {
         "min" => old.min(new),
         _ => new,
     }
-}
-
-fn strides(dims: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * dims[i + 1];
-    }
-    s
 }
 
 /// ScatterElements (and the older Scatter): `data` with `updates` written at `indices`

@@ -262,7 +262,6 @@ type PackFn = dyn FnOnce(&[f32]) -> Option<Tensor>;
 /// same for every one-group 2-D `Conv` (`cpu_conv::pack_weight`), marked with the weight's
 /// shape.
 fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>) {
-    use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto};
     for node in nodes.iter_mut() {
         let Some(w) = node.input.get(1).and_then(|w| constants.get(w)) else {
             continue;
@@ -272,12 +271,8 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
         }
         let (suffix, mark, pack): (_, _, Box<PackFn>) = match (node.op_type.as_str(), w.dims()) {
             ("Conv", &[oc, icg, kh, kw]) if crate::attrs::int(node, "group", 1) == 1 => {
-                let mark = AttributeProto {
-                    name: ops::PACKED_CONV.into(),
-                    r#type: AttributeType::Ints as i32,
-                    ints: [oc, icg, kh, kw].iter().map(|&d| d as i64).collect(),
-                    ..Default::default()
-                };
+                let dims = [oc, icg, kh, kw].iter().map(|&d| d as i64).collect();
+                let mark = crate::attrs::new_ints(ops::PACKED_CONV, dims);
                 // 3×3 stride-1 kernels between enough channels also get their Winograd
                 // transform, after the panels (`cpu_conv::Weight::Packed`).
                 let ones = |name: &str| {
@@ -306,12 +301,7 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
             }
             // (Not one that reads or writes permuted, fuse.rs: its operands stay as they are.)
             ("MatMul", &[k, n]) if !crate::fuse::permutes(node) => {
-                let mark = AttributeProto {
-                    name: ops::PANELS_N.into(),
-                    r#type: AttributeType::Int as i32,
-                    i: n as i64,
-                    ..Default::default()
-                };
+                let mark = crate::attrs::new_int(ops::PANELS_N, n as i64);
                 let pack = move |dense: &[f32]| {
                     let packed = crate::sgemm::pack_panels(dense, k, n);
                     Tensor::from_vec(packed, (n.div_ceil(16), k, 16), &Device::Cpu).ok()

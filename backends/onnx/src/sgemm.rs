@@ -590,6 +590,41 @@ mod tests {
         }
     }
 
+    /// A `[m, k]` and B `[k, n]` (row-major, small integers, so sums are exact), start
+    /// values (`other_len` of them), a row bias (`m`) and a column bias (`n`).
+    struct Operands {
+        a: Vec<f32>,
+        b: Vec<f32>,
+        other: Vec<f32>,
+        rb: Vec<f32>,
+        cb: Vec<f32>,
+        k: usize,
+        n: usize,
+    }
+
+    impl Operands {
+        fn new(m: usize, n: usize, k: usize, other_len: usize) -> Self {
+            Operands {
+                a: (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect(),
+                b: (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect(),
+                other: (0..other_len)
+                    .map(|i| ((i * 3) % 17) as f32 - 8.0)
+                    .collect(),
+                rb: (0..m).map(|i| i as f32 - 2.0).collect(),
+                cb: (0..n).map(|j| 1.0 - j as f32).collect(),
+                k,
+                n,
+            }
+        }
+
+        /// Row i of A times column j of B.
+        fn product(&self, i: usize, j: usize) -> f32 {
+            (0..self.k)
+                .map(|q| self.a[i * self.k + q] * self.b[q * self.n + j])
+                .sum()
+        }
+    }
+
     /// C written transposed (rows adjacent, columns `ldc` apart), as the pixel-row
     /// convolutions write NCHW: every start value, bias and clamp as with row-major C,
     /// over full 6 × 16 tiles, edge tiles and more than one pass over k.
@@ -602,14 +637,9 @@ mod tests {
         }
         for &(m, n, k) in &[(12, 32, 20), (13, 37, 700), (6, 16, 1)] {
             let ldc = m + 3;
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
             // Start values laid out like C (element (i, j) at j·ldc + i).
-            let other: Vec<f32> = (0..n * ldc).map(|i| ((i * 3) % 17) as f32 - 8.0).collect();
-            let rb: Vec<f32> = (0..m).map(|i| i as f32 - 2.0).collect();
-            let cb: Vec<f32> = (0..n).map(|j| 1.0 - j as f32).collect();
-            let product =
-                |i: usize, j: usize| (0..k).map(|q| a[i * k + q] * b[q * n + j]).sum::<f32>();
+            let ops = Operands::new(m, n, k, n * ldc);
+            let (a, b, other, rb, cb) = (&ops.a, &ops.b, &ops.other, &ops.rb, &ops.cb);
             let cases = [
                 (Base::Zero, Some(rb.as_ptr()), Some(cb.as_ptr()), true),
                 (Base::Accumulate, None, Some(cb.as_ptr()), false),
@@ -660,7 +690,7 @@ mod tests {
                             Base::Other { .. } => other[at],
                         };
                         let bias = row_bias.map_or(0.0, |_| rb[i]) + cb[j];
-                        let mut want = start + bias + product(i, j);
+                        let mut want = start + bias + ops.product(i, j);
                         if relu {
                             want = want.max(0.0);
                         }
@@ -683,13 +713,8 @@ mod tests {
             return;
         }
         for &(m, n, k) in &[(5, 21, 7), (13, 16, 300), (2, 3, 0)] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
-            let other: Vec<f32> = (0..m * n).map(|i| ((i * 3) % 17) as f32 - 8.0).collect();
-            let rb: Vec<f32> = (0..m).map(|i| i as f32 - 2.0).collect();
-            let cb: Vec<f32> = (0..n).map(|j| 1.0 - j as f32).collect();
-            let product =
-                |i: usize, j: usize| (0..k).map(|q| a[i * k + q] * b[q * n + j]).sum::<f32>();
+            let ops = Operands::new(m, n, k, m * n);
+            let (a, b, other, rb, cb) = (&ops.a, &ops.b, &ops.other, &ops.rb, &ops.cb);
             let cases = [
                 (Base::Zero, Some(rb.as_ptr()), None, true),
                 (Base::Zero, None, Some(cb.as_ptr()), false),
@@ -723,7 +748,7 @@ mod tests {
                 unsafe { sgemm(m, n, k, lhs, rows, Out::rows(c.as_mut_ptr(), n), e) };
                 for i in 0..m {
                     for j in 0..n {
-                        let mut want = product(i, j);
+                        let mut want = ops.product(i, j);
                         if matches!(base, Base::Other { .. }) {
                             want += other[i * n + j];
                         }

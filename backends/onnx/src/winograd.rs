@@ -12,9 +12,8 @@
 //! The work runs in three parallel passes per group of images: input tiles into `V`
 //! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
 //! back into output blocks with bias, residual and ReLU (per image and channel).
-use rayon::prelude::*;
-
-use crate::cpu_conv::{pack_weight, Conv2d, Fused};
+use crate::cpu_conv::{pack_weight, Conv2d, Fused, PreAffine};
+use crate::cpu_kernels::jobs_with;
 use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL};
 
 /// Outputs per tile side.
@@ -350,14 +349,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             }
             let src = &x[((b0 + bi) * ic + c) * h * w..][..h * w];
             let (pt, pl) = (geo.pads[0], geo.pads[1]);
-            let (sc, sh, lo) = match f.pre {
-                Some(p) => {
-                    let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
-                    let lo = if p.relu { 0.0 } else { f32::NEG_INFINITY };
-                    (pick(p.scale), pick(p.shift), lo)
-                }
-                None => (1.0, 0.0, f32::NEG_INFINITY),
-            };
+            let (sc, sh, lo) = PreAffine::of_channel(f.pre, c);
             // The padded plane, split by column phase (see `input_tiles`); only the rows
             // and columns the tiles read (the bottom/right padding may be cut short).
             let used = w.min((OUT * tw + 2).saturating_sub(pl));
@@ -380,7 +372,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             // owns channel c of image bi in V.
             unsafe { input_channel(&grid, q, ic, c, bi, vs) };
         };
-        for_jobs(parallel, nb * ic, Vec::new, input);
+        jobs_with(nb * ic, parallel, Vec::new, input);
         // SAFETY: the padding columns were zeroed and the jobs wrote every other element.
         unsafe { v.set_len(XI * ic * cp) };
         // M[ξ] = U[ξ] · V[ξ]: [oc, cp] each.
@@ -414,7 +406,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             // holds oc rows in blocks of k = ic, V[ξ] those strips' panels.
             unsafe { crate::sgemm::sgemm(oc, (s1 - s0) * PANEL, ic, a, rhs, c, e) };
         };
-        for_jobs(parallel, XI * parts, || (), product);
+        jobs_with(XI * parts, parallel, || (), product);
         // SAFETY: the jobs wrote every column of every row of every M[ξ].
         unsafe { m.set_len(XI * oc * cp) };
         let output = |_: &mut (), j: usize| {
@@ -425,7 +417,7 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             // owns output plane `plane`.
             unsafe { output_channel(&grid, &m, (oc, o, bi), (plane, bias), f, dst) };
         };
-        for_jobs(parallel, nb * oc, || (), output);
+        jobs_with(nb * oc, parallel, || (), output);
     }
     // SAFETY: every image, channel and pixel was written once above.
     unsafe { out.set_len(len) };
@@ -503,20 +495,6 @@ unsafe fn write_prefix(dst: *mut f32, src: &[f32], n: usize) {
             7 => fixed::<7>(d, s),
             _ => {}
         }
-    }
-}
-
-/// Runs `job(state, j)` for `j` in `0..n`, on the pool when `parallel`.
-fn for_jobs<S, I, F>(parallel: bool, n: usize, init: I, job: F)
-where
-    I: Fn() -> S + Sync + Send,
-    F: Fn(&mut S, usize) + Sync + Send,
-{
-    if parallel && n > 1 {
-        (0..n).into_par_iter().for_each_init(init, job);
-    } else {
-        let mut s = init();
-        (0..n).for_each(|j| job(&mut s, j));
     }
 }
 
