@@ -87,7 +87,9 @@ fn main() {
         let kk = ic * k * k;
         let mut packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
         if k == 3 && s == 1 {
-            packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic));
+            if let Some(tile) = kiln_onnx::winograd::pick(oc, ic, 16 << 20) {
+                packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic, tile));
+            }
         }
         let tp = median(
             (0..reps)

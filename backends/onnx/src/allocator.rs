@@ -6,7 +6,10 @@
 //! next request (BERT-base shape, batch 8: ~43 000 page faults and ~15 % of the time per
 //! inference). Keeping blocks of up to 32 MiB in the heap and trimming only above 256 MiB
 //! removes that, at the price of the process keeping what it used at its peak (as
-//! onnxruntime's arena does). A `MALLOC_*` variable in the environment (the user's own
+//! onnxruntime's arena does). A pool thread's arena is made of 64 MiB heaps, and glibc
+//! unmaps a heap as soon as it is empty whatever the trim threshold, so tensors of tens of
+//! MiB (ResNet-50 at batch 8) still came back as fresh pages each request (~19 000 faults
+//! per inference); a 64 MiB top pad keeps those heaps. A `MALLOC_*` variable in the environment (the user's own
 //! tuning) or `KILN_MALLOC_TUNING=0` leaves glibc as it is.
 
 /// Largest block served from the heap instead of its own mapping (glibc's maximum).
@@ -15,6 +18,10 @@ const MMAP_THRESHOLD: i32 = 32 << 20;
 /// Free memory at the top of a heap kept before it is returned to the kernel.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: i32 = 256 << 20;
+/// Extra memory a heap grows by and keeps when trimmed; at a thread heap's full size (64
+/// MiB) an empty heap is kept rather than unmapped.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TOP_PAD: i32 = 64 << 20;
 
 /// Applies the tuning once per process (no-op on other platforms); returns whether it did.
 pub fn tune() -> bool {
@@ -32,6 +39,7 @@ pub fn tune() -> bool {
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
                     && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                    && libc::mallopt(libc::M_TOP_PAD, TOP_PAD) == 1
             }
         })
     }

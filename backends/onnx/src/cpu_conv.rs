@@ -94,9 +94,8 @@ impl Conv2d {
             }
             // A 3×3 stride-1 kernel's Winograd transform follows its panels (plan.rs).
             let (p, winograd) = p.split_at(p.len().min(oc.div_ceil(PANEL) * PANEL * k));
-            if winograd.len() == crate::winograd::weight_len(oc, ic)
-                && crate::winograd::applies(self, WINOGRAD_MIN_TILES)
-            {
+            let tile = crate::winograd::variant(winograd.len(), oc, ic);
+            if tile.is_some_and(|t| crate::winograd::applies(self, WINOGRAD_MIN_TILES, t)) {
                 return crate::winograd::run(self, x, winograd, f, threads);
             }
             // Small maps (14×14) whose padding columns add little: the direct path saves
@@ -970,7 +969,7 @@ mod tests {
         };
         let mut packed = pack_weight(&w, 16, 16, 9);
         let panels = packed.clone();
-        packed.extend(crate::winograd::transform_weight(&w, 16, 16));
+        packed.extend(crate::winograd::transform_weight(&w, 16, 16, 4));
         for weight in [
             Weight::Dense(&w),
             Weight::Packed(&panels),

@@ -248,10 +248,11 @@ fn fold_batch_norms(
 /// below, the transforms cost more than the products they save.
 const WINOGRAD_MIN_CHANNELS: usize = 16;
 
-/// Largest Winograd weight (4× the 3×3 weight it comes from) made for one convolution.
-/// Bigger layers (512 channels and more: 7×7 maps in ImageNet models, where batch 1 has
-/// too few tiles for it anyway) keep only their direct weight, which bounds the memory a
-/// model gains: ResNet-50 +68 MB instead of +181 MB.
+/// Largest Winograd weight made for one convolution: F(4×4, 3×3)'s is 4× the 3×3 weight
+/// it comes from, F(2×2, 3×3)'s 16/9×. Layers up to 341 channels each way get the first;
+/// wider ones up to 512 (ImageNet models' 7×7 maps, where F(2×2) also fills the kernel at
+/// batch 1) the second; wider still only their direct weight. This bounds what a model
+/// gains: ResNet-50 +100 MB instead of +181 MB with F(4×4) everywhere.
 const WINOGRAD_MAX_BYTES: usize = 16 << 20;
 
 /// Turns a dense weight into its packed tensor (`None` when it cannot).
@@ -278,21 +279,22 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                 let ones = |name: &str| {
                     crate::attrs::ints(node, name).is_none_or(|v| v.iter().all(|&d| d == 1))
                 };
-                let winograd = [kh, kw] == [3, 3]
+                let winograd = ([kh, kw] == [3, 3]
                     && oc >= WINOGRAD_MIN_CHANNELS
                     && icg >= WINOGRAD_MIN_CHANNELS
-                    && crate::winograd::weight_len(oc, icg) * 4 <= WINOGRAD_MAX_BYTES
                     && ones("strides")
-                    && ones("dilations");
+                    && ones("dilations"))
+                .then(|| crate::winograd::pick(oc, icg, WINOGRAD_MAX_BYTES))
+                .flatten();
                 let pack = move |dense: &[f32]| {
                     let mut packed = crate::cpu_conv::pack_weight(dense, oc, icg, kh * kw);
-                    if winograd {
-                        packed.extend(crate::winograd::transform_weight(dense, oc, icg));
+                    if let Some(tile) = winograd {
+                        packed.extend(crate::winograd::transform_weight(dense, oc, icg, tile));
                     }
                     let len = packed.len();
                     Tensor::from_vec(packed, len, &Device::Cpu).ok()
                 };
-                let suffix = if winograd {
+                let suffix = if winograd.is_some() {
                     "conv_panels_winograd"
                 } else {
                     "conv_panels"

@@ -1,13 +1,16 @@
-//! 3×3 stride-1 convolutions by Winograd's minimal filtering, F(4×4, 3×3) (Lavin & Gray,
-//! "Fast Algorithms for Convolutional Neural Networks", 2016): each 4×4 block of outputs
-//! comes from the 6×6 block of input around it through 36 element-wise products per
-//! channel pair instead of 144, so summed over input channels the convolution becomes 36
-//! matrix products — transformed weight `U[ξ]` (`[oc, ic]`, made once at plan time by
-//! [`transform_weight`]) times transformed input `V[ξ]` (`[ic, tiles]`) — which the AVX2
-//! kernel runs. 2.25× fewer multiplications than the direct product (3× on 14×14 maps once
-//! the edge tiles are counted), for input and output transforms that cost a few additions
-//! per element. Rounding differs from the direct sum by a few ulps of the larger terms
-//! (the transforms use 4, 5 and 8 as factors), as in other runtimes' Winograd kernels.
+//! 3×3 stride-1 convolutions by Winograd's minimal filtering, F(4×4, 3×3) and F(2×2, 3×3)
+//! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): with F(4×4,
+//! 3×3) each 4×4 block of outputs comes from the 6×6 block of input around it through 36
+//! element-wise products per channel pair instead of 144, so summed over input channels
+//! the convolution becomes 36 matrix products — transformed weight `U[ξ]` (`[oc, ic]`,
+//! made once at plan time by [`transform_weight`]) times transformed input `V[ξ]` (`[ic,
+//! tiles]`) — which the AVX2 kernel runs. 2.25× fewer multiplications than the direct
+//! product (3× on 14×14 maps once the edge tiles are counted), for input and output
+//! transforms that cost a few additions per element. Rounding differs from the direct sum
+//! by a few ulps of the larger terms (the transforms use 4, 5 and 8 as factors), as in
+//! other runtimes' Winograd kernels. F(2×2, 3×3) (16 products per 2×2 block, 2.25× fewer
+//! than direct) serves wide layers whose 36 transformed matrices would take too much
+//! memory, and fills the kernel's 16-column strips on 7×7 maps at batch 1 (16 tiles).
 //!
 //! The work runs in three parallel passes per group of images: input tiles into `V`
 //! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
@@ -16,15 +19,17 @@ use crate::cpu_conv::{pack_weight, Conv2d, Fused, PreAffine};
 use crate::cpu_kernels::jobs_with;
 use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL};
 
-/// Outputs per tile side.
-const OUT: usize = 4;
-/// Inputs per tile side.
-const IN: usize = 6;
-/// Element-wise products per tile (6 × 6).
-const XI: usize = IN * IN;
+/// Largest tile side: inputs per tile side of F(4×4, 3×3). Arrays of tile values have this
+/// size; F(2×2, 3×3) uses the first 4 of each.
+const MAX_IN: usize = 6;
 
-/// G: a kernel row (3 taps) to its 6 transformed values.
-const G: [[f64; 3]; 6] = [
+/// Inputs per tile side for `out` outputs per side (a 3-tap kernel).
+const fn inputs(out: usize) -> usize {
+    out + 2
+}
+
+/// G of F(4×4, 3×3): a kernel row (3 taps) to its 6 transformed values.
+const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -33,9 +38,34 @@ const G: [[f64; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Whether [`run`] serves this convolution: 3×3, stride and dilation 1, one group, with
-/// enough output tiles (`min_tiles`, over the batch) to fill the kernel's 16-column strips.
-pub fn applies(geo: &Conv2d, min_tiles: usize) -> bool {
+/// G of F(2×2, 3×3): a kernel row to its 4 transformed values.
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// Which transform a weight of `oc × ic` channels gets, as outputs per tile side: F(4×4,
+/// 3×3) where its 36 matrices take at most `max_bytes`, else F(2×2, 3×3) where its 16 do.
+pub fn pick(oc: usize, ic: usize, max_bytes: usize) -> Option<usize> {
+    [4, 2]
+        .into_iter()
+        .find(|&out| weight_len(oc, ic, out) * 4 <= max_bytes)
+}
+
+/// Outputs per tile side of a transformed weight of `len` values ([`transform_weight`]),
+/// if it is one for `oc × ic` channels.
+pub fn variant(len: usize, oc: usize, ic: usize) -> Option<usize> {
+    [4, 2]
+        .into_iter()
+        .find(|&out| len > 0 && len == weight_len(oc, ic, out))
+}
+
+/// Whether [`run`] serves this convolution with `out × out` output tiles: 3×3, stride and
+/// dilation 1, one group, with enough output tiles (`min_tiles`, over the batch) to fill
+/// the kernel's 16-column strips.
+pub fn applies(geo: &Conv2d, min_tiles: usize, out: usize) -> bool {
     let Some([oh, ow]) = geo.out_hw() else {
         return false;
     };
@@ -45,30 +75,33 @@ pub fn applies(geo: &Conv2d, min_tiles: usize) -> bool {
         && geo.stride == [1, 1]
         && geo.dilation == [1, 1]
         && geo.groups == 1
-        && b * oh.div_ceil(OUT) * ow.div_ceil(OUT) >= min_tiles
+        && b * oh.div_ceil(out) * ow.div_ceil(out) >= min_tiles
 }
 
-/// Length of [`transform_weight`]'s result.
-pub fn weight_len(oc: usize, ic: usize) -> usize {
-    XI * oc.div_ceil(PANEL) * PANEL * ic
+/// Length of [`transform_weight`]'s result for `out × out` output tiles.
+pub fn weight_len(oc: usize, ic: usize, out: usize) -> usize {
+    inputs(out).pow(2) * oc.div_ceil(PANEL) * PANEL * ic
 }
 
 /// `U[ξ] = G g Gᵀ` for every output/input channel pair of a `[oc, ic, 3, 3]` weight
-/// (computed in f64), as 36 `[oc, ic]` matrices each packed by [`pack_weight`] (16-channel
-/// blocks, the kernel's left-hand operand).
-pub fn transform_weight(weight: &[f32], oc: usize, ic: usize) -> Vec<f32> {
-    let mut u = vec![0f32; XI * oc * ic];
+/// (computed in f64), for `out × out` output tiles (4 or 2): `(out + 2)²` `[oc, ic]`
+/// matrices, each packed by [`pack_weight`] (16-channel blocks, the kernel's left-hand
+/// operand).
+pub fn transform_weight(weight: &[f32], oc: usize, ic: usize, out: usize) -> Vec<f32> {
+    let g_rows: &[[f64; 3]] = if out == 4 { &G4 } else { &G2 };
+    let inn = g_rows.len();
+    let mut u = vec![0f32; inn * inn * oc * ic];
     for (pair, g) in weight.chunks_exact(9).enumerate().take(oc * ic) {
-        let mut t = [[0f64; 3]; IN];
-        for (ti, gi) in t.iter_mut().zip(&G) {
+        let mut t = [[0f64; 3]; MAX_IN];
+        for (ti, gi) in t.iter_mut().zip(g_rows) {
             for (j, v) in ti.iter_mut().enumerate() {
                 *v = (0..3).map(|r| gi[r] * g[r * 3 + j] as f64).sum();
             }
         }
-        for (i, ti) in t.iter().enumerate() {
-            for (j, gj) in G.iter().enumerate() {
+        for (i, ti) in t.iter().take(inn).enumerate() {
+            for (j, gj) in g_rows.iter().enumerate() {
                 let v: f64 = (0..3).map(|r| ti[r] * gj[r]).sum();
-                u[(i * IN + j) * oc * ic + pair] = v as f32;
+                u[(i * inn + j) * oc * ic + pair] = v as f32;
             }
         }
     }
@@ -109,15 +142,26 @@ impl std::ops::Mul<f32> for Lanes {
     }
 }
 
-/// Bᵀ along one axis: 6 inputs to 6 transformed values.
+/// Bᵀ along one axis: `OUT + 2` inputs to as many transformed values (the rest of the
+/// array passes through).
 #[inline(always)]
-fn input_1d<T>(d: [T; 6]) -> [T; 6]
+fn input_1d<const OUT: usize, T>(d: [T; MAX_IN]) -> [T; MAX_IN]
 where
     T: Copy
         + std::ops::Add<Output = T>
         + std::ops::Sub<Output = T>
         + std::ops::Mul<f32, Output = T>,
 {
+    if OUT == 2 {
+        return [
+            d[0] - d[2],
+            d[1] + d[2],
+            d[2] - d[1],
+            d[1] - d[3],
+            d[4],
+            d[5],
+        ];
+    }
     let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
     let (c, e) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
     [
@@ -130,15 +174,19 @@ where
     ]
 }
 
-/// Aᵀ along one axis: 6 products to 4 outputs.
+/// Aᵀ along one axis: `OUT + 2` products to `OUT` outputs (the rest of the array is
+/// unused).
 #[inline(always)]
-fn output_1d<T>(m: [T; 6]) -> [T; 4]
+fn output_1d<const OUT: usize, T>(m: [T; MAX_IN]) -> [T; 4]
 where
     T: Copy
         + std::ops::Add<Output = T>
         + std::ops::Sub<Output = T>
         + std::ops::Mul<f32, Output = T>,
 {
+    if OUT == 2 {
+        return [m[0] + m[1] + m[2], m[1] - m[2] - m[3], m[0], m[0]];
+    }
     let (s1, d1) = (m[1] + m[2], m[1] - m[2]);
     let (s2, d2) = (m[3] + m[4], m[3] - m[4]);
     [
@@ -149,21 +197,32 @@ where
     ]
 }
 
-/// The 36 transformed values of eight side-by-side tiles (lane `l`: tile `tx0 + l`) of
-/// one tile row, read from the channel's padded plane split by column phase: `q` holds
-/// 4 planes (`phase·rows·qw`), plane `p` column `t` = padded column `4t + p`, and tile row
-/// `ty` starts at row `4·ty`.
+/// The `(OUT + 2)²` transformed values of eight side-by-side tiles (lane `l`: tile `tx0 +
+/// l`) of one tile row, read from the channel's padded plane split by column phase: `q`
+/// holds `OUT` planes (`phase·rows·qw`), plane `p` column `t` = padded column `OUT·t + p`,
+/// and tile row `ty` starts at row `OUT·ty`.
 #[inline(always)]
-fn input_tiles(q: &[f32], rows: usize, qw: usize, ty: usize, tx0: usize) -> [[Lanes; 6]; 6] {
+fn input_tiles<const OUT: usize>(
+    q: &[f32],
+    rows: usize,
+    qw: usize,
+    ty: usize,
+    tx0: usize,
+) -> [[Lanes; MAX_IN]; MAX_IN] {
+    let inn = inputs(OUT);
     let load = |r: usize, k: usize| {
-        let at = ((k % 4) * rows + OUT * ty + r) * qw + tx0 + k / 4;
+        if r >= inn || k >= inn {
+            return Lanes::default();
+        }
+        let at = ((k % OUT) * rows + OUT * ty + r) * qw + tx0 + k / OUT;
         Lanes(q[at..at + LANES].try_into().unwrap_or_default())
     };
-    // Bᵀ along each row of the 6×6 block, then down each column.
-    let h: [[Lanes; 6]; 6] = std::array::from_fn(|r| input_1d(std::array::from_fn(|k| load(r, k))));
-    let mut v = [[Lanes::default(); 6]; 6];
-    for j in 0..IN {
-        for (i, t) in input_1d(std::array::from_fn(|r| h[r][j]))
+    // Bᵀ along each row of the block, then down each column.
+    let h: [[Lanes; MAX_IN]; MAX_IN] =
+        std::array::from_fn(|r| input_1d::<OUT, _>(std::array::from_fn(|k| load(r, k))));
+    let mut v = [[Lanes::default(); MAX_IN]; MAX_IN];
+    for j in 0..inn {
+        for (i, t) in input_1d::<OUT, _>(std::array::from_fn(|r| h[r][j]))
             .into_iter()
             .enumerate()
         {
@@ -173,19 +232,19 @@ fn input_tiles(q: &[f32], rows: usize, qw: usize, ty: usize, tx0: usize) -> [[La
     v
 }
 
-/// The 4×4 outputs of eight side-by-side tiles from their 36 products (`m[i][j]`).
+/// The `OUT × OUT` outputs of eight side-by-side tiles from their products (`m[i][j]`).
 #[inline(always)]
-fn output_tiles(m: &[[Lanes; 6]; 6]) -> [[Lanes; 4]; 4] {
-    let mut z = [[Lanes::default(); 6]; 4];
-    for j in 0..IN {
-        for (r, t) in output_1d(std::array::from_fn(|i| m[i][j]))
+fn output_tiles<const OUT: usize>(m: &[[Lanes; MAX_IN]; MAX_IN]) -> [[Lanes; 4]; 4] {
+    let mut z = [[Lanes::default(); MAX_IN]; 4];
+    for j in 0..inputs(OUT) {
+        for (r, t) in output_1d::<OUT, _>(std::array::from_fn(|i| m[i][j]))
             .into_iter()
             .enumerate()
         {
             z[r][j] = t;
         }
     }
-    z.map(output_1d)
+    z.map(output_1d::<OUT, _>)
 }
 
 /// Where the tiles of one group of images lie.
@@ -210,13 +269,21 @@ struct Grid {
 /// from its phase-split padded plane `q`.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `v` holds 36 such matrices and nothing else writes this
-/// channel's columns of image `bi`.
+/// The CPU has AVX2 and FMA; `v` holds `(OUT + 2)²` such matrices and nothing else writes
+/// this channel's columns of image `bi`.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: SharedOut) {
+unsafe fn input_channel<const OUT: usize>(
+    g: &Grid,
+    q: &[f32],
+    ic: usize,
+    c: usize,
+    bi: usize,
+    v: SharedOut,
+) {
+    let inn = inputs(OUT);
     for ty in 0..g.th {
         for tx0 in (0..g.tw).step_by(LANES) {
-            let vt = input_tiles(q, g.ph, g.qw, ty, tx0);
+            let vt = input_tiles::<OUT>(q, g.ph, g.qw, ty, tx0);
             let n = LANES.min(g.tw - tx0);
             let col0 = bi * g.per_image + ty * g.tw + tx0;
             // The lanes in at most two runs, split where a 16-column panel ends.
@@ -225,7 +292,8 @@ unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: 
                 let col = col0 + l;
                 let run = (PANEL - col % PANEL).min(n - l);
                 let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
-                for (xi, t) in vt.iter().flatten().enumerate() {
+                let used = vt.iter().take(inn).flat_map(|row| &row[..inn]);
+                for (xi, t) in used.enumerate() {
                     // SAFETY: (ξ, c, col..col + run) are this job's own elements.
                     unsafe { write_prefix(v.at(xi * ic * g.cp + at), &t.0[l..], run) };
                 }
@@ -236,12 +304,12 @@ unsafe fn input_channel(g: &Grid, q: &[f32], ic: usize, c: usize, bi: usize, v: 
 }
 
 /// Output channel `o` of image `bi` (the plane at `plane`, with `bias` added) from the
-/// 36 products in M (`[oc, cp]` each), with `f`'s residual and ReLU.
+/// `(OUT + 2)²` products in M (`[oc, cp]` each), with `f`'s residual and ReLU.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `dst` holds the output and nothing else writes this plane.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-unsafe fn output_channel(
+unsafe fn output_channel<const OUT: usize>(
     g: &Grid,
     m: &[f32],
     (oc, o, bi): (usize, usize, usize),
@@ -250,29 +318,33 @@ unsafe fn output_channel(
     dst: SharedOut,
 ) {
     let (oh, ow, cp) = (g.oh, g.ow, g.cp);
+    let inn = inputs(OUT);
     for ty in 0..g.th {
         for tx0 in (0..g.tw).step_by(LANES) {
             let n = LANES.min(g.tw - tx0);
             let at = o * cp + bi * g.per_image + ty * g.tw + tx0;
-            let prods: [[Lanes; 6]; 6] = std::array::from_fn(|i| {
+            let prods: [[Lanes; MAX_IN]; MAX_IN] = std::array::from_fn(|i| {
                 std::array::from_fn(|jj| {
-                    let row = &m[(i * IN + jj) * oc * cp + at..][..n];
+                    if i >= inn || jj >= inn {
+                        return Lanes::default();
+                    }
+                    let row = &m[(i * inn + jj) * oc * cp + at..][..n];
                     let mut t = Lanes::default();
                     // SAFETY: n ≤ LANES values into the lanes.
                     unsafe { write_prefix(t.0.as_mut_ptr(), row, n) };
                     t
                 })
             });
-            let y = output_tiles(&prods);
+            let y = output_tiles::<OUT>(&prods);
             let x0 = OUT * tx0;
             let width = (OUT * n).min(ow - x0);
-            for (r, yr) in y.iter().enumerate() {
+            for (r, yr) in y.iter().take(OUT).enumerate() {
                 let yy = OUT * ty + r;
                 if yy >= oh {
                     break;
                 }
                 // SAFETY: this function runs with AVX2 (its own target features).
-                let mut row = unsafe { interleave(yr, bias) };
+                let mut row = unsafe { interleave::<OUT>(yr, bias) };
                 let idx = plane + yy * ow + x0;
                 if let Some(res) = f.residual {
                     for (v, &r) in row.iter_mut().zip(&res[idx..idx + width]) {
@@ -290,9 +362,26 @@ unsafe fn output_channel(
     }
 }
 
-/// Runs the convolution ([`applies`] holds; `u` from [`transform_weight`]): `x` is `[b,
-/// ic, h, w]`, the result `[b, oc, oh, ow]` with `f`'s bias, residual, ReLU and input affine.
+/// Runs the convolution (`u` from [`transform_weight`], for tiles that [`applies`]
+/// accepts): `x` is `[b, ic, h, w]`, the result `[b, oc, oh, ow]` with `f`'s bias,
+/// residual, ReLU and input affine.
 pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
+    let [_, ic, _, _] = geo.input;
+    match variant(u.len(), geo.out_channels, ic) {
+        Some(2) => run_tiles::<2>(geo, x, u, f, threads),
+        _ => run_tiles::<4>(geo, x, u, f, threads),
+    }
+}
+
+/// [`run`] with `OUT × OUT` output tiles.
+fn run_tiles<const OUT: usize>(
+    geo: &Conv2d,
+    x: &[f32],
+    u: &[f32],
+    f: &Fused<'_>,
+    threads: usize,
+) -> Vec<f32> {
+    let xi_count = inputs(OUT).pow(2);
     let [b, ic, h, w] = geo.input;
     let oc = geo.out_channels;
     let Some([oh, ow]) = geo.out_hw() else {
@@ -305,13 +394,13 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
     if len == 0 || ic == 0 {
         return vec![0f32; len];
     }
-    let ulen = weight_len(oc, ic) / XI;
+    let ulen = weight_len(oc, ic, OUT) / xi_count;
     // Images go through in groups whose V and M stay near 16 MiB.
-    let chunk = ((4 << 20) / (XI * (ic + oc) * per_image)).clamp(1, b);
+    let chunk = ((4 << 20) / (xi_count * (ic + oc) * per_image)).clamp(1, b);
     let parallel = threads > 1;
     let dst = SharedOut(out.as_mut_ptr());
-    // The padded plane every tile reads: 4·th + 2 rows of 4·tw + 2 columns, split into
-    // four column phases of `qw` columns (eight tiles read past the last one).
+    // The padded plane every tile reads: OUT·th + 2 rows of OUT·tw + 2 columns, split
+    // into OUT column phases of `qw` columns (eight tiles read past the last one).
     let ph = OUT * th + 2;
     let qw = tw.next_multiple_of(LANES) + 2;
     for b0 in (0..b).step_by(chunk) {
@@ -330,10 +419,10 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
         };
         // V[ξ]: [ic, cp] in 16-column panels. The columns past `cols` only meet unused
         // columns of M; they are zeroed here, the rest written by the jobs below.
-        let mut v: Vec<f32> = Vec::with_capacity(XI * ic * cp);
+        let mut v: Vec<f32> = Vec::with_capacity(xi_count * ic * cp);
         let vs = SharedOut(v.as_mut_ptr());
         if cols < cp {
-            for r in 0..XI * ic {
+            for r in 0..xi_count * ic {
                 let at = (r / ic) * ic * cp + (cols / PANEL) * ic * PANEL + (r % ic) * PANEL;
                 // SAFETY: within the allocation (the last panel of row r % ic of V[r / ic]).
                 unsafe { std::ptr::write_bytes(vs.at(at + cols % PANEL), 0, cp - cols) };
@@ -343,9 +432,9 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             let (bi, c) = (j / ic, j % ic);
             // Zeroed once per buffer: every channel writes the same interior positions,
             // so the padding stays zero.
-            if q.len() != 4 * ph * qw {
+            if q.len() != OUT * ph * qw {
                 q.clear();
-                q.resize(4 * ph * qw, 0.0);
+                q.resize(OUT * ph * qw, 0.0);
             }
             let src = &x[((b0 + bi) * ic + c) * h * w..][..h * w];
             let (pt, pl) = (geo.pads[0], geo.pads[1]);
@@ -354,11 +443,11 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             // and columns the tiles read (the bottom/right padding may be cut short).
             let used = w.min((OUT * tw + 2).saturating_sub(pl));
             for (y, line) in src.chunks(w).enumerate().take(ph.saturating_sub(pt)) {
-                // Padded column 4t + phase is column t of that phase's plane.
-                for phase in 0..4 {
-                    let first = (phase + 4 - pl % 4) % 4;
-                    let row = &mut q[(phase * ph + y + pt) * qw + (first + pl) / 4..];
-                    let from = line[..used].iter().skip(first).step_by(4);
+                // Padded column OUT·t + phase is column t of that phase's plane.
+                for phase in 0..OUT {
+                    let first = (phase + OUT - pl % OUT) % OUT;
+                    let row = &mut q[(phase * ph + y + pt) * qw + (first + pl) / OUT..];
+                    let from = line[..used].iter().skip(first).step_by(OUT);
                     for (d, &s) in row.iter_mut().zip(from) {
                         *d = if f.pre.is_some() {
                             (s * sc + sh).max(lo)
@@ -370,17 +459,17 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             }
             // SAFETY: run() is only called where the AVX2 kernel is available; this job
             // owns channel c of image bi in V.
-            unsafe { input_channel(&grid, q, ic, c, bi, vs) };
+            unsafe { input_channel::<OUT>(&grid, q, ic, c, bi, vs) };
         };
         jobs_with(nb * ic, parallel, Vec::new, input);
         // SAFETY: the padding columns were zeroed and the jobs wrote every other element.
-        unsafe { v.set_len(XI * ic * cp) };
+        unsafe { v.set_len(xi_count * ic * cp) };
         // M[ξ] = U[ξ] · V[ξ]: [oc, cp] each.
-        let mut m: Vec<f32> = Vec::with_capacity(XI * oc * cp);
+        let mut m: Vec<f32> = Vec::with_capacity(xi_count * oc * cp);
         let ms = SharedOut(m.as_mut_ptr());
         let strips = cp / PANEL;
         let per_job = strips
-            .div_ceil((4 * threads).div_ceil(XI).max(1))
+            .div_ceil((4 * threads).div_ceil(xi_count).max(1))
             .clamp(1, 8);
         let parts = strips.div_ceil(per_job);
         let product = |_: &mut (), j: usize| {
@@ -406,16 +495,16 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
             // holds oc rows in blocks of k = ic, V[ξ] those strips' panels.
             unsafe { crate::sgemm::sgemm(oc, (s1 - s0) * PANEL, ic, a, rhs, c, e) };
         };
-        jobs_with(XI * parts, parallel, || (), product);
+        jobs_with(xi_count * parts, parallel, || (), product);
         // SAFETY: the jobs wrote every column of every row of every M[ξ].
-        unsafe { m.set_len(XI * oc * cp) };
+        unsafe { m.set_len(xi_count * oc * cp) };
         let output = |_: &mut (), j: usize| {
             let (bi, o) = (j / oc, j % oc);
             let plane = ((b0 + bi) * oc + o) * oh * ow;
             let bias = f.bias.map_or(0.0, |v| v[o]);
             // SAFETY: run() is only called where the AVX2 kernel is available; this job
             // owns output plane `plane`.
-            unsafe { output_channel(&grid, &m, (oc, o, bi), (plane, bias), f, dst) };
+            unsafe { output_channel::<OUT>(&grid, &m, (oc, o, bi), (plane, bias), f, dst) };
         };
         jobs_with(nb * oc, parallel, || (), output);
     }
@@ -425,19 +514,29 @@ pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) ->
 }
 
 /// One output row of eight tiles, `bias` added: value `s` of tile `l` (`y[s]` lane `l`)
-/// goes to column `4·l + s`. With AVX2 a 4 × 8 transpose in registers.
+/// goes to column `OUT·l + s` (the first `OUT · 8` values of the result). With AVX2 an
+/// `OUT × 8` transpose in registers.
 ///
 /// # Safety
 /// On x86-64 the CPU has AVX2.
 #[inline(always)]
-unsafe fn interleave(y: &[Lanes; OUT], bias: f32) -> [f32; OUT * LANES] {
-    let mut row = [0f32; OUT * LANES];
+unsafe fn interleave<const OUT: usize>(y: &[Lanes; 4], bias: f32) -> [f32; 4 * LANES] {
+    let mut row = [0f32; 4 * LANES];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 (the caller's promise); loads and stores stay inside the arrays.
     unsafe {
         use std::arch::x86_64::*;
         let b = _mm256_set1_ps(bias);
         let v = |i: usize| _mm256_add_ps(_mm256_loadu_ps(y[i].0.as_ptr()), b);
+        let p = row.as_mut_ptr();
+        if OUT == 2 {
+            let (y0, y1) = (v(0), v(1));
+            // Tiles 0-1 and 4-5, then 2-3 and 6-7, two values each.
+            let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
+            _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+            return row;
+        }
         let (y0, y1, y2, y3) = (v(0), v(1), v(2), v(3));
         let (t0, t1) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
         let (t2, t3) = (_mm256_unpacklo_ps(y2, y3), _mm256_unpackhi_ps(y2, y3));
@@ -446,14 +545,13 @@ unsafe fn interleave(y: &[Lanes; OUT], bias: f32) -> [f32; OUT * LANES] {
         let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
         let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
         let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let p = row.as_mut_ptr();
         _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(u0, u1));
         _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x20>(u2, u3));
         _mm256_storeu_ps(p.add(16), _mm256_permute2f128_ps::<0x31>(u0, u1));
         _mm256_storeu_ps(p.add(24), _mm256_permute2f128_ps::<0x31>(u2, u3));
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for (s, ys) in y.iter().enumerate() {
+    for (s, ys) in y.iter().take(OUT).enumerate() {
         for (l, &val) in ys.0.iter().enumerate() {
             row[l * OUT + s] = val + bias;
         }
@@ -544,8 +642,6 @@ mod tests {
             let [oh, ow] = geo.out_hw().unwrap();
             let x = data(b * ic * h * w, i as u32 + 1);
             let wt = data(oc * ic * 9, i as u32 + 7);
-            let u = transform_weight(&wt, oc, ic);
-            assert_eq!(u.len(), weight_len(oc, ic));
             let bias = data(oc, 3);
             let residual = data(b * oc * oh * ow, 5);
             let (scale, shift) = (data(ic, 11), data(ic, 13));
@@ -567,20 +663,36 @@ mod tests {
                     }),
                 },
             ];
-            for (v, f) in variants.iter().enumerate() {
-                let want = geo.run(&x, Weight::Dense(&wt), f, 1);
-                for threads in [1, 2] {
-                    let got = run(&geo, &x, &u, f, threads);
-                    assert_eq!(got.len(), want.len());
-                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (ic as f32).sqrt(),
-                            "case {i} variant {v} threads {threads} at {j}: {g} vs {e}"
-                        );
+            for tile in [4, 2] {
+                let u = transform_weight(&wt, oc, ic, tile);
+                assert_eq!(u.len(), weight_len(oc, ic, tile));
+                assert_eq!(variant(u.len(), oc, ic), Some(tile));
+                for (v, f) in variants.iter().enumerate() {
+                    let want = geo.run(&x, Weight::Dense(&wt), f, 1);
+                    for threads in [1, 2] {
+                        let got = run(&geo, &x, &u, f, threads);
+                        assert_eq!(got.len(), want.len());
+                        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (ic as f32).sqrt(),
+                                "case {i} F({tile}) variant {v} threads {threads} at {j}: {g} vs {e}"
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn picks_the_larger_tile_where_its_weight_fits() {
+        // F(4×4): 36 · 64 · 64 floats; F(2×2): 16 · 512 · 512 = exactly 16 MiB.
+        assert_eq!(pick(64, 64, 16 << 20), Some(4));
+        assert_eq!(pick(512, 512, 16 << 20), Some(2));
+        assert_eq!(pick(1024, 512, 16 << 20), None);
+        // A length that is neither transform's is no Winograd weight.
+        assert_eq!(variant(weight_len(64, 64, 4) + 1, 64, 64), None);
+        assert_eq!(variant(0, 64, 64), None);
     }
 
     #[test]
@@ -594,10 +706,12 @@ mod tests {
             pads: [1, 1, 1, 1],
             groups: 1,
         };
-        assert!(applies(&geo(1, 14, 1), 16));
-        assert!(!applies(&geo(1, 7, 1), 16));
-        assert!(applies(&geo(4, 7, 1), 16));
-        assert!(!applies(&geo(1, 28, 2), 16));
+        assert!(applies(&geo(1, 14, 1), 16, 4));
+        assert!(!applies(&geo(1, 7, 1), 16, 4));
+        assert!(applies(&geo(1, 7, 1), 16, 2));
+        assert!(applies(&geo(4, 7, 1), 16, 4));
+        assert!(!applies(&geo(1, 28, 2), 16, 4));
+        assert!(!applies(&geo(1, 28, 2), 16, 2));
         // An empty input (a zero-sized dimension, padded out to a kernel's width) is left
         // to the direct path.
         let empty = Conv2d {
@@ -605,6 +719,6 @@ mod tests {
             pads: [1, 2, 1, 2],
             ..geo(4, 7, 1)
         };
-        assert!(empty.out_hw().is_some() && !applies(&empty, 16));
+        assert!(empty.out_hw().is_some() && !applies(&empty, 16, 4) && !applies(&empty, 16, 2));
     }
 }
