@@ -7,8 +7,6 @@
 //! thread on disjoint parts of C and fall back to the `gemm` crate when [`available`] is
 //! false.
 
-#[doc(hidden)]
-pub static EXP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Rows of C one register tile covers.
 const MR: usize = 6;
 /// Columns of C one register tile covers (two 8-lane vectors).
