@@ -1139,6 +1139,48 @@ mod tests {
     }
 
     #[test]
+    fn max_pool_matches_the_definition() {
+        // (hw, kernel, stride, pads [t, l, b, r])
+        let cases = [
+            ([112, 112], [3, 3], [2, 2], [1, 1, 1, 1]),
+            ([9, 11], [3, 2], [1, 3], [0, 2, 1, 0]),
+            ([7, 5], [1, 1], [2, 2], [0, 0, 0, 0]),
+            ([6, 13], [4, 5], [3, 2], [2, 3, 2, 4]),
+            ([5, 4], [2, 4], [1, 1], [0, 0, 0, 0]),
+        ];
+        for (hw, kernel, stride, pads) in cases {
+            let p = Pool2d {
+                planes: 3,
+                hw,
+                kernel,
+                stride,
+                pads,
+            };
+            let [oh, ow] = p.out_hw().unwrap();
+            let plane = hw[0] * hw[1];
+            let x: Vec<f32> = (0..3 * plane)
+                .map(|i| ((i * 37) % 101) as f32 - 60.0)
+                .collect();
+            let got = p.max(&x);
+            assert_eq!(got.len(), 3 * oh * ow);
+            for (j, g) in got.iter().enumerate() {
+                let (c, oy, ox) = (j / (oh * ow), j / ow % oh, j % ow);
+                let mut want = f32::NEG_INFINITY;
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        let y = (oy * stride[0] + ky) as isize - pads[0] as isize;
+                        let xx = (ox * stride[1] + kx) as isize - pads[1] as isize;
+                        if (0..hw[0] as isize).contains(&y) && (0..hw[1] as isize).contains(&xx) {
+                            want = want.max(x[c * plane + y as usize * hw[1] + xx as usize]);
+                        }
+                    }
+                }
+                assert_eq!(*g, want, "{hw:?} {kernel:?} {stride:?} {pads:?} at {j}");
+            }
+        }
+    }
+
+    #[test]
     fn max_pool_ignores_padding_even_for_negative_inputs() {
         // One 3×3 plane of negatives, 2×2 window, stride 2, one row/column of padding.
         let p = Pool2d {
