@@ -84,7 +84,21 @@ fn compare(
         let Some(got) = outputs.get(&info.name) else {
             return Outcome::Fail(format!("output '{}' missing", info.name));
         };
-        if let Err(e) = close(got, &want) {
+        // What a client receives: the output in its declared type (INT8 and UINT16 are
+        // computed wider and narrowed on the way out).
+        let got = match info.dtype {
+            Some(dt @ (kiln_sdk::DataType::Int8 | kiln_sdk::DataType::UInt16)) => {
+                let shape: Vec<i64> = got.dims().iter().map(|&d| d as i64).collect();
+                match kiln_onnx::convert::to_bytes(got, dt)
+                    .and_then(|b| kiln_onnx::convert::to_tensor(dt, &shape, &b, &Device::Cpu))
+                {
+                    Ok(t) => t,
+                    Err(e) => return Outcome::Fail(format!("output '{}': {e:?}", info.name)),
+                }
+            }
+            _ => got.clone(),
+        };
+        if let Err(e) = close(&got, &want) {
             return Outcome::Fail(format!("output '{}': {e}", info.name));
         }
     }
