@@ -678,96 +678,43 @@ impl Source<'_> {
         let src = &self.data[ig * self.group..][..self.group];
         let k = self.taps.len();
         let g = ig % self.groups;
-        let mut segments = Vec::new();
         for (bi, o) in offs.chunks(BW).enumerate() {
             let out = &mut blocks[bi * k * BW..][..k * BW];
             let n = o.len();
-            if n == BW && o[n - 1] - o[0] == n - 1 {
-                // One run of neighbouring pixels: a fixed-size copy per row.
-                for (dst, &t) in out.chunks_exact_mut(BW).zip(&self.taps) {
-                    let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
-                    *dst = src[t + o[0]..][..BW].try_into().expect("BW long");
+            let run = n == BW && o[n - 1] - o[0] == n - 1;
+            let rows = out.chunks_exact_mut(BW).zip(&self.taps);
+            match (&self.per_tap, run) {
+                (None, true) => {
+                    for (dst, &t) in rows {
+                        let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+                        *dst = src[t + o[0]..][..BW].try_into().expect("BW long");
+                    }
                 }
-            } else {
-                // Runs of pixels at one stride (a strided convolution's output row, or
-                // the part of one in this panel), each gathered for every row at once.
-                strided_runs(o, &mut segments);
-                for &(lane, at, len, step) in &segments {
-                    match (step, len) {
-                        (2, l) if l == BW => gather_full::<BW, 2>(out, &self.taps, src, at),
-                        (1, _) => gather(out, BW, &self.taps, src, (lane, at, len), 1),
-                        (2, _) => gather(out, BW, &self.taps, src, (lane, at, len), 2),
-                        _ => gather(out, BW, &self.taps, src, (lane, at, len), step),
+                (None, false) => {
+                    for (dst, &t) in rows {
+                        for (d, &q) in dst.iter_mut().zip(o) {
+                            *d = src[t + q];
+                        }
+                    }
+                }
+                (Some((sc, sh, relu)), run) => {
+                    let lo = if *relu { 0.0 } else { f32::NEG_INFINITY };
+                    let (sc, sh) = (&sc[g * k..][..k], &sh[g * k..][..k]);
+                    for (((dst, &t), &a), &b) in rows.zip(sc).zip(sh) {
+                        if run {
+                            let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+                            let from: &[f32; BW] = src[t + o[0]..][..BW].try_into().expect("BW");
+                            for (d, &v) in dst.iter_mut().zip(from) {
+                                *d = (v * a + b).max(lo);
+                            }
+                        } else {
+                            for (d, &q) in dst.iter_mut().zip(o) {
+                                *d = (src[t + q] * a + b).max(lo);
+                            }
+                        }
                     }
                 }
             }
-            if let Some((sc, sh, relu)) = &self.per_tap {
-                let lo = if *relu { 0.0 } else { f32::NEG_INFINITY };
-                let (sc, sh) = (&sc[g * k..][..k], &sh[g * k..][..k]);
-                for ((dst, &a), &b) in out.chunks_exact_mut(BW).zip(sc).zip(sh) {
-                    for d in &mut dst[..n] {
-                        *d = (*d * a + b).max(lo);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Splits a panel's pixel offsets into runs that step by one stride: `(first lane, first
-/// offset, length, stride)` each (the offsets of one output row step by the convolution's
-/// stride; a panel holds at most a few rows' pieces).
-fn strided_runs(o: &[usize], runs: &mut Vec<(usize, usize, usize, usize)>) {
-    runs.clear();
-    let mut i = 0;
-    while i < o.len() {
-        let step = match o.get(i + 1) {
-            Some(&next) if next > o[i] => next - o[i],
-            _ => 1,
-        };
-        let mut j = i + 1;
-        while j < o.len() && o[j] > o[j - 1] && o[j] - o[j - 1] == step {
-            j += 1;
-        }
-        runs.push((i, o[i], j - i, step));
-        i = j;
-    }
-}
-
-/// [`gather`] of whole rows (`BW` lanes from lane 0) at a fixed step: fixed-size loops.
-#[inline(always)]
-fn gather_full<const BW: usize, const STEP: usize>(
-    out: &mut [f32],
-    taps: &[usize],
-    src: &[f32],
-    at: usize,
-) {
-    for (dst, &t) in out.chunks_exact_mut(BW).zip(taps) {
-        let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
-        let from = &src[t + at..][..STEP * (BW - 1) + 1];
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = from[STEP * i];
-        }
-    }
-}
-
-/// For every row `r` of a block of `bw`-wide rows, lanes `lane..lane + len` get
-/// `src[taps[r] + at + step · i]`. Called with a literal step so that each is compiled
-/// apart (1: copies, 2: a de-interleave the compiler vectorises).
-#[inline(always)]
-fn gather(
-    out: &mut [f32],
-    bw: usize,
-    taps: &[usize],
-    src: &[f32],
-    (lane, at, len): (usize, usize, usize),
-    step: usize,
-) {
-    let span = step * (len - 1) + 1;
-    for (dst, &t) in out.chunks_exact_mut(bw).zip(taps) {
-        let from = &src[t + at..][..span];
-        for (i, d) in dst[lane..lane + len].iter_mut().enumerate() {
-            *d = from[step * i];
         }
     }
 }

@@ -940,6 +940,43 @@ impl Pool2d {
     }
 }
 
+/// Writes `src[..n]` (`n` at most `src.len()`) to `dst` with fixed-size moves (a
+/// variable-length copy of a few values would be a call to `memcpy`, which costs more
+/// than the copy here).
+///
+/// # Safety
+/// `dst..dst + n` must be valid for writes and not overlap `src`.
+#[inline(always)]
+pub(crate) unsafe fn write_prefix(dst: *mut f32, src: &[f32], n: usize) {
+    #[inline(always)]
+    unsafe fn fixed<const N: usize>(dst: *mut f32, src: &[f32]) {
+        if let Some(s) = src.first_chunk::<N>() {
+            // SAFETY: the caller's promise covers these N values.
+            unsafe { dst.cast::<[f32; N]>().write_unaligned(*s) };
+        }
+    }
+    let n = n.min(src.len());
+    let mut i = 0;
+    // SAFETY (all writes): within dst..dst + n, as the caller promises.
+    unsafe {
+        while i + 8 <= n {
+            fixed::<8>(dst.add(i), &src[i..]);
+            i += 8;
+        }
+        let (d, s) = (dst.add(i), &src[i..]);
+        match n - i {
+            1 => fixed::<1>(d, s),
+            2 => fixed::<2>(d, s),
+            3 => fixed::<3>(d, s),
+            4 => fixed::<4>(d, s),
+            5 => fixed::<5>(d, s),
+            6 => fixed::<6>(d, s),
+            7 => fixed::<7>(d, s),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -386,36 +386,6 @@ mod avx2 {
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
                 }
             }
-            // The common case, kept apart so the accumulators stay in registers: one pass
-            // over k, a whole 16-column strip of a row-major C, no column bias.
-            if st.first && st.last && nc == NR && c.cs == 1 && st.col_bias.is_none() {
-                let zero = _mm256_setzero_ps();
-                for r in 0..R {
-                    let (mut v0, mut v1) = (lo[r], hi[r]);
-                    if let Some(p) = st.row_bias {
-                        let v = _mm256_broadcast_ss(&*p.add(r));
-                        v0 = _mm256_add_ps(v0, v);
-                        v1 = _mm256_add_ps(v1, v);
-                    }
-                    let row = c.ptr.add(r * c.rs);
-                    let from = match st.base {
-                        Base::Zero => None,
-                        Base::Accumulate => Some(row as *const f32),
-                        Base::Other { ptr, ld } => Some(ptr.add(r * ld)),
-                    };
-                    if let Some(p) = from {
-                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
-                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
-                    }
-                    if st.relu {
-                        v0 = _mm256_max_ps(v0, zero);
-                        v1 = _mm256_max_ps(v1, zero);
-                    }
-                    _mm256_storeu_ps(row, v0);
-                    _mm256_storeu_ps(row.add(8), v1);
-                }
-                return;
-            }
             // Loads 16 values of a row of C's layout (the first nc of them real) as two
             // vectors; `store` writes them back.
             let load = |p: *const f32| {

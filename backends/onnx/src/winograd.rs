@@ -16,7 +16,7 @@
 //! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
 //! back into output blocks with bias, residual and ReLU (per image and channel).
 use crate::cpu_conv::{pack_weight, Conv2d, Fused, PreAffine};
-use crate::cpu_kernels::jobs_with;
+use crate::cpu_kernels::{jobs_with, write_prefix};
 use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL};
 
 /// Largest tile side: inputs per tile side of F(4×4, 3×3). Arrays of tile values have this
@@ -292,10 +292,12 @@ unsafe fn input_channel<const OUT: usize>(
                 let col = col0 + l;
                 let run = (PANEL - col % PANEL).min(n - l);
                 let at = (col / PANEL) * ic * PANEL + c * PANEL + col % PANEL;
-                let used = vt.iter().take(inn).flat_map(|row| &row[..inn]);
-                for (xi, t) in used.enumerate() {
-                    // SAFETY: (ξ, c, col..col + run) are this job's own elements.
-                    unsafe { write_prefix(v.at(xi * ic * g.cp + at), &t.0[l..], run) };
+                for (i, row) in vt.iter().enumerate().take(inn) {
+                    for (j, t) in row.iter().enumerate().take(inn) {
+                        let xi = i * inn + j;
+                        // SAFETY: (ξ, c, col..col + run) are this job's own elements.
+                        unsafe { write_prefix(v.at(xi * ic * g.cp + at), &t.0[l..], run) };
+                    }
                 }
                 l += run;
             }
@@ -557,43 +559,6 @@ unsafe fn interleave<const OUT: usize>(y: &[Lanes; 4], bias: f32) -> [f32; 4 * L
         }
     }
     row
-}
-
-/// Writes `src[..n]` (`n` at most `src.len()`) to `dst` with fixed-size moves (a
-/// variable-length copy of a few values would be a call to `memcpy`, which costs more
-/// than the copy here).
-///
-/// # Safety
-/// `dst..dst + n` must be valid for writes and not overlap `src`.
-#[inline(always)]
-unsafe fn write_prefix(dst: *mut f32, src: &[f32], n: usize) {
-    #[inline(always)]
-    unsafe fn fixed<const N: usize>(dst: *mut f32, src: &[f32]) {
-        if let Some(s) = src.first_chunk::<N>() {
-            // SAFETY: the caller's promise covers these N values.
-            unsafe { dst.cast::<[f32; N]>().write_unaligned(*s) };
-        }
-    }
-    let n = n.min(src.len());
-    let mut i = 0;
-    // SAFETY (all writes): within dst..dst + n, as the caller promises.
-    unsafe {
-        while i + LANES <= n {
-            fixed::<LANES>(dst.add(i), &src[i..]);
-            i += LANES;
-        }
-        let (d, s) = (dst.add(i), &src[i..]);
-        match n - i {
-            1 => fixed::<1>(d, s),
-            2 => fixed::<2>(d, s),
-            3 => fixed::<3>(d, s),
-            4 => fixed::<4>(d, s),
-            5 => fixed::<5>(d, s),
-            6 => fixed::<6>(d, s),
-            7 => fixed::<7>(d, s),
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]
