@@ -139,7 +139,15 @@ impl Conv2d {
         if images * tiles < 4 * threads {
             tiles = tiles.max((4 * threads).div_ceil(images).min(panels / 4));
         }
-        let tiles = tiles.clamp(1, panels.max(1));
+        let mut tiles = tiles.clamp(1, panels.max(1));
+        // Few jobs: a count the threads share evenly, so that none waits while another
+        // runs a last one (13 tiles on 2 threads leave one idle for a twelfth of the time).
+        if threads > 1 && images * tiles < 16 * threads {
+            tiles = (images * tiles)
+                .next_multiple_of(threads)
+                .div_ceil(images)
+                .min(panels.max(1));
+        }
         let jobs = images * tiles;
         // Too few pixel tiles to keep every thread busy: split the output channels too.
         let parts = if jobs >= 2 * threads {
@@ -869,6 +877,8 @@ mod tests {
             // across output rows) and on a small one (6-pixel slivers across rows).
             ([2, 5, 70, 70], 6, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 1),
             ([1, 9, 27, 27], 20, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 1),
+            // Five pixel tiles of four panels, rounded up to six for two threads.
+            ([1, 1024, 16, 20], 4, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             // The direct path: stride 1 on small maps, padded and not (it reads past the
             // last plane's end).
             ([2, 5, 9, 8], 7, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0], 1),
