@@ -878,7 +878,15 @@ mod tests {
             ([2, 5, 70, 70], 6, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 1),
             ([1, 9, 27, 27], 20, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 1),
             // Five pixel tiles of four panels, rounded up to six for two threads.
-            ([1, 1024, 16, 20], 4, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
+            (
+                [1, 1024, 16, 20],
+                4,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                1,
+            ),
             // The direct path: stride 1 on small maps, padded and not (it reads past the
             // last plane's end).
             ([2, 5, 9, 8], 7, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0], 1),

@@ -289,7 +289,9 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                 let pack = move |dense: &[f32]| {
                     let mut packed = crate::cpu_conv::pack_weight(dense, oc, icg, kh * kw);
                     if let Some(tile) = winograd {
-                        packed.extend(crate::winograd::transform_weight(dense, oc, icg, tile));
+                        let len = crate::winograd::weight_len(oc, icg, tile);
+                        packed.reserve_exact(len);
+                        crate::winograd::transform_weight_into(&mut packed, dense, oc, icg, tile);
                     }
                     let len = packed.len();
                     Tensor::from_vec(packed, len, &Device::Cpu).ok()

@@ -88,26 +88,31 @@ pub fn weight_len(oc: usize, ic: usize, out: usize) -> usize {
 /// matrices, each packed by [`pack_weight`] (16-channel blocks, the kernel's left-hand
 /// operand).
 pub fn transform_weight(weight: &[f32], oc: usize, ic: usize, out: usize) -> Vec<f32> {
+    let mut u = Vec::with_capacity(weight_len(oc, ic, out));
+    transform_weight_into(&mut u, weight, oc, ic, out);
+    u
+}
+
+/// [`transform_weight`] appended to `dst`, one `[oc, ic]` matrix at a time (a model's
+/// widest layers would otherwise hold all of them twice while planning).
+pub fn transform_weight_into(dst: &mut Vec<f32>, weight: &[f32], oc: usize, ic: usize, out: usize) {
     let g_rows: &[[f64; 3]] = if out == 4 { &G4 } else { &G2 };
     let inn = g_rows.len();
-    let mut u = vec![0f32; inn * inn * oc * ic];
-    for (pair, g) in weight.chunks_exact(9).enumerate().take(oc * ic) {
-        let mut t = [[0f64; 3]; MAX_IN];
-        for (ti, gi) in t.iter_mut().zip(g_rows) {
-            for (j, v) in ti.iter_mut().enumerate() {
-                *v = (0..3).map(|r| gi[r] * g[r * 3 + j] as f64).sum();
+    let mut u = vec![0f32; oc * ic];
+    for i in 0..inn {
+        for j in 0..inn {
+            // U[i·inn + j][pair] = Σ_r Σ_c G[i][r] · g[r][c] · G[j][c].
+            for (v, g) in u.iter_mut().zip(weight.chunks_exact(9)) {
+                let mut sum = 0f64;
+                for r in 0..3 {
+                    let row: f64 = (0..3).map(|c| g[r * 3 + c] as f64 * g_rows[j][c]).sum();
+                    sum += g_rows[i][r] * row;
+                }
+                *v = sum as f32;
             }
-        }
-        for (i, ti) in t.iter().take(inn).enumerate() {
-            for (j, gj) in g_rows.iter().enumerate() {
-                let v: f64 = (0..3).map(|r| ti[r] * gj[r]).sum();
-                u[(i * inn + j) * oc * ic + pair] = v as f32;
-            }
+            dst.extend(pack_weight(&u, oc, ic, 1));
         }
     }
-    u.chunks(oc * ic)
-        .flat_map(|m| pack_weight(m, oc, ic, 1))
-        .collect()
 }
 
 /// Eight values computed together (eight tiles side by side); plain loops over the lanes,
