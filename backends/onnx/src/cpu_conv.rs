@@ -873,8 +873,8 @@ mod tests {
             ([1, 40, 7, 7], 37, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
             ([2, 300, 5, 5], 20, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             ([1, 20, 17, 17], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
-            // Stride 2 on a large map (whole 16-pixel panels at one stride, and panels
-            // across output rows) and on a small one (6-pixel slivers across rows).
+            // Stride 2 on a large map (16-pixel panels, some across output rows) and on
+            // a small one (6-pixel slivers across rows).
             ([2, 5, 70, 70], 6, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 1),
             ([1, 9, 27, 27], 20, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 1),
             // Five pixel tiles of four panels, rounded up to six for two threads.
