@@ -165,3 +165,35 @@ def test_intra_op_thread_count_sizes_each_instance_pool(tmp_path):
         np.testing.assert_array_equal(c.infer("add3", ins).as_numpy("sum"), 3 * x)
     finally:
         k.stop()
+
+
+RANDOM_RESNET = os.path.join(os.environ.get("KILN_BENCH_MODELS", ""), "light_resnet50_random_dynbatch.onnx")
+
+
+@pytest.mark.skipif(not os.path.isfile(RANDOM_RESNET), reason="KILN_BENCH_MODELS not set (cargo xtask test writes it)")
+def test_resnet50_with_random_weights_matches_onnxruntime(tmp_path):
+    """ResNet-50 with seeded random weights (`make_bench_models`), served as a Triton folder:
+    its logits against onnxruntime's on the same file, one image and a batch of three."""
+    import onnxruntime as ort
+    os.makedirs(tmp_path / "resnet" / "1")
+    shutil.copy(RANDOM_RESNET, tmp_path / "resnet" / "1" / "model.onnx")
+    (tmp_path / "resnet" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 4\n')
+    session = ort.InferenceSession(RANDOM_RESNET, providers=["CPUExecutionProvider"])
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    k = Kiln(repo=str(tmp_path))
+    try:
+        client = httpclient.InferenceServerClient(k.url)
+        rng = np.random.default_rng(7)
+        for batch in (1, 3):
+            x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+            inp = httpclient.InferInput(name_in, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            got = client.infer("resnet", [inp]).as_numpy(name_out)
+            want = session.run(None, {name_in: x})[0]
+            scale = np.abs(want).max()
+            # Logits that differ by class and by image: a wrong convolution shows.
+            assert want.std(axis=1).min() > 0.05 * scale
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+            assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    finally:
+        k.stop()

@@ -143,15 +143,40 @@ fn test() -> Result<()> {
         .env("KILN_DIST", &dist)
         .env("KILN_ONNX_TESTS", &onnx_tests)
         .args(["test", "--release", "--workspace"]))?;
+    // ResNet-50 with random weights, which the suite serves and checks against onnxruntime.
+    let bench_models = make_bench_models(&onnx_tests, &["light_resnet50.onnx"])?;
     let py = python::ensure_venv(&root)?;
     let mut c = Command::new(py.join("bin").join("python"));
     c.current_dir(&root)
         .env("KILN_DIST", &dist)
         .env("KILN_REPO", root.join("model_repository"))
         .env("KILN_ONNX_TESTS", &onnx_tests)
+        .env("KILN_BENCH_MODELS", &bench_models)
         .env("LD_LIBRARY_PATH", python::perf_analyzer_lib_path(&py))
         .args(["-m", "pytest", "-q", "tests/python"]);
     run(&mut c)
+}
+
+/// Builds and runs `make_bench_models` (the BERT encoder, and for each of ONNX's `light`
+/// models named a batch-dynamic copy and one with random weights) into
+/// `target/bench-models`, which it returns.
+fn make_bench_models(onnx_tests: &Path, light: &[&str]) -> Result<PathBuf> {
+    run(cargo().current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "onnx-backend",
+        "--example",
+        "make_bench_models",
+    ]))?;
+    let dir = target_dir().join("bench-models");
+    let mut c = Command::new(target_dir().join("release/examples/make_bench_models"));
+    c.arg(&dir);
+    for name in light {
+        c.arg(onnx_tests.join("light").join(name));
+    }
+    run(&mut c)?;
+    Ok(dir)
 }
 
 fn bench(extra: &[String]) -> Result<()> {
@@ -181,17 +206,11 @@ fn bench(extra: &[String]) -> Result<()> {
         "onnx-backend",
         "--example",
         "bench_plan",
-        "--example",
-        "make_bench_models",
     ]))?;
     let onnx_tests = models::fetch_onnx_tests(&target_dir().join("model-cache"))?;
-    let light = onnx_tests.join("light");
-    let bench_models = target_dir().join("bench-models");
-    run(
-        Command::new(target_dir().join("release/examples/make_bench_models"))
-            .arg(&bench_models)
-            .arg(light.join("light_resnet50.onnx"))
-            .arg(light.join("light_densenet121.onnx")),
+    let bench_models = make_bench_models(
+        &onnx_tests,
+        &["light_resnet50.onnx", "light_densenet121.onnx"],
     )?;
     run(Command::new(py.join("bin").join("python"))
         .current_dir(&root)

@@ -1,4 +1,5 @@
-//! Writes the models `cargo xtask bench` compares against onnxruntime into `<dir>`:
+//! Writes the models `cargo xtask bench` compares against onnxruntime (and `cargo xtask test`
+//! checks against it) into `<dir>`:
 //!
 //! * `bert_minilm.onnx` — a BERT encoder of all-MiniLM-L6-v2's shape (6 layers, hidden 384,
 //!   12 heads, FFN 1536, vocabulary 30522) with seeded random weights, written the way
@@ -9,6 +10,11 @@
 //! * `<light model>_dynbatch.onnx` for each ONNX light model given — the same graph with a
 //!   symbolic batch dimension (a leading 1 in a constant `Reshape` target becomes 0, "copy
 //!   the input's"), so the comparison can run at batch 8.
+//!
+//! * `<light model>_random_dynbatch.onnx` — the same, with seeded random weights in place
+//!   of the light model's constant ones (every weight there is a `ConstantOfShape`, so its
+//!   outputs are uniform and cannot show a wrong result) and without its final `Softmax`:
+//!   the logits, for the test suite to compare with onnxruntime.
 //!
 //! `make_bench_models <dir> [light_model.onnx ...]`
 use candle_onnx::onnx::{
@@ -330,6 +336,84 @@ fn dynamic_batch(mut model: ModelProto) -> ModelProto {
     model
 }
 
+/// Seeded random weights for every `ConstantOfShape` fed by a constant shape, scaled by what
+/// reads them (He-uniform convolution and Gemm weights, BatchNormalization statistics near
+/// the identity, small biases); the final `Softmax` is dropped so the logits are the output.
+fn random_weights(mut model: ModelProto) -> ModelProto {
+    let Some(graph) = model.graph.as_mut() else {
+        return model;
+    };
+    let shape_of = |t: &TensorProto| -> Vec<i64> {
+        if !t.int64_data.is_empty() {
+            return t.int64_data.clone();
+        }
+        t.raw_data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect()
+    };
+    let shapes: std::collections::HashMap<String, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == DataType::Int64 as i32)
+        .map(|t| (t.name.clone(), shape_of(t)))
+        .collect();
+    let mut seed = 20261126u64;
+    let mut uniform = |lo: f32, hi: f32| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (hi - lo) * ((seed >> 40) as f32 / (1u64 << 24) as f32)
+    };
+    let mut made = Vec::new();
+    for node in graph.node.iter().filter(|n| n.op_type == "ConstantOfShape") {
+        let (Some(dims), Some(out)) = (
+            node.input.first().and_then(|i| shapes.get(i)),
+            node.output.first(),
+        ) else {
+            continue;
+        };
+        let reader = graph
+            .node
+            .iter()
+            .find_map(|n| n.input.iter().position(|i| i == out).map(|p| (n, p)));
+        let fan_in = dims.iter().skip(1).product::<i64>().max(1) as f32;
+        let (lo, hi) = match reader.map(|(n, p)| (n.op_type.as_str(), p)) {
+            Some(("Conv", 1)) => (-(6.0 / fan_in).sqrt(), (6.0 / fan_in).sqrt()),
+            Some(("Gemm", 1)) => (-(3.0 / fan_in).sqrt(), (3.0 / fan_in).sqrt()),
+            Some(("BatchNormalization", 1)) => (0.8, 1.2),
+            Some(("BatchNormalization", 4)) => (0.5, 1.5),
+            _ => (-0.1, 0.1),
+        };
+        let n: i64 = dims.iter().product();
+        let raw = (0..n).flat_map(|_| uniform(lo, hi).to_le_bytes()).collect();
+        made.push(TensorProto {
+            name: out.clone(),
+            dims: dims.clone(),
+            data_type: DataType::Float as i32,
+            raw_data: raw,
+            ..Default::default()
+        });
+    }
+    let replaced: std::collections::HashSet<String> = made.iter().map(|t| t.name.clone()).collect();
+    graph
+        .node
+        .retain(|n| !n.output.iter().any(|o| replaced.contains(o)));
+    graph.initializer.extend(made);
+    // The shapes the constants were made from are read by nothing now.
+    let read: std::collections::HashSet<String> =
+        graph.node.iter().flat_map(|n| n.input.clone()).collect();
+    graph.initializer.retain(|t| read.contains(&t.name));
+    graph.input.retain(|i| read.contains(&i.name));
+    if let Some(at) = graph.node.iter().rposition(|n| n.op_type == "Softmax") {
+        let softmax = graph.node.remove(at);
+        if let (Some(out), Some(logits)) = (graph.output.first_mut(), softmax.input.first()) {
+            out.name = logits.clone();
+        }
+    }
+    model
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(
@@ -347,6 +431,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("model");
+        let path = dir.join(format!("{stem}_random_dynbatch.onnx"));
+        std::fs::write(
+            &path,
+            dynamic_batch(random_weights(model.clone())).encode_to_vec(),
+        )?;
+        println!("wrote {}", path.display());
         let path = dir.join(format!("{stem}_dynbatch.onnx"));
         std::fs::write(&path, dynamic_batch(model).encode_to_vec())?;
         println!("wrote {}", path.display());
