@@ -5,29 +5,21 @@ onnxruntime's on the same file, for a random batch of 1 and of 2:
 files (ONNX's light models with random weights): prints the largest difference relative to
 the largest output value."""
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import onnxruntime as ort
 import tritonclient.http as httpclient
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-from conftest import Kiln  # noqa: E402
+from conftest import serving_onnx  # noqa: E402
 
 
 def main():
     for path in sys.argv[1:]:
-        repo = tempfile.mkdtemp()
-        os.makedirs(os.path.join(repo, "m", "1"))
-        shutil.copy(path, os.path.join(repo, "m", "1", "model.onnx"))
-        with open(os.path.join(repo, "m", "config.pbtxt"), "w") as f:
-            f.write('backend: "onnxruntime"\nmax_batch_size: 4\n')
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         first_in, first_out = session.get_inputs()[0], session.get_outputs()[0].name
-        kiln = Kiln(repo=repo)
-        try:
+        with serving_onnx(path) as kiln:
             client = httpclient.InferenceServerClient(kiln.url)
             for batch in (1, 2):
                 dims = [batch] + list(first_in.shape[1:])
@@ -39,9 +31,6 @@ def main():
                 scale = np.abs(want).max()
                 print(f"{os.path.basename(path):45} batch {batch}: largest difference "
                       f"{np.abs(got - want).max() / scale:.2e} of the largest value", flush=True)
-        finally:
-            kiln.stop()
-            shutil.rmtree(repo, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Starts the kiln binary laid out by `cargo xtask build` for the tritonclient suite."""
+import contextlib
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -41,6 +44,25 @@ class Kiln:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def serving_onnx(path, name="m", max_batch_size=4):
+    """Kiln serving the ONNX file at `path` as the Triton folder `name/1/model.onnx` with a
+    two-line config (`backend: "onnxruntime"`, `max_batch_size`), in a temporary repository."""
+    repo = tempfile.mkdtemp()
+    try:
+        os.makedirs(os.path.join(repo, name, "1"))
+        shutil.copy(path, os.path.join(repo, name, "1", "model.onnx"))
+        with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
+            f.write(f'backend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n')
+        k = Kiln(repo=repo)
+        try:
+            yield k
+        finally:
+            k.stop()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
-from conftest import REPO, Kiln
+from conftest import REPO, Kiln, serving_onnx
 
 NODE = os.path.join(os.environ.get("KILN_ONNX_TESTS", ""), "node")
 pytestmark = pytest.mark.skipif(not os.path.isdir(NODE), reason="KILN_ONNX_TESTS not set (cargo xtask test sets it)")
@@ -171,17 +171,13 @@ RANDOM_RESNET = os.path.join(os.environ.get("KILN_BENCH_MODELS", ""), "light_res
 
 
 @pytest.mark.skipif(not os.path.isfile(RANDOM_RESNET), reason="KILN_BENCH_MODELS not set (cargo xtask test writes it)")
-def test_resnet50_with_random_weights_matches_onnxruntime(tmp_path):
+def test_resnet50_with_random_weights_matches_onnxruntime():
     """ResNet-50 with seeded random weights (`make_bench_models`), served as a Triton folder:
     its logits against onnxruntime's on the same file, one image and a batch of three."""
     import onnxruntime as ort
-    os.makedirs(tmp_path / "resnet" / "1")
-    shutil.copy(RANDOM_RESNET, tmp_path / "resnet" / "1" / "model.onnx")
-    (tmp_path / "resnet" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 4\n')
     session = ort.InferenceSession(RANDOM_RESNET, providers=["CPUExecutionProvider"])
     name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    k = Kiln(repo=str(tmp_path))
-    try:
+    with serving_onnx(RANDOM_RESNET, "resnet") as k:
         client = httpclient.InferenceServerClient(k.url)
         rng = np.random.default_rng(7)
         for batch in (1, 3):
@@ -195,5 +191,3 @@ def test_resnet50_with_random_weights_matches_onnxruntime(tmp_path):
             assert want.std(axis=1).min() > 0.05 * scale
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
             assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
-    finally:
-        k.stop()

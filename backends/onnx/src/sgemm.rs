@@ -302,6 +302,29 @@ mod avx2 {
         }
     }
 
+    /// Row `r` of a tile (two 8-lane halves) with, on the first pass over k, the tile's row
+    /// bias for that row and its column biases `col` added.
+    #[inline(always)]
+    unsafe fn biased(
+        st: &Store,
+        r: usize,
+        col: (__m256, __m256),
+        (mut s0, mut s1): (__m256, __m256),
+    ) -> (__m256, __m256) {
+        unsafe {
+            if st.first {
+                if let Some(p) = st.row_bias {
+                    let v = _mm256_broadcast_ss(&*p.add(r));
+                    s0 = _mm256_add_ps(s0, v);
+                    s1 = _mm256_add_ps(s1, v);
+                }
+                s0 = _mm256_add_ps(s0, col.0);
+                s1 = _mm256_add_ps(s1, col.1);
+            }
+            (s0, s1)
+        }
+    }
+
     /// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of row `j`.
     #[inline(always)]
     unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -422,18 +445,7 @@ mod avx2 {
                 let mut rows_lo = [zero; 8];
                 let mut rows_hi = [zero; 8];
                 for r in 0..R {
-                    let (mut s0, mut s1) = (lo[r], hi[r]);
-                    if st.first {
-                        if let Some(p) = st.row_bias {
-                            let v = _mm256_broadcast_ss(&*p.add(r));
-                            s0 = _mm256_add_ps(s0, v);
-                            s1 = _mm256_add_ps(s1, v);
-                        }
-                        s0 = _mm256_add_ps(s0, col.0);
-                        s1 = _mm256_add_ps(s1, col.1);
-                    }
-                    rows_lo[r] = s0;
-                    rows_hi[r] = s1;
+                    (rows_lo[r], rows_hi[r]) = biased(&st, r, col, (lo[r], hi[r]));
                 }
                 let start: Option<*const f32> = match (st.first, st.base) {
                     (false, _) | (true, Base::Accumulate) => Some(c.ptr),
@@ -460,7 +472,7 @@ mod avx2 {
             }
             for r in 0..R {
                 let row = c.ptr.add(r * c.rs);
-                let (mut s0, mut s1) = if !st.first {
+                let start = if !st.first {
                     load(row)
                 } else {
                     match st.base {
@@ -469,15 +481,7 @@ mod avx2 {
                         Base::Other { ptr, ld } => load(ptr.add(r * ld)),
                     }
                 };
-                if st.first {
-                    if let Some(p) = st.row_bias {
-                        let v = _mm256_broadcast_ss(&*p.add(r));
-                        s0 = _mm256_add_ps(s0, v);
-                        s1 = _mm256_add_ps(s1, v);
-                    }
-                    s0 = _mm256_add_ps(s0, col.0);
-                    s1 = _mm256_add_ps(s1, col.1);
-                }
+                let (s0, s1) = biased(&st, r, col, start);
                 let mut v0 = _mm256_add_ps(s0, lo[r]);
                 let mut v1 = _mm256_add_ps(s1, hi[r]);
                 if st.last && st.relu {

@@ -46,10 +46,13 @@ const G2: [[f64; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 
+/// The tile sizes (outputs per side) there are transforms for, preferred first.
+const TILES: [usize; 2] = [4, 2];
+
 /// Which transform a weight of `oc × ic` channels gets, as outputs per tile side: F(4×4,
 /// 3×3) where its 36 matrices take at most `max_bytes`, else F(2×2, 3×3) where its 16 do.
 pub fn pick(oc: usize, ic: usize, max_bytes: usize) -> Option<usize> {
-    [4, 2]
+    TILES
         .into_iter()
         .find(|&out| weight_len(oc, ic, out) * 4 <= max_bytes)
 }
@@ -57,7 +60,7 @@ pub fn pick(oc: usize, ic: usize, max_bytes: usize) -> Option<usize> {
 /// Outputs per tile side of a transformed weight of `len` values ([`transform_weight`]),
 /// if it is one for `oc × ic` channels.
 pub fn variant(len: usize, oc: usize, ic: usize) -> Option<usize> {
-    [4, 2]
+    TILES
         .into_iter()
         .find(|&out| len > 0 && len == weight_len(oc, ic, out))
 }
