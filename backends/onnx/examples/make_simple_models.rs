@@ -1,28 +1,31 @@
 //! Writes Triton's `simple` model as ONNX (OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 -
-//! INPUT1, INT32 [batch, 16]) to `<repository>/{simple,simple_dynamic_batch}/1/model.onnx`.
+//! INPUT1, INT32 [batch, 16]) to `<repository>/{simple,simple_dynamic_batch}/1/model.onnx`,
+//! and, given a second folder, the STRING test models built the way Triton's QA generator
+//! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
-    tensor_proto::DataType, tensor_shape_proto::dimension::Value, tensor_shape_proto::Dimension,
-    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
+    tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
 
-fn int32_tensor(name: &str) -> ValueInfoProto {
-    let dim = |v| Dimension {
-        value: Some(v),
+/// A graph input or output: `dims` with `None` for a symbolic dimension.
+fn tensor(name: &str, elem_type: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dim = |d: &Option<i64>| Dimension {
+        value: Some(match d {
+            Some(n) => Value::DimValue(*n),
+            None => Value::DimParam("batch".into()),
+        }),
         ..Default::default()
     };
     ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Int32 as i32,
+                elem_type: elem_type as i32,
                 shape: Some(TensorShapeProto {
-                    dim: vec![
-                        dim(Value::DimParam("batch".into())),
-                        dim(Value::DimValue(16)),
-                    ],
+                    dim: dims.iter().map(dim).collect(),
                 }),
             })),
             ..Default::default()
@@ -31,7 +34,7 @@ fn int32_tensor(name: &str) -> ValueInfoProto {
     }
 }
 
-fn node(op: &str, inputs: [&str; 2], output: &str) -> NodeProto {
+fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
     NodeProto {
         op_type: op.into(),
         name: format!("{op}_{output}"),
@@ -41,40 +44,165 @@ fn node(op: &str, inputs: [&str; 2], output: &str) -> NodeProto {
     }
 }
 
-fn simple() -> ModelProto {
+/// `Cast` of `input` to `to`.
+fn cast(input: &str, output: &str, to: DataType) -> NodeProto {
+    let mut n = node("Cast", &[input], output);
+    n.attribute.push(AttributeProto {
+        name: "to".into(),
+        r#type: AttributeType::Int as i32,
+        i: to as i64,
+        ..Default::default()
+    });
+    n
+}
+
+fn model(
+    name: &str,
+    opset: i64,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    initializers: Vec<TensorProto>,
+) -> ModelProto {
     ModelProto {
         ir_version: 8,
         producer_name: "kiln make_simple_models".into(),
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
-            version: 13,
+            version: opset,
         }],
         graph: Some(GraphProto {
-            name: "simple".into(),
-            node: vec![
-                node("Add", ["INPUT0", "INPUT1"], "OUTPUT0"),
-                node("Sub", ["INPUT0", "INPUT1"], "OUTPUT1"),
-            ],
-            input: vec![int32_tensor("INPUT0"), int32_tensor("INPUT1")],
-            output: vec![int32_tensor("OUTPUT0"), int32_tensor("OUTPUT1")],
+            name: name.into(),
+            node: nodes,
+            input: inputs,
+            output: outputs,
+            initializer: initializers,
             ..Default::default()
         }),
         ..Default::default()
     }
 }
 
+const BATCH_16: &[Option<i64>] = &[None, Some(16)];
+
+fn simple() -> ModelProto {
+    let int32 = |n| tensor(n, DataType::Int32, BATCH_16);
+    model(
+        "simple",
+        13,
+        vec![
+            node("Add", &["INPUT0", "INPUT1"], "OUTPUT0"),
+            node("Sub", &["INPUT0", "INPUT1"], "OUTPUT1"),
+        ],
+        vec![int32("INPUT0"), int32("INPUT1")],
+        vec![int32("OUTPUT0"), int32("OUTPUT1")],
+        vec![],
+    )
+}
+
+/// Triton QA's `onnx_object_object_<out1>`: STRING inputs cast to INT32, added and
+/// subtracted; OUTPUT0 cast back to STRING, OUTPUT1 to `out1`.
+fn string_add_sub(out1: DataType) -> ModelProto {
+    let string = |n| tensor(n, DataType::String, BATCH_16);
+    model(
+        "string_add_sub",
+        13,
+        vec![
+            cast("INPUT0", "_INPUT0", DataType::Int32),
+            cast("INPUT1", "_INPUT1", DataType::Int32),
+            node("Add", &["_INPUT0", "_INPUT1"], "CAST0"),
+            node("Sub", &["_INPUT0", "_INPUT1"], "CAST1"),
+            cast("CAST0", "OUTPUT0", DataType::String),
+            cast("CAST1", "OUTPUT1", out1),
+        ],
+        vec![string("INPUT0"), string("INPUT1")],
+        vec![string("OUTPUT0"), tensor("OUTPUT1", out1, BATCH_16)],
+        vec![],
+    )
+}
+
+/// Triton QA's `onnx_zero_1_object`: OUTPUT0 = Identity(INPUT0), STRING [batch, any].
+fn string_identity() -> ModelProto {
+    let t = |n| tensor(n, DataType::String, &[None, None]);
+    model(
+        "string_identity",
+        13,
+        vec![node("Identity", &["INPUT0"], "OUTPUT0")],
+        vec![t("INPUT0")],
+        vec![t("OUTPUT0")],
+        vec![],
+    )
+}
+
+/// Class ids to labels: LABEL = Gather(["cat", "dog", "bird"], ID) and IS_DOG = (LABEL ==
+/// "dog"), ID INT64 [batch]; a STRING initializer and a STRING constant.
+fn string_labels() -> ModelProto {
+    let labels = TensorProto {
+        name: "labels".into(),
+        data_type: DataType::String as i32,
+        dims: vec![3],
+        string_data: vec![b"cat".to_vec(), b"dog".to_vec(), b"bird".to_vec()],
+        ..Default::default()
+    };
+    let mut dog = node("Constant", &[], "dog");
+    dog.attribute.push(AttributeProto {
+        name: "value".into(),
+        r#type: AttributeType::Tensor as i32,
+        t: Some(TensorProto {
+            data_type: DataType::String as i32,
+            string_data: vec![b"dog".to_vec()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut gather = node("Gather", &["labels", "ID"], "LABEL");
+    gather.attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: AttributeType::Int as i32,
+        i: 0,
+        ..Default::default()
+    });
+    // Opset 19: Equal on strings.
+    model(
+        "string_labels",
+        19,
+        vec![gather, dog, node("Equal", &["LABEL", "dog"], "IS_DOG")],
+        vec![tensor("ID", DataType::Int64, &[None])],
+        vec![
+            tensor("LABEL", DataType::String, &[None]),
+            tensor("IS_DOG", DataType::Bool, &[None]),
+        ],
+        vec![labels],
+    )
+}
+
+fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
+    let bytes = m.encode_to_vec();
+    std::fs::write(path, &bytes)?;
+    println!("wrote {} ({} bytes)", path.display(), bytes.len());
+    Ok(())
+}
+
 fn main() -> std::io::Result<()> {
-    let repo = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "model_repository".into());
-    let bytes = simple().encode_to_vec();
-    for model in ["simple", "simple_dynamic_batch"] {
-        let path = std::path::Path::new(&repo)
-            .join(model)
-            .join("1")
-            .join("model.onnx");
-        std::fs::write(&path, &bytes)?;
-        println!("wrote {} ({} bytes)", path.display(), bytes.len());
+    let mut args = std::env::args().skip(1);
+    let repo = args.next().unwrap_or_else(|| "model_repository".into());
+    for name in ["simple", "simple_dynamic_batch"] {
+        let path = std::path::Path::new(&repo).join(name).join("1");
+        write(&path.join("model.onnx"), &simple())?;
+    }
+    if let Some(dir) = args.next() {
+        let dir = std::path::Path::new(&dir);
+        std::fs::create_dir_all(dir)?;
+        write(
+            &dir.join("string_add_sub.onnx"),
+            &string_add_sub(DataType::String),
+        )?;
+        write(
+            &dir.join("string_add_sub_int32.onnx"),
+            &string_add_sub(DataType::Int32),
+        )?;
+        write(&dir.join("string_identity.onnx"), &string_identity())?;
+        write(&dir.join("string_labels.onnx"), &string_labels())?;
     }
     Ok(())
 }

@@ -108,6 +108,17 @@ fn branch(node: &NodeProto, name: &str) -> Result<GraphProto, String> {
         .ok_or_else(|| format!("If node '{}' has no {name}", node.name))
 }
 
+/// A subgraph's strings would index a table of its own: not supported.
+fn no_strings(sub: &Plan, node: &NodeProto) -> Result<(), String> {
+    if sub.has_strings() {
+        return Err(format!(
+            "{} node '{}': STRING values inside If/Loop subgraphs are not supported",
+            node.op_type, node.name
+        ));
+    }
+    Ok(())
+}
+
 /// Plans both branches of `node` (as returned by [`with_free_inputs`]).
 pub fn plan_if(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<Branches, String> {
     let free: Vec<String> = node.input[1..].to_vec();
@@ -126,7 +137,10 @@ pub fn plan_if(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<
             graph: Some(g),
             ..Default::default()
         };
-        Plan::new(&sub, device).map_err(|e| format!("If node '{}', {name}: {e}", node.name))
+        let plan =
+            Plan::new(&sub, device).map_err(|e| format!("If node '{}', {name}: {e}", node.name))?;
+        no_strings(&plan, node)?;
+        Ok(plan)
     };
     Ok(Branches {
         then_plan: plan("then_branch")?,
@@ -209,6 +223,7 @@ pub fn plan_loop(
     };
     let body =
         Plan::new(&sub, device).map_err(|e| format!("Loop node '{}', body: {e}", node.name))?;
+    no_strings(&body, node)?;
     Ok(LoopBody { body, inputs, free })
 }
 

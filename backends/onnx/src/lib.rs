@@ -22,6 +22,7 @@ pub mod resize;
 pub mod rnn;
 pub mod sgemm;
 pub mod spectral;
+pub mod strings;
 pub mod winograd;
 
 use std::collections::HashMap;
@@ -57,6 +58,12 @@ pub struct OnnxInstance {
     pool: rayon::ThreadPool,
     /// Duration of the last run in µs (chooses this thread or the pool for the next).
     last_us: AtomicU64,
+}
+
+/// One run's outputs, with the strings their STRING tensors index.
+struct Outputs {
+    tensors: HashMap<String, Tensor>,
+    strings: strings::StringTable,
 }
 
 /// Threads per instance for the CPU kernels: the model parameter `intra_op_thread_count`
@@ -141,24 +148,41 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
 /// a dynamic first dimension (Triton's `--backend-config=default-max-batch-size`).
 const DEFAULT_MAX_BATCH_SIZE: i64 = 4;
 
-/// Completes `config` from the graph as Triton's onnxruntime backend does: missing inputs
-/// and outputs (name, type, dims) and, when the config did not set `max_batch_size` and
-/// every tensor's first dimension is dynamic, batching with dynamic batching on.
+/// Completes `config` from the graph as Triton's onnxruntime backend does. A config that
+/// declares both inputs and outputs is left as it is. Otherwise: when every graph input
+/// and output has a dynamic first dimension, a `max_batch_size` of 0 becomes the default
+/// and one above 1 gets dynamic batching (unless a batcher is configured); a graph that
+/// cannot batch under a non-zero `max_batch_size` is an error. The missing side (inputs,
+/// outputs, or both) is filled in from the graph: name, type and dims, where a tensor left
+/// with no dims gets `dims: [1]` (and, batching, `reshape: { shape: [] }`).
 pub fn complete_config(mut config: Value, model: &ModelProto) -> Result<Value> {
     let (inputs, outputs) = plan::graph_io(model);
-    let declared = |k: &str| config[k].as_array().is_some_and(|a| !a.is_empty());
-    let (has_in, has_out) = (declared("input"), declared("output"));
-    let mut mbs = config["max_batch_size"].as_i64().unwrap_or(0);
-    let all_batched = inputs
+    let count = |k: &str| config[k].as_array().map_or(0, Vec::len);
+    let (n_in, n_out) = (count("input") + count("batch_input"), count("output"));
+    if n_in > 0 && n_out > 0 {
+        return Ok(config);
+    }
+    let can_batch = inputs
         .iter()
         .chain(&outputs)
         .all(|t| t.dims.first() == Some(&-1));
-    if mbs == 0 && !has_in && !has_out && all_batched && !inputs.is_empty() {
-        mbs = DEFAULT_MAX_BATCH_SIZE;
-        config["max_batch_size"] = Value::from(mbs);
-        if config.get("dynamic_batching").is_none() && config.get("sequence_batching").is_none() {
+    let mut mbs = config["max_batch_size"].as_i64().unwrap_or(0);
+    if can_batch {
+        if mbs == 0 {
+            mbs = DEFAULT_MAX_BATCH_SIZE;
+            config["max_batch_size"] = Value::from(mbs);
+        }
+        if mbs > 1
+            && config.get("dynamic_batching").is_none()
+            && config.get("sequence_batching").is_none()
+        {
             config["dynamic_batching"] = serde_json::json!({});
         }
+    } else if mbs != 0 {
+        return Err(Error::invalid_arg(format!(
+            "autofill failed for model '{}': model does not support batching while non-zero max_batch_size is specified",
+            config["name"].as_str().unwrap_or("")
+        )));
     }
     let entry = |t: &plan::ValueInfo| -> Result<Value> {
         let dt = t.dtype.ok_or_else(|| {
@@ -169,12 +193,20 @@ pub fn complete_config(mut config: Value, model: &ModelProto) -> Result<Value> {
         } else {
             &t.dims[..]
         };
-        Ok(serde_json::json!({"name": t.name, "data_type": dt.config_name(), "dims": dims}))
+        let mut e =
+            serde_json::json!({"name": t.name, "data_type": dt.config_name(), "dims": dims});
+        if dims.is_empty() {
+            e["dims"] = serde_json::json!([1]);
+            if mbs > 0 {
+                e["reshape"] = serde_json::json!({"shape": []});
+            }
+        }
+        Ok(e)
     };
-    if !has_in {
+    if n_in == 0 {
         config["input"] = Value::Array(inputs.iter().map(entry).collect::<Result<_>>()?);
     }
-    if !has_out {
+    if n_out == 0 {
         config["output"] = Value::Array(outputs.iter().map(entry).collect::<Result<_>>()?);
     }
     Ok(config)
@@ -279,16 +311,19 @@ impl Model for OnnxModel {
 
 impl OnnxInstance {
     /// Runs the graph once on `inputs` (name → tensor).
-    fn run(
-        &self,
-        inputs: Vec<(&str, DataType, Vec<i64>, &[u8])>,
-    ) -> Result<HashMap<String, Tensor>> {
+    fn run(&self, inputs: Vec<(&str, DataType, Vec<i64>, &[u8])>) -> Result<Outputs> {
+        let strings = self.plan.string_table();
         let mut values = HashMap::new();
         for (name, dt, shape, data) in inputs {
-            values.insert(
-                name.to_string(),
-                convert::to_tensor(dt, &shape, data, self.plan.device())?,
-            );
+            let t = if dt == DataType::Bytes {
+                let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+                strings
+                    .deserialize(data, &dims, self.plan.device())
+                    .map_err(|e| Error::invalid_arg(format!("input '{name}': {e}")))?
+            } else {
+                convert::to_tensor(dt, &shape, data, self.plan.device())?
+            };
+            values.insert(name.to_string(), t);
         }
         // A run that took under a millisecond last time runs on this thread (its kernels stay
         // sequential at that size); longer ones run in the instance's pool, whose threads the
@@ -296,13 +331,16 @@ impl OnnxInstance {
         // cost more CPU than the model itself.
         let started = std::time::Instant::now();
         let out = if self.last_us.load(Ordering::Relaxed) < 1000 {
-            self.plan.run(values)
+            self.plan.run_with(values, &strings)
         } else {
-            self.pool.install(|| self.plan.run(values))
+            self.pool.install(|| self.plan.run_with(values, &strings))
         };
         let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
         self.last_us.store(us, Ordering::Relaxed);
-        out.map_err(Error::internal)
+        Ok(Outputs {
+            tensors: out.map_err(Error::internal)?,
+            strings,
+        })
     }
 
     fn output_type(&self, name: &str) -> Result<DataType> {
@@ -320,11 +358,13 @@ impl OnnxInstance {
         &self,
         request: &Request<'_>,
         response: &mut Response,
-        outputs: &HashMap<String, Tensor>,
+        outputs: &Outputs,
         rows: Option<(usize, usize)>,
     ) -> Result<()> {
         for name in request.requested_outputs() {
-            let Some(t) = outputs.get(name) else { continue };
+            let Some(t) = outputs.tensors.get(name) else {
+                continue;
+            };
             let t = match rows {
                 Some((first, n)) => t
                     .narrow(0, first, n)
@@ -332,7 +372,14 @@ impl OnnxInstance {
                 None => t.clone(),
             };
             let dt = self.output_type(name)?;
-            let bytes = convert::to_bytes(&t, dt)?;
+            let bytes = if dt == DataType::Bytes {
+                outputs
+                    .strings
+                    .serialize(&t)
+                    .map_err(|e| Error::internal(format!("output '{name}': {e}")))?
+            } else {
+                convert::to_bytes(&t, dt)?
+            };
             let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
             response
                 .output(name, dt, &shape, bytes.len())?
@@ -395,3 +442,62 @@ impl Instance for OnnxInstance {
 }
 
 export_backend!(OnnxBackend);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// `simple`: INPUT0/INPUT1 → OUTPUT0/OUTPUT1, INT32 [batch, 16].
+    fn simple() -> ModelProto {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../model_repository/simple/1/model.onnx"
+        );
+        candle_onnx::read_file(path).expect("the committed simple model")
+    }
+
+    #[test]
+    fn autocomplete_follows_triton() {
+        // Only a name: batching with Triton's default size, dynamic batching, dims after
+        // the batch dimension.
+        let c = complete_config(json!({"name": "m"}), &simple()).unwrap();
+        assert_eq!(c["max_batch_size"], 4);
+        assert_eq!(c["dynamic_batching"], json!({}));
+        assert_eq!(c["input"][1]["dims"], json!([16]));
+        assert_eq!(c["output"][0]["data_type"], "TYPE_INT32");
+        // max_batch_size 1: no dynamic batching; a configured batcher is kept.
+        let c = complete_config(json!({"max_batch_size": 1}), &simple()).unwrap();
+        assert!(c.get("dynamic_batching").is_none());
+        let seq = json!({"max_batch_size": 8, "sequence_batching": {}});
+        let c = complete_config(seq, &simple()).unwrap();
+        assert!(c.get("dynamic_batching").is_none());
+        // Inputs and outputs both declared: nothing is added.
+        let full = json!({"input": [{"name": "INPUT0"}], "output": [{"name": "OUTPUT0"}]});
+        assert_eq!(complete_config(full.clone(), &simple()).unwrap(), full);
+        // Only inputs declared: the outputs are filled in, and batching decided.
+        let c = complete_config(json!({"input": [{"name": "INPUT0"}]}), &simple()).unwrap();
+        assert_eq!(c["output"].as_array().map(Vec::len), Some(2));
+        assert_eq!(c["input"].as_array().map(Vec::len), Some(1));
+        assert_eq!(c["max_batch_size"], 4);
+    }
+
+    #[test]
+    fn autocomplete_of_a_graph_that_cannot_batch() {
+        use candle_onnx::onnx::{tensor_shape_proto::dimension::Value as Dim, type_proto};
+        let mut m = simple();
+        let g = m.graph.as_mut().unwrap();
+        for v in g.input.iter_mut().chain(g.output.iter_mut()) {
+            if let Some(type_proto::Value::TensorType(t)) =
+                v.r#type.as_mut().and_then(|t| t.value.as_mut())
+            {
+                t.shape.as_mut().unwrap().dim[0].value = Some(Dim::DimValue(2));
+            }
+        }
+        let c = complete_config(json!({"name": "m"}), &m).unwrap();
+        assert_eq!(c["max_batch_size"].as_i64().unwrap_or(0), 0);
+        assert_eq!(c["input"][0]["dims"], json!([2, 16]));
+        let e = complete_config(json!({"name": "m", "max_batch_size": 8}), &m).unwrap_err();
+        assert!(e.message.contains("does not support batching"), "{e:?}");
+    }
+}

@@ -9,6 +9,7 @@ use kiln_sdk::DataType;
 
 use crate::convert::from_onnx;
 use crate::ops;
+use crate::strings::{self, StringTable};
 
 /// A graph input or output as declared in the model.
 #[derive(Debug, Clone)]
@@ -61,6 +62,10 @@ pub struct Plan {
     device: Device,
     opset: i64,
     constants: HashMap<String, Tensor>,
+    /// The constant strings STRING constants index (see [`strings`]).
+    strings: std::sync::Arc<strings::Interned>,
+    /// Whether any value of the graph is a STRING.
+    has_strings: bool,
     steps: Vec<Step>,
     /// Inputs the caller provides (graph inputs that are not initializers).
     pub inputs: Vec<ValueInfo>,
@@ -82,6 +87,22 @@ pub fn graph_io(model: &ModelProto) -> (Vec<ValueInfo>, Vec<ValueInfo>) {
             .collect(),
         g.output.iter().map(value_info).collect(),
     )
+}
+
+/// Runs one node: the string operators with `table`, every other with `ops::run`.
+fn run_node(
+    node: &NodeProto,
+    ins: &[Option<Tensor>],
+    ctx: &ops::Ctx<'_>,
+    table: &StringTable,
+) -> candle_core::Result<Vec<Tensor>> {
+    match node.op_type.as_str() {
+        strings::PARSE | strings::FORMAT => Ok(vec![strings::run(node, ins, table)?]),
+        "Constant" if strings::constant_is_string(node) => {
+            Ok(vec![strings::constant(node, table, ctx.dev)?])
+        }
+        _ => ops::run(node, ins, ctx),
+    }
 }
 
 /// An operator's error for the client: node, operator and message (no backtrace).
@@ -388,10 +409,16 @@ impl Plan {
             ));
         }
         let mut constants = HashMap::new();
+        let table = StringTable::default();
+        let mut string_seeds = HashSet::new();
         for t in &graph.initializer {
-            let v = crate::convert::tensor_from_proto(t)
-                .and_then(|v| v.to_device(device))
-                .map_err(|e| format!("initializer '{}': {e}", t.name))?;
+            let v = if t.data_type == strings::ONNX_STRING {
+                string_seeds.insert(t.name.clone());
+                table.from_proto(t, device)
+            } else {
+                crate::convert::tensor_from_proto(t).and_then(|v| v.to_device(device))
+            }
+            .map_err(|e| format!("initializer '{}': {e}", t.name))?;
             constants.insert(t.name.clone(), v);
         }
         let inputs: Vec<ValueInfo> = graph
@@ -405,7 +432,7 @@ impl Plan {
         // Fold nodes whose inputs are all known now; keep the rest in graph order.
         let mut defined: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
         let mut nodes = Vec::new();
-        let graph_nodes: Vec<NodeProto> = graph
+        let mut graph_nodes: Vec<NodeProto> = graph
             .node
             .iter()
             .map(|n| {
@@ -416,6 +443,13 @@ impl Plan {
                 }
             })
             .collect();
+        string_seeds.extend(
+            inputs
+                .iter()
+                .filter(|i| i.dtype == Some(DataType::Bytes))
+                .map(|i| i.name.clone()),
+        );
+        let has_strings = !strings::mark(&mut graph_nodes, string_seeds)?.is_empty();
         for node in &graph_nodes {
             for i in node.input.iter().filter(|i| !i.is_empty()) {
                 if !defined.contains(i) && !constants.contains_key(i) {
@@ -438,7 +472,7 @@ impl Plan {
                     .iter()
                     .map(|i| constants.get(i).cloned())
                     .collect();
-                let outs = ops::run(node, &ins, &ctx).map_err(|e| node_error(node, e))?;
+                let outs = run_node(node, &ins, &ctx, &table).map_err(|e| node_error(node, e))?;
                 for (name, t) in node.output.iter().zip(outs) {
                     constants.insert(name.clone(), t);
                 }
@@ -499,6 +533,8 @@ impl Plan {
             device: device.clone(),
             opset,
             constants,
+            strings: table.freeze(),
+            has_strings,
             steps,
             inputs,
             outputs,
@@ -515,9 +551,29 @@ impl Plan {
         &self.device
     }
 
+    /// Whether the graph has STRING values (a subgraph must not: see `control`).
+    pub fn has_strings(&self) -> bool {
+        self.has_strings
+    }
+
+    /// A table for one run's strings: STRING inputs are made with it
+    /// ([`StringTable::deserialize`]), and STRING outputs read with it.
+    pub fn string_table(&self) -> StringTable {
+        StringTable::on(self.strings.clone())
+    }
+
     /// Runs the graph on `inputs` (by name); returns every graph output.
     pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, String> {
-        self.run_profiled(inputs, None, false)
+        self.run_profiled(inputs, &self.string_table(), None, false)
+    }
+
+    /// [`Plan::run`] with the run's string table (made by [`Plan::string_table`]).
+    pub fn run_with(
+        &self,
+        inputs: HashMap<String, Tensor>,
+        table: &StringTable,
+    ) -> Result<HashMap<String, Tensor>, String> {
+        self.run_profiled(inputs, table, None, false)
     }
 
     /// [`Plan::run`], adding each operator type's wall time (ms) and count to `profile`;
@@ -525,6 +581,7 @@ impl Plan {
     pub fn run_profiled(
         &self,
         inputs: HashMap<String, Tensor>,
+        table: &StringTable,
         mut profile: Option<&mut HashMap<String, (f64, usize)>>,
         by_shape: bool,
     ) -> Result<HashMap<String, Tensor>, String> {
@@ -550,7 +607,8 @@ impl Plan {
             };
             let outs = match &step.branches {
                 Some(b) => crate::control::run(b, &ins, &self.device)?,
-                None => ops::run(&step.node, &ins, &ctx).map_err(|e| node_error(&step.node, e))?,
+                None => run_node(&step.node, &ins, &ctx, table)
+                    .map_err(|e| node_error(&step.node, e))?,
             };
             let elapsed = started.elapsed().as_secs_f64() * 1e3;
             if let Some(p) = profile.as_deref_mut() {

@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::TensorProto;
 use kiln_onnx::plan::Plan;
+use kiln_onnx::strings::StringTable;
 use prost::Message;
 
 enum Outcome {
@@ -20,10 +21,16 @@ enum Outcome {
     Unsupported(String),
 }
 
-fn read_tensor(path: &Path) -> Result<Tensor, String> {
+/// A test-data tensor; STRING ones are interned in `strings`.
+fn read_tensor(path: &Path, strings: &StringTable) -> Result<Tensor, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let tp =
         TensorProto::decode(bytes.as_slice()).map_err(|e| format!("{}: {e}", path.display()))?;
+    if tp.data_type == kiln_onnx::strings::ONNX_STRING {
+        return strings
+            .from_proto(&tp, &Device::Cpu)
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
     kiln_onnx::convert::tensor_from_proto(&tp).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -73,17 +80,30 @@ fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
 fn compare(
     plan: &Plan,
     outputs: &HashMap<String, Tensor>,
+    strings: &StringTable,
     expected: impl Fn(usize) -> Option<std::path::PathBuf>,
 ) -> Outcome {
     for (i, info) in plan.outputs.iter().enumerate() {
         let Some(path) = expected(i) else { continue };
-        let want = match read_tensor(&path).and_then(|t| as_declared(t, info.dtype)) {
+        let want = match read_tensor(&path, strings).and_then(|t| as_declared(t, info.dtype)) {
             Ok(t) => t,
             Err(e) => return Outcome::Fail(e),
         };
         let Some(got) = outputs.get(&info.name) else {
             return Outcome::Fail(format!("output '{}' missing", info.name));
         };
+        if info.dtype == Some(kiln_sdk::DataType::Bytes) {
+            let (g, w) = (strings.strings(got), strings.strings(&want));
+            if g.is_err() || g.as_ref().ok() != w.as_ref().ok() || got.dims() != want.dims() {
+                return Outcome::Fail(format!(
+                    "output '{}': {g:?} {:?}, expected {w:?} {:?}",
+                    info.name,
+                    got.dims(),
+                    want.dims()
+                ));
+            }
+            continue;
+        }
         // What a client receives: the output in its declared type (INT8 and UINT16 are
         // computed wider and narrowed on the way out).
         let got = match info.dtype {
@@ -116,24 +136,25 @@ fn run_one(dir: &Path) -> Outcome {
         Err(e) => return Outcome::Fail(e),
     };
     let data = dir.join("test_data_set_0");
+    let strings = plan.string_table();
     let mut inputs = HashMap::new();
     for (i, info) in plan.inputs.iter().enumerate() {
         let p = data.join(format!("input_{i}.pb"));
         if !p.exists() {
             continue;
         }
-        match read_tensor(&p).and_then(|t| as_declared(t, info.dtype)) {
+        match read_tensor(&p, &strings).and_then(|t| as_declared(t, info.dtype)) {
             Ok(t) => {
                 inputs.insert(info.name.clone(), t);
             }
             Err(e) => return Outcome::Fail(e),
         }
     }
-    let outputs = match plan.run(inputs) {
+    let outputs = match plan.run_with(inputs, &strings) {
         Ok(o) => o,
         Err(e) => return Outcome::Fail(e),
     };
-    compare(&plan, &outputs, |i| {
+    compare(&plan, &outputs, &strings, |i| {
         let p = data.join(format!("output_{i}.pb"));
         p.exists().then_some(p)
     })
@@ -251,7 +272,7 @@ fn run_light(model_path: &Path) -> Outcome {
         Err(e) => return Outcome::Fail(e),
     };
     let stem = model_path.with_extension("");
-    compare(&plan, &outputs, |i| {
+    compare(&plan, &outputs, &plan.string_table(), |i| {
         Some(format!("{}_output_{i}.pb", stem.display()).into())
     })
 }

@@ -258,6 +258,10 @@ pub fn normalize(
     let mut seen = std::collections::HashSet::new();
     for input in &cfg.input {
         check_tensor(&input.name, input.data_type, &input.dims, "input")
+            .and_then(|()| match &input.reshape {
+                Some(r) => crate::reshape::check(&input.name, "input", &input.dims, &r.shape),
+                None => Ok(()),
+            })
             .map_err(|m| at(&input.name, m))?;
         if !seen.insert(input.name.clone()) {
             return Err(at(
@@ -269,6 +273,10 @@ pub fn normalize(
     seen.clear();
     for output in &cfg.output {
         check_tensor(&output.name, output.data_type, &output.dims, "output")
+            .and_then(|()| match &output.reshape {
+                Some(r) => crate::reshape::check(&output.name, "output", &output.dims, &r.shape),
+                None => Ok(()),
+            })
             .map_err(|m| at(&output.name, m))?;
         if !seen.insert(output.name.clone()) {
             return Err(at(

@@ -4,6 +4,7 @@
 //! * [`repository`] — the model repository, model states, load/unload.
 //! * [`model`] — a loaded version: validation, instance threads, responses.
 //! * [`scheduler`] — default scheduler and dynamic batcher.
+//! * [`reshape`] — a tensor's `dims` as clients see it vs `reshape` as the model does.
 //! * [`loader`] / `host` — the backend ABI's two sides.
 //! * [`server`] — the facade the HTTP and gRPC front ends call.
 pub mod classification;
@@ -14,6 +15,7 @@ pub mod loader;
 pub mod model;
 pub mod repository;
 pub mod request;
+pub mod reshape;
 pub mod scheduler;
 pub mod server;
 pub mod shm;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use kiln_abi::{self as abi, KilnInstanceInfo, KilnModelInfo, KilnRequestView, KilnStr};
 use kiln_proto::inference::{
     model_config::SchedulingChoice, model_instance_group::Kind, model_queue_policy, ModelConfig,
-    ModelQueuePolicy,
+    ModelQueuePolicy, ModelTensorReshape,
 };
 use kiln_sdk::{bytes_elements, DataType};
 
@@ -37,6 +37,8 @@ pub struct TensorSpec {
     pub dims: Vec<i64>,
     /// Inputs only: may be omitted.
     pub optional: bool,
+    /// The shape the model uses instead of `dims` (Triton's `reshape`), if any.
+    pub reshape: Option<Vec<i64>>,
 }
 
 /// What every part of a loaded model version shares.
@@ -64,13 +66,22 @@ pub struct ModelShared {
     pub stats: Arc<ModelStats>,
 }
 
-fn spec_list<'a>(it: impl Iterator<Item = (&'a str, i32, &'a [i64], bool)>) -> Vec<TensorSpec> {
-    it.filter_map(|(n, t, d, o)| {
+type SpecFields<'a> = (
+    &'a str,
+    i32,
+    &'a [i64],
+    bool,
+    Option<&'a ModelTensorReshape>,
+);
+
+fn spec_list<'a>(it: impl Iterator<Item = SpecFields<'a>>) -> Vec<TensorSpec> {
+    it.filter_map(|(n, t, d, o, r)| {
         Some(TensorSpec {
             name: n.to_string(),
             dtype: config::data_type(t)?,
             dims: d.to_vec(),
             optional: o,
+            reshape: r.map(|r| r.shape.clone()),
         })
     })
     .collect()
@@ -89,18 +100,20 @@ fn shape_str(s: &[i64]) -> String {
 impl ModelShared {
     /// Builds the shared part from a normalized config.
     pub fn new(config: ModelConfig, version: i64, model_dir: &Path) -> CoreResult<Self> {
-        let inputs = spec_list(
-            config
-                .input
-                .iter()
-                .map(|i| (i.name.as_str(), i.data_type, i.dims.as_slice(), i.optional)),
-        );
-        let outputs = spec_list(
-            config
-                .output
-                .iter()
-                .map(|o| (o.name.as_str(), o.data_type, o.dims.as_slice(), false)),
-        );
+        let inputs = spec_list(config.input.iter().map(|i| {
+            let r = i.reshape.as_ref();
+            (
+                i.name.as_str(),
+                i.data_type,
+                i.dims.as_slice(),
+                i.optional,
+                r,
+            )
+        }));
+        let outputs = spec_list(config.output.iter().map(|o| {
+            let r = o.reshape.as_ref();
+            (o.name.as_str(), o.data_type, o.dims.as_slice(), false, r)
+        }));
         let mut labels = HashMap::new();
         for o in &config.output {
             if !o.label_filename.is_empty() {
@@ -270,6 +283,32 @@ impl ModelShared {
         Ok((batch.unwrap_or(1), key))
     }
 
+    /// Gives each input with a `reshape` the shape the model takes (after validation,
+    /// which checks the client's shape against `dims`).
+    fn reshape_inputs(&self, req: &mut InferRequest) {
+        let batched = self.max_batch_size > 0;
+        for t in &mut req.inputs {
+            let spec = self.inputs.iter().find(|s| s.name == t.name);
+            if let Some((spec, reshape)) = spec.and_then(|s| Some((s, s.reshape.as_ref()?))) {
+                t.shape = crate::reshape::map_full_shape(&t.shape, batched, &spec.dims, reshape);
+            }
+        }
+    }
+
+    /// An output's shape as clients see it: the model's shape mapped back from the
+    /// output's `reshape` to its `dims`.
+    fn output_shape(&self, name: &str, shape: Vec<i64>) -> Vec<i64> {
+        let spec = self.outputs.iter().find(|s| s.name == name);
+        let Some((spec, reshape)) = spec.and_then(|s| Some((s, s.reshape.as_ref()?))) else {
+            return shape;
+        };
+        let batched = self.max_batch_size > 0;
+        if shape.len() != reshape.len() + usize::from(batched) {
+            return shape;
+        }
+        crate::reshape::map_full_shape(&shape, batched, reshape, &spec.dims)
+    }
+
     fn shape_error(&self, t: &crate::request::InputTensor, spec: &TensorSpec) -> CoreError {
         let mut expected = spec.dims.clone();
         if self.max_batch_size > 0 {
@@ -298,7 +337,10 @@ pub(crate) fn build_response(
 ) -> CoreResult<Vec<OutputTensor>> {
     let mut produced: Vec<Option<OutputTensor>> = produced
         .into_iter()
-        .map(|(n, d, s, b)| Some(host::output_tensor(n, d, s, b)))
+        .map(|(n, d, s, b)| {
+            let s = model.output_shape(&n, s);
+            Some(host::output_tensor(n, d, s, b))
+        })
         .collect();
     let mut take = |name: &str| -> Option<OutputTensor> {
         produced
@@ -504,7 +546,7 @@ impl ModelVersion {
     }
 
     /// Validates and queues a request; responses arrive on `sink`.
-    pub fn submit(&self, request: InferRequest, sink: ResponseSink) -> CoreResult<()> {
+    pub fn submit(&self, mut request: InferRequest, sink: ResponseSink) -> CoreResult<()> {
         let (batch_size, shape_key) = match self.shared.validate(&request) {
             Ok(v) => v,
             Err(e) => {
@@ -514,6 +556,7 @@ impl ModelVersion {
                 return Err(e);
             }
         };
+        self.shared.reshape_inputs(&mut request);
         let arrival = request.arrival;
         let r = self.scheduler.enqueue(Pending {
             request: Arc::new(request),
