@@ -11,6 +11,7 @@ import tritonclient.http as httpclient
 from conftest import REPO, Kiln, serving_onnx
 
 NODE = os.path.join(os.environ.get("KILN_ONNX_TESTS", ""), "node")
+MODELS = os.path.join(os.path.dirname(__file__), "..", "onnx_models")
 pytestmark = pytest.mark.skipif(not os.path.isdir(NODE), reason="KILN_ONNX_TESTS not set (cargo xtask test sets it)")
 
 
@@ -56,6 +57,17 @@ def onnx_kiln(tmp_path_factory):
     os.makedirs(repo / "partial" / "1")
     shutil.copy(simple, repo / "partial" / "1" / "model.onnx")
     (repo / "partial" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 2\n')
+    # Weights in an external data file beside model.onnx.
+    shutil.copytree(os.path.join(MODELS, "external_add"), repo / "external" / "1")
+    (repo / "external" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 2\n')
+    # default_model_filename naming a folder: its model.onnx is read (as Triton does).
+    os.makedirs(repo / "in_folder" / "1" / "model.onnx")
+    shutil.copy(simple, repo / "in_folder" / "1" / "model.onnx" / "model.onnx")
+    # A graph whose first dimension is fixed, configured with batching.
+    folder(repo, "fixed_batch", "test_add",
+           'backend: "onnxruntime"\nmax_batch_size: 2\n'
+           'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4, 5 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n'
+           'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n')
     k = Kiln("--strict-readiness", "false", repo=str(repo))
     yield k
     k.stop()
@@ -131,6 +143,31 @@ def test_partial_config_keeps_what_it_says(onnx_kiln):
     a = np.ones((3, 16), dtype=np.int32)
     with pytest.raises(Exception):
         c.infer("partial", simple_inputs(a, a))  # batch 3 > max_batch_size 2
+
+
+def test_external_data_is_read_from_beside_the_model(onnx_kiln):
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    i = httpclient.InferInput("X", [2, 4], "FP32")
+    i.set_data_from_numpy(x)
+    got = c.infer("external", [i]).as_numpy("Y")
+    session = ort.InferenceSession(os.path.join(MODELS, "external_add", "model.onnx"))
+    want = session.run(None, {"X": x})[0]
+    np.testing.assert_array_equal(want, x + np.array([1, 2, 3, 4], np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_model_file_name_may_be_a_folder(onnx_kiln):
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    np.testing.assert_array_equal(c.infer("in_folder", simple_inputs(a, a)).as_numpy("OUTPUT1"), 0 * a)
+
+
+def test_batching_a_graph_with_a_fixed_first_dimension_fails_the_load(onnx_kiln):
+    e = index(onnx_kiln)["fixed_batch"]
+    assert e["state"] == "UNAVAILABLE", e
+    assert "tensor 'x'" in e["reason"] and "the first dimension must be -1" in e["reason"], e
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

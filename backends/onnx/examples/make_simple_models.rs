@@ -1,7 +1,8 @@
 //! Writes Triton's `simple` model as ONNX (OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 -
 //! INPUT1, INT32 [batch, 16]) to `<repository>/{simple,simple_dynamic_batch}/1/model.onnx`,
 //! and, given a second folder, the STRING test models built the way Triton's QA generator
-//! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`).
+//! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
+//! model whose weight is external data (`<folder>/external_add/`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -176,6 +177,47 @@ fn string_labels() -> ModelProto {
     )
 }
 
+/// Y = X + W with W (FLOAT [4], 1 2 3 4) kept in the external file `weights.bin`
+/// after 8 bytes of padding, as exporters write large models: `<dir>/model.onnx` and
+/// `<dir>/weights.bin`.
+fn external_add(dir: &std::path::Path) -> std::io::Result<()> {
+    use candle_onnx::onnx::StringStringEntryProto;
+    let w: Vec<u8> = [1f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut file = vec![0u8; 8];
+    file.extend_from_slice(&w);
+    let kv = |k: &str, v: String| StringStringEntryProto {
+        key: k.into(),
+        value: v,
+    };
+    let weight = TensorProto {
+        name: "W".into(),
+        data_type: DataType::Float as i32,
+        dims: vec![4],
+        data_location: 1, // EXTERNAL
+        external_data: vec![
+            kv("location", "weights.bin".into()),
+            kv("offset", "8".into()),
+            kv("length", w.len().to_string()),
+        ],
+        ..Default::default()
+    };
+    let f = |n| tensor(n, DataType::Float, &[None, Some(4)]);
+    let m = model(
+        "external_add",
+        13,
+        vec![node("Add", &["X", "W"], "Y")],
+        vec![f("X")],
+        vec![f("Y")],
+        vec![weight],
+    );
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("weights.bin"), &file)?;
+    write(&dir.join("model.onnx"), &m)
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -203,6 +245,7 @@ fn main() -> std::io::Result<()> {
         )?;
         write(&dir.join("string_identity.onnx"), &string_identity())?;
         write(&dir.join("string_labels.onnx"), &string_labels())?;
+        external_add(&dir.join("external_add"))?;
     }
     Ok(())
 }

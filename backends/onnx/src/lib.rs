@@ -9,6 +9,7 @@ pub mod convert;
 pub mod cpu_conv;
 pub mod cpu_kernels;
 pub mod einsum;
+pub mod external;
 pub mod fuse;
 pub mod ops;
 pub mod ops_fast;
@@ -79,18 +80,37 @@ fn thread_count(config: &Value) -> Result<usize> {
     })
 }
 
-/// Reads the model file named by `default_model_filename` (default `model.onnx`).
+/// The model file named by `default_model_filename` (default `model.onnx`); when that
+/// names a folder, its `model.onnx` (as Triton's onnxruntime backend reads it).
 fn model_path(info: &ModelInfo, config: &Value) -> PathBuf {
     let file = config["default_model_filename"]
         .as_str()
         .filter(|s| !s.is_empty())
         .unwrap_or("model.onnx");
-    info.version_path().join(file)
+    let path = info.version_path().join(file);
+    if path.is_dir() {
+        path.join("model.onnx")
+    } else {
+        path
+    }
 }
 
 /// Checks the config's inputs and outputs against the graph's, naming the tensor at fault.
 fn check_io(config: &Value, plan: &Plan) -> Result<()> {
     let batching = config["max_batch_size"].as_i64().unwrap_or(0) > 0;
+    if batching {
+        let model = config["name"].as_str().unwrap_or("");
+        let fixed = plan.inputs.iter().chain(&plan.outputs).find(|g| {
+            // (No dims: a shape the graph does not declare, checked when it runs.)
+            declares(config, &g.name) && g.dims.first().is_some_and(|&d| d != -1)
+        });
+        if let Some(g) = fixed {
+            return Err(Error::invalid_arg(format!(
+                "model '{model}', tensor '{}': for the model to support batching the shape should have at least 1 dimension and the first dimension must be -1; but shape expected by the model is {:?}",
+                g.name, g.dims
+            )));
+        }
+    }
     for (kind, list, graph) in [
         ("input", "input", &plan.inputs),
         ("output", "output", &plan.outputs),
@@ -142,6 +162,15 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the config declares an input or output named `name`.
+fn declares(config: &Value, name: &str) -> bool {
+    ["input", "output"]
+        .iter()
+        .filter_map(|k| config[*k].as_array())
+        .flatten()
+        .any(|t| t["name"].as_str() == Some(name))
 }
 
 /// Default `max_batch_size` auto-complete gives a model whose every input and output has
@@ -243,9 +272,12 @@ impl Backend for OnnxBackend {
                 format!("model file {} not found", path.display()),
             ));
         }
-        let proto = candle_onnx::read_file(&path).map_err(|e| {
+        let mut proto = candle_onnx::read_file(&path).map_err(|e| {
             Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
         })?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        external::inline(&mut proto, dir)
+            .map_err(|e| Error::invalid_arg(format!("{}: {e}", path.display())))?;
         if let Some(g) = proto.graph.as_ref() {
             let missing = plan::unsupported_ops(g);
             if !missing.is_empty() {
