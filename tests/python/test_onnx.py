@@ -68,6 +68,12 @@ def onnx_kiln(tmp_path_factory):
            'backend: "onnxruntime"\nmax_batch_size: 2\n'
            'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4, 5 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n'
            'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n')
+    # A config that leaves out a graph input, and one with a wrong type.
+    folder(repo, "missing_input", "test_add",
+           f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
+    folder(repo, "wrong_type", "test_add",
+           f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }}, {{ name: "y" data_type: TYPE_INT32 dims: [ 3, 4, 5 ] }} ]\n'
+           f'output [ {{ name: "sum" {fp32} }} ]\n')
     k = Kiln("--strict-readiness", "false", repo=str(repo))
     yield k
     k.stop()
@@ -168,6 +174,15 @@ def test_batching_a_graph_with_a_fixed_first_dimension_fails_the_load(onnx_kiln)
     e = index(onnx_kiln)["fixed_batch"]
     assert e["state"] == "UNAVAILABLE", e
     assert "tensor 'x'" in e["reason"] and "the first dimension must be -1" in e["reason"], e
+
+
+def test_config_graph_mismatches_fail_the_load_with_tritons_messages(onnx_kiln):
+    e = index(onnx_kiln)["missing_input"]
+    assert e["state"] == "UNAVAILABLE", e
+    assert "configuration expects 1 inputs, model provides 2" in e["reason"], e
+    e = index(onnx_kiln)["wrong_type"]
+    assert e["state"] == "UNAVAILABLE", e
+    assert "configuration expects datatype TYPE_INT32 for input 'y', model provides TYPE_FP32" in e["reason"], e
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

@@ -95,82 +95,101 @@ fn model_path(info: &ModelInfo, config: &Value) -> PathBuf {
     }
 }
 
-/// Checks the config's inputs and outputs against the graph's, naming the tensor at fault.
+/// `[a,b,c]`, as Triton writes shapes in its messages.
+fn shape_text(dims: &[i64]) -> String {
+    let d: Vec<String> = dims.iter().map(i64::to_string).collect();
+    format!("[{}]", d.join(","))
+}
+
+/// Checks the config's inputs and outputs against the graph's as Triton's onnxruntime
+/// backend does (with its messages): as many inputs as the graph has, each named tensor in
+/// the graph with the same type, and dims (or `reshape`, when given) that fit the graph's
+/// shape after a first dimension of -1 when batching.
 fn check_io(config: &Value, plan: &Plan) -> Result<()> {
+    let model = config["name"].as_str().unwrap_or("");
     let batching = config["max_batch_size"].as_i64().unwrap_or(0) > 0;
-    if batching {
-        let model = config["name"].as_str().unwrap_or("");
-        let fixed = plan.inputs.iter().chain(&plan.outputs).find(|g| {
-            // (No dims: a shape the graph does not declare, checked when it runs.)
-            declares(config, &g.name) && g.dims.first().is_some_and(|&d| d != -1)
-        });
-        if let Some(g) = fixed {
-            return Err(Error::invalid_arg(format!(
-                "model '{model}', tensor '{}': for the model to support batching the shape should have at least 1 dimension and the first dimension must be -1; but shape expected by the model is {:?}",
-                g.name, g.dims
-            )));
-        }
+    let count = |v: &Value| v.as_array().map_or(0, Vec::len);
+    let optional = config["input"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["optional"].as_bool() == Some(true))
+        .count();
+    let expected = count(&config["input"]) - optional
+        + count(&config["batch_input"])
+        + count(&config["sequence_batching"]["control_input"])
+        + count(&config["sequence_batching"]["state"]);
+    if expected != plan.inputs.len() {
+        return Err(Error::invalid_arg(format!(
+            "unable to load model '{model}', configuration expects {expected} inputs, model provides {}",
+            plan.inputs.len()
+        )));
     }
-    for (kind, list, graph) in [
-        ("input", "input", &plan.inputs),
-        ("output", "output", &plan.outputs),
-    ] {
-        for t in config[list].as_array().into_iter().flatten() {
+    for (kind, graph) in [("input", &plan.inputs), ("output", &plan.outputs)] {
+        for t in config[kind].as_array().into_iter().flatten() {
             let name = t["name"].as_str().unwrap_or("");
             let g = graph.iter().find(|g| g.name == name).ok_or_else(|| {
                 let known: Vec<&str> = graph.iter().map(|g| g.name.as_str()).collect();
                 Error::invalid_arg(format!(
-                    "{kind} '{name}' of the config is not a graph {kind} (the graph has {known:?})"
+                    "unable to load model '{model}': {kind} '{name}' of the configuration is not a model {kind} (the model has {known:?})"
                 ))
             })?;
-            let cfg_type = t["data_type"]
-                .as_str()
-                .unwrap_or("")
-                .trim_start_matches("TYPE_");
+            let cfg_type = t["data_type"].as_str().unwrap_or("");
             if let Some(dt) = g.dtype {
-                let graph_type = dt.config_name().trim_start_matches("TYPE_");
-                if cfg_type != graph_type {
+                if cfg_type.trim_start_matches("TYPE_")
+                    != dt.config_name().trim_start_matches("TYPE_")
+                {
                     return Err(Error::invalid_arg(format!(
-                        "{kind} '{name}': the config says {cfg_type} but the graph has {graph_type}"
+                        "unable to load model '{model}', configuration expects datatype {cfg_type} for {kind} '{name}', model provides {}",
+                        dt.config_name()
                     )));
                 }
             }
-            let dims: Vec<i64> = t["dims"]
+            // (No graph dims: a shape the graph does not declare, checked when it runs.)
+            if g.dims.is_empty() {
+                continue;
+            }
+            if batching && g.dims[0] != -1 {
+                return Err(Error::invalid_arg(format!(
+                    "model '{model}', tensor '{name}': for the model to support batching the shape should have at least 1 dimension and the first dimension must be -1; but shape expected by the model is {}",
+                    shape_text(&g.dims)
+                )));
+            }
+            let shape = if t["reshape"].is_null() {
+                &t["dims"]
+            } else {
+                &t["reshape"]["shape"]
+            };
+            let mut full: Vec<i64> = shape
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_i64)
                 .collect();
-            let gdims = if batching && !g.dims.is_empty() {
-                &g.dims[1..]
-            } else {
-                &g.dims[..]
-            };
-            if !g.dims.is_empty() && t["reshape"].is_null() {
-                let ok = dims.len() == gdims.len()
-                    && dims
-                        .iter()
-                        .zip(gdims)
-                        .all(|(&c, &m)| c == -1 || m == -1 || c == m);
-                if !ok {
-                    return Err(Error::invalid_arg(format!(
-                        "{kind} '{name}': config dims {dims:?} do not match the graph's {gdims:?}{}",
-                        if batching { " (after the batch dimension)" } else { "" }
-                    )));
-                }
+            if batching {
+                full.insert(0, -1);
+            }
+            let fits = full.len() == g.dims.len()
+                && full
+                    .iter()
+                    .zip(&g.dims)
+                    .all(|(&c, &m)| c == -1 || m == -1 || c == m);
+            if !fits {
+                let what = if batching {
+                    format!("an initial batch dimension because max_batch_size > 0 followed by the explicit tensor shape, making complete shape {}", shape_text(&full))
+                } else {
+                    format!("shape {}", shape_text(&full))
+                };
+                return Err(Error::invalid_arg(format!(
+                    "model '{model}', tensor '{name}': the model expects {} dimensions (shape {}) but the model configuration specifies {} dimensions ({what})",
+                    g.dims.len(),
+                    shape_text(&g.dims),
+                    full.len()
+                )));
             }
         }
     }
     Ok(())
-}
-
-/// Whether the config declares an input or output named `name`.
-fn declares(config: &Value, name: &str) -> bool {
-    ["input", "output"]
-        .iter()
-        .filter_map(|k| config[*k].as_array())
-        .flatten()
-        .any(|t| t["name"].as_str() == Some(name))
 }
 
 /// Default `max_batch_size` auto-complete gives a model whose every input and output has
