@@ -68,6 +68,9 @@ def onnx_kiln(tmp_path_factory):
            'backend: "onnxruntime"\nmax_batch_size: 2\n'
            'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4, 5 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n'
            'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n')
+    # A graph with a scalar output, without a config.
+    os.makedirs(repo / "scalar" / "1")
+    shutil.copy(os.path.join(MODELS, "scalar_sum.onnx"), repo / "scalar" / "1" / "model.onnx")
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -183,6 +186,21 @@ def test_config_graph_mismatches_fail_the_load_with_tritons_messages(onnx_kiln):
     e = index(onnx_kiln)["wrong_type"]
     assert e["state"] == "UNAVAILABLE", e
     assert "configuration expects datatype TYPE_INT32 for input 'y', model provides TYPE_FP32" in e["reason"], e
+
+
+def test_scalar_output_has_the_config_dims(onnx_kiln):
+    """As Triton: auto-complete declares the scalar as dims [1], and the response has them."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    cfg = c.get_model_config("scalar")
+    assert cfg.get("max_batch_size", 0) == 0 and cfg["output"][0]["dims"] == [1]
+    x = np.array([1.5, 2.0, -4.0, 8.25], np.float32)
+    i = httpclient.InferInput("X", [4], "FP32")
+    i.set_data_from_numpy(x)
+    got = c.infer("scalar", [i]).as_numpy("Y")
+    want = ort.InferenceSession(os.path.join(MODELS, "scalar_sum.onnx")).run(None, {"X": x})[0]
+    assert want.shape == () and got.shape == (1,)
+    np.testing.assert_array_equal(got, want.reshape(1))
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

@@ -2,7 +2,8 @@
 //! INPUT1, INT32 [batch, 16]) to `<repository>/{simple,simple_dynamic_batch}/1/model.onnx`,
 //! and, given a second folder, the STRING test models built the way Triton's QA generator
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
-//! model whose weight is external data (`<folder>/external_add/`).
+//! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
+//! output (`scalar_sum.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -218,6 +219,25 @@ fn external_add(dir: &std::path::Path) -> std::io::Result<()> {
     write(&dir.join("model.onnx"), &m)
 }
 
+/// Y = ReduceSum(X) over all of X (FLOAT [4]) without kept dimensions: a scalar output.
+fn scalar_sum() -> ModelProto {
+    let mut sum = node("ReduceSum", &["X"], "Y");
+    sum.attribute.push(AttributeProto {
+        name: "keepdims".into(),
+        r#type: AttributeType::Int as i32,
+        i: 0,
+        ..Default::default()
+    });
+    model(
+        "scalar_sum",
+        13,
+        vec![sum],
+        vec![tensor("X", DataType::Float, &[Some(4)])],
+        vec![tensor("Y", DataType::Float, &[])],
+        vec![],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -246,6 +266,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("string_identity.onnx"), &string_identity())?;
         write(&dir.join("string_labels.onnx"), &string_labels())?;
         external_add(&dir.join("external_add"))?;
+        write(&dir.join("scalar_sum.onnx"), &scalar_sum())?;
     }
     Ok(())
 }

@@ -49,6 +49,8 @@ pub struct OnnxModel {
     proto: Arc<ModelProto>,
     path: PathBuf,
     batching: bool,
+    /// Config dims of each output (a scalar the graph produces is reported with them).
+    output_dims: Arc<HashMap<String, Vec<i64>>>,
     threads: usize,
 }
 
@@ -56,6 +58,7 @@ pub struct OnnxModel {
 pub struct OnnxInstance {
     plan: Plan,
     batching: bool,
+    output_dims: Arc<HashMap<String, Vec<i64>>>,
     pool: rayon::ThreadPool,
     /// Duration of the last run in µs (chooses this thread or the pool for the next).
     last_us: AtomicU64,
@@ -315,6 +318,18 @@ impl Backend for OnnxBackend {
             proto: Arc::new(proto),
             path,
             batching: config["max_batch_size"].as_i64().unwrap_or(0) > 0,
+            output_dims: Arc::new(
+                config["output"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|o| {
+                        let dims = o["dims"].as_array().into_iter().flatten();
+                        let name = o["name"].as_str().unwrap_or("").to_string();
+                        (name, dims.filter_map(Value::as_i64).collect())
+                    })
+                    .collect(),
+            ),
             threads: thread_count(&config)?,
         })
     }
@@ -353,6 +368,7 @@ impl Model for OnnxModel {
         Ok(OnnxInstance {
             plan,
             batching: self.batching,
+            output_dims: self.output_dims.clone(),
             pool,
             // The first run goes to the pool (as a large model's should).
             last_us: AtomicU64::new(u64::MAX),
@@ -431,7 +447,14 @@ impl OnnxInstance {
             } else {
                 convert::to_bytes(&t, dt)?
             };
-            let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+            let mut shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+            // A scalar output takes the config's dims (all 1), as with Triton's onnxruntime
+            // backend.
+            if shape.is_empty() && !self.batching {
+                if let Some(dims) = self.output_dims.get(name) {
+                    shape = dims.iter().map(|&d| d.max(1)).collect();
+                }
+            }
             response
                 .output(name, dt, &shape, bytes.len())?
                 .copy_from_slice(&bytes);
