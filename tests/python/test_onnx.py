@@ -71,6 +71,9 @@ def onnx_kiln(tmp_path_factory):
     # A graph with a scalar output, without a config.
     os.makedirs(repo / "scalar" / "1")
     shutil.copy(os.path.join(MODELS, "scalar_sum.onnx"), repo / "scalar" / "1" / "model.onnx")
+    # Identity over every type, without a config.
+    os.makedirs(repo / "identity_types" / "1")
+    shutil.copy(os.path.join(MODELS, "identity_all_types.onnx"), repo / "identity_types" / "1" / "model.onnx")
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -201,6 +204,56 @@ def test_scalar_output_has_the_config_dims(onnx_kiln):
     want = ort.InferenceSession(os.path.join(MODELS, "scalar_sum.onnx")).run(None, {"X": x})[0]
     assert want.shape == () and got.shape == (1,)
     np.testing.assert_array_equal(got, want.reshape(1))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_identity_keeps_every_type_bit_for_bit(onnx_kiln, protocol):
+    """Every Triton type through an ONNX Identity: extreme values come back unchanged."""
+    import tritonclient.grpc as grpcclient
+    mod = httpclient if protocol == "http" else grpcclient
+    c = mod.InferenceServerClient(url=onnx_kiln.url if protocol == "http" else onnx_kiln.grpc_url)
+    rng = np.random.default_rng(11)
+    shape = (2, 5)
+
+    def ints(dt):
+        info = np.iinfo(dt)
+        v = rng.integers(info.min, info.max, size=shape, dtype=dt, endpoint=True)
+        v.flat[0], v.flat[1] = info.min, info.max
+        return v
+
+    values = {
+        "BOOL": rng.random(shape) > 0.5,
+        "UINT8": ints(np.uint8), "UINT16": ints(np.uint16), "UINT32": ints(np.uint32),
+        "UINT64": ints(np.uint64), "INT8": ints(np.int8), "INT16": ints(np.int16),
+        "INT32": ints(np.int32), "INT64": ints(np.int64),
+        "FP16": rng.standard_normal(shape).astype(np.float16),
+        "FP32": np.array([np.inf, -np.inf, 3.4e38, -1e-45, 0.5] * 2, np.float32).reshape(shape),
+        "FP64": rng.standard_normal(shape) * 1e300,
+        "STRING": np.array([b"", b"\x00\xff", b"x", "\u00fc".encode(), b"y" * 300] * 2, dtype=object).reshape(shape),
+    }
+    inputs = []
+    for t, v in values.items():
+        i = mod.InferInput(f"INPUT_{t}", list(shape), "BYTES" if t == "STRING" else t)
+        i.set_data_from_numpy(v)
+        inputs.append(i)
+    # BF16 (numpy has none): tritonclient sends float32 values truncated to BF16; these are
+    # exactly representable, so they come back equal.
+    bf16 = (ints(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    bf16[np.isnan(bf16)] = 1.0
+    i = mod.InferInput("INPUT_BF16", list(shape), "BF16")
+    i.set_data_from_numpy(bf16)
+    inputs.append(i)
+    values_out = dict(values, BF16=bf16)
+    outputs = [mod.InferRequestedOutput(f"OUTPUT_{t}") for t in values_out]
+    r = c.infer("identity_types", inputs, outputs=outputs)
+    for t, v in values_out.items():
+        got = r.as_numpy(f"OUTPUT_{t}")
+        assert got.shape == shape, t
+        if t == "STRING":
+            assert got.tolist() == v.tolist()
+        else:
+            assert got.dtype == v.dtype, t
+            assert got.tobytes() == v.tobytes(), t
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

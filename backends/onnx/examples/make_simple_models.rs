@@ -3,7 +3,7 @@
 //! and, given a second folder, the STRING test models built the way Triton's QA generator
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
-//! output (`scalar_sum.onnx`).
+//! output (`scalar_sum.onnx`), and an identity over every type (`identity_all_types.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -238,6 +238,45 @@ fn scalar_sum() -> ModelProto {
     )
 }
 
+/// Triton QA's ONNX identity models, every type in one graph: OUTPUT_<T> = Identity(INPUT_<T>),
+/// [batch, any].
+fn identity_all_types() -> ModelProto {
+    let types = [
+        ("BOOL", DataType::Bool),
+        ("UINT8", DataType::Uint8),
+        ("UINT16", DataType::Uint16),
+        ("UINT32", DataType::Uint32),
+        ("UINT64", DataType::Uint64),
+        ("INT8", DataType::Int8),
+        ("INT16", DataType::Int16),
+        ("INT32", DataType::Int32),
+        ("INT64", DataType::Int64),
+        ("FP16", DataType::Float16),
+        ("FP32", DataType::Float),
+        ("FP64", DataType::Double),
+        ("BF16", DataType::Bfloat16),
+        ("STRING", DataType::String),
+    ];
+    let io = |prefix: &str| -> Vec<ValueInfoProto> {
+        types
+            .iter()
+            .map(|(n, t)| tensor(&format!("{prefix}_{n}"), *t, &[None, None]))
+            .collect()
+    };
+    let nodes = types
+        .iter()
+        .map(|(n, _)| node("Identity", &[&format!("INPUT_{n}")], &format!("OUTPUT_{n}")))
+        .collect();
+    model(
+        "identity_all_types",
+        13,
+        nodes,
+        io("INPUT"),
+        io("OUTPUT"),
+        vec![],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -267,6 +306,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("string_labels.onnx"), &string_labels())?;
         external_add(&dir.join("external_add"))?;
         write(&dir.join("scalar_sum.onnx"), &scalar_sum())?;
+        write(&dir.join("identity_all_types.onnx"), &identity_all_types())?;
     }
     Ok(())
 }
