@@ -60,9 +60,11 @@ def onnx_kiln(tmp_path_factory):
     # Weights in an external data file beside model.onnx.
     shutil.copytree(os.path.join(MODELS, "external_add"), repo / "external" / "1")
     (repo / "external" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 2\n')
-    # default_model_filename naming a folder: its model.onnx is read (as Triton does).
+    # default_model_filename naming a folder: its model.onnx is read (as Triton does; like
+    # Triton, only with a config naming the backend).
     os.makedirs(repo / "in_folder" / "1" / "model.onnx")
     shutil.copy(simple, repo / "in_folder" / "1" / "model.onnx" / "model.onnx")
+    (repo / "in_folder" / "config.pbtxt").write_text('backend: "onnxruntime"\n')
     # A graph whose first dimension is fixed, configured with batching.
     folder(repo, "fixed_batch", "test_add",
            'backend: "onnxruntime"\nmax_batch_size: 2\n'
@@ -172,6 +174,9 @@ def test_external_data_is_read_from_beside_the_model(onnx_kiln):
 
 def test_model_file_name_may_be_a_folder(onnx_kiln):
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    # Triton's normalization: an onnxruntime model's platform and default model file.
+    cfg = c.get_model_config("in_folder")
+    assert cfg["platform"] == "onnxruntime_onnx" and cfg["default_model_filename"] == "model.onnx"
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     np.testing.assert_array_equal(c.infer("in_folder", simple_inputs(a, a)).as_numpy("OUTPUT1"), 0 * a)
 

@@ -193,6 +193,7 @@ pub fn normalize(
     if cfg.backend.is_empty() {
         cfg.backend = match cfg.platform.as_str() {
             "onnxruntime_onnx" => "onnxruntime".into(),
+            "" if cfg.default_model_filename == "model.onnx" => "onnxruntime".into(),
             "" => {
                 return Err(invalid(
                     "the config must set 'backend' (or 'platform')".into(),
@@ -200,6 +201,15 @@ pub fn normalize(
             }
             other => other.to_string(),
         };
+    }
+    // As Triton: an onnxruntime model names its platform and model file.
+    if cfg.backend == "onnxruntime" {
+        if cfg.platform.is_empty() {
+            cfg.platform = "onnxruntime_onnx".into();
+        }
+        if cfg.default_model_filename.is_empty() {
+            cfg.default_model_filename = "model.onnx".into();
+        }
     }
     if cfg
         .version_policy

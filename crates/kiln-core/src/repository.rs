@@ -101,8 +101,8 @@ fn read_config(
     Ok(cfg)
 }
 
-/// Model files (or folders holding one) Triton recognises without a config.pbtxt, and the
-/// platform/backend they imply.
+/// Model files Triton recognises without a config.pbtxt (files, not folders of that name),
+/// and the platform/backend they imply.
 const DEFAULT_MODEL_FILES: &[(&str, &str, &str)] =
     &[("model.onnx", "onnxruntime_onnx", "onnxruntime")];
 
@@ -112,7 +112,7 @@ const DEFAULT_MODEL_FILES: &[(&str, &str, &str)] =
 fn detect_config(model_dir: &Path, name: &str) -> CoreResult<ModelConfig> {
     for v in available_versions(model_dir) {
         for (file, platform, backend) in DEFAULT_MODEL_FILES {
-            if model_dir.join(v.to_string()).join(file).exists() {
+            if model_dir.join(v.to_string()).join(file).is_file() {
                 return Ok(ModelConfig {
                     name: name.to_string(),
                     platform: platform.to_string(),
