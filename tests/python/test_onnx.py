@@ -76,6 +76,9 @@ def onnx_kiln(tmp_path_factory):
     # Identity over every type, without a config.
     os.makedirs(repo / "identity_types" / "1")
     shutil.copy(os.path.join(MODELS, "identity_all_types.onnx"), repo / "identity_types" / "1" / "model.onnx")
+    # ai.onnx.ml preprocessing, without a config.
+    os.makedirs(repo / "ml" / "1")
+    shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -259,6 +262,26 @@ def test_identity_keeps_every_type_bit_for_bit(onnx_kiln, protocol):
         else:
             assert got.dtype == v.dtype, t
             assert got.tobytes() == v.tobytes(), t
+
+
+def test_onnx_ml_preprocessing_matches_onnxruntime(onnx_kiln):
+    """Scaler, Normalizer (L1, L2, MAX; a zero row, an all-negative row) and LabelEncoder
+    (INT64 ids to names, with a default) against onnxruntime on the same file."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.array([[1, 2, 3], [4, -5, 6.5], [0.5, 1.5, 4], [-2, -3, 10]], np.float32)
+    ids = np.array([0, 2, 7, 1], np.int64)
+    # Auto-complete batches the graph; CLASS ([batch] in the graph) is dims [1] + reshape [].
+    ins = [httpclient.InferInput("X", [4, 3], "FP32"), httpclient.InferInput("CLASS", [4, 1], "INT64")]
+    ins[0].set_data_from_numpy(x)
+    ins[1].set_data_from_numpy(ids.reshape(4, 1))
+    r = c.infer("ml", ins)
+    s = ort.InferenceSession(os.path.join(MODELS, "ml_preprocess.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x, "CLASS": ids})))
+    for name in ("SCALED", "L1", "L2", "MAX"):
+        np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-6, atol=0, err_msg=name)
+    assert [v.decode() for v in r.as_numpy("LABEL").ravel()] == want["LABEL"].tolist() == \
+        ["setosa", "virginica", "unknown", "versicolor"]
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

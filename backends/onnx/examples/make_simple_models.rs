@@ -3,7 +3,8 @@
 //! and, given a second folder, the STRING test models built the way Triton's QA generator
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
-//! output (`scalar_sum.onnx`), and an identity over every type (`identity_all_types.onnx`).
+//! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
+//! `ai.onnx.ml` preprocessing (`ml_preprocess.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -277,6 +278,79 @@ fn identity_all_types() -> ModelProto {
     )
 }
 
+/// A scikit-learn-style preprocessing graph of `ai.onnx.ml` operators: SCALED =
+/// Scaler(X), L1 / L2 / MAX = Normalizer(SCALED), X FLOAT [batch, 3]; LABEL =
+/// LabelEncoder(CLASS) from INT64 class ids to names.
+fn ml_preprocess() -> ModelProto {
+    let ml = |op: &str, input: &str, output: &str, attrs: Vec<AttributeProto>| {
+        let mut n = node(op, &[input], output);
+        n.domain = "ai.onnx.ml".into();
+        n.attribute = attrs;
+        n
+    };
+    let floats = |name: &str, v: &[f32]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Floats as i32,
+        floats: v.to_vec(),
+        ..Default::default()
+    };
+    let text = |name: &str, v: &str| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let scaler = vec![
+        floats("offset", &[1.0, 2.0, 3.0]),
+        floats("scale", &[0.5, 2.0, -1.0]),
+    ];
+    let labels = vec![
+        AttributeProto {
+            name: "keys_int64s".into(),
+            r#type: AttributeType::Ints as i32,
+            ints: vec![0, 1, 2],
+            ..Default::default()
+        },
+        AttributeProto {
+            name: "values_strings".into(),
+            r#type: AttributeType::Strings as i32,
+            strings: vec![
+                b"setosa".to_vec(),
+                b"versicolor".to_vec(),
+                b"virginica".to_vec(),
+            ],
+            ..Default::default()
+        },
+        text("default_string", "unknown"),
+    ];
+    let f = |n| tensor(n, DataType::Float, &[None, Some(3)]);
+    let mut m = model(
+        "ml_preprocess",
+        13,
+        vec![
+            ml("Scaler", "X", "SCALED", scaler),
+            ml("Normalizer", "SCALED", "L1", vec![text("norm", "L1")]),
+            ml("Normalizer", "SCALED", "L2", vec![text("norm", "L2")]),
+            ml("Normalizer", "SCALED", "MAX", vec![text("norm", "MAX")]),
+            ml("LabelEncoder", "CLASS", "LABEL", labels),
+        ],
+        vec![f("X"), tensor("CLASS", DataType::Int64, &[None])],
+        vec![
+            f("SCALED"),
+            f("L1"),
+            f("L2"),
+            f("MAX"),
+            tensor("LABEL", DataType::String, &[None]),
+        ],
+        vec![],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "ai.onnx.ml".into(),
+        version: 2,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -307,6 +381,7 @@ fn main() -> std::io::Result<()> {
         external_add(&dir.join("external_add"))?;
         write(&dir.join("scalar_sum.onnx"), &scalar_sum())?;
         write(&dir.join("identity_all_types.onnx"), &identity_all_types())?;
+        write(&dir.join("ml_preprocess.onnx"), &ml_preprocess())?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod cpu_kernels;
 pub mod einsum;
 pub mod external;
 pub mod fuse;
+pub mod ml;
 pub mod ops;
 pub mod ops_fast;
 pub mod ops_index;

@@ -96,6 +96,9 @@ fn run_node(
     ctx: &ops::Ctx<'_>,
     table: &StringTable,
 ) -> candle_core::Result<Vec<Tensor>> {
+    if node.domain == crate::ml::DOMAIN {
+        return crate::ml::run(node, ins, table);
+    }
     match node.op_type.as_str() {
         strings::PARSE | strings::FORMAT => Ok(vec![strings::run(node, ins, table)?]),
         "Constant" if strings::constant_is_string(node) => {
@@ -372,8 +375,10 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     all(graph, &mut nodes);
     nodes
         .into_iter()
-        .filter(|n| {
-            (!n.domain.is_empty() && n.domain != "ai.onnx") || !ops::is_supported(&n.op_type)
+        .filter(|n| match n.domain.as_str() {
+            "" | "ai.onnx" => !ops::is_supported(&n.op_type),
+            crate::ml::DOMAIN => !crate::ml::is_supported(&n.op_type),
+            _ => true,
         })
         .filter(|n| seen.insert(n.op_type.clone()))
         .map(|n| {

@@ -335,9 +335,24 @@ fn parse_float(s: &[u8]) -> Result<f64> {
 /// are then STRING. Every other operator rejects STRING inputs at load.
 fn string_inputs(op: &str) -> Option<(Option<&'static [usize]>, bool)> {
     Some(match op {
-        "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose" | "Gather"
-        | "GatherElements" | "GatherND" | "Slice" | "Split" | "Expand" | "Tile" | "Compress"
-        | "ReverseSequence" | "DepthToSpace" | "SpaceToDepth" => (Some(&[0]), true),
+        "Identity"
+        | "Reshape"
+        | "Flatten"
+        | "Squeeze"
+        | "Unsqueeze"
+        | "Transpose"
+        | "Gather"
+        | "GatherElements"
+        | "GatherND"
+        | "Slice"
+        | "Split"
+        | "Expand"
+        | "Tile"
+        | "Compress"
+        | "ReverseSequence"
+        | "DepthToSpace"
+        | "SpaceToDepth"
+        | "ArrayFeatureExtractor" => (Some(&[0]), true),
         "Concat" => (None, true),
         "ScatterElements" | "ScatterND" => (Some(&[0, 2]), true),
         "Where" => (Some(&[1, 2]), true),
@@ -388,6 +403,10 @@ pub fn mark(
         let op = node.op_type.as_str();
         let out_string = match op {
             "Constant" => constant_is_string(node),
+            // Strings in and out as its keys and values are (checked when it runs).
+            "LabelEncoder" if reads.iter().all(|&k| k == 0) => {
+                crate::ml::label_encoder_gives_strings(node)
+            }
             "Cast" | "CastLike" => {
                 let to_string = if op == "Cast" {
                     attrs::int(node, "to", 1) as i32 == ONNX_STRING

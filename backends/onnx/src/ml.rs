@@ -1,0 +1,213 @@
+//! Operators of the `ai.onnx.ml` domain (models converted from scikit-learn and similar):
+//! `LabelEncoder`, `ArrayFeatureExtractor`, `Binarizer`, `Scaler` and `Normalizer`.
+use std::collections::HashMap;
+
+use candle_core::{bail, DType, Result, Tensor, D};
+use candle_onnx::onnx::{AttributeProto, NodeProto};
+
+use crate::strings::{StringTable, ONNX_STRING};
+
+/// The `ai.onnx.ml` operators this executor implements.
+const SUPPORTED: &[&str] = &[
+    "ArrayFeatureExtractor",
+    "Binarizer",
+    "LabelEncoder",
+    "Normalizer",
+    "Scaler",
+];
+
+/// ONNX's name of this domain.
+pub const DOMAIN: &str = "ai.onnx.ml";
+
+/// Whether `op` of the `ai.onnx.ml` domain is implemented.
+pub fn is_supported(op: &str) -> bool {
+    SUPPORTED.contains(&op)
+}
+
+fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+/// Runs one `ai.onnx.ml` node (`table` holds the strings of STRING tensors).
+pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Result<Vec<Tensor>> {
+    let x = match ins.first() {
+        Some(Some(x)) => x,
+        _ => bail!("{} node '{}' has no input", node.op_type, node.name),
+    };
+    let out = match node.op_type.as_str() {
+        "LabelEncoder" => label_encoder(node, x, table)?,
+        "ArrayFeatureExtractor" => {
+            let Some(Some(idx)) = ins.get(1) else {
+                bail!("ArrayFeatureExtractor node '{}' has no indices", node.name)
+            };
+            feature_extractor(x, idx)?
+        }
+        "Binarizer" => {
+            let t = attr(node, "threshold").map_or(0.0, |a| a.f) as f64;
+            x.gt(t)?.to_dtype(x.dtype())?
+        }
+        "Scaler" => {
+            let floats = |n: &str| attr(node, n).map_or_else(Vec::new, |a| a.floats.clone());
+            let features = |v: Vec<f32>| -> Result<Tensor> {
+                let v = if v.is_empty() { vec![0f32] } else { v };
+                let n = v.len();
+                Tensor::from_vec(v, n, x.device())
+            };
+            let (offset, scale) = (features(floats("offset"))?, features(floats("scale"))?);
+            let scale = if attr(node, "scale").is_none() {
+                scale.ones_like()?
+            } else {
+                scale
+            };
+            x.to_dtype(DType::F32)?
+                .broadcast_sub(&offset)?
+                .broadcast_mul(&scale)?
+        }
+        "Normalizer" => {
+            let norm = attr(node, "norm")
+                .map_or("MAX".into(), |a| String::from_utf8_lossy(&a.s).into_owned());
+            let x = x.to_dtype(DType::F32)?;
+            let d = match norm.as_str() {
+                "MAX" => x.max_keepdim(D::Minus1)?,
+                "L1" => x.abs()?.sum_keepdim(D::Minus1)?,
+                "L2" => x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?,
+                other => bail!("Normalizer node '{}': unknown norm '{other}'", node.name),
+            };
+            // A row whose norm is 0 stays as it is (as onnxruntime leaves it).
+            let d = d.eq(0.0)?.where_cond(&d.ones_like()?, &d)?;
+            x.broadcast_div(&d)?
+        }
+        other => bail!("ai.onnx.ml operator {other} is not supported"),
+    };
+    Ok(vec![out])
+}
+
+/// `X[..., Y]`: the features (last dimension) that `indices` pick; a 1-D `X` gives
+/// `[1, len(Y)]`.
+fn feature_extractor(x: &Tensor, indices: &Tensor) -> Result<Tensor> {
+    let x = if x.rank() == 1 {
+        x.unsqueeze(0)?
+    } else {
+        x.clone()
+    };
+    let n = x.dim(D::Minus1)? as i64;
+    let idx = crate::ops::i64s(indices)?;
+    if let Some(bad) = idx.iter().find(|&&i| i < 0 || i >= n) {
+        bail!("ArrayFeatureExtractor: index {bad} is out of range for {n} features")
+    }
+    let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let len = idx.len();
+    let idx = Tensor::from_vec(idx, len, x.device())?;
+    x.index_select(&idx, x.rank() - 1)
+}
+
+/// A LabelEncoder key: strings by their bytes, numbers by value (every NaN one key).
+#[derive(PartialEq, Eq, Hash, Clone)]
+enum Key {
+    Text(Vec<u8>),
+    Number(u64),
+}
+
+fn number_key(v: f64) -> Key {
+    Key::Number(if v.is_nan() {
+        f64::NAN.to_bits()
+    } else {
+        (v + 0.0).to_bits()
+    })
+}
+
+/// One side of a LabelEncoder mapping: strings, or numbers with their type.
+enum Side {
+    Text(Vec<Vec<u8>>),
+    Numbers(Vec<f64>, DType),
+}
+
+/// `<prefix>_strings`, `_int64s`, `_floats` or `_tensor` of a LabelEncoder.
+fn side(node: &NodeProto, prefix: &str) -> Result<Option<Side>> {
+    if let Some(a) = attr(node, &format!("{prefix}_strings")) {
+        return Ok(Some(Side::Text(a.strings.clone())));
+    }
+    if let Some(a) = attr(node, &format!("{prefix}_int64s")) {
+        let v = a.ints.iter().map(|&i| i as f64).collect();
+        return Ok(Some(Side::Numbers(v, DType::I64)));
+    }
+    if let Some(a) = attr(node, &format!("{prefix}_floats")) {
+        let v = a.floats.iter().map(|&f| f as f64).collect();
+        return Ok(Some(Side::Numbers(v, DType::F32)));
+    }
+    tensor_side(attr(node, &format!("{prefix}_tensor")))
+}
+
+fn tensor_side(a: Option<&AttributeProto>) -> Result<Option<Side>> {
+    let Some(t) = a.and_then(|a| a.t.as_ref()) else {
+        return Ok(None);
+    };
+    if t.data_type == ONNX_STRING {
+        return Ok(Some(Side::Text(t.string_data.clone())));
+    }
+    let v = crate::convert::tensor_from_proto(t)?;
+    let dt = v.dtype();
+    Ok(Some(Side::Numbers(crate::ops::f64s(&v)?, dt)))
+}
+
+/// Whether a LabelEncoder node maps to strings (its output is then a STRING tensor).
+pub fn label_encoder_gives_strings(node: &NodeProto) -> bool {
+    attr(node, "values_strings").is_some()
+        || attr(node, "values_tensor")
+            .and_then(|a| a.t.as_ref())
+            .is_some_and(|t| t.data_type == ONNX_STRING)
+}
+
+/// Maps each element of `x` through the node's keys → values, or to its default.
+fn label_encoder(node: &NodeProto, x: &Tensor, table: &StringTable) -> Result<Tensor> {
+    let (Some(keys), Some(values)) = (side(node, "keys")?, side(node, "values")?) else {
+        bail!("LabelEncoder node '{}' needs keys and values", node.name)
+    };
+    let key_list: Vec<Key> = match &keys {
+        Side::Text(s) => s.iter().map(|s| Key::Text(s.clone())).collect(),
+        Side::Numbers(v, _) => v.iter().map(|&v| number_key(v)).collect(),
+    };
+    let map: HashMap<Key, usize> = key_list
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
+    let inputs: Vec<Key> = match keys {
+        Side::Text(_) => table.map(x, |s| Ok(Key::Text(s.to_vec())))?,
+        Side::Numbers(..) => crate::ops::f64s(x)?.into_iter().map(number_key).collect(),
+    };
+    let hits: Vec<Option<usize>> = inputs.iter().map(|k| map.get(k).copied()).collect();
+    let dev = x.device();
+    match values {
+        Side::Text(v) => {
+            let default = match attr(node, "default_string") {
+                Some(a) => a.s.clone(),
+                None => match tensor_side(attr(node, "default_tensor"))? {
+                    Some(Side::Text(d)) => d.into_iter().next().unwrap_or_default(),
+                    _ => b"_Unused".to_vec(),
+                },
+            };
+            let out = hits.iter().map(|h| {
+                h.and_then(|i| v.get(i))
+                    .map_or(default.as_slice(), Vec::as_slice)
+            });
+            table.tensor(out, x.dims(), dev)
+        }
+        Side::Numbers(v, dt) => {
+            let default = match (attr(node, "default_int64"), attr(node, "default_float")) {
+                (Some(a), _) if dt.is_int() => a.i as f64,
+                (_, Some(a)) if dt.is_float() => a.f as f64,
+                _ => match tensor_side(attr(node, "default_tensor"))? {
+                    Some(Side::Numbers(d, _)) => d.first().copied().unwrap_or(0.0),
+                    _ if dt.is_float() => -0.0,
+                    _ => -1.0,
+                },
+            };
+            let out: Vec<f64> = hits
+                .iter()
+                .map(|h| h.and_then(|i| v.get(i)).copied().unwrap_or(default))
+                .collect();
+            Tensor::from_vec(out, x.dims(), dev)?.to_dtype(dt)
+        }
+    }
+}
