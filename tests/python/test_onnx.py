@@ -79,6 +79,8 @@ def onnx_kiln(tmp_path_factory):
     # ai.onnx.ml preprocessing, without a config.
     os.makedirs(repo / "ml" / "1")
     shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
+    os.makedirs(repo / "ml_linear" / "1")
+    shutil.copy(os.path.join(MODELS, "ml_linear.onnx"), repo / "ml_linear" / "1" / "model.onnx")
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -282,6 +284,31 @@ def test_onnx_ml_preprocessing_matches_onnxruntime(onnx_kiln):
         np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-6, atol=0, err_msg=name)
     assert [v.decode() for v in r.as_numpy("LABEL").ravel()] == want["LABEL"].tolist() == \
         ["setosa", "virginica", "unknown", "versicolor"]
+
+
+def test_onnx_ml_linear_models_match_onnxruntime(onnx_kiln):
+    """LinearClassifier (string and int labels, binary, SOFTMAX / LOGISTIC) and
+    LinearRegressor (SOFTMAX_ZERO, PROBIT, none) against onnxruntime on the same file."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.random.default_rng(0).uniform(-5, 5, (4, 4)).astype(np.float32)
+    i = httpclient.InferInput("X", [4, 4], "FP32")
+    i.set_data_from_numpy(x)
+    r = c.infer("ml_linear", [i])
+    s = ort.InferenceSession(os.path.join(MODELS, "ml_linear.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x})))
+    for name, w in want.items():
+        got = r.as_numpy(name)
+        if name.startswith("LABEL"):
+            # [batch] in the graph: dims [1] with an empty reshape, as Triton auto-completes.
+            got = got.reshape(-1)
+            if name == "LABEL_S":
+                got = np.array([v.decode() for v in got], dtype=object)
+            assert got.tolist() == w.tolist(), name
+        else:
+            np.testing.assert_allclose(got, w, rtol=2e-5, atol=1e-6, err_msg=name)
+    # The binary classifier picks both labels, so both branches ran.
+    assert set(want["LABEL_B"].tolist()) == {3, 7}
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

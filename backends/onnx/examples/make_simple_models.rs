@@ -4,7 +4,7 @@
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
-//! `ai.onnx.ml` preprocessing (`ml_preprocess.onnx`).
+//! `ai.onnx.ml` preprocessing and linear models (`ml_preprocess.onnx`, `ml_linear.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -351,6 +351,135 @@ fn ml_preprocess() -> ModelProto {
     m
 }
 
+/// scikit-learn-style linear models (`ai.onnx.ml`) on one input X FLOAT [batch, 4]: three
+/// LinearClassifiers (3 classes with string labels and SOFTMAX, 3 classes with int labels
+/// and LOGISTIC, binary with two int labels) and three LinearRegressors (3 targets with
+/// SOFTMAX_ZERO and a zero row, 1 target with PROBIT, 2 targets as they are).
+fn ml_linear() -> ModelProto {
+    let floats = |name: &str, v: &[f32]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Floats as i32,
+        floats: v.to_vec(),
+        ..Default::default()
+    };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let int = |name: &str, i: i64| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let text = |name: &str, v: &str| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let ml = |op: &str, outputs: &[&str], attrs: Vec<AttributeProto>| NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{}", outputs[0]),
+        domain: "ai.onnx.ml".into(),
+        input: vec!["X".into()],
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    };
+    let w3: Vec<f32> = (0..12).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
+    let nodes = vec![
+        ml(
+            "LinearClassifier",
+            &["LABEL_S", "PROB_S"],
+            vec![
+                floats("coefficients", &w3),
+                floats("intercepts", &[0.5, -0.25, 0.0]),
+                AttributeProto {
+                    name: "classlabels_strings".into(),
+                    r#type: AttributeType::Strings as i32,
+                    strings: vec![b"cat".to_vec(), b"dog".to_vec(), b"bird".to_vec()],
+                    ..Default::default()
+                },
+                text("post_transform", "SOFTMAX"),
+            ],
+        ),
+        ml(
+            "LinearClassifier",
+            &["LABEL_I", "PROB_L"],
+            vec![
+                floats("coefficients", &w3),
+                floats("intercepts", &[0.1, 0.2, 0.3]),
+                ints("classlabels_ints", &[10, 20, 30]),
+                text("post_transform", "LOGISTIC"),
+            ],
+        ),
+        ml(
+            "LinearClassifier",
+            &["LABEL_B", "PROB_B"],
+            vec![
+                floats("coefficients", &[0.4, -0.3, 0.2, -0.1]),
+                floats("intercepts", &[-0.05]),
+                ints("classlabels_ints", &[3, 7]),
+            ],
+        ),
+        ml(
+            "LinearRegressor",
+            &["REG_Z"],
+            vec![
+                floats("coefficients", &[&w3[..8], &[0.0; 4]].concat()),
+                floats("intercepts", &[0.1, -0.2, 0.0]),
+                int("targets", 3),
+                text("post_transform", "SOFTMAX_ZERO"),
+            ],
+        ),
+        ml(
+            "LinearRegressor",
+            &["REG_P"],
+            vec![
+                floats("coefficients", &[0.01, 0.02, 0.03, 0.04]),
+                floats("intercepts", &[0.5]),
+                text("post_transform", "PROBIT"),
+            ],
+        ),
+        ml(
+            "LinearRegressor",
+            &["REG_N"],
+            vec![
+                floats("coefficients", &w3[..8]),
+                floats("intercepts", &[1.0, 2.0]),
+                int("targets", 2),
+            ],
+        ),
+    ];
+    let f = |n, w| tensor(n, DataType::Float, &[None, Some(w)]);
+    let mut m = model(
+        "ml_linear",
+        13,
+        nodes,
+        vec![f("X", 4)],
+        vec![
+            tensor("LABEL_S", DataType::String, &[None]),
+            f("PROB_S", 3),
+            tensor("LABEL_I", DataType::Int64, &[None]),
+            f("PROB_L", 3),
+            tensor("LABEL_B", DataType::Int64, &[None]),
+            f("PROB_B", 2),
+            f("REG_Z", 3),
+            f("REG_P", 1),
+            f("REG_N", 2),
+        ],
+        vec![],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "ai.onnx.ml".into(),
+        version: 1,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -382,6 +511,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("scalar_sum.onnx"), &scalar_sum())?;
         write(&dir.join("identity_all_types.onnx"), &identity_all_types())?;
         write(&dir.join("ml_preprocess.onnx"), &ml_preprocess())?;
+        write(&dir.join("ml_linear.onnx"), &ml_linear())?;
     }
     Ok(())
 }

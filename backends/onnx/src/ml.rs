@@ -1,5 +1,6 @@
 //! Operators of the `ai.onnx.ml` domain (models converted from scikit-learn and similar):
-//! `LabelEncoder`, `ArrayFeatureExtractor`, `Binarizer`, `Scaler` and `Normalizer`.
+//! `LabelEncoder`, `ArrayFeatureExtractor`, `Binarizer`, `Scaler`, `Normalizer`,
+//! `LinearRegressor` and `LinearClassifier` (with onnxruntime's score post-transforms).
 use std::collections::HashMap;
 
 use candle_core::{bail, DType, Result, Tensor, D};
@@ -12,6 +13,8 @@ const SUPPORTED: &[&str] = &[
     "ArrayFeatureExtractor",
     "Binarizer",
     "LabelEncoder",
+    "LinearClassifier",
+    "LinearRegressor",
     "Normalizer",
     "Scaler",
 ];
@@ -77,9 +80,186 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
             let d = d.eq(0.0)?.where_cond(&d.ones_like()?, &d)?;
             x.broadcast_div(&d)?
         }
+        "LinearRegressor" => linear_regressor(node, x)?,
+        "LinearClassifier" => return linear_classifier(node, x, table),
         other => bail!("ai.onnx.ml operator {other} is not supported"),
     };
     Ok(vec![out])
+}
+
+fn floats_attr(node: &NodeProto, name: &str) -> Vec<f32> {
+    attr(node, name).map_or_else(Vec::new, |a| a.floats.clone())
+}
+
+fn text_attr(node: &NodeProto, name: &str, default: &str) -> String {
+    attr(node, name).map_or(default.into(), |a| {
+        String::from_utf8_lossy(&a.s).into_owned()
+    })
+}
+
+/// `X · Wᵀ + b` for a linear model: X `[N, F]` (or `[F]`, one row) in any numeric type,
+/// `coefficients` `[T, F]`, `intercepts` `[T]` (absent: 0). Returns the rows' scores.
+fn linear_scores(node: &NodeProto, x: &Tensor, targets: usize) -> Result<Vec<Vec<f32>>> {
+    let x = if x.rank() == 1 {
+        x.unsqueeze(0)?
+    } else {
+        x.clone()
+    };
+    let (n, f) = x.dims2()?;
+    let coefs = floats_attr(node, "coefficients");
+    if targets == 0 || coefs.len() != targets * f {
+        bail!(
+            "{} node '{}': {} coefficients do not make {targets} rows of {f} features",
+            node.op_type,
+            node.name,
+            coefs.len()
+        )
+    }
+    let mut b = floats_attr(node, "intercepts");
+    b.resize(targets, 0.0);
+    let w = Tensor::from_vec(coefs, (targets, f), x.device())?;
+    let b = Tensor::from_vec(b, targets, x.device())?;
+    let scores = x.to_dtype(DType::F32)?.matmul(&w.t()?)?.broadcast_add(&b)?;
+    debug_assert_eq!(scores.dims2()?, (n, targets));
+    scores
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec2::<f32>()
+}
+
+/// onnxruntime's approximation of √2 · erf⁻¹(2p − 1) (Winitzki's erf⁻¹, a = 0.147).
+fn probit(p: f32) -> f32 {
+    let x = 2.0 * p - 1.0;
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let ln = ((1.0 - x) * (1.0 + x)).ln();
+    let a = 2.0 / (std::f32::consts::PI * 0.147) + 0.5 * ln;
+    let v = -a + (a * a - ln / 0.147).sqrt();
+    std::f32::consts::SQRT_2 * sign * v.sqrt()
+}
+
+/// Applies `post_transform` to one row of scores as onnxruntime does: element-wise for
+/// PROBIT and LOGISTIC, per row for SOFTMAX and SOFTMAX_ZERO (which keeps zeros at 0) —
+/// but to a single score only PROBIT.
+fn post_transform(row: &mut [f32], transform: &str) -> Result<()> {
+    let single = row.len() == 1;
+    match transform {
+        "NONE" => {}
+        "PROBIT" => row.iter_mut().for_each(|v| *v = probit(*v)),
+        _ if single => {}
+        "LOGISTIC" => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        "SOFTMAX" | "SOFTMAX_ZERO" => {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let zero = transform == "SOFTMAX_ZERO";
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                if zero && v.abs() <= 1e-7 {
+                    *v = 0.0;
+                } else {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        other => bail!("unknown post_transform '{other}'"),
+    }
+    Ok(())
+}
+
+fn linear_regressor(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    let targets = attr(node, "targets").map_or(1, |a| a.i.max(0) as usize);
+    let transform = text_attr(node, "post_transform", "NONE");
+    let mut rows = linear_scores(node, x, targets)?;
+    for r in &mut rows {
+        post_transform(r, &transform)?;
+    }
+    let n = rows.len();
+    Tensor::from_vec(rows.concat(), (n, targets), x.device())
+}
+
+/// Labels `[N]` (INT64, or STRING with `classlabels_strings`) and scores `[N, C]`. With one
+/// score per row it is a binary classifier: label = positive when the score is > 0, and
+/// with two class labels the scores become [1 − s, s], as in onnxruntime.
+fn linear_classifier(node: &NodeProto, x: &Tensor, table: &StringTable) -> Result<Vec<Tensor>> {
+    let names = attr(node, "classlabels_strings").map(|a| a.strings.clone());
+    let ids = attr(node, "classlabels_ints").map_or_else(Vec::new, |a| a.ints.clone());
+    let targets = floats_attr(node, "intercepts").len();
+    let transform = text_attr(node, "post_transform", "NONE");
+    let mut rows = linear_scores(node, x, targets)?;
+    let labels_len = names.as_ref().map_or(ids.len(), Vec::len);
+    let add_second = targets == 1 && labels_len == 2;
+    // Label index per row: 1 / 0 for binary, else the first highest score.
+    let picks: Vec<usize> = rows
+        .iter()
+        .map(|r| {
+            if targets == 1 {
+                usize::from(r[0] > 0.0)
+            } else {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                        if v > best.1 {
+                            (i, v)
+                        } else {
+                            best
+                        }
+                    })
+                    .0
+            }
+        })
+        .collect();
+    if targets > 1 && labels_len < targets {
+        bail!(
+            "LinearClassifier node '{}': {targets} classes but {labels_len} class labels",
+            node.name
+        )
+    }
+    for r in &mut rows {
+        if add_second && transform != "PROBIT" {
+            let s = r[0];
+            *r = vec![1.0 - s, s];
+        } else {
+            post_transform(r, &transform)?;
+        }
+    }
+    let n = rows.len();
+    let width = rows
+        .first()
+        .map_or(if add_second { 2 } else { targets }, Vec::len);
+    let dev = x.device();
+    let scores = Tensor::from_vec(rows.concat(), (n, width), dev)?;
+    let labels = match names {
+        Some(names) => {
+            let (neg, pos) = if targets == 1 && names.len() != 2 {
+                (b"0".to_vec(), b"1".to_vec())
+            } else {
+                (
+                    names.first().cloned().unwrap_or_default(),
+                    names.get(1).cloned().unwrap_or_default(),
+                )
+            };
+            let texts: Vec<&[u8]> = picks
+                .iter()
+                .map(|&i| match targets {
+                    1 if i == 1 => pos.as_slice(),
+                    1 => neg.as_slice(),
+                    _ => names[i].as_slice(),
+                })
+                .collect();
+            table.tensor(texts, &[n], dev)?
+        }
+        None => {
+            let v: Vec<i64> = picks
+                .iter()
+                .map(|&i| match targets {
+                    1 if ids.len() == 2 => ids[i],
+                    1 => i as i64,
+                    _ => ids[i],
+                })
+                .collect();
+            Tensor::from_vec(v, n, dev)?
+        }
+    };
+    Ok(vec![labels, scores])
 }
 
 /// `X[..., Y]`: the features (last dimension) that `indices` pick; a 1-D `X` gives
@@ -156,6 +336,11 @@ pub fn label_encoder_gives_strings(node: &NodeProto) -> bool {
         || attr(node, "values_tensor")
             .and_then(|a| a.t.as_ref())
             .is_some_and(|t| t.data_type == ONNX_STRING)
+}
+
+/// Whether a classifier's labels are strings (`classlabels_strings`).
+pub fn classifier_gives_strings(node: &NodeProto) -> bool {
+    attr(node, "classlabels_strings").is_some_and(|a| !a.strings.is_empty())
 }
 
 /// Maps each element of `x` through the node's keys → values, or to its default.

@@ -401,6 +401,13 @@ pub fn mark(
             .filter(|&k| is_str(&node.input[k]))
             .collect();
         let op = node.op_type.as_str();
+        // A classifier's labels (output 0) are STRING with string class labels.
+        if op == "LinearClassifier" && reads.is_empty() {
+            if crate::ml::classifier_gives_strings(node) {
+                strings.insert(node.output[0].clone());
+            }
+            continue;
+        }
         let out_string = match op {
             "Constant" => constant_is_string(node),
             // Strings in and out as its keys and values are (checked when it runs).
