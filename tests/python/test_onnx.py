@@ -79,6 +79,8 @@ def onnx_kiln(tmp_path_factory):
     # ai.onnx.ml preprocessing, without a config.
     os.makedirs(repo / "ml" / "1")
     shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
+    os.makedirs(repo / "ml_trees" / "1")
+    shutil.copy(os.path.join(MODELS, "ml_trees.onnx"), repo / "ml_trees" / "1" / "model.onnx")
     os.makedirs(repo / "ml_linear" / "1")
     shutil.copy(os.path.join(MODELS, "ml_linear.onnx"), repo / "ml_linear" / "1" / "model.onnx")
     # A config that leaves out a graph input, and one with a wrong type.
@@ -309,6 +311,37 @@ def test_onnx_ml_linear_models_match_onnxruntime(onnx_kiln):
             np.testing.assert_allclose(got, w, rtol=2e-5, atol=1e-6, err_msg=name)
     # The binary classifier picks both labels, so both branches ran.
     assert set(want["LABEL_B"].tolist()) == {3, 7}
+
+
+def test_onnx_ml_tree_ensembles_match_onnxruntime(onnx_kiln):
+    """TreeEnsembleRegressor (SUM, AVERAGE, base values, targets no tree scores) and
+    TreeEnsembleClassifier
+    (XGBoost-style binary margins with LOGISTIC, a random forest's class-1 probabilities
+    with string labels, three classes with SOFTMAX, two weighted classes) against
+    onnxruntime, on rows that hit every leaf, thresholds exactly and a missing value."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    rng = np.random.default_rng(4)
+    fixed = np.array([[0.5, -0.3, 1.0], [0.6, -0.2, np.nan], [-1, -1, 0], [2, 0, 2]], np.float32)
+    x = np.concatenate([fixed, rng.standard_normal((12, 3)).astype(np.float32)])
+    s = ort.InferenceSession(os.path.join(MODELS, "ml_trees.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x})))
+    for lo in range(0, len(x), 4):  # max_batch_size 4 (auto-complete)
+        i = httpclient.InferInput("X", [4, 3], "FP32")
+        i.set_data_from_numpy(x[lo:lo + 4])
+        r = c.infer("ml_trees", [i])
+        for name, w in want.items():
+            w = w[lo:lo + 4]
+            got = r.as_numpy(name)
+            if name.startswith("LABEL"):
+                got = got.reshape(-1)
+                if name == "LABEL_R":
+                    got = np.array([v.decode() for v in got], dtype=object)
+                assert got.tolist() == w.tolist(), (name, lo)
+            else:
+                np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=f"{name} rows {lo}")
+    # Both labels of each binary classifier occur, so both branches ran.
+    assert set(want["LABEL_X"].tolist()) == {0, 1} and set(want["LABEL_R"].tolist()) == {"no", "yes"}
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

@@ -4,7 +4,7 @@
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
-//! `ai.onnx.ml` preprocessing and linear models (`ml_preprocess.onnx`, `ml_linear.onnx`).
+//! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -480,6 +480,261 @@ fn ml_linear() -> ModelProto {
     m
 }
 
+/// Tree ensembles (`ai.onnx.ml`) as the XGBoost, LightGBM and scikit-learn converters write
+/// them, on X FLOAT [batch, 3]. Every node uses the same two trees: tree 0 splits on
+/// feature 0 (<= 0.5), then feature 1 (< -0.3); tree 1 on feature 2 (>= 1.0, NaN going to
+/// the true branch). Leaves (tree, node): (0,1), (0,3), (0,4), (1,1), (1,2).
+fn ml_trees() -> ModelProto {
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let floats = |name: &str, v: &[f32]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Floats as i32,
+        floats: v.to_vec(),
+        ..Default::default()
+    };
+    let texts = |name: &str, v: &[&str]| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Strings as i32,
+        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    };
+    let text = |name: &str, v: &str| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let int = |name: &str, i: i64| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let trees = vec![
+        ints("nodes_treeids", &[0, 0, 0, 0, 0, 1, 1, 1]),
+        ints("nodes_nodeids", &[0, 1, 2, 3, 4, 0, 1, 2]),
+        ints("nodes_featureids", &[0, 0, 1, 0, 0, 2, 0, 0]),
+        floats("nodes_values", &[0.5, 0.0, -0.3, 0.0, 0.0, 1.0, 0.0, 0.0]),
+        texts(
+            "nodes_modes",
+            &[
+                "BRANCH_LEQ",
+                "LEAF",
+                "BRANCH_LT",
+                "LEAF",
+                "LEAF",
+                "BRANCH_GTE",
+                "LEAF",
+                "LEAF",
+            ],
+        ),
+        ints("nodes_truenodeids", &[1, 0, 3, 0, 0, 1, 0, 0]),
+        ints("nodes_falsenodeids", &[2, 0, 4, 0, 0, 2, 0, 0]),
+        ints("nodes_missing_value_tracks_true", &[0, 0, 0, 0, 0, 1, 0, 0]),
+    ];
+    const LEAVES: [(i64, i64); 5] = [(0, 1), (0, 3), (0, 4), (1, 1), (1, 2)];
+    // (prefix, [(leaf index, target or class, weight)]): the leaf-weight attributes.
+    let weights = |prefix: &str, w: &[(usize, i64, f32)]| {
+        vec![
+            ints(
+                &format!("{prefix}_treeids"),
+                &w.iter().map(|e| LEAVES[e.0].0).collect::<Vec<_>>(),
+            ),
+            ints(
+                &format!("{prefix}_nodeids"),
+                &w.iter().map(|e| LEAVES[e.0].1).collect::<Vec<_>>(),
+            ),
+            ints(
+                &format!("{prefix}_ids"),
+                &w.iter().map(|e| e.1).collect::<Vec<_>>(),
+            ),
+            floats(
+                &format!("{prefix}_weights"),
+                &w.iter().map(|e| e.2).collect::<Vec<_>>(),
+            ),
+        ]
+    };
+    let ml = |op: &str, outputs: &[&str], extra: Vec<AttributeProto>| NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{}", outputs[0]),
+        domain: "ai.onnx.ml".into(),
+        input: vec!["X".into()],
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: [trees.clone(), extra].concat(),
+        ..Default::default()
+    };
+    let one_each = |ws: [f32; 5]| -> Vec<(usize, i64, f32)> {
+        ws.iter().enumerate().map(|(i, &w)| (i, 0, w)).collect()
+    };
+    let nodes = vec![
+        // XGBoost-style regression: SUM plus a base score.
+        ml(
+            "TreeEnsembleRegressor",
+            &["REG"],
+            [
+                weights("target", &one_each([0.3, -0.2, 0.7, 0.1, -0.4])),
+                vec![int("n_targets", 1), floats("base_values", &[0.5])],
+            ]
+            .concat(),
+        ),
+        // Random-forest-style regression of two targets: AVERAGE plus base values.
+        ml(
+            "TreeEnsembleRegressor",
+            &["REG2"],
+            [
+                weights(
+                    "target",
+                    &[
+                        (0, 0, 1.0),
+                        (0, 1, 2.0),
+                        (1, 0, -1.0),
+                        (2, 1, 3.0),
+                        (3, 0, 0.5),
+                        (4, 1, -2.0),
+                    ],
+                ),
+                vec![
+                    int("n_targets", 2),
+                    text("aggregate_function", "AVERAGE"),
+                    floats("base_values", &[1.0, -1.0]),
+                ],
+            ]
+            .concat(),
+        ),
+        // The same two targets summed (some rows give a target no weight).
+        ml(
+            "TreeEnsembleRegressor",
+            &["REG3"],
+            [
+                weights(
+                    "target",
+                    &[
+                        (0, 0, 1.0),
+                        (0, 1, 2.0),
+                        (1, 0, -1.0),
+                        (2, 1, 3.0),
+                        (3, 0, 0.5),
+                        (4, 1, -2.0),
+                    ],
+                ),
+                vec![int("n_targets", 2), floats("base_values", &[1.0, -1.0])],
+            ]
+            .concat(),
+        ),
+        // XGBoost-style binary classifier: one class's margins, LOGISTIC.
+        ml(
+            "TreeEnsembleClassifier",
+            &["LABEL_X", "PROB_X"],
+            [
+                weights("class", &one_each([0.3, -0.2, 0.7, 0.1, -0.4])),
+                vec![
+                    ints("classlabels_int64s", &[0, 1]),
+                    floats("base_values", &[-0.1]),
+                    text("post_transform", "LOGISTIC"),
+                ],
+            ]
+            .concat(),
+        ),
+        // scikit-learn-style binary random forest: class 1 probabilities, string labels.
+        ml(
+            "TreeEnsembleClassifier",
+            &["LABEL_R", "PROB_R"],
+            [
+                weights(
+                    "class",
+                    &[
+                        (0, 1, 0.4),
+                        (1, 1, 0.1),
+                        (2, 1, 0.35),
+                        (3, 1, 0.45),
+                        (4, 1, 0.05),
+                    ],
+                ),
+                vec![texts("classlabels_strings", &["no", "yes"])],
+            ]
+            .concat(),
+        ),
+        // Three classes, SOFTMAX, base values.
+        ml(
+            "TreeEnsembleClassifier",
+            &["LABEL_M", "PROB_M"],
+            [
+                weights(
+                    "class",
+                    &[
+                        (0, 0, 0.5),
+                        (0, 1, -0.5),
+                        (1, 1, 0.8),
+                        (1, 2, 0.1),
+                        (2, 2, 0.9),
+                        (3, 0, 0.3),
+                        (3, 2, -0.3),
+                        (4, 1, 0.6),
+                    ],
+                ),
+                vec![
+                    ints("classlabels_int64s", &[5, 6, 7]),
+                    floats("base_values", &[0.1, 0.2, 0.3]),
+                    text("post_transform", "SOFTMAX"),
+                ],
+            ]
+            .concat(),
+        ),
+        // Two classes that both have weights (not onnxruntime's "binary case").
+        ml(
+            "TreeEnsembleClassifier",
+            &["LABEL_2", "PROB_2"],
+            [
+                weights(
+                    "class",
+                    &[
+                        (0, 0, 0.6),
+                        (0, 1, 0.4),
+                        (1, 1, 0.9),
+                        (2, 0, 0.2),
+                        (3, 0, 0.5),
+                        (4, 1, 0.3),
+                    ],
+                ),
+                vec![ints("classlabels_int64s", &[3, 7])],
+            ]
+            .concat(),
+        ),
+    ];
+    let f = |n, w| tensor(n, DataType::Float, &[None, Some(w)]);
+    let label = |n, t| tensor(n, t, &[None]);
+    let mut m = model(
+        "ml_trees",
+        13,
+        nodes,
+        vec![f("X", 3)],
+        vec![
+            f("REG", 1),
+            f("REG2", 2),
+            f("REG3", 2),
+            label("LABEL_X", DataType::Int64),
+            f("PROB_X", 2),
+            label("LABEL_R", DataType::String),
+            f("PROB_R", 2),
+            label("LABEL_M", DataType::Int64),
+            f("PROB_M", 3),
+            label("LABEL_2", DataType::Int64),
+            f("PROB_2", 2),
+        ],
+        vec![],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "ai.onnx.ml".into(),
+        version: 1,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -512,6 +767,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("identity_all_types.onnx"), &identity_all_types())?;
         write(&dir.join("ml_preprocess.onnx"), &ml_preprocess())?;
         write(&dir.join("ml_linear.onnx"), &ml_linear())?;
+        write(&dir.join("ml_trees.onnx"), &ml_trees())?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Operators of the `ai.onnx.ml` domain (models converted from scikit-learn and similar):
 //! `LabelEncoder`, `ArrayFeatureExtractor`, `Binarizer`, `Scaler`, `Normalizer`,
-//! `LinearRegressor` and `LinearClassifier` (with onnxruntime's score post-transforms).
+//! `LinearRegressor` and `LinearClassifier` (with onnxruntime's score post-transforms); the
+//! tree ensembles are in `ml_tree`.
 use std::collections::HashMap;
 
 use candle_core::{bail, DType, Result, Tensor, D};
@@ -17,6 +18,8 @@ const SUPPORTED: &[&str] = &[
     "LinearRegressor",
     "Normalizer",
     "Scaler",
+    "TreeEnsembleClassifier",
+    "TreeEnsembleRegressor",
 ];
 
 /// ONNX's name of this domain.
@@ -82,6 +85,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
         }
         "LinearRegressor" => linear_regressor(node, x)?,
         "LinearClassifier" => return linear_classifier(node, x, table),
+        "TreeEnsembleRegressor" => crate::ml_tree::regressor(node, x)?,
+        "TreeEnsembleClassifier" => return crate::ml_tree::classifier(node, x, table),
         other => bail!("ai.onnx.ml operator {other} is not supported"),
     };
     Ok(vec![out])
@@ -127,7 +132,7 @@ fn linear_scores(node: &NodeProto, x: &Tensor, targets: usize) -> Result<Vec<Vec
 }
 
 /// onnxruntime's approximation of √2 · erf⁻¹(2p − 1) (Winitzki's erf⁻¹, a = 0.147).
-fn probit(p: f32) -> f32 {
+pub(crate) fn probit(p: f32) -> f32 {
     let x = 2.0 * p - 1.0;
     let sign = if x < 0.0 { -1.0 } else { 1.0 };
     let ln = ((1.0 - x) * (1.0 + x)).ln();
@@ -139,7 +144,7 @@ fn probit(p: f32) -> f32 {
 /// Applies `post_transform` to one row of scores as onnxruntime does: element-wise for
 /// PROBIT and LOGISTIC, per row for SOFTMAX and SOFTMAX_ZERO (which keeps zeros at 0) —
 /// but to a single score only PROBIT.
-fn post_transform(row: &mut [f32], transform: &str) -> Result<()> {
+pub(crate) fn post_transform(row: &mut [f32], transform: &str) -> Result<()> {
     let single = row.len() == 1;
     match transform {
         "NONE" => {}

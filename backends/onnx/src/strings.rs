@@ -402,7 +402,7 @@ pub fn mark(
             .collect();
         let op = node.op_type.as_str();
         // A classifier's labels (output 0) are STRING with string class labels.
-        if op == "LinearClassifier" && reads.is_empty() {
+        if matches!(op, "LinearClassifier" | "TreeEnsembleClassifier") && reads.is_empty() {
             if crate::ml::classifier_gives_strings(node) {
                 strings.insert(node.output[0].clone());
             }
