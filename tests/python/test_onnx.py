@@ -79,6 +79,8 @@ def onnx_kiln(tmp_path_factory):
     # ai.onnx.ml preprocessing, without a config.
     os.makedirs(repo / "ml" / "1")
     shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
+    os.makedirs(repo / "ml_features" / "1")
+    shutil.copy(os.path.join(MODELS, "ml_features.onnx"), repo / "ml_features" / "1" / "model.onnx")
     os.makedirs(repo / "ml_trees" / "1")
     shutil.copy(os.path.join(MODELS, "ml_trees.onnx"), repo / "ml_trees" / "1" / "model.onnx")
     os.makedirs(repo / "ml_linear" / "1")
@@ -342,6 +344,38 @@ def test_onnx_ml_tree_ensembles_match_onnxruntime(onnx_kiln):
                 np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=f"{name} rows {lo}")
     # Both labels of each binary classifier occur, so both branches ran.
     assert set(want["LABEL_X"].tolist()) == {0, 1} and set(want["LABEL_R"].tolist()) == {"no", "yes"}
+
+
+def test_onnx_ml_feature_preparation_matches_onnxruntime(onnx_kiln):
+    """Imputer (NaN), OneHotEncoder (string and int categories, unknown values),
+    CategoryMapper (strings to ids and back, defaults) and FeatureVectorizer against
+    onnxruntime on the same file."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    feeds = {
+        "NUM": np.array([[1, np.nan], [np.nan, np.nan], [3, 4]], np.float32),
+        "CITY": np.array([["tokyo"], ["rome"], ["lima"]], dtype=object),
+        "CODE": np.array([[20], [10], [7]], np.int64),
+    }
+    ins = []
+    for name, v in feeds.items():
+        i = httpclient.InferInput(name, list(v.shape), {"NUM": "FP32", "CITY": "BYTES", "CODE": "INT64"}[name])
+        i.set_data_from_numpy(v)
+        ins.append(i)
+    r = c.infer("ml_features", ins)
+    s = ort.InferenceSession(os.path.join(MODELS, "ml_features.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    for name, w in want.items():
+        got = r.as_numpy(name)
+        assert got.shape == w.shape, name
+        if name == "CODE_NAME":
+            assert as_text(got).tolist() == w.tolist() == [["twenty"], ["ten"], ["other"]]
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)
+
+
+def as_text(a):
+    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(a)
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

@@ -735,6 +735,127 @@ fn ml_trees() -> ModelProto {
     m
 }
 
+/// scikit-learn-style feature preparation (`ai.onnx.ml`): NUM FLOAT [batch, 2] with
+/// missing values, CITY STRING [batch, 1] and CODE INT64 [batch, 1] through Imputer,
+/// OneHotEncoder (string and int categories), CategoryMapper (both ways) and
+/// FeatureVectorizer.
+fn ml_features() -> ModelProto {
+    let attr = |name: &str, kind: AttributeType| AttributeProto {
+        name: name.into(),
+        r#type: kind as i32,
+        ..Default::default()
+    };
+    let floats = |name: &str, v: &[f32]| AttributeProto {
+        floats: v.to_vec(),
+        ..attr(name, AttributeType::Floats)
+    };
+    let float = |name: &str, f: f32| AttributeProto {
+        f,
+        ..attr(name, AttributeType::Float)
+    };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        ints: v.to_vec(),
+        ..attr(name, AttributeType::Ints)
+    };
+    let int = |name: &str, i: i64| AttributeProto {
+        i,
+        ..attr(name, AttributeType::Int)
+    };
+    let texts = |name: &str, v: &[&str]| AttributeProto {
+        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..attr(name, AttributeType::Strings)
+    };
+    let text = |name: &str, v: &str| AttributeProto {
+        s: v.as_bytes().to_vec(),
+        ..attr(name, AttributeType::String)
+    };
+    let ml = |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{output}"),
+        domain: "ai.onnx.ml".into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    };
+    let cities = ["paris", "tokyo", "lima"];
+    let nodes = vec![
+        ml(
+            "Imputer",
+            &["NUM"],
+            "NUM_I",
+            vec![
+                floats("imputed_value_floats", &[5.0, -1.0]),
+                float("replaced_value_float", f32::NAN),
+            ],
+        ),
+        ml(
+            "OneHotEncoder",
+            &["CITY"],
+            "CITY_OH",
+            vec![texts("cats_strings", &cities)],
+        ),
+        ml(
+            "OneHotEncoder",
+            &["CODE"],
+            "CODE_OH",
+            vec![ints("cats_int64s", &[10, 20]), int("zeros", 1)],
+        ),
+        ml(
+            "CategoryMapper",
+            &["CITY"],
+            "CITY_ID",
+            vec![
+                texts("cats_strings", &cities),
+                ints("cats_int64s", &[1, 2, 3]),
+                int("default_int64", 0),
+            ],
+        ),
+        ml(
+            "CategoryMapper",
+            &["CODE"],
+            "CODE_NAME",
+            vec![
+                texts("cats_strings", &["ten", "twenty"]),
+                ints("cats_int64s", &[10, 20]),
+                text("default_string", "other"),
+            ],
+        ),
+        ml(
+            "FeatureVectorizer",
+            &["NUM_I", "NUM"],
+            "FEATURES",
+            vec![ints("inputdimensions", &[2, 1])],
+        ),
+    ];
+    let t = |n, ty, w: &[Option<i64>]| tensor(n, ty, w);
+    let b = |w: i64| vec![None, Some(w)];
+    let mut m = model(
+        "ml_features",
+        13,
+        nodes,
+        vec![
+            t("NUM", DataType::Float, &b(2)),
+            t("CITY", DataType::String, &b(1)),
+            t("CODE", DataType::Int64, &b(1)),
+        ],
+        vec![
+            t("NUM_I", DataType::Float, &b(2)),
+            t("CITY_OH", DataType::Float, &[None, Some(1), Some(3)]),
+            t("CODE_OH", DataType::Float, &[None, Some(1), Some(2)]),
+            t("CITY_ID", DataType::Int64, &b(1)),
+            t("CODE_NAME", DataType::String, &b(1)),
+            t("FEATURES", DataType::Float, &b(3)),
+        ],
+        vec![],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "ai.onnx.ml".into(),
+        version: 2,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -768,6 +889,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ml_preprocess.onnx"), &ml_preprocess())?;
         write(&dir.join("ml_linear.onnx"), &ml_linear())?;
         write(&dir.join("ml_trees.onnx"), &ml_trees())?;
+        write(&dir.join("ml_features.onnx"), &ml_features())?;
     }
     Ok(())
 }

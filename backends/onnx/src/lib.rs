@@ -12,6 +12,7 @@ pub mod einsum;
 pub mod external;
 pub mod fuse;
 pub mod ml;
+pub mod ml_features;
 pub mod ml_tree;
 pub mod ops;
 pub mod ops_fast;

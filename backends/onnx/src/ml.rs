@@ -1,7 +1,8 @@
 //! Operators of the `ai.onnx.ml` domain (models converted from scikit-learn and similar):
 //! `LabelEncoder`, `ArrayFeatureExtractor`, `Binarizer`, `Scaler`, `Normalizer`,
 //! `LinearRegressor` and `LinearClassifier` (with onnxruntime's score post-transforms); the
-//! tree ensembles are in `ml_tree`.
+//! tree ensembles are in `ml_tree`, feature preparation (`Imputer`, `OneHotEncoder`,
+//! `CategoryMapper`, `FeatureVectorizer`) in `ml_features`.
 use std::collections::HashMap;
 
 use candle_core::{bail, DType, Result, Tensor, D};
@@ -13,6 +14,10 @@ use crate::strings::{StringTable, ONNX_STRING};
 const SUPPORTED: &[&str] = &[
     "ArrayFeatureExtractor",
     "Binarizer",
+    "CategoryMapper",
+    "FeatureVectorizer",
+    "Imputer",
+    "OneHotEncoder",
     "LabelEncoder",
     "LinearClassifier",
     "LinearRegressor",
@@ -86,6 +91,17 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
         "LinearRegressor" => linear_regressor(node, x)?,
         "LinearClassifier" => return linear_classifier(node, x, table),
         "TreeEnsembleRegressor" => crate::ml_tree::regressor(node, x)?,
+        "Imputer" => crate::ml_features::imputer(node, x)?,
+        "OneHotEncoder" => {
+            crate::ml_features::one_hot(node, x, crate::ml_features::string_input(node), table)?
+        }
+        "CategoryMapper" => crate::ml_features::category_mapper(
+            node,
+            x,
+            crate::ml_features::string_input(node),
+            table,
+        )?,
+        "FeatureVectorizer" => crate::ml_features::feature_vectorizer(node, ins)?,
         "TreeEnsembleClassifier" => return crate::ml_tree::classifier(node, x, table),
         other => bail!("ai.onnx.ml operator {other} is not supported"),
     };

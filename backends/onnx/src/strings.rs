@@ -408,6 +408,24 @@ pub fn mark(
             }
             continue;
         }
+        // Feature preparation reading strings is told so; a CategoryMapper maps strings to
+        // ids and ids to strings.
+        if matches!(op, "OneHotEncoder" | "CategoryMapper") {
+            if reads.iter().any(|&k| k != 0) {
+                return Err(format!(
+                    "node '{}' ({op}): only input 0 may be STRING",
+                    node.name
+                ));
+            }
+            let from_string = !reads.is_empty();
+            if from_string {
+                let mark = attrs::new_int(crate::ml_features::STRING_INPUT, 1);
+                node.attribute.push(mark);
+            } else if op == "CategoryMapper" {
+                strings.extend(node.output.iter().cloned());
+            }
+            continue;
+        }
         let out_string = match op {
             "Constant" => constant_is_string(node),
             // Strings in and out as its keys and values are (checked when it runs).
