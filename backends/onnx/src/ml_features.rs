@@ -171,7 +171,7 @@ pub fn feature_vectorizer(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Te
     for (t, &d) in inputs.iter().zip(&dims) {
         let d = d.max(0) as usize;
         let v = crate::ops::f64s(t)?;
-        let width = if n == 0 { 0 } else { v.len() / n };
+        let width = v.len().checked_div(n).unwrap_or(0);
         for r in 0..n {
             for c in 0..d.min(width) {
                 out[r * total + at + c] = v[r * width + c] as f32;
