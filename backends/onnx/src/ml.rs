@@ -23,6 +23,7 @@ const SUPPORTED: &[&str] = &[
     "LinearRegressor",
     "Normalizer",
     "Scaler",
+    "TreeEnsemble",
     "TreeEnsembleClassifier",
     "TreeEnsembleRegressor",
 ];
@@ -91,6 +92,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
         "LinearRegressor" => linear_regressor(node, x)?,
         "LinearClassifier" => return linear_classifier(node, x, table),
         "TreeEnsembleRegressor" => crate::ml_tree::regressor(node, x)?,
+        "TreeEnsemble" => crate::ml_tree::tree_ensemble(node, x)?,
         "Imputer" => crate::ml_features::imputer(node, x)?,
         "OneHotEncoder" => {
             crate::ml_features::one_hot(node, x, crate::ml_features::string_input(node), table)?

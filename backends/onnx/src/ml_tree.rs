@@ -400,3 +400,134 @@ pub fn classifier(node: &NodeProto, x: &Tensor, table: &StringTable) -> Result<V
         Tensor::from_vec(scores, (n, classes), dev)?,
     ])
 }
+
+/// The unified `TreeEnsemble` (ai.onnx.ml opset 5): nodes and leaves in separate arrays,
+/// set-membership splits, integer-coded modes, aggregation and post-transform.
+pub fn tree_ensemble(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    let name = &node.name;
+    let tensor_values = |n: &str| -> Result<Vec<f64>> {
+        match attr(node, n).and_then(|a| a.t.as_ref()) {
+            Some(t) => crate::ops::f64s(&crate::convert::tensor_from_proto(t)?),
+            None => Ok(Vec::new()),
+        }
+    };
+    let splits = tensor_values("nodes_splits")?;
+    let modes = tensor_values("nodes_modes")?;
+    let weights = tensor_values("leaf_weights")?;
+    let members = tensor_values("membership_values")?;
+    let feature = ints(node, "nodes_featureids");
+    let (t_ids, f_ids) = (
+        ints(node, "nodes_truenodeids"),
+        ints(node, "nodes_falsenodeids"),
+    );
+    let (t_leaf, f_leaf) = (
+        ints(node, "nodes_trueleafs"),
+        ints(node, "nodes_falseleafs"),
+    );
+    let mut missing = ints(node, "nodes_missing_value_tracks_true");
+    let targets = ints(node, "leaf_targetids");
+    let n = splits.len();
+    missing.resize(n, 0);
+    if [
+        modes.len(),
+        feature.len(),
+        t_ids.len(),
+        f_ids.len(),
+        t_leaf.len(),
+        f_leaf.len(),
+    ]
+    .iter()
+    .any(|&l| l != n)
+        || targets.len() != weights.len()
+    {
+        bail!("TreeEnsemble node '{name}': node or leaf attributes differ in length")
+    }
+    // The sets of the BRANCH_MEMBER nodes, in node order, NaN-separated.
+    let mut sets: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut groups = members.split(|v| v.is_nan());
+    for i in (0..n).filter(|&i| modes[i] == 6.0) {
+        sets.insert(i, groups.next().unwrap_or(&[]).to_vec());
+    }
+    let n_targets = attr(node, "n_targets").map_or(1, |a| a.i.max(1) as usize);
+    let how = match attr(node, "aggregate_function").map_or(1, |a| a.i) {
+        0 => "AVERAGE",
+        2 => "MIN",
+        3 => "MAX",
+        _ => "SUM",
+    };
+    let transform = match attr(node, "post_transform").map_or(0, |a| a.i) {
+        1 => "SOFTMAX",
+        2 => "LOGISTIC",
+        3 => "SOFTMAX_ZERO",
+        4 => "PROBIT",
+        _ => "NONE",
+    };
+    let roots = ints(node, "tree_roots");
+    let leaf_of = |root: i64, row: &[f64]| -> Result<usize> {
+        let mut i = root.max(0) as usize;
+        for _ in 0..=n {
+            let (Some(&m), Some(&t)) = (modes.get(i), splits.get(i)) else {
+                bail!("TreeEnsemble node '{name}': node index {i} out of range")
+            };
+            let v = row
+                .get(feature[i].max(0) as usize)
+                .copied()
+                .unwrap_or(f64::NAN);
+            let v = if x.dtype() == DType::F64 {
+                v
+            } else {
+                v as f32 as f64
+            };
+            let hit = (missing[i] != 0 && v.is_nan())
+                || match m as i64 {
+                    0 => v <= t,
+                    1 => v < t,
+                    2 => v >= t,
+                    3 => v > t,
+                    4 => v == t,
+                    5 => v != t,
+                    6 => sets.get(&i).is_some_and(|s| s.contains(&v)),
+                    other => bail!("TreeEnsemble node '{name}': unknown node mode {other}"),
+                };
+            let (next, leaf) = if hit {
+                (t_ids[i], t_leaf[i])
+            } else {
+                (f_ids[i], f_leaf[i])
+            };
+            if leaf != 0 {
+                return Ok(next.max(0) as usize);
+            }
+            i = next.max(0) as usize;
+        }
+        bail!("TreeEnsemble node '{name}': a tree has a cycle")
+    };
+    let mut out = Vec::new();
+    let rows = rows(x)?;
+    for row in &rows {
+        let mut agg = vec![(0f64, false); n_targets];
+        for &r in &roots {
+            let l = leaf_of(r, row)?;
+            let (Some(&t), Some(&w)) = (targets.get(l), weights.get(l)) else {
+                bail!("TreeEnsemble node '{name}': leaf {l} out of range")
+            };
+            let Some(a) = agg.get_mut(t.max(0) as usize) else {
+                bail!("TreeEnsemble node '{name}': leaf target {t} of {n_targets}")
+            };
+            a.0 = match how {
+                "MIN" if a.1 => a.0.min(w),
+                "MAX" if a.1 => a.0.max(w),
+                "MIN" | "MAX" => w,
+                _ => a.0 + w,
+            };
+            a.1 = true;
+        }
+        let trees = roots.len().max(1) as f64;
+        let mut scores: Vec<f32> = agg
+            .iter()
+            .map(|&(v, _)| (if how == "AVERAGE" { v / trees } else { v }) as f32)
+            .collect();
+        post_transform(&mut scores, transform)?;
+        out.extend(scores);
+    }
+    Tensor::from_vec(out, (rows.len(), n_targets), x.device())?.to_dtype(x.dtype())
+}
