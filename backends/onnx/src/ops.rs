@@ -59,6 +59,9 @@ pub(crate) fn channel_affine_node(
     }
 }
 
+/// Set by the planner on a QuantizeLinear: the ONNX element type of its zero point.
+pub const ZERO_POINT_TYPE: &str = "kiln_zero_point_type";
+
 /// Set by the planner on a Conv whose weight (input 1) it packed with
 /// `cpu_conv::pack_weight` into a flat tensor: the weight's `[oc, ic, kh, kw]`.
 pub const PACKED_CONV: &str = "kiln_packed_conv";

@@ -236,13 +236,25 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     }
     let a = param_axis(node, scale, x)?;
     let zp = get(2);
-    let out = zp.map_or(DType::U8, |z| z.dtype());
-    let (lo, hi) = match out {
-        DType::U8 => (0.0, 255.0),
-        DType::I16 => (-128.0, 127.0),
-        DType::U32 => (0.0, 65535.0),
-        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
-        other => bail!("QuantizeLinear: output type {other:?} is not supported"),
+    // The output type: the zero point's (its ONNX type as the planner marked it, since
+    // INT8 and INT16 are both I16 here), else `output_dtype` (opset 21), else UINT8.
+    let onnx_type = match (attrs::int(node, crate::ops::ZERO_POINT_TYPE, 0), zp) {
+        (0, Some(z)) => match z.dtype() {
+            DType::I16 => 3,
+            DType::U32 => 4,
+            DType::I32 => 6,
+            _ => 2,
+        },
+        (0, None) => attrs::int(node, "output_dtype", 2),
+        (t, _) => t,
+    };
+    let (out, lo, hi) = match onnx_type {
+        2 => (DType::U8, 0.0, 255.0),
+        3 => (DType::I16, -128.0, 127.0),
+        4 => (DType::U32, 0.0, 65535.0),
+        5 => (DType::I16, -32768.0, 32767.0),
+        6 => (DType::I32, i32::MIN as f64, i32::MAX as f64),
+        other => bail!("QuantizeLinear: output type {other} is not supported"),
     };
     // x / scale in x's own precision (f32 unless f64), as ONNX's reference does.
     let dt = if x.dtype() == DType::F64 {

@@ -108,6 +108,47 @@ fn run_node(
     }
 }
 
+/// ONNX element type of each value the graph declares one for (inputs, outputs,
+/// value_info, initializers, Constant values).
+fn declared_types(graph: &GraphProto) -> HashMap<&str, i32> {
+    use candle_onnx::onnx::type_proto::Value as T;
+    let mut types: HashMap<&str, i32> = graph
+        .input
+        .iter()
+        .chain(&graph.output)
+        .chain(&graph.value_info)
+        .filter_map(|v| match v.r#type.as_ref()?.value.as_ref()? {
+            T::TensorType(t) => Some((v.name.as_str(), t.elem_type)),
+            _ => None,
+        })
+        .collect();
+    types.extend(
+        graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t.data_type)),
+    );
+    for n in graph.node.iter().filter(|n| n.op_type == "Constant") {
+        if let (Some(t), Some(o)) = (crate::attrs::tensor(n, "value"), n.output.first()) {
+            types.insert(o.as_str(), t.data_type);
+        }
+    }
+    types
+}
+
+/// Marks each QuantizeLinear with its zero point's ONNX type ([`ops::ZERO_POINT_TYPE`]):
+/// INT8 and INT16 share one tensor type here, but saturate differently.
+fn mark_quantize_types(nodes: &mut [NodeProto], graph: &GraphProto) {
+    let types = declared_types(graph);
+    for n in nodes.iter_mut().filter(|n| n.op_type == "QuantizeLinear") {
+        let zp_type = n.input.get(2).and_then(|z| types.get(z.as_str())).copied();
+        if let Some(t) = zp_type {
+            n.attribute
+                .push(crate::attrs::new_int(ops::ZERO_POINT_TYPE, t as i64));
+        }
+    }
+}
+
 /// An operator's error for the client: node, operator and message (no backtrace).
 fn node_error(node: &NodeProto, e: candle_core::Error) -> String {
     let msg = e.to_string();
@@ -455,6 +496,7 @@ impl Plan {
                 .map(|i| i.name.clone()),
         );
         let has_strings = !strings::mark(&mut graph_nodes, string_seeds)?.is_empty();
+        mark_quantize_types(&mut graph_nodes, graph);
         for node in &graph_nodes {
             for i in node.input.iter().filter(|i| !i.is_empty()) {
                 if !defined.contains(i) && !constants.contains_key(i) {
