@@ -79,6 +79,8 @@ def onnx_kiln(tmp_path_factory):
     # ai.onnx.ml preprocessing, without a config.
     os.makedirs(repo / "ml" / "1")
     shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
+    os.makedirs(repo / "ms_contrib" / "1")
+    shutil.copy(os.path.join(MODELS, "ms_contrib.onnx"), repo / "ms_contrib" / "1" / "model.onnx")
     os.makedirs(repo / "ml_features" / "1")
     shutil.copy(os.path.join(MODELS, "ml_features.onnx"), repo / "ml_features" / "1" / "model.onnx")
     os.makedirs(repo / "ml_trees" / "1")
@@ -372,6 +374,26 @@ def test_onnx_ml_feature_preparation_matches_onnxruntime(onnx_kiln):
             assert as_text(got).tolist() == w.tolist() == [["twenty"], ["ten"], ["other"]]
         else:
             np.testing.assert_array_equal(got, w, err_msg=name)
+
+
+def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
+    """com.microsoft SkipLayerNormalization (and its sum output), BiasGelu, FastGelu, Gelu,
+    QuickGelu and FusedMatMul, as onnxruntime's transformer optimizer writes them,
+    against onnxruntime on the same file."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    rng = np.random.default_rng(8)
+    feeds = {n: rng.standard_normal((3, 4, 8)).astype(np.float32) for n in ("X", "S")}
+    ins = []
+    for name, v in feeds.items():
+        i = httpclient.InferInput(name, [3, 4, 8], "FP32")
+        i.set_data_from_numpy(v)
+        ins.append(i)
+    r = c.infer("ms_contrib", ins)
+    s = ort.InferenceSession(os.path.join(MODELS, "ms_contrib.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    for name, w in want.items():
+        np.testing.assert_allclose(r.as_numpy(name), w, rtol=1e-5, atol=2e-6, err_msg=name)
 
 
 def as_text(a):

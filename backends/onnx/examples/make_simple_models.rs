@@ -4,7 +4,8 @@
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
-//! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`).
+//! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
+//! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -856,6 +857,84 @@ fn ml_features() -> ModelProto {
     m
 }
 
+/// onnxruntime's `com.microsoft` operators as its transformer optimizer writes them, on
+/// X and S FLOAT [batch, 4, 8]: SkipLayerNormalization (with bias; its sum output too),
+/// BiasGelu, FastGelu, Gelu, QuickGelu and FusedMatMul (transB, alpha).
+fn ms_contrib() -> ModelProto {
+    let init = |name: &str, dims: Vec<i64>, f: fn(usize) -> f32| {
+        let n: i64 = dims.iter().product();
+        TensorProto {
+            name: name.into(),
+            data_type: DataType::Float as i32,
+            dims,
+            float_data: (0..n as usize).map(f).collect(),
+            ..Default::default()
+        }
+    };
+    let ms =
+        |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| NodeProto {
+            op_type: op.into(),
+            name: format!("{op}_{}", outputs[0]),
+            domain: "com.microsoft".into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute,
+            ..Default::default()
+        };
+    let float = |name: &str, f: f32| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    };
+    let int = |name: &str, i: i64| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let nodes = vec![
+        ms(
+            "SkipLayerNormalization",
+            &["X", "S", "gamma", "beta", "bias"],
+            &["SLN", "", "", "SLN_SUM"],
+            vec![float("epsilon", 1e-5)],
+        ),
+        ms("BiasGelu", &["X", "bias"], &["BG"], vec![]),
+        ms("FastGelu", &["X", "bias"], &["FG"], vec![]),
+        ms("Gelu", &["X"], &["G"], vec![]),
+        ms("QuickGelu", &["X"], &["QG"], vec![float("alpha", 1.5)]),
+        ms(
+            "FusedMatMul",
+            &["X", "W"],
+            &["FM"],
+            vec![float("alpha", 0.5), int("transB", 1)],
+        ),
+    ];
+    let f = |n| tensor(n, DataType::Float, &[None, Some(4), Some(8)]);
+    let mut m = model(
+        "ms_contrib",
+        13,
+        nodes,
+        vec![f("X"), f("S")],
+        ["SLN", "SLN_SUM", "BG", "FG", "G", "QG", "FM"]
+            .into_iter()
+            .map(f)
+            .collect(),
+        vec![
+            init("gamma", vec![8], |i| 0.5 + i as f32 * 0.1),
+            init("beta", vec![8], |i| i as f32 * 0.05 - 0.2),
+            init("bias", vec![8], |i| 0.1 - i as f32 * 0.03),
+            init("W", vec![8, 8], |i| ((i * 5 % 13) as f32 - 6.0) * 0.1),
+        ],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "com.microsoft".into(),
+        version: 1,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -890,6 +969,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ml_linear.onnx"), &ml_linear())?;
         write(&dir.join("ml_trees.onnx"), &ml_trees())?;
         write(&dir.join("ml_features.onnx"), &ml_features())?;
+        write(&dir.join("ms_contrib.onnx"), &ms_contrib())?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! planned once per instance (see [`plan`]), CPU or CUDA.
 pub mod allocator;
 pub mod attrs;
+pub mod contrib;
 pub mod control;
 pub mod conv_transpose;
 pub mod convert;

@@ -59,6 +59,10 @@ pub(crate) fn channel_affine_node(
     }
 }
 
+/// Internal operator (from a `FusedMatMul` with `transA`/`transB`): its input with the
+/// last two dimensions swapped.
+pub const TRANSPOSE_LAST_TWO: &str = "KilnTransposeLastTwo";
+
 /// Set by the planner on a QuantizeLinear: the ONNX element type of its zero point.
 pub const ZERO_POINT_TYPE: &str = "kiln_zero_point_type";
 
@@ -1254,6 +1258,14 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             } else {
                 r
             }
+        }
+        TRANSPOSE_LAST_TWO => {
+            let x = x()?;
+            let r = x.rank();
+            if r < 2 {
+                bail!("{TRANSPOSE_LAST_TWO}: input of rank {r}")
+            }
+            x.transpose(r - 2, r - 1)?.contiguous()?
         }
         CHANNEL_AFFINE => {
             let relu = attrs::int(node, fuse::RELU, 0) != 0;

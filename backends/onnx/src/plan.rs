@@ -419,6 +419,7 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
         .filter(|n| match n.domain.as_str() {
             "" | "ai.onnx" => !ops::is_supported(&n.op_type),
             crate::ml::DOMAIN => !crate::ml::is_supported(&n.op_type),
+            crate::contrib::DOMAIN => !crate::contrib::is_supported(&n.op_type),
             _ => true,
         })
         .filter(|n| seen.insert(n.op_type.clone()))
@@ -478,7 +479,7 @@ impl Plan {
         // Fold nodes whose inputs are all known now; keep the rest in graph order.
         let mut defined: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
         let mut nodes = Vec::new();
-        let mut graph_nodes: Vec<NodeProto> = graph
+        let graph_nodes: Vec<NodeProto> = graph
             .node
             .iter()
             .map(|n| {
@@ -489,6 +490,7 @@ impl Plan {
                 }
             })
             .collect();
+        let mut graph_nodes = crate::contrib::expand(graph_nodes)?;
         string_seeds.extend(
             inputs
                 .iter()
