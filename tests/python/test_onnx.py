@@ -79,6 +79,8 @@ def onnx_kiln(tmp_path_factory):
     # ai.onnx.ml preprocessing, without a config.
     os.makedirs(repo / "ml" / "1")
     shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
+    os.makedirs(repo / "ms_attention" / "1")
+    shutil.copy(os.path.join(MODELS, "ms_attention.onnx"), repo / "ms_attention" / "1" / "model.onnx")
     os.makedirs(repo / "ms_contrib" / "1")
     shutil.copy(os.path.join(MODELS, "ms_contrib.onnx"), repo / "ms_contrib" / "1" / "model.onnx")
     os.makedirs(repo / "ml_features" / "1")
@@ -394,6 +396,32 @@ def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
     want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
     for name, w in want.items():
         np.testing.assert_allclose(r.as_numpy(name), w, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_onnxruntime_attention_and_embedding_match_onnxruntime(onnx_kiln):
+    """com.microsoft EmbedLayerNormalization (with its mask index) and Attention with a 0/1
+    mask, with key lengths and unidirectional, against onnxruntime on the same file."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    rng = np.random.default_rng(1)
+    feeds = {
+        "IDS": rng.integers(0, 50, (3, 6)).astype(np.int32),
+        "SEG": rng.integers(0, 2, (3, 6)).astype(np.int32),
+        "MASK": np.array([[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0]], np.int32),
+    }
+    ins = []
+    for name, v in feeds.items():
+        i = httpclient.InferInput(name, [3, 6], "INT32")
+        i.set_data_from_numpy(v)
+        ins.append(i)
+    r = c.infer("ms_attention", ins)
+    s = ort.InferenceSession(os.path.join(MODELS, "ms_attention.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    np.testing.assert_array_equal(r.as_numpy("MASK_INDEX").reshape(-1), want["MASK_INDEX"])
+    for name in ("EMB", "ATT", "ATT_LEN", "ATT_CAUSAL"):
+        np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # The masks matter: masked and unmasked attention differ.
+    assert np.abs(want["ATT"] - want["ATT_CAUSAL"]).max() > 1e-2
 
 
 def as_text(a):

@@ -5,7 +5,7 @@
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
 //! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
-//! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`).
+//! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -935,6 +935,96 @@ fn ms_contrib() -> ModelProto {
     m
 }
 
+/// onnxruntime's fused BERT operators: EmbedLayerNormalization of IDS, SEG and MASK (INT32
+/// [batch, 6]) into EMB and MASK_INDEX, then Attention (4 heads) on EMB with the 0/1 mask,
+/// with the key lengths (MASK_INDEX) and unidirectional without a mask.
+fn ms_attention() -> ModelProto {
+    let init = |name: &str, dims: Vec<i64>, salt: usize| {
+        let n: i64 = dims.iter().product();
+        TensorProto {
+            name: name.into(),
+            data_type: DataType::Float as i32,
+            dims,
+            float_data: (0..n as usize)
+                .map(|i| (((i * 7 + salt) % 17) as f32 - 8.0) * 0.05)
+                .collect(),
+            ..Default::default()
+        }
+    };
+    let ms =
+        |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| NodeProto {
+            op_type: op.into(),
+            name: format!("{op}_{}", outputs[0]),
+            domain: "com.microsoft".into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute,
+            ..Default::default()
+        };
+    let int = |name: &str, i: i64| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let heads = || vec![int("num_heads", 4)];
+    let nodes = vec![
+        ms(
+            "EmbedLayerNormalization",
+            &["IDS", "SEG", "word", "pos", "seg", "gamma", "beta", "MASK"],
+            &["EMB", "MASK_INDEX"],
+            vec![],
+        ),
+        ms(
+            "Attention",
+            &["EMB", "qkv_w", "qkv_b", "MASK"],
+            &["ATT"],
+            heads(),
+        ),
+        ms(
+            "Attention",
+            &["EMB", "qkv_w", "qkv_b", "MASK_INDEX"],
+            &["ATT_LEN"],
+            heads(),
+        ),
+        ms(
+            "Attention",
+            &["EMB", "qkv_w", "qkv_b"],
+            &["ATT_CAUSAL"],
+            vec![int("num_heads", 4), int("unidirectional", 1)],
+        ),
+    ];
+    let i32s = |n| tensor(n, DataType::Int32, &[None, Some(6)]);
+    let f = |n| tensor(n, DataType::Float, &[None, Some(6), Some(16)]);
+    let mut m = model(
+        "ms_attention",
+        13,
+        nodes,
+        vec![i32s("IDS"), i32s("SEG"), i32s("MASK")],
+        vec![
+            f("EMB"),
+            tensor("MASK_INDEX", DataType::Int32, &[None]),
+            f("ATT"),
+            f("ATT_LEN"),
+            f("ATT_CAUSAL"),
+        ],
+        vec![
+            init("word", vec![50, 16], 1),
+            init("pos", vec![16, 16], 2),
+            init("seg", vec![2, 16], 3),
+            init("gamma", vec![16], 4),
+            init("beta", vec![16], 5),
+            init("qkv_w", vec![16, 48], 6),
+            init("qkv_b", vec![48], 7),
+        ],
+    );
+    m.opset_import.push(OperatorSetIdProto {
+        domain: "com.microsoft".into(),
+        version: 1,
+    });
+    m
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -970,6 +1060,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ml_trees.onnx"), &ml_trees())?;
         write(&dir.join("ml_features.onnx"), &ml_features())?;
         write(&dir.join("ms_contrib.onnx"), &ms_contrib())?;
+        write(&dir.join("ms_attention.onnx"), &ms_attention())?;
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! onnxruntime's `com.microsoft` operators that its transformer optimizer writes into
-//! exported models (`SkipLayerNormalization`, `BiasGelu`, `FastGelu`, `Gelu`,
-//! `QuickGelu`, `FusedMatMul`). The planner rewrites each into the standard
-//! operators it stands for, so they run (and fuse) as those do.
+//! exported models. The planner rewrites `SkipLayerNormalization`, `BiasGelu`, `FastGelu`,
+//! `Gelu`, `QuickGelu` and `FusedMatMul` into the standard operators they stand for, so
+//! they run (and fuse) as those do; `Attention` and `EmbedLayerNormalization` run as
+//! themselves (`attention.rs`).
 use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 
 use crate::attrs;
@@ -10,7 +11,9 @@ use crate::attrs;
 pub const DOMAIN: &str = "com.microsoft";
 
 const SUPPORTED: &[&str] = &[
+    "Attention",
     "BiasGelu",
+    "EmbedLayerNormalization",
     "FastGelu",
     "FusedMatMul",
     "Gelu",
@@ -187,11 +190,27 @@ fn expand_one(n: &NodeProto) -> Result<Vec<NodeProto>, String> {
     Ok(out)
 }
 
-/// Rewrites every `com.microsoft` node of `nodes` into standard operators, in place.
+/// The operators that run as themselves rather than being rewritten.
+const KEPT: &[&str] = &["Attention", "EmbedLayerNormalization"];
+
+/// Runs a kept `com.microsoft` node.
+pub fn run(
+    node: &NodeProto,
+    ins: &[Option<candle_core::Tensor>],
+) -> candle_core::Result<Vec<candle_core::Tensor>> {
+    match node.op_type.as_str() {
+        "Attention" => Ok(vec![crate::attention::attention(node, ins)?]),
+        "EmbedLayerNormalization" => crate::attention::embed_layer_norm(node, ins),
+        other => candle_core::bail!("com.microsoft operator {other} is not supported"),
+    }
+}
+
+/// Rewrites every `com.microsoft` node of `nodes` (but those in [`KEPT`]) into standard
+/// operators, in place.
 pub fn expand(nodes: Vec<NodeProto>) -> Result<Vec<NodeProto>, String> {
     let mut out = Vec::with_capacity(nodes.len());
     for n in nodes {
-        if n.domain == DOMAIN {
+        if n.domain == DOMAIN && !KEPT.contains(&n.op_type.as_str()) {
             out.extend(expand_one(&n)?);
         } else {
             out.push(n);

@@ -99,6 +99,9 @@ fn run_node(
     if node.domain == crate::ml::DOMAIN {
         return crate::ml::run(node, ins, table);
     }
+    if node.domain == crate::contrib::DOMAIN {
+        return crate::contrib::run(node, ins);
+    }
     match node.op_type.as_str() {
         strings::PARSE | strings::FORMAT => Ok(vec![strings::run(node, ins, table)?]),
         "Constant" if strings::constant_is_string(node) => {
