@@ -19,7 +19,7 @@ pub const ONNX_STRING: i32 = 8;
 /// (an ONNX type), or of input 1's type when `to` is absent (from a `CastLike`).
 pub const PARSE: &str = "KilnParseStrings";
 /// Internal operator for a cast to STRING: each number as decimal text, as onnxruntime
-/// writes it (`%.8g` for FLOAT, `%.17g` for DOUBLE, `NaN`, `INF`, `-INF`).
+/// writes it (`%.8g` for FLOAT and DOUBLE alike, `NaN`, `INF`, `-INF`).
 pub const FORMAT: &str = "KilnFormatStrings";
 
 /// Strings with their indices; each distinct string once.
@@ -239,9 +239,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
                 let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 v.iter().map(|&f| format_float(f as f64, 8)).collect()
             }
+            // onnxruntime writes doubles with 8 significant digits too.
             DType::F64 => {
                 let v = x.flatten_all()?.to_vec1::<f64>()?;
-                v.iter().map(|&f| format_float(f, 17)).collect()
+                v.iter().map(|&f| format_float(f, 8)).collect()
             }
             _ => {
                 let v = x.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
@@ -530,6 +531,16 @@ mod tests {
         ];
         for (v, want) in cases {
             assert_eq!(format_float(v as f64, 8), want, "{v:e}");
+        }
+        // DOUBLE → STRING, as onnxruntime 1.20.1 wrote these: also 8 digits.
+        let doubles = [
+            (1.0 / 3.0, "0.33333333"),
+            (1e20, "1e+20"),
+            (-2.5e-7, "-2.5e-07"),
+            (123456789.123, "1.2345679e+08"),
+        ];
+        for (v, want) in doubles {
+            assert_eq!(format_float(v, 8), want, "{v:e}");
         }
     }
 
