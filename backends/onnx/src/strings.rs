@@ -110,7 +110,8 @@ impl StringTable {
         Tensor::from_vec(idx, dims, dev)
     }
 
-    /// The strings of a STRING tensor, in row-major order, each passed to `f`.
+    /// The strings of a STRING tensor, in row-major order, each passed to `f` (which must
+    /// not add strings to this table: the table is locked meanwhile).
     pub fn each(&self, t: &Tensor, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let idx = t
             .to_device(&Device::Cpu)?
