@@ -45,8 +45,10 @@ fn source(
 ) -> Option<f32> {
     let (lin, out) = (len_in as f32, scale * len_in as f32);
     Some(match m.coord.as_str() {
-        "align_corners" if out == 1.0 => 0.0,
-        "align_corners" => x * (lin - 1.0) / (out - 1.0),
+        // onnxruntime divides by the whole output length (ONNX's reference by scale · input
+        // length, which differs when that is not whole): Triton's results are onnxruntime's.
+        "align_corners" if out_int <= 1 => 0.0,
+        "align_corners" => x * (lin - 1.0) / (out_int as f32 - 1.0),
         "asymmetric" => x / scale,
         "pytorch_half_pixel" if out == 1.0 => -0.5,
         "half_pixel_symmetric" => {
