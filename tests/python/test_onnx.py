@@ -380,7 +380,8 @@ def test_onnx_ml_feature_preparation_matches_onnxruntime(onnx_kiln):
 
 def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
     """com.microsoft SkipLayerNormalization (and its sum output), BiasGelu, FastGelu, Gelu,
-    QuickGelu and FusedMatMul, as onnxruntime's transformer optimizer writes them,
+    QuickGelu, FusedMatMul, SkipSimplifiedLayerNormalization and SimplifiedLayerNormalization
+    (RMSNorm), as onnxruntime's transformer optimizer writes them,
     against onnxruntime on the same file."""
     import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)

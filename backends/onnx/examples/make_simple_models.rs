@@ -859,7 +859,8 @@ fn ml_features() -> ModelProto {
 
 /// onnxruntime's `com.microsoft` operators as its transformer optimizer writes them, on
 /// X and S FLOAT [batch, 4, 8]: SkipLayerNormalization (with bias; its sum output too),
-/// BiasGelu, FastGelu, Gelu, QuickGelu and FusedMatMul (transB, alpha).
+/// BiasGelu, FastGelu, Gelu, QuickGelu, FusedMatMul (transB, alpha),
+/// SkipSimplifiedLayerNormalization and the default domain's SimplifiedLayerNormalization.
 fn ms_contrib() -> ModelProto {
     let init = |name: &str, dims: Vec<i64>, f: fn(usize) -> f32| {
         let n: i64 = dims.iter().product();
@@ -910,6 +911,22 @@ fn ms_contrib() -> ModelProto {
             &["FM"],
             vec![float("alpha", 0.5), int("transB", 1)],
         ),
+        ms(
+            "SkipSimplifiedLayerNormalization",
+            &["X", "S", "gamma", "bias"],
+            &["SSLN", "", "", "SSLN_SUM"],
+            vec![float("epsilon", 1e-6)],
+        ),
+        // onnxruntime registers RMSNorm in the default domain.
+        NodeProto {
+            domain: String::new(),
+            ..ms(
+                "SimplifiedLayerNormalization",
+                &["X", "gamma"],
+                &["RMS"],
+                vec![],
+            )
+        },
     ];
     let f = |n| tensor(n, DataType::Float, &[None, Some(4), Some(8)]);
     let mut m = model(
@@ -917,10 +934,12 @@ fn ms_contrib() -> ModelProto {
         13,
         nodes,
         vec![f("X"), f("S")],
-        ["SLN", "SLN_SUM", "BG", "FG", "G", "QG", "FM"]
-            .into_iter()
-            .map(f)
-            .collect(),
+        [
+            "SLN", "SLN_SUM", "BG", "FG", "G", "QG", "FM", "SSLN", "SSLN_SUM", "RMS",
+        ]
+        .into_iter()
+        .map(f)
+        .collect(),
         vec![
             init("gamma", vec![8], |i| 0.5 + i as f32 * 0.1),
             init("beta", vec![8], |i| i as f32 * 0.05 - 0.2),

@@ -142,3 +142,43 @@ pub fn embed_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<
     }
     Ok(outs)
 }
+
+/// RMS normalisation over the dimensions from `axis` on: `x / √(mean(x²) + ε) · scale`;
+/// also returns `1 / √(mean(x²) + ε)` (kept dimensions).
+fn rms_norm(x: &Tensor, scale: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+    let dims = x.dims();
+    let rows: usize = dims[..axis].iter().product();
+    let flat = x.reshape((rows, dims[axis..].iter().product::<usize>()))?;
+    let inv = (flat.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    let y = flat
+        .broadcast_mul(&inv)?
+        .reshape(dims)?
+        .broadcast_mul(scale)?;
+    let mut kept = dims[..axis].to_vec();
+    kept.extend(std::iter::repeat_n(1, dims.len() - axis));
+    Ok((y, inv.reshape(kept)?))
+}
+
+/// `SimplifiedLayerNormalization` (onnxruntime's RMSNorm, in the default domain): Y and
+/// the inverse standard deviation.
+pub fn simplified_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = need(node, ins, 0)?;
+    let axis = crate::ops::axis(attrs::int(node, "axis", -1), x.rank())?;
+    let eps = attrs::float(node, "epsilon", 1e-5) as f64;
+    let (y, inv) = rms_norm(x, need(node, ins, 1)?, axis, eps)?;
+    Ok(vec![y, inv])
+}
+
+/// `com.microsoft.SkipSimplifiedLayerNormalization`: RMSNorm(input + skip + bias) · gamma;
+/// outputs Y, (mean: unused), inverse standard deviation, and the sum.
+pub fn skip_simplified_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let mut sum = need(node, ins, 0)?.broadcast_add(need(node, ins, 1)?)?;
+    if let Some(b) = input(ins, 3) {
+        sum = sum.broadcast_add(b)?;
+    }
+    let eps = attrs::float(node, "epsilon", 1e-12) as f64;
+    let axis = sum.rank().saturating_sub(1);
+    let (y, inv) = rms_norm(&sum, need(node, ins, 2)?, axis, eps)?;
+    let mean = Tensor::zeros(inv.shape(), inv.dtype(), inv.device())?;
+    Ok(vec![y, mean, inv, sum])
+}

@@ -1,8 +1,9 @@
 //! onnxruntime's `com.microsoft` operators that its transformer optimizer writes into
 //! exported models. The planner rewrites `SkipLayerNormalization`, `BiasGelu`, `FastGelu`,
 //! `Gelu`, `QuickGelu` and `FusedMatMul` into the standard operators they stand for, so
-//! they run (and fuse) as those do; `Attention` and `EmbedLayerNormalization` run as
-//! themselves (`attention.rs`).
+//! they run (and fuse) as those do; `Attention`, `EmbedLayerNormalization`,
+//! `SkipSimplifiedLayerNormalization` and the default domain's `SimplifiedLayerNormalization`
+//! (RMSNorm) run as themselves (`attention.rs`).
 use candle_onnx::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 
 use crate::attrs;
@@ -14,6 +15,7 @@ const SUPPORTED: &[&str] = &[
     "Attention",
     "BiasGelu",
     "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
     "FastGelu",
     "FusedMatMul",
     "Gelu",
@@ -191,7 +193,15 @@ fn expand_one(n: &NodeProto) -> Result<Vec<NodeProto>, String> {
 }
 
 /// The operators that run as themselves rather than being rewritten.
-const KEPT: &[&str] = &["Attention", "EmbedLayerNormalization"];
+const KEPT: &[&str] = &[
+    "Attention",
+    "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+];
+
+/// onnxruntime's contrib operator registered in the default ONNX domain (no standard
+/// operator of that name exists); it runs through [`run`].
+pub const SIMPLIFIED_LAYER_NORM: &str = "SimplifiedLayerNormalization";
 
 /// Runs a kept `com.microsoft` node.
 pub fn run(
@@ -201,6 +211,10 @@ pub fn run(
     match node.op_type.as_str() {
         "Attention" => Ok(vec![crate::attention::attention(node, ins)?]),
         "EmbedLayerNormalization" => crate::attention::embed_layer_norm(node, ins),
+        "SkipSimplifiedLayerNormalization" => {
+            crate::attention::skip_simplified_layer_norm(node, ins)
+        }
+        SIMPLIFIED_LAYER_NORM => crate::attention::simplified_layer_norm(node, ins),
         other => candle_core::bail!("com.microsoft operator {other} is not supported"),
     }
 }

@@ -99,7 +99,9 @@ fn run_node(
     if node.domain == crate::ml::DOMAIN {
         return crate::ml::run(node, ins, table);
     }
-    if node.domain == crate::contrib::DOMAIN {
+    if node.domain == crate::contrib::DOMAIN
+        || node.op_type == crate::contrib::SIMPLIFIED_LAYER_NORM
+    {
         return crate::contrib::run(node, ins);
     }
     match node.op_type.as_str() {
@@ -420,7 +422,9 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
     nodes
         .into_iter()
         .filter(|n| match n.domain.as_str() {
-            "" | "ai.onnx" => !ops::is_supported(&n.op_type),
+            "" | "ai.onnx" => {
+                !ops::is_supported(&n.op_type) && n.op_type != crate::contrib::SIMPLIFIED_LAYER_NORM
+            }
             crate::ml::DOMAIN => !crate::ml::is_supported(&n.op_type),
             crate::contrib::DOMAIN => !crate::contrib::is_supported(&n.op_type),
             _ => true,
