@@ -46,6 +46,12 @@ class Kiln:
             self.proc.kill()
 
 
+def as_text(a):
+    """BYTES values as str (tritonclient returns bytes objects; onnxruntime str)."""
+    import numpy as np
+    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(a)
+
+
 @contextlib.contextmanager
 def serving_onnx(path, name="m", max_batch_size=4):
     """Kiln serving the ONNX file at `path` as the Triton folder `name/1/model.onnx` with a

@@ -8,7 +8,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
-from conftest import REPO, Kiln, serving_onnx
+from conftest import REPO, Kiln, as_text, serving_onnx
 
 NODE = os.path.join(os.environ.get("KILN_ONNX_TESTS", ""), "node")
 MODELS = os.path.join(os.path.dirname(__file__), "..", "onnx_models")
@@ -19,6 +19,12 @@ def folder(repo, name, test, config):
     os.makedirs(repo / name / "1")
     shutil.copy(os.path.join(NODE, test, "model.onnx"), repo / name / "1" / "model.onnx")
     (repo / name / "config.pbtxt").write_text(config)
+
+
+def model_folder(repo, name, model):
+    """`repo/name/1/model.onnx` copied from the ONNX file `model`, with no config."""
+    os.makedirs(repo / name / "1")
+    shutil.copy(model, repo / name / "1" / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +58,8 @@ def onnx_kiln(tmp_path_factory):
            'parameters { key: "intra_op_thread_count" value: { string_value: "many" } }\n')
     # Triton-style folders with only the model file, and with a partial config.
     simple = os.path.join(REPO, "simple", "1", "model.onnx")
-    os.makedirs(repo / "auto" / "1")
-    shutil.copy(simple, repo / "auto" / "1" / "model.onnx")
-    os.makedirs(repo / "partial" / "1")
-    shutil.copy(simple, repo / "partial" / "1" / "model.onnx")
+    model_folder(repo, "auto", simple)
+    model_folder(repo, "partial", simple)
     (repo / "partial" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 2\n')
     # Weights in an external data file beside model.onnx.
     shutil.copytree(os.path.join(MODELS, "external_add"), repo / "external" / "1")
@@ -71,24 +75,16 @@ def onnx_kiln(tmp_path_factory):
            'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4, 5 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n'
            'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4, 5 ] } ]\n')
     # A graph with a scalar output, without a config.
-    os.makedirs(repo / "scalar" / "1")
-    shutil.copy(os.path.join(MODELS, "scalar_sum.onnx"), repo / "scalar" / "1" / "model.onnx")
+    model_folder(repo, "scalar", os.path.join(MODELS, "scalar_sum.onnx"))
     # Identity over every type, without a config.
-    os.makedirs(repo / "identity_types" / "1")
-    shutil.copy(os.path.join(MODELS, "identity_all_types.onnx"), repo / "identity_types" / "1" / "model.onnx")
+    model_folder(repo, "identity_types", os.path.join(MODELS, "identity_all_types.onnx"))
     # ai.onnx.ml preprocessing, without a config.
-    os.makedirs(repo / "ml" / "1")
-    shutil.copy(os.path.join(MODELS, "ml_preprocess.onnx"), repo / "ml" / "1" / "model.onnx")
-    os.makedirs(repo / "ms_attention" / "1")
-    shutil.copy(os.path.join(MODELS, "ms_attention.onnx"), repo / "ms_attention" / "1" / "model.onnx")
-    os.makedirs(repo / "ms_contrib" / "1")
-    shutil.copy(os.path.join(MODELS, "ms_contrib.onnx"), repo / "ms_contrib" / "1" / "model.onnx")
-    os.makedirs(repo / "ml_features" / "1")
-    shutil.copy(os.path.join(MODELS, "ml_features.onnx"), repo / "ml_features" / "1" / "model.onnx")
-    os.makedirs(repo / "ml_trees" / "1")
-    shutil.copy(os.path.join(MODELS, "ml_trees.onnx"), repo / "ml_trees" / "1" / "model.onnx")
-    os.makedirs(repo / "ml_linear" / "1")
-    shutil.copy(os.path.join(MODELS, "ml_linear.onnx"), repo / "ml_linear" / "1" / "model.onnx")
+    model_folder(repo, "ml", os.path.join(MODELS, "ml_preprocess.onnx"))
+    model_folder(repo, "ms_attention", os.path.join(MODELS, "ms_attention.onnx"))
+    model_folder(repo, "ms_contrib", os.path.join(MODELS, "ms_contrib.onnx"))
+    model_folder(repo, "ml_features", os.path.join(MODELS, "ml_features.onnx"))
+    model_folder(repo, "ml_trees", os.path.join(MODELS, "ml_trees.onnx"))
+    model_folder(repo, "ml_linear", os.path.join(MODELS, "ml_linear.onnx"))
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -423,10 +419,6 @@ def test_onnxruntime_attention_and_embedding_match_onnxruntime(onnx_kiln):
         np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-4, atol=1e-5, err_msg=name)
     # The masks matter: masked and unmasked attention differ.
     assert np.abs(want["ATT"] - want["ATT_CAUSAL"]).max() > 1e-2
-
-
-def as_text(a):
-    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(a)
 
 
 def test_bad_thread_count_fails_the_load_by_name(onnx_kiln):

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Kiln
+from conftest import Kiln, as_text
 
 MODELS = os.path.join(os.path.dirname(__file__), "..", "onnx_models")
 
@@ -48,11 +48,6 @@ def onnxruntime(name, feeds):
 def decimal_strings(rng, shape):
     return np.array([str(v) for v in rng.integers(-1000, 1000, size=shape).ravel()],
                     dtype=object).reshape(shape)
-
-
-def as_text(a):
-    """tritonclient returns BYTES as bytes objects; onnxruntime as str."""
-    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(a)
 
 
 def test_config_is_completed_from_the_string_graph(kiln_strings):

@@ -51,13 +51,102 @@ fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
 /// `Cast` of `input` to `to`.
 fn cast(input: &str, output: &str, to: DataType) -> NodeProto {
     let mut n = node("Cast", &[input], output);
-    n.attribute.push(AttributeProto {
-        name: "to".into(),
-        r#type: AttributeType::Int as i32,
-        i: to as i64,
-        ..Default::default()
-    });
+    n.attribute.push(int("to", to as i64));
     n
+}
+
+/// An attribute of `kind` named `name`, with no value yet.
+fn attr(name: &str, kind: AttributeType) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: kind as i32,
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        i,
+        ..attr(name, AttributeType::Int)
+    }
+}
+
+fn float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        f,
+        ..attr(name, AttributeType::Float)
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        ints: v.to_vec(),
+        ..attr(name, AttributeType::Ints)
+    }
+}
+
+fn floats(name: &str, v: &[f32]) -> AttributeProto {
+    AttributeProto {
+        floats: v.to_vec(),
+        ..attr(name, AttributeType::Floats)
+    }
+}
+
+fn text(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        s: v.as_bytes().to_vec(),
+        ..attr(name, AttributeType::String)
+    }
+}
+
+fn texts(name: &str, v: &[&str]) -> AttributeProto {
+    AttributeProto {
+        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..attr(name, AttributeType::Strings)
+    }
+}
+
+const ML: &str = "ai.onnx.ml";
+const MS: &str = "com.microsoft";
+
+/// A node of `domain`, named after its operator and first output.
+fn domain_node(
+    domain: &str,
+    op: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{}", outputs[0]),
+        domain: domain.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// A FLOAT initializer shaped `dims` whose element `i` is `f(i)`.
+fn float_init(name: &str, dims: Vec<i64>, f: impl Fn(usize) -> f32) -> TensorProto {
+    let n: i64 = dims.iter().product();
+    TensorProto {
+        name: name.into(),
+        data_type: DataType::Float as i32,
+        dims,
+        float_data: (0..n as usize).map(f).collect(),
+        ..Default::default()
+    }
+}
+
+/// `m` also importing `domain` at `version`.
+fn with_opset(mut m: ModelProto, domain: &str, version: i64) -> ModelProto {
+    m.opset_import.push(OperatorSetIdProto {
+        domain: domain.into(),
+        version,
+    });
+    m
 }
 
 fn model(
@@ -150,22 +239,15 @@ fn string_labels() -> ModelProto {
     };
     let mut dog = node("Constant", &[], "dog");
     dog.attribute.push(AttributeProto {
-        name: "value".into(),
-        r#type: AttributeType::Tensor as i32,
         t: Some(TensorProto {
             data_type: DataType::String as i32,
             string_data: vec![b"dog".to_vec()],
             ..Default::default()
         }),
-        ..Default::default()
+        ..attr("value", AttributeType::Tensor)
     });
     let mut gather = node("Gather", &["labels", "ID"], "LABEL");
-    gather.attribute.push(AttributeProto {
-        name: "axis".into(),
-        r#type: AttributeType::Int as i32,
-        i: 0,
-        ..Default::default()
-    });
+    gather.attribute.push(int("axis", 0));
     // Opset 19: Equal on strings.
     model(
         "string_labels",
@@ -224,12 +306,7 @@ fn external_add(dir: &std::path::Path) -> std::io::Result<()> {
 /// Y = ReduceSum(X) over all of X (FLOAT [4]) without kept dimensions: a scalar output.
 fn scalar_sum() -> ModelProto {
     let mut sum = node("ReduceSum", &["X"], "Y");
-    sum.attribute.push(AttributeProto {
-        name: "keepdims".into(),
-        r#type: AttributeType::Int as i32,
-        i: 0,
-        ..Default::default()
-    });
+    sum.attribute.push(int("keepdims", 0));
     model(
         "scalar_sum",
         13,
@@ -284,48 +361,19 @@ fn identity_all_types() -> ModelProto {
 /// LabelEncoder(CLASS) from INT64 class ids to names.
 fn ml_preprocess() -> ModelProto {
     let ml = |op: &str, input: &str, output: &str, attrs: Vec<AttributeProto>| {
-        let mut n = node(op, &[input], output);
-        n.domain = "ai.onnx.ml".into();
-        n.attribute = attrs;
-        n
-    };
-    let floats = |name: &str, v: &[f32]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Floats as i32,
-        floats: v.to_vec(),
-        ..Default::default()
-    };
-    let text = |name: &str, v: &str| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::String as i32,
-        s: v.as_bytes().to_vec(),
-        ..Default::default()
+        domain_node(ML, op, &[input], &[output], attrs)
     };
     let scaler = vec![
         floats("offset", &[1.0, 2.0, 3.0]),
         floats("scale", &[0.5, 2.0, -1.0]),
     ];
     let labels = vec![
-        AttributeProto {
-            name: "keys_int64s".into(),
-            r#type: AttributeType::Ints as i32,
-            ints: vec![0, 1, 2],
-            ..Default::default()
-        },
-        AttributeProto {
-            name: "values_strings".into(),
-            r#type: AttributeType::Strings as i32,
-            strings: vec![
-                b"setosa".to_vec(),
-                b"versicolor".to_vec(),
-                b"virginica".to_vec(),
-            ],
-            ..Default::default()
-        },
+        ints("keys_int64s", &[0, 1, 2]),
+        texts("values_strings", &["setosa", "versicolor", "virginica"]),
         text("default_string", "unknown"),
     ];
     let f = |n| tensor(n, DataType::Float, &[None, Some(3)]);
-    let mut m = model(
+    let m = model(
         "ml_preprocess",
         13,
         vec![
@@ -345,11 +393,7 @@ fn ml_preprocess() -> ModelProto {
         ],
         vec![],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "ai.onnx.ml".into(),
-        version: 2,
-    });
-    m
+    with_opset(m, ML, 2)
 }
 
 /// scikit-learn-style linear models (`ai.onnx.ml`) on one input X FLOAT [batch, 4]: three
@@ -357,38 +401,8 @@ fn ml_preprocess() -> ModelProto {
 /// and LOGISTIC, binary with two int labels) and three LinearRegressors (3 targets with
 /// SOFTMAX_ZERO and a zero row, 1 target with PROBIT, 2 targets as they are).
 fn ml_linear() -> ModelProto {
-    let floats = |name: &str, v: &[f32]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Floats as i32,
-        floats: v.to_vec(),
-        ..Default::default()
-    };
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    };
-    let int = |name: &str, i: i64| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    };
-    let text = |name: &str, v: &str| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::String as i32,
-        s: v.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    let ml = |op: &str, outputs: &[&str], attrs: Vec<AttributeProto>| NodeProto {
-        op_type: op.into(),
-        name: format!("{op}_{}", outputs[0]),
-        domain: "ai.onnx.ml".into(),
-        input: vec!["X".into()],
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: attrs,
-        ..Default::default()
+    let ml = |op: &str, outputs: &[&str], attrs: Vec<AttributeProto>| {
+        domain_node(ML, op, &["X"], outputs, attrs)
     };
     let w3: Vec<f32> = (0..12).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
     let nodes = vec![
@@ -398,12 +412,7 @@ fn ml_linear() -> ModelProto {
             vec![
                 floats("coefficients", &w3),
                 floats("intercepts", &[0.5, -0.25, 0.0]),
-                AttributeProto {
-                    name: "classlabels_strings".into(),
-                    r#type: AttributeType::Strings as i32,
-                    strings: vec![b"cat".to_vec(), b"dog".to_vec(), b"bird".to_vec()],
-                    ..Default::default()
-                },
+                texts("classlabels_strings", &["cat", "dog", "bird"]),
                 text("post_transform", "SOFTMAX"),
             ],
         ),
@@ -456,7 +465,7 @@ fn ml_linear() -> ModelProto {
         ),
     ];
     let f = |n, w| tensor(n, DataType::Float, &[None, Some(w)]);
-    let mut m = model(
+    let m = model(
         "ml_linear",
         13,
         nodes,
@@ -474,11 +483,7 @@ fn ml_linear() -> ModelProto {
         ],
         vec![],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "ai.onnx.ml".into(),
-        version: 1,
-    });
-    m
+    with_opset(m, ML, 1)
 }
 
 /// Tree ensembles (`ai.onnx.ml`) as the XGBoost, LightGBM and scikit-learn converters write
@@ -486,36 +491,6 @@ fn ml_linear() -> ModelProto {
 /// feature 0 (<= 0.5), then feature 1 (< -0.3); tree 1 on feature 2 (>= 1.0, NaN going to
 /// the true branch). Leaves (tree, node): (0,1), (0,3), (0,4), (1,1), (1,2).
 fn ml_trees() -> ModelProto {
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    };
-    let floats = |name: &str, v: &[f32]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Floats as i32,
-        floats: v.to_vec(),
-        ..Default::default()
-    };
-    let texts = |name: &str, v: &[&str]| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Strings as i32,
-        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
-        ..Default::default()
-    };
-    let text = |name: &str, v: &str| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::String as i32,
-        s: v.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    let int = |name: &str, i: i64| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    };
     let trees = vec![
         ints("nodes_treeids", &[0, 0, 0, 0, 0, 1, 1, 1]),
         ints("nodes_nodeids", &[0, 1, 2, 3, 4, 0, 1, 2]),
@@ -560,14 +535,8 @@ fn ml_trees() -> ModelProto {
             ),
         ]
     };
-    let ml = |op: &str, outputs: &[&str], extra: Vec<AttributeProto>| NodeProto {
-        op_type: op.into(),
-        name: format!("{op}_{}", outputs[0]),
-        domain: "ai.onnx.ml".into(),
-        input: vec!["X".into()],
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: [trees.clone(), extra].concat(),
-        ..Default::default()
+    let ml = |op: &str, outputs: &[&str], extra: Vec<AttributeProto>| {
+        domain_node(ML, op, &["X"], outputs, [trees.clone(), extra].concat())
     };
     let one_each = |ws: [f32; 5]| -> Vec<(usize, i64, f32)> {
         ws.iter().enumerate().map(|(i, &w)| (i, 0, w)).collect()
@@ -709,7 +678,7 @@ fn ml_trees() -> ModelProto {
     ];
     let f = |n, w| tensor(n, DataType::Float, &[None, Some(w)]);
     let label = |n, t| tensor(n, t, &[None]);
-    let mut m = model(
+    let m = model(
         "ml_trees",
         13,
         nodes,
@@ -729,11 +698,7 @@ fn ml_trees() -> ModelProto {
         ],
         vec![],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "ai.onnx.ml".into(),
-        version: 1,
-    });
-    m
+    with_opset(m, ML, 1)
 }
 
 /// scikit-learn-style feature preparation (`ai.onnx.ml`): NUM FLOAT [batch, 2] with
@@ -741,43 +706,8 @@ fn ml_trees() -> ModelProto {
 /// OneHotEncoder (string and int categories), CategoryMapper (both ways) and
 /// FeatureVectorizer.
 fn ml_features() -> ModelProto {
-    let attr = |name: &str, kind: AttributeType| AttributeProto {
-        name: name.into(),
-        r#type: kind as i32,
-        ..Default::default()
-    };
-    let floats = |name: &str, v: &[f32]| AttributeProto {
-        floats: v.to_vec(),
-        ..attr(name, AttributeType::Floats)
-    };
-    let float = |name: &str, f: f32| AttributeProto {
-        f,
-        ..attr(name, AttributeType::Float)
-    };
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        ints: v.to_vec(),
-        ..attr(name, AttributeType::Ints)
-    };
-    let int = |name: &str, i: i64| AttributeProto {
-        i,
-        ..attr(name, AttributeType::Int)
-    };
-    let texts = |name: &str, v: &[&str]| AttributeProto {
-        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
-        ..attr(name, AttributeType::Strings)
-    };
-    let text = |name: &str, v: &str| AttributeProto {
-        s: v.as_bytes().to_vec(),
-        ..attr(name, AttributeType::String)
-    };
-    let ml = |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
-        op_type: op.into(),
-        name: format!("{op}_{output}"),
-        domain: "ai.onnx.ml".into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute,
-        ..Default::default()
+    let ml = |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| {
+        domain_node(ML, op, inputs, &[output], attribute)
     };
     let cities = ["paris", "tokyo", "lima"];
     let nodes = vec![
@@ -831,7 +761,7 @@ fn ml_features() -> ModelProto {
     ];
     let t = |n, ty, w: &[Option<i64>]| tensor(n, ty, w);
     let b = |w: i64| vec![None, Some(w)];
-    let mut m = model(
+    let m = model(
         "ml_features",
         13,
         nodes,
@@ -850,11 +780,7 @@ fn ml_features() -> ModelProto {
         ],
         vec![],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "ai.onnx.ml".into(),
-        version: 2,
-    });
-    m
+    with_opset(m, ML, 2)
 }
 
 /// onnxruntime's `com.microsoft` operators as its transformer optimizer writes them, on
@@ -862,37 +788,9 @@ fn ml_features() -> ModelProto {
 /// BiasGelu, FastGelu, Gelu, QuickGelu, FusedMatMul (transB, alpha),
 /// SkipSimplifiedLayerNormalization and the default domain's SimplifiedLayerNormalization.
 fn ms_contrib() -> ModelProto {
-    let init = |name: &str, dims: Vec<i64>, f: fn(usize) -> f32| {
-        let n: i64 = dims.iter().product();
-        TensorProto {
-            name: name.into(),
-            data_type: DataType::Float as i32,
-            dims,
-            float_data: (0..n as usize).map(f).collect(),
-            ..Default::default()
-        }
-    };
-    let ms =
-        |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| NodeProto {
-            op_type: op.into(),
-            name: format!("{op}_{}", outputs[0]),
-            domain: "com.microsoft".into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            attribute,
-            ..Default::default()
-        };
-    let float = |name: &str, f: f32| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Float as i32,
-        f,
-        ..Default::default()
-    };
-    let int = |name: &str, i: i64| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
+    let init = |name: &str, dims: Vec<i64>, f: fn(usize) -> f32| float_init(name, dims, f);
+    let ms = |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| {
+        domain_node(MS, op, inputs, outputs, attribute)
     };
     let nodes = vec![
         ms(
@@ -929,7 +827,7 @@ fn ms_contrib() -> ModelProto {
         },
     ];
     let f = |n| tensor(n, DataType::Float, &[None, Some(4), Some(8)]);
-    let mut m = model(
+    let m = model(
         "ms_contrib",
         13,
         nodes,
@@ -947,11 +845,7 @@ fn ms_contrib() -> ModelProto {
             init("W", vec![8, 8], |i| ((i * 5 % 13) as f32 - 6.0) * 0.1),
         ],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "com.microsoft".into(),
-        version: 1,
-    });
-    m
+    with_opset(m, MS, 1)
 }
 
 /// onnxruntime's fused BERT operators: EmbedLayerNormalization of IDS, SEG and MASK (INT32
@@ -959,32 +853,12 @@ fn ms_contrib() -> ModelProto {
 /// with the key lengths (MASK_INDEX) and unidirectional without a mask.
 fn ms_attention() -> ModelProto {
     let init = |name: &str, dims: Vec<i64>, salt: usize| {
-        let n: i64 = dims.iter().product();
-        TensorProto {
-            name: name.into(),
-            data_type: DataType::Float as i32,
-            dims,
-            float_data: (0..n as usize)
-                .map(|i| (((i * 7 + salt) % 17) as f32 - 8.0) * 0.05)
-                .collect(),
-            ..Default::default()
-        }
+        float_init(name, dims, move |i| {
+            (((i * 7 + salt) % 17) as f32 - 8.0) * 0.05
+        })
     };
-    let ms =
-        |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| NodeProto {
-            op_type: op.into(),
-            name: format!("{op}_{}", outputs[0]),
-            domain: "com.microsoft".into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            attribute,
-            ..Default::default()
-        };
-    let int = |name: &str, i: i64| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
+    let ms = |op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>| {
+        domain_node(MS, op, inputs, outputs, attribute)
     };
     let heads = || vec![int("num_heads", 4)];
     let nodes = vec![
@@ -1015,7 +889,7 @@ fn ms_attention() -> ModelProto {
     ];
     let i32s = |n| tensor(n, DataType::Int32, &[None, Some(6)]);
     let f = |n| tensor(n, DataType::Float, &[None, Some(6), Some(16)]);
-    let mut m = model(
+    let m = model(
         "ms_attention",
         13,
         nodes,
@@ -1037,11 +911,7 @@ fn ms_attention() -> ModelProto {
             init("qkv_b", vec![48], 7),
         ],
     );
-    m.opset_import.push(OperatorSetIdProto {
-        domain: "com.microsoft".into(),
-        version: 1,
-    });
-    m
+    with_opset(m, MS, 1)
 }
 
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {

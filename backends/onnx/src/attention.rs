@@ -6,24 +6,15 @@ use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
 
-use crate::ops::opt as input;
-
-fn need<'a>(node: &NodeProto, ins: &'a [Option<Tensor>], i: usize) -> Result<&'a Tensor> {
-    input(ins, i).ok_or_else(|| {
-        candle_core::Error::Msg(format!(
-            "{} node '{}' is missing input {i}",
-            node.op_type, node.name
-        ))
-    })
-}
+use crate::ops::{opt as input, req};
 
 /// Attention(input [B, S, Hin], weights [Hin, 3H], bias [3H], mask_index?): multi-head
 /// self-attention. Masks: absent, key lengths [B], or a 0/1 mask [B, S] or [B, S, S]
 /// (0 adds `mask_filter_value`, default −10000, to the scores). `unidirectional` masks
 /// future positions. Past/present key-value caches are not supported.
 pub fn attention(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
-    let x = need(node, ins, 0)?;
-    let (w, b) = (need(node, ins, 1)?, input(ins, 2));
+    let x = req(ins, 0, node)?;
+    let (w, b) = (req(ins, 1, node)?, input(ins, 2));
     if input(ins, 4).is_some() || input(ins, 5).is_some() {
         bail!(
             "Attention node '{}': past state and relative position bias are not supported",
@@ -99,7 +90,7 @@ pub fn attention(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
 /// EmbedLayerNormalization: LayerNorm(word[ids] + position[0..S or position_ids] +
 /// segment[segment_ids]) · gamma + beta, and the mask index (ones per row of `mask`, INT32).
 pub fn embed_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let ids = need(node, ins, 0)?;
+    let ids = req(ins, 0, node)?;
     let (bsz, seq) = ids.dims2()?;
     let gather = |table: &Tensor, idx: &Tensor| -> Result<Tensor> {
         let flat = idx.to_dtype(DType::U32)?.flatten_all()?;
@@ -107,9 +98,9 @@ pub fn embed_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<
             .index_select(&flat, 0)?
             .reshape((bsz, seq, table.dim(1)?))
     };
-    let word = need(node, ins, 2)?;
+    let word = req(ins, 2, node)?;
     let mut sum = gather(word, ids)?;
-    let position = need(node, ins, 3)?;
+    let position = req(ins, 3, node)?;
     let pos = match input(ins, 8) {
         Some(p) => {
             let p = p.broadcast_as((bsz, seq))?.contiguous()?;
@@ -125,7 +116,7 @@ pub fn embed_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<
     if let (Some(seg_ids), Some(seg)) = (input(ins, 1), input(ins, 4)) {
         sum = (sum + gather(seg, seg_ids)?)?;
     }
-    let (gamma, beta) = (need(node, ins, 5)?, need(node, ins, 6)?);
+    let (gamma, beta) = (req(ins, 5, node)?, req(ins, 6, node)?);
     let eps = attrs::float(node, "epsilon", 1e-12) as f64;
     let mean = sum.mean_keepdim(D::Minus1)?;
     let centered = sum.broadcast_sub(&mean)?;
@@ -162,23 +153,23 @@ fn rms_norm(x: &Tensor, scale: &Tensor, axis: usize, eps: f64) -> Result<(Tensor
 /// `SimplifiedLayerNormalization` (onnxruntime's RMSNorm, in the default domain): Y and
 /// the inverse standard deviation.
 pub fn simplified_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = need(node, ins, 0)?;
+    let x = req(ins, 0, node)?;
     let axis = crate::ops::axis(attrs::int(node, "axis", -1), x.rank())?;
     let eps = attrs::float(node, "epsilon", 1e-5) as f64;
-    let (y, inv) = rms_norm(x, need(node, ins, 1)?, axis, eps)?;
+    let (y, inv) = rms_norm(x, req(ins, 1, node)?, axis, eps)?;
     Ok(vec![y, inv])
 }
 
 /// `com.microsoft.SkipSimplifiedLayerNormalization`: RMSNorm(input + skip + bias) · gamma;
 /// outputs Y, (mean: unused), inverse standard deviation, and the sum.
 pub fn skip_simplified_layer_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let mut sum = need(node, ins, 0)?.broadcast_add(need(node, ins, 1)?)?;
+    let mut sum = req(ins, 0, node)?.broadcast_add(req(ins, 1, node)?)?;
     if let Some(b) = input(ins, 3) {
         sum = sum.broadcast_add(b)?;
     }
     let eps = attrs::float(node, "epsilon", 1e-12) as f64;
     let axis = sum.rank().saturating_sub(1);
-    let (y, inv) = rms_norm(&sum, need(node, ins, 2)?, axis, eps)?;
+    let (y, inv) = rms_norm(&sum, req(ins, 2, node)?, axis, eps)?;
     let mean = Tensor::zeros(inv.shape(), inv.dtype(), inv.device())?;
     Ok(vec![y, mean, inv, sum])
 }

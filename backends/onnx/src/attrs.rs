@@ -11,6 +11,26 @@ pub fn new_int(name: &str, i: i64) -> AttributeProto {
     }
 }
 
+/// A new float attribute.
+pub fn new_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    }
+}
+
+/// A new string attribute.
+pub fn new_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 /// A new integer-list attribute.
 pub fn new_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
     AttributeProto {
@@ -21,7 +41,8 @@ pub fn new_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
     }
 }
 
-fn find<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+/// The attribute named `name`, if present.
+pub fn find<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
 }
 

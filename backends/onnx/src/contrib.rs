@@ -39,24 +39,6 @@ fn node(base: &NodeProto, suffix: &str, op: &str, inputs: &[&str], outputs: &[&s
     }
 }
 
-fn text_attr(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::String as i32,
-        s: v.as_bytes().to_vec(),
-        ..Default::default()
-    }
-}
-
-fn float_attr(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Float as i32,
-        f,
-        ..Default::default()
-    }
-}
-
 /// A `Constant` scalar FLOAT named `output`.
 fn scalar(base: &NodeProto, output: &str, v: f32) -> NodeProto {
     let mut c = node(base, output, "Constant", &[], &[output]);
@@ -107,7 +89,7 @@ fn expand_one(n: &NodeProto) -> Result<Vec<NodeProto>, String> {
             let x = with_bias(n, need(0)?, bias, &mut out);
             let mut g = node(n, "gelu", "Gelu", &[&x], &[y]);
             if n.op_type == "FastGelu" {
-                g.attribute.push(text_attr("approximate", "tanh"));
+                g.attribute.push(attrs::new_string("approximate", "tanh"));
             }
             out.push(g);
         }
@@ -148,8 +130,10 @@ fn expand_one(n: &NodeProto) -> Result<Vec<NodeProto>, String> {
                 &[&sum, need(2)?, beta],
                 &outs,
             );
-            ln.attribute
-                .push(float_attr("epsilon", attrs::float(n, "epsilon", 1e-12)));
+            ln.attribute.push(attrs::new_float(
+                "epsilon",
+                attrs::float(n, "epsilon", 1e-12),
+            ));
             out.push(ln);
         }
         "FusedMatMul" => {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_onnx::onnx::{AttributeProto, NodeProto};
 
+use crate::attrs::{find as attr, string as text_attr};
 use crate::strings::{StringTable, ONNX_STRING};
 
 /// The `ai.onnx.ml` operators this executor implements.
@@ -34,10 +35,6 @@ pub const DOMAIN: &str = "ai.onnx.ml";
 /// Whether `op` of the `ai.onnx.ml` domain is implemented.
 pub fn is_supported(op: &str) -> bool {
     SUPPORTED.contains(&op)
-}
-
-fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    node.attribute.iter().find(|a| a.name == name)
 }
 
 /// Runs one `ai.onnx.ml` node (`table` holds the strings of STRING tensors).
@@ -112,12 +109,6 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], table: &StringTable) -> Res
 
 fn floats_attr(node: &NodeProto, name: &str) -> Vec<f32> {
     attr(node, name).map_or_else(Vec::new, |a| a.floats.clone())
-}
-
-fn text_attr(node: &NodeProto, name: &str, default: &str) -> String {
-    attr(node, name).map_or(default.into(), |a| {
-        String::from_utf8_lossy(&a.s).into_owned()
-    })
 }
 
 /// `X · Wᵀ + b` for a linear model: X `[N, F]` (or `[F]`, one row) in any numeric type,
@@ -354,15 +345,60 @@ fn tensor_side(a: Option<&AttributeProto>) -> Result<Option<Side>> {
 }
 
 /// Whether a LabelEncoder node maps to strings (its output is then a STRING tensor).
-pub fn label_encoder_gives_strings(node: &NodeProto) -> bool {
+fn label_encoder_gives_strings(node: &NodeProto) -> bool {
     attr(node, "values_strings").is_some()
         || attr(node, "values_tensor")
             .and_then(|a| a.t.as_ref())
             .is_some_and(|t| t.data_type == ONNX_STRING)
 }
 
+/// The outputs (by position) of an `ai.onnx.ml` node that are STRING, given the inputs that
+/// are (`reads`), for the operators whose typing depends on their attributes; `None` for
+/// the others (`strings::mark`'s general rules apply). Marks a feature-preparation node that
+/// reads strings (`ml_features::STRING_INPUT`).
+pub fn string_outputs(
+    node: &mut NodeProto,
+    reads: &[usize],
+) -> Option<std::result::Result<Vec<usize>, String>> {
+    let all = (0..node.output.len()).collect();
+    let only_input_0 = reads.iter().all(|&k| k == 0);
+    Some(Ok(match node.op_type.as_str() {
+        // A classifier's labels (output 0) are STRING with string class labels.
+        "LinearClassifier" | "TreeEnsembleClassifier" if reads.is_empty() => {
+            match classifier_gives_strings(node) {
+                true => vec![0],
+                false => vec![],
+            }
+        }
+        // Strings in and out as its keys and values are (checked when it runs).
+        "LabelEncoder" if only_input_0 => match label_encoder_gives_strings(node) {
+            true => all,
+            false => vec![],
+        },
+        // Told when they read strings; a CategoryMapper maps ids to strings otherwise.
+        "OneHotEncoder" | "CategoryMapper" => {
+            if !only_input_0 {
+                return Some(Err(format!(
+                    "node '{}' ({}): only input 0 may be STRING",
+                    node.name, node.op_type
+                )));
+            }
+            if !reads.is_empty() {
+                let mark = crate::attrs::new_int(crate::ml_features::STRING_INPUT, 1);
+                node.attribute.push(mark);
+                vec![]
+            } else if node.op_type == "CategoryMapper" {
+                all
+            } else {
+                vec![]
+            }
+        }
+        _ => return None,
+    }))
+}
+
 /// Whether a classifier's labels are strings (`classlabels_strings`).
-pub fn classifier_gives_strings(node: &NodeProto) -> bool {
+fn classifier_gives_strings(node: &NodeProto) -> bool {
     attr(node, "classlabels_strings").is_some_and(|a| !a.strings.is_empty())
 }
 

@@ -3,13 +3,10 @@
 use std::collections::HashMap;
 
 use candle_core::{bail, DType, Result, Tensor};
-use candle_onnx::onnx::{AttributeProto, NodeProto};
+use candle_onnx::onnx::NodeProto;
 
+use crate::attrs::find as attr;
 use crate::strings::StringTable;
-
-fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    node.attribute.iter().find(|a| a.name == name)
-}
 
 /// Set by the planner on a node of this module whose input 0 is STRING.
 pub const STRING_INPUT: &str = "kiln_string_input";

@@ -4,14 +4,11 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{bail, DType, Result, Tensor};
-use candle_onnx::onnx::{AttributeProto, NodeProto};
+use candle_onnx::onnx::NodeProto;
 
+use crate::attrs::{find as attr, string as text_attr};
 use crate::ml::{post_transform, probit};
 use crate::strings::StringTable;
-
-fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    node.attribute.iter().find(|a| a.name == name)
-}
 
 fn ints(node: &NodeProto, name: &str) -> Vec<i64> {
     attr(node, name).map_or_else(Vec::new, |a| a.ints.clone())
@@ -42,6 +39,18 @@ enum Mode {
     Eq,
     Neq,
     Leaf,
+}
+
+/// Adds one leaf weight `w` to a target's (score, scored) by `how`: SUM and AVERAGE add,
+/// MIN and MAX keep the extreme.
+fn accumulate(score: &mut (f64, bool), w: f64, how: &str) {
+    score.0 = match how {
+        "MIN" if score.1 => score.0.min(w),
+        "MAX" if score.1 => score.0.max(w),
+        "MIN" | "MAX" => w,
+        _ => score.0 + w,
+    };
+    score.1 = true;
 }
 
 /// The trees of one node, flattened: children and leaf weights by node index.
@@ -211,13 +220,7 @@ impl Forest {
                 let Some(o) = out.get_mut(t) else {
                     bail!("tree weight for target {t} of {targets}")
                 };
-                o.0 = match how {
-                    "MIN" if o.1 => o.0.min(w),
-                    "MAX" if o.1 => o.0.max(w),
-                    "MIN" | "MAX" => w,
-                    _ => o.0 + w,
-                };
-                o.1 = true;
+                accumulate(o, w, how);
             }
         }
         if how == "AVERAGE" {
@@ -238,12 +241,6 @@ fn rows(x: &Tensor) -> Result<Vec<Vec<f64>>> {
     let (n, f) = x.dims2()?;
     let v = crate::ops::f64s(&x)?;
     Ok((0..n).map(|i| v[i * f..(i + 1) * f].to_vec()).collect())
-}
-
-fn text_attr(node: &NodeProto, name: &str, default: &str) -> String {
-    attr(node, name).map_or(default.into(), |a| {
-        String::from_utf8_lossy(&a.s).into_owned()
-    })
 }
 
 /// TreeEnsembleRegressor: `[N, n_targets]` scores.
@@ -513,13 +510,7 @@ pub fn tree_ensemble(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
             let Some(a) = agg.get_mut(t.max(0) as usize) else {
                 bail!("TreeEnsemble node '{name}': leaf target {t} of {n_targets}")
             };
-            a.0 = match how {
-                "MIN" if a.1 => a.0.min(w),
-                "MAX" if a.1 => a.0.max(w),
-                "MIN" | "MAX" => w,
-                _ => a.0 + w,
-            };
-            a.1 = true;
+            accumulate(a, w, how);
         }
         let trees = roots.len().max(1) as f64;
         let mut scores: Vec<f32> = agg

@@ -65,23 +65,15 @@ impl StringTable {
         }
     }
 
-    /// Ends planning: the strings added so far become the base of every run's table.
+    /// Ends planning: the strings added to this table (made with `StringTable::default()`,
+    /// so it has no base) become the base of every run's table.
     pub fn freeze(self) -> Arc<Interned> {
-        let local = self
-            .local
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.base.strings.is_empty() {
-            Arc::new(local)
-        } else {
-            // Not reached by the planner (it freezes a table it started empty).
-            let mut all = Interned::default();
-            for s in self.base.strings.iter().chain(&local.strings) {
-                let at = all.strings.len() as i64;
-                all.push(s, at);
-            }
-            Arc::new(all)
-        }
+        debug_assert!(self.base.strings.is_empty(), "freeze a planning table only");
+        Arc::new(
+            self.local
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// The index of `s`, added if new.
@@ -402,38 +394,17 @@ pub fn mark(
         let reads: Vec<usize> = (0..node.input.len())
             .filter(|&k| is_str(&node.input[k]))
             .collect();
+        // The ai.onnx.ml operators whose STRING typing depends on their attributes.
+        if node.domain == crate::ml::DOMAIN {
+            if let Some(outs) = crate::ml::string_outputs(node, &reads) {
+                let outs = outs?.into_iter().filter_map(|k| node.output.get(k));
+                strings.extend(outs.filter(|o| !o.is_empty()).cloned());
+                continue;
+            }
+        }
         let op = node.op_type.as_str();
-        // A classifier's labels (output 0) are STRING with string class labels.
-        if matches!(op, "LinearClassifier" | "TreeEnsembleClassifier") && reads.is_empty() {
-            if crate::ml::classifier_gives_strings(node) {
-                strings.insert(node.output[0].clone());
-            }
-            continue;
-        }
-        // Feature preparation reading strings is told so; a CategoryMapper maps strings to
-        // ids and ids to strings.
-        if matches!(op, "OneHotEncoder" | "CategoryMapper") {
-            if reads.iter().any(|&k| k != 0) {
-                return Err(format!(
-                    "node '{}' ({op}): only input 0 may be STRING",
-                    node.name
-                ));
-            }
-            let from_string = !reads.is_empty();
-            if from_string {
-                let mark = attrs::new_int(crate::ml_features::STRING_INPUT, 1);
-                node.attribute.push(mark);
-            } else if op == "CategoryMapper" {
-                strings.extend(node.output.iter().cloned());
-            }
-            continue;
-        }
         let out_string = match op {
             "Constant" => constant_is_string(node),
-            // Strings in and out as its keys and values are (checked when it runs).
-            "LabelEncoder" if reads.iter().all(|&k| k == 0) => {
-                crate::ml::label_encoder_gives_strings(node)
-            }
             "Cast" | "CastLike" => {
                 let to_string = if op == "Cast" {
                     attrs::int(node, "to", 1) as i32 == ONNX_STRING
