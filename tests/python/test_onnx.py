@@ -85,6 +85,8 @@ def onnx_kiln(tmp_path_factory):
     model_folder(repo, "ml_features", os.path.join(MODELS, "ml_features.onnx"))
     model_folder(repo, "ml_trees", os.path.join(MODELS, "ml_trees.onnx"))
     model_folder(repo, "ml_linear", os.path.join(MODELS, "ml_linear.onnx"))
+    model_folder(repo, "text", os.path.join(MODELS, "text_pipeline.onnx"))
+    (repo / "text" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 8\n')
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -372,6 +374,46 @@ def test_onnx_ml_feature_preparation_matches_onnxruntime(onnx_kiln):
             assert as_text(got).tolist() == w.tolist() == [["twenty"], ["ten"], ["other"]]
         else:
             np.testing.assert_array_equal(got, w, err_msg=name)
+
+
+def test_text_pipeline_matches_onnxruntime(onnx_kiln):
+    """A scikit-learn-style text pipeline (StringNormalizer, onnxruntime's Tokenizer by
+    separators with marks and by token pattern, TfIdfVectorizer over unigrams and bigrams)
+    and ONNX 20's RegexFullMatch, StringConcat and StringSplit, over HTTP and gRPC, against
+    onnxruntime on the same file; a text that is not UTF-8 fails only its request."""
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    texts = np.array([["The apple is GOOD, apple pie!"], ["Banana split? Is it good?"], [""],
+                      ["cherry  cherry x"], ["\u00dcn\u00efcode \u00c9COLE and a Stra\u00dfe"]], dtype=object)
+    s = ort.InferenceSession(os.path.join(MODELS, "text_pipeline.onnx"))
+    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"TEXT": texts})))
+    # Every operator did something: unigrams and bigrams counted, a question found.
+    assert want["TFIDF"][0].tolist() == [3.0, 0, 0, 1.0, 0.5, 3.0, 0, 4.0]
+    assert want["IS_QUESTION"].tolist() == [False, True, False, False, False]
+    http = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    grpc = grpcclient.InferenceServerClient(url=onnx_kiln.grpc_url)
+    for client, mod in ((http, httpclient), (grpc, grpcclient)):
+        i = mod.InferInput("TEXT", list(texts.shape), "BYTES")
+        i.set_data_from_numpy(texts)
+        r = client.infer("text", [i])
+        for name, w in want.items():
+            got = r.as_numpy(name)
+            if w.ndim == 1:
+                # A [batch] output is served as dims [1] (auto-complete's reshape), as Triton does.
+                assert got.shape == (len(w), 1), (name, got.shape)
+                got = got[:, 0]
+            assert got.shape == w.shape, (name, got.shape, w.shape)
+            if w.dtype == object:
+                assert as_text(got).tolist() == w.tolist(), name
+            else:
+                np.testing.assert_array_equal(got, w, err_msg=name)
+    bad = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
+    with pytest.raises(Exception, match="UTF-8"):
+        http.infer("text", [bad])
+    i = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+    i.set_data_from_numpy(texts[:1])
+    assert http.infer("text", [i]).as_numpy("TFIDF")[0].tolist() == want["TFIDF"][0].tolist()
 
 
 def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):

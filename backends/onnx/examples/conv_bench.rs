@@ -1,4 +1,4 @@
-//! GFLOP/s of the CPU convolution on ResNet-50's layer shapes: `conv_bench [reps] [threads] [batch] [only]`.
+//! GFLOP/s of the CPU convolution on ResNet-50's and DenseNet-121's layer shapes: `conv_bench [reps] [threads] [batch] [only]`.
 use kiln_onnx::cpu_conv::Conv2d;
 use std::time::Instant;
 
@@ -39,6 +39,11 @@ fn main() {
         (512, 14, 512, 3, 2),
         (256, 56, 512, 1, 2),
         (1024, 14, 2048, 1, 2),
+        // DenseNet-121's growth layers (32 new channels from a 128-channel bottleneck).
+        (128, 56, 32, 3, 1),
+        (128, 28, 32, 3, 1),
+        (128, 14, 32, 3, 1),
+        (128, 7, 32, 3, 1),
     ];
     for &(ic, h, oc, k, s) in &shapes {
         let p = k / 2;

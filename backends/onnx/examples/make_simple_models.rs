@@ -5,7 +5,8 @@
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
 //! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
-//! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`).
+//! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`), and a
+//! scikit-learn-style text pipeline (`text_pipeline.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -914,6 +915,111 @@ fn ms_attention() -> ModelProto {
     with_opset(m, MS, 1)
 }
 
+/// A scikit-learn text pipeline as skl2onnx exports one, on TEXT STRING [batch, 1]: the
+/// texts flattened and lower-cased (StringNormalizer), cut into words two ways
+/// (onnxruntime's com.microsoft Tokenizer: by separator patterns with start/end marks
+/// into WORDS, and by a token pattern of at least 2 characters), the words' unigram and
+/// bigram TF-IDF (TfIdfVectorizer on strings) into TFIDF; and ONNX 20's RegexFullMatch
+/// (IS_QUESTION), StringConcat (SHOUT) and StringSplit (PARTS, COUNTS).
+fn text_pipeline() -> ModelProto {
+    let string_init = |name: &str, dims: Vec<i64>, v: &[&str]| TensorProto {
+        name: name.into(),
+        data_type: DataType::String as i32,
+        dims,
+        string_data: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    };
+    let flat = TensorProto {
+        name: "flat".into(),
+        data_type: DataType::Int64 as i32,
+        dims: vec![1],
+        int64_data: vec![-1],
+        ..Default::default()
+    };
+    let with = |mut n: NodeProto, a: Vec<AttributeProto>| {
+        n.attribute = a;
+        n
+    };
+    let ms = |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| {
+        domain_node(MS, op, inputs, &[output], attribute)
+    };
+    let vocab = [
+        "apple", "banana", "cherry", "good", "is", "apple", "pie", "banana", "split", "is", "good",
+    ];
+    let nodes = vec![
+        node("Reshape", &["TEXT", "flat"], "FLAT"),
+        with(
+            node("StringNormalizer", &["FLAT"], "NORM"),
+            vec![
+                text("case_change_action", "LOWER"),
+                // onnxruntime builds this C++ locale (en_US.UTF-8 by default, often not installed).
+                text("locale", "C.UTF-8"),
+            ],
+        ),
+        ms(
+            "Tokenizer",
+            &["NORM"],
+            "WORDS",
+            vec![
+                int("mark", 1),
+                int("mincharnum", 1),
+                text("pad_value", "#"),
+                texts("separators", &[" ", "[,.!?]"]),
+            ],
+        ),
+        ms(
+            "Tokenizer",
+            &["NORM"],
+            "TOKENS",
+            vec![
+                int("mark", 0),
+                int("mincharnum", 2),
+                text("pad_value", "#"),
+                text("tokenexp", "[a-z0-9_]+"),
+            ],
+        ),
+        with(
+            node("TfIdfVectorizer", &["TOKENS"], "TFIDF"),
+            vec![
+                int("min_gram_length", 1),
+                int("max_gram_length", 2),
+                int("max_skip_count", 0),
+                text("mode", "TFIDF"),
+                ints("ngram_counts", &[0, 5]),
+                ints("ngram_indexes", &[0, 1, 2, 3, 4, 5, 6, 7]),
+                floats("weights", &[1.5, 2.0, 2.5, 1.0, 0.5, 3.0, 3.5, 4.0]),
+                texts("pool_strings", &vocab),
+            ],
+        ),
+        with(
+            node("RegexFullMatch", &["NORM"], "IS_QUESTION"),
+            vec![text("pattern", r".*\?\s*")],
+        ),
+        node("StringConcat", &["NORM", "bang"], "SHOUT"),
+    ];
+    let mut split = domain_node("", "StringSplit", &["NORM"], &["PARTS", "COUNTS"], vec![]);
+    split.attribute = vec![text("delimiter", " "), int("maxsplit", 2)];
+    let mut nodes = nodes;
+    nodes.push(split);
+    let t = |n, ty, d: &[Option<i64>]| tensor(n, ty, d);
+    let m = model(
+        "text_pipeline",
+        20,
+        nodes,
+        vec![t("TEXT", DataType::String, &[None, Some(1)])],
+        vec![
+            t("WORDS", DataType::String, &[None, None]),
+            t("TFIDF", DataType::Float, &[None, Some(8)]),
+            t("IS_QUESTION", DataType::Bool, &[None]),
+            t("SHOUT", DataType::String, &[None]),
+            t("PARTS", DataType::String, &[None, None]),
+            t("COUNTS", DataType::Int64, &[None]),
+        ],
+        vec![flat, string_init("bang", vec![], &["!"])],
+    );
+    with_opset(m, MS, 1)
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -950,6 +1056,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ml_features.onnx"), &ml_features())?;
         write(&dir.join("ms_contrib.onnx"), &ms_contrib())?;
         write(&dir.join("ms_attention.onnx"), &ms_attention())?;
+        write(&dir.join("text_pipeline.onnx"), &text_pipeline())?;
     }
     Ok(())
 }

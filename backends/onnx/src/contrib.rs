@@ -21,6 +21,7 @@ const SUPPORTED: &[&str] = &[
     "Gelu",
     "QuickGelu",
     "SkipLayerNormalization",
+    crate::text::TOKENIZER,
 ];
 
 /// Whether `op` of the `com.microsoft` domain is implemented.
@@ -181,6 +182,7 @@ const KEPT: &[&str] = &[
     "Attention",
     "EmbedLayerNormalization",
     "SkipSimplifiedLayerNormalization",
+    crate::text::TOKENIZER,
 ];
 
 /// onnxruntime's contrib operator registered in the default ONNX domain (no standard

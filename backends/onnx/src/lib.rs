@@ -29,6 +29,7 @@ pub mod rnn;
 pub mod sgemm;
 pub mod spectral;
 pub mod strings;
+pub mod text;
 pub mod winograd;
 
 use std::collections::HashMap;

@@ -99,6 +99,9 @@ fn run_node(
     if node.domain == crate::ml::DOMAIN {
         return crate::ml::run(node, ins, table);
     }
+    if crate::text::handles(node) {
+        return crate::text::run(node, ins, table);
+    }
     if node.domain == crate::contrib::DOMAIN
         || node.op_type == crate::contrib::SIMPLIFIED_LAYER_NORM
     {
@@ -423,7 +426,9 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
         .into_iter()
         .filter(|n| match n.domain.as_str() {
             "" | "ai.onnx" => {
-                !ops::is_supported(&n.op_type) && n.op_type != crate::contrib::SIMPLIFIED_LAYER_NORM
+                !ops::is_supported(&n.op_type)
+                    && n.op_type != crate::contrib::SIMPLIFIED_LAYER_NORM
+                    && !crate::text::handles(n)
             }
             crate::ml::DOMAIN => !crate::ml::is_supported(&n.op_type),
             crate::contrib::DOMAIN => !crate::contrib::is_supported(&n.op_type),

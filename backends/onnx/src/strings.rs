@@ -425,6 +425,20 @@ pub fn mark(
                 to_string
             }
             _ if reads.is_empty() => false,
+            _ if crate::text::handles(node) => {
+                let (at, out) = crate::text::string_io(op).unwrap_or((&[], false));
+                if let Some(k) = reads.iter().find(|k| !at.contains(k)) {
+                    return Err(format!(
+                        "node '{}' ({op}): input '{}' must not be STRING",
+                        node.name, node.input[*k]
+                    ));
+                }
+                // StringSplit's second output counts the parts.
+                if out {
+                    strings.extend(node.output.first().filter(|o| !o.is_empty()).cloned());
+                }
+                continue;
+            }
             _ => {
                 let allowed = string_inputs(op)
                     .filter(|(at, _)| at.is_none_or(|at| reads.iter().all(|k| at.contains(k))));
