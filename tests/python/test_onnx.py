@@ -87,6 +87,20 @@ def onnx_kiln(tmp_path_factory):
     model_folder(repo, "ml_linear", os.path.join(MODELS, "ml_linear.onnx"))
     model_folder(repo, "text", os.path.join(MODELS, "text_pipeline.onnx"))
     (repo / "text" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 8\n')
+    # model_warmup: zeros and random data (batch 4, twice), data files; and a sample
+    # whose shape the model refuses, which fails the load.
+    warm = ('platform: "onnxruntime_onnx"\nmax_batch_size: 8\nmodel_warmup [\n'
+            '{ name: "zeros" batch_size: 4 count: 2\n'
+            '  inputs { key: "INPUT0" value: { data_type: TYPE_INT32 dims: [ 16 ] zero_data: true } }\n'
+            '  inputs { key: "INPUT1" value: { data_type: TYPE_INT32 dims: [ 16 ] random_data: true } } },\n'
+            '{ name: "file" batch_size: 1\n'
+            '  inputs { key: "INPUT0" value: { data_type: TYPE_INT32 dims: [ 16 ] input_data_file: "in.bin" } }\n'
+            '  inputs { key: "INPUT1" value: { data_type: TYPE_INT32 dims: [ 16 ] input_data_file: "in.bin" } } }\n]\n')
+    for name, text in (("warm", warm), ("warm_bad", warm.replace("dims: [ 16 ] zero", "dims: [ 8 ] zero"))):
+        model_folder(repo, name, simple)
+        (repo / name / "config.pbtxt").write_text(text)
+        os.makedirs(repo / name / "warmup")
+        (repo / name / "warmup" / "in.bin").write_bytes(np.arange(16, dtype=np.int32).tobytes())
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -522,3 +536,23 @@ def test_resnet50_with_random_weights_matches_onnxruntime():
             assert want.std(axis=1).min() > 0.05 * scale
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
             assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+def test_model_warmup_runs_before_ready_and_a_failing_sample_fails_the_load(onnx_kiln):
+    """model_warmup samples (zero, random and file data) run before the model is ready and
+    are not counted in its statistics; a sample the model refuses fails the load, naming
+    the sample, while other models serve."""
+    models = index(onnx_kiln)
+    assert models["warm"]["state"] == "READY"
+    assert models["warm_bad"]["state"] == "UNAVAILABLE"
+    assert "warm-up sample 'zeros'" in models["warm_bad"]["reason"], models["warm_bad"]
+    stats = requests.get(f"http://{onnx_kiln.url}/v2/models/warm/stats").json()["model_stats"][0]
+    assert stats["inference_count"] == 0 and stats["execution_count"] == 0, stats
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    ins = [httpclient.InferInput("INPUT0", [1, 16], "INT32"), httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(a)
+    np.testing.assert_array_equal(c.infer("warm", ins).as_numpy("OUTPUT0"), 2 * a)
+    stats = requests.get(f"http://{onnx_kiln.url}/v2/models/warm/stats").json()["model_stats"][0]
+    assert stats["inference_count"] == 1, stats

@@ -4,6 +4,7 @@
 //! * [`repository`] — the model repository, model states, load/unload.
 //! * [`model`] — a loaded version: validation, instance threads, responses.
 //! * [`scheduler`] — default scheduler and dynamic batcher.
+//! * [`warmup`] — `model_warmup` samples run before a version is ready.
 //! * [`reshape`] — a tensor's `dims` as clients see it vs `reshape` as the model does.
 //! * [`loader`] / `host` — the backend ABI's two sides.
 //! * [`server`] — the facade the HTTP and gRPC front ends call.
@@ -21,6 +22,7 @@ pub mod server;
 pub mod shm;
 pub mod sink;
 pub mod stats;
+pub mod warmup;
 
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use kiln_sdk::{bytes_elements, DataType};

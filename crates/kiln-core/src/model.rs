@@ -480,6 +480,10 @@ impl ModelVersion {
                 }
             }
         }
+        if let Err(e) = crate::warmup::run(&mv, model_dir, index as usize) {
+            mv.shutdown();
+            return Err(e);
+        }
         Ok(Arc::new(mv))
     }
 

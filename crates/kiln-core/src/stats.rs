@@ -124,6 +124,11 @@ impl ModelStats {
         f(&mut g)
     }
 
+    /// Back to no events (after warm-up, which is not counted).
+    pub fn reset(&self) {
+        self.with(|s| *s = StatsSnapshot::default());
+    }
+
     /// A request finished successfully after `total`, having queued `queue` and computed `compute`.
     pub fn record_success(&self, total: Duration, queue: Duration, compute: ComputeTimes) {
         self.with(|s| {
