@@ -91,7 +91,8 @@ fn main() {
         );
         let kk = ic * k * k;
         let mut packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
-        if k == 3 && s == 1 {
+        // CONV_BENCH_NO_WINOGRAD=1: 3×3 layers without their Winograd transform.
+        if k == 3 && s == 1 && std::env::var_os("CONV_BENCH_NO_WINOGRAD").is_none() {
             if let Some(tile) = kiln_onnx::winograd::pick(oc, ic, 16 << 20) {
                 packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic, tile));
             }
