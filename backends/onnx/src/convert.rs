@@ -159,6 +159,9 @@ pub fn tensor_from_proto(t: &candle_onnx::onnx::TensorProto) -> candle_core::Res
         d.iter().map(|&x| f(x)).collect()
     }
     let i32s = &t.int32_data;
+    if crate::lowbit::handles(t.data_type) {
+        return crate::lowbit::decode(t.data_type, raw, i32s, &dims);
+    }
     let tensor = match t.data_type {
         1 => Tensor::from_vec(
             values(raw, f32::from_le_bytes, || t.float_data.clone()),

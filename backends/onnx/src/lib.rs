@@ -13,6 +13,7 @@ pub mod cpu_kernels;
 pub mod einsum;
 pub mod external;
 pub mod fuse;
+pub mod lowbit;
 pub mod ml;
 pub mod ml_features;
 pub mod ml_tree;

@@ -992,6 +992,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let e = norm(attrs::int(node, "end", r));
             Tensor::new(&dims[s..e.max(s)], dev)?
         }
+        "Cast" if crate::lowbit::handles(attrs::int(node, "to", 1) as i32) => {
+            let to = attrs::int(node, "to", 1) as i32;
+            crate::lowbit::cast(x()?, to, attrs::int(node, "saturate", 1) != 0)?
+        }
         "Cast" => {
             let to = attrs::int(node, "to", 1) as i32;
             let d = onnx_dtype(to).ok_or_else(|| {

@@ -195,6 +195,34 @@ fn along_axis(p: &Tensor, x: &Tensor, a: usize) -> Result<Tensor> {
     }
 }
 
+/// A quantization parameter broadcast against `x`: per tensor, per `axis`, or with
+/// `block_size` (opset 21) per block of that many elements along `axis` (the parameter
+/// then has `x`'s rank, `ceil(n / block_size)` along `axis`).
+fn fit_param(node: &NodeProto, p: &Tensor, x: &Tensor, a: usize) -> Result<Tensor> {
+    let block = attrs::int(node, "block_size", 0);
+    if block <= 0 {
+        return along_axis(p, x, a);
+    }
+    let a = axis(attrs::int(node, "axis", 1), x.rank())?;
+    let (n, bs) = (x.dims()[a], block as usize);
+    if p.rank() != x.rank() || p.dims()[a] != n.div_ceil(bs) {
+        bail!(
+            "{}: a parameter of shape {:?} does not block {:?} by {bs} along axis {a}",
+            node.op_type,
+            p.dims(),
+            x.dims()
+        )
+    }
+    let mut wide = p.dims().to_vec();
+    wide.insert(a + 1, bs);
+    let mut merged = p.dims().to_vec();
+    merged[a] *= bs;
+    p.unsqueeze(a + 1)?
+        .broadcast_as(wide)?
+        .reshape(merged)?
+        .narrow(a, 0, n)
+}
+
 /// The axis of per-axis parameters (a 1-D scale of more than one value); 0 otherwise.
 fn param_axis(node: &NodeProto, scale: &Tensor, x: &Tensor) -> Result<usize> {
     if scale.rank() == 1 && scale.elem_count() > 1 {
@@ -210,17 +238,14 @@ pub fn dequantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     let (Some(x), Some(scale)) = (get(0), get(1)) else {
         bail!("DequantizeLinear: needs x and x_scale")
     };
-    if attrs::int(node, "block_size", 0) != 0 {
-        bail!("DequantizeLinear: blocked quantization (block_size) is not supported")
-    }
     let a = param_axis(node, scale, x)?;
     let xf = x.to_dtype(DType::F32)?;
     let centred = match get(2) {
-        Some(zp) => xf.broadcast_sub(&along_axis(&zp.to_dtype(DType::F32)?, x, a)?)?,
+        Some(zp) => xf.broadcast_sub(&fit_param(node, &zp.to_dtype(DType::F32)?, x, a)?)?,
         None => xf,
     };
     centred
-        .broadcast_mul(&along_axis(&scale.to_dtype(DType::F32)?, x, a)?)?
+        .broadcast_mul(&fit_param(node, &scale.to_dtype(DType::F32)?, x, a)?)?
         .to_dtype(scale.dtype())
 }
 
@@ -231,9 +256,6 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     let (Some(x), Some(scale)) = (get(0), get(1)) else {
         bail!("QuantizeLinear: needs x and y_scale")
     };
-    if attrs::int(node, "block_size", 0) != 0 {
-        bail!("QuantizeLinear: blocked quantization (block_size) is not supported")
-    }
     let a = param_axis(node, scale, x)?;
     let zp = get(2);
     // The output type: the zero point's (its ONNX type as the planner marked it, since
@@ -248,7 +270,9 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
         (0, None) => attrs::int(node, "output_dtype", 2),
         (t, _) => t,
     };
+    let onnx_type = onnx_type as i32;
     let (out, lo, hi) = match onnx_type {
+        t if crate::lowbit::handles(t) => (DType::F32, 0.0, 0.0),
         2 => (DType::U8, 0.0, 255.0),
         3 => (DType::I16, -128.0, 127.0),
         4 => (DType::U32, 0.0, 65535.0),
@@ -264,13 +288,24 @@ pub fn quantize(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     };
     let q = x
         .to_dtype(dt)?
-        .broadcast_div(&along_axis(&scale.to_dtype(dt)?, x, a)?)?
+        .broadcast_div(&fit_param(node, &scale.to_dtype(dt)?, x, a)?)?
         .to_dtype(DType::F64)?;
-    let q = crate::ops_more::round_half_even(&q)?;
-    let q = match zp {
-        Some(z) => q.broadcast_add(&along_axis(&z.to_dtype(DType::F64)?, x, a)?)?,
-        None => q,
+    let zero = |q: Tensor| match zp {
+        Some(z) => q.broadcast_add(&fit_param(node, &z.to_dtype(DType::F64)?, x, a)?),
+        None => Ok(q),
     };
+    if crate::lowbit::handles(onnx_type) {
+        // An 8-bit float rounds (and saturates) as its Cast does; a 4-bit integer is
+        // rounded before its zero point is added, as the wider integers.
+        let saturate = attrs::int(node, "saturate", 1) != 0;
+        let q = if matches!(onnx_type, crate::lowbit::INT4 | crate::lowbit::UINT4) {
+            crate::ops_more::round_half_even(&q)?
+        } else {
+            q
+        };
+        return crate::lowbit::cast(&zero(q)?, onnx_type, saturate);
+    }
+    let q = zero(crate::ops_more::round_half_even(&q)?)?;
     q.clamp(lo, hi)?.to_dtype(out)
 }
 

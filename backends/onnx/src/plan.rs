@@ -145,14 +145,28 @@ fn declared_types(graph: &GraphProto) -> HashMap<&str, i32> {
 }
 
 /// Marks each QuantizeLinear with its zero point's ONNX type ([`ops::ZERO_POINT_TYPE`]):
-/// INT8 and INT16 share one tensor type here, but saturate differently.
-fn mark_quantize_types(nodes: &mut [NodeProto], graph: &GraphProto) {
+/// INT8 and INT16 share one tensor type here, but saturate differently (as do the
+/// 8-bit floats, held as F32). A CastLike to an 8-bit float or 4-bit integer becomes the
+/// Cast to that declared type (its tensor type does not tell).
+fn mark_declared_types(nodes: &mut [NodeProto], graph: &GraphProto) {
     let types = declared_types(graph);
-    for n in nodes.iter_mut().filter(|n| n.op_type == "QuantizeLinear") {
-        let zp_type = n.input.get(2).and_then(|z| types.get(z.as_str())).copied();
-        if let Some(t) = zp_type {
-            n.attribute
-                .push(crate::attrs::new_int(ops::ZERO_POINT_TYPE, t as i64));
+    for n in nodes.iter_mut() {
+        let typed = |i: usize| n.input.get(i).and_then(|v| types.get(v.as_str())).copied();
+        match n.op_type.as_str() {
+            "QuantizeLinear" => {
+                if let Some(t) = typed(2) {
+                    n.attribute
+                        .push(crate::attrs::new_int(ops::ZERO_POINT_TYPE, t as i64));
+                }
+            }
+            "CastLike" => {
+                if let Some(t) = typed(1).filter(|&t| crate::lowbit::handles(t)) {
+                    n.op_type = "Cast".into();
+                    n.input.truncate(1);
+                    n.attribute.push(crate::attrs::new_int("to", t as i64));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -510,7 +524,7 @@ impl Plan {
                 .map(|i| i.name.clone()),
         );
         let has_strings = !strings::mark(&mut graph_nodes, string_seeds)?.is_empty();
-        mark_quantize_types(&mut graph_nodes, graph);
+        mark_declared_types(&mut graph_nodes, graph);
         for node in &graph_nodes {
             for i in node.input.iter().filter(|i| !i.is_empty()) {
                 if !defined.contains(i) && !constants.contains_key(i) {
