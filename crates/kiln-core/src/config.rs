@@ -221,6 +221,12 @@ pub fn normalize(
             policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })),
         });
     }
+    // As Triton: dynamic batching without preferred sizes prefers max_batch_size.
+    if let Some(SchedulingChoice::DynamicBatching(db)) = &mut cfg.scheduling_choice {
+        if db.preferred_batch_size.is_empty() && cfg.max_batch_size > 0 {
+            db.preferred_batch_size.push(cfg.max_batch_size);
+        }
+    }
     let opt = cfg
         .optimization
         .get_or_insert_with(ModelOptimizationPolicy::default);
@@ -295,12 +301,8 @@ pub fn normalize(
             ));
         }
     }
+    // (A model that does not batch may still use the dynamic batcher: its queues.)
     if let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice {
-        if cfg.max_batch_size == 0 {
-            return Err(invalid(
-                "dynamic batching requires 'max_batch_size' > 0".into(),
-            ));
-        }
         for &p in &db.preferred_batch_size {
             if p < 1 || p > cfg.max_batch_size {
                 return Err(invalid(format!(
@@ -416,5 +418,29 @@ output [
         let mut c = parse_pbtxt(p, "platform: \"onnxruntime_onnx\"").unwrap();
         normalize(&mut c, p, "", "m", 0).unwrap();
         assert_eq!(c.backend, "onnxruntime");
+    }
+
+    #[test]
+    fn dynamic_batching_prefers_max_batch_size_and_allows_no_batching() {
+        let p = Path::new("m/config.pbtxt");
+        let preferred = |c: &ModelConfig| match &c.scheduling_choice {
+            Some(SchedulingChoice::DynamicBatching(db)) => db.preferred_batch_size.clone(),
+            _ => panic!("no dynamic batching"),
+        };
+        let mut c =
+            parse_pbtxt(p, "backend: \"x\" max_batch_size: 8 dynamic_batching { }").unwrap();
+        normalize(&mut c, p, "", "m", 0).unwrap();
+        assert_eq!(preferred(&c), [8]);
+        let mut c = parse_pbtxt(
+            p,
+            "backend: \"x\" max_batch_size: 8 dynamic_batching { preferred_batch_size: [ 2 ] }",
+        )
+        .unwrap();
+        normalize(&mut c, p, "", "m", 0).unwrap();
+        assert_eq!(preferred(&c), [2]);
+        // Without batching: the dynamic batcher's queues only, no preferred size.
+        let mut c = parse_pbtxt(p, "backend: \"x\" dynamic_batching { }").unwrap();
+        normalize(&mut c, p, "", "m", 0).unwrap();
+        assert!(preferred(&c).is_empty());
     }
 }
