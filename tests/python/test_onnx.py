@@ -86,6 +86,7 @@ def onnx_kiln(tmp_path_factory):
     model_folder(repo, "ml_trees", os.path.join(MODELS, "ml_trees.onnx"))
     model_folder(repo, "ml_linear", os.path.join(MODELS, "ml_linear.onnx"))
     model_folder(repo, "text", os.path.join(MODELS, "text_pipeline.onnx"))
+    model_folder(repo, "seq", os.path.join(MODELS, "seq_pipeline.onnx"))
     (repo / "text" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 8\n')
     # model_warmup: zeros and random data (batch 4, twice), data files; and a sample
     # whose shape the model refuses, which fails the load.
@@ -556,3 +557,21 @@ def test_model_warmup_runs_before_ready_and_a_failing_sample_fails_the_load(onnx
     np.testing.assert_array_equal(c.infer("warm", ins).as_numpy("OUTPUT0"), 2 * a)
     stats = requests.get(f"http://{onnx_kiln.url}/v2/models/warm/stats").json()["model_stats"][0]
     assert stats["inference_count"] == 1, stats
+
+
+def test_sequences_inside_a_graph_match_onnxruntime(onnx_kiln):
+    """SplitToSequence, SequenceErase, SequenceMap (a body per item), SequenceAt,
+    SequenceInsert, ConcatFromSequence and SequenceLength inside a served graph (no config:
+    LEN has no batch dimension, so the model does not batch), against onnxruntime."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
+    i = httpclient.InferInput("X", [3, 6], "FP32")
+    i.set_data_from_numpy(x)
+    r = c.infer("seq", [i])
+    s = ort.InferenceSession(os.path.join(MODELS, "seq_pipeline.onnx"))
+    y, n = s.run(None, {"X": x})
+    # The first piece as is, then the first two squared.
+    np.testing.assert_allclose(y, np.concatenate([x[:, :2], x[:, :4] ** 2], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("Y"), y, rtol=1e-6)
+    assert r.as_numpy("LEN").tolist() == n.tolist() == [3]

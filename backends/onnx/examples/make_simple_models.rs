@@ -6,7 +6,8 @@
 //! output (`scalar_sum.onnx`), an identity over every type (`identity_all_types.onnx`) and
 //! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
 //! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`), and a
-//! scikit-learn-style text pipeline (`text_pipeline.onnx`).
+//! scikit-learn-style text pipeline (`text_pipeline.onnx`) and sequences inside a graph
+//! (`seq_pipeline.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -1020,6 +1021,68 @@ fn text_pipeline() -> ModelProto {
     with_opset(m, MS, 1)
 }
 
+/// Sequences inside a served graph, on X FLOAT [batch, 6]: SplitToSequence into three
+/// [batch, 2] pieces, SequenceErase of the last, SequenceMap squaring each (a body graph),
+/// SequenceInsert of X's first piece again at the front, ConcatFromSequence into Y FLOAT
+/// [batch, 6], and LEN INT64 [1] (SequenceLength, unsqueezed).
+fn seq_pipeline() -> ModelProto {
+    let int64 = |name: &str, dims: Vec<i64>, v: Vec<i64>| TensorProto {
+        name: name.into(),
+        data_type: DataType::Int64 as i32,
+        dims,
+        int64_data: v,
+        ..Default::default()
+    };
+    let with = |mut n: NodeProto, a: Vec<AttributeProto>| {
+        n.attribute = a;
+        n
+    };
+    let body = GraphProto {
+        name: "square".into(),
+        node: vec![node("Mul", &["piece", "piece"], "squared")],
+        input: vec![tensor("piece", DataType::Float, &[None, Some(2)])],
+        output: vec![tensor("squared", DataType::Float, &[None, Some(2)])],
+        ..Default::default()
+    };
+    let mut map = node("SequenceMap", &["S2"], "S3");
+    map.attribute.push(AttributeProto {
+        g: Some(body),
+        ..attr("body", AttributeType::Graph)
+    });
+    let nodes = vec![
+        with(
+            node("SplitToSequence", &["X", "two"], "S"),
+            vec![int("axis", 1)],
+        ),
+        node("SequenceErase", &["S", "last"], "S2"),
+        map,
+        node("SequenceAt", &["S", "first"], "P0"),
+        node("SequenceInsert", &["S3", "P0", "first"], "S4"),
+        with(
+            node("ConcatFromSequence", &["S4"], "Y"),
+            vec![int("axis", 1)],
+        ),
+        node("SequenceLength", &["S4"], "N"),
+        node("Unsqueeze", &["N", "first_axis"], "LEN"),
+    ];
+    model(
+        "seq_pipeline",
+        17,
+        nodes,
+        vec![tensor("X", DataType::Float, &[None, Some(6)])],
+        vec![
+            tensor("Y", DataType::Float, &[None, Some(6)]),
+            tensor("LEN", DataType::Int64, &[Some(1)]),
+        ],
+        vec![
+            int64("two", vec![], vec![2]),
+            int64("last", vec![], vec![-1]),
+            int64("first", vec![], vec![0]),
+            int64("first_axis", vec![1], vec![0]),
+        ],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -1057,6 +1120,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ms_contrib.onnx"), &ms_contrib())?;
         write(&dir.join("ms_attention.onnx"), &ms_attention())?;
         write(&dir.join("text_pipeline.onnx"), &text_pipeline())?;
+        write(&dir.join("seq_pipeline.onnx"), &seq_pipeline())?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, ValueInfoProto};
 
-use crate::plan::Plan;
+use crate::plan::{Plan, Value};
 
 /// Subgraphs held in a node's attributes.
 pub fn subgraphs(node: &NodeProto) -> impl Iterator<Item = &GraphProto> {
@@ -68,28 +68,33 @@ pub enum Control {
     If(Branches),
     /// The body of a `Loop`.
     Loop(LoopBody),
+    /// The body of a `SequenceMap`.
+    Map(MapBody),
 }
 
 /// Plans the subgraphs of an `If` or `Loop` node.
 pub fn plan(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<Control, String> {
     if node.op_type == "Loop" {
         plan_loop(node, model, device).map(Control::Loop)
+    } else if node.op_type == "SequenceMap" {
+        plan_map(node, model, device).map(Control::Map)
     } else {
         plan_if(node, model, device).map(Control::If)
     }
 }
 
 /// Runs a planned `If` or `Loop` on the node's inputs.
-pub fn run(c: &Control, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>, String> {
+pub fn run(c: &Control, ins: &[Option<Value>], dev: &Device) -> Result<Vec<Value>, String> {
     match c {
         Control::If(b) => run_if(b, ins),
         Control::Loop(b) => run_loop(b, ins, dev),
+        Control::Map(b) => run_map(b, ins),
     }
 }
 
 /// Whether `op` is a control-flow operator this module runs.
 pub fn is_control(op: &str) -> bool {
-    op == "If" || op == "Loop"
+    op == "If" || op == "Loop" || op == "SequenceMap"
 }
 
 /// The planned branches of one `If` node.
@@ -150,11 +155,9 @@ pub fn plan_if(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<
 }
 
 /// Runs the branch `cond` selects on the node's inputs (condition, then outer values).
-pub fn run_if(b: &Branches, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>, String> {
-    let cond = ins
-        .first()
-        .and_then(|t| t.as_ref())
-        .ok_or("If: the condition is missing")?;
+pub fn run_if(b: &Branches, ins: &[Option<Value>]) -> Result<Vec<Value>, String> {
+    let cond =
+        tensor_of(ins.first(), "If: the condition")?.ok_or("If: the condition is missing")?;
     let truth = cond
         .to_dtype(candle_core::DType::F64)
         .and_then(|t| t.flatten_all())
@@ -165,13 +168,13 @@ pub fn run_if(b: &Branches, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>, Strin
     } else {
         &b.else_plan
     };
-    let values: HashMap<String, Tensor> = b
+    let values: HashMap<String, Value> = b
         .free
         .iter()
         .zip(&ins[1..])
         .filter_map(|(name, t)| t.clone().map(|t| (name.clone(), t)))
         .collect();
-    let mut out = plan.run(values)?;
+    let mut out = plan.run_values(values, &plan.string_table(), None, false)?;
     plan.outputs
         .iter()
         .map(|o| {
@@ -227,6 +230,14 @@ pub fn plan_loop(
     Ok(LoopBody { body, inputs, free })
 }
 
+/// The tensor an input holds (`None` when absent or an empty optional).
+fn tensor_of(v: Option<&Option<Value>>, what: &str) -> Result<Option<Tensor>, String> {
+    match v.and_then(Option::as_ref) {
+        Some(v) => v.tensor(what).map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
 fn scalar(t: &Tensor) -> Result<f64, String> {
     t.to_dtype(candle_core::DType::F64)
         .and_then(|t| t.flatten_all())
@@ -239,21 +250,15 @@ fn scalar(t: &Tensor) -> Result<f64, String> {
 
 /// Runs a `Loop`: inputs (max trip count?, condition?, carried..., outer values...);
 /// outputs the final carried values, then each scan output stacked over the iterations.
-pub fn run_loop(b: &LoopBody, ins: &[Option<Tensor>], dev: &Device) -> Result<Vec<Tensor>, String> {
+pub fn run_loop(b: &LoopBody, ins: &[Option<Value>], dev: &Device) -> Result<Vec<Value>, String> {
     let carried_n = b.inputs.len() - 2;
-    let max = ins
-        .first()
-        .cloned()
-        .flatten()
+    let max = tensor_of(ins.first(), "Loop: the trip count")?
         .map(|t| scalar(&t))
         .transpose()?;
-    let mut cond = ins
-        .get(1)
-        .cloned()
-        .flatten()
+    let mut cond = tensor_of(ins.get(1), "Loop: the condition")?
         .map(|t| scalar(&t))
         .transpose()?;
-    let mut carried: Vec<Tensor> = (0..carried_n)
+    let mut carried: Vec<Value> = (0..carried_n)
         .map(|k| {
             ins.get(2 + k)
                 .cloned()
@@ -261,7 +266,7 @@ pub fn run_loop(b: &LoopBody, ins: &[Option<Tensor>], dev: &Device) -> Result<Ve
                 .ok_or_else(|| format!("Loop: loop-carried input {k} missing"))
         })
         .collect::<Result<_, _>>()?;
-    let outer: Vec<(String, Tensor)> = b
+    let outer: Vec<(String, Value)> = b
         .free
         .iter()
         .zip(ins.iter().skip(2 + carried_n))
@@ -270,28 +275,34 @@ pub fn run_loop(b: &LoopBody, ins: &[Option<Tensor>], dev: &Device) -> Result<Ve
     let scan_n = b.body.outputs.len().saturating_sub(1 + carried_n);
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); scan_n];
     let mut i: i64 = 0;
+    let table = b.body.string_table();
     while max.is_none_or(|m| (i as f64) < m) && cond.is_none_or(|c| c != 0.0) {
-        let mut values: HashMap<String, Tensor> = outer.iter().cloned().collect();
+        let mut values: HashMap<String, Value> = outer.iter().cloned().collect();
         let it = Tensor::new(i, dev).map_err(|e| e.to_string())?;
         let c =
             Tensor::new(cond.map_or(1u8, |c| (c != 0.0) as u8), dev).map_err(|e| e.to_string())?;
-        values.insert(b.inputs[0].clone(), it);
-        values.insert(b.inputs[1].clone(), c);
+        values.insert(b.inputs[0].clone(), Value::Tensor(it));
+        values.insert(b.inputs[1].clone(), Value::Tensor(c));
         for (name, t) in b.inputs[2..].iter().zip(&carried) {
             values.insert(name.clone(), t.clone());
         }
-        let mut out = b.body.run(values)?;
+        let mut out = b.body.run_values(values, &table, None, false)?;
         let mut take = |k: usize| {
             let name = &b.body.outputs[k].name;
             out.remove(name)
                 .ok_or_else(|| format!("Loop: body output '{name}' missing"))
         };
-        cond = Some(scalar(&take(0)?)?);
+        let tensor = |v: Value, what: &str| match v.tensor(what) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(format!("{what} is empty")),
+            Err(e) => Err(e.to_string()),
+        };
+        cond = Some(scalar(&tensor(take(0)?, "Loop: the body's condition")?)?);
         carried = (0..carried_n)
             .map(|k| take(1 + k))
             .collect::<Result<_, _>>()?;
         for (k, s) in scans.iter_mut().enumerate() {
-            s.push(take(1 + carried_n + k)?);
+            s.push(tensor(take(1 + carried_n + k)?, "Loop: a scan output")?);
         }
         i += 1;
         if i > 100_000_000 {
@@ -300,11 +311,93 @@ pub fn run_loop(b: &LoopBody, ins: &[Option<Tensor>], dev: &Device) -> Result<Ve
     }
     let mut outs = carried;
     for s in scans {
-        outs.push(if s.is_empty() {
+        outs.push(Value::Tensor(if s.is_empty() {
             Tensor::zeros(0, candle_core::DType::F32, dev).map_err(|e| e.to_string())?
         } else {
             Tensor::stack(&s, 0).map_err(|e| format!("Loop: scan output: {e}"))?
-        });
+        }));
     }
     Ok(outs)
+}
+
+/// A planned `SequenceMap` body.
+pub struct MapBody {
+    body: Plan,
+    /// Body input names, one per node input (sequence or tensor).
+    inputs: Vec<String>,
+    /// Outer values the body reads (the node's inputs after its own).
+    free: Vec<String>,
+}
+
+/// Plans the body of a `SequenceMap` node (as returned by [`with_free_inputs`]).
+pub fn plan_map(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<MapBody, String> {
+    let mut g = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "body")
+        .and_then(|a| a.g.clone())
+        .ok_or_else(|| format!("SequenceMap node '{}' has no body", node.name))?;
+    let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    let free: Vec<String> = node.input.iter().skip(inputs.len()).cloned().collect();
+    g.input.extend(free.iter().map(|f| ValueInfoProto {
+        name: f.clone(),
+        ..Default::default()
+    }));
+    let sub = ModelProto {
+        opset_import: model.opset_import.clone(),
+        ir_version: model.ir_version,
+        graph: Some(g),
+        ..Default::default()
+    };
+    let body = Plan::new(&sub, device)
+        .map_err(|e| format!("SequenceMap node '{}', body: {e}", node.name))?;
+    no_strings(&body, node)?;
+    Ok(MapBody { body, inputs, free })
+}
+
+/// Runs a `SequenceMap`: the body once per item of the input sequences (all as long as the
+/// first), with each further tensor input whole; each body output gathered into a sequence.
+pub fn run_map(b: &MapBody, ins: &[Option<Value>]) -> Result<Vec<Value>, String> {
+    let own = &ins[..b.inputs.len().min(ins.len())];
+    let len = match own.first() {
+        Some(Some(Value::Sequence(s))) => s.len(),
+        _ => return Err("SequenceMap: the first input must be a sequence".into()),
+    };
+    let outer: Vec<(String, Value)> = b
+        .free
+        .iter()
+        .zip(ins.iter().skip(b.inputs.len()))
+        .filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v)))
+        .collect();
+    let table = b.body.string_table();
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); b.body.outputs.len()];
+    for i in 0..len {
+        let mut values: HashMap<String, Value> = outer.iter().cloned().collect();
+        for (name, v) in b.inputs.iter().zip(own) {
+            let item = match v {
+                Some(Value::Sequence(s)) => Value::Tensor(s.get(i).cloned().ok_or_else(|| {
+                    format!("SequenceMap: input '{name}' has fewer than {len} items")
+                })?),
+                Some(v) => v.clone(),
+                None => continue,
+            };
+            values.insert(name.clone(), item);
+        }
+        let mut out = b.body.run_values(values, &table, None, false)?;
+        for (o, acc) in b.body.outputs.iter().zip(outs.iter_mut()) {
+            let v = out
+                .remove(&o.name)
+                .ok_or_else(|| format!("SequenceMap: body output '{}' missing", o.name))?;
+            match v.tensor("a SequenceMap body output") {
+                Ok(Some(t)) => acc.push(t),
+                _ => {
+                    return Err(format!(
+                        "SequenceMap: body output '{}' is not a tensor",
+                        o.name
+                    ))
+                }
+            }
+        }
+    }
+    Ok(outs.into_iter().map(Value::Sequence).collect())
 }

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod pool;
 pub mod resize;
 pub mod rnn;
+pub mod seq;
 pub mod sgemm;
 pub mod spectral;
 pub mod strings;

@@ -121,6 +121,7 @@ const SUPPORTED: &[&str] = &[
     "Det",
     "If",
     "Loop",
+    "SequenceMap",
     "GRU",
     "LSTM",
     "RNN",

@@ -9,6 +9,7 @@ use kiln_sdk::DataType;
 
 use crate::convert::from_onnx;
 use crate::ops;
+pub use crate::seq::Value;
 use crate::strings::{self, StringTable};
 
 /// A graph input or output as declared in the model.
@@ -443,6 +444,7 @@ pub fn unsupported_ops(graph: &GraphProto) -> Vec<String> {
                 !ops::is_supported(&n.op_type)
                     && n.op_type != crate::contrib::SIMPLIFIED_LAYER_NORM
                     && !crate::text::handles(n)
+                    && !crate::seq::handles(&n.op_type)
             }
             crate::ml::DOMAIN => !crate::ml::is_supported(&n.op_type),
             crate::contrib::DOMAIN => !crate::contrib::is_supported(&n.op_type),
@@ -535,6 +537,7 @@ impl Plan {
                 }
             }
             let foldable = !crate::control::is_control(&node.op_type)
+                && !crate::seq::handles(&node.op_type)
                 && (node.op_type != "Shape"
                     || node.input.iter().all(|i| constants.contains_key(i)));
             let all_const = node
@@ -657,51 +660,97 @@ impl Plan {
         &self,
         inputs: HashMap<String, Tensor>,
         table: &StringTable,
-        mut profile: Option<&mut HashMap<String, (f64, usize)>>,
+        profile: Option<&mut HashMap<String, (f64, usize)>>,
         by_shape: bool,
     ) -> Result<HashMap<String, Tensor>, String> {
+        let inputs = inputs
+            .into_iter()
+            .map(|(k, t)| (k, Value::Tensor(t)))
+            .collect();
+        self.run_values(inputs, table, profile, by_shape)?
+            .into_iter()
+            .map(|(name, v)| match v.tensor("") {
+                Ok(Some(t)) => Ok((name, t)),
+                _ => Err(format!(
+                    "graph output '{name}' is a sequence or an empty optional, which has no tensor type to return"
+                )),
+            })
+            .collect()
+    }
+
+    /// Runs the graph on values of any kind (tensors, sequences, optionals); returns
+    /// every graph output. See [`Plan::run_profiled`].
+    pub fn run_values(
+        &self,
+        inputs: HashMap<String, Value>,
+        table: &StringTable,
+        mut profile: Option<&mut HashMap<String, (f64, usize)>>,
+        by_shape: bool,
+    ) -> Result<HashMap<String, Value>, String> {
         let mut values = inputs;
         for step in &self.steps {
             let started = std::time::Instant::now();
-            let ins: Vec<Option<Tensor>> = step
-                .node
-                .input
-                .iter()
-                .map(|i| {
-                    if i.is_empty() {
-                        None
-                    } else {
-                        values.get(i).or_else(|| self.constants.get(i)).cloned()
-                    }
-                })
-                .collect();
+            let value = |i: &String| -> Option<Value> {
+                if i.is_empty() {
+                    None
+                } else {
+                    values
+                        .get(i)
+                        .cloned()
+                        .or_else(|| self.constants.get(i).cloned().map(Value::Tensor))
+                }
+            };
+            let ins: Vec<Option<Value>> = step.node.input.iter().map(value).collect();
             let ctx = ops::Ctx {
                 dev: &self.device,
                 opset: self.opset,
                 threads: rayon::current_num_threads(),
             };
-            let outs = match &step.branches {
+            let op = step.node.op_type.as_str();
+            let passes_value = op == "Identity"
+                && matches!(
+                    ins.first(),
+                    Some(Some(Value::Sequence(_) | Value::Optional(_)))
+                );
+            let outs: Vec<Value> = match &step.branches {
                 Some(b) => crate::control::run(b, &ins, &self.device)?,
-                None => run_node(&step.node, &ins, &ctx, table)
-                    .map_err(|e| node_error(&step.node, e))?,
+                None if passes_value || crate::seq::handles(op) => {
+                    crate::seq::run(&step.node, &ins, &self.device)
+                        .map_err(|e| node_error(&step.node, e))?
+                }
+                None => {
+                    let tensors: Vec<Option<Tensor>> = ins
+                        .iter()
+                        .zip(&step.node.input)
+                        .map(|(v, name)| match v {
+                            Some(v) => v.tensor(&format!("input '{name}'")),
+                            None => Ok(None),
+                        })
+                        .collect::<candle_core::Result<_>>()
+                        .map_err(|e| node_error(&step.node, e))?;
+                    run_node(&step.node, &tensors, &ctx, table)
+                        .map_err(|e| node_error(&step.node, e))?
+                        .into_iter()
+                        .map(Value::Tensor)
+                        .collect()
+                }
             };
             let elapsed = started.elapsed().as_secs_f64() * 1e3;
             if let Some(p) = profile.as_deref_mut() {
-                let key = match (by_shape, ins.first(), outs.first()) {
-                    (true, Some(Some(i)), Some(o)) => {
-                        let w = ins
-                            .get(1)
-                            .and_then(|w| w.as_ref())
-                            .map(|w| w.dims().to_vec());
-                        format!(
-                            "{} {:?} w{:?} -> {:?}",
-                            step.node.op_type,
-                            i.dims(),
-                            w,
-                            o.dims()
-                        )
+                let shape = |v: Option<&Value>| match v {
+                    Some(Value::Tensor(t)) => Some(t.dims().to_vec()),
+                    _ => None,
+                };
+                let key = match (
+                    by_shape,
+                    shape(ins.first().and_then(Option::as_ref)),
+                    shape(outs.first()),
+                ) {
+                    (true, Some(i), Some(o)) => {
+                        let w = shape(ins.get(1).and_then(Option::as_ref));
+                        format!("{} {:?} w{:?} -> {:?}", op, i, w, o)
                     }
-                    _ => step.node.op_type.clone(),
+                    _ => op.to_string(),
                 };
                 let e = p.entry(key).or_default();
                 e.0 += elapsed;
@@ -719,7 +768,7 @@ impl Plan {
             .map(|o| {
                 values
                     .remove(&o.name)
-                    .or_else(|| self.constants.get(&o.name).cloned())
+                    .or_else(|| self.constants.get(&o.name).cloned().map(Value::Tensor))
                     .map(|t| (o.name.clone(), t))
                     .ok_or_else(|| format!("graph output '{}' was not produced", o.name))
             })

@@ -11,9 +11,107 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::TensorProto;
-use kiln_onnx::plan::Plan;
+use kiln_onnx::plan::{Plan, Value};
 use kiln_onnx::strings::StringTable;
 use prost::Message;
+
+/// ONNX's `SequenceProto` (onnx-data.proto; candle-onnx leaves it out): test data of a
+/// sequence value.
+#[derive(Clone, PartialEq, Message)]
+struct SequenceProto {
+    #[prost(int32, tag = "2")]
+    elem_type: i32,
+    #[prost(message, repeated, tag = "3")]
+    tensor_values: Vec<TensorProto>,
+}
+
+/// ONNX's `OptionalProto`: test data of an optional value (a tensor, a sequence, or none).
+#[derive(Clone, PartialEq, Message)]
+struct OptionalProto {
+    #[prost(int32, tag = "2")]
+    elem_type: i32,
+    #[prost(message, optional, tag = "3")]
+    tensor_value: Option<TensorProto>,
+    #[prost(message, optional, tag = "5")]
+    sequence_value: Option<SequenceProto>,
+}
+
+/// How a graph input or output is typed: tensor, sequence or optional.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Tensor,
+    Sequence,
+    Optional,
+}
+
+fn kind_of(model: &candle_onnx::onnx::ModelProto, name: &str, output: bool) -> Kind {
+    use candle_onnx::onnx::type_proto::Value as T;
+    let g = model.graph.as_ref();
+    let list = g.map(|g| if output { &g.output } else { &g.input });
+    match list
+        .and_then(|l| l.iter().find(|v| v.name == name))
+        .and_then(|v| v.r#type.as_ref()?.value.as_ref())
+    {
+        Some(T::SequenceType(_)) => Kind::Sequence,
+        Some(T::OptionalType(_)) => Kind::Optional,
+        _ => Kind::Tensor,
+    }
+}
+
+/// A test-data value of `kind` (a sequence or optional one holds tensors).
+fn read_value(path: &Path, kind: Kind, strings: &StringTable) -> Result<Value, String> {
+    let conv = |t: &TensorProto| {
+        kiln_onnx::convert::tensor_from_proto(t).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let bytes = || std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let seq = |s: &SequenceProto| -> Result<Value, String> {
+        if s.elem_type > 1 {
+            return Err(format!("{}: a sequence of non-tensors", path.display()));
+        }
+        Ok(Value::Sequence(
+            s.tensor_values.iter().map(conv).collect::<Result<_, _>>()?,
+        ))
+    };
+    match kind {
+        Kind::Tensor => read_tensor(path, strings).map(Value::Tensor),
+        Kind::Sequence => {
+            let s = SequenceProto::decode(bytes()?.as_slice()).map_err(|e| e.to_string())?;
+            seq(&s)
+        }
+        Kind::Optional => {
+            let o = OptionalProto::decode(bytes()?.as_slice()).map_err(|e| e.to_string())?;
+            Ok(Value::Optional(
+                match (o.elem_type, &o.tensor_value, &o.sequence_value) {
+                    (1, Some(t), _) => Some(Box::new(Value::Tensor(conv(t)?))),
+                    (3, _, Some(s)) => Some(Box::new(seq(s)?)),
+                    _ => None,
+                },
+            ))
+        }
+    }
+}
+
+/// Whether two values agree (tensors within the runner's tolerances).
+fn same_value(got: &Value, want: &Value) -> Result<(), String> {
+    match (got, want) {
+        (Value::Tensor(g), Value::Tensor(w)) => close(g, w),
+        (Value::Sequence(g), Value::Sequence(w)) => {
+            if g.len() != w.len() {
+                return Err(format!("a sequence of {}, expected {}", g.len(), w.len()));
+            }
+            g.iter()
+                .zip(w)
+                .enumerate()
+                .try_for_each(|(i, (g, w))| close(g, w).map_err(|e| format!("item {i}: {e}")))
+        }
+        (Value::Optional(None), Value::Optional(None)) => Ok(()),
+        (Value::Optional(Some(g)), Value::Optional(Some(w))) => same_value(g, w),
+        // An optional output holding a value compares as that value.
+        (Value::Optional(Some(g)), w) => same_value(g, w),
+        (g, Value::Optional(Some(w))) => same_value(g, w),
+        _ => Err(format!("{got:?}, expected {want:?}")),
+    }
+}
 
 enum Outcome {
     Pass,
@@ -137,6 +235,23 @@ fn run_one(dir: &Path) -> Outcome {
     };
     let data = dir.join("test_data_set_0");
     let strings = plan.string_table();
+    let kinds_in: Vec<Kind> = plan
+        .inputs
+        .iter()
+        .map(|i| kind_of(&model, &i.name, false))
+        .collect();
+    let kinds_out: Vec<Kind> = plan
+        .outputs
+        .iter()
+        .map(|o| kind_of(&model, &o.name, true))
+        .collect();
+    if kinds_in
+        .iter()
+        .chain(&kinds_out)
+        .any(|k| *k != Kind::Tensor)
+    {
+        return run_values(&plan, &data, &kinds_in, &kinds_out, &strings);
+    }
     let mut inputs = HashMap::new();
     for (i, info) in plan.inputs.iter().enumerate() {
         let p = data.join(format!("input_{i}.pb"));
@@ -167,6 +282,50 @@ fn test_data(sub: &str) -> Option<std::path::PathBuf> {
         return None;
     };
     Some(Path::new(&root).join(sub))
+}
+
+/// A node test whose graph takes or returns sequences or optionals.
+fn run_values(
+    plan: &Plan,
+    data: &Path,
+    kinds_in: &[Kind],
+    kinds_out: &[Kind],
+    strings: &StringTable,
+) -> Outcome {
+    let mut inputs = HashMap::new();
+    for (i, (info, kind)) in plan.inputs.iter().zip(kinds_in).enumerate() {
+        let p = data.join(format!("input_{i}.pb"));
+        if !p.exists() {
+            continue;
+        }
+        match read_value(&p, *kind, strings) {
+            Ok(v) => {
+                inputs.insert(info.name.clone(), v);
+            }
+            Err(e) => return Outcome::Fail(e),
+        }
+    }
+    let outputs = match plan.run_values(inputs, strings, None, false) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(e),
+    };
+    for (i, (info, kind)) in plan.outputs.iter().zip(kinds_out).enumerate() {
+        let p = data.join(format!("output_{i}.pb"));
+        if !p.exists() {
+            continue;
+        }
+        let want = match read_value(&p, *kind, strings) {
+            Ok(v) => v,
+            Err(e) => return Outcome::Fail(e),
+        };
+        let Some(got) = outputs.get(&info.name) else {
+            return Outcome::Fail(format!("output '{}' missing", info.name));
+        };
+        if let Err(e) = same_value(got, &want) {
+            return Outcome::Fail(format!("output '{}': {e}", info.name));
+        }
+    }
+    Outcome::Pass
 }
 
 #[test]
