@@ -87,6 +87,7 @@ def onnx_kiln(tmp_path_factory):
     model_folder(repo, "ml_linear", os.path.join(MODELS, "ml_linear.onnx"))
     model_folder(repo, "text", os.path.join(MODELS, "text_pipeline.onnx"))
     model_folder(repo, "seq", os.path.join(MODELS, "seq_pipeline.onnx"))
+    model_folder(repo, "scan", os.path.join(MODELS, "scan_rows.onnx"))
     (repo / "text" / "config.pbtxt").write_text('backend: "onnxruntime"\nmax_batch_size: 8\n')
     # model_warmup: zeros and random data (batch 4, twice), data files; and a sample
     # whose shape the model refuses, which fails the load.
@@ -575,3 +576,19 @@ def test_sequences_inside_a_graph_match_onnxruntime(onnx_kiln):
     np.testing.assert_allclose(y, np.concatenate([x[:, :2], x[:, :4] ** 2], axis=1), rtol=1e-6)
     np.testing.assert_allclose(r.as_numpy("Y"), y, rtol=1e-6)
     assert r.as_numpy("LEN").tolist() == n.tolist() == [3]
+
+
+def test_scan_directions_and_axes_match_onnxruntime(onnx_kiln):
+    """Scan reading one input forwards and one backwards, writing its scan output along
+    axis 1 in reverse, against onnxruntime (and the arithmetic it stands for)."""
+    import onnxruntime as ort
+    c = httpclient.InferenceServerClient(url=onnx_kiln.url)
+    x = np.random.default_rng(4).standard_normal((4, 3)).astype(np.float32)
+    i = httpclient.InferInput("X", [4, 3], "FP32")
+    i.set_data_from_numpy(x)
+    r = c.infer("scan", [i])
+    final, y = ort.InferenceSession(os.path.join(MODELS, "scan_rows.onnx")).run(None, {"X": x})
+    np.testing.assert_allclose(final, x.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(y, (x * x[::-1]).T[:, ::-1], rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("FINAL"), final, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("Y"), y, rtol=1e-6)

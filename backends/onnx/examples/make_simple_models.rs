@@ -7,7 +7,7 @@
 //! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
 //! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`), and a
 //! scikit-learn-style text pipeline (`text_pipeline.onnx`) and sequences inside a graph
-//! (`seq_pipeline.onnx`).
+//! (`seq_pipeline.onnx`), and a `Scan` (`scan_rows.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -1083,6 +1083,46 @@ fn seq_pipeline() -> ModelProto {
     )
 }
 
+/// A `Scan` (opset 16) over X FLOAT [4, 3] read forwards and backwards at once: the state
+/// sums the rows (FINAL [3]), and each step's product of the row with its mirror is
+/// written along axis 1, last step first (Y [3, 4]).
+fn scan_rows() -> ModelProto {
+    let t = |n: &str, d: &[Option<i64>]| tensor(n, DataType::Float, d);
+    let body = GraphProto {
+        name: "step".into(),
+        node: vec![
+            node("Add", &["acc", "row"], "acc_out"),
+            node("Mul", &["row", "mirror"], "prod"),
+        ],
+        input: vec![
+            t("acc", &[Some(3)]),
+            t("row", &[Some(3)]),
+            t("mirror", &[Some(3)]),
+        ],
+        output: vec![t("acc_out", &[Some(3)]), t("prod", &[Some(3)])],
+        ..Default::default()
+    };
+    let mut scan = domain_node("", "Scan", &["zeros", "X", "X"], &["FINAL", "Y"], vec![]);
+    scan.attribute = vec![
+        AttributeProto {
+            g: Some(body),
+            ..attr("body", AttributeType::Graph)
+        },
+        int("num_scan_inputs", 2),
+        ints("scan_input_directions", &[0, 1]),
+        ints("scan_output_axes", &[1]),
+        ints("scan_output_directions", &[1]),
+    ];
+    model(
+        "scan_rows",
+        16,
+        vec![scan],
+        vec![t("X", &[Some(4), Some(3)])],
+        vec![t("FINAL", &[Some(3)]), t("Y", &[Some(3), Some(4)])],
+        vec![float_init("zeros", vec![3], |_| 0.0)],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -1121,6 +1161,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("ms_attention.onnx"), &ms_attention())?;
         write(&dir.join("text_pipeline.onnx"), &text_pipeline())?;
         write(&dir.join("seq_pipeline.onnx"), &seq_pipeline())?;
+        write(&dir.join("scan_rows.onnx"), &scan_rows())?;
     }
     Ok(())
 }

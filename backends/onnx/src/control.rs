@@ -70,6 +70,8 @@ pub enum Control {
     Loop(LoopBody),
     /// The body of a `SequenceMap`.
     Map(MapBody),
+    /// The body of a `Scan`.
+    Scan(ScanBody),
 }
 
 /// Plans the subgraphs of an `If` or `Loop` node.
@@ -78,6 +80,8 @@ pub fn plan(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<Con
         plan_loop(node, model, device).map(Control::Loop)
     } else if node.op_type == "SequenceMap" {
         plan_map(node, model, device).map(Control::Map)
+    } else if node.op_type == "Scan" {
+        plan_scan(node, model, device).map(Control::Scan)
     } else {
         plan_if(node, model, device).map(Control::If)
     }
@@ -89,12 +93,13 @@ pub fn run(c: &Control, ins: &[Option<Value>], dev: &Device) -> Result<Vec<Value
         Control::If(b) => run_if(b, ins),
         Control::Loop(b) => run_loop(b, ins, dev),
         Control::Map(b) => run_map(b, ins),
+        Control::Scan(b) => run_scan(b, ins),
     }
 }
 
 /// Whether `op` is a control-flow operator this module runs.
 pub fn is_control(op: &str) -> bool {
-    op == "If" || op == "Loop" || op == "SequenceMap"
+    op == "If" || op == "Loop" || op == "SequenceMap" || op == "Scan"
 }
 
 /// The planned branches of one `If` node.
@@ -400,4 +405,231 @@ pub fn run_map(b: &MapBody, ins: &[Option<Value>]) -> Result<Vec<Value>, String>
         }
     }
     Ok(outs.into_iter().map(Value::Sequence).collect())
+}
+
+/// A planned `Scan` body.
+pub struct ScanBody {
+    body: Plan,
+    /// Body input names: the state values, then one per scan input.
+    inputs: Vec<String>,
+    /// Number of scan inputs.
+    scans: usize,
+    /// Per scan input: its axis and whether it is read backwards.
+    in_axes: Vec<(i64, bool)>,
+    /// Per scan output: its axis and whether it is written backwards.
+    out_axes: Vec<(i64, bool)>,
+    /// Opset 8's form: a leading `sequence_lens` input and a batch axis on everything.
+    batched: bool,
+    /// Outer values the body reads (the node's inputs after its own).
+    free: Vec<String>,
+}
+
+/// Plans the body of a `Scan` node (as returned by [`with_free_inputs`]).
+pub fn plan_scan(
+    node: &NodeProto,
+    model: &ModelProto,
+    device: &Device,
+) -> Result<ScanBody, String> {
+    let mut g = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "body")
+        .and_then(|a| a.g.clone())
+        .ok_or_else(|| format!("Scan node '{}' has no body", node.name))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(9, |o| o.version);
+    let batched = opset < 9;
+    let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    let scans = crate::attrs::int(node, "num_scan_inputs", 0).max(0) as usize;
+    if scans == 0 || scans > inputs.len() {
+        return Err(format!(
+            "Scan node '{}': num_scan_inputs does not fit its body",
+            node.name
+        ));
+    }
+    let states = inputs.len() - scans;
+    let outs = g.output.len().saturating_sub(states);
+    let ints = |name: &str| crate::attrs::ints(node, name).unwrap_or_default();
+    let pairs = |axes: Vec<i64>, dirs: Vec<i64>, n: usize| -> Vec<(i64, bool)> {
+        (0..n)
+            .map(|k| {
+                (
+                    axes.get(k).copied().unwrap_or(0),
+                    dirs.get(k).is_some_and(|&d| d == 1),
+                )
+            })
+            .collect()
+    };
+    let in_dirs = if batched {
+        ints("directions")
+    } else {
+        ints("scan_input_directions")
+    };
+    let in_axes = pairs(ints("scan_input_axes"), in_dirs, scans);
+    let out_axes = pairs(
+        ints("scan_output_axes"),
+        ints("scan_output_directions"),
+        outs,
+    );
+    let own = inputs.len() + batched as usize;
+    let free: Vec<String> = node.input.iter().skip(own).cloned().collect();
+    g.input.extend(free.iter().map(|f| ValueInfoProto {
+        name: f.clone(),
+        ..Default::default()
+    }));
+    let sub = ModelProto {
+        opset_import: model.opset_import.clone(),
+        ir_version: model.ir_version,
+        graph: Some(g),
+        ..Default::default()
+    };
+    let body =
+        Plan::new(&sub, device).map_err(|e| format!("Scan node '{}', body: {e}", node.name))?;
+    no_strings(&body, node)?;
+    Ok(ScanBody {
+        body,
+        inputs,
+        scans,
+        in_axes,
+        out_axes,
+        batched,
+        free,
+    })
+}
+
+/// `axis` of a tensor of `rank` (negative from the end).
+fn axis_of(axis: i64, rank: usize) -> Result<usize, String> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r.max(1) {
+        return Err(format!("Scan: axis {axis} is out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+/// One scan over `states` and `scans` (no batch axis): the final states, then each scan
+/// output joined along its axis.
+fn scan_once(
+    b: &ScanBody,
+    states: Vec<Tensor>,
+    scans: &[Tensor],
+    outer: &[(String, Value)],
+) -> Result<Vec<Tensor>, String> {
+    let e = |e: candle_core::Error| format!("Scan: {e}");
+    let n_states = b.inputs.len() - b.scans;
+    let mut len = None;
+    for (x, &(a, _)) in scans.iter().zip(&b.in_axes) {
+        let l = x.dims()[axis_of(a, x.rank())?];
+        if len.is_some_and(|n| n != l) {
+            return Err("Scan: scan inputs differ in length".into());
+        }
+        len = Some(l);
+    }
+    let len = len.unwrap_or(0);
+    let table = b.body.string_table();
+    let mut states = states;
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); b.out_axes.len()];
+    for t in 0..len {
+        let mut values: HashMap<String, Value> = outer.iter().cloned().collect();
+        for (name, s) in b.inputs.iter().zip(&states) {
+            values.insert(name.clone(), Value::Tensor(s.clone()));
+        }
+        for ((name, x), &(a, rev)) in b.inputs[n_states..].iter().zip(scans).zip(&b.in_axes) {
+            let a = axis_of(a, x.rank())?;
+            let at = if rev { len - 1 - t } else { t };
+            values.insert(
+                name.clone(),
+                Value::Tensor(x.narrow(a, at, 1).and_then(|s| s.squeeze(a)).map_err(e)?),
+            );
+        }
+        let mut out = b.body.run_values(values, &table, None, false)?;
+        let mut take = |k: usize| -> Result<Tensor, String> {
+            let name = &b.body.outputs[k].name;
+            match out.remove(name).map(|v| v.tensor(name)) {
+                Some(Ok(Some(t))) => Ok(t),
+                _ => Err(format!(
+                    "Scan: body output '{name}' is missing or not a tensor"
+                )),
+            }
+        };
+        states = (0..n_states).map(&mut take).collect::<Result<_, _>>()?;
+        for (k, acc) in outs.iter_mut().enumerate() {
+            acc.push(take(n_states + k)?);
+        }
+    }
+    let mut result = states;
+    for (mut acc, &(a, rev)) in outs.into_iter().zip(&b.out_axes) {
+        if rev {
+            acc.reverse();
+        }
+        let Some(first) = acc.first() else {
+            return Err("Scan: no iterations, so a scan output has no shape".into());
+        };
+        let a = axis_of(a, first.rank() + 1)?;
+        result.push(Tensor::stack(&acc, a).map_err(e)?);
+    }
+    Ok(result)
+}
+
+/// Runs a `Scan`: opset 9's form (states, then scan inputs), or opset 8's (an optional
+/// `sequence_lens`, then everything with a leading batch axis, scanned per batch item).
+pub fn run_scan(b: &ScanBody, ins: &[Option<Value>]) -> Result<Vec<Value>, String> {
+    let own = b.inputs.len() + b.batched as usize;
+    let tensors: Vec<Tensor> = ins[b.batched as usize..own.min(ins.len())]
+        .iter()
+        .map(|v| match v.as_ref().map(|v| v.tensor("a Scan input")) {
+            Some(Ok(Some(t))) => Ok(t),
+            _ => Err("Scan: an input is missing or not a tensor".to_string()),
+        })
+        .collect::<Result<_, _>>()?;
+    let outer: Vec<(String, Value)> = b
+        .free
+        .iter()
+        .zip(ins.iter().skip(own))
+        .filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v)))
+        .collect();
+    let n_states = b.inputs.len() - b.scans;
+    let (states, scans) = tensors.split_at(n_states);
+    if !b.batched {
+        let outs = scan_once(b, states.to_vec(), scans, &outer)?;
+        return Ok(outs.into_iter().map(Value::Tensor).collect());
+    }
+    let lens = match ins.first() {
+        Some(Some(v)) => v.tensor("sequence_lens").ok().flatten().and_then(|t| {
+            t.flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::I64))
+                .and_then(|t| t.to_vec1::<i64>())
+                .ok()
+        }),
+        _ => None,
+    };
+    let batch = tensors
+        .first()
+        .map_or(0, |t| t.dims().first().copied().unwrap_or(0));
+    let e = |e: candle_core::Error| format!("Scan: {e}");
+    let mut per_item: Vec<Vec<Tensor>> = Vec::new();
+    for i in 0..batch {
+        let pick = |t: &Tensor| t.get(i).map_err(e);
+        let st: Vec<Tensor> = states.iter().map(pick).collect::<Result<_, _>>()?;
+        let mut sc: Vec<Tensor> = scans.iter().map(pick).collect::<Result<_, _>>()?;
+        if let Some(l) = lens.as_ref().and_then(|l| l.get(i)) {
+            for (x, &(a, _)) in sc.iter_mut().zip(&b.in_axes) {
+                let a = axis_of(a, x.rank())?;
+                *x = x
+                    .narrow(a, 0, (*l).clamp(0, x.dims()[a] as i64) as usize)
+                    .map_err(e)?;
+            }
+        }
+        per_item.push(scan_once(b, st, &sc, &outer)?);
+    }
+    let n_out = b.body.outputs.len();
+    (0..n_out)
+        .map(|k| {
+            let items: Vec<Tensor> = per_item.iter().map(|o| o[k].clone()).collect();
+            Tensor::stack(&items, 0).map(Value::Tensor).map_err(e)
+        })
+        .collect()
 }

@@ -113,6 +113,7 @@ const SUPPORTED: &[&str] = &[
     "QLinearConv",
     "GridSample",
     "HannWindow",
+    "MelWeightMatrix",
     "HammingWindow",
     "BlackmanWindow",
     "CenterCropPad",
@@ -122,6 +123,7 @@ const SUPPORTED: &[&str] = &[
     "If",
     "Loop",
     "SequenceMap",
+    "Scan",
     "GRU",
     "LSTM",
     "RNN",
@@ -631,6 +633,43 @@ pub struct Ctx<'a> {
 }
 
 /// Runs one node. `ins` follows the node's inputs (`None` for an omitted optional one).
+/// BatchNormalization with `training_mode`: normalized with the batch's own mean and
+/// (population) variance over every axis but the channels; also returns the running
+/// statistics updated by `momentum` (`running · momentum + batch · (1 − momentum)`).
+fn batch_norm_training(
+    node: &NodeProto,
+    x: &Tensor,
+    scale: &Tensor,
+    bias: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Vec<Tensor>> {
+    let momentum = attrs::float(node, "momentum", 0.9) as f64;
+    let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+    let xf = x.to_dtype(DType::F64)?;
+    let batch_mean = xf.mean_keepdim(axes.as_slice())?;
+    let centred = xf.broadcast_sub(&batch_mean)?;
+    let batch_var = centred.sqr()?.mean_keepdim(axes.as_slice())?;
+    let f = |t: &Tensor| t.to_dtype(DType::F64);
+    let y = centred
+        .broadcast_div(&(&batch_var + eps)?.sqrt()?)?
+        .broadcast_mul(&f(scale)?)?
+        .broadcast_add(&f(bias)?)?
+        .to_dtype(x.dtype())?;
+    let running = |old: &Tensor, batch: &Tensor| -> Result<Tensor> {
+        (f(old)? * momentum)?
+            .add(&(batch * (1.0 - momentum))?)?
+            .flatten_all()?
+            .to_dtype(old.dtype())
+    };
+    Ok(vec![
+        y,
+        running(mean, &batch_mean)?,
+        running(var, &batch_var)?,
+    ])
+}
+
 pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Vec<Tensor>> {
     let dev = ctx.dev;
     let op = node.op_type.as_str();
@@ -1118,6 +1157,9 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let p = |i: usize| -> Result<Tensor> { req(ins, i, node)?.reshape(shape.clone()) };
             let eps = attrs::float(node, "epsilon", 1e-5) as f64;
             let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+            if attrs::int(node, "training_mode", 0) != 0 {
+                return batch_norm_training(node, x, &scale, &bias, &mean, &var, eps);
+            }
             x.broadcast_sub(&mean)?
                 .broadcast_div(&(var + eps)?.sqrt()?)?
                 .broadcast_mul(&scale)?
@@ -1136,6 +1178,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Det" => crate::ops_more::det(x()?)?,
         "DFT" => crate::spectral::dft(node, ins, ctx.opset)?,
         "STFT" => crate::spectral::stft(node, ins)?,
+        "MelWeightMatrix" => crate::spectral::mel_weight_matrix(node, ins)?.to_device(dev)?,
         "Unique" => return crate::ops_more::unique(node, x()?),
         "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh"
         | "HardSwish" | "Mish" | "Celu" | "Shrink" => match crate::ops_nn::unary(node, x()?)? {

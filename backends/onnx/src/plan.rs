@@ -229,7 +229,11 @@ fn fold_batch_norms(
         .collect();
     let mut fold: Vec<(usize, usize)> = Vec::new(); // (conv index, bn index)
     for (k, n) in nodes.iter().enumerate() {
-        if n.op_type != "BatchNormalization" || n.output.len() > 1 {
+        // (Training mode normalizes with the batch's statistics: nothing to fold.)
+        if n.op_type != "BatchNormalization"
+            || n.output.len() > 1
+            || crate::attrs::int(n, "training_mode", 0) != 0
+        {
             continue;
         }
         let Some(&c) = n.input.first().and_then(|x| producer.get(x)) else {
@@ -262,6 +266,7 @@ fn fold_batch_norms(
         if bn.op_type != "BatchNormalization"
             || folded.contains(&k)
             || bn.output.len() > 1
+            || crate::attrs::int(bn, "training_mode", 0) != 0
             || bn.input.len() != 5
             || !bn.input[1..].iter().all(|i| constants.contains_key(i))
         {

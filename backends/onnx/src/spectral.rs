@@ -151,3 +151,57 @@ pub fn stft(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     }
     crate::ops::like(out, (batch, frames, keep, 2), x)
 }
+
+/// MelWeightMatrix(num_mel_bins, dft_length, sample_rate, lower_edge_hertz,
+/// upper_edge_hertz): `[dft_length / 2 + 1, num_mel_bins]` triangular filters between
+/// mel-spaced bins (the step over `num_mel_bins + 2` points, as ONNX's reference and
+/// onnxruntime compute it), in `output_datatype` (FLOAT by default).
+pub fn mel_weight_matrix(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let scalar = |i: usize| -> Result<f64> {
+        let Some(Some(t)) = ins.get(i) else {
+            bail!("MelWeightMatrix: input {i} is missing")
+        };
+        Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+    };
+    let (mels, dft_len, rate) = (scalar(0)? as i64, scalar(1)? as i64, scalar(2)? as i64);
+    let (lo, hi) = (scalar(3)? as f32, scalar(4)? as f32);
+    if mels < 1 || dft_len < 1 || rate < 1 {
+        bail!("MelWeightMatrix: num_mel_bins, dft_length and sample_rate must be positive")
+    }
+    let (mels, bins) = (mels as usize, (dft_len / 2 + 1) as usize);
+    // Mel edges in single precision, as the reference does with FLOAT inputs.
+    let mel = |hz: f32| 2595f32 * (1f32 + hz / 700f32).log10();
+    let (lo_mel, hi_mel) = (mel(lo), mel(hi));
+    let step = (hi_mel - lo_mel) / (mels + 2) as f32;
+    let edges: Vec<usize> = (0..mels + 2)
+        .map(|k| {
+            let m = k as f64 * step as f64 + lo_mel as f64;
+            let hz = 700.0 * (10f64.powf(m / 2595.0) - 1.0);
+            (((dft_len + 1) as f64 * hz) / rate as f64).floor().max(0.0) as usize
+        })
+        .collect();
+    let mut w = vec![0f64; bins * mels];
+    let mut set = |j: usize, i: usize, v: f64| {
+        if j < bins {
+            w[j * mels + i] = v;
+        }
+    };
+    for i in 0..mels {
+        let (l, c, h) = (edges[i], edges[i + 1], edges[i + 2]);
+        if c == l {
+            set(c, i, 1.0);
+        } else {
+            for j in l..=c {
+                set(j, i, (j - l) as f64 / (c - l) as f64);
+            }
+        }
+        if h > c {
+            for j in c..h {
+                set(j, i, (h - j) as f64 / (h - c) as f64);
+            }
+        }
+    }
+    let dt = crate::convert::onnx_dtype(attrs::int(node, "output_datatype", 1) as i32)
+        .unwrap_or(DType::F32);
+    Tensor::from_vec(w, (bins, mels), &Device::Cpu)?.to_dtype(dt)
+}
