@@ -36,12 +36,10 @@ def onnx_kiln(tmp_path_factory):
            f'output [ {{ name: "sum" {fp32} }} ]\n')
     folder(repo, "softmax", "test_softmax_axis_1",
            f'backend: "onnxruntime"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "y" {fp32} }} ]\n')
-    # DeformConv is not implemented: the load fails naming the operator.
-    folder(repo, "deform", "test_basic_deform_conv_without_padding",
-           'backend: "onnx"\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 1, 1, 3, 3 ] }, '
-           '{ name: "W" data_type: TYPE_FP32 dims: [ 1, 1, 2, 2 ] }, '
-           '{ name: "offset_without_padding" data_type: TYPE_FP32 dims: [ 1, 8, 2, 2 ] } ]\n'
-           'output [ { name: "Y_without_padding" data_type: TYPE_FP32 dims: [ 1, 1, 2, 2 ] } ]\n')
+    # Bernoulli (random sampling) is not implemented: the load fails naming the operator.
+    folder(repo, "bernoulli", "test_bernoulli",
+           'backend: "onnx"\ninput [ { name: "x" data_type: TYPE_FP64 dims: [ 10 ] } ]\n'
+           'output [ { name: "y" data_type: TYPE_FP64 dims: [ 10 ] } ]\n')
     # Resize (nearest, scales as an input) serves.
     folder(repo, "resize", "test_resize_upsample_scales_nearest",
            'backend: "onnx"\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 1, 1, 2, 2 ] }, '
@@ -135,8 +133,8 @@ def test_triton_onnx_folders_serve(onnx_kiln):
 
 
 def test_unsupported_operator_fails_the_load_by_name(onnx_kiln):
-    e = index(onnx_kiln)["deform"]
-    assert e["state"] == "UNAVAILABLE" and "DeformConv" in e["reason"], e
+    e = index(onnx_kiln)["bernoulli"]
+    assert e["state"] == "UNAVAILABLE" and "Bernoulli" in e["reason"], e
 
 
 def test_resize_upsamples_nearest(onnx_kiln):

@@ -10,6 +10,7 @@ pub mod conv_transpose;
 pub mod convert;
 pub mod cpu_conv;
 pub mod cpu_kernels;
+pub mod deform;
 pub mod einsum;
 pub mod external;
 pub mod fuse;
