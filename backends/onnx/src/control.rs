@@ -198,27 +198,28 @@ pub struct LoopBody {
     free: Vec<String>,
 }
 
-/// Plans the body of a `Loop` node (as returned by [`with_free_inputs`]).
-pub fn plan_loop(
+/// A node's `body` subgraph, planned with the outer values it reads (the node's inputs
+/// after its own: the body's inputs plus `extra` leading ones) as further inputs. Returns
+/// the plan, the body's input names and those outer names.
+fn plan_body(
     node: &NodeProto,
     model: &ModelProto,
     device: &Device,
-) -> Result<LoopBody, String> {
+    extra: usize,
+) -> Result<(Plan, Vec<String>, Vec<String>), String> {
     let mut g = node
         .attribute
         .iter()
         .find(|a| a.name == "body")
         .and_then(|a| a.g.clone())
-        .ok_or_else(|| format!("Loop node '{}' has no body", node.name))?;
+        .ok_or_else(|| format!("{} node '{}' has no body", node.op_type, node.name))?;
     let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
-    if inputs.len() < 2 {
-        return Err(format!(
-            "Loop node '{}': the body needs (iteration, condition, ...) inputs",
-            node.name
-        ));
-    }
-    let carried = inputs.len() - 2;
-    let free: Vec<String> = node.input.iter().skip(2 + carried).cloned().collect();
+    let free: Vec<String> = node
+        .input
+        .iter()
+        .skip(inputs.len() + extra)
+        .cloned()
+        .collect();
     g.input.extend(free.iter().map(|f| ValueInfoProto {
         name: f.clone(),
         ..Default::default()
@@ -229,9 +230,25 @@ pub fn plan_loop(
         graph: Some(g),
         ..Default::default()
     };
-    let body =
-        Plan::new(&sub, device).map_err(|e| format!("Loop node '{}', body: {e}", node.name))?;
+    let body = Plan::new(&sub, device)
+        .map_err(|e| format!("{} node '{}', body: {e}", node.op_type, node.name))?;
     no_strings(&body, node)?;
+    Ok((body, inputs, free))
+}
+
+/// Plans the body of a `Loop` node (as returned by [`with_free_inputs`]).
+pub fn plan_loop(
+    node: &NodeProto,
+    model: &ModelProto,
+    device: &Device,
+) -> Result<LoopBody, String> {
+    let (body, inputs, free) = plan_body(node, model, device, 0)?;
+    if inputs.len() < 2 {
+        return Err(format!(
+            "Loop node '{}': the body needs (iteration, condition, ...) inputs",
+            node.name
+        ));
+    }
     Ok(LoopBody { body, inputs, free })
 }
 
@@ -336,27 +353,7 @@ pub struct MapBody {
 
 /// Plans the body of a `SequenceMap` node (as returned by [`with_free_inputs`]).
 pub fn plan_map(node: &NodeProto, model: &ModelProto, device: &Device) -> Result<MapBody, String> {
-    let mut g = node
-        .attribute
-        .iter()
-        .find(|a| a.name == "body")
-        .and_then(|a| a.g.clone())
-        .ok_or_else(|| format!("SequenceMap node '{}' has no body", node.name))?;
-    let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
-    let free: Vec<String> = node.input.iter().skip(inputs.len()).cloned().collect();
-    g.input.extend(free.iter().map(|f| ValueInfoProto {
-        name: f.clone(),
-        ..Default::default()
-    }));
-    let sub = ModelProto {
-        opset_import: model.opset_import.clone(),
-        ir_version: model.ir_version,
-        graph: Some(g),
-        ..Default::default()
-    };
-    let body = Plan::new(&sub, device)
-        .map_err(|e| format!("SequenceMap node '{}', body: {e}", node.name))?;
-    no_strings(&body, node)?;
+    let (body, inputs, free) = plan_body(node, model, device, 0)?;
     Ok(MapBody { body, inputs, free })
 }
 
@@ -430,19 +427,13 @@ pub fn plan_scan(
     model: &ModelProto,
     device: &Device,
 ) -> Result<ScanBody, String> {
-    let mut g = node
-        .attribute
-        .iter()
-        .find(|a| a.name == "body")
-        .and_then(|a| a.g.clone())
-        .ok_or_else(|| format!("Scan node '{}' has no body", node.name))?;
     let opset = model
         .opset_import
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map_or(9, |o| o.version);
     let batched = opset < 9;
-    let inputs: Vec<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    let (body, inputs, free) = plan_body(node, model, device, batched as usize)?;
     let scans = crate::attrs::int(node, "num_scan_inputs", 0).max(0) as usize;
     if scans == 0 || scans > inputs.len() {
         return Err(format!(
@@ -450,8 +441,7 @@ pub fn plan_scan(
             node.name
         ));
     }
-    let states = inputs.len() - scans;
-    let outs = g.output.len().saturating_sub(states);
+    let outs = body.outputs.len().saturating_sub(inputs.len() - scans);
     let ints = |name: &str| crate::attrs::ints(node, name).unwrap_or_default();
     let pairs = |axes: Vec<i64>, dirs: Vec<i64>, n: usize| -> Vec<(i64, bool)> {
         (0..n)
@@ -474,21 +464,6 @@ pub fn plan_scan(
         ints("scan_output_directions"),
         outs,
     );
-    let own = inputs.len() + batched as usize;
-    let free: Vec<String> = node.input.iter().skip(own).cloned().collect();
-    g.input.extend(free.iter().map(|f| ValueInfoProto {
-        name: f.clone(),
-        ..Default::default()
-    }));
-    let sub = ModelProto {
-        opset_import: model.opset_import.clone(),
-        ir_version: model.ir_version,
-        graph: Some(g),
-        ..Default::default()
-    };
-    let body =
-        Plan::new(&sub, device).map_err(|e| format!("Scan node '{}', body: {e}", node.name))?;
-    no_strings(&body, node)?;
     Ok(ScanBody {
         body,
         inputs,

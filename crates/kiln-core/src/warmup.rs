@@ -185,62 +185,30 @@ mod tests {
     #[test]
     fn builds_zero_random_and_file_data() {
         let dir = tempfile::tempdir().unwrap();
-        let z = data(
-            "x",
-            &input(vec![2, 3], InputDataType::ZeroData(true)),
-            DataType::Fp32,
-            dir.path(),
-            0,
-        )
-        .unwrap();
+        let get = |dims: Vec<i64>, kind: InputDataType, dtype: DataType| {
+            data("x", &input(dims, kind), dtype, dir.path(), 0)
+        };
+        let z = get(vec![2, 3], InputDataType::ZeroData(true), DataType::Fp32).unwrap();
         assert_eq!(z.len(), 24);
         assert!(z.iter().all(|&b| b == 0));
-        let r = data(
-            "x",
-            &input(vec![4], InputDataType::RandomData(true)),
-            DataType::Fp32,
-            dir.path(),
-            0,
-        )
-        .unwrap();
+        let r = get(vec![4], InputDataType::RandomData(true), DataType::Fp32).unwrap();
         assert_eq!(r.len(), 16);
         assert!(r.iter().any(|&b| b != 0));
         // BYTES zeros: empty strings (a zero length prefix each).
-        let s = data(
-            "s",
-            &input(vec![3], InputDataType::RandomData(true)),
-            DataType::Bytes,
-            dir.path(),
-            0,
-        )
-        .unwrap();
+        let s = get(vec![3], InputDataType::RandomData(true), DataType::Bytes).unwrap();
         assert_eq!(&s[..], &[0u8; 12]);
         std::fs::create_dir(dir.path().join(DATA_FOLDER)).unwrap();
         std::fs::write(dir.path().join(DATA_FOLDER).join("x.bin"), [1u8; 10]).unwrap();
         let file = InputDataType::InputDataFile("x.bin".into());
-        let f = data(
-            "x",
-            &input(vec![2], file.clone()),
-            DataType::Fp32,
-            dir.path(),
-            0,
-        )
-        .unwrap();
+        let f = get(vec![2], file.clone(), DataType::Fp32).unwrap();
         assert_eq!(&f[..], &[1u8; 8]);
-        let short = data("x", &input(vec![3], file), DataType::Fp32, dir.path(), 0).unwrap_err();
+        let short = get(vec![3], file, DataType::Fp32).unwrap_err();
         assert!(
             short.message.contains("expects 12 bytes"),
             "{}",
             short.message
         );
-        let var = data(
-            "x",
-            &input(vec![-1], InputDataType::ZeroData(true)),
-            DataType::Fp32,
-            dir.path(),
-            0,
-        )
-        .unwrap_err();
+        let var = get(vec![-1], InputDataType::ZeroData(true), DataType::Fp32).unwrap_err();
         assert!(var.message.contains("variable-size"), "{}", var.message);
     }
 }
