@@ -61,10 +61,15 @@ def main():
         for i, (info, value) in enumerate(zip(*result)):
             ref = os.path.join(case, "test_data_set_0", f"output_{i}.pb")
             out = os.path.join(data, f"output_{i}.pb")
+            if isinstance(value, list):
+                # A sequence output: written as the SequenceProto the harness reads.
+                with open(out, "wb") as f:
+                    f.write(numpy_helper.from_list([np.asarray(v) for v in value], info.name).SerializeToString())
+                continue
             try:
                 tensor = numpy_helper.from_array(np.asarray(value), info.name)
             except Exception:
-                continue  # a sequence or map output
+                continue  # a map output
             # Types numpy cannot hold (BFLOAT16, ...) keep the reference's output.
             if os.path.exists(ref) and read(ref).data_type != tensor.data_type:
                 shutil.copy(ref, out)
