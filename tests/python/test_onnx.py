@@ -21,6 +21,24 @@ def folder(repo, name, test, config):
     (repo / name / "config.pbtxt").write_text(config)
 
 
+def infer_inputs(feeds, mod=httpclient):
+    """`mod.InferInput`s holding the arrays of `feeds` (name → numpy array)."""
+    from tritonclient.utils import np_to_triton_dtype
+    ins = []
+    for name, v in feeds.items():
+        i = mod.InferInput(name, list(v.shape), np_to_triton_dtype(v.dtype))
+        i.set_data_from_numpy(v)
+        ins.append(i)
+    return ins
+
+
+def ort_outputs(model_file, feeds):
+    """onnxruntime's outputs, by name, for `feeds` on `tests/onnx_models/<model_file>`."""
+    import onnxruntime as ort
+    s = ort.InferenceSession(os.path.join(MODELS, model_file))
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
 def model_folder(repo, name, model):
     """`repo/name/1/model.onnx` copied from the ONNX file `model`, with no config."""
     os.makedirs(repo / name / "1")
@@ -185,14 +203,10 @@ def test_partial_config_keeps_what_it_says(onnx_kiln):
 
 
 def test_external_data_is_read_from_beside_the_model(onnx_kiln):
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    i = httpclient.InferInput("X", [2, 4], "FP32")
-    i.set_data_from_numpy(x)
-    got = c.infer("external", [i]).as_numpy("Y")
-    session = ort.InferenceSession(os.path.join(MODELS, "external_add", "model.onnx"))
-    want = session.run(None, {"X": x})[0]
+    got = c.infer("external", infer_inputs({"X": x})).as_numpy("Y")
+    want = ort_outputs(os.path.join("external_add", "model.onnx"), {"X": x})["Y"]
     np.testing.assert_array_equal(want, x + np.array([1, 2, 3, 4], np.float32))
     np.testing.assert_array_equal(got, want)
 
@@ -223,15 +237,12 @@ def test_config_graph_mismatches_fail_the_load_with_tritons_messages(onnx_kiln):
 
 def test_scalar_output_has_the_config_dims(onnx_kiln):
     """As Triton: auto-complete declares the scalar as dims [1], and the response has them."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     cfg = c.get_model_config("scalar")
     assert cfg.get("max_batch_size", 0) == 0 and cfg["output"][0]["dims"] == [1]
     x = np.array([1.5, 2.0, -4.0, 8.25], np.float32)
-    i = httpclient.InferInput("X", [4], "FP32")
-    i.set_data_from_numpy(x)
-    got = c.infer("scalar", [i]).as_numpy("Y")
-    want = ort.InferenceSession(os.path.join(MODELS, "scalar_sum.onnx")).run(None, {"X": x})[0]
+    got = c.infer("scalar", infer_inputs({"X": x})).as_numpy("Y")
+    want = ort_outputs("scalar_sum.onnx", {"X": x})["Y"]
     assert want.shape == () and got.shape == (1,)
     np.testing.assert_array_equal(got, want.reshape(1))
 
@@ -289,17 +300,12 @@ def test_identity_keeps_every_type_bit_for_bit(onnx_kiln, protocol):
 def test_onnx_ml_preprocessing_matches_onnxruntime(onnx_kiln):
     """Scaler, Normalizer (L1, L2, MAX; a zero row, an all-negative row) and LabelEncoder
     (INT64 ids to names, with a default) against onnxruntime on the same file."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     x = np.array([[1, 2, 3], [4, -5, 6.5], [0.5, 1.5, 4], [-2, -3, 10]], np.float32)
     ids = np.array([0, 2, 7, 1], np.int64)
     # Auto-complete batches the graph; CLASS ([batch] in the graph) is dims [1] + reshape [].
-    ins = [httpclient.InferInput("X", [4, 3], "FP32"), httpclient.InferInput("CLASS", [4, 1], "INT64")]
-    ins[0].set_data_from_numpy(x)
-    ins[1].set_data_from_numpy(ids.reshape(4, 1))
-    r = c.infer("ml", ins)
-    s = ort.InferenceSession(os.path.join(MODELS, "ml_preprocess.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x, "CLASS": ids})))
+    r = c.infer("ml", infer_inputs({"X": x, "CLASS": ids.reshape(4, 1)}))
+    want = ort_outputs("ml_preprocess.onnx", {"X": x, "CLASS": ids})
     for name in ("SCALED", "L1", "L2", "MAX"):
         np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-6, atol=0, err_msg=name)
     assert [v.decode() for v in r.as_numpy("LABEL").ravel()] == want["LABEL"].tolist() == \
@@ -309,14 +315,10 @@ def test_onnx_ml_preprocessing_matches_onnxruntime(onnx_kiln):
 def test_onnx_ml_linear_models_match_onnxruntime(onnx_kiln):
     """LinearClassifier (string and int labels, binary, SOFTMAX / LOGISTIC) and
     LinearRegressor (SOFTMAX_ZERO, PROBIT, none) against onnxruntime on the same file."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     x = np.random.default_rng(0).uniform(-5, 5, (4, 4)).astype(np.float32)
-    i = httpclient.InferInput("X", [4, 4], "FP32")
-    i.set_data_from_numpy(x)
-    r = c.infer("ml_linear", [i])
-    s = ort.InferenceSession(os.path.join(MODELS, "ml_linear.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x})))
+    r = c.infer("ml_linear", infer_inputs({"X": x}))
+    want = ort_outputs("ml_linear.onnx", {"X": x})
     for name, w in want.items():
         got = r.as_numpy(name)
         if name.startswith("LABEL"):
@@ -337,17 +339,13 @@ def test_onnx_ml_tree_ensembles_match_onnxruntime(onnx_kiln):
     (XGBoost-style binary margins with LOGISTIC, a random forest's class-1 probabilities
     with string labels, three classes with SOFTMAX, two weighted classes) against
     onnxruntime, on rows that hit every leaf, thresholds exactly and a missing value."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     rng = np.random.default_rng(4)
     fixed = np.array([[0.5, -0.3, 1.0], [0.6, -0.2, np.nan], [-1, -1, 0], [2, 0, 2]], np.float32)
     x = np.concatenate([fixed, rng.standard_normal((12, 3)).astype(np.float32)])
-    s = ort.InferenceSession(os.path.join(MODELS, "ml_trees.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"X": x})))
+    want = ort_outputs("ml_trees.onnx", {"X": x})
     for lo in range(0, len(x), 4):  # max_batch_size 4 (auto-complete)
-        i = httpclient.InferInput("X", [4, 3], "FP32")
-        i.set_data_from_numpy(x[lo:lo + 4])
-        r = c.infer("ml_trees", [i])
+        r = c.infer("ml_trees", infer_inputs({"X": x[lo:lo + 4]}))
         for name, w in want.items():
             w = w[lo:lo + 4]
             got = r.as_numpy(name)
@@ -366,21 +364,14 @@ def test_onnx_ml_feature_preparation_matches_onnxruntime(onnx_kiln):
     """Imputer (NaN), OneHotEncoder (string and int categories, unknown values),
     CategoryMapper (strings to ids and back, defaults) and FeatureVectorizer against
     onnxruntime on the same file."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     feeds = {
         "NUM": np.array([[1, np.nan], [np.nan, np.nan], [3, 4]], np.float32),
         "CITY": np.array([["tokyo"], ["rome"], ["lima"]], dtype=object),
         "CODE": np.array([[20], [10], [7]], np.int64),
     }
-    ins = []
-    for name, v in feeds.items():
-        i = httpclient.InferInput(name, list(v.shape), {"NUM": "FP32", "CITY": "BYTES", "CODE": "INT64"}[name])
-        i.set_data_from_numpy(v)
-        ins.append(i)
-    r = c.infer("ml_features", ins)
-    s = ort.InferenceSession(os.path.join(MODELS, "ml_features.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    r = c.infer("ml_features", infer_inputs(feeds))
+    want = ort_outputs("ml_features.onnx", feeds)
     for name, w in want.items():
         got = r.as_numpy(name)
         assert got.shape == w.shape, name
@@ -395,21 +386,17 @@ def test_text_pipeline_matches_onnxruntime(onnx_kiln):
     separators with marks and by token pattern, TfIdfVectorizer over unigrams and bigrams)
     and ONNX 20's RegexFullMatch, StringConcat and StringSplit, over HTTP and gRPC, against
     onnxruntime on the same file; a text that is not UTF-8 fails only its request."""
-    import onnxruntime as ort
     import tritonclient.grpc as grpcclient
     texts = np.array([["The apple is GOOD, apple pie!"], ["Banana split? Is it good?"], [""],
                       ["cherry  cherry x"], ["\u00dcn\u00efcode \u00c9COLE and a Stra\u00dfe"]], dtype=object)
-    s = ort.InferenceSession(os.path.join(MODELS, "text_pipeline.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"TEXT": texts})))
+    want = ort_outputs("text_pipeline.onnx", {"TEXT": texts})
     # Every operator did something: unigrams and bigrams counted, a question found.
     assert want["TFIDF"][0].tolist() == [3.0, 0, 0, 1.0, 0.5, 3.0, 0, 4.0]
     assert want["IS_QUESTION"].tolist() == [False, True, False, False, False]
     http = httpclient.InferenceServerClient(url=onnx_kiln.url)
     grpc = grpcclient.InferenceServerClient(url=onnx_kiln.grpc_url)
     for client, mod in ((http, httpclient), (grpc, grpcclient)):
-        i = mod.InferInput("TEXT", list(texts.shape), "BYTES")
-        i.set_data_from_numpy(texts)
-        r = client.infer("text", [i])
+        r = client.infer("text", infer_inputs({"TEXT": texts}, mod))
         for name, w in want.items():
             got = r.as_numpy(name)
             if w.ndim == 1:
@@ -425,9 +412,7 @@ def test_text_pipeline_matches_onnxruntime(onnx_kiln):
     bad.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
     with pytest.raises(Exception, match="UTF-8"):
         http.infer("text", [bad])
-    i = httpclient.InferInput("TEXT", [1, 1], "BYTES")
-    i.set_data_from_numpy(texts[:1])
-    assert http.infer("text", [i]).as_numpy("TFIDF")[0].tolist() == want["TFIDF"][0].tolist()
+    assert http.infer("text", infer_inputs({"TEXT": texts[:1]})).as_numpy("TFIDF")[0].tolist() == want["TFIDF"][0].tolist()
 
 
 def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
@@ -435,18 +420,11 @@ def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
     QuickGelu, FusedMatMul, SkipSimplifiedLayerNormalization and SimplifiedLayerNormalization
     (RMSNorm), as onnxruntime's transformer optimizer writes them,
     against onnxruntime on the same file."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     rng = np.random.default_rng(8)
     feeds = {n: rng.standard_normal((3, 4, 8)).astype(np.float32) for n in ("X", "S")}
-    ins = []
-    for name, v in feeds.items():
-        i = httpclient.InferInput(name, [3, 4, 8], "FP32")
-        i.set_data_from_numpy(v)
-        ins.append(i)
-    r = c.infer("ms_contrib", ins)
-    s = ort.InferenceSession(os.path.join(MODELS, "ms_contrib.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    r = c.infer("ms_contrib", infer_inputs(feeds))
+    want = ort_outputs("ms_contrib.onnx", feeds)
     for name, w in want.items():
         np.testing.assert_allclose(r.as_numpy(name), w, rtol=1e-5, atol=2e-6, err_msg=name)
 
@@ -454,7 +432,6 @@ def test_onnxruntime_contrib_operators_match_onnxruntime(onnx_kiln):
 def test_onnxruntime_attention_and_embedding_match_onnxruntime(onnx_kiln):
     """com.microsoft EmbedLayerNormalization (with its mask index) and Attention with a 0/1
     mask, with key lengths and unidirectional, against onnxruntime on the same file."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     rng = np.random.default_rng(1)
     feeds = {
@@ -462,14 +439,8 @@ def test_onnxruntime_attention_and_embedding_match_onnxruntime(onnx_kiln):
         "SEG": rng.integers(0, 2, (3, 6)).astype(np.int32),
         "MASK": np.array([[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0]], np.int32),
     }
-    ins = []
-    for name, v in feeds.items():
-        i = httpclient.InferInput(name, [3, 6], "INT32")
-        i.set_data_from_numpy(v)
-        ins.append(i)
-    r = c.infer("ms_attention", ins)
-    s = ort.InferenceSession(os.path.join(MODELS, "ms_attention.onnx"))
-    want = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    r = c.infer("ms_attention", infer_inputs(feeds))
+    want = ort_outputs("ms_attention.onnx", feeds)
     np.testing.assert_array_equal(r.as_numpy("MASK_INDEX").reshape(-1), want["MASK_INDEX"])
     for name in ("EMB", "ATT", "ATT_LEN", "ATT_CAUSAL"):
         np.testing.assert_allclose(r.as_numpy(name), want[name], rtol=1e-4, atol=1e-5, err_msg=name)
@@ -562,14 +533,11 @@ def test_sequences_inside_a_graph_match_onnxruntime(onnx_kiln):
     """SplitToSequence, SequenceErase, SequenceMap (a body per item), SequenceAt,
     SequenceInsert, ConcatFromSequence and SequenceLength inside a served graph (no config:
     LEN has no batch dimension, so the model does not batch), against onnxruntime."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
-    i = httpclient.InferInput("X", [3, 6], "FP32")
-    i.set_data_from_numpy(x)
-    r = c.infer("seq", [i])
-    s = ort.InferenceSession(os.path.join(MODELS, "seq_pipeline.onnx"))
-    y, n = s.run(None, {"X": x})
+    r = c.infer("seq", infer_inputs({"X": x}))
+    want = ort_outputs("seq_pipeline.onnx", {"X": x})
+    y, n = want["Y"], want["LEN"]
     # The first piece as is, then the first two squared.
     np.testing.assert_allclose(y, np.concatenate([x[:, :2], x[:, :4] ** 2], axis=1), rtol=1e-6)
     np.testing.assert_allclose(r.as_numpy("Y"), y, rtol=1e-6)
@@ -579,13 +547,11 @@ def test_sequences_inside_a_graph_match_onnxruntime(onnx_kiln):
 def test_scan_directions_and_axes_match_onnxruntime(onnx_kiln):
     """Scan reading one input forwards and one backwards, writing its scan output along
     axis 1 in reverse, against onnxruntime (and the arithmetic it stands for)."""
-    import onnxruntime as ort
     c = httpclient.InferenceServerClient(url=onnx_kiln.url)
     x = np.random.default_rng(4).standard_normal((4, 3)).astype(np.float32)
-    i = httpclient.InferInput("X", [4, 3], "FP32")
-    i.set_data_from_numpy(x)
-    r = c.infer("scan", [i])
-    final, y = ort.InferenceSession(os.path.join(MODELS, "scan_rows.onnx")).run(None, {"X": x})
+    r = c.infer("scan", infer_inputs({"X": x}))
+    want = ort_outputs("scan_rows.onnx", {"X": x})
+    final, y = want["FINAL"], want["Y"]
     np.testing.assert_allclose(final, x.sum(0), rtol=1e-5)
     np.testing.assert_allclose(y, (x * x[::-1]).T[:, ::-1], rtol=1e-6)
     np.testing.assert_allclose(r.as_numpy("FINAL"), final, rtol=1e-6)

@@ -475,14 +475,9 @@ pub fn plan_scan(
     })
 }
 
-/// `axis` of a tensor of `rank` (negative from the end).
+/// `axis` of a tensor of `rank` (negative from the end), or Scan's error.
 fn axis_of(axis: i64, rank: usize) -> Result<usize, String> {
-    let r = rank as i64;
-    let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) {
-        return Err(format!("Scan: axis {axis} is out of range for rank {rank}"));
-    }
-    Ok(a as usize)
+    crate::ops::axis(axis, rank).map_err(|e| format!("Scan: {e}"))
 }
 
 /// One scan over `states` and `scans` (no batch axis): the final states, then each scan

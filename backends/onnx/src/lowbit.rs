@@ -72,16 +72,6 @@ fn fp8(t: i32) -> Option<Fp8> {
     })
 }
 
-/// Round half to even.
-fn round_even(v: f64) -> f64 {
-    let r = v.round();
-    if (r - v).abs() == 0.5 {
-        2.0 * (v / 2.0).round()
-    } else {
-        r
-    }
-}
-
 impl Fp8 {
     /// `x` rounded to this format (to nearest, ties to even), as ONNX's Cast does: out of
     /// range values saturate to ±max when `saturate`, else become ±inf (E5M2) or NaN.
@@ -111,7 +101,7 @@ impl Fp8 {
             (((a.to_bits() >> 52) & 0x7FF) as i32 - 1023).max(self.min_exp)
         };
         let quantum = 2f64.powi(exp - self.mantissa_bits);
-        let r = round_even(a / quantum) * quantum;
+        let r = (a / quantum).round_ties_even() * quantum;
         if r > self.max {
             return overflow(x < 0.0);
         }
@@ -178,7 +168,10 @@ pub fn cast(x: &Tensor, to: i32, saturate: bool) -> Result<Tensor> {
         DType::F16 | DType::BF16 | DType::F32 | DType::F64
     ) {
         let v: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let r: Vec<f64> = v.into_iter().map(|a| round_even(a.clamp(lo, hi))).collect();
+        let r: Vec<f64> = v
+            .into_iter()
+            .map(|a| a.clamp(lo, hi).round_ties_even())
+            .collect();
         Tensor::from_vec(r, x.dims(), &Device::Cpu)?
             .to_device(x.device())?
             .to_dtype(dt)

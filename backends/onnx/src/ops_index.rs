@@ -464,14 +464,7 @@ pub fn dynamic_quantize(x: &Tensor) -> Result<Vec<Tensor>> {
     let max = v.iter().copied().fold(0f32, f32::max);
     let min = v.iter().copied().fold(0f32, f32::min);
     let scale = (max - min) / 255.0;
-    let even = |q: f32| {
-        let r = q.round();
-        if (r - q).abs() == 0.5 {
-            2.0 * (q / 2.0).round()
-        } else {
-            r
-        }
-    };
+    let even = f32::round_ties_even;
     let zp = if scale == 0.0 {
         0.0
     } else {

@@ -151,13 +151,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Value>], dev: &Device) -> Result<Vec<
 /// SplitToSequence: `x` cut along `axis` into pieces of 1 (squeezed unless `keepdims`), of
 /// the scalar `split` (the last may be shorter), or of the sizes `split` lists.
 fn split(node: &NodeProto, x: &Tensor, sizes: Option<&Tensor>) -> Result<Vec<Tensor>> {
-    let r = x.rank() as i64;
-    let a = attrs::int(node, "axis", 0);
-    let a = if a < 0 { a + r } else { a };
-    if a < 0 || a >= r {
-        bail!("SplitToSequence: axis {a} is out of range for rank {r}")
-    }
-    let a = a as usize;
+    let a = crate::ops::axis(attrs::int(node, "axis", 0), x.rank())?;
     let n = x.dims()[a];
     let (lens, squeeze) = match sizes {
         None => (vec![1; n], attrs::int(node, "keepdims", 1) == 0),
@@ -191,15 +185,13 @@ fn concat(node: &NodeProto, s: &[Tensor]) -> Result<Tensor> {
         bail!("ConcatFromSequence: the sequence is empty")
     };
     let new_axis = attrs::int(node, "new_axis", 0) != 0;
-    let r = first.rank() as i64 + new_axis as i64;
-    let a = attrs::int(node, "axis", 0);
-    let a = if a < 0 { a + r } else { a };
-    if a < 0 || a >= r.max(1) {
-        bail!("ConcatFromSequence: axis {a} is out of range")
-    }
+    let a = crate::ops::axis(
+        attrs::int(node, "axis", 0),
+        first.rank() + new_axis as usize,
+    )?;
     if new_axis {
-        Tensor::stack(s, a as usize)
+        Tensor::stack(s, a)
     } else {
-        Tensor::cat(s, a as usize)
+        Tensor::cat(s, a)
     }
 }

@@ -260,6 +260,16 @@ fn chars(s: &str) -> usize {
     s.chars().count()
 }
 
+/// How the Tokenizer cuts a string.
+enum Cut {
+    /// Into characters (`separators: [""]` or `tokenexp: "."`).
+    Chars,
+    /// At the matches of each separator pattern in turn.
+    Separators(Vec<Regex>),
+    /// Into the matches of `tokenexp`.
+    Pattern(Regex),
+}
+
 /// Tokenizer (onnxruntime, `com.microsoft`): each element of `[C]` or `[N, C]` cut into
 /// tokens — by `separators` (patterns, applied one after another to every piece), by
 /// matches of `tokenexp`, or into characters (`separators: [""]` or `tokenexp: "."`);
@@ -276,47 +286,39 @@ fn tokenize(node: &NodeProto, x: &Tensor, table: &StringTable) -> Result<Tensor>
     let min = min as usize;
     let separators = texts(node, "separators")?;
     let tokenexp = attrs::string(node, "tokenexp", "");
-    let by_char = if attrs::has(node, "separators") {
-        if separators.is_empty() {
-            bail!("Tokenizer: separators must not be empty")
+    let cut = if attrs::has(node, "separators") {
+        match &separators[..] {
+            [] => bail!("Tokenizer: separators must not be empty"),
+            [only] if only.is_empty() => Cut::Chars,
+            seps => Cut::Separators(
+                seps.iter()
+                    .map(|s| compile("Tokenizer", s, false))
+                    .collect::<Result<_>>()?,
+            ),
         }
-        separators.len() == 1 && separators[0].is_empty()
     } else if tokenexp.is_empty() {
         bail!("Tokenizer: needs either 'separators' or a non-empty 'tokenexp'")
+    } else if tokenexp == "." {
+        Cut::Chars
     } else {
-        tokenexp == "."
+        Cut::Pattern(compile("Tokenizer", &tokenexp, false)?)
     };
-    if by_char && min > 1 {
+    if matches!(cut, Cut::Chars) && min > 1 {
         bail!("Tokenizer: mincharnum is too big for character tokenization")
     }
     let dims = x.dims().to_vec();
     if dims.len() != 1 && dims.len() != 2 {
         bail!("Tokenizer: input dimensions are either [C] or [N, C], got {dims:?}")
     }
-    let seps: Vec<Regex> = if by_char || !attrs::has(node, "separators") {
-        Vec::new()
-    } else {
-        separators
-            .iter()
-            .map(|s| compile("Tokenizer", s, false))
-            .collect::<Result<_>>()?
-    };
-    let token_re = if by_char || attrs::has(node, "separators") {
-        None
-    } else {
-        Some(compile("Tokenizer", &tokenexp, false)?)
-    };
     let rows: Vec<Vec<String>> = table
         .strings(x)?
         .iter()
         .map(|s| {
             let s = utf8("Tokenizer", s)?;
-            Ok(if by_char {
-                s.chars().map(String::from).collect()
-            } else if let Some(re) = &token_re {
-                match_tokens(s, re, min)
-            } else {
-                separator_tokens(s, &seps, min)
+            Ok(match &cut {
+                Cut::Chars => s.chars().map(String::from).collect(),
+                Cut::Pattern(re) => match_tokens(s, re, min),
+                Cut::Separators(seps) => separator_tokens(s, seps, min),
             })
         })
         .collect::<Result<_>>()?;
