@@ -845,6 +845,17 @@ fn softmax_any(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// The larger of a running maximum `m` (never NaN: it starts at −∞) and `v`, ignoring a
+/// NaN `v` as `f32::max` does, in one compare-and-pick that vectorises to `maxps`.
+#[inline(always)]
+fn bigger(m: f32, v: f32) -> f32 {
+    if v > m {
+        v
+    } else {
+        m
+    }
+}
+
 /// Geometry of a 2-D max pooling over `[planes, h, w]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pool2d {
@@ -930,11 +941,58 @@ impl Pool2d {
                     *c = c.max(v);
                 }
             }
-            for (ox, o) in out_row.iter_mut().enumerate() {
-                let x0 = (ox * self.stride[1]) as isize - self.pads[1] as isize;
-                let xs =
-                    x0.max(0) as usize..((x0 + self.kernel[1] as isize).min(w as isize)) as usize;
-                *o = column[xs].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            self.max_across(&column, out_row);
+        }
+    }
+
+    /// One output row from the column maxima of its window rows: each output the maximum
+    /// of its window's columns: the outputs whose windows lie inside the row without
+    /// clamping, the few at the edges their part of the window.
+    #[inline(always)]
+    fn max_across(&self, column: &[f32], out_row: &mut [f32]) {
+        let (w, ow) = (column.len(), out_row.len());
+        let ([k, s], pad) = ([self.kernel[1], self.stride[1].max(1)], self.pads[1]);
+        // Inner outputs: ox·s ≥ pad and ox·s − pad + k ≤ w.
+        let first = pad.div_ceil(s).min(ow);
+        let last = if w + pad >= k {
+            ((w + pad - k) / s + 1).clamp(first, ow)
+        } else {
+            first
+        };
+        let edge = |ox: usize| {
+            let x0 = (ox * s) as isize - pad as isize;
+            let xs = x0.max(0) as usize..((x0 + k as isize).min(w as isize)).max(0) as usize;
+            column[xs.start.min(xs.end)..xs.end]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| bigger(m, v))
+        };
+        for ox in (0..first).chain(last..ow) {
+            out_row[ox] = edge(ox);
+        }
+        let inner = &mut out_row[first..last];
+        if inner.is_empty() {
+            return;
+        }
+        let n = inner.len();
+        // Inner output i's window: columns (first + i)·s − pad .. + k.
+        let src = &column[first * s - pad..][..(n - 1) * s + k];
+        // Windows of 2 and 3 (all the usual ones) unrolled.
+        fn fixed<const K: usize>(src: &[f32], s: usize, inner: &mut [f32]) {
+            for (i, o) in inner.iter_mut().enumerate() {
+                if let Some(win) = src[i * s..].first_chunk::<K>() {
+                    *o = win.iter().fold(f32::NEG_INFINITY, |m, &v| bigger(m, v));
+                }
+            }
+        }
+        match k {
+            2 => fixed::<2>(src, s, inner),
+            3 => fixed::<3>(src, s, inner),
+            _ => {
+                for (i, o) in inner.iter_mut().enumerate() {
+                    *o = src[i * s..i * s + k]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &v| bigger(m, v));
+                }
             }
         }
     }
@@ -1195,9 +1253,11 @@ mod tests {
             };
             let [oh, ow] = p.out_hw().unwrap();
             let plane = hw[0] * hw[1];
-            let x: Vec<f32> = (0..3 * plane)
+            let mut x: Vec<f32> = (0..3 * plane)
                 .map(|i| ((i * 37) % 101) as f32 - 60.0)
                 .collect();
+            // A NaN is passed over, as f32::max does.
+            x[plane + 7] = f32::NAN;
             let got = p.max(&x);
             assert_eq!(got.len(), 3 * oh * ow);
             for (j, g) in got.iter().enumerate() {

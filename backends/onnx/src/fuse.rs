@@ -5,7 +5,10 @@
 //!   → one `Conv` whose attribute [`RELU`] asks for the ReLU; together they merge ResNet's
 //!   `Relu(Add(Conv, shortcut))`;
 //! * `Add(MatMul(x, W), b)` with a constant 2-D `W` and constant 1-D `b` → one `MatMul`
-//!   whose input 2 is the bias (every linear layer of a transformer export);
+//!   whose input 2 is the bias (every linear layer of a transformer export); a plain
+//!   `Gemm(x, W, c)` with constant `W` and `c` (alpha and beta 1, `x` not transposed) →
+//!   the same `MatMul`, `W` transposed once here when `transB` asks (image classifiers'
+//!   last layer), so both run on the packed CPU kernel;
 //! * chains of `Mul`/`Add`/`Div` by constants → one [`AFFINE`] node `x · S + T` (S, T the chain's
 //!   constants combined by broadcasting, so the result is exactly the chain's), folded into
 //!   the weights and bias of a Conv before it when S and T are per output channel, with a
@@ -123,6 +126,9 @@ pub fn fuse(
     graph_outputs: &[String],
 ) -> Vec<NodeProto> {
     let mut slots: Vec<Option<NodeProto>> = nodes.into_iter().map(Some).collect();
+    sweep(&mut slots, graph_outputs, &mut |_, _, n| {
+        gemm_as_matmul(n, constants).map(|m| (m, Vec::new()))
+    });
     // Linear layers first, so their bias Add is not taken for an affine chain.
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         is_add(n)
@@ -690,6 +696,59 @@ fn add_into_conv(
         return Some((node, vec![c]));
     }
     None
+}
+
+/// `Gemm(x, W, c)` as `MatMul(x, W')` with bias `c` (see the module docs): `W'` is the
+/// constant f32 `W`, transposed when `transB` is set; `c`, when there is one, a constant
+/// of `n` values (`[n]` or `[1, n]`, taken as `[n]`).
+fn gemm_as_matmul(gemm: &NodeProto, constants: &mut HashMap<String, Tensor>) -> Option<NodeProto> {
+    use crate::attrs::{float, int};
+    if gemm.op_type != "Gemm"
+        || int(gemm, "transA", 0) != 0
+        || float(gemm, "alpha", 1.0) != 1.0
+        || float(gemm, "beta", 1.0) != 1.0
+        || gemm.output.len() != 1
+    {
+        return None;
+    }
+    let w = constants.get(gemm.input.get(1)?)?.clone();
+    if w.rank() != 2 || w.dtype() != candle_core::DType::F32 {
+        return None;
+    }
+    let trans_b = int(gemm, "transB", 0) != 0;
+    let n = w.dims()[usize::from(!trans_b)];
+    let bias = match gemm.input.get(2).filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => {
+            let t = constants.get(c)?;
+            let row = t.dims() == [n] || t.dims() == [1, n];
+            if !row || t.dtype() != candle_core::DType::F32 {
+                return None;
+            }
+            let name = format!("{c}::row");
+            let t = t.reshape(n).ok()?;
+            constants.insert(name.clone(), t);
+            Some(name)
+        }
+    };
+    let weight = if trans_b {
+        let name = format!("{}::t", gemm.input[1]);
+        if !constants.contains_key(&name) {
+            let t = w.t().and_then(|t| t.contiguous()).ok()?;
+            constants.insert(name.clone(), t);
+        }
+        name
+    } else {
+        gemm.input[1].clone()
+    };
+    let mut mm = gemm.clone();
+    mm.op_type = "MatMul".into();
+    mm.attribute.clear();
+    mm.input = [gemm.input[0].clone(), weight]
+        .into_iter()
+        .chain(bias)
+        .collect();
+    Some(mm)
 }
 
 /// `Add(MatMul(x, W), b)` with constant 2-D `W` and constant `b` of `W`'s column count.

@@ -13,8 +13,10 @@ const MR: usize = 6;
 const NR: usize = 16;
 /// Depth of one pass over k.
 const KC: usize = 384;
-/// Rows of A one pass keeps hot.
-const MC: usize = 96;
+/// Elements of A one pass keeps hot (in L2): 96 rows at the full depth [`KC`], more rows
+/// when k is shallower (a 1×1 convolution from 64 channels runs 576 rows per pass, so each
+/// strip of B, loaded once, serves them all).
+const MC_ELEMS: usize = 96 * KC;
 
 /// Where the left-hand matrix of [`sgemm`] lives.
 #[derive(Clone, Copy)]
@@ -183,7 +185,7 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, epilog
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Base, Epilogue, Lhs, Out, Rhs, KC, MC, MR, NR};
+    use super::{Base, Epilogue, Lhs, Out, Rhs, KC, MC_ELEMS, MR, NR};
     use std::arch::x86_64::*;
 
     /// One register tile's epilogue: where its start values come from on the first pass
@@ -213,8 +215,10 @@ mod avx2 {
         };
         for k0 in passes {
             let kc = step.min(k - k0);
-            for i0 in (0..m).step_by(MC) {
-                let mc = MC.min(m - i0);
+            // A multiple of 96 rows, so that passes split no packed block (see `Lhs`).
+            let rows = (MC_ELEMS / kc.max(1) / 96).max(1) * 96;
+            for i0 in (0..m).step_by(rows) {
+                let mc = rows.min(m - i0);
                 for j in (0..n).step_by(NR) {
                     let nc = NR.min(n - j);
                     // SAFETY (whole block): offsets stay within the caller's matrices.
@@ -302,29 +306,6 @@ mod avx2 {
         }
     }
 
-    /// Row `r` of a tile (two 8-lane halves) with, on the first pass over k, the tile's row
-    /// bias for that row and its column biases `col` added.
-    #[inline(always)]
-    unsafe fn biased(
-        st: &Store,
-        r: usize,
-        col: (__m256, __m256),
-        (mut s0, mut s1): (__m256, __m256),
-    ) -> (__m256, __m256) {
-        unsafe {
-            if st.first {
-                if let Some(p) = st.row_bias {
-                    let v = _mm256_broadcast_ss(&*p.add(r));
-                    s0 = _mm256_add_ps(s0, v);
-                    s1 = _mm256_add_ps(s1, v);
-                }
-                s0 = _mm256_add_ps(s0, col.0);
-                s1 = _mm256_add_ps(s1, col.1);
-            }
-            (s0, s1)
-        }
-    }
-
     /// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of row `j`.
     #[inline(always)]
     unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -409,23 +390,10 @@ mod avx2 {
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
                 }
             }
-            // Loads 16 values of a row of C's layout (the first nc of them real) as two
-            // vectors; `store` writes them back.
-            let load = |p: *const f32| {
-                if nc == NR && c.cs == 1 {
-                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-                } else {
-                    let mut t = [0f32; NR];
-                    for (jj, v) in t.iter_mut().enumerate().take(nc) {
-                        *v = *p.add(jj * c.cs);
-                    }
-                    (
-                        _mm256_loadu_ps(t.as_ptr()),
-                        _mm256_loadu_ps(t.as_ptr().add(8)),
-                    )
-                }
-            };
             let zero = _mm256_setzero_ps();
+            // Stride-0 stand-ins for an absent start or row bias, so that every row below
+            // runs the same straight-line code (no per-row branches or spilled rows).
+            let zeros = [0f32; NR];
             let col = match st.col_bias {
                 Some(p) if st.first => {
                     let mut t = [0f32; NR];
@@ -437,67 +405,86 @@ mod avx2 {
                 }
                 _ => (zero, zero),
             };
+            let (rb, rbs) = match st.row_bias {
+                Some(p) if st.first => (p, 1),
+                _ => (zeros.as_ptr(), 0),
+            };
+            let relu = st.last && st.relu;
+            // Where the start values are: C itself after the first pass (or when
+            // accumulating), another matrix, or nothing; `(pointer, row stride)`.
+            let start = match (st.first, st.base) {
+                (false, _) | (true, Base::Accumulate) => Some((c.ptr as *const f32, c.rs)),
+                (true, Base::Zero) => None,
+                (true, Base::Other { ptr, ld }) => Some((ptr, ld)),
+            };
             // C transposed (a tile row's 16 values `cs` apart, its 6 rows adjacent: the
             // pixel-row convolutions' NCHW output): the 6 × 16 block is transposed in
             // registers, so each column is one run of 6 values instead of 6 single ones.
-            let base_in_runs = !st.first || !matches!(st.base, Base::Other { ld, .. } if ld != 1);
-            if R == 6 && c.rs == 1 && c.cs != 1 && nc == NR && base_in_runs {
+            let start_in_runs = start.is_none_or(|(_, rs)| rs == 1);
+            if R == 6 && c.rs == 1 && c.cs != 1 && nc == NR && start_in_runs {
                 let mut rows_lo = [zero; 8];
                 let mut rows_hi = [zero; 8];
                 for r in 0..R {
-                    (rows_lo[r], rows_hi[r]) = biased(&st, r, col, (lo[r], hi[r]));
+                    let b = _mm256_broadcast_ss(&*rb.add(r * rbs));
+                    rows_lo[r] = _mm256_add_ps(lo[r], _mm256_add_ps(b, col.0));
+                    rows_hi[r] = _mm256_add_ps(hi[r], _mm256_add_ps(b, col.1));
                 }
-                let start: Option<*const f32> = match (st.first, st.base) {
-                    (false, _) | (true, Base::Accumulate) => Some(c.ptr),
-                    (true, Base::Zero) => None,
-                    (true, Base::Other { ptr, .. }) => Some(ptr),
-                };
+                let (sp, scs) = start.map_or((zeros.as_ptr(), 0), |(p, _)| (p, c.cs));
                 for (half, block) in [transpose8(rows_lo), transpose8(rows_hi)]
                     .iter()
                     .enumerate()
                 {
                     for (j, &t) in block.iter().enumerate() {
-                        let col_at = (half * 8 + j) * c.cs;
-                        let mut v = t;
-                        if let Some(p) = start {
-                            v = _mm256_add_ps(v, load6(p.add(col_at)));
-                        }
-                        if st.last && st.relu {
+                        let col_at = half * 8 + j;
+                        let mut v = _mm256_add_ps(t, load6(sp.add(col_at * scs)));
+                        if relu {
                             v = _mm256_max_ps(v, zero);
                         }
-                        store6(c.ptr.add(col_at), v);
+                        store6(c.ptr.add(col_at * c.cs), v);
                     }
                 }
                 return;
             }
+            if nc == NR && c.cs == 1 {
+                let (sp, srs) = start.unwrap_or((zeros.as_ptr(), 0));
+                for r in 0..R {
+                    let (row, s) = (c.ptr.add(r * c.rs), sp.add(r * srs));
+                    let b = _mm256_broadcast_ss(&*rb.add(r * rbs));
+                    let s0 = _mm256_add_ps(_mm256_loadu_ps(s), _mm256_add_ps(b, col.0));
+                    let s1 = _mm256_add_ps(_mm256_loadu_ps(s.add(8)), _mm256_add_ps(b, col.1));
+                    let mut v0 = _mm256_add_ps(s0, lo[r]);
+                    let mut v1 = _mm256_add_ps(s1, hi[r]);
+                    if relu {
+                        v0 = _mm256_max_ps(v0, zero);
+                        v1 = _mm256_max_ps(v1, zero);
+                    }
+                    _mm256_storeu_ps(row, v0);
+                    _mm256_storeu_ps(row.add(8), v1);
+                }
+                return;
+            }
+            // Ragged or strided columns: through a 16-value staging row.
             for r in 0..R {
                 let row = c.ptr.add(r * c.rs);
-                let start = if !st.first {
-                    load(row)
-                } else {
-                    match st.base {
-                        Base::Accumulate => load(row),
-                        Base::Zero => (zero, zero),
-                        Base::Other { ptr, ld } => load(ptr.add(r * ld)),
+                let mut t = [0f32; NR];
+                if let Some((sp, srs)) = start {
+                    for (jj, v) in t.iter_mut().enumerate().take(nc) {
+                        *v = *sp.add(r * srs + jj * c.cs);
                     }
-                };
-                let (s0, s1) = biased(&st, r, col, start);
+                }
+                let b = _mm256_broadcast_ss(&*rb.add(r * rbs));
+                let s0 = _mm256_add_ps(_mm256_loadu_ps(t.as_ptr()), _mm256_add_ps(b, col.0));
+                let s1 = _mm256_add_ps(_mm256_loadu_ps(t.as_ptr().add(8)), _mm256_add_ps(b, col.1));
                 let mut v0 = _mm256_add_ps(s0, lo[r]);
                 let mut v1 = _mm256_add_ps(s1, hi[r]);
-                if st.last && st.relu {
+                if relu {
                     v0 = _mm256_max_ps(v0, zero);
                     v1 = _mm256_max_ps(v1, zero);
                 }
-                if nc == NR && c.cs == 1 {
-                    _mm256_storeu_ps(row, v0);
-                    _mm256_storeu_ps(row.add(8), v1);
-                } else {
-                    let mut t = [0f32; NR];
-                    _mm256_storeu_ps(t.as_mut_ptr(), v0);
-                    _mm256_storeu_ps(t.as_mut_ptr().add(8), v1);
-                    for (jj, v) in t.iter().enumerate().take(nc) {
-                        *row.add(jj * c.cs) = *v;
-                    }
+                _mm256_storeu_ps(t.as_mut_ptr(), v0);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), v1);
+                for (jj, v) in t.iter().enumerate().take(nc) {
+                    *row.add(jj * c.cs) = *v;
                 }
             }
         }

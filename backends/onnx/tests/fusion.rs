@@ -153,6 +153,48 @@ fn linear_layer_bias_is_fused_into_the_matmul() {
     check(&m, inputs, &["MatMul", "MatMul", "KilnAffine"]);
 }
 
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn plain_gemm_with_a_constant_weight_runs_as_a_packed_matmul() {
+    // transB with a [n] bias, [k, n] with a [1, n] bias: each a MatMul; alpha ≠ 1 or a
+    // bias of another shape stays a Gemm. (simple_eval, the oracle, needs a bias.)
+    let alpha = AttributeProto {
+        name: "alpha".into(),
+        r#type: AttributeType::Float as i32,
+        f: 0.5,
+        ..Default::default()
+    };
+    let nodes = vec![
+        node("Gemm", &["x", "wt", "b"], "y1", vec![attr_int("transB", 1)]),
+        node("Gemm", &["x", "w", "b_row"], "y2", vec![]),
+        node(
+            "Gemm",
+            &["x", "w", "b_col"],
+            "y3",
+            vec![attr_int("transB", 0)],
+        ),
+        node("Gemm", &["x", "w", "b"], "y4", vec![alpha]),
+    ];
+    let inits = vec![
+        init("wt", &[19, 7], 1),
+        init("w", &[7, 19], 2),
+        init("b", &[19], 3),
+        init("b_row", &[1, 19], 4),
+        init("b_col", &[5, 1], 5),
+    ];
+    let m = model(nodes, inits, &["x"], &["y1", "y2", "y3", "y4"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[5, 7]))]);
+    check(&m, inputs, &["MatMul", "MatMul", "Gemm", "Gemm"]);
+}
+
 #[test]
 fn division_by_a_constant_joins_the_affine_chain() {
     // y = Erf(x) / d + t, over a rank-3 tensor (one scale and shift for all elements).
