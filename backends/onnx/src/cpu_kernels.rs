@@ -910,6 +910,83 @@ impl Pool2d {
         out
     }
 
+    /// Mean over each window: over its positions inside the input, or over all
+    /// `kernel` positions with `include_pad` (ONNX's `count_include_pad`; without
+    /// `ceil_mode` every window lies within the padding). Planes split over threads.
+    pub fn average(&self, x: &[f32], include_pad: bool) -> Vec<f32> {
+        let Some([oh, ow]) = self.out_hw() else {
+            return Vec::new();
+        };
+        let [h, w] = self.hw;
+        let mut out = vec![0f32; self.planes * oh * ow];
+        if oh * ow == 0 {
+            return out;
+        }
+        let work = out.len() * self.kernel[0] * self.kernel[1];
+        chunks(&mut out, oh * ow, work, PAR_MIN, |i, dst| {
+            self.average_plane(&x[i * h * w..(i + 1) * h * w], dst, include_pad)
+        });
+        out
+    }
+
+    /// One plane of [`Pool2d::average`], as [`Pool2d::max_plane`] goes: sums down the
+    /// window's rows a whole input row at a time, then across each window's columns.
+    fn average_plane(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm::available() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.average_plane_avx2(src, dst, include_pad) };
+        }
+        self.average_plane_any(src, dst, include_pad)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn average_plane_avx2(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
+        self.average_plane_any(src, dst, include_pad)
+    }
+
+    #[inline(always)]
+    fn average_plane_any(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
+        let [h, w] = self.hw;
+        let ow = self.out_hw().map_or(1, |[_, ow]| ow).max(1);
+        let [kh, kw] = self.kernel;
+        let mut column = vec![0f32; w];
+        for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
+            let ys = self.window(oy, 0, h);
+            column.fill(0.0);
+            for yy in ys.clone() {
+                for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
+                    *c += v;
+                }
+            }
+            // Every column of a window holds `ys.len()` rows.
+            let rows = ys.len();
+            self.across(
+                &column,
+                out_row,
+                0.0,
+                |a, v| a + v,
+                |sum, cols| {
+                    let count = if include_pad { kh * kw } else { rows * cols };
+                    if count == 0 {
+                        0.0
+                    } else {
+                        sum / count as f32
+                    }
+                },
+            );
+        }
+    }
+
+    /// The input positions along axis `axis` (0 rows, 1 columns; `len` of them) that the
+    /// window of output position `o` covers.
+    fn window(&self, o: usize, axis: usize, len: usize) -> std::ops::Range<usize> {
+        let x0 = (o * self.stride[axis]) as isize - self.pads[axis] as isize;
+        let end = (x0 + self.kernel[axis] as isize).clamp(0, len as isize) as usize;
+        (x0.max(0) as usize).min(end)..end
+    }
+
     /// One plane of [`Pool2d::max`]: per output row, the maximum down the window's rows
     /// (whole input rows at a time, so it vectorises), then across each window's columns.
     fn max_plane(&self, src: &[f32], dst: &mut [f32]) {
@@ -933,23 +1010,31 @@ impl Pool2d {
         let ow = self.out_hw().map_or(1, |[_, ow]| ow).max(1);
         let mut column = vec![f32::NEG_INFINITY; w];
         for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
-            let y0 = (oy * self.stride[0]) as isize - self.pads[0] as isize;
-            let ys = y0.max(0) as usize..((y0 + self.kernel[0] as isize).min(h as isize)) as usize;
+            let ys = self.window(oy, 0, h);
             column.fill(f32::NEG_INFINITY);
             for yy in ys {
                 for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
                     *c = c.max(v);
                 }
             }
-            self.max_across(&column, out_row);
+            self.across(&column, out_row, f32::NEG_INFINITY, bigger, |m, _| m);
         }
     }
 
-    /// One output row from the column maxima of its window rows: each output the maximum
-    /// of its window's columns: the outputs whose windows lie inside the row without
-    /// clamping, the few at the edges their part of the window.
+    /// One output row from the column totals of its window rows (`column`): each output
+    /// is `finish(reduce of its window's columns, columns in it)`, with `reduce` folding
+    /// from `init`. The outputs whose windows lie inside the row run without clamping,
+    /// windows of 2 and 3 (the usual ones) unrolled; the few at the edges take their part
+    /// of the window.
     #[inline(always)]
-    fn max_across(&self, column: &[f32], out_row: &mut [f32]) {
+    fn across(
+        &self,
+        column: &[f32],
+        out_row: &mut [f32],
+        init: f32,
+        reduce: impl Fn(f32, f32) -> f32 + Copy,
+        finish: impl Fn(f32, usize) -> f32 + Copy,
+    ) {
         let (w, ow) = (column.len(), out_row.len());
         let ([k, s], pad) = ([self.kernel[1], self.stride[1].max(1)], self.pads[1]);
         // Inner outputs: ox·s ≥ pad and ox·s − pad + k ≤ w.
@@ -959,15 +1044,10 @@ impl Pool2d {
         } else {
             first
         };
-        let edge = |ox: usize| {
-            let x0 = (ox * s) as isize - pad as isize;
-            let xs = x0.max(0) as usize..((x0 + k as isize).min(w as isize)).max(0) as usize;
-            column[xs.start.min(xs.end)..xs.end]
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| bigger(m, v))
-        };
         for ox in (0..first).chain(last..ow) {
-            out_row[ox] = edge(ox);
+            let xs = self.window(ox, 1, w);
+            let n = xs.len();
+            out_row[ox] = finish(column[xs].iter().fold(init, |m, &v| reduce(m, v)), n);
         }
         let inner = &mut out_row[first..last];
         if inner.is_empty() {
@@ -976,22 +1056,30 @@ impl Pool2d {
         let n = inner.len();
         // Inner output i's window: columns (first + i)·s − pad .. + k.
         let src = &column[first * s - pad..][..(n - 1) * s + k];
-        // Windows of 2 and 3 (all the usual ones) unrolled.
-        fn fixed<const K: usize>(src: &[f32], s: usize, inner: &mut [f32]) {
+        #[inline(always)]
+        fn fixed<const K: usize>(
+            src: &[f32],
+            s: usize,
+            inner: &mut [f32],
+            init: f32,
+            reduce: impl Fn(f32, f32) -> f32,
+            finish: impl Fn(f32, usize) -> f32,
+        ) {
             for (i, o) in inner.iter_mut().enumerate() {
                 if let Some(win) = src[i * s..].first_chunk::<K>() {
-                    *o = win.iter().fold(f32::NEG_INFINITY, |m, &v| bigger(m, v));
+                    *o = finish(win.iter().fold(init, |m, &v| reduce(m, v)), K);
                 }
             }
         }
         match k {
-            2 => fixed::<2>(src, s, inner),
-            3 => fixed::<3>(src, s, inner),
+            2 => fixed::<2>(src, s, inner, init, reduce, finish),
+            3 => fixed::<3>(src, s, inner, init, reduce, finish),
             _ => {
                 for (i, o) in inner.iter_mut().enumerate() {
-                    *o = src[i * s..i * s + k]
+                    let v = src[i * s..i * s + k]
                         .iter()
-                        .fold(f32::NEG_INFINITY, |m, &v| bigger(m, v));
+                        .fold(init, |m, &v| reduce(m, v));
+                    *o = finish(v, k);
                 }
             }
         }
@@ -1273,6 +1361,60 @@ mod tests {
                     }
                 }
                 assert_eq!(*g, want, "{hw:?} {kernel:?} {stride:?} {pads:?} at {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn average_pool_counts_pads_only_when_asked() {
+        // (hw, kernel, stride, pads [t, l, b, r])
+        let cases = [
+            ([56, 56], [2, 2], [2, 2], [0, 0, 0, 0]),
+            ([9, 11], [3, 2], [1, 3], [0, 2, 1, 0]),
+            ([6, 13], [4, 5], [3, 2], [2, 3, 2, 4]),
+        ];
+        for (hw, kernel, stride, pads) in cases {
+            let p = Pool2d {
+                planes: 2,
+                hw,
+                kernel,
+                stride,
+                pads,
+            };
+            let [oh, ow] = p.out_hw().unwrap();
+            let plane = hw[0] * hw[1];
+            let x: Vec<f32> = (0..2 * plane)
+                .map(|i| ((i * 37) % 101) as f32 - 60.0)
+                .collect();
+            for include_pad in [false, true] {
+                let got = p.average(&x, include_pad);
+                assert_eq!(got.len(), 2 * oh * ow);
+                for (j, g) in got.iter().enumerate() {
+                    let (c, oy, ox) = (j / (oh * ow), j / ow % oh, j % ow);
+                    let (mut sum, mut inside) = (0f32, 0);
+                    for ky in 0..kernel[0] {
+                        for kx in 0..kernel[1] {
+                            let y = (oy * stride[0] + ky) as isize - pads[0] as isize;
+                            let xx = (ox * stride[1] + kx) as isize - pads[1] as isize;
+                            if (0..hw[0] as isize).contains(&y) && (0..hw[1] as isize).contains(&xx)
+                            {
+                                sum += x[c * plane + y as usize * hw[1] + xx as usize];
+                                inside += 1;
+                            }
+                        }
+                    }
+                    let count = if include_pad {
+                        kernel[0] * kernel[1]
+                    } else {
+                        inside
+                    };
+                    // A window wholly in the padding averages nothing: 0, as pool.rs gives.
+                    let want = if count == 0 { 0.0 } else { sum / count as f32 };
+                    assert!(
+                        (g - want).abs() <= 1e-4,
+                        "{hw:?} {kernel:?} {pads:?} {include_pad} at {j}: {g} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -1360,8 +1360,22 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 Ok(params) if !dilated => params,
                 _ => return crate::pool::pool(node, x),
             };
+            let include_pad = attrs::int(node, "count_include_pad", 0) != 0;
+            let (b, c, h, w) = x.dims4()?;
+            let pool = crate::cpu_kernels::Pool2d {
+                planes: b * c,
+                hw: [h, w],
+                kernel: [k[0], k[1]],
+                stride: [s[0], s[1]],
+                pads: [p[0], p[1], p[2], p[3]],
+            };
+            if let Some([oh, ow]) = pool.out_hw() {
+                if let Some(out) = on_cpu_f32(&[Some(x)], |v| pool.average(v[0], include_pad))? {
+                    return Ok(vec![Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)?]);
+                }
+            }
             let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
-            if p.iter().any(|&v| v != 0) && attrs::int(node, "count_include_pad", 0) == 0 {
+            if p.iter().any(|&v| v != 0) && !include_pad {
                 // Average over the real elements only: divide by the share of them per window.
                 let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), x.dtype(), x.device())?;
                 let share = pad2d(&ones, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
