@@ -190,7 +190,9 @@ pub fn normalize(
             cfg.max_batch_size
         )));
     }
-    if cfg.backend.is_empty() {
+    // An ensemble runs other models: no backend, no instances (as Triton shows it).
+    let ensemble = crate::ensemble::is_ensemble(cfg);
+    if cfg.backend.is_empty() && !ensemble {
         cfg.backend = match cfg.platform.as_str() {
             "onnxruntime_onnx" => "onnxruntime".into(),
             "" if cfg.default_model_filename == "model.onnx" => "onnxruntime".into(),
@@ -235,7 +237,7 @@ pub fn normalize(
     opt.output_pinned_memory
         .get_or_insert(PinnedMemoryBuffer { enable: true });
 
-    if cfg.instance_group.is_empty() {
+    if cfg.instance_group.is_empty() && !ensemble {
         cfg.instance_group.push(ModelInstanceGroup::default());
     }
     for (i, g) in cfg.instance_group.iter_mut().enumerate() {

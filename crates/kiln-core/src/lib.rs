@@ -4,12 +4,14 @@
 //! * [`repository`] — the model repository, model states, load/unload.
 //! * [`model`] — a loaded version: validation, instance threads, responses.
 //! * [`scheduler`] — default scheduler and dynamic batcher.
+//! * [`ensemble`] — `platform: "ensemble"`: pipelines of other models.
 //! * [`warmup`] — `model_warmup` samples run before a version is ready.
 //! * [`reshape`] — a tensor's `dims` as clients see it vs `reshape` as the model does.
 //! * [`loader`] / `host` — the backend ABI's two sides.
 //! * [`server`] — the facade the HTTP and gRPC front ends call.
 pub mod classification;
 pub mod config;
+pub mod ensemble;
 pub mod error;
 mod host;
 pub mod loader;

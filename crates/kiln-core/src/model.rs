@@ -398,8 +398,11 @@ pub struct ModelVersion {
     pub shared: Arc<ModelShared>,
     scheduler: Arc<Scheduler>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    backend: Arc<BackendLibrary>,
+    /// The backend running it (none for an ensemble).
+    backend: Option<Arc<BackendLibrary>>,
     model_state: SendPtr,
+    /// The steps, for an ensemble (`ensemble.rs`), whose requests bypass the scheduler.
+    ensemble: Option<Arc<crate::ensemble::Ensemble>>,
 }
 
 fn detect_gpus() -> u32 {
@@ -447,8 +450,9 @@ impl ModelVersion {
             shared: shared.clone(),
             scheduler: Arc::new(Scheduler::new(policy, shared.stats.clone())),
             threads: Mutex::new(Vec::new()),
-            backend,
+            backend: Some(backend),
             model_state: SendPtr(state),
+            ensemble: None,
         };
         let mut index = 0u32;
         for g in &shared.config.instance_group {
@@ -487,6 +491,25 @@ impl ModelVersion {
         Ok(Arc::new(mv))
     }
 
+    /// An ensemble version: no backend or instances; its requests run its steps.
+    pub(crate) fn ensemble(
+        shared: ModelShared,
+        ensemble: crate::ensemble::Ensemble,
+    ) -> Arc<ModelVersion> {
+        let shared = Arc::new(shared);
+        Arc::new(ModelVersion {
+            scheduler: Arc::new(Scheduler::new(
+                SchedulerPolicy::default(),
+                shared.stats.clone(),
+            )),
+            shared,
+            threads: Mutex::new(Vec::new()),
+            backend: None,
+            model_state: SendPtr(std::ptr::null_mut()),
+            ensemble: Some(Arc::new(ensemble)),
+        })
+    }
+
     fn spawn_instance(
         &self,
         name: String,
@@ -497,7 +520,9 @@ impl ModelVersion {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = self.shared.clone();
         let scheduler = self.scheduler.clone();
-        let api = self.backend.api;
+        let Some(api) = self.backend.as_ref().map(|b| b.api) else {
+            return Err(CoreError::internal("an ensemble has no instances"));
+        };
         let model_state = SendPtr(self.model_state.0);
         let thread_name = format!("kiln-{name}");
         let handle = std::thread::Builder::new()
@@ -560,6 +585,10 @@ impl ModelVersion {
                 return Err(e);
             }
         };
+        if let Some(ensemble) = &self.ensemble {
+            ensemble.start(self.shared.clone(), request, batch_size, sink);
+            return Ok(());
+        }
         self.shared.reshape_inputs(&mut request);
         let arrival = request.arrival;
         let r = self.scheduler.enqueue(Pending {
@@ -591,11 +620,11 @@ impl ModelVersion {
         for t in threads {
             let _ = t.join();
         }
-        if !self.model_state.0.is_null() {
+        if let (false, Some(backend)) = (self.model_state.0.is_null(), &self.backend) {
             // SAFETY: all instances are finalized; model state is finalized once (shutdown
             // is only called once per version by the repository).
             if let Some(e) =
-                host::take_error(unsafe { (self.backend.api.model_fini)(self.model_state.0) })
+                host::take_error(unsafe { (backend.api.model_fini)(self.model_state.0) })
             {
                 tracing::warn!(model = %self.shared.name, "model_fini failed: {}", e.message);
             }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use kiln_proto::inference::{model_version_policy::PolicyChoice, ModelConfig};
 
 use crate::config;
+use crate::ensemble::{self, Models};
 use crate::error::{CoreError, CoreResult, ErrorKind};
 use crate::loader;
 use crate::model::{gpu_count, ModelShared, ModelVersion};
@@ -70,8 +71,47 @@ pub struct IndexEntry {
 /// Owns every model's versions and their states.
 pub struct ModelManager {
     opts: RepositoryOptions,
-    models: RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>,
+    models: Models,
     load_lock: Mutex<()>,
+}
+
+/// The ready version `version` of `name` (the newest ready one for `None`), with Triton's
+/// errors: 404 for a model or version it does not know, 503 for one not ready.
+pub(crate) fn find(
+    models: &Models,
+    name: &str,
+    version: Option<i64>,
+) -> CoreResult<Arc<ModelVersion>> {
+    let models = models.read().unwrap_or_else(|p| p.into_inner());
+    let Some(slot) = models.get(name) else {
+        return Err(CoreError::not_found(format!(
+            "Request for unknown model: '{name}' is not found"
+        )));
+    };
+    match version {
+        Some(v) => match slot.get(&v) {
+            Some(VersionState::Ready(mv)) => Ok(mv.clone()),
+            Some(_) => Err(CoreError::unavailable(format!(
+                "Request for unknown model: '{name}' version {v} is not at ready state"
+            ))),
+            None => Err(CoreError::not_found(format!(
+                "Request for unknown model: '{name}' version {v} is not found"
+            ))),
+        },
+        None => slot
+            .values()
+            .rev()
+            .find_map(|s| match s {
+                VersionState::Ready(mv) => Some(mv.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                CoreError::new(
+                    ErrorKind::Unavailable,
+                    format!("Request for unknown model: '{name}' has no available versions"),
+                )
+            }),
+    }
 }
 
 fn read_config(
@@ -222,7 +262,7 @@ impl ModelManager {
     pub fn new(opts: RepositoryOptions) -> Self {
         ModelManager {
             opts,
-            models: RwLock::new(BTreeMap::new()),
+            models: Arc::new(RwLock::new(BTreeMap::new())),
             load_lock: Mutex::new(()),
         }
     }
@@ -257,7 +297,12 @@ impl ModelManager {
             }
             ControlMode::Explicit => self.opts.startup_models.clone(),
         };
-        for name in names {
+        // Ensembles after the models they run.
+        let (ensembles, plain): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+            let dir = self.opts.repository.join(n);
+            read_config(&dir, n, None).is_ok_and(|c| ensemble::is_ensemble(&c))
+        });
+        for name in plain.into_iter().chain(ensembles) {
             match self.load(&name, None) {
                 Ok(()) => tracing::info!(model = %name, "model loaded"),
                 Err(e) => tracing::error!(model = %name, "failed to load: {}", e.message),
@@ -290,6 +335,17 @@ impl ModelManager {
                 dir.display()
             )));
         }
+        // As Triton: loading an ensemble loads the composing models that are not ready.
+        if let Ok(cfg) = read_config(&dir, name, config_override) {
+            for m in ensemble::composing_models(&cfg) {
+                let dir = self.opts.repository.join(&m);
+                if m != name && self.get(&m, None).is_err() && dir.is_dir() {
+                    if let Err(e) = self.load_versions(&m, &dir, None) {
+                        tracing::error!(model = %m, "failed to load: {}", e.message);
+                    }
+                }
+            }
+        }
         let result = self.load_versions(name, &dir, config_override);
         if let Err(e) = &result {
             let mut models = self.models_write();
@@ -319,6 +375,9 @@ impl ModelManager {
                 "at least one version must be available under the version policy of model '{name}'"
             ));
         };
+        if ensemble::is_ensemble(&cfg) {
+            return Ok((cfg, versions));
+        }
         let cfg = loader::find_and_open(&cfg.backend, dir, newest, &self.opts.backend_directory)
             .map_err(|e| CoreError::invalid(e.to_string()))
             .and_then(|lib| autocomplete(cfg, &lib, dir, newest))
@@ -361,11 +420,20 @@ impl ModelManager {
                 .entry(name.to_string())
                 .or_default()
                 .insert(v, VersionState::Loading);
-            let r = loader::find_and_open(&cfg.backend, dir, v, &self.opts.backend_directory)
-                .map_err(|e| CoreError::invalid(e.to_string()))
-                .and_then(|lib| {
-                    ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib)
-                });
+            let r = if ensemble::is_ensemble(&cfg) {
+                ensemble::Ensemble::new(&cfg, self.models.clone()).and_then(|e| {
+                    Ok(ModelVersion::ensemble(
+                        ModelShared::new(cfg.clone(), v, dir)?,
+                        e,
+                    ))
+                })
+            } else {
+                loader::find_and_open(&cfg.backend, dir, v, &self.opts.backend_directory)
+                    .map_err(|e| CoreError::invalid(e.to_string()))
+                    .and_then(|lib| {
+                        ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib)
+                    })
+            };
             match r {
                 Ok(mv) => {
                     loaded.insert(v, VersionState::Ready(mv));
@@ -434,36 +502,7 @@ impl ModelManager {
 
     /// The ready version to serve: `version` or the highest ready one.
     pub fn get(&self, name: &str, version: Option<i64>) -> CoreResult<Arc<ModelVersion>> {
-        let models = self.models_read();
-        let Some(slot) = models.get(name) else {
-            return Err(CoreError::not_found(format!(
-                "Request for unknown model: '{name}' is not found"
-            )));
-        };
-        match version {
-            Some(v) => match slot.get(&v) {
-                Some(VersionState::Ready(mv)) => Ok(mv.clone()),
-                Some(_) => Err(CoreError::unavailable(format!(
-                    "Request for unknown model: '{name}' version {v} is not at ready state"
-                ))),
-                None => Err(CoreError::not_found(format!(
-                    "Request for unknown model: '{name}' version {v} is not found"
-                ))),
-            },
-            None => slot
-                .values()
-                .rev()
-                .find_map(|s| match s {
-                    VersionState::Ready(mv) => Some(mv.clone()),
-                    _ => None,
-                })
-                .ok_or_else(|| {
-                    CoreError::new(
-                        ErrorKind::Unavailable,
-                        format!("Request for unknown model: '{name}' has no available versions"),
-                    )
-                }),
-        }
+        find(&self.models, name, version)
     }
 
     /// Versions of `name` and their states.

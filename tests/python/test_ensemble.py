@@ -1,0 +1,186 @@
+"""Triton's ensemble models (`platform: "ensemble"`) with the real tritonclient: a
+pipeline over the repository's `simple` (ONNX) and `simple_string` models, in a temporary
+repository beside a broken ensemble that must not take the others down."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import REPO, Kiln
+
+TENSOR = 'name: "{}" data_type: {} dims: [ 16 ]'
+
+
+def step(model, inputs, outputs, version=-1):
+    maps = [f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
+    maps += [f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
+    return f'{{ model_name: "{model}" model_version: {version} {" ".join(maps)} }}'
+
+
+def ensemble_config(name, inputs, outputs, steps, dtype="TYPE_INT32"):
+    tensors = lambda names: ", ".join("{ " + TENSOR.format(n, dtype) + " }" for n in names)
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 8\n'
+            f"input [ {tensors(inputs)} ]\noutput [ {tensors(outputs)} ]\n"
+            f"ensemble_scheduling {{ step [ {', '.join(steps)} ] }}\n")
+
+
+# chain: s = A + B, d = A - B (step 1); TWICE_A = s + d, TWICE_B = s - d (step 2, after
+# step 1); DOUBLE = A + A (step 3, independent of the others, pinned to version 1).
+CHAIN = ensemble_config("chain", ["A", "B"], ["TWICE_A", "TWICE_B", "DOUBLE"], [
+    step("simple", {"INPUT0": "A", "INPUT1": "B"}, {"OUTPUT0": "s", "OUTPUT1": "d"}),
+    step("simple", {"INPUT0": "s", "INPUT1": "d"}, {"OUTPUT0": "TWICE_A", "OUTPUT1": "TWICE_B"}),
+    step("simple", {"INPUT0": "A", "INPUT1": "A"}, {"OUTPUT0": "DOUBLE"}, version=1),
+])
+TEXT = ensemble_config("text", ["X", "Y"], ["SUM"], [
+    step("simple_string", {"INPUT0": "X", "INPUT1": "Y"}, {"OUTPUT0": "SUM"}),
+], dtype="TYPE_STRING")
+# Reads a tensor nothing writes.
+BROKEN = ensemble_config("broken", ["A", "B"], ["OUT"], [
+    step("simple", {"INPUT0": "A", "INPUT1": "nowhere"}, {"OUTPUT0": "OUT"}),
+])
+
+
+def make_repo():
+    repo = tempfile.mkdtemp()
+    for m in ["simple", "simple_string"]:
+        shutil.copytree(os.path.join(REPO, m), os.path.join(repo, m))
+    for name, text in [("chain", CHAIN), ("text", TEXT), ("broken", BROKEN)]:
+        os.makedirs(os.path.join(repo, name, "1"))
+        with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
+            f.write(text)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def served():
+    repo = make_repo()
+    k = Kiln(repo=repo)
+    yield k
+    k.stop()
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+def ab(batch=3):
+    a = np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) - 20
+    b = (np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) * 7) % 11
+    return a, b
+
+
+def test_http_runs_every_step_in_order(served):
+    c = httpclient.InferenceServerClient(url=served.url)
+    a, b = ab()
+    inputs = [httpclient.InferInput("A", list(a.shape), "INT32"), httpclient.InferInput("B", list(b.shape), "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    r = c.infer("chain", inputs)
+    np.testing.assert_array_equal(r.as_numpy("TWICE_A"), 2 * a)
+    np.testing.assert_array_equal(r.as_numpy("TWICE_B"), 2 * b)
+    np.testing.assert_array_equal(r.as_numpy("DOUBLE"), 2 * a)
+    assert r.get_response()["model_name"] == "chain"
+
+
+def test_grpc_answers_only_the_requested_outputs(served):
+    c = grpcclient.InferenceServerClient(url=served.grpc_url)
+    a, b = ab(2)
+    inputs = [grpcclient.InferInput("A", list(a.shape), "INT32"), grpcclient.InferInput("B", list(b.shape), "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    r = c.infer("chain", inputs, outputs=[grpcclient.InferRequestedOutput("TWICE_B")])
+    names = [o.name for o in r.get_response().outputs]
+    assert names == ["TWICE_B"]
+    np.testing.assert_array_equal(r.as_numpy("TWICE_B"), 2 * b)
+
+
+def test_metadata_config_and_statistics(served):
+    c = httpclient.InferenceServerClient(url=served.url)
+    md = c.get_model_metadata("chain")
+    assert md["platform"] == "ensemble"
+    assert [i["name"] for i in md["inputs"]] == ["A", "B"]
+    assert md["inputs"][0]["shape"] == [-1, 16]
+    cfg = c.get_model_config("chain")
+    steps = cfg["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in steps] == ["simple"] * 3
+    assert steps[1]["input_map"] == {"INPUT0": "s", "INPUT1": "d"}
+    before = c.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["success"]["count"]
+    ens_before = c.get_inference_statistics("chain")["model_stats"][0]["inference_stats"]["success"]["count"]
+    a, b = ab(1)
+    inputs = [httpclient.InferInput("A", [1, 16], "INT32"), httpclient.InferInput("B", [1, 16], "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    c.infer("chain", inputs)
+    after = c.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["success"]["count"]
+    ens_after = c.get_inference_statistics("chain")["model_stats"][0]["inference_stats"]["success"]["count"]
+    # One ensemble request: one success for it, three for the composing model.
+    assert ens_after - ens_before == 1
+    assert after - before == 3
+
+
+def test_a_bad_request_and_a_failing_step_are_errors(served):
+    c = httpclient.InferenceServerClient(url=served.url)
+    # Wrong shape: refused by the ensemble's own config, like any model's.
+    a = np.zeros((1, 15), np.int32)
+    inputs = [httpclient.InferInput("A", [1, 15], "INT32"), httpclient.InferInput("B", [1, 15], "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(a)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("chain", inputs)
+    assert "unexpected shape" in str(e.value)
+    # A composing model's error reaches the client.
+    x = np.array([[str(i).encode() for i in range(16)]], dtype=object)
+    y = x.copy()
+    y[0, 3] = b"three"
+    inputs = [httpclient.InferInput("X", [1, 16], "BYTES"), httpclient.InferInput("Y", [1, 16], "BYTES")]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(y)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("text", inputs)
+    assert "three" in str(e.value)
+    # The same ensemble answers a good request.
+    inputs[1].set_data_from_numpy(x)
+    r = c.infer("text", inputs)
+    assert [v.decode() for v in r.as_numpy("SUM")[0]] == [str(2 * i) for i in range(16)]
+
+
+def test_a_broken_ensemble_fails_alone_and_says_why(served):
+    index = requests.post(f"http://{served.url}/v2/repository/index").json()
+    states = {m["name"]: m for m in index}
+    assert states["chain"]["state"] == "READY"
+    assert states["broken"]["state"] == "UNAVAILABLE"
+    assert "'nowhere'" in states["broken"]["reason"]
+    assert "no ensemble input or earlier step provides" in states["broken"]["reason"]
+
+
+def test_loading_an_ensemble_loads_its_composing_models():
+    repo = make_repo()
+    k = Kiln("--model-control-mode", "explicit", repo=repo)
+    try:
+        c = httpclient.InferenceServerClient(url=k.url)
+        assert not c.is_model_ready("simple")
+        c.load_model("chain")
+        assert c.is_model_ready("chain") and c.is_model_ready("simple")
+    finally:
+        k.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_perf_analyzer_measures_the_ensemble_and_its_composing_model(served):
+    pa = shutil.which("perf_analyzer", path=os.path.dirname(sys.executable))
+    assert pa, "perf_analyzer missing from the venv (cargo xtask test installs tritonclient==2.41.1)"
+    for url, proto in [(served.url, "http"), (served.grpc_url, "grpc")]:
+        cmd = [pa, "-m", "chain", "-u", url, "-i", proto, "-b", "2", "--measurement-interval", "500",
+               "--stability-percentage", "100", "--max-trials", "4"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out
+        assert "Throughput:" in out, out
+        # perf_analyzer reads the steps from the config and reports the composing model.
+        composing = out.split("Composing models:")[1]
+        assert "simple" in composing, out
