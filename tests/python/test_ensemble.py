@@ -25,9 +25,9 @@ def step(model, inputs, outputs, version=-1):
     return f'{{ model_name: "{model}" model_version: {version} {" ".join(maps)} }}'
 
 
-def ensemble_config(name, inputs, outputs, steps, dtype="TYPE_INT32"):
+def ensemble_config(name, inputs, outputs, steps, dtype="TYPE_INT32", max_batch_size=8):
     tensors = lambda names: ", ".join("{ " + TENSOR.format(n, dtype) + " }" for n in names)
-    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 8\n'
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
             f"input [ {tensors(inputs)} ]\noutput [ {tensors(outputs)} ]\n"
             f"ensemble_scheduling {{ step [ {', '.join(steps)} ] }}\n")
 
@@ -47,12 +47,17 @@ BROKEN = ensemble_config("broken", ["A", "B"], ["OUT"], [
     step("simple", {"INPUT0": "A", "INPUT1": "nowhere"}, {"OUTPUT0": "OUT"}),
 ])
 
+# Larger batches than its composing model takes.
+TOO_BIG = ensemble_config("too_big", ["A", "B"], ["OUT"], [
+    step("simple", {"INPUT0": "A", "INPUT1": "B"}, {"OUTPUT0": "OUT"}),
+], max_batch_size=16)
+
 
 def make_repo():
     repo = tempfile.mkdtemp()
     for m in ["simple", "simple_string"]:
         shutil.copytree(os.path.join(REPO, m), os.path.join(repo, m))
-    for name, text in [("chain", CHAIN), ("text", TEXT), ("broken", BROKEN)]:
+    for name, text in [("chain", CHAIN), ("text", TEXT), ("broken", BROKEN), ("too_big", TOO_BIG)]:
         os.makedirs(os.path.join(repo, name, "1"))
         with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
             f.write(text)
@@ -156,6 +161,8 @@ def test_a_broken_ensemble_fails_alone_and_says_why(served):
     assert states["broken"]["state"] == "UNAVAILABLE"
     assert "'nowhere'" in states["broken"]["reason"]
     assert "no ensemble input or earlier step provides" in states["broken"]["reason"]
+    assert states["too_big"]["state"] == "UNAVAILABLE"
+    assert "only allows maximum batch size to be 8" in states["too_big"]["reason"]
 
 
 def test_loading_an_ensemble_loads_its_composing_models():

@@ -159,6 +159,13 @@ impl Ensemble {
                     s.model, e.message
                 ))
             })?;
+            let mbs = u64::try_from(cfg.max_batch_size).unwrap_or(0);
+            if mbs > mv.shared.max_batch_size {
+                return Err(bad(format!(
+                    "allows maximum batch size {mbs}, but it contains model '{}' which only allows maximum batch size to be {}",
+                    s.model, mv.shared.max_batch_size
+                )));
+            }
             let has =
                 |specs: &[crate::model::TensorSpec], n: &str| specs.iter().any(|t| t.name == n);
             for (i, _) in &s.inputs {
