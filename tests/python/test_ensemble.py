@@ -73,6 +73,16 @@ def served():
     shutil.rmtree(repo, ignore_errors=True)
 
 
+def inputs(module, **arrays):
+    """tritonclient inputs named and filled from `arrays` (INT32, or BYTES for objects)."""
+    out = []
+    for name, a in arrays.items():
+        t = module.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else "INT32")
+        t.set_data_from_numpy(a)
+        out.append(t)
+    return out
+
+
 def ab(batch=3):
     a = np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) - 20
     b = (np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) * 7) % 11
@@ -82,10 +92,7 @@ def ab(batch=3):
 def test_http_runs_every_step_in_order(served):
     c = httpclient.InferenceServerClient(url=served.url)
     a, b = ab()
-    inputs = [httpclient.InferInput("A", list(a.shape), "INT32"), httpclient.InferInput("B", list(b.shape), "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    r = c.infer("chain", inputs)
+    r = c.infer("chain", inputs(httpclient, A=a, B=b))
     np.testing.assert_array_equal(r.as_numpy("TWICE_A"), 2 * a)
     np.testing.assert_array_equal(r.as_numpy("TWICE_B"), 2 * b)
     np.testing.assert_array_equal(r.as_numpy("DOUBLE"), 2 * a)
@@ -95,10 +102,7 @@ def test_http_runs_every_step_in_order(served):
 def test_grpc_answers_only_the_requested_outputs(served):
     c = grpcclient.InferenceServerClient(url=served.grpc_url)
     a, b = ab(2)
-    inputs = [grpcclient.InferInput("A", list(a.shape), "INT32"), grpcclient.InferInput("B", list(b.shape), "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    r = c.infer("chain", inputs, outputs=[grpcclient.InferRequestedOutput("TWICE_B")])
+    r = c.infer("chain", inputs(grpcclient, A=a, B=b), outputs=[grpcclient.InferRequestedOutput("TWICE_B")])
     names = [o.name for o in r.get_response().outputs]
     assert names == ["TWICE_B"]
     np.testing.assert_array_equal(r.as_numpy("TWICE_B"), 2 * b)
@@ -117,10 +121,7 @@ def test_metadata_config_and_statistics(served):
     before = c.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["success"]["count"]
     ens_before = c.get_inference_statistics("chain")["model_stats"][0]["inference_stats"]["success"]["count"]
     a, b = ab(1)
-    inputs = [httpclient.InferInput("A", [1, 16], "INT32"), httpclient.InferInput("B", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    c.infer("chain", inputs)
+    c.infer("chain", inputs(httpclient, A=a, B=b))
     after = c.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["success"]["count"]
     ens_after = c.get_inference_statistics("chain")["model_stats"][0]["inference_stats"]["success"]["count"]
     # One ensemble request: one success for it, three for the composing model.
@@ -132,25 +133,18 @@ def test_a_bad_request_and_a_failing_step_are_errors(served):
     c = httpclient.InferenceServerClient(url=served.url)
     # Wrong shape: refused by the ensemble's own config, like any model's.
     a = np.zeros((1, 15), np.int32)
-    inputs = [httpclient.InferInput("A", [1, 15], "INT32"), httpclient.InferInput("B", [1, 15], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(a)
     with pytest.raises(InferenceServerException) as e:
-        c.infer("chain", inputs)
+        c.infer("chain", inputs(httpclient, A=a, B=a))
     assert "unexpected shape" in str(e.value)
     # A composing model's error reaches the client.
     x = np.array([[str(i).encode() for i in range(16)]], dtype=object)
     y = x.copy()
     y[0, 3] = b"three"
-    inputs = [httpclient.InferInput("X", [1, 16], "BYTES"), httpclient.InferInput("Y", [1, 16], "BYTES")]
-    inputs[0].set_data_from_numpy(x)
-    inputs[1].set_data_from_numpy(y)
     with pytest.raises(InferenceServerException) as e:
-        c.infer("text", inputs)
+        c.infer("text", inputs(httpclient, X=x, Y=y))
     assert "three" in str(e.value)
     # The same ensemble answers a good request.
-    inputs[1].set_data_from_numpy(x)
-    r = c.infer("text", inputs)
+    r = c.infer("text", inputs(httpclient, X=x, Y=x))
     assert [v.decode() for v in r.as_numpy("SUM")[0]] == [str(2 * i) for i in range(16)]
 
 

@@ -1321,98 +1321,97 @@ mod tests {
         );
     }
 
+    /// A pooling geometry: hw, kernel, stride, pads [t, l, b, r].
+    type Geometry = ([usize; 2], [usize; 2], [usize; 2], [usize; 4]);
+
+    const POOLS: [Geometry; 6] = [
+        ([112, 112], [3, 3], [2, 2], [1, 1, 1, 1]),
+        ([56, 56], [2, 2], [2, 2], [0, 0, 0, 0]),
+        ([9, 11], [3, 2], [1, 3], [0, 2, 1, 0]),
+        ([7, 5], [1, 1], [2, 2], [0, 0, 0, 0]),
+        ([6, 13], [4, 5], [3, 2], [2, 3, 2, 4]),
+        ([5, 4], [2, 4], [1, 1], [0, 0, 0, 0]),
+    ];
+
+    /// Each case's pool over 3 planes, its input (one NaN in the second plane), and for
+    /// every output (in order) the input values its window covers.
+    fn pool_cases() -> Vec<(Pool2d, Vec<f32>, Vec<Vec<f32>>)> {
+        POOLS
+            .iter()
+            .map(|&(hw, kernel, stride, pads)| {
+                let p = Pool2d {
+                    planes: 3,
+                    hw,
+                    kernel,
+                    stride,
+                    pads,
+                };
+                let [oh, ow] = p.out_hw().unwrap();
+                let plane = hw[0] * hw[1];
+                let mut x: Vec<f32> = (0..3 * plane)
+                    .map(|i| ((i * 37) % 101) as f32 - 60.0)
+                    .collect();
+                x[plane + 7] = f32::NAN;
+                let windows = (0..3 * oh * ow)
+                    .map(|j| {
+                        let (c, oy, ox) = (j / (oh * ow), j / ow % oh, j % ow);
+                        let mut values = Vec::new();
+                        for ky in 0..kernel[0] {
+                            for kx in 0..kernel[1] {
+                                let y = (oy * stride[0] + ky) as isize - pads[0] as isize;
+                                let xx = (ox * stride[1] + kx) as isize - pads[1] as isize;
+                                if (0..hw[0] as isize).contains(&y)
+                                    && (0..hw[1] as isize).contains(&xx)
+                                {
+                                    values.push(x[c * plane + y as usize * hw[1] + xx as usize]);
+                                }
+                            }
+                        }
+                        values
+                    })
+                    .collect();
+                (p, x, windows)
+            })
+            .collect()
+    }
+
     #[test]
     fn max_pool_matches_the_definition() {
-        // (hw, kernel, stride, pads [t, l, b, r])
-        let cases = [
-            ([112, 112], [3, 3], [2, 2], [1, 1, 1, 1]),
-            ([9, 11], [3, 2], [1, 3], [0, 2, 1, 0]),
-            ([7, 5], [1, 1], [2, 2], [0, 0, 0, 0]),
-            ([6, 13], [4, 5], [3, 2], [2, 3, 2, 4]),
-            ([5, 4], [2, 4], [1, 1], [0, 0, 0, 0]),
-        ];
-        for (hw, kernel, stride, pads) in cases {
-            let p = Pool2d {
-                planes: 3,
-                hw,
-                kernel,
-                stride,
-                pads,
-            };
-            let [oh, ow] = p.out_hw().unwrap();
-            let plane = hw[0] * hw[1];
-            let mut x: Vec<f32> = (0..3 * plane)
-                .map(|i| ((i * 37) % 101) as f32 - 60.0)
-                .collect();
-            // A NaN is passed over, as f32::max does.
-            x[plane + 7] = f32::NAN;
+        for (p, x, windows) in pool_cases() {
             let got = p.max(&x);
-            assert_eq!(got.len(), 3 * oh * ow);
-            for (j, g) in got.iter().enumerate() {
-                let (c, oy, ox) = (j / (oh * ow), j / ow % oh, j % ow);
-                let mut want = f32::NEG_INFINITY;
-                for ky in 0..kernel[0] {
-                    for kx in 0..kernel[1] {
-                        let y = (oy * stride[0] + ky) as isize - pads[0] as isize;
-                        let xx = (ox * stride[1] + kx) as isize - pads[1] as isize;
-                        if (0..hw[0] as isize).contains(&y) && (0..hw[1] as isize).contains(&xx) {
-                            want = want.max(x[c * plane + y as usize * hw[1] + xx as usize]);
-                        }
-                    }
-                }
-                assert_eq!(*g, want, "{hw:?} {kernel:?} {stride:?} {pads:?} at {j}");
+            assert_eq!(got.len(), windows.len());
+            for (j, (g, w)) in got.iter().zip(&windows).enumerate() {
+                // The NaN is passed over, as f32::max does.
+                let want = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let case = (p.hw, p.kernel, p.stride, p.pads);
+                assert_eq!(*g, want, "{case:?} at {j}");
             }
         }
     }
 
     #[test]
     fn average_pool_counts_pads_only_when_asked() {
-        // (hw, kernel, stride, pads [t, l, b, r])
-        let cases = [
-            ([56, 56], [2, 2], [2, 2], [0, 0, 0, 0]),
-            ([9, 11], [3, 2], [1, 3], [0, 2, 1, 0]),
-            ([6, 13], [4, 5], [3, 2], [2, 3, 2, 4]),
-        ];
-        for (hw, kernel, stride, pads) in cases {
-            let p = Pool2d {
-                planes: 2,
-                hw,
-                kernel,
-                stride,
-                pads,
-            };
-            let [oh, ow] = p.out_hw().unwrap();
-            let plane = hw[0] * hw[1];
-            let x: Vec<f32> = (0..2 * plane)
-                .map(|i| ((i * 37) % 101) as f32 - 60.0)
-                .collect();
+        for (p, x, windows) in pool_cases() {
             for include_pad in [false, true] {
                 let got = p.average(&x, include_pad);
-                assert_eq!(got.len(), 2 * oh * ow);
-                for (j, g) in got.iter().enumerate() {
-                    let (c, oy, ox) = (j / (oh * ow), j / ow % oh, j % ow);
-                    let (mut sum, mut inside) = (0f32, 0);
-                    for ky in 0..kernel[0] {
-                        for kx in 0..kernel[1] {
-                            let y = (oy * stride[0] + ky) as isize - pads[0] as isize;
-                            let xx = (ox * stride[1] + kx) as isize - pads[1] as isize;
-                            if (0..hw[0] as isize).contains(&y) && (0..hw[1] as isize).contains(&xx)
-                            {
-                                sum += x[c * plane + y as usize * hw[1] + xx as usize];
-                                inside += 1;
-                            }
-                        }
-                    }
+                assert_eq!(got.len(), windows.len());
+                for (j, (g, w)) in got.iter().zip(&windows).enumerate() {
                     let count = if include_pad {
-                        kernel[0] * kernel[1]
+                        p.kernel[0] * p.kernel[1]
                     } else {
-                        inside
+                        w.len()
                     };
                     // A window wholly in the padding averages nothing: 0, as pool.rs gives.
-                    let want = if count == 0 { 0.0 } else { sum / count as f32 };
+                    let want = if count == 0 {
+                        0.0
+                    } else {
+                        w.iter().sum::<f32>() / count as f32
+                    };
+                    // (A window holding the NaN averages to NaN.)
                     assert!(
-                        (g - want).abs() <= 1e-4,
-                        "{hw:?} {kernel:?} {pads:?} {include_pad} at {j}: {g} vs {want}"
+                        (g - want).abs() <= 1e-4 || (g.is_nan() && want.is_nan()),
+                        "{:?} {include_pad} at {j}: {g} vs {want}",
+                        (p.hw, p.kernel, p.stride, p.pads)
                     );
                 }
             }

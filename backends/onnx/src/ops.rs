@@ -521,6 +521,30 @@ fn split(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Vec<Ten
     Ok(out)
 }
 
+/// A 2-D pooling of f32 `x` (NCHW) on the CPU kernel (`cpu_kernels::Pool2d`) with the
+/// kernel, strides and pads of [`pool_params`]; `None` when `x` is not f32 on the CPU or
+/// the window does not fit.
+fn pool2d_on_cpu(
+    x: &Tensor,
+    (k, s, p): (&[usize], &[usize], &[usize]),
+    run: impl FnOnce(&crate::cpu_kernels::Pool2d, &[f32]) -> Vec<f32>,
+) -> Result<Option<Tensor>> {
+    let (b, c, h, w) = x.dims4()?;
+    let pool = crate::cpu_kernels::Pool2d {
+        planes: b * c,
+        hw: [h, w],
+        kernel: [k[0], k[1]],
+        stride: [s[0], s[1]],
+        pads: [p[0], p[1], p[2], p[3]],
+    };
+    let Some([oh, ow]) = pool.out_hw() else {
+        return Ok(None);
+    };
+    on_cpu_f32(&[Some(x)], |v| run(&pool, v[0]))?
+        .map(|out| Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu))
+        .transpose()
+}
+
 fn pool_params(node: &NodeProto, x: &Tensor) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
     if x.rank() != 4 {
         bail!("{}: only 2-D pooling (NCHW) is supported", node.op_type)
@@ -1331,18 +1355,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 Ok(params) if !dilated && !indices => params,
                 _ => return crate::pool::pool(node, x),
             };
-            let (b, c, h, w) = x.dims4()?;
-            let pool = crate::cpu_kernels::Pool2d {
-                planes: b * c,
-                hw: [h, w],
-                kernel: [k[0], k[1]],
-                stride: [s[0], s[1]],
-                pads: [p[0], p[1], p[2], p[3]],
-            };
-            if let Some([oh, ow]) = pool.out_hw() {
-                if let Some(out) = on_cpu_f32(&[Some(x)], |v| pool.max(v[0]))? {
-                    return Ok(vec![Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)?]);
-                }
+            if let Some(t) = pool2d_on_cpu(x, (&k, &s, &p), |pool, v| pool.max(v))? {
+                return Ok(vec![t]);
             }
             // Zero padding is neutral after shifting every value to >= 0.
             let lo = x
@@ -1361,18 +1375,10 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 _ => return crate::pool::pool(node, x),
             };
             let include_pad = attrs::int(node, "count_include_pad", 0) != 0;
-            let (b, c, h, w) = x.dims4()?;
-            let pool = crate::cpu_kernels::Pool2d {
-                planes: b * c,
-                hw: [h, w],
-                kernel: [k[0], k[1]],
-                stride: [s[0], s[1]],
-                pads: [p[0], p[1], p[2], p[3]],
-            };
-            if let Some([oh, ow]) = pool.out_hw() {
-                if let Some(out) = on_cpu_f32(&[Some(x)], |v| pool.average(v[0], include_pad))? {
-                    return Ok(vec![Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)?]);
-                }
+            let average =
+                |pool: &crate::cpu_kernels::Pool2d, v: &[f32]| pool.average(v, include_pad);
+            if let Some(t) = pool2d_on_cpu(x, (&k, &s, &p), average)? {
+                return Ok(vec![t]);
             }
             let avg = pad2d(x, &p)?.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))?;
             if p.iter().any(|&v| v != 0) && !include_pad {
