@@ -895,25 +895,18 @@ impl Pool2d {
 
     /// Max over each window, planes split over threads.
     pub fn max(&self, x: &[f32]) -> Vec<f32> {
-        let Some([oh, ow]) = self.out_hw() else {
-            return Vec::new();
-        };
-        let [h, w] = self.hw;
-        let mut out = vec![0f32; self.planes * oh * ow];
-        if oh * ow == 0 {
-            return out;
-        }
-        let work = out.len() * self.kernel[0] * self.kernel[1];
-        chunks(&mut out, oh * ow, work, PAR_MIN, |i, dst| {
-            self.max_plane(&x[i * h * w..(i + 1) * h * w], dst)
-        });
-        out
+        self.each_plane(x, |src, dst| self.max_plane(src, dst))
     }
 
     /// Mean over each window: over its positions inside the input, or over all
     /// `kernel` positions with `include_pad` (ONNX's `count_include_pad`; without
     /// `ceil_mode` every window lies within the padding). Planes split over threads.
     pub fn average(&self, x: &[f32], include_pad: bool) -> Vec<f32> {
+        self.each_plane(x, |src, dst| self.average_plane(src, dst, include_pad))
+    }
+
+    /// The output of `plane(input plane, output plane)` for every plane of `x`.
+    fn each_plane(&self, x: &[f32], plane: impl Fn(&[f32], &mut [f32]) + Sync + Send) -> Vec<f32> {
         let Some([oh, ow]) = self.out_hw() else {
             return Vec::new();
         };
@@ -924,7 +917,7 @@ impl Pool2d {
         }
         let work = out.len() * self.kernel[0] * self.kernel[1];
         chunks(&mut out, oh * ow, work, PAR_MIN, |i, dst| {
-            self.average_plane(&x[i * h * w..(i + 1) * h * w], dst, include_pad)
+            plane(&x[i * h * w..(i + 1) * h * w], dst)
         });
         out
     }
