@@ -185,3 +185,24 @@ def test_perf_analyzer_measures_the_ensemble_and_its_composing_model(served):
         # perf_analyzer reads the steps from the config and reports the composing model.
         composing = out.split("Composing models:")[1]
         assert "simple" in composing, out
+
+
+def test_grpc_stream_answers_each_ensemble_request(served):
+    import queue
+    c = grpcclient.InferenceServerClient(url=served.grpc_url)
+    answers = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    a, b = ab(2)
+    try:
+        for i in range(3):
+            c.async_stream_infer("chain", inputs(grpcclient, A=a + i, B=b), request_id=str(i))
+        seen = set()
+        for _ in range(3):
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            i = int(result.get_response().id)
+            seen.add(i)
+            np.testing.assert_array_equal(result.as_numpy("TWICE_A"), 2 * (a + i))
+        assert seen == {0, 1, 2}
+    finally:
+        c.stop_stream()
