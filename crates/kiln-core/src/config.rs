@@ -6,6 +6,7 @@ use kiln_proto::inference::{
     model_config::SchedulingChoice,
     model_instance_group::Kind,
     model_optimization_policy::PinnedMemoryBuffer,
+    model_sequence_batching,
     model_version_policy::{Latest, PolicyChoice},
     DataType as PbDataType, ModelConfig, ModelInstanceGroup, ModelOptimizationPolicy,
     ModelVersionPolicy,
@@ -224,6 +225,17 @@ pub fn normalize(
         });
     }
     // As Triton: dynamic batching without preferred sizes prefers max_batch_size.
+    // Triton's sequence batcher defaults: the Direct strategy, 1 s of idle time.
+    if let Some(SchedulingChoice::SequenceBatching(sb)) = &mut cfg.scheduling_choice {
+        if sb.max_sequence_idle_microseconds == 0 {
+            sb.max_sequence_idle_microseconds = 1_000_000;
+        }
+        if sb.strategy_choice.is_none() {
+            sb.strategy_choice = Some(model_sequence_batching::StrategyChoice::Direct(
+                model_sequence_batching::StrategyDirect::default(),
+            ));
+        }
+    }
     if let Some(SchedulingChoice::DynamicBatching(db)) = &mut cfg.scheduling_choice {
         if db.preferred_batch_size.is_empty() && cfg.max_batch_size > 0 {
             db.preferred_batch_size.push(cfg.max_batch_size);

@@ -5,6 +5,7 @@
 //! * [`model`] — a loaded version: validation, instance threads, responses.
 //! * [`scheduler`] — default scheduler and dynamic batcher.
 //! * [`ensemble`] — `platform: "ensemble"`: pipelines of other models.
+//! * [`sequence`] — `sequence_batching`: sequences and their control tensors.
 //! * [`warmup`] — `model_warmup` samples run before a version is ready.
 //! * [`reshape`] — a tensor's `dims` as clients see it vs `reshape` as the model does.
 //! * [`loader`] / `host` — the backend ABI's two sides.
@@ -20,6 +21,7 @@ pub mod repository;
 pub mod request;
 pub mod reshape;
 pub mod scheduler;
+pub mod sequence;
 pub mod server;
 pub mod shm;
 pub mod sink;

@@ -64,6 +64,8 @@ pub struct ModelShared {
     pub labels: HashMap<String, Vec<String>>,
     /// Statistics.
     pub stats: Arc<ModelStats>,
+    /// The sequences and control tensors of a `sequence_batching` model.
+    pub sequences: Option<crate::sequence::Sequences>,
 }
 
 type SpecFields<'a> = (
@@ -128,7 +130,9 @@ impl ModelShared {
                 labels.insert(o.name.clone(), text.lines().map(str::to_string).collect());
             }
         }
+        let sequences = crate::sequence::Sequences::from_config(&config)?;
         Ok(ModelShared {
+            sequences,
             name: config.name.clone(),
             version,
             config_json: config::to_json(&config),
@@ -585,6 +589,14 @@ impl ModelVersion {
                 return Err(e);
             }
         };
+        if let Some(seq) = &self.shared.sequences {
+            if let Err(e) = seq.admit(&mut request, batch_size) {
+                self.shared
+                    .stats
+                    .record_failure(request.arrival.elapsed(), FailReason::Other);
+                return Err(e);
+            }
+        }
         if let Some(ensemble) = &self.ensemble {
             ensemble.start(self.shared.clone(), request, batch_size, sink);
             return Ok(());
