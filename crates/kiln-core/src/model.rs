@@ -554,7 +554,7 @@ impl ModelVersion {
                     return;
                 }
                 let _ = tx.send(Ok(()));
-                run_instance(&shared, &scheduler, api, state, &slot);
+                run_instance(&shared, &scheduler, index as usize, api, state, &slot);
                 // SAFETY: the instance is finished with; called once.
                 if let Some(e) = host::take_error(unsafe { (api.instance_fini)(state) }) {
                     tracing::warn!(model = %shared.name, instance = %name, "instance_fini failed: {}", e.message);
@@ -662,8 +662,15 @@ fn queue_policy(q: Option<&ModelQueuePolicy>) -> QueuePolicy {
 
 /// The scheduler settings of `dynamic_batching` (none: the default scheduler).
 fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
-    let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice else {
-        return SchedulerPolicy::default();
+    let db = match &cfg.scheduling_choice {
+        Some(SchedulingChoice::DynamicBatching(db)) => db,
+        Some(SchedulingChoice::SequenceBatching(_)) => {
+            return SchedulerPolicy {
+                sequences: true,
+                ..Default::default()
+            }
+        }
+        _ => return SchedulerPolicy::default(),
     };
     let mut preferred: Vec<u64> = db
         .preferred_batch_size
@@ -689,17 +696,19 @@ fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
             .collect(),
         default_level: db.default_priority_level.clamp(1, levels) as usize,
         preserve_ordering: db.preserve_ordering,
+        sequences: false,
     }
 }
 
 fn run_instance(
     shared: &Arc<ModelShared>,
     scheduler: &Scheduler,
+    instance: usize,
     api: &'static abi::KilnBackendApi,
     state: *mut c_void,
     slot: &Mutex<Option<(u64, u64)>>,
 ) {
-    while let Some(batch) = scheduler.next_batch() {
+    while let Some(batch) = scheduler.next_batch_for(instance) {
         let exec_start = Instant::now();
         let total: u64 = batch.iter().map(|p| p.batch_size).sum();
         let mut held = Vec::with_capacity(batch.len());

@@ -5,7 +5,7 @@
 //! spreads over idle instances by construction. The batching decision is the pure
 //! function [`decide`] and the queue bookkeeping (priority levels, timeouts) lives in
 //! [`Queues`]; both take the time as an argument and are tested with a fake clock.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ pub struct SchedulerPolicy {
     pub default_level: usize,
     /// `preserve_ordering`: responses leave in arrival order.
     pub preserve_ordering: bool,
+    /// `sequence_batching`: each sequence's requests run on the instance that took its
+    /// first one, in order, until its END.
+    pub sequences: bool,
 }
 
 impl Default for SchedulerPolicy {
@@ -80,6 +83,7 @@ impl Default for SchedulerPolicy {
             levels: vec![QueuePolicy::default()],
             default_level: 1,
             preserve_ordering: false,
+            sequences: false,
         }
     }
 }
@@ -263,6 +267,18 @@ impl Queues {
             .flat_map(|(main, delayed)| main.iter().chain(delayed.iter()))
     }
 
+    /// Takes the first request in dispatch order that `eligible` accepts.
+    pub fn take_first(&mut self, eligible: impl Fn(&Pending) -> bool) -> Option<Pending> {
+        for (main, delayed) in &mut self.levels {
+            for q in [main, delayed] {
+                if let Some(i) = q.iter().position(&eligible) {
+                    return q.remove(i);
+                }
+            }
+        }
+        None
+    }
+
     /// Takes the first `n` requests in dispatch order.
     pub fn take(&mut self, n: usize) -> Vec<Pending> {
         let mut out = Vec::with_capacity(n);
@@ -283,6 +299,8 @@ impl Queues {
 struct QueueState {
     queues: Queues,
     closed: bool,
+    /// Sequences (correlation ids) and the instance that runs them.
+    bound: HashMap<u64, usize>,
 }
 
 /// A model's request queue.
@@ -302,6 +320,7 @@ impl Scheduler {
             state: Mutex::new(QueueState {
                 queues: Queues::new(policy.levels.len()),
                 closed: false,
+                bound: HashMap::new(),
             }),
             policy,
             stats,
@@ -333,7 +352,12 @@ impl Scheduler {
         }
         st.queues.push(level, policy, p);
         drop(st);
-        self.ready.notify_one();
+        if self.policy.sequences {
+            // Only the instance a sequence is bound to may take it: wake them all.
+            self.ready.notify_all();
+        } else {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -367,6 +391,12 @@ impl Scheduler {
 
     /// Blocks until a batch is due (or returns `None` once closed and drained).
     pub fn next_batch(&self) -> Option<Vec<Pending>> {
+        self.next_batch_for(0)
+    }
+
+    /// [`Scheduler::next_batch`] for instance `instance` (which matters for sequences:
+    /// see [`SchedulerPolicy::sequences`]).
+    pub fn next_batch_for(&self, instance: usize) -> Option<Vec<Pending>> {
         let mut st = self.lock();
         loop {
             let now = Instant::now();
@@ -384,6 +414,46 @@ impl Scheduler {
                     return None;
                 }
                 st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            if self.policy.sequences {
+                let QueueState {
+                    queues,
+                    bound,
+                    closed,
+                } = &mut *st;
+                let mine = |p: &Pending| {
+                    let id = p.request.correlation_id;
+                    bound.get(&id).is_none_or(|&i| i == instance)
+                };
+                if let Some(p) = queues.take_first(mine) {
+                    let id = p.request.correlation_id;
+                    if p.request.flags & crate::sequence::FLAG_END != 0 {
+                        bound.remove(&id);
+                    } else {
+                        bound.insert(id, instance);
+                    }
+                    drop(st);
+                    self.ready.notify_all();
+                    return Some(vec![p]);
+                }
+                // What is queued belongs to other instances.
+                if *closed {
+                    return None;
+                }
+                let wait = st
+                    .queues
+                    .next_deadline()
+                    .map(|d| d.saturating_duration_since(now));
+                st = match wait {
+                    Some(w) => {
+                        self.ready
+                            .wait_timeout(st, w)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => self.ready.wait(st).unwrap_or_else(|p| p.into_inner()),
+                };
                 continue;
             }
             let items: Vec<QueuedItem<'_>> = st
@@ -568,6 +638,7 @@ mod tests {
             levels: vec![qp.clone(), qp],
             default_level: 2,
             preserve_ordering: false,
+            sequences: false,
         }
     }
 
@@ -673,5 +744,39 @@ mod tests {
         s.close();
         assert_eq!(s.next_batch().map(|b| b.len()), Some(1));
         assert!(s.next_batch().is_none());
+    }
+
+    #[test]
+    fn a_sequence_stays_on_the_instance_that_took_its_start() {
+        let policy = SchedulerPolicy {
+            sequences: true,
+            ..Default::default()
+        };
+        let s = Scheduler::new(policy, Arc::new(ModelStats::default()));
+        let mut keep = Vec::new();
+        // (correlation id, flags, label), in arrival order.
+        for (id, flags, label) in [
+            (1, 1, "s1-start"),
+            (1, 0, "s1-mid"),
+            (2, 1, "s2-start"),
+            (1, 2, "s1-end"),
+        ] {
+            let (mut p, rx) = pending(0, 0, Instant::now());
+            let mut r = (*p.request).clone();
+            (r.correlation_id, r.flags, r.id) = (id, flags, label.to_string());
+            p.request = Arc::new(r);
+            keep.push(rx);
+            s.enqueue(p).unwrap();
+        }
+        // Closed: an instance with nothing of its own left returns None instead of waiting.
+        s.close();
+        let take = |instance| s.next_batch_for(instance).map(|b| b[0].request.id.clone());
+        assert_eq!(take(0).as_deref(), Some("s1-start"));
+        // Instance 1 passes over sequence 1, now instance 0's, to the next sequence.
+        assert_eq!(take(1).as_deref(), Some("s2-start"));
+        assert_eq!(take(1), None);
+        assert_eq!(take(0).as_deref(), Some("s1-mid"));
+        assert_eq!(take(0).as_deref(), Some("s1-end"));
+        assert_eq!(take(0), None);
     }
 }

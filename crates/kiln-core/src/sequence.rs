@@ -3,9 +3,9 @@
 //! begins with a request flagged START and is forgotten after END or after
 //! `max_sequence_idle_microseconds` without a request, and each request reaches the model
 //! with the control tensors `control_input` asks for (START, END, READY and CORRID), whose
-//! values follow the request's flags. Requests run one at a time per instance, in arrival
-//! order (the default scheduler's queue); implicit state (`state`) is not supported and
-//! fails the load.
+//! values follow the request's flags. Each request runs alone, and a sequence's requests
+//! run in arrival order on the instance that took its START (`scheduler.rs`); implicit
+//! state (`state`) is not supported and fails the load.
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
