@@ -48,6 +48,9 @@ MODELS = {
     "seq_short": config("seq_short", "max_sequence_idle_microseconds: 100000"),
     "seq_state": config("seq_state", "", 'state [ { input_name: "INPUT_S" output_name: "OUTPUT_S" '
                         'data_type: TYPE_INT32 dims: [ 1 ] } ]'),
+    # Warm-up samples run as one-request sequences.
+    "seq_warm": config("seq_warm", "") + 'model_warmup [ { name: "w" batch_size: 2 inputs { key: "INPUT0" '
+                                          'value: { data_type: TYPE_INT32 dims: [ 1 ] zero_data: true } } } ]\n',
 }
 
 
@@ -125,5 +128,6 @@ def test_config_shows_triton_defaults_and_implicit_state_fails_to_load(served):
     assert [ci["name"] for ci in sb["control_input"]][:2] == ["INPUT_START", "INPUT_END"]
     index = {m["name"]: m for m in requests.post(f"http://{served.url}/v2/repository/index").json()}
     assert index["seq"]["state"] == "READY"
+    assert index["seq_warm"]["state"] == "READY", index["seq_warm"]
     assert index["seq_state"]["state"] == "UNAVAILABLE"
     assert "implicit state" in index["seq_state"]["reason"]

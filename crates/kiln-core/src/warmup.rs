@@ -40,8 +40,13 @@ pub fn run(mv: &ModelVersion, model_dir: &Path, instances: usize) -> CoreResult<
                 ),
             )
         };
-        let request =
+        let mut request =
             request(&shared.name, sample, model_dir, shared.max_batch_size > 0).map_err(fail)?;
+        if shared.sequences.is_some() {
+            // A sequence model: each sample is a whole sequence of one request.
+            request.correlation_id = 1;
+            request.flags = crate::sequence::FLAG_START | crate::sequence::FLAG_END;
+        }
         tracing::info!(model = %shared.name, sample = %sample.name, "warming up");
         // Every instance at once (an idle instance takes the next batch), `count` rounds.
         let per_round = instances.max(1) * sample.batch_size as usize;
