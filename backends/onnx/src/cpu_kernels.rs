@@ -856,7 +856,17 @@ fn bigger(m: f32, v: f32) -> f32 {
     }
 }
 
-/// Geometry of a 2-D max pooling over `[planes, h, w]`.
+/// What a pooling takes of each window.
+#[derive(Debug, Clone, Copy)]
+enum Reduction {
+    Max,
+    /// The mean; over every kernel position with `include_pad`.
+    Average {
+        include_pad: bool,
+    },
+}
+
+/// Geometry of a 2-D max or average pooling over `[planes, h, w]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pool2d {
     /// Images × channels.
@@ -895,14 +905,15 @@ impl Pool2d {
 
     /// Max over each window, planes split over threads.
     pub fn max(&self, x: &[f32]) -> Vec<f32> {
-        self.each_plane(x, |src, dst| self.max_plane(src, dst))
+        self.each_plane(x, |src, dst| self.plane(src, dst, Reduction::Max))
     }
 
     /// Mean over each window: over its positions inside the input, or over all
     /// `kernel` positions with `include_pad` (ONNX's `count_include_pad`; without
     /// `ceil_mode` every window lies within the padding). Planes split over threads.
     pub fn average(&self, x: &[f32], include_pad: bool) -> Vec<f32> {
-        self.each_plane(x, |src, dst| self.average_plane(src, dst, include_pad))
+        let r = Reduction::Average { include_pad };
+        self.each_plane(x, |src, dst| self.plane(src, dst, r))
     }
 
     /// The output of `plane(input plane, output plane)` for every plane of `x`.
@@ -922,56 +933,6 @@ impl Pool2d {
         out
     }
 
-    /// One plane of [`Pool2d::average`], as [`Pool2d::max_plane`] goes: sums down the
-    /// window's rows a whole input row at a time, then across each window's columns.
-    fn average_plane(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::sgemm::available() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.average_plane_avx2(src, dst, include_pad) };
-        }
-        self.average_plane_any(src, dst, include_pad)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn average_plane_avx2(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
-        self.average_plane_any(src, dst, include_pad)
-    }
-
-    #[inline(always)]
-    fn average_plane_any(&self, src: &[f32], dst: &mut [f32], include_pad: bool) {
-        let [h, w] = self.hw;
-        let ow = self.out_hw().map_or(1, |[_, ow]| ow).max(1);
-        let [kh, kw] = self.kernel;
-        let mut column = vec![0f32; w];
-        for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
-            let ys = self.window(oy, 0, h);
-            column.fill(0.0);
-            for yy in ys.clone() {
-                for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
-                    *c += v;
-                }
-            }
-            // Every column of a window holds `ys.len()` rows.
-            let rows = ys.len();
-            self.across(
-                &column,
-                out_row,
-                0.0,
-                |a, v| a + v,
-                |sum, cols| {
-                    let count = if include_pad { kh * kw } else { rows * cols };
-                    if count == 0 {
-                        0.0
-                    } else {
-                        sum / count as f32
-                    }
-                },
-            );
-        }
-    }
-
     /// The input positions along axis `axis` (0 rows, 1 columns; `len` of them) that the
     /// window of output position `o` covers.
     fn window(&self, o: usize, axis: usize, len: usize) -> std::ops::Range<usize> {
@@ -980,37 +941,71 @@ impl Pool2d {
         (x0.max(0) as usize).min(end)..end
     }
 
-    /// One plane of [`Pool2d::max`]: per output row, the maximum down the window's rows
-    /// (whole input rows at a time, so it vectorises), then across each window's columns.
-    fn max_plane(&self, src: &[f32], dst: &mut [f32]) {
+    /// One plane: per output row, the reduction down the window's rows (whole input rows
+    /// at a time, so it vectorises), then across each window's columns.
+    fn plane(&self, src: &[f32], dst: &mut [f32], r: Reduction) {
         #[cfg(target_arch = "x86_64")]
         if crate::sgemm::available() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.max_plane_avx2(src, dst) };
+            return unsafe { self.plane_avx2(src, dst, r) };
         }
-        self.max_plane_any(src, dst)
+        self.plane_any(src, dst, r)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn max_plane_avx2(&self, src: &[f32], dst: &mut [f32]) {
-        self.max_plane_any(src, dst)
+    unsafe fn plane_avx2(&self, src: &[f32], dst: &mut [f32], r: Reduction) {
+        self.plane_any(src, dst, r)
     }
 
     #[inline(always)]
-    fn max_plane_any(&self, src: &[f32], dst: &mut [f32]) {
+    fn plane_any(&self, src: &[f32], dst: &mut [f32], r: Reduction) {
+        match r {
+            // (Down the rows with `f32::max`: `bigger` there compiles to masked stores.)
+            Reduction::Max => self.rows(src, dst, f32::NEG_INFINITY, f32::max, bigger, |m, _| m),
+            Reduction::Average { include_pad } => {
+                let all = self.kernel[0] * self.kernel[1];
+                let add = |a: f32, v: f32| a + v;
+                self.rows(src, dst, 0.0, add, add, move |sum, count| {
+                    let count = if include_pad { all } else { count };
+                    if count == 0 {
+                        0.0
+                    } else {
+                        sum / count as f32
+                    }
+                })
+            }
+        }
+    }
+
+    /// [`Pool2d::plane`] with its reduction spelled out: `down` folds each window row into
+    /// the column totals (from `init`), `across` folds a window's columns, and `finish`
+    /// turns that into the output given the number of input positions in the window.
+    #[inline(always)]
+    fn rows(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        init: f32,
+        down: impl Fn(f32, f32) -> f32,
+        across: impl Fn(f32, f32) -> f32 + Copy,
+        finish: impl Fn(f32, usize) -> f32 + Copy,
+    ) {
         let [h, w] = self.hw;
         let ow = self.out_hw().map_or(1, |[_, ow]| ow).max(1);
-        let mut column = vec![f32::NEG_INFINITY; w];
+        let mut column = vec![init; w];
         for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
             let ys = self.window(oy, 0, h);
-            column.fill(f32::NEG_INFINITY);
+            let rows = ys.len();
+            column.fill(init);
             for yy in ys {
                 for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
-                    *c = c.max(v);
+                    *c = down(*c, v);
                 }
             }
-            self.across(&column, out_row, f32::NEG_INFINITY, bigger, |m, _| m);
+            self.across(&column, out_row, init, across, move |v, cols| {
+                finish(v, rows * cols)
+            });
         }
     }
 

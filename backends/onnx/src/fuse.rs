@@ -721,14 +721,18 @@ fn gemm_as_matmul(gemm: &NodeProto, constants: &mut HashMap<String, Tensor>) -> 
         None => None,
         Some(c) => {
             let t = constants.get(c)?;
-            let row = t.dims() == [n] || t.dims() == [1, n];
-            if !row || t.dtype() != candle_core::DType::F32 {
+            if t.dtype() != candle_core::DType::F32 {
                 return None;
             }
-            let name = format!("{c}::row");
-            let t = t.reshape(n).ok()?;
-            constants.insert(name.clone(), t);
-            Some(name)
+            if t.dims() == [n] {
+                Some(c.clone())
+            } else if t.dims() == [1, n] {
+                let (name, t) = (format!("{c}::row"), t.reshape(n).ok()?);
+                constants.insert(name.clone(), t);
+                Some(name)
+            } else {
+                return None;
+            }
         }
     };
     let weight = if trans_b {

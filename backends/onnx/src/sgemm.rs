@@ -306,6 +306,30 @@ mod avx2 {
         }
     }
 
+    /// One row of a tile as stored: the 16 start values at `start`, plus the row bias
+    /// `bias`, the column biases `col` and the products `acc`, then ReLU if `relu`.
+    #[inline(always)]
+    unsafe fn finish(
+        start: *const f32,
+        bias: f32,
+        col: (__m256, __m256),
+        acc: (__m256, __m256),
+        relu: bool,
+    ) -> (__m256, __m256) {
+        unsafe {
+            let b = _mm256_set1_ps(bias);
+            let s0 = _mm256_add_ps(_mm256_loadu_ps(start), _mm256_add_ps(b, col.0));
+            let s1 = _mm256_add_ps(_mm256_loadu_ps(start.add(8)), _mm256_add_ps(b, col.1));
+            let (mut v0, mut v1) = (_mm256_add_ps(s0, acc.0), _mm256_add_ps(s1, acc.1));
+            if relu {
+                let zero = _mm256_setzero_ps();
+                v0 = _mm256_max_ps(v0, zero);
+                v1 = _mm256_max_ps(v1, zero);
+            }
+            (v0, v1)
+        }
+    }
+
     /// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of row `j`.
     #[inline(always)]
     unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -449,15 +473,7 @@ mod avx2 {
                 let (sp, srs) = start.unwrap_or((zeros.as_ptr(), 0));
                 for r in 0..R {
                     let (row, s) = (c.ptr.add(r * c.rs), sp.add(r * srs));
-                    let b = _mm256_broadcast_ss(&*rb.add(r * rbs));
-                    let s0 = _mm256_add_ps(_mm256_loadu_ps(s), _mm256_add_ps(b, col.0));
-                    let s1 = _mm256_add_ps(_mm256_loadu_ps(s.add(8)), _mm256_add_ps(b, col.1));
-                    let mut v0 = _mm256_add_ps(s0, lo[r]);
-                    let mut v1 = _mm256_add_ps(s1, hi[r]);
-                    if relu {
-                        v0 = _mm256_max_ps(v0, zero);
-                        v1 = _mm256_max_ps(v1, zero);
-                    }
+                    let (v0, v1) = finish(s, *rb.add(r * rbs), col, (lo[r], hi[r]), relu);
                     _mm256_storeu_ps(row, v0);
                     _mm256_storeu_ps(row.add(8), v1);
                 }
@@ -472,15 +488,7 @@ mod avx2 {
                         *v = *sp.add(r * srs + jj * c.cs);
                     }
                 }
-                let b = _mm256_broadcast_ss(&*rb.add(r * rbs));
-                let s0 = _mm256_add_ps(_mm256_loadu_ps(t.as_ptr()), _mm256_add_ps(b, col.0));
-                let s1 = _mm256_add_ps(_mm256_loadu_ps(t.as_ptr().add(8)), _mm256_add_ps(b, col.1));
-                let mut v0 = _mm256_add_ps(s0, lo[r]);
-                let mut v1 = _mm256_add_ps(s1, hi[r]);
-                if relu {
-                    v0 = _mm256_max_ps(v0, zero);
-                    v1 = _mm256_max_ps(v1, zero);
-                }
+                let (v0, v1) = finish(t.as_ptr(), *rb.add(r * rbs), col, (lo[r], hi[r]), relu);
                 _mm256_storeu_ps(t.as_mut_ptr(), v0);
                 _mm256_storeu_ps(t.as_mut_ptr().add(8), v1);
                 for (jj, v) in t.iter().enumerate().take(nc) {

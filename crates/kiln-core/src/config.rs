@@ -224,7 +224,6 @@ pub fn normalize(
             policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })),
         });
     }
-    // As Triton: dynamic batching without preferred sizes prefers max_batch_size.
     // Triton's sequence batcher defaults: the Direct strategy, 1 s of idle time.
     if let Some(SchedulingChoice::SequenceBatching(sb)) = &mut cfg.scheduling_choice {
         if sb.max_sequence_idle_microseconds == 0 {
@@ -236,6 +235,7 @@ pub fn normalize(
             ));
         }
     }
+    // As Triton: dynamic batching without preferred sizes prefers max_batch_size.
     if let Some(SchedulingChoice::DynamicBatching(db)) = &mut cfg.scheduling_choice {
         if db.preferred_batch_size.is_empty() && cfg.max_batch_size > 0 {
             db.preferred_batch_size.push(cfg.max_batch_size);

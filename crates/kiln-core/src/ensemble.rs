@@ -7,27 +7,21 @@
 //! outputs are then answered as any model's are. Checked at load: the steps form a graph
 //! from the ensemble's inputs to all of its outputs, and the composing models are ready
 //! and have the tensors the maps name.
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use kiln_proto::inference::{model_config::SchedulingChoice, ModelConfig};
-use kiln_sdk::DataType;
 
 use crate::error::{CoreError, CoreResult};
 use crate::model::ModelShared;
-use crate::repository::{self, VersionState};
+use crate::repository::{self, Models};
 use crate::request::{InferRequest, InferResponse, InputTensor, RequestedOutput, ResponseEvent};
 use crate::sink::ResponseSink;
 use crate::stats::ComputeTimes;
 
 /// The platform name that makes a config an ensemble.
 pub const PLATFORM: &str = "ensemble";
-
-/// Every model's versions, shared with the repository so that steps find the composing
-/// models' current versions.
-pub(crate) type Models = Arc<RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>>;
 
 /// Whether `cfg` describes an ensemble.
 pub fn is_ensemble(cfg: &ModelConfig) -> bool {
@@ -67,14 +61,6 @@ pub struct Ensemble {
     models: Models,
 }
 
-/// A tensor flowing between steps.
-#[derive(Clone)]
-struct Value {
-    dtype: DataType,
-    shape: Vec<i64>,
-    data: Bytes,
-}
-
 impl Ensemble {
     /// The steps of `cfg`, checked: every step reads ensemble inputs or tensors earlier
     /// steps write, no tensor is written twice, every ensemble output is written, and each
@@ -88,7 +74,7 @@ impl Ensemble {
                 "must specify one or more 'step' in 'ensemble_scheduling'".into(),
             ));
         }
-        let sorted = |m: &std::collections::HashMap<String, String>| {
+        let sorted = |m: &HashMap<String, String>| {
             let mut v: Vec<(String, String)> =
                 m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             v.sort();
@@ -241,17 +227,11 @@ impl Ensemble {
     }
 
     async fn run(&self, shared: &ModelShared, request: &InferRequest) -> CoreResult<InferResponse> {
-        let mut values: HashMap<String, Value> = request
+        // Ensemble tensors by name (each held as the tensor its producer answered).
+        let mut values: HashMap<String, InputTensor> = request
             .inputs
             .iter()
-            .map(|t| {
-                let v = Value {
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    data: t.data.clone(),
-                };
-                (t.name.clone(), v)
-            })
+            .map(|t| (t.name.clone(), t.clone()))
             .collect();
         let mut done = vec![false; self.steps.len()];
         loop {
@@ -287,7 +267,8 @@ impl Ensemble {
                 };
                 for out in response.outputs {
                     if let Some((_, t)) = step.outputs.iter().find(|(o, _)| *o == out.name) {
-                        let v = Value {
+                        let v = InputTensor {
+                            name: t.clone(),
                             dtype: out.dtype,
                             shape: out.shape,
                             data: out.data,
@@ -321,7 +302,7 @@ impl Ensemble {
         &self,
         step: &Step,
         request: &InferRequest,
-        values: &HashMap<String, Value>,
+        values: &HashMap<String, InputTensor>,
     ) -> CoreResult<crate::request::ResponseStream> {
         let mv = repository::find(&self.models, &step.model, step.version)?;
         if mv.shared.is_decoupled() {
@@ -344,9 +325,7 @@ impl Ensemble {
             .filter_map(|(input, t)| {
                 values.get(t).map(|v| InputTensor {
                     name: input.clone(),
-                    dtype: v.dtype,
-                    shape: v.shape.clone(),
-                    data: v.data.clone(),
+                    ..v.clone()
                 })
             })
             .collect();

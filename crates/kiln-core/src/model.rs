@@ -660,7 +660,8 @@ fn queue_policy(q: Option<&ModelQueuePolicy>) -> QueuePolicy {
     }
 }
 
-/// The scheduler settings of `dynamic_batching` (none: the default scheduler).
+/// The scheduler settings of `dynamic_batching`, or those of a `sequence_batching` model
+/// (one request at a time, each sequence on one instance); neither: the default scheduler.
 fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
     let db = match &cfg.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(db)) => db,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use kiln_proto::inference::{model_version_policy::PolicyChoice, ModelConfig};
 
 use crate::config;
-use crate::ensemble::{self, Models};
+use crate::ensemble;
 use crate::error::{CoreError, CoreResult, ErrorKind};
 use crate::loader;
 use crate::model::{gpu_count, ModelShared, ModelVersion};
@@ -67,6 +67,10 @@ pub struct IndexEntry {
     /// Why it is not ready.
     pub reason: String,
 }
+
+/// Every model's versions and their states, shared with the ensembles (whose steps look
+/// up the composing models' current versions).
+pub(crate) type Models = Arc<RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>>;
 
 /// Owns every model's versions and their states.
 pub struct ModelManager {

@@ -441,19 +441,7 @@ impl Scheduler {
                 if *closed {
                     return None;
                 }
-                let wait = st
-                    .queues
-                    .next_deadline()
-                    .map(|d| d.saturating_duration_since(now));
-                st = match wait {
-                    Some(w) => {
-                        self.ready
-                            .wait_timeout(st, w)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    None => self.ready.wait(st).unwrap_or_else(|p| p.into_inner()),
-                };
+                st = self.wait(st, None, now);
                 continue;
             }
             let items: Vec<QueuedItem<'_>> = st
@@ -479,16 +467,32 @@ impl Scheduler {
                 }
                 // Closing: no more requests will arrive to fill the batch; drain one at a time.
                 Decision::WaitUntil(_) if st.closed => return Some(st.queues.take(1)),
-                Decision::WaitUntil(t) => {
-                    let t = st.queues.next_deadline().map_or(t, |d| d.min(t));
-                    let wait = t.saturating_duration_since(now);
-                    st = self
-                        .ready
-                        .wait_timeout(st, wait)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
+                Decision::WaitUntil(t) => st = self.wait(st, Some(t), now),
             }
+        }
+    }
+
+    /// Waits for a new request, or until `until` or the next queue timeout, whichever
+    /// comes first (with neither, until a request arrives).
+    fn wait<'a>(
+        &self,
+        st: MutexGuard<'a, QueueState>,
+        until: Option<Instant>,
+        now: Instant,
+    ) -> MutexGuard<'a, QueueState> {
+        let t = match (until, st.queues.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match t {
+            Some(t) => {
+                let wait = t.saturating_duration_since(now);
+                self.ready
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self.ready.wait(st).unwrap_or_else(|p| p.into_inner()),
         }
     }
 }
