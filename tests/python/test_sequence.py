@@ -46,8 +46,10 @@ MODELS = {
     # Triton's default idle time (1 s).
     "seq": config("seq", ""),
     "seq_short": config("seq_short", "max_sequence_idle_microseconds: 100000"),
+    # An implicit state whose initial_state file is missing (working state: test_sequence_state.py).
     "seq_state": config("seq_state", "", 'state [ { input_name: "INPUT_S" output_name: "OUTPUT_S" '
-                        'data_type: TYPE_INT32 dims: [ 1 ] } ]'),
+                        'data_type: TYPE_INT32 dims: [ 1 ] initial_state { data_type: TYPE_INT32 '
+                        'dims: [ 1 ] data_file: "missing.bin" name: "i" } } ]'),
     # Warm-up samples run as one-request sequences.
     "seq_warm": config("seq_warm", "") + 'model_warmup [ { name: "w" batch_size: 2 inputs { key: "INPUT0" '
                                           'value: { data_type: TYPE_INT32 dims: [ 1 ] zero_data: true } } } ]\n',
@@ -120,7 +122,7 @@ def test_an_idle_sequence_is_released(served):
     assert "must specify the START flag" in str(e.value)
 
 
-def test_config_shows_triton_defaults_and_implicit_state_fails_to_load(served):
+def test_config_shows_triton_defaults_and_a_missing_initial_state_fails_the_load(served):
     c = httpclient.InferenceServerClient(url=served.url)
     sb = c.get_model_config("seq")["sequence_batching"]
     assert int(sb["max_sequence_idle_microseconds"]) == 1000000
@@ -130,4 +132,5 @@ def test_config_shows_triton_defaults_and_implicit_state_fails_to_load(served):
     assert index["seq"]["state"] == "READY"
     assert index["seq_warm"]["state"] == "READY", index["seq_warm"]
     assert index["seq_state"]["state"] == "UNAVAILABLE"
-    assert "implicit state" in index["seq_state"]["reason"]
+    assert "initial state file" in index["seq_state"]["reason"]
+    assert "missing.bin" in index["seq_state"]["reason"]

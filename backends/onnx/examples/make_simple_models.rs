@@ -7,7 +7,8 @@
 //! `ai.onnx.ml` preprocessing, linear models and tree ensembles (`ml_*.onnx`), and
 //! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`), and a
 //! scikit-learn-style text pipeline (`text_pipeline.onnx`) and sequences inside a graph
-//! (`seq_pipeline.onnx`), and a `Scan` (`scan_rows.onnx`).
+//! (`seq_pipeline.onnx`), and a `Scan` (`scan_rows.onnx`), and two accumulators whose
+//! running sum Triton keeps as implicit state (`state_*.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -1123,6 +1124,34 @@ fn scan_rows() -> ModelProto {
     )
 }
 
+/// Triton QA's implicit-state accumulator (INT32 [batch, 1]): OUTPUT_STATE is INPUT on a
+/// request flagged START (control input START, 0/1) and INPUT + INPUT_STATE otherwise;
+/// OUTPUT repeats it. Without `start`, it always adds (for a state that starts from an
+/// `initial_state`).
+fn state_accumulator(start: bool) -> ModelProto {
+    let int32 = |n| tensor(n, DataType::Int32, &[None, Some(1)]);
+    let mut nodes = vec![node("Add", &["INPUT", "INPUT_STATE"], "sum")];
+    let mut inputs = vec![int32("INPUT"), int32("INPUT_STATE")];
+    if start {
+        nodes.push(cast("START", "is_start", DataType::Bool));
+        let mut pick = node("Where", &["is_start", "INPUT", "sum"], "OUTPUT_STATE");
+        pick.name = "pick".into();
+        nodes.push(pick);
+        inputs.push(int32("START"));
+    } else {
+        nodes.push(node("Identity", &["sum"], "OUTPUT_STATE"));
+    }
+    nodes.push(node("Identity", &["OUTPUT_STATE"], "OUTPUT"));
+    model(
+        if start { "state_start" } else { "state_sum" },
+        13,
+        nodes,
+        inputs,
+        vec![int32("OUTPUT"), int32("OUTPUT_STATE")],
+        vec![],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -1162,6 +1191,8 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("text_pipeline.onnx"), &text_pipeline())?;
         write(&dir.join("seq_pipeline.onnx"), &seq_pipeline())?;
         write(&dir.join("scan_rows.onnx"), &scan_rows())?;
+        write(&dir.join("state_start.onnx"), &state_accumulator(true))?;
+        write(&dir.join("state_sum.onnx"), &state_accumulator(false))?;
     }
     Ok(())
 }

@@ -206,19 +206,20 @@ pub(crate) fn register_request(
             byte_len: t.data.len(),
         })
         .collect();
-    let requested = if request.outputs.is_empty() {
-        model
-            .output_names
-            .iter()
-            .map(|n| KilnStr::from_str(n))
-            .collect()
+    let mut names: Vec<&str> = if request.outputs.is_empty() {
+        model.output_names.iter().map(String::as_str).collect()
     } else {
-        request
-            .outputs
-            .iter()
-            .map(|o| KilnStr::from_str(&o.name))
-            .collect()
+        request.outputs.iter().map(|o| o.name.as_str()).collect()
     };
+    // A sequence model's state outputs are always produced: the next request reads them.
+    if let Some(seq) = &model.sequences {
+        for name in seq.state_outputs() {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    let requested = names.into_iter().map(KilnStr::from_str).collect();
     let params_json = serde_json::Value::Object(request.parameters.clone()).to_string();
     let inflight = Arc::new(Inflight {
         request,

@@ -21,6 +21,7 @@ pub mod repository;
 pub mod request;
 pub mod reshape;
 pub mod scheduler;
+mod seq_state;
 pub mod sequence;
 pub mod server;
 pub mod shm;

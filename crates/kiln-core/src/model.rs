@@ -130,7 +130,7 @@ impl ModelShared {
                 labels.insert(o.name.clone(), text.lines().map(str::to_string).collect());
             }
         }
-        let sequences = crate::sequence::Sequences::from_config(&config)?;
+        let sequences = crate::sequence::Sequences::from_config(&config, model_dir)?;
         Ok(ModelShared {
             sequences,
             name: config.name.clone(),
@@ -339,6 +339,9 @@ pub(crate) fn build_response(
     req: &InferRequest,
     produced: Vec<(String, DataType, Vec<i64>, Vec<u8>)>,
 ) -> CoreResult<Vec<OutputTensor>> {
+    if let Some(seq) = &model.sequences {
+        seq.keep_state(req, &produced)?;
+    }
     let mut produced: Vec<Option<OutputTensor>> = produced
         .into_iter()
         .map(|(n, d, s, b)| {
@@ -716,7 +719,15 @@ fn run_instance(
         let mut views = Vec::with_capacity(batch.len());
         for p in batch {
             let queue = exec_start.saturating_duration_since(p.enqueued);
-            let (h, inf) = host::register_request(p.request, shared.clone(), p.sink);
+            let request = match shared
+                .sequences
+                .as_ref()
+                .and_then(|s| s.with_state(&p.request))
+            {
+                Some(with_state) => with_state,
+                None => p.request,
+            };
+            let (h, inf) = host::register_request(request, shared.clone(), p.sink);
             views.push(KilnRequestView {
                 handle: h as *mut abi::KilnRequest,
                 id: KilnStr::from_str(&inf.request.id),

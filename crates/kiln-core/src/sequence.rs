@@ -4,10 +4,11 @@
 //! `max_sequence_idle_microseconds` without a request, and each request reaches the model
 //! with the control tensors `control_input` asks for (START, END, READY and CORRID), whose
 //! values follow the request's flags. Each request runs alone, and a sequence's requests
-//! run in arrival order on the instance that took its START (`scheduler.rs`); implicit
-//! state (`state`) is not supported and fails the load.
+//! run in arrival order on the instance that took its START (`scheduler.rs`), which is
+//! also when its implicit state (`state`, `seq_state.rs`) is added.
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use kiln_sdk::DataType;
 
 use crate::error::{CoreError, CoreResult};
 use crate::request::{InferRequest, InputTensor};
+use crate::seq_state::ImplicitStates;
 
 /// The request flag that starts a sequence.
 pub const FLAG_START: u32 = 1;
@@ -43,20 +45,22 @@ pub struct Sequences {
     batched: bool,
     /// Live sequences and when each last had a request.
     live: Mutex<HashMap<u64, Instant>>,
+    states: ImplicitStates,
 }
 
 impl Sequences {
-    /// The sequence batcher `cfg` asks for, if any; an error for what Kiln does not do.
-    pub(crate) fn from_config(cfg: &ModelConfig) -> CoreResult<Option<Sequences>> {
+    /// The sequence batcher `cfg` asks for, if any (initial state files are read from
+    /// `model_dir`); an error for what Kiln does not do.
+    pub(crate) fn from_config(
+        cfg: &ModelConfig,
+        model_dir: &Path,
+    ) -> CoreResult<Option<Sequences>> {
         let Some(SchedulingChoice::SequenceBatching(sb)) = &cfg.scheduling_choice else {
             return Ok(None);
         };
         let bad = |msg: String| CoreError::invalid(format!("model '{}': {msg}", cfg.name));
-        if !sb.state.is_empty() {
-            return Err(bad(
-                "sequence_batching 'state' (implicit state) is not supported by Kiln".into(),
-            ));
-        }
+        let states =
+            ImplicitStates::from_config(&sb.state, cfg.max_batch_size > 0, model_dir, bad)?;
         let mut controls = Vec::new();
         for ci in &sb.control_input {
             for c in &ci.control {
@@ -96,7 +100,38 @@ impl Sequences {
             idle: Duration::from_micros(sb.max_sequence_idle_microseconds),
             batched: cfg.max_batch_size > 0,
             live: Mutex::new(HashMap::new()),
+            states,
         }))
+    }
+
+    /// `req` with the implicit state inputs of its sequence added, at the time it runs
+    /// (none when the model keeps no state).
+    pub(crate) fn with_state(&self, req: &Arc<InferRequest>) -> Option<Arc<InferRequest>> {
+        if self.states.is_empty() {
+            return None;
+        }
+        let mut with = InferRequest::clone(req);
+        with.inputs.extend(
+            self.states
+                .inputs(req.correlation_id, req.flags & FLAG_START != 0),
+        );
+        Some(Arc::new(with))
+    }
+
+    /// Keeps the state outputs of `req`'s response for the next request of its sequence.
+    pub(crate) fn keep_state(
+        &self,
+        req: &InferRequest,
+        produced: &[(String, DataType, Vec<i64>, Vec<u8>)],
+    ) -> CoreResult<()> {
+        let end = req.flags & FLAG_END != 0;
+        self.states
+            .keep(&self.model, req.correlation_id, end, produced)
+    }
+
+    /// The state outputs every execution must produce, requested or not.
+    pub(crate) fn state_outputs(&self) -> impl Iterator<Item = &str> {
+        self.states.output_names()
     }
 
     /// Checks `req`'s place in its sequence (Triton's errors for a missing correlation id
@@ -114,7 +149,15 @@ impl Sequences {
         {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            live.retain(|_, last| now.duration_since(*last) <= self.idle);
+            let idle: Vec<u64> = live
+                .iter()
+                .filter(|(_, last)| now.duration_since(**last) > self.idle)
+                .map(|(id, _)| *id)
+                .collect();
+            for gone in &idle {
+                live.remove(gone);
+            }
+            self.states.forget(&idle);
             if !start && !live.contains_key(&id) {
                 return Err(CoreError::invalid(format!(
                     "inference request for sequence {id} to model '{}' must specify the START flag on the first request of the sequence",
@@ -197,7 +240,7 @@ mod tests {
         );
         let cfg = crate::config::parse_pbtxt(std::path::Path::new("s/config.pbtxt"), &text)
             .expect("config parses");
-        Sequences::from_config(&cfg)
+        Sequences::from_config(&cfg, Path::new("."))
             .expect("supported")
             .expect("a sequence model")
     }
@@ -246,7 +289,7 @@ mod tests {
                     { name: \"S\" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 1 ] } ] } ] }";
         let cfg = crate::config::parse_pbtxt(std::path::Path::new("s/config.pbtxt"), text)
             .expect("config parses");
-        let e = Sequences::from_config(&cfg).unwrap_err();
+        let e = Sequences::from_config(&cfg, Path::new(".")).unwrap_err();
         assert!(e.message.contains("exactly two values"), "{}", e.message);
     }
 }
