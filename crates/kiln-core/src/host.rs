@@ -428,6 +428,18 @@ unsafe extern "C" fn h_response_send(
             "response_send: the request already has its final response",
         );
     }
+    if let (Some(ck), Some(cache), true, true) = (
+        inf.request.cache_key,
+        &inf.model.cache,
+        backend_err.is_none(),
+        last,
+    ) {
+        let insert_start = std::time::Instant::now();
+        cache.insert(ck.key, pending.outputs.clone());
+        inf.model
+            .stats
+            .record_cache_miss(ck.lookup + insert_start.elapsed());
+    }
     let event = match backend_err {
         Some(e) => ResponseEvent::Error(e),
         None => match crate::model::build_response(&inf.model, &inf.request, pending.outputs) {

@@ -66,6 +66,8 @@ pub struct ModelShared {
     pub stats: Arc<ModelStats>,
     /// The sequences and control tensors of a `sequence_batching` model.
     pub sequences: Option<crate::sequence::Sequences>,
+    /// The server's response cache, when this model uses it.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 type SpecFields<'a> = (
@@ -133,6 +135,7 @@ impl ModelShared {
         let sequences = crate::sequence::Sequences::from_config(&config, model_dir)?;
         Ok(ModelShared {
             sequences,
+            cache: None,
             name: config.name.clone(),
             version,
             config_json: config::to_json(&config),
@@ -144,6 +147,25 @@ impl ModelShared {
             stats: Arc::new(ModelStats::default()),
             config,
         })
+    }
+
+    /// Uses the server's response cache when the config enables it (`response_cache {
+    /// enable: true }`) and the model can be cached: not an ensemble, a sequence model or
+    /// a decoupled one (as in Triton).
+    pub fn with_cache(mut self, cache: Option<&Arc<crate::cache::ResponseCache>>) -> Self {
+        let enabled = self
+            .config
+            .response_cache
+            .as_ref()
+            .is_some_and(|c| c.enable);
+        if enabled
+            && self.sequences.is_none()
+            && !self.is_decoupled()
+            && !crate::ensemble::is_ensemble(&self.config)
+        {
+            self.cache = cache.cloned();
+        }
+        self
     }
 
     /// Whether the model may send any number of responses per request.
@@ -600,6 +622,18 @@ impl ModelVersion {
                 return Err(e);
             }
         }
+        if let Some(cache) = &self.shared.cache {
+            let lookup_start = Instant::now();
+            let key =
+                crate::cache::ResponseCache::key(&self.shared.name, self.shared.version, &request);
+            if let Some(produced) = cache.lookup(key) {
+                return self.answer_from_cache(request, &produced, lookup_start, sink);
+            }
+            request.cache_key = Some(crate::cache::CacheKey {
+                key,
+                lookup: lookup_start.elapsed(),
+            });
+        }
         if let Some(ensemble) = &self.ensemble {
             ensemble.start(self.shared.clone(), request, batch_size, sink);
             return Ok(());
@@ -620,6 +654,45 @@ impl ModelVersion {
                 .record_failure(arrival.elapsed(), FailReason::Rejected);
         }
         r
+    }
+
+    /// Answers `request` with the outputs the response cache held for it (a cache hit
+    /// counts as a success, not as an inference or an execution, as in Triton).
+    fn answer_from_cache(
+        &self,
+        request: InferRequest,
+        produced: &crate::cache::Produced,
+        lookup_start: Instant,
+        sink: ResponseSink,
+    ) -> CoreResult<()> {
+        let stats = &self.shared.stats;
+        let lookup = lookup_start.elapsed();
+        match build_response(&self.shared, &request, produced.clone()) {
+            Ok(outputs) => {
+                let response = crate::request::InferResponse {
+                    model_name: self.shared.name.clone(),
+                    model_version: self.shared.version,
+                    id: request.id.clone(),
+                    outputs,
+                };
+                let total = request.arrival.elapsed();
+                stats.record_cache_hit(
+                    total,
+                    lookup_start.saturating_duration_since(request.arrival),
+                    lookup,
+                );
+                stats.record_first_response(total);
+                sink.send(crate::request::ResponseEvent::Response {
+                    response,
+                    last: true,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                stats.record_failure(request.arrival.elapsed(), FailReason::Other);
+                Err(e)
+            }
+        }
     }
 
     /// Requests waiting in the queue.

@@ -31,6 +31,8 @@ pub struct RepositoryOptions {
     pub control_mode: ControlMode,
     /// `--load-model` names (`*` = all), used in explicit mode.
     pub startup_models: Vec<String>,
+    /// `--cache-config local,size=N`: the response cache models may enable.
+    pub response_cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// State of one model version.
@@ -435,7 +437,9 @@ impl ModelManager {
                 loader::find_and_open(&cfg.backend, dir, v, &self.opts.backend_directory)
                     .map_err(|e| CoreError::invalid(e.to_string()))
                     .and_then(|lib| {
-                        ModelVersion::load(ModelShared::new(cfg.clone(), v, dir)?, dir, lib)
+                        let shared = ModelShared::new(cfg.clone(), v, dir)?
+                            .with_cache(self.opts.response_cache.as_ref());
+                        ModelVersion::load(shared, dir, lib)
                     })
             };
             match r {

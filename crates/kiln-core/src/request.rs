@@ -69,6 +69,8 @@ pub struct InferRequest {
     pub inputs: Vec<InputTensor>,
     /// Requested outputs; empty means every output.
     pub outputs: Vec<RequestedOutput>,
+    /// Set by the core on a request that missed the response cache.
+    pub cache_key: Option<crate::cache::CacheKey>,
     /// When the front end received it.
     pub arrival: Instant,
 }
@@ -87,6 +89,7 @@ impl InferRequest {
             parameters: serde_json::Map::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            cache_key: None,
             arrival: Instant::now(),
         }
     }

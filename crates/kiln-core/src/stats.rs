@@ -102,6 +102,10 @@ pub struct StatsSnapshot {
     pub batch: BTreeMap<u64, [Dur; 3]>,
     /// Time from arrival to the first successful response.
     pub first_response: LatencyHistogram,
+    /// Response cache hits and their lookup times.
+    pub cache_hit: Dur,
+    /// Response cache misses and their lookup plus insertion times.
+    pub cache_miss: Dur,
 }
 
 /// Thread-safe statistics of one model version.
@@ -139,6 +143,23 @@ impl ModelStats {
             s.compute_output.add(compute.output);
             s.last_inference_ms = now_ms();
         })
+    }
+
+    /// A request answered from the response cache after `total`, having waited `queue`
+    /// before a lookup that took `lookup`.
+    pub fn record_cache_hit(&self, total: Duration, queue: Duration, lookup: Duration) {
+        self.with(|s| {
+            s.success.add(total);
+            s.queue.add(queue);
+            s.cache_hit.add(lookup);
+            s.last_inference_ms = now_ms();
+        })
+    }
+
+    /// A request that missed the response cache; `lookup_and_insert` is the time spent on
+    /// the cache.
+    pub fn record_cache_miss(&self, lookup_and_insert: Duration) {
+        self.with(|s| s.cache_miss.add(lookup_and_insert))
     }
 
     /// A request failed after `total`.
@@ -185,7 +206,6 @@ impl ModelStats {
     /// Triton's JSON for one entry of `model_stats`.
     pub fn to_json(&self, name: &str, version: i64) -> Value {
         let s = self.snapshot();
-        let zero = Dur::default().json();
         json!({
             "name": name,
             "version": version.to_string(),
@@ -199,8 +219,8 @@ impl ModelStats {
                 "compute_input": s.compute_input.json(),
                 "compute_infer": s.compute_infer.json(),
                 "compute_output": s.compute_output.json(),
-                "cache_hit": zero,
-                "cache_miss": zero,
+                "cache_hit": s.cache_hit.json(),
+                "cache_miss": s.cache_miss.json(),
             },
             "response_stats": {},
             "batch_stats": s.batch.iter().map(|(bs, d)| json!({

@@ -66,6 +66,30 @@ const COUNTERS: &[Metric<'static>] = &[
     ),
 ];
 
+/// Triton's per-model response cache counters, served for models that use the cache.
+const CACHE_COUNTERS: &[Metric<'static>] = &[
+    (
+        "nv_cache_num_hits_per_model",
+        "Number of cache hits per model",
+        |s| s.cache_hit.count,
+    ),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Total cache hit duration per model, in microseconds",
+        |s| s.cache_hit.ns / 1000,
+    ),
+    (
+        "nv_cache_num_misses_per_model",
+        "Number of cache misses per model",
+        |s| s.cache_miss.count,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Total cache miss (insert+lookup) duration per model, in microseconds",
+        |s| s.cache_miss.ns / 1000,
+    ),
+];
+
 fn counter(
     r: &Registry,
     name: &str,
@@ -159,10 +183,13 @@ pub fn render(
 ) -> prometheus::Result<String> {
     let r = Registry::new();
     let labels = ["model", "version"];
-    let counters: Vec<(IntCounterVec, _)> = COUNTERS
-        .iter()
-        .map(|(name, help, value)| Ok((counter(&r, name, help, &labels)?, *value)))
-        .collect::<prometheus::Result<_>>()?;
+    let family = |list: &[Metric<'static>]| -> prometheus::Result<Vec<(IntCounterVec, _)>> {
+        list.iter()
+            .map(|(name, help, value)| Ok((counter(&r, name, help, &labels)?, *value)))
+            .collect()
+    };
+    let counters = family(COUNTERS)?;
+    let cache_counters = family(CACHE_COUNTERS)?;
     let failure = counter(
         &r,
         "nv_inference_request_failure",
@@ -184,6 +211,11 @@ pub fn render(
         let snap = mv.shared.stats.snapshot();
         for (c, value) in &counters {
             c.with_label_values(&lv).inc_by(value(&snap));
+        }
+        if mv.shared.cache.is_some() {
+            for (c, value) in &cache_counters {
+                c.with_label_values(&lv).inc_by(value(&snap));
+            }
         }
         for reason in FailReason::ALL {
             failure

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use kiln_core::cache::ResponseCache;
 use kiln_core::{ControlMode, LogSettings, RepositoryOptions, Server, ServerOptions};
 use tracing_subscriber::{prelude::*, reload, EnvFilter};
 
@@ -118,6 +119,13 @@ struct Args {
     /// Seconds to let in-flight requests finish on shutdown.
     #[arg(long = "exit-timeout-secs", default_value_t = 30)]
     exit_timeout_secs: u64,
+    /// Response cache, `<cache>,<key>=<value>` (repeatable): `local,size=<bytes>` caches
+    /// the responses of models whose config has `response_cache { enable: true }`.
+    #[arg(long = "cache-config")]
+    cache_config: Vec<String>,
+    /// Deprecated form of `--cache-config local,size=<bytes>` (as in tritonserver).
+    #[arg(long = "response-cache-byte-size")]
+    response_cache_byte_size: Option<usize>,
     /// Largest accepted HTTP request body, in bytes.
     #[arg(long = "http-max-input-size", default_value_t = 64 * 1024 * 1024)]
     http_max_input_size: usize,
@@ -188,6 +196,13 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
             args.model_repository.display()
         )
     })?;
+    let mut cache_settings = args.cache_config.clone();
+    if let Some(size) = args.response_cache_byte_size {
+        cache_settings.push(format!("local,size={size}"));
+    }
+    let response_cache = ResponseCache::from_settings(&cache_settings)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .map(Arc::new);
     let opts = ServerOptions {
         repository: RepositoryOptions {
             repository: repo,
@@ -200,6 +215,7 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
                 Mode::Explicit => ControlMode::Explicit,
             },
             startup_models: args.load_model.clone(),
+            response_cache,
         },
         strict_readiness: args.strict_readiness,
         log_verbose: args.log_verbose,
