@@ -146,3 +146,28 @@ def test_a_client_cannot_send_the_state_input_and_a_bad_initial_state_fails_its_
     assert index["acc_short"]["state"] == "UNAVAILABLE"
     assert "holds 2 bytes" in index["acc_short"]["reason"]
     assert all(index[m]["state"] == "READY" for m in ("acc", "acc_debug", "acc_file", "acc_zero"))
+
+
+def test_concurrent_sequences_keep_their_own_state_when_batched_together(served):
+    """Many sequences at once: their requests may share executions (one request per
+    sequence per batch), and each sum must still be its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(sid):
+        c = client(grpcclient, served)
+        got = []
+        for step in range(12):
+            flags = dict(sequence_start=step == 0, sequence_end=step == 11)
+            got.append(int(send(c, grpcclient, "acc", sid, sequence_id=sid, **flags).as_numpy("OUTPUT")[0, 0]))
+        return got
+
+    before = client(httpclient, served).get_inference_statistics("acc")["model_stats"][0]
+    ids = list(range(101, 117))
+    with ThreadPoolExecutor(len(ids)) as pool:
+        results = dict(zip(ids, pool.map(run, ids)))
+    for sid, got in results.items():
+        assert got == [sid * (n + 1) for n in range(12)], sid
+    after = client(httpclient, served).get_inference_statistics("acc")["model_stats"][0]
+    assert int(after["inference_count"]) - int(before["inference_count"]) == 12 * len(ids)
+    print("executions for", 12 * len(ids), "requests:",
+          int(after["execution_count"]) - int(before["execution_count"]))

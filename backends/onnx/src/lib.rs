@@ -496,7 +496,12 @@ impl Instance for OnnxInstance {
                 .iter()
                 .map(|r| r.require_input(name))
                 .collect::<Result<Vec<_>>>()?;
-            joined.push(kiln_sdk::concat_batch(name, &tensors)?);
+            match kiln_sdk::concat_batch(name, &tensors) {
+                Ok(t) => joined.push(t),
+                // Tensors the core adds (a sequence's implicit state) may differ in shape
+                // from one request to the next: those run one by one.
+                Err(_) => return kiln_sdk::infer_each(self, requests),
+            }
         }
         let outputs = match self.run(
             names

@@ -76,9 +76,11 @@ impl ResponseCache {
                         format!("--cache-config local,size must be a number of bytes, got '{v}'")
                     })?)
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unsupported --cache-config key '{k}' for the local cache (supported: size)"
-                )),
+                ))
+                }
             }
         }
         Ok(size.filter(|&n| n > 0).map(ResponseCache::new))

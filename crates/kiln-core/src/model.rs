@@ -742,10 +742,17 @@ fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
     let db = match &cfg.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(db)) => db,
         Some(SchedulingChoice::SequenceBatching(_)) => {
+            // Requests of different sequences run together, up to max_batch_size, with
+            // what is queued when an instance is free.
             return SchedulerPolicy {
                 sequences: true,
+                batching: (cfg.max_batch_size > 1).then(|| BatchPolicy {
+                    max_batch_size: cfg.max_batch_size as u64,
+                    preferred: Vec::new(),
+                    max_delay: Duration::ZERO,
+                }),
                 ..Default::default()
-            }
+            };
         }
         _ => return SchedulerPolicy::default(),
     };

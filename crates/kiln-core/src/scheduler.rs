@@ -174,6 +174,38 @@ pub fn decide(policy: Option<&BatchPolicy>, queue: &[QueuedItem<'_>], now: Insta
     Decision::WaitUntil(deadline)
 }
 
+/// The chooser of a sequence model's next batch on `instance`: in queue order, the first
+/// request of each sequence that is bound to this instance (or not bound yet), while the
+/// batch has room (`batching`; without it, one request) and the same non-batch shapes as
+/// its first request. A sequence whose first queued request cannot join adds none of its
+/// later ones, so each sequence's requests still run in order.
+fn sequence_batch<'a>(
+    bound: &'a HashMap<u64, usize>,
+    instance: usize,
+    batching: Option<&'a BatchPolicy>,
+) -> impl FnMut(&Pending) -> bool + 'a {
+    let max = batching.map_or(1, |b| b.max_batch_size.max(1));
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut shape: Option<Vec<Vec<i64>>> = None;
+    move |p: &Pending| {
+        let id = p.request.correlation_id;
+        if !seen.insert(id) || bound.get(&id).is_some_and(|&i| i != instance) {
+            return false;
+        }
+        let size = if batching.is_some() { p.batch_size } else { 1 };
+        let fits = match &shape {
+            None => true,
+            Some(s) => *s == p.shape_key && total + size <= max,
+        };
+        if fits {
+            shape.get_or_insert_with(|| p.shape_key.clone());
+            total += size;
+        }
+        fits
+    }
+}
+
 /// The queued requests of one model: per priority level, those in time and those
 /// delayed by an expired timeout (`timeout_action: DELAY`). Dispatch order is level 1
 /// first, and within a level FIFO, delayed requests after the others.
@@ -267,16 +299,23 @@ impl Queues {
             .flat_map(|(main, delayed)| main.iter().chain(delayed.iter()))
     }
 
-    /// Takes the first request in dispatch order that `eligible` accepts.
-    pub fn take_first(&mut self, eligible: impl Fn(&Pending) -> bool) -> Option<Pending> {
+    /// Visits every request once, in dispatch order, and takes those `pick` accepts.
+    pub fn take_each(&mut self, mut pick: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
+        let mut out = Vec::new();
         for (main, delayed) in &mut self.levels {
             for q in [main, delayed] {
-                if let Some(i) = q.iter().position(&eligible) {
-                    return q.remove(i);
+                let mut kept = VecDeque::with_capacity(q.len());
+                for p in q.drain(..) {
+                    if pick(&p) {
+                        out.push(p);
+                    } else {
+                        kept.push_back(p);
+                    }
                 }
+                *q = kept;
             }
         }
-        None
+        out
     }
 
     /// Takes the first `n` requests in dispatch order.
@@ -422,20 +461,23 @@ impl Scheduler {
                     bound,
                     closed,
                 } = &mut *st;
-                let mine = |p: &Pending| {
-                    let id = p.request.correlation_id;
-                    bound.get(&id).is_none_or(|&i| i == instance)
-                };
-                if let Some(p) = queues.take_first(mine) {
-                    let id = p.request.correlation_id;
-                    if p.request.flags & crate::sequence::FLAG_END != 0 {
-                        bound.remove(&id);
-                    } else {
-                        bound.insert(id, instance);
+                let batch = queues.take_each(sequence_batch(
+                    bound,
+                    instance,
+                    self.policy.batching.as_ref(),
+                ));
+                if !batch.is_empty() {
+                    for p in &batch {
+                        let id = p.request.correlation_id;
+                        if p.request.flags & crate::sequence::FLAG_END != 0 {
+                            bound.remove(&id);
+                        } else {
+                            bound.insert(id, instance);
+                        }
                     }
                     drop(st);
                     self.ready.notify_all();
-                    return Some(vec![p]);
+                    return Some(batch);
                 }
                 // What is queued belongs to other instances.
                 if *closed {
@@ -781,6 +823,49 @@ mod tests {
         assert_eq!(take(1), None);
         assert_eq!(take(0).as_deref(), Some("s1-mid"));
         assert_eq!(take(0).as_deref(), Some("s1-end"));
+        assert_eq!(take(0), None);
+    }
+
+    #[test]
+    fn sequences_batch_together_one_request_each_in_order() {
+        let policy = SchedulerPolicy {
+            sequences: true,
+            batching: Some(policy(3, &[], 0)),
+            ..Default::default()
+        };
+        let s = Scheduler::new(policy, Arc::new(ModelStats::default()));
+        let mut keep = Vec::new();
+        let wide = vec![vec![2i64]];
+        // (correlation id, label, non-batch shape), in arrival order.
+        for (id, label, shape) in [
+            (1, "s1-a", vec![]),
+            (2, "s2-a", vec![]),
+            (1, "s1-b", vec![]),
+            (3, "s3-a", wide.clone()),
+            (3, "s3-b", vec![]),
+            (4, "s4-a", vec![]),
+            (5, "s5-a", vec![]),
+        ] {
+            let (mut p, rx) = pending(0, 0, Instant::now());
+            let mut r = (*p.request).clone();
+            (r.correlation_id, r.flags, r.id) = (id, 1, label.to_string());
+            p.request = Arc::new(r);
+            p.shape_key = shape;
+            keep.push(rx);
+            s.enqueue(p).unwrap();
+        }
+        s.close();
+        let take = |instance| {
+            s.next_batch_for(instance)
+                .map(|b| b.iter().map(|p| p.request.id.clone()).collect::<Vec<_>>())
+        };
+        // s1's second request waits for its first; s3's first has another shape, so its
+        // second may not pass it; the batch stops at max_batch_size 3.
+        assert_eq!(take(0).unwrap(), ["s1-a", "s2-a", "s4-a"]);
+        // Instance 1 takes what is not bound to instance 0.
+        assert_eq!(take(1).unwrap(), ["s3-a"]);
+        assert_eq!(take(0).unwrap(), ["s1-b", "s5-a"]);
+        assert_eq!(take(1).unwrap(), ["s3-b"]);
         assert_eq!(take(0), None);
     }
 }

@@ -3,9 +3,10 @@
 //! begins with a request flagged START and is forgotten after END or after
 //! `max_sequence_idle_microseconds` without a request, and each request reaches the model
 //! with the control tensors `control_input` asks for (START, END, READY and CORRID), whose
-//! values follow the request's flags. Each request runs alone, and a sequence's requests
-//! run in arrival order on the instance that took its START (`scheduler.rs`), which is
-//! also when its implicit state (`state`, `seq_state.rs`) is added.
+//! values follow the request's flags. A sequence's requests run in arrival order on the
+//! instance that took its START, one per execution, beside those of other sequences up to
+//! `max_batch_size` (`scheduler.rs`); its implicit state (`state`, `seq_state.rs`) is
+//! added when it runs.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
