@@ -105,6 +105,10 @@ impl Inflight {
             return;
         };
         st.stats_recorded = true;
+        // Both the outcome and the execution are over (as Triton's request release).
+        if let Some(t) = &self.request.trace {
+            t.stamp("REQUEST_END");
+        }
         let total = self.request.arrival.elapsed();
         if ok {
             self.model.stats.record_success(total, queue, compute);
@@ -455,6 +459,9 @@ unsafe extern "C" fn h_response_send(
             Err(e) => ResponseEvent::Error(e),
         },
     };
+    if let (Some(t), true) = (&inf.request.trace, last) {
+        t.stamp("INFER_RESPONSE_COMPLETE");
+    }
     if last || matches!(event, ResponseEvent::Error(_)) {
         inf.finish(event);
     } else {

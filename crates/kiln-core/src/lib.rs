@@ -28,6 +28,7 @@ pub mod server;
 pub mod shm;
 pub mod sink;
 pub mod stats;
+pub mod trace;
 pub mod warmup;
 
 pub use error::{CoreError, CoreResult, ErrorKind};

@@ -605,6 +605,10 @@ impl ModelVersion {
 
     /// Validates and queues a request; responses arrive on `sink`.
     pub fn submit(&self, mut request: InferRequest, sink: ResponseSink) -> CoreResult<()> {
+        if let Some(t) = &request.trace {
+            t.identify(self.shared.version, &request.id);
+            t.stamp("REQUEST_START");
+        }
         let (batch_size, shape_key) = match self.shared.validate(&request) {
             Ok(v) => v,
             Err(e) => {
@@ -639,6 +643,9 @@ impl ModelVersion {
             return Ok(());
         }
         self.shared.reshape_inputs(&mut request);
+        if let Some(t) = &request.trace {
+            t.stamp("QUEUE_START");
+        }
         let arrival = request.arrival;
         let r = self.scheduler.enqueue(Pending {
             request: Arc::new(request),
@@ -682,6 +689,9 @@ impl ModelVersion {
                     lookup,
                 );
                 stats.record_first_response(total);
+                if let Some(t) = &request.trace {
+                    t.stamp("REQUEST_END");
+                }
                 sink.send(crate::request::ResponseEvent::Response {
                     response,
                     last: true,
@@ -856,6 +866,12 @@ fn run_instance(
             }
         }
         for (_, inf, queue) in &held {
+            if let Some(t) = &inf.request.trace {
+                t.stamp_at("COMPUTE_START", exec_start);
+                t.stamp_at("COMPUTE_INPUT_END", exec_start + compute.input);
+                t.stamp_at("COMPUTE_OUTPUT_START", exec_end - compute.output);
+                t.stamp_at("COMPUTE_END", exec_end);
+            }
             inf.set_exec_times(*queue, compute);
         }
     }

@@ -71,6 +71,8 @@ pub struct InferRequest {
     pub outputs: Vec<RequestedOutput>,
     /// Set by the core on a request that missed the response cache.
     pub cache_key: Option<crate::cache::CacheKey>,
+    /// The request's trace, when the tracer sampled it.
+    pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
     /// When the front end received it.
     pub arrival: Instant,
 }
@@ -90,6 +92,7 @@ impl InferRequest {
             inputs: Vec::new(),
             outputs: Vec::new(),
             cache_key: None,
+            trace: None,
             arrival: Instant::now(),
         }
     }

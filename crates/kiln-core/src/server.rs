@@ -20,6 +20,8 @@ pub struct ServerOptions {
     pub strict_readiness: bool,
     /// `--log-verbose`: the verbose level the server starts with.
     pub log_verbose: u32,
+    /// Request tracing, from `--trace-config`.
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Triton's log settings (`/v2/logging`), changeable at run time.
@@ -64,6 +66,9 @@ pub const EXTENSIONS: &[&str] = &[
     "parameters",
     "statistics",
     "system_shared_memory",
+    "sequence",
+    "trace",
+    "logging",
 ];
 
 impl Server {
@@ -114,6 +119,7 @@ impl Server {
     pub fn shutdown(&self) {
         self.begin_shutdown();
         self.models.unload_all();
+        self.opts.tracer.flush();
     }
 
     /// `GET /v2` body.
@@ -373,10 +379,30 @@ impl Server {
         Ok(self.log_settings())
     }
 
-    /// Triton's trace settings: tracing is off (read-only).
-    pub fn trace_settings(&self) -> Value {
-        json!({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1",
-               "log_frequency": "0", "trace_file": "", "trace_mode": "triton"})
+    /// The trace settings for `model` (the server's when `None` or not set for it).
+    pub fn trace_settings(&self, model: Option<&str>) -> Value {
+        self.opts.tracer.settings(model)
+    }
+
+    /// Updates the trace settings of the server or of one model (Triton's trace extension).
+    pub fn update_trace_settings(
+        &self,
+        model: Option<&str>,
+        changes: &Map<String, Value>,
+    ) -> CoreResult<Value> {
+        if let Some(m) = model {
+            if self.models.get(m, None).is_err() {
+                return Err(CoreError::not_found(format!(
+                    "Request for unknown model : '{m}' is not found"
+                )));
+            }
+        }
+        self.opts.tracer.update(model, changes)
+    }
+
+    /// The request tracer (front ends sample each inference request with it).
+    pub fn tracer(&self) -> &crate::trace::Tracer {
+        &self.opts.tracer
     }
 
     /// The registered system shared-memory regions.

@@ -210,8 +210,14 @@ impl GrpcInferenceService for Inference {
         r: Request<pb::ModelInferRequest>,
     ) -> GrpcResult<pb::ModelInferResponse> {
         let msg = r.into_inner();
+        let trace = self.server.tracer().sample(&msg.model_name);
+        if let Some(t) = &trace {
+            // The message has been read by the time the handler runs.
+            t.stamp("GRPC_WAITREAD_START");
+            t.stamp("GRPC_WAITREAD_END");
+        }
         let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
-        let req = match tensor::decode(msg, self.server.shared_memory()) {
+        let mut req = match tensor::decode(msg, self.server.shared_memory()) {
             Ok((req, _)) => req,
             Err(e) => {
                 self.server
@@ -219,12 +225,20 @@ impl GrpcInferenceService for Inference {
                 return Err(status(e));
             }
         };
+        req.trace = trace.clone();
         let resp = self
             .server
             .infer(req, "ModelInfer RPC")
             .await
             .map_err(status)?;
-        ok(tensor::encode(resp))
+        if let Some(t) = &trace {
+            t.stamp("GRPC_SEND_START");
+        }
+        let encoded = tensor::encode(resp);
+        if let Some(t) = &trace {
+            t.stamp("GRPC_SEND_END");
+        }
+        ok(encoded)
     }
 
     type ModelStreamInferStream = Pin<
@@ -398,12 +412,29 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::TraceSettingRequest>,
     ) -> GrpcResult<pb::TraceSettingResponse> {
-        if !r.into_inner().settings.is_empty() {
-            return Err(read_only_trace_settings());
-        }
-        let settings = self
-            .server
-            .trace_settings()
+        let r = r.into_inner();
+        let model = (!r.model_name.is_empty()).then_some(r.model_name.as_str());
+        let current = if r.settings.is_empty() && model.is_none() {
+            self.server.trace_settings(None)
+        } else {
+            // An empty value list clears the setting (JSON null in the HTTP protocol).
+            let changes: serde_json::Map<String, Value> = r
+                .settings
+                .into_iter()
+                .map(|(k, v)| {
+                    let value = match &v.value[..] {
+                        [] => Value::Null,
+                        [one] if k != "trace_level" => Value::from(one.clone()),
+                        many => Value::from(many.to_vec()),
+                    };
+                    (k, value)
+                })
+                .collect();
+            self.server
+                .update_trace_settings(model, &changes)
+                .map_err(status)?
+        };
+        let settings = current
             .as_object()
             .into_iter()
             .flatten()
@@ -470,10 +501,4 @@ fn json_text(v: &Value) -> String {
         Value::String(s) => s.clone(),
         v => v.to_string(),
     }
-}
-
-fn read_only_trace_settings() -> Status {
-    status(CoreError::unsupported(
-        "changing trace settings at run time is not supported by this server (tracing is off)",
-    ))
 }

@@ -168,8 +168,11 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         (Method::GET, ["v2", "models", "stats"]) => result(state.server.statistics(None, None)),
         (Method::POST, ["v2", "repository", "index"]) => repository_index(&state, req).await,
         (Method::GET, ["v2", "logging"]) => json_resp(StatusCode::OK, &state.server.log_settings()),
-        (Method::GET, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
-            json_resp(StatusCode::OK, &state.server.trace_settings())
+        (Method::GET, ["v2", "trace", "setting"]) => {
+            json_resp(StatusCode::OK, &state.server.trace_settings(None))
+        }
+        (Method::GET, ["v2", "models", model, "trace", "setting"]) => {
+            json_resp(StatusCode::OK, &state.server.trace_settings(Some(model)))
         }
         (Method::POST, ["v2", "logging"]) => {
             let body = match read_body(&state, req).await {
@@ -187,10 +190,10 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
                 Err(e) => error_status(StatusCode::BAD_REQUEST, e.message),
             }
         }
-        (Method::POST, ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"]) => {
-            error(&CoreError::unsupported(
-                "changing trace settings at run time is not supported by this server (tracing is off)",
-            ))
+        (Method::POST, ["v2", "trace", "setting"]) => update_trace(&state, req, None).await,
+        (Method::POST, ["v2", "models", model, "trace", "setting"]) => {
+            let model = model.to_string();
+            update_trace(&state, req, Some(model)).await
         }
         (_, ["v2", kind @ ("systemsharedmemory" | "cudasharedmemory"), rest @ ..]) => {
             let (region, action) = match rest {
@@ -280,10 +283,18 @@ fn maybe_compress(resp: Resp, accept: Option<&str>) -> Resp {
 }
 
 async fn infer(state: &State, req: Request<Incoming>, model: String, version: Option<i64>) -> Resp {
+    let trace = state.server.tracer().sample(&model);
+    let stamp = |name| {
+        if let Some(t) = &trace {
+            t.stamp(name);
+        }
+    };
+    stamp("HTTP_RECV_START");
     let (parts, body) = match read_body(state, req).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    stamp("HTTP_RECV_END");
     let header_len = match parts.headers.get(HEADER_LEN) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()) {
@@ -296,18 +307,21 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
         },
     };
     let shm = state.server.shared_memory();
-    let (request, enc) = match infer::decode(&model, version, body, header_len, shm) {
+    let (mut request, enc) = match infer::decode(&model, version, body, header_len, shm) {
         Ok(x) => x,
         Err(e) => {
             state.server.record_malformed(&model, version);
             return error(&e);
         }
     };
+    request.trace = trace.clone();
     let response = match state.server.infer(request, "HTTP end point").await {
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    match infer::encode(response, &enc) {
+    // (The body leaves after this handler returns; SEND_END marks the response handed over.)
+    stamp("HTTP_SEND_START");
+    let r = match infer::encode(response, &enc) {
         Ok(encoded) => {
             if encoded.binary.is_empty() {
                 respond(
@@ -324,6 +338,30 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
                 r
             }
         }
+        Err(e) => error(&e),
+    };
+    stamp("HTTP_SEND_END");
+    r
+}
+
+/// `POST v2[/models/<model>]/trace/setting`: Triton's trace extension.
+async fn update_trace(state: &State, req: Request<Incoming>, model: Option<String>) -> Resp {
+    let body = match read_body(state, req).await {
+        Ok((_, b)) => b,
+        Err(r) => return r,
+    };
+    let changes = if body.is_empty() {
+        Ok(serde_json::Map::new())
+    } else {
+        body_json(&body).and_then(|v| match v {
+            Value::Object(m) => Ok(m),
+            v => Err(CoreError::invalid(format!(
+                "trace settings must be a JSON object, got {v}"
+            ))),
+        })
+    };
+    match changes.and_then(|m| state.server.update_trace_settings(model.as_deref(), &m)) {
+        Ok(v) => json_resp(StatusCode::OK, &v),
         Err(e) => error(&e),
     }
 }

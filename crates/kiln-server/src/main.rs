@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kiln_core::cache::ResponseCache;
+use kiln_core::trace::Tracer;
 use kiln_core::{ControlMode, LogSettings, RepositoryOptions, Server, ServerOptions};
 use tracing_subscriber::{prelude::*, reload, EnvFilter};
 
@@ -126,6 +127,25 @@ struct Args {
     /// Deprecated form of `--cache-config local,size=<bytes>` (as in tritonserver).
     #[arg(long = "response-cache-byte-size")]
     response_cache_byte_size: Option<usize>,
+    /// Request tracing, `[<mode>,]<setting>=<value>` (repeatable): `level=TIMESTAMPS`,
+    /// `rate=N`, `count=N`, `mode=triton`, `triton,file=<path>`, `triton,log-frequency=N`.
+    #[arg(long = "trace-config")]
+    trace_config: Vec<String>,
+    /// Deprecated form of `--trace-config triton,file=`.
+    #[arg(long = "trace-file")]
+    trace_file: Option<String>,
+    /// Deprecated form of `--trace-config level=` (repeatable).
+    #[arg(long = "trace-level")]
+    trace_level: Vec<String>,
+    /// Deprecated form of `--trace-config rate=`.
+    #[arg(long = "trace-rate")]
+    trace_rate: Option<u64>,
+    /// Deprecated form of `--trace-config count=`.
+    #[arg(long = "trace-count")]
+    trace_count: Option<i64>,
+    /// Deprecated form of `--trace-config triton,log-frequency=`.
+    #[arg(long = "trace-log-frequency")]
+    trace_log_frequency: Option<u64>,
     /// Largest accepted HTTP request body, in bytes.
     #[arg(long = "http-max-input-size", default_value_t = 64 * 1024 * 1024)]
     http_max_input_size: usize,
@@ -203,6 +223,22 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
     let response_cache = ResponseCache::from_settings(&cache_settings)
         .map_err(|e| anyhow::anyhow!(e))?
         .map(Arc::new);
+    let mut trace_settings: Vec<String> = Vec::new();
+    if let Some(f) = &args.trace_file {
+        trace_settings.push(format!("triton,file={f}"));
+    }
+    trace_settings.extend(args.trace_level.iter().map(|l| format!("level={l}")));
+    if let Some(r) = args.trace_rate {
+        trace_settings.push(format!("rate={r}"));
+    }
+    if let Some(c) = args.trace_count {
+        trace_settings.push(format!("count={c}"));
+    }
+    if let Some(n) = args.trace_log_frequency {
+        trace_settings.push(format!("triton,log-frequency={n}"));
+    }
+    trace_settings.extend(args.trace_config.iter().cloned());
+    let tracer = Arc::new(Tracer::from_settings(&trace_settings).map_err(|e| anyhow::anyhow!(e))?);
     let opts = ServerOptions {
         repository: RepositoryOptions {
             repository: repo,
@@ -219,6 +255,7 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
         },
         strict_readiness: args.strict_readiness,
         log_verbose: args.log_verbose,
+        tracer,
     };
     tracing::info!(backend_directory = %opts.repository.backend_directory.display(), "starting kiln {}", env!("CARGO_PKG_VERSION"));
     let server: Arc<Server> = tokio::task::spawn_blocking(move || Server::start(opts)).await?;
