@@ -18,13 +18,16 @@ pub enum ControlMode {
     None,
     /// Load only `--load-model` models at start; load/unload API allowed.
     Explicit,
+    /// Load everything at start, then follow the repository's changes every
+    /// `poll_secs`; load/unload API refused.
+    Poll,
 }
 
 /// Where models and backends are.
 #[derive(Debug, Clone)]
 pub struct RepositoryOptions {
-    /// `--model-repository`.
-    pub repository: PathBuf,
+    /// `--model-repository` (repeatable: a model name is looked up in each, in order).
+    pub repositories: Vec<PathBuf>,
     /// `--backend-directory`.
     pub backend_directory: PathBuf,
     /// `--model-control-mode`.
@@ -33,6 +36,27 @@ pub struct RepositoryOptions {
     pub startup_models: Vec<String>,
     /// `--cache-config local,size=N`: the response cache models may enable.
     pub response_cache: Option<Arc<crate::cache::ResponseCache>>,
+    /// Backends complete partial configs from the model files (off with
+    /// `--disable-auto-complete-config` or `--strict-model-config=true`).
+    pub autocomplete: bool,
+    /// `--repository-poll-secs`: how often poll mode looks at the repositories.
+    pub poll_secs: u64,
+}
+
+impl RepositoryOptions {
+    /// The folder of model `name`: in the first repository that has it (else where it
+    /// would be in the first, for messages).
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.repositories
+            .iter()
+            .map(|r| r.join(name))
+            .find(|d| d.is_dir())
+            .unwrap_or_else(|| {
+                self.repositories
+                    .first()
+                    .map_or_else(|| PathBuf::from(name), |r| r.join(name))
+            })
+    }
 }
 
 /// State of one model version.
@@ -79,6 +103,8 @@ pub struct ModelManager {
     opts: RepositoryOptions,
     models: Models,
     load_lock: Mutex<()>,
+    /// Poll mode: what each model's folder looked like when it was last loaded.
+    seen: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The ready version `version` of `name` (the newest ready one for `None`), with Triton's
@@ -179,6 +205,35 @@ fn detect_config(model_dir: &Path, name: &str) -> CoreResult<ModelConfig> {
     )))
 }
 
+/// A digest of every file under `dir`: relative name, size and modification time.
+fn fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<(PathBuf, u64, Option<std::time::SystemTime>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let rel = path.strip_prefix(base).unwrap_or(&path).to_path_buf();
+            if meta.is_dir() {
+                out.push((rel, 0, None));
+                walk(&path, base, out);
+            } else {
+                out.push((rel, meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files);
+    files.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    files.hash(&mut h);
+    h.finish()
+}
+
 /// Lets the backend complete `cfg` (Triton's auto-complete) from the files of `version`.
 fn autocomplete(
     cfg: ModelConfig,
@@ -270,6 +325,7 @@ impl ModelManager {
             opts,
             models: Arc::new(RwLock::new(BTreeMap::new())),
             load_lock: Mutex::new(()),
+            seen: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -278,18 +334,26 @@ impl ModelManager {
         &self.opts
     }
 
-    /// Model directory names in the repository.
+    /// Model directory names in the repositories (a name in two is served from the first).
     pub fn repository_models(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.opts.repository)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().is_dir())
-                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
+        let mut names: Vec<String> = self
+            .opts
+            .repositories
+            .iter()
+            .flat_map(|repo| {
+                std::fs::read_dir(repo)
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .filter(|e| e.path().is_dir())
+                            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                            .filter(|n| !n.starts_with('.'))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
             })
-            .unwrap_or_default();
+            .collect();
         names.sort();
+        names.dedup();
         names
     }
 
@@ -297,15 +361,25 @@ impl ModelManager {
     /// UNAVAILABLE states and logged; they never stop the others.
     pub fn load_startup_models(&self) {
         let names = match self.opts.control_mode {
-            ControlMode::None => self.repository_models(),
+            ControlMode::None | ControlMode::Poll => self.repository_models(),
             ControlMode::Explicit if self.opts.startup_models.iter().any(|m| m == "*") => {
                 self.repository_models()
             }
             ControlMode::Explicit => self.opts.startup_models.clone(),
         };
-        // Ensembles after the models they run.
+        if self.opts.control_mode == ControlMode::Poll {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for n in &names {
+                seen.insert(n.clone(), fingerprint(&self.opts.model_dir(n)));
+            }
+        }
+        self.load_in_order(names);
+    }
+
+    /// Loads `names`, ensembles after the models they run; failures are logged.
+    fn load_in_order(&self, names: Vec<String>) {
         let (ensembles, plain): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
-            let dir = self.opts.repository.join(n);
+            let dir = self.opts.model_dir(n);
             read_config(&dir, n, None).is_ok_and(|c| ensemble::is_ensemble(&c))
         });
         for name in plain.into_iter().chain(ensembles) {
@@ -313,6 +387,43 @@ impl ModelManager {
                 Ok(()) => tracing::info!(model = %name, "model loaded"),
                 Err(e) => tracing::error!(model = %name, "failed to load: {}", e.message),
             }
+        }
+    }
+
+    /// Poll mode's look at the repositories: models whose folder appeared or changed
+    /// (any file's name, size or modification time) are loaded again, and models whose
+    /// folder is gone are unloaded and forgotten.
+    pub fn poll(&self) {
+        let names = self.repository_models();
+        let (changed, gone) = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<String> = seen
+                .keys()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect();
+            for n in &gone {
+                seen.remove(n);
+            }
+            let mut changed = Vec::new();
+            for n in &names {
+                let now = fingerprint(&self.opts.model_dir(n));
+                if seen.insert(n.clone(), now) != Some(now) {
+                    changed.push(n.clone());
+                }
+            }
+            (changed, gone)
+        };
+        for n in gone {
+            tracing::info!(model = %n, "model folder removed: unloading");
+            if let Err(e) = self.unload(&n) {
+                tracing::error!(model = %n, "failed to unload: {}", e.message);
+            }
+            self.models_write().remove(&n);
+        }
+        if !changed.is_empty() {
+            tracing::info!(models = ?changed, "model folders new or changed: loading");
+            self.load_in_order(changed);
         }
     }
 
@@ -334,7 +445,7 @@ impl ModelManager {
         if name.is_empty() || name.contains('/') || name.contains("..") {
             return Err(CoreError::invalid(format!("invalid model name '{name}'")));
         }
-        let dir = self.opts.repository.join(name);
+        let dir = self.opts.model_dir(name);
         if !dir.is_dir() {
             return Err(CoreError::invalid(format!(
                 "failed to load '{name}': no model directory '{}' in the model repository",
@@ -344,7 +455,7 @@ impl ModelManager {
         // As Triton: loading an ensemble loads the composing models that are not ready.
         if let Ok(cfg) = read_config(&dir, name, config_override) {
             for m in ensemble::composing_models(&cfg) {
-                let dir = self.opts.repository.join(&m);
+                let dir = self.opts.model_dir(&m);
                 if m != name && self.get(&m, None).is_err() && dir.is_dir() {
                     if let Err(e) = self.load_versions(&m, &dir, None) {
                         tracing::error!(model = %m, "failed to load: {}", e.message);
@@ -386,7 +497,13 @@ impl ModelManager {
         }
         let cfg = loader::find_and_open(&cfg.backend, dir, newest, &self.opts.backend_directory)
             .map_err(|e| CoreError::invalid(e.to_string()))
-            .and_then(|lib| autocomplete(cfg, &lib, dir, newest))
+            .and_then(|lib| {
+                if self.opts.autocomplete {
+                    autocomplete(cfg, &lib, dir, newest)
+                } else {
+                    Ok(cfg)
+                }
+            })
             .map_err(|e| e.message)?;
         Ok((cfg, versions))
     }
@@ -479,7 +596,7 @@ impl ModelManager {
         let old = {
             let mut models = self.models_write();
             let Some(slot) = models.get_mut(name) else {
-                if self.opts.repository.join(name).is_dir() {
+                if self.opts.model_dir(name).is_dir() {
                     return Ok(());
                 }
                 return Err(CoreError::invalid(format!(

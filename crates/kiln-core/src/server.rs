@@ -18,8 +18,10 @@ pub struct ServerOptions {
     pub repository: RepositoryOptions,
     /// `--strict-readiness`: ready only when every model is ready.
     pub strict_readiness: bool,
-    /// `--log-verbose`: the verbose level the server starts with.
-    pub log_verbose: u32,
+    /// The log settings the server starts with (`--log-info`, `--log-verbose`, ...).
+    pub log: LogSettings,
+    /// `--id`: the name server metadata reports (Triton's default: "triton").
+    pub server_id: String,
     /// Request tracing, from `--trace-config`.
     pub tracer: Arc<crate::trace::Tracer>,
 }
@@ -37,6 +39,8 @@ pub struct LogSettings {
     pub verbose: u32,
     /// `default` or `ISO8601`.
     pub format: String,
+    /// `--log-file` (empty: standard output); fixed once the server runs.
+    pub file: String,
 }
 
 /// Applies log settings to the process's logger (installed by the binary).
@@ -78,19 +82,26 @@ impl Server {
             models: ModelManager::new(opts.repository.clone()),
             shutting_down: AtomicBool::new(false),
             shm: Default::default(),
-            log: std::sync::Mutex::new((
-                LogSettings {
-                    info: true,
-                    warning: true,
-                    error: true,
-                    verbose: opts.log_verbose,
-                    format: "default".into(),
-                },
-                None,
-            )),
+            log: std::sync::Mutex::new((opts.log.clone(), None)),
             opts,
         });
         s.models.load_startup_models();
+        if s.opts.repository.control_mode == ControlMode::Poll {
+            let every = std::time::Duration::from_secs(s.opts.repository.poll_secs.max(1));
+            let weak = Arc::downgrade(&s);
+            let spawned = std::thread::Builder::new()
+                .name("repository-poll".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    match weak.upgrade() {
+                        Some(s) if !s.shutting_down.load(Ordering::Relaxed) => s.models.poll(),
+                        _ => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start the repository poller: {e}");
+            }
+        }
         s
     }
 
@@ -124,7 +135,7 @@ impl Server {
 
     /// `GET /v2` body.
     pub fn metadata(&self) -> Value {
-        json!({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        json!({"name": self.opts.server_id, "version": SERVER_VERSION, "extensions": EXTENSIONS})
     }
 
     /// Whether a model (version) is ready.
@@ -314,7 +325,7 @@ impl Server {
     pub fn log_settings(&self) -> Value {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let l = &log.0;
-        json!({"log_file": "", "log_info": l.info, "log_warning": l.warning, "log_error": l.error,
+        json!({"log_file": l.file, "log_info": l.info, "log_warning": l.warning, "log_error": l.error,
                "log_verbose_level": l.verbose, "log_format": l.format})
     }
 

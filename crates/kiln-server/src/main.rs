@@ -5,11 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use kiln_core::cache::ResponseCache;
 use kiln_core::trace::Tracer;
 use kiln_core::{ControlMode, LogSettings, RepositoryOptions, Server, ServerOptions};
-use tracing_subscriber::{prelude::*, reload, EnvFilter};
+use tracing_subscriber::{fmt::writer::BoxMakeWriter, prelude::*, reload, EnvFilter};
+
+mod args;
+mod compat;
+
+use args::{Args, CompressionLevel, Mode};
 
 /// Changes the log filter at run time (`POST /v2/logging`); `None` when `RUST_LOG` rules.
 type FilterHandle = Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>>;
@@ -37,121 +42,6 @@ fn log_filter(s: &LogSettings) -> EnvFilter {
         }
     }
     EnvFilter::new(directives)
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Mode {
-    /// Load every model at start; the load/unload API is refused.
-    None,
-    /// Load only --load-model models; the load/unload API is allowed.
-    Explicit,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CompressionLevel {
-    None,
-    Low,
-    Medium,
-    High,
-}
-
-/// Kiln — a Triton Inference Server compatible inference server.
-#[derive(Debug, Parser)]
-#[command(name = "kiln", version)]
-struct Args {
-    /// Model repository path (Triton layout: <repo>/<model>/config.pbtxt, numbered versions).
-    #[arg(long = "model-repository", alias = "model-store", required = true)]
-    model_repository: PathBuf,
-    /// Directory holding <backend>/libkiln_<backend>.so (default: `backends` next to the binary).
-    #[arg(long = "backend-directory")]
-    backend_directory: Option<PathBuf>,
-    /// HTTP port.
-    #[arg(long = "http-port", default_value_t = 8000)]
-    http_port: u16,
-    /// Address the HTTP server binds.
-    #[arg(long = "http-address", default_value = "0.0.0.0")]
-    http_address: String,
-    /// Serve HTTP.
-    #[arg(long = "allow-http", default_value_t = true, action = clap::ArgAction::Set)]
-    allow_http: bool,
-    /// gRPC port (0 picks a free port).
-    #[arg(long = "grpc-port", default_value_t = 8001)]
-    grpc_port: u16,
-    /// Address the gRPC server binds.
-    #[arg(long = "grpc-address", default_value = "0.0.0.0")]
-    grpc_address: String,
-    /// Serve gRPC.
-    #[arg(long = "allow-grpc", default_value_t = true, action = clap::ArgAction::Set)]
-    allow_grpc: bool,
-    /// Milliseconds between HTTP/2 keepalive pings on gRPC connections.
-    #[arg(long = "grpc-keepalive-time", default_value_t = 7_200_000)]
-    grpc_keepalive_time: u64,
-    /// Milliseconds to wait for a keepalive ping's answer before closing the connection.
-    #[arg(long = "grpc-keepalive-timeout", default_value_t = 20_000)]
-    grpc_keepalive_timeout: u64,
-    /// gzip-compress gRPC inference responses: none, low, medium or high.
-    #[arg(long = "grpc-infer-response-compression-level", default_value = "none")]
-    grpc_infer_response_compression_level: CompressionLevel,
-    /// Largest gRPC message received or sent, in bytes (Triton's limit: 2^31-1).
-    #[arg(long = "grpc-max-message-size", default_value_t = i32::MAX as usize)]
-    grpc_max_message_size: usize,
-    /// Prometheus metrics port (`GET /metrics`; 0 picks a free port).
-    #[arg(long = "metrics-port", default_value_t = 8002)]
-    metrics_port: u16,
-    /// Address the metrics server binds (default: the HTTP address).
-    #[arg(long = "metrics-address")]
-    metrics_address: Option<String>,
-    /// Serve Prometheus metrics.
-    #[arg(long = "allow-metrics", default_value_t = true, action = clap::ArgAction::Set)]
-    allow_metrics: bool,
-    /// Metric settings, `key=value` (repeatable): `histogram_latencies=true` adds
-    /// nv_inference_first_response_histogram_ms.
-    #[arg(long = "metrics-config")]
-    metrics_config: Vec<String>,
-    /// Model control mode.
-    #[arg(long = "model-control-mode", value_enum, default_value_t = Mode::None)]
-    model_control_mode: Mode,
-    /// Model to load at start in explicit mode (repeatable; `*` loads all).
-    #[arg(long = "load-model")]
-    load_model: Vec<String>,
-    /// Ready only when every model is ready.
-    #[arg(long = "strict-readiness", default_value_t = true, action = clap::ArgAction::Set)]
-    strict_readiness: bool,
-    /// Seconds to let in-flight requests finish on shutdown.
-    #[arg(long = "exit-timeout-secs", default_value_t = 30)]
-    exit_timeout_secs: u64,
-    /// Response cache, `<cache>,<key>=<value>` (repeatable): `local,size=<bytes>` caches
-    /// the responses of models whose config has `response_cache { enable: true }`.
-    #[arg(long = "cache-config")]
-    cache_config: Vec<String>,
-    /// Deprecated form of `--cache-config local,size=<bytes>` (as in tritonserver).
-    #[arg(long = "response-cache-byte-size")]
-    response_cache_byte_size: Option<usize>,
-    /// Request tracing, `[<mode>,]<setting>=<value>` (repeatable): `level=TIMESTAMPS`,
-    /// `rate=N`, `count=N`, `mode=triton`, `triton,file=<path>`, `triton,log-frequency=N`.
-    #[arg(long = "trace-config")]
-    trace_config: Vec<String>,
-    /// Deprecated form of `--trace-config triton,file=`.
-    #[arg(long = "trace-file")]
-    trace_file: Option<String>,
-    /// Deprecated form of `--trace-config level=` (repeatable).
-    #[arg(long = "trace-level")]
-    trace_level: Vec<String>,
-    /// Deprecated form of `--trace-config rate=`.
-    #[arg(long = "trace-rate")]
-    trace_rate: Option<u64>,
-    /// Deprecated form of `--trace-config count=`.
-    #[arg(long = "trace-count")]
-    trace_count: Option<i64>,
-    /// Deprecated form of `--trace-config triton,log-frequency=`.
-    #[arg(long = "trace-log-frequency")]
-    trace_log_frequency: Option<u64>,
-    /// Largest accepted HTTP request body, in bytes.
-    #[arg(long = "http-max-input-size", default_value_t = 64 * 1024 * 1024)]
-    http_max_input_size: usize,
-    /// Verbose logging level (0 = off).
-    #[arg(long = "log-verbose", default_value_t = 0)]
-    log_verbose: u32,
 }
 
 fn default_backend_dir() -> PathBuf {
@@ -184,38 +74,55 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let log = args.log_settings()?;
     let from_env = EnvFilter::try_from_default_env().ok();
     let rules = from_env.is_none();
-    let initial = from_env.unwrap_or_else(|| {
-        log_filter(&LogSettings {
-            info: true,
-            warning: true,
-            error: true,
-            verbose: args.log_verbose,
-            format: "default".into(),
-        })
-    });
+    let initial = from_env.unwrap_or_else(|| log_filter(&log));
     let (filter, handle) = reload::Layer::new(initial);
+    let (writer, ansi) = match &args.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open --log-file '{}'", path.display()))?;
+            (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
+        }
+        None => (
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        ),
+    };
     tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+                .with_ansi(ansi)
+                .with_writer(writer),
         )
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args, rules.then_some(handle)))
+    rt.block_on(run(args, log, rules.then_some(handle)))
 }
 
-async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
-    let repo = args.model_repository.canonicalize().with_context(|| {
-        format!(
-            "model repository '{}' not found",
-            args.model_repository.display()
-        )
-    })?;
+async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Result<()> {
+    let repositories = args
+        .model_repository
+        .iter()
+        .map(|r| {
+            r.canonicalize()
+                .with_context(|| format!("model repository '{}' not found", r.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ignored = args.compat.check().map_err(anyhow::Error::msg)?;
+    if !ignored.is_empty() {
+        tracing::info!(
+            "tritonserver flags accepted with no effect in Kiln: {}",
+            ignored.join(", ")
+        );
+    }
     let mut cache_settings = args.cache_config.clone();
     if let Some(size) = args.response_cache_byte_size {
         cache_settings.push(format!("local,size={size}"));
@@ -241,7 +148,7 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
     let tracer = Arc::new(Tracer::from_settings(&trace_settings).map_err(|e| anyhow::anyhow!(e))?);
     let opts = ServerOptions {
         repository: RepositoryOptions {
-            repository: repo,
+            repositories,
             backend_directory: args
                 .backend_directory
                 .clone()
@@ -249,12 +156,17 @@ async fn run(args: Args, filter: FilterHandle) -> anyhow::Result<()> {
             control_mode: match args.model_control_mode {
                 Mode::None => ControlMode::None,
                 Mode::Explicit => ControlMode::Explicit,
+                Mode::Poll => ControlMode::Poll,
             },
             startup_models: args.load_model.clone(),
             response_cache,
+            autocomplete: !(args.disable_auto_complete_config
+                || args.strict_model_config == Some(true)),
+            poll_secs: args.repository_poll_secs,
         },
         strict_readiness: args.strict_readiness,
-        log_verbose: args.log_verbose,
+        log,
+        server_id: args.id.clone(),
         tracer,
     };
     tracing::info!(backend_directory = %opts.repository.backend_directory.display(), "starting kiln {}", env!("CARGO_PKG_VERSION"));

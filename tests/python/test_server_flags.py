@@ -1,0 +1,143 @@
+"""tritonserver command lines run Kiln unchanged: several model repositories, poll mode,
+configs without auto-complete, the server id, log settings and log file, and tuning flags
+that are accepted (those asking for what Kiln cannot do stop it with a reason)."""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import DIST, REPO, Kiln
+
+SIMPLE = os.path.join(REPO, "simple")
+
+
+def copy_simple(repo, name, config=True):
+    d = os.path.join(repo, name)
+    shutil.copytree(SIMPLE, d)
+    if config:
+        text = open(os.path.join(d, "config.pbtxt")).read().replace('name: "simple"', f'name: "{name}"')
+        open(os.path.join(d, "config.pbtxt"), "w").write(text)
+    else:
+        os.remove(os.path.join(d, "config.pbtxt"))
+
+
+def add(c, model, a=2, b=1):
+    ins = []
+    for n, v in (("INPUT0", a), ("INPUT1", b)):
+        i = httpclient.InferInput(n, [1, 16], "INT32")
+        i.set_data_from_numpy(np.full((1, 16), v, np.int32))
+        ins.append(i)
+    return c.infer(model, ins).as_numpy("OUTPUT0")
+
+
+@pytest.fixture()
+def repos():
+    ds = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+    yield ds
+    for d in ds:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_models_from_several_repositories_and_the_server_id(repos):
+    copy_simple(repos[0], "first")
+    copy_simple(repos[1], "second")
+    k = Kiln("--model-repository", repos[1], "--id", "kiln-a", repo=repos[0])
+    try:
+        c = httpclient.InferenceServerClient(url=k.url)
+        assert c.get_server_metadata()["name"] == "kiln-a"
+        names = {m["name"] for m in c.get_model_repository_index()}
+        assert names == {"first", "second"}
+        assert add(c, "second")[0, 0] == 3
+    finally:
+        k.stop()
+
+
+def test_poll_mode_follows_the_repository(repos):
+    repo = repos[0]
+    copy_simple(repo, "a")
+    k = Kiln("--model-control-mode=poll", "--repository-poll-secs=1", repo=repo)
+    try:
+        c = httpclient.InferenceServerClient(url=k.url)
+        assert c.is_model_ready("a")
+        with pytest.raises(InferenceServerException):
+            c.load_model("a")
+        copy_simple(repo, "b")
+        shutil.rmtree(os.path.join(repo, "a"))
+
+        def wait(cond):
+            deadline = time.time() + 15
+            while not cond():
+                assert time.time() < deadline, "the poller did not catch up"
+                time.sleep(0.2)
+
+        wait(lambda: c.is_model_ready("b"))
+        wait(lambda: "a" not in {m["name"] for m in c.get_model_repository_index()})
+        assert not c.is_model_ready("a")
+        # A changed config is loaded again: here, a version policy that serves version 1
+        # under a second version folder.
+        cfg = os.path.join(repo, "b", "config.pbtxt")
+        shutil.copytree(os.path.join(repo, "b", "1"), os.path.join(repo, "b", "2"))
+        wait(lambda: c.is_model_ready("b", "2"))
+        assert not c.is_model_ready("b", "1")
+        open(cfg, "a").write("version_policy: { all { } }\n")
+        wait(lambda: c.is_model_ready("b", "1"))
+        assert add(c, "b")[0, 0] == 3
+    finally:
+        k.stop()
+
+
+def test_without_auto_complete_a_config_must_be_whole(repos):
+    copy_simple(repos[0], "bare", config=False)
+    for flags, ready in (((), True), (("--disable-auto-complete-config",), False),
+                         (("--strict-model-config=true",), False), (("--strict-model-config=false",), True)):
+        k = Kiln(*flags, repo=repos[0])
+        try:
+            c = httpclient.InferenceServerClient(url=k.url)
+            assert c.is_model_ready("bare") == ready, flags
+        finally:
+            k.stop()
+
+
+def test_log_settings_and_file_from_flags(repos):
+    copy_simple(repos[0], "m")
+    log = os.path.join(repos[1], "kiln.log")
+    # The start-up lines go to the file: the HTTP port is read from there.
+    p = subprocess.Popen([os.path.join(DIST, "kiln"), "--model-repository", repos[0], "--http-port", "0",
+                          "--grpc-port", "0", "--metrics-port", "0", "--log-file", log, "--log-info=false",
+                          "--log-warning=true", "--log-verbose=1", "--pinned-memory-pool-byte-size=268435456",
+                          "--cuda-memory-pool-byte-size=0:67108864", "--exit-on-error=false",
+                          "--backend-config=onnxruntime,default-max-batch-size=8"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        port = None
+        while port is None:
+            m = re.search(r"Started HTTPService at \S+:(\d+)", open(log).read() if os.path.exists(log) else "")
+            port = m and m.group(1)
+            assert time.time() < deadline and p.poll() is None, "kiln did not start"
+            time.sleep(0.1)
+        s = requests.get(f"http://localhost:{port}/v2/logging").json()
+        assert (s["log_file"], s["log_info"], s["log_verbose_level"]) == (log, False, 1)
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=30)[0]
+    text = open(log).read()
+    assert "pinned-memory-pool-byte-size" in text, "the accepted tuning flags are listed in the log"
+    assert "Started HTTPService" not in out
+
+
+@pytest.mark.parametrize("flag,why", [("--grpc-use-ssl=true", "TLS"),
+                                      ("--model-namespacing=true", "namespace"),
+                                      ("--log-format=fancy", "log-format")])
+def test_flags_asking_for_what_kiln_cannot_do_stop_it(flag, why):
+    p = subprocess.run([os.path.join(DIST, "kiln"), "--model-repository", REPO, flag, "--http-port", "0",
+                        "--grpc-port", "0", "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and why in p.stdout + p.stderr
