@@ -315,6 +315,7 @@ impl Ensemble {
         inner.model_version = step.version;
         inner.id = request.id.clone();
         inner.correlation_id = request.correlation_id;
+        inner.correlation_text = request.correlation_text.clone();
         inner.flags = request.flags;
         inner.priority = request.priority;
         inner.timeout_us = request.timeout_us;

@@ -55,8 +55,11 @@ pub struct InferRequest {
     pub model_version: Option<i64>,
     /// Client-chosen id, echoed in the response.
     pub id: String,
-    /// Sequence correlation id.
+    /// Sequence correlation id (for a string id, a number standing for it: see
+    /// `correlation_text`).
     pub correlation_id: u64,
+    /// The correlation id a client gave as a string (Triton accepts both kinds).
+    pub correlation_text: Option<String>,
     /// Sequence flags.
     pub flags: u32,
     /// Priority level (0 = model default).
@@ -85,6 +88,7 @@ impl InferRequest {
             model_version: None,
             id: String::new(),
             correlation_id: 0,
+            correlation_text: None,
             flags: 0,
             priority: 0,
             timeout_us: 0,
@@ -95,6 +99,13 @@ impl InferRequest {
             trace: None,
             arrival: Instant::now(),
         }
+    }
+
+    /// The correlation id as the client gave it.
+    pub fn sequence_name(&self) -> String {
+        self.correlation_text
+            .clone()
+            .unwrap_or_else(|| self.correlation_id.to_string())
     }
 
     /// Takes the parameters Triton reserves (`sequence_id`, `sequence_start`,
@@ -118,15 +129,22 @@ impl InferRequest {
             })
         };
         if let Some(v) = params.remove("sequence_id") {
-            self.correlation_id = match &v {
-                // Triton accepts string correlation ids; Kiln's sequences are numeric.
-                Value::String(s) => s.parse().map_err(|_| {
-                    CoreError::invalid(format!(
-                        "parameter 'sequence_id' must be an unsigned integer, got {v}"
-                    ))
-                })?,
-                _ => uint("sequence_id", &v)?,
-            };
+            match &v {
+                // A string id names its own sequence ("7" is not 7); the scheduler keys it
+                // by a hash with the top bit set.
+                Value::String(s) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::hash::DefaultHasher::new();
+                    s.hash(&mut h);
+                    self.correlation_id = if s.is_empty() {
+                        0
+                    } else {
+                        h.finish() | 1 << 63
+                    };
+                    self.correlation_text = (!s.is_empty()).then(|| s.clone());
+                }
+                _ => self.correlation_id = uint("sequence_id", &v)?,
+            }
         }
         if let Some(v) = params.remove("sequence_start") {
             if boolean("sequence_start", &v)? {

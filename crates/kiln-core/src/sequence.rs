@@ -161,7 +161,8 @@ impl Sequences {
             self.states.forget(&idle);
             if !start && !live.contains_key(&id) {
                 return Err(CoreError::invalid(format!(
-                    "inference request for sequence {id} to model '{}' must specify the START flag on the first request of the sequence",
+                    "inference request for sequence {} to model '{}' must specify the START flag on the first request of the sequence",
+                    req.sequence_name(),
                     self.model
                 )));
             }
@@ -182,7 +183,7 @@ impl Sequences {
                 Kind::ControlSequenceStart => c.values[usize::from(start)].clone(),
                 Kind::ControlSequenceEnd => c.values[usize::from(end)].clone(),
                 Kind::ControlSequenceReady => c.values[1].clone(),
-                Kind::ControlSequenceCorrid => corrid(c.dtype, id)?,
+                Kind::ControlSequenceCorrid => corrid(c.dtype, req)?,
             };
             let data: Vec<u8> = (0..rows).flat_map(|_| one.iter().copied()).collect();
             req.inputs.push(InputTensor {
@@ -196,8 +197,20 @@ impl Sequences {
     }
 }
 
-/// The correlation id as one element of `dtype`.
-fn corrid(dtype: DataType, id: u64) -> CoreResult<Bytes> {
+/// The correlation id as one element of `dtype` (a string id only as BYTES).
+fn corrid(dtype: DataType, req: &InferRequest) -> CoreResult<Bytes> {
+    let id = req.correlation_id;
+    if let Some(text) = &req.correlation_text {
+        if dtype != DataType::Bytes {
+            return Err(CoreError::invalid(format!(
+                "sequence ID '{text}' is a string, but the CORRID control is {}",
+                dtype.protocol_name()
+            )));
+        }
+        let mut b = (text.len() as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(text.as_bytes());
+        return Ok(Bytes::from(b));
+    }
     let too_big = || {
         CoreError::invalid(format!(
             "correlation ID {id} does not fit the CORRID control's {}",

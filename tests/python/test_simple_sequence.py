@@ -1,0 +1,71 @@
+"""Triton's example `simple_sequence` model (in `model_repository/`) driven the way
+tritonclient's sequence example clients drive it: three sequences interleaved on one gRPC
+stream, one of them named by a string (UUID) sequence id, and the synchronous HTTP form.
+Each output is INPUT + START, so a request that lost its sequence's START shows."""
+import queue
+import uuid
+from functools import partial
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import Kiln
+
+VALUES = [11, 7, 5, 3, 2, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    k = Kiln()
+    yield k
+    k.stop()
+
+
+def request(module, value):
+    i = module.InferInput("INPUT", [1, 1], "INT32")
+    i.set_data_from_numpy(np.full((1, 1), value, np.int32))
+    return [i], [module.InferRequestedOutput("OUTPUT")]
+
+
+def test_interleaved_sequences_on_one_stream_with_a_string_id(served):
+    results = queue.Queue()
+    sequences = {1000: [0] + VALUES, 1001: [100] + [-v for v in VALUES], str(uuid.uuid4()): [20] + [-v for v in VALUES]}
+    with grpcclient.InferenceServerClient(url=served.grpc_url) as c:
+        c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
+        for step in range(len(VALUES) + 1):
+            for sid, values in sequences.items():
+                inputs, outputs = request(grpcclient, values[step])
+                c.async_stream_infer("simple_sequence", inputs, outputs=outputs, request_id=f"{sid}_{step}",
+                                     sequence_id=sid, sequence_start=step == 0, sequence_end=step == len(VALUES))
+        got = {}
+        for _ in range(len(sequences) * (len(VALUES) + 1)):
+            r = results.get(timeout=30)
+            assert not isinstance(r, InferenceServerException), r
+            sid, step = r.get_response().id.rsplit("_", 1)
+            got[(sid, int(step))] = int(r.as_numpy("OUTPUT")[0, 0])
+        c.stop_stream()
+    for sid, values in sequences.items():
+        want = [v + (1 if step == 0 else 0) for step, v in enumerate(values)]
+        assert [got[(str(sid), step)] for step in range(len(values))] == want, sid
+
+
+def test_sync_http_sequence_and_its_errors(served):
+    c = httpclient.InferenceServerClient(url=served.url)
+    sid = "seq-" + uuid.uuid4().hex
+    outs = []
+    for step, v in enumerate([5, 6, 7]):
+        inputs, outputs = request(httpclient, v)
+        r = c.infer("simple_sequence", inputs, outputs=outputs, sequence_id=sid, sequence_start=step == 0,
+                    sequence_end=step == 2)
+        outs.append(int(r.as_numpy("OUTPUT")[0, 0]))
+    assert outs == [6, 6, 7]
+    # The string id "77" and the number 77 are different sequences.
+    inputs, outputs = request(httpclient, 1)
+    c.infer("simple_sequence", inputs, outputs=outputs, sequence_id=77, sequence_start=True)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("simple_sequence", inputs, outputs=outputs, sequence_id="77")
+    assert "sequence 77" in str(e.value) and "START" in str(e.value)
+    c.infer("simple_sequence", inputs, outputs=outputs, sequence_id=77, sequence_end=True)
