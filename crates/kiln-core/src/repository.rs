@@ -105,6 +105,8 @@ pub struct ModelManager {
     load_lock: Mutex<()>,
     /// Poll mode: what each model's folder looked like when it was last loaded.
     seen: Mutex<BTreeMap<String, u64>>,
+    /// Models loaded from files sent with the load request, and where those files are.
+    overrides: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 /// The ready version `version` of `name` (the newest ready one for `None`), with Triton's
@@ -203,6 +205,11 @@ fn detect_config(model_dir: &Path, name: &str) -> CoreResult<ModelConfig> {
             .collect::<Vec<_>>()
             .join(", ")
     )))
+}
+
+/// Where the files of load requests are written (removed at shutdown).
+fn sent_files_root() -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-models-{}", std::process::id()))
 }
 
 /// A digest of every file under `dir`: relative name, size and modification time.
@@ -326,6 +333,7 @@ impl ModelManager {
             models: Arc::new(RwLock::new(BTreeMap::new())),
             load_lock: Mutex::new(()),
             seen: Mutex::new(BTreeMap::new()),
+            overrides: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -376,10 +384,85 @@ impl ModelManager {
         self.load_in_order(names);
     }
 
+    /// The folder model `name` loads from: the files its last load request sent, if it
+    /// sent any, else its folder in the repositories.
+    fn dir_of(&self, name: &str) -> PathBuf {
+        self.overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.opts.model_dir(name))
+    }
+
+    /// Triton's load with an override: `files` (`<version>/<file>` paths and their bytes)
+    /// become the model's folder, with `config` (JSON) as its config; the model need not
+    /// be in the repositories. A later load without files goes back to the repository.
+    pub fn load_files(
+        &self,
+        name: &str,
+        config: Option<&str>,
+        files: &[(String, Vec<u8>)],
+    ) -> CoreResult<()> {
+        if files.is_empty() {
+            self.overrides
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            return self.load(name, config);
+        }
+        let Some(config) = config else {
+            return Err(CoreError::invalid(format!(
+                "failed to load '{name}': the 'config' parameter must be given with model files"
+            )));
+        };
+        if name.is_empty() || name.contains('/') || name.contains("..") {
+            return Err(CoreError::invalid(format!("invalid model name '{name}'")));
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = sent_files_root().join(format!("{name}-{n}"));
+        for (path, bytes) in files {
+            let rel = Path::new(path);
+            let safe = rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !safe || path.is_empty() {
+                return Err(CoreError::invalid(format!(
+                    "failed to load '{name}': model file path '{path}' must be relative to the model folder"
+                )));
+            }
+            let target = dir.join(rel);
+            let written = target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&target, bytes));
+            if let Err(e) = written {
+                return Err(CoreError::internal(format!(
+                    "failed to load '{name}': cannot write model file '{path}': {e}"
+                )));
+            }
+        }
+        let previous = self
+            .overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), dir);
+        let result = self.load(name, Some(config));
+        if result.is_err() {
+            let mut overrides = self.overrides.lock().unwrap_or_else(|p| p.into_inner());
+            match previous {
+                Some(p) => overrides.insert(name.to_string(), p),
+                None => overrides.remove(name),
+            };
+        }
+        result
+    }
+
     /// Loads `names`, ensembles after the models they run; failures are logged.
     fn load_in_order(&self, names: Vec<String>) {
         let (ensembles, plain): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
-            let dir = self.opts.model_dir(n);
+            let dir = self.dir_of(n);
             read_config(&dir, n, None).is_ok_and(|c| ensemble::is_ensemble(&c))
         });
         for name in plain.into_iter().chain(ensembles) {
@@ -445,7 +528,7 @@ impl ModelManager {
         if name.is_empty() || name.contains('/') || name.contains("..") {
             return Err(CoreError::invalid(format!("invalid model name '{name}'")));
         }
-        let dir = self.opts.model_dir(name);
+        let dir = self.dir_of(name);
         if !dir.is_dir() {
             return Err(CoreError::invalid(format!(
                 "failed to load '{name}': no model directory '{}' in the model repository",
@@ -455,7 +538,7 @@ impl ModelManager {
         // As Triton: loading an ensemble loads the composing models that are not ready.
         if let Ok(cfg) = read_config(&dir, name, config_override) {
             for m in ensemble::composing_models(&cfg) {
-                let dir = self.opts.model_dir(&m);
+                let dir = self.dir_of(&m);
                 if m != name && self.get(&m, None).is_err() && dir.is_dir() {
                     if let Err(e) = self.load_versions(&m, &dir, None) {
                         tracing::error!(model = %m, "failed to load: {}", e.message);
@@ -590,13 +673,23 @@ impl ModelManager {
         }
     }
 
+    /// Removes the folders written for load requests that sent files (at shutdown).
+    pub fn remove_sent_files(&self) {
+        let root = sent_files_root();
+        if root.is_dir() {
+            if let Err(e) = std::fs::remove_dir_all(&root) {
+                tracing::warn!("cannot remove '{}': {e}", root.display());
+            }
+        }
+    }
+
     /// Unloads every version of `name`; in-flight and queued requests finish first.
     pub fn unload(&self, name: &str) -> CoreResult<()> {
         let _serial = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = {
             let mut models = self.models_write();
             let Some(slot) = models.get_mut(name) else {
-                if self.opts.model_dir(name).is_dir() {
+                if self.dir_of(name).is_dir() {
                     return Ok(());
                 }
                 return Err(CoreError::invalid(format!(

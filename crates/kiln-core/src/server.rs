@@ -130,6 +130,7 @@ impl Server {
     pub fn shutdown(&self) {
         self.begin_shutdown();
         self.models.unload_all();
+        self.models.remove_sent_files();
         self.opts.tracer.flush();
     }
 
@@ -254,20 +255,21 @@ impl Server {
     }
 
     /// Loads (or reloads) a model on a client's request. `params` are the request's
-    /// parameters (`config` overrides the model's config.pbtxt with JSON). Blocks.
-    pub fn repository_load(&self, name: &str, params: &Map<String, Value>) -> CoreResult<()> {
+    /// parameters (`config` overrides the model's config.pbtxt with JSON); `files`, the
+    /// `file:<version>/<name>` parameters decoded, make up the model's folder. Blocks.
+    pub fn repository_load(
+        &self,
+        name: &str,
+        params: &Map<String, Value>,
+        files: &[(String, Vec<u8>)],
+    ) -> CoreResult<()> {
         self.check_explicit()?;
-        if params.keys().any(|k| k.starts_with("file:")) {
-            return Err(CoreError::unsupported(
-                "loading model files through 'file:' parameters is not supported",
-            ));
-        }
         let config = match params.get("config") {
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(v) => Some(v.to_string()),
         };
-        self.models.load(name, config.as_deref())
+        self.models.load_files(name, config.as_deref(), files)
     }
 
     /// Unloads a model on a client's request. Blocks until its in-flight work is done.

@@ -310,10 +310,27 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> GrpcResult<pb::RepositoryModelLoadResponse> {
-        let r = r.into_inner();
+        use pb::model_repository_parameter::ParameterChoice as C;
+        let mut r = r.into_inner();
+        // `file:<path>` parameters carry the model's files as bytes.
+        let mut files = Vec::new();
+        for key in r.parameters.keys().cloned().collect::<Vec<_>>() {
+            let Some(path) = key.strip_prefix("file:") else {
+                continue;
+            };
+            match r.parameters.remove(&key).and_then(|p| p.parameter_choice) {
+                Some(C::BytesParam(b)) => files.push((path.to_string(), b.to_vec())),
+                _ => {
+                    return Err(status(CoreError::invalid(format!(
+                        "failed to load '{}': parameter '{key}' must hold the file's bytes",
+                        r.model_name
+                    ))))
+                }
+            }
+        }
         let params = repository_params(&r.parameters);
         let server = self.server.clone();
-        blocking(move || server.repository_load(&r.model_name, &params)).await?;
+        blocking(move || server.repository_load(&r.model_name, &params, &files)).await?;
         ok(pb::RepositoryModelLoadResponse {})
     }
 

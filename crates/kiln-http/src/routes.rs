@@ -1,4 +1,5 @@
 //! URL routing and the handlers of every endpoint.
+use base64::Engine as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -466,10 +467,27 @@ async fn repository_control(
         Ok(v) => v.get("parameters").cloned().unwrap_or(json!({})),
         Err(e) => return error(&e),
     };
-    let params = params.as_object().cloned().unwrap_or_default();
+    let mut params = params.as_object().cloned().unwrap_or_default();
+    // `file:<path>` parameters carry the model's files, base64-encoded.
+    let mut files = Vec::new();
+    for key in params.keys().cloned().collect::<Vec<_>>() {
+        let Some(path) = key.strip_prefix("file:") else {
+            continue;
+        };
+        let bytes = params.remove(&key).and_then(|v| {
+            v.as_str()
+                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        });
+        match bytes {
+            Some(b) => files.push((path.to_string(), b)),
+            None => return error(&CoreError::invalid(format!(
+                "failed to load '{model}': parameter '{key}' must be the file's content in base64"
+            ))),
+        }
+    }
     let server = state.server.clone();
     let r = if action == "load" {
-        tokio::task::spawn_blocking(move || server.repository_load(&model, &params)).await
+        tokio::task::spawn_blocking(move || server.repository_load(&model, &params, &files)).await
     } else {
         tokio::task::spawn_blocking(move || server.repository_unload(&model)).await
     };
