@@ -53,11 +53,33 @@ TOO_BIG = ensemble_config("too_big", ["A", "B"], ["OUT"], [
 ], max_batch_size=16)
 
 
+# A decoupled step (repeat_int32: one response per element of IN) followed by one that is
+# not (an identity): the steps after the decoupled one run once per response, and each
+# of those answers the client.
+IDENT = ('name: "ident"\nbackend: "identity"\nmax_batch_size: 0\n'
+         'input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]\n'
+         'output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]\n')
+STREAMED = ('name: "streamed"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+            'model_transaction_policy { decoupled: true }\n'
+            'input [ { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] } ]\n'
+            'output [ { name: "VALUE" data_type: TYPE_INT32 dims: [ -1 ] }, '
+            '{ name: "INDEX" data_type: TYPE_UINT32 dims: [ 1 ] } ]\n'
+            'ensemble_scheduling { step [ '
+            + step("repeat_int32", {"IN": "IN"}, {"OUT": "one", "IDX": "INDEX"}) + ", "
+            + step("ident", {"INPUT0": "one"}, {"OUTPUT0": "VALUE"}) + " ] }\n")
+
+
+# The same with at most one request in flight at each step (Triton's newer field name).
+GATED = STREAMED.replace('name: "streamed"', 'name: "gated"').replace(
+    "ensemble_scheduling { ", "ensemble_scheduling { max_inflight_requests: 1 ")
+
+
 def make_repo():
     repo = tempfile.mkdtemp()
-    for m in ["simple", "simple_string"]:
+    for m in ["simple", "simple_string", "repeat_int32"]:
         shutil.copytree(os.path.join(REPO, m), os.path.join(repo, m))
-    for name, text in [("chain", CHAIN), ("text", TEXT), ("broken", BROKEN), ("too_big", TOO_BIG)]:
+    for name, text in [("chain", CHAIN), ("text", TEXT), ("broken", BROKEN), ("too_big", TOO_BIG),
+                       ("ident", IDENT), ("streamed", STREAMED), ("gated", GATED)]:
         os.makedirs(os.path.join(repo, name, "1"))
         with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
             f.write(text)
@@ -206,3 +228,31 @@ def test_grpc_stream_answers_each_ensemble_request(served):
         assert seen == {0, 1, 2}
     finally:
         c.stop_stream()
+
+
+@pytest.mark.parametrize("model", ["streamed", "gated"])
+def test_a_decoupled_step_streams_one_ensemble_response_per_response(served, model):
+    import queue
+    c = grpcclient.InferenceServerClient(url=served.grpc_url)
+    answers = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    values = np.array([4, 5, 6, 7], np.int32)
+    try:
+        c.async_stream_infer(model, inputs(grpcclient, IN=values), request_id="s",
+                             enable_empty_final_response=True)
+        got = {}
+        while True:
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            params = result.get_response().parameters
+            if result.as_numpy("VALUE") is None:
+                assert params["triton_final_response"].bool_param
+                break
+            got[int(result.as_numpy("INDEX")[0])] = result.as_numpy("VALUE").tolist()
+        assert got == {i: [int(v)] for i, v in enumerate(values)}
+    finally:
+        c.stop_stream()
+    # HTTP cannot take several responses, as with Triton.
+    with pytest.raises(InferenceServerException) as e:
+        httpclient.InferenceServerClient(url=served.url).infer(model, inputs(httpclient, IN=values))
+    assert "decoupled" in str(e.value)

@@ -33,7 +33,8 @@ pub enum ConfigError {
 /// Parses protobuf text format into a `ModelConfig`; errors name the file and line.
 pub fn parse_pbtxt(file: &Path, text: &str) -> Result<ModelConfig, ConfigError> {
     let desc = kiln_proto::model_config_descriptor();
-    let text = &colon_before_lists(text);
+    // Newer Triton releases call field 2 of `ensemble_scheduling` `max_inflight_requests`.
+    let text = &colon_before_lists(text).replace("max_inflight_requests", "max_inflight_responses");
     match DynamicMessage::parse_text_format(desc, text) {
         Ok(msg) => msg
             .transcode_to::<ModelConfig>()

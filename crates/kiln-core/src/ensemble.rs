@@ -4,7 +4,10 @@
 //! outputs back to ensemble tensors (`output_map`). A request runs every step as soon as
 //! the tensors it reads exist (independent steps at the same time), each as an ordinary
 //! request to the composing model's ready version, looked up per request; the ensemble's
-//! outputs are then answered as any model's are. Checked at load: the steps form a graph
+//! outputs are then answered as any model's are. After a decoupled composing model, the
+//! later steps run once per response it sends, and each run answers the client (a stream
+//! of responses, then the final flag). `max_inflight_requests` bounds the requests in
+//! flight at each step across all ensemble requests. Checked at load: the steps form a graph
 //! from the ensemble's inputs to all of its outputs, and the composing models are ready
 //! and have the tensors the maps name.
 use std::collections::{HashMap, HashSet};
@@ -55,10 +58,33 @@ struct Step {
     outputs: Vec<(String, String)>,
 }
 
+/// The ensemble tensors one line of a request's dataflow knows, and what it has done.
+#[derive(Clone)]
+struct Flow {
+    values: HashMap<String, InputTensor>,
+    /// The steps submitted in this flow.
+    ran: Vec<bool>,
+    /// An ensemble output was written in this flow (not only inherited).
+    fresh: bool,
+    /// This flow has answered the client.
+    answered: bool,
+}
+
+/// An event of one step request, tagged with the flow it runs in.
+struct StepEvent {
+    flow: usize,
+    step: usize,
+    decoupled: bool,
+    event: ResponseEvent,
+}
+
 /// A loaded ensemble's steps.
 pub struct Ensemble {
     steps: Vec<Step>,
     models: Models,
+    /// `max_inflight_requests` (`max_inflight_responses` in older configs): how many
+    /// requests of all ensemble requests together may be in flight at each step.
+    gates: Vec<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Ensemble {
@@ -171,7 +197,19 @@ impl Ensemble {
                 }
             }
         }
-        Ok(Ensemble { steps, models })
+        let limit = match &cfg.scheduling_choice {
+            Some(SchedulingChoice::EnsembleScheduling(e)) => e.max_inflight_responses as usize,
+            _ => 0,
+        };
+        let gates = steps
+            .iter()
+            .map(|_| (limit > 0).then(|| Arc::new(tokio::sync::Semaphore::new(limit))))
+            .collect();
+        Ok(Ensemble {
+            steps,
+            models,
+            gates,
+        })
     }
 
     /// Runs `request` (validated against the ensemble's config) through the steps and
@@ -187,8 +225,8 @@ impl Ensemble {
         let me = self.clone();
         let work = async move {
             let started = Instant::now();
-            let event = match me.run(&shared, &request).await {
-                Ok(response) => {
+            match me.run(&shared, &request, &sink).await {
+                Ok(()) => {
                     let total = request.arrival.elapsed();
                     let compute = ComputeTimes {
                         infer: started.elapsed(),
@@ -196,20 +234,15 @@ impl Ensemble {
                     };
                     shared.stats.record_execution(batch_size, compute);
                     shared.stats.record_success(total, Duration::ZERO, compute);
-                    ResponseEvent::Response {
-                        response,
-                        last: true,
-                    }
                 }
                 Err(e) => {
                     let reason = crate::stats::FailReason::Backend;
                     shared
                         .stats
                         .record_failure(request.arrival.elapsed(), reason);
-                    ResponseEvent::Error(e)
+                    sink.send(ResponseEvent::Error(e));
                 }
-            };
-            sink.send(event);
+            }
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
@@ -226,91 +259,215 @@ impl Ensemble {
         }
     }
 
-    async fn run(&self, shared: &ModelShared, request: &InferRequest) -> CoreResult<InferResponse> {
-        // Ensemble tensors by name (each held as the tensor its producer answered).
-        let mut values: HashMap<String, InputTensor> = request
-            .inputs
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect();
-        let mut done = vec![false; self.steps.len()];
-        loop {
-            let ready: Vec<usize> = (0..self.steps.len())
-                .filter(|&i| !done[i])
-                .filter(|&i| {
-                    self.steps[i]
-                        .inputs
-                        .iter()
-                        .all(|(_, t)| values.contains_key(t))
-                })
-                .collect();
-            if ready.is_empty() {
-                break;
-            }
-            // The ready steps run at the same time; their results are taken in order.
-            let mut running = Vec::with_capacity(ready.len());
-            for &i in &ready {
-                done[i] = true;
-                running.push(self.submit_step(&self.steps[i], request, &values)?);
-            }
-            for (&i, mut rx) in ready.iter().zip(running) {
-                let step = &self.steps[i];
-                let response = match rx.recv().await {
-                    Some(ResponseEvent::Response { response, .. }) => response,
-                    Some(ResponseEvent::Error(e)) => return Err(e),
-                    Some(ResponseEvent::Final) | None => {
-                        return Err(CoreError::internal(format!(
-                            "composing model '{}' finished without a response",
-                            step.model
-                        )))
-                    }
-                };
-                for out in response.outputs {
-                    if let Some((_, t)) = step.outputs.iter().find(|(o, _)| *o == out.name) {
-                        let v = InputTensor {
-                            name: t.clone(),
-                            dtype: out.dtype,
-                            shape: out.shape,
-                            data: out.data,
-                        };
-                        values.insert(t.clone(), v);
-                    }
-                }
-            }
-        }
-        let produced = shared
-            .output_names
-            .iter()
-            .filter_map(|n| {
-                values
-                    .remove(n)
-                    .map(|v| (n.clone(), v.dtype, v.shape, Vec::from(v.data)))
-            })
-            .collect();
-        let outputs = crate::model::build_response(shared, request, produced)?;
-        Ok(InferResponse {
-            model_name: shared.name.clone(),
-            model_version: shared.version,
-            id: request.id.clone(),
-            outputs,
+    /// Whether a request now may get several responses: some composing model is decoupled.
+    fn streams(&self) -> bool {
+        self.steps.iter().any(|s| {
+            repository::find(&self.models, &s.model, s.version)
+                .is_ok_and(|mv| mv.shared.is_decoupled())
         })
     }
 
-    /// Sends one step's request to its composing model; the response arrives on the
-    /// returned stream.
-    fn submit_step(
+    /// The dataflow of one request. A step runs in a flow (the ensemble tensors known to
+    /// one line of work) once the tensors it reads exist there. A step with one response
+    /// adds its outputs to its flow; each response of a decoupled step starts a new flow
+    /// from a copy of its own, so the steps after it run once per response. A flow whose
+    /// tensors come to include every ensemble output answers the client: once, as the
+    /// final response, when no composing model is decoupled; otherwise once per flow,
+    /// followed by the final flag when every step request has finished.
+    async fn run(
+        &self,
+        shared: &ModelShared,
+        request: &InferRequest,
+        sink: &ResponseSink,
+    ) -> CoreResult<()> {
+        let streaming = self.streams();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StepEvent>();
+        let mut flows = vec![Flow {
+            values: request
+                .inputs
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
+            ran: vec![false; self.steps.len()],
+            fresh: false,
+            answered: false,
+        }];
+        let mut live = self.launch(&mut flows[0], 0, request, &tx);
+        let mut answer = None;
+        while live > 0 {
+            let Some(StepEvent {
+                flow,
+                step,
+                decoupled,
+                event,
+            }) = rx.recv().await
+            else {
+                break;
+            };
+            let (response, last) = match event {
+                ResponseEvent::Error(e) => return Err(e),
+                ResponseEvent::Final => {
+                    live -= 1;
+                    continue;
+                }
+                ResponseEvent::Response { response, last } => (response, last),
+            };
+            if last {
+                live -= 1;
+            }
+            let target = if decoupled {
+                let mut child = flows[flow].clone();
+                (child.fresh, child.answered) = (false, false);
+                flows.push(child);
+                flows.len() - 1
+            } else {
+                flow
+            };
+            let s = &self.steps[step];
+            let f = &mut flows[target];
+            for out in response.outputs {
+                if let Some((_, t)) = s.outputs.iter().find(|(o, _)| *o == out.name) {
+                    f.fresh |= shared.output_names.contains(t);
+                    let v = InputTensor {
+                        name: t.clone(),
+                        dtype: out.dtype,
+                        shape: out.shape,
+                        data: out.data,
+                    };
+                    f.values.insert(t.clone(), v);
+                }
+            }
+            live += self.launch(f, target, request, &tx);
+            let complete = shared.output_names.iter().all(|n| f.values.contains_key(n));
+            if complete && f.fresh && !f.answered {
+                f.answered = true;
+                let produced = shared
+                    .output_names
+                    .iter()
+                    .filter_map(|n| {
+                        f.values.get(n).map(|v| {
+                            (
+                                n.clone(),
+                                v.dtype,
+                                v.shape.clone(),
+                                Vec::from(v.data.as_ref()),
+                            )
+                        })
+                    })
+                    .collect();
+                let response = InferResponse {
+                    model_name: shared.name.clone(),
+                    model_version: shared.version,
+                    id: request.id.clone(),
+                    outputs: crate::model::build_response(shared, request, produced)?,
+                };
+                if streaming {
+                    sink.send(ResponseEvent::Response {
+                        response,
+                        last: false,
+                    });
+                } else {
+                    answer = Some(response);
+                }
+            }
+        }
+        if streaming {
+            sink.send(ResponseEvent::Final);
+            return Ok(());
+        }
+        let response = answer.ok_or_else(|| {
+            CoreError::internal(format!(
+                "ensemble '{}' finished without producing its outputs",
+                shared.name
+            ))
+        })?;
+        sink.send(ResponseEvent::Response {
+            response,
+            last: true,
+        });
+        Ok(())
+    }
+
+    /// Submits every step of `flow` (number `index`) whose tensors exist and that has not
+    /// run there; their events (or the error of a submission) come back on `tx`. Returns
+    /// how many were started.
+    fn launch(
+        &self,
+        flow: &mut Flow,
+        index: usize,
+        request: &InferRequest,
+        tx: &tokio::sync::mpsc::UnboundedSender<StepEvent>,
+    ) -> usize {
+        let mut submitted = 0;
+        for (i, step) in self.steps.iter().enumerate() {
+            if flow.ran[i] || !step.inputs.iter().all(|(_, t)| flow.values.contains_key(t)) {
+                continue;
+            }
+            flow.ran[i] = true;
+            let gate = self.gates[i].clone();
+            let tx = tx.clone();
+            let model = step.model.clone();
+            let submit = self.prepare_step(step, request, &flow.values);
+            tokio::spawn(async move {
+                // Under `max_inflight_requests`, wait for room at this step.
+                let _permit = match gate {
+                    Some(g) => g.acquire_owned().await.ok(),
+                    None => None,
+                };
+                let (mut rx, decoupled) = match submit.and_then(|(mv, inner)| {
+                    let decoupled = mv.shared.is_decoupled();
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    mv.submit(inner, ResponseSink::new(tx))?;
+                    Ok((rx, decoupled))
+                }) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(StepEvent {
+                            flow: index,
+                            step: i,
+                            decoupled: false,
+                            event: ResponseEvent::Error(e),
+                        });
+                        return;
+                    }
+                };
+                let forward = |event| StepEvent {
+                    flow: index,
+                    step: i,
+                    decoupled,
+                    event,
+                };
+                let mut answered = false;
+                while let Some(event) = rx.recv().await {
+                    let last = event.is_final();
+                    answered |= matches!(event, ResponseEvent::Response { .. });
+                    if tx.send(forward(event)).is_err() || last {
+                        return;
+                    }
+                }
+                // The model let the request go without a final event.
+                let event = if answered || decoupled {
+                    ResponseEvent::Final
+                } else {
+                    ResponseEvent::Error(CoreError::internal(format!(
+                        "composing model '{model}' finished without a response"
+                    )))
+                };
+                let _ = tx.send(forward(event));
+            });
+            submitted += 1;
+        }
+        submitted
+    }
+
+    /// One step's request to its composing model's ready version.
+    fn prepare_step(
         &self,
         step: &Step,
         request: &InferRequest,
         values: &HashMap<String, InputTensor>,
-    ) -> CoreResult<crate::request::ResponseStream> {
+    ) -> CoreResult<(Arc<crate::model::ModelVersion>, InferRequest)> {
         let mv = repository::find(&self.models, &step.model, step.version)?;
-        if mv.shared.is_decoupled() {
-            return Err(CoreError::unsupported(format!(
-                "composing model '{}' is decoupled, which Kiln's ensembles do not support",
-                step.model
-            )));
-        }
         let mut inner = InferRequest::new(step.model.clone());
         inner.model_version = step.version;
         inner.id = request.id.clone();
@@ -339,9 +496,7 @@ impl Ensemble {
                 shm: None,
             })
             .collect();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        mv.submit(inner, ResponseSink::new(tx))?;
-        Ok(rx)
+        Ok((mv, inner))
     }
 }
 

@@ -480,9 +480,11 @@ async fn repository_control(
         });
         match bytes {
             Some(b) => files.push((path.to_string(), b)),
-            None => return error(&CoreError::invalid(format!(
+            None => {
+                return error(&CoreError::invalid(format!(
                 "failed to load '{model}': parameter '{key}' must be the file's content in base64"
-            ))),
+            )))
+            }
         }
     }
     let server = state.server.clone();
