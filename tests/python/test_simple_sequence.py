@@ -1,7 +1,8 @@
-"""Triton's example `simple_sequence` model (in `model_repository/`) driven the way
-tritonclient's sequence example clients drive it: three sequences interleaved on one gRPC
-stream, one of them named by a string (UUID) sequence id, and the synchronous HTTP form.
-Each output is INPUT + START, so a request that lost its sequence's START shows."""
+"""Triton's example `simple_sequence` and `simple_dyna_sequence` models (in
+`model_repository/`) driven the way tritonclient's sequence example clients drive them:
+sequences interleaved on one gRPC stream, one of them named by a string (UUID) sequence id,
+and the synchronous HTTP form. Each output is INPUT + START (plus, for the dyna model, the
+correlation id at END), so a request that lost its sequence's flags shows."""
 import queue
 import uuid
 from functools import partial
@@ -69,3 +70,28 @@ def test_sync_http_sequence_and_its_errors(served):
         c.infer("simple_sequence", inputs, outputs=outputs, sequence_id="77")
     assert "sequence 77" in str(e.value) and "START" in str(e.value)
     c.infer("simple_sequence", inputs, outputs=outputs, sequence_id=77, sequence_end=True)
+
+
+def test_dyna_sequences_see_their_correlation_id_at_the_end(served):
+    """As `simple_grpc_sequence_stream_infer_client.py -d`: the oldest-strategy model batches
+    the two sequences' requests together and adds each one's id to its last output."""
+    results = queue.Queue()
+    sequences = {1000: [0] + VALUES, 1001: [100] + [-v for v in VALUES]}
+    with grpcclient.InferenceServerClient(url=served.grpc_url) as c:
+        c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
+        for step in range(len(VALUES) + 1):
+            for sid, values in sequences.items():
+                inputs, outputs = request(grpcclient, values[step])
+                c.async_stream_infer("simple_dyna_sequence", inputs, outputs=outputs, request_id=f"{sid}_{step}",
+                                     sequence_id=sid, sequence_start=step == 0, sequence_end=step == len(VALUES))
+        got = {}
+        for _ in range(len(sequences) * (len(VALUES) + 1)):
+            r = results.get(timeout=30)
+            assert not isinstance(r, InferenceServerException), r
+            sid, step = r.get_response().id.rsplit("_", 1)
+            got[(int(sid), int(step))] = int(r.as_numpy("OUTPUT")[0, 0])
+        c.stop_stream()
+    for sid, values in sequences.items():
+        last = len(values) - 1
+        want = [v + (step == 0) + (sid if step == last else 0) for step, v in enumerate(values)]
+        assert [got[(sid, step)] for step in range(len(values))] == want, sid

@@ -1,7 +1,8 @@
 //! Writes Triton's `simple` model as ONNX (OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 -
 //! INPUT1, INT32 [batch, 16]) to `<repository>/{simple,simple_dynamic_batch}/1/model.onnx`,
-//! and Triton's example `simple_sequence` (OUTPUT = INPUT + START where READY, else 0) to
-//! `<repository>/simple_sequence/1/model.onnx`,
+//! and Triton's example `simple_sequence` (OUTPUT = INPUT + START where READY, else 0) and
+//! `simple_dyna_sequence` (the same plus the correlation id at END) to
+//! `<repository>/simple_{dyna_,}sequence/1/model.onnx`,
 //! and, given a second folder, the STRING test models built the way Triton's QA generator
 //! builds its ONNX ones (`<folder>/*.onnx`, see `tests/python/test_onnx_strings.py`) and a
 //! model whose weight is external data (`<folder>/external_add/`) and one with a scalar
@@ -1143,6 +1144,32 @@ fn simple_sequence() -> ModelProto {
     )
 }
 
+/// Triton's example `simple_dyna_sequence`, as its example clients expect it: INT32
+/// [batch, 1], OUTPUT = (INPUT + START + END × CORRID) × READY (CORRID INT64).
+fn simple_dyna_sequence() -> ModelProto {
+    let int32 = |n| tensor(n, DataType::Int32, &[None, Some(1)]);
+    model(
+        "simple_dyna_sequence",
+        13,
+        vec![
+            node("Add", &["INPUT", "START"], "started"),
+            cast("CORRID", "corrid32", DataType::Int32),
+            node("Mul", &["END", "corrid32"], "at_end"),
+            node("Add", &["started", "at_end"], "value"),
+            node("Mul", &["value", "READY"], "OUTPUT"),
+        ],
+        vec![
+            int32("INPUT"),
+            int32("START"),
+            int32("END"),
+            int32("READY"),
+            tensor("CORRID", DataType::Int64, &[None, Some(1)]),
+        ],
+        vec![int32("OUTPUT")],
+        vec![],
+    )
+}
+
 /// Triton QA's implicit-state accumulator (INT32 [batch, 1]): OUTPUT_STATE is INPUT on a
 /// request flagged START (control input START, 0/1) and INPUT + INPUT_STATE otherwise;
 /// OUTPUT repeats it. Without `start`, it always adds (for a state that starts from an
@@ -1185,11 +1212,14 @@ fn main() -> std::io::Result<()> {
         let path = std::path::Path::new(&repo).join(name).join("1");
         write(&path.join("model.onnx"), &simple())?;
     }
-    let seq = std::path::Path::new(&repo)
-        .join("simple_sequence")
-        .join("1");
-    std::fs::create_dir_all(&seq)?;
-    write(&seq.join("model.onnx"), &simple_sequence())?;
+    for (name, m) in [
+        ("simple_sequence", simple_sequence()),
+        ("simple_dyna_sequence", simple_dyna_sequence()),
+    ] {
+        let dir = std::path::Path::new(&repo).join(name).join("1");
+        std::fs::create_dir_all(&dir)?;
+        write(&dir.join("model.onnx"), &m)?;
+    }
     if let Some(dir) = args.next() {
         let dir = std::path::Path::new(&dir);
         std::fs::create_dir_all(dir)?;
