@@ -84,13 +84,17 @@ def test_control_tensors_follow_the_sequence_flags(served, module):
     sid = 42 if module is httpclient else 43
     steps = [dict(sequence_start=True), {}, dict(sequence_end=True)]
     for n, flags in enumerate(steps):
-        r = send(c, module, "seq", 10 + n, batch=2, sequence_id=sid, **flags)
-        np.testing.assert_array_equal(r["OUTPUT0"], [[10 + n]] * 2)
-        assert r["OUTPUT_START"].tolist() == [[int(n == 0)]] * 2
-        assert r["OUTPUT_END"].tolist() == [[float(n == 2)]] * 2
-        assert r["OUTPUT_READY"].tolist() == [[True]] * 2
-        assert r["OUTPUT_CORRID"].tolist() == [[sid]] * 2
+        r = send(c, module, "seq", 10 + n, sequence_id=sid, **flags)
+        np.testing.assert_array_equal(r["OUTPUT0"], [[10 + n]])
+        assert r["OUTPUT_START"].tolist() == [[int(n == 0)]]
+        assert r["OUTPUT_END"].tolist() == [[float(n == 2)]]
+        assert r["OUTPUT_READY"].tolist() == [[True]]
+        assert r["OUTPUT_CORRID"].tolist() == [[sid]]
         assert r["OUTPUT_CORRID"].dtype == np.uint64
+    # As Triton: a sequence request carries one item.
+    with pytest.raises(InferenceServerException) as e:
+        send(c, module, "seq", 1, batch=2, sequence_id=sid + 100, sequence_start=True)
+    assert "must specify batch-size 1 due to requirements of sequence batcher" in str(e.value)
 
 
 def test_requests_outside_a_started_sequence_are_refused(served):

@@ -135,10 +135,16 @@ impl Sequences {
         self.states.output_names()
     }
 
-    /// Checks `req`'s place in its sequence (Triton's errors for a missing correlation id
-    /// and for a sequence that did not start) and adds the control tensors for its `batch`
-    /// rows.
+    /// Checks `req`'s place in its sequence (Triton's errors for a batch of more than one,
+    /// a missing correlation id and a sequence that did not start) and adds its control
+    /// tensors.
     pub(crate) fn admit(&self, req: &mut InferRequest, batch: u64) -> CoreResult<()> {
+        if batch > 1 {
+            return Err(CoreError::invalid(format!(
+                "inference request to model '{}' must specify batch-size 1 due to requirements of sequence batcher",
+                self.model
+            )));
+        }
         let id = req.correlation_id;
         if id == 0 {
             return Err(CoreError::invalid(format!(
@@ -172,12 +178,8 @@ impl Sequences {
                 live.insert(id, now);
             }
         }
-        let rows = if self.batched { batch.max(1) } else { 1 };
-        let shape = if self.batched {
-            vec![rows as i64, 1]
-        } else {
-            vec![1]
-        };
+        // One row (the batch size was checked above).
+        let shape = if self.batched { vec![1, 1] } else { vec![1] };
         for c in &self.controls {
             let one = match c.kind {
                 Kind::ControlSequenceStart => c.values[usize::from(start)].clone(),
@@ -185,12 +187,11 @@ impl Sequences {
                 Kind::ControlSequenceReady => c.values[1].clone(),
                 Kind::ControlSequenceCorrid => corrid(c.dtype, req)?,
             };
-            let data: Vec<u8> = (0..rows).flat_map(|_| one.iter().copied()).collect();
             req.inputs.push(InputTensor {
                 name: c.name.clone(),
                 dtype: c.dtype,
                 shape: shape.clone(),
-                data: Bytes::from(data),
+                data: one,
             });
         }
         Ok(())
