@@ -139,3 +139,35 @@ def test_first_response_histogram_is_opt_in(kiln):
         assert 0 < s[("nv_inference_first_response_histogram_ms_sum", None)] < 300
     finally:
         k.stop()
+
+
+def test_latency_summaries_and_counters_follow_metrics_config(kiln):
+    _, types = scrape(kiln.metrics_url)
+    assert "nv_inference_request_summary_us" not in types
+    assert types["nv_inference_request_duration_us"] == "counter"
+    from conftest import Kiln
+    k = Kiln("--metrics-config", "summary_latencies=true", "--metrics-config", "counter_latencies=false",
+             "--metrics-config", "summary_quantiles=0.5:0.05,0.99:0.001")
+    try:
+        h = httpclient.InferenceServerClient(url=k.url)
+        for _ in range(5):
+            h.infer("simple", simple_inputs(httpclient, np.ones((1, 16), dtype=np.int32)))
+        text = requests.get(k.metrics_url, timeout=10).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "nv_inference_request_duration_us" not in fams
+        assert "nv_inference_count" in fams, "the other counters stay"
+        for name in ("request", "queue", "compute_input", "compute_infer", "compute_output"):
+            fam = fams[f"nv_inference_{name}_summary_us"]
+            assert fam.type == "summary"
+            s = {(x.name, x.labels.get("quantile")): x.value for x in fam.samples if x.labels.get("model") == "simple"}
+            assert s[(f"nv_inference_{name}_summary_us_count", None)] == 5
+            assert set(q for _, q in s if q) == {"0.5", "0.99"}
+            assert s[(f"nv_inference_{name}_summary_us", "0.5")] <= s[(f"nv_inference_{name}_summary_us", "0.99")]
+        req = {x.labels.get("quantile"): x.value for x in fams["nv_inference_request_summary_us"].samples
+               if x.labels.get("model") == "simple"}
+        total = next(x.value for x in fams["nv_inference_request_summary_us"].samples
+                     if x.labels.get("model") == "simple" and x.name.endswith("_sum"))
+        # The median request is at most the total of the five, and more than nothing.
+        assert 0 < req["0.5"] <= total
+    finally:
+        k.stop()

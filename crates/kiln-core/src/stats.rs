@@ -108,10 +108,22 @@ pub struct StatsSnapshot {
     pub cache_miss: Dur,
 }
 
+/// How many recent successful requests the latency summaries are computed over.
+const RECENT_CAPACITY: usize = 2048;
+
+/// How long a request's latencies stay in the summaries (Triton's summaries' max age).
+pub const RECENT_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// One successful request's latencies in microseconds: request, queue, compute input,
+/// compute infer, compute output.
+pub type Latencies = [f64; 5];
+
 /// Thread-safe statistics of one model version.
 #[derive(Debug, Default)]
 pub struct ModelStats {
     inner: Mutex<StatsSnapshot>,
+    /// The latest successful requests' latencies, for the summaries (`summary_latencies`).
+    recent: Mutex<std::collections::VecDeque<(std::time::Instant, Latencies)>>,
 }
 
 fn now_ms() -> u64 {
@@ -131,6 +143,10 @@ impl ModelStats {
     /// Back to no events (after warm-up, which is not counted).
     pub fn reset(&self) {
         self.with(|s| *s = StatsSnapshot::default());
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// A request finished successfully after `total`, having queued `queue` and computed `compute`.
@@ -142,7 +158,51 @@ impl ModelStats {
             s.compute_infer.add(compute.infer);
             s.compute_output.add(compute.output);
             s.last_inference_ms = now_ms();
-        })
+        });
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back((
+            std::time::Instant::now(),
+            [
+                us(total),
+                us(queue),
+                us(compute.input),
+                us(compute.infer),
+                us(compute.output),
+            ],
+        ));
+    }
+
+    /// The `quantiles` of each latency (request, queue, compute input, infer, output) over
+    /// the successful requests of the last [`RECENT_MAX_AGE`] (at most the latest 2048);
+    /// `None` before any.
+    pub fn recent_quantiles(&self, quantiles: &[f64]) -> Option<[Vec<f64>; 5]> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while recent
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > RECENT_MAX_AGE)
+        {
+            recent.pop_front();
+        }
+        if recent.is_empty() {
+            return None;
+        }
+        let mut out: [Vec<f64>; 5] = Default::default();
+        for (k, q_out) in out.iter_mut().enumerate() {
+            let mut v: Vec<f64> = recent.iter().map(|(_, l)| l[k]).collect();
+            v.sort_by(f64::total_cmp);
+            *q_out = quantiles
+                .iter()
+                .map(|q| {
+                    let rank = (q * (v.len() - 1) as f64).round() as usize;
+                    v[rank.min(v.len() - 1)]
+                })
+                .collect();
+        }
+        Some(out)
     }
 
     /// A request answered from the response cache after `total`, having waited `queue`
@@ -260,5 +320,22 @@ mod tests {
         assert_eq!(j["batch_stats"][0]["batch_size"], 3);
         assert_eq!(j["batch_stats"][0]["compute_infer"]["ns"], 10);
         assert_eq!(j["version"], "1");
+    }
+
+    #[test]
+    fn summaries_take_quantiles_of_the_recent_requests() {
+        let s = ModelStats::default();
+        assert!(s.recent_quantiles(&[0.5]).is_none());
+        for ms in 1..=100u64 {
+            let c = ComputeTimes {
+                infer: Duration::from_millis(ms),
+                ..Default::default()
+            };
+            s.record_success(Duration::from_millis(2 * ms), Duration::ZERO, c);
+        }
+        let q = s.recent_quantiles(&[0.5, 0.99]).expect("samples");
+        assert_eq!(q[0], vec![102_000.0, 198_000.0]);
+        assert_eq!(q[3], vec![51_000.0, 99_000.0]);
+        assert_eq!(q[1], vec![0.0, 0.0]);
     }
 }

@@ -102,10 +102,28 @@ fn counter(
 }
 
 /// Metric settings (tritonserver's `--metrics-config key=value`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MetricsOptions {
     /// `histogram_latencies=true`: also serve `nv_inference_first_response_histogram_ms`.
     pub histogram_latencies: bool,
+    /// `summary_latencies=true`: also serve the `nv_inference_*_summary_us` summaries.
+    pub summary_latencies: bool,
+    /// `summary_quantiles=0.5:0.05,0.9:0.01,...`: the summaries' quantiles (the error
+    /// after each colon is accepted; quantiles are exact over the recent requests).
+    pub summary_quantiles: Vec<f64>,
+    /// `counter_latencies=false`: leave out the `nv_inference_*_duration_us` counters.
+    pub counter_latencies: bool,
+}
+
+impl Default for MetricsOptions {
+    fn default() -> Self {
+        MetricsOptions {
+            histogram_latencies: false,
+            summary_latencies: false,
+            summary_quantiles: vec![0.5, 0.9, 0.95, 0.99, 0.999],
+            counter_latencies: true,
+        }
+    }
 }
 
 impl MetricsOptions {
@@ -120,9 +138,25 @@ impl MetricsOptions {
         };
         match k {
             "histogram_latencies" => self.histogram_latencies = flag()?,
+            "summary_latencies" => self.summary_latencies = flag()?,
+            "counter_latencies" => self.counter_latencies = flag()?,
+            "summary_quantiles" => {
+                self.summary_quantiles = v
+                    .split(',')
+                    .map(|item| {
+                        let q = item.split(':').next().unwrap_or("").trim();
+                        q.parse::<f64>()
+                            .ok()
+                            .filter(|q| (0.0..=1.0).contains(q))
+                            .ok_or_else(|| {
+                                format!("--metrics-config summary_quantiles: '{item}' is not <quantile>:<error> with a quantile in [0, 1]")
+                            })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             _ => {
                 return Err(format!(
-                    "unsupported --metrics-config key '{k}' (supported: histogram_latencies)"
+                    "unsupported --metrics-config key '{k}' (supported: histogram_latencies, summary_latencies, summary_quantiles, counter_latencies)"
                 ))
             }
         }
@@ -130,16 +164,97 @@ impl MetricsOptions {
     }
 }
 
+fn label(n: &str, v: &str) -> prometheus::proto::LabelPair {
+    let mut l = prometheus::proto::LabelPair::default();
+    l.set_name(n.into());
+    l.set_value(v.into());
+    l
+}
+
+/// Triton's latency summaries: name, help, and which latency and cumulative counter.
+const SUMMARIES: [(&str, &str); 5] = [
+    (
+        "nv_inference_request_summary_us",
+        "Summary of inference request duration in microseconds (includes cached requests)",
+    ),
+    (
+        "nv_inference_queue_summary_us",
+        "Summary of inference queuing duration in microseconds (includes cached requests)",
+    ),
+    (
+        "nv_inference_compute_input_summary_us",
+        "Summary of compute input duration in microseconds (does not include cached requests)",
+    ),
+    (
+        "nv_inference_compute_infer_summary_us",
+        "Summary of compute inference duration in microseconds (does not include cached requests)",
+    ),
+    (
+        "nv_inference_compute_output_summary_us",
+        "Summary of inference compute output duration in microseconds (does not include cached requests)",
+    ),
+];
+
+/// Triton's latency summaries for every ready model version: quantiles over the recent
+/// successful requests, and the cumulative sum and count.
+fn summary_families(server: &Server, quantiles: &[f64]) -> Vec<prometheus::proto::MetricFamily> {
+    use prometheus::proto::{Metric, MetricFamily, MetricType, Quantile, Summary};
+    let mut per_family: Vec<Vec<Metric>> = vec![Vec::new(); SUMMARIES.len()];
+    for mv in server.models().ready_versions() {
+        let snap = mv.shared.stats.snapshot();
+        let totals = [
+            snap.success,
+            snap.queue,
+            snap.compute_input,
+            snap.compute_infer,
+            snap.compute_output,
+        ];
+        let recent = mv.shared.stats.recent_quantiles(quantiles);
+        for (k, metrics) in per_family.iter_mut().enumerate() {
+            let mut summary = Summary::default();
+            summary.set_sample_count(totals[k].count);
+            summary.set_sample_sum(totals[k].ns as f64 / 1e3);
+            let values = recent.as_ref().map(|r| r[k].clone()).unwrap_or_default();
+            summary.set_quantile(
+                quantiles
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| {
+                        let mut qq = Quantile::default();
+                        qq.set_quantile(q);
+                        qq.set_value(values.get(i).copied().unwrap_or(f64::NAN));
+                        qq
+                    })
+                    .collect(),
+            );
+            let mut m = Metric::default();
+            m.set_label(vec![
+                label("model", &mv.shared.name),
+                label("version", &mv.shared.version.to_string()),
+            ]);
+            m.set_summary(summary);
+            metrics.push(m);
+        }
+    }
+    SUMMARIES
+        .iter()
+        .zip(per_family)
+        .filter(|(_, metrics)| !metrics.is_empty())
+        .map(|((name, help), metrics)| {
+            let mut family = MetricFamily::default();
+            family.set_name((*name).into());
+            family.set_help((*help).into());
+            family.set_field_type(MetricType::SUMMARY);
+            family.set_metric(metrics);
+            family
+        })
+        .collect()
+}
+
 /// Triton's first-response histogram for every ready model version, in milliseconds.
 fn first_response_family(server: &Server) -> prometheus::proto::MetricFamily {
     use kiln_core::stats::FIRST_RESPONSE_BUCKETS_MS;
-    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
-    let label = |n: &str, v: &str| {
-        let mut l = LabelPair::default();
-        l.set_name(n.into());
-        l.set_value(v.into());
-        l
-    };
+    use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
     let mut metrics = Vec::new();
     for mv in server.models().ready_versions() {
         let h = mv.shared.stats.snapshot().first_response;
@@ -188,7 +303,12 @@ pub fn render(
             .map(|(name, help, value)| Ok((counter(&r, name, help, &labels)?, *value)))
             .collect()
     };
-    let counters = family(COUNTERS)?;
+    let latency_counters: Vec<Metric<'static>> = COUNTERS
+        .iter()
+        .filter(|(name, ..)| opts.counter_latencies || !name.ends_with("_duration_us"))
+        .copied()
+        .collect();
+    let counters = family(&latency_counters)?;
     let cache_counters = family(CACHE_COUNTERS)?;
     let failure = counter(
         &r,
@@ -249,6 +369,9 @@ pub fn render(
     let mut families = r.gather();
     if opts.histogram_latencies {
         families.push(first_response_family(server));
+    }
+    if opts.summary_latencies {
+        families.extend(summary_families(server, &opts.summary_quantiles));
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
