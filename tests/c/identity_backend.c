@@ -58,9 +58,12 @@ static KilnError* execute(void* inst, const KilnRequestView* reqs, size_t n) {
   return NULL;
 }
 
-/* -DTEST_ABI_1_0 builds the table as an ABI 1.0 backend did: shorter, minor 0. */
+/* -DTEST_ABI_1_0 / -DTEST_ABI_1_1 build the table as an ABI 1.0 / 1.1 backend did:
+   shorter (without model_autocomplete / backend_configure). */
 #ifdef TEST_ABI_1_0
 #define TEST_TABLE_SIZE offsetof(KilnBackendApi, model_autocomplete)
+#elif defined(TEST_ABI_1_1)
+#define TEST_TABLE_SIZE offsetof(KilnBackendApi, backend_configure)
 #else
 #define TEST_TABLE_SIZE sizeof(KilnBackendApi)
 #endif
@@ -69,7 +72,7 @@ static const KilnBackendApi API = {
   {KILN_ABI_MAGIC, TEST_TABLE_SIZE, TEST_ABI_MAJOR, TEST_ABI_MINOR},
   {(const uint8_t*)"c_identity", 10},
   backend_init, backend_fini, model_init, model_fini, instance_init, instance_fini, execute,
-  NULL,
+  NULL, NULL,
 };
 
 const KilnBackendApi* kiln_backend_entry(void) { return &API; }

@@ -141,3 +141,35 @@ def test_flags_asking_for_what_kiln_cannot_do_stop_it(flag, why):
     p = subprocess.run([os.path.join(DIST, "kiln"), "--model-repository", REPO, flag, "--http-port", "0",
                         "--grpc-port", "0", "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and why in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("flags,mbs,dims", [((), 4, [16]),
+                                            (("--backend-config=onnxruntime,default-max-batch-size=0",), 0, [-1, 16]),
+                                            (("--backend-config=default-max-batch-size=2",), 2, [16])])
+def test_backend_config_reaches_the_onnx_backend(repos, flags, mbs, dims):
+    """Triton's `default-max-batch-size`: what auto-complete gives a graph that can batch."""
+    copy_simple(repos[0], "bare", config=False)
+    k = Kiln(*flags, repo=repos[0])
+    try:
+        c = httpclient.InferenceServerClient(url=k.url)
+        cfg = c.get_model_config("bare")
+        assert int(cfg.get("max_batch_size", 0)) == mbs
+        assert [int(d) for d in cfg["input"][0]["dims"]] == dims
+    finally:
+        k.stop()
+
+
+def test_a_backend_setting_the_backend_refuses_fails_its_models_only(repos):
+    copy_simple(repos[0], "bare", config=False)
+    os.makedirs(os.path.join(repos[0], "ident", "1"))
+    open(os.path.join(repos[0], "ident", "config.pbtxt"), "w").write(
+        'backend: "identity"\nmax_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    k = Kiln("--backend-config=onnxruntime,default-max-batch-size=lots", repo=repos[0])
+    try:
+        index = {m["name"]: m for m in requests.post(f"http://{k.url}/v2/repository/index").json()}
+        assert index["bare"]["state"] == "UNAVAILABLE"
+        assert "default-max-batch-size" in index["bare"]["reason"]
+        assert index["ident"]["state"] == "READY"
+    finally:
+        k.stop()

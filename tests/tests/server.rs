@@ -50,6 +50,13 @@ fn c_backend_and_broken_libraries() {
         &d.join("libkiln_abi_1_0.so"),
         &["-DTEST_ABI_1_0", "-DTEST_ABI_MINOR=0"],
     );
+    // And one built against ABI 1.1 (no backend_configure), with backend settings given.
+    let d = add_model(r, "abi_1_1", &fp32_config("abi_1_1", ""));
+    compile_c_backend(
+        &c_source("identity_backend.c"),
+        &d.join("libkiln_abi_1_1.so"),
+        &["-DTEST_ABI_1_1", "-DTEST_ABI_MINOR=1"],
+    );
     let d = add_model(r, "triton_so", &fp32_config("triton_so", ""));
     compile_c_backend(
         &c_source("triton_backend.c"),
@@ -67,17 +74,27 @@ fn c_backend_and_broken_libraries() {
     // A healthy Rust backend from the backend directory.
     add_model(r, "good", &fp32_config("identity", ""));
 
-    let k = Kiln::start(r, &["--strict-readiness", "false"]);
+    let k = Kiln::start(
+        r,
+        &[
+            "--strict-readiness",
+            "false",
+            "--backend-config",
+            "abi_1_1,some-setting=1",
+        ],
+    );
     let (s, v) = k.post("/v2/models/c_identity/infer", &fp32_request(&[1.5, -2.0]));
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["outputs"][0]["data"], json!([1.5, -2.0]));
 
     let (s, v) = k.post("/v2/models/abi_1_0/infer", &fp32_request(&[4.0]));
     assert_eq!(s, 200, "an ABI 1.0 backend must load: {v}");
+    let (s, v) = k.post("/v2/models/abi_1_1/infer", &fp32_request(&[5.0]));
+    assert_eq!(s, 200, "an ABI 1.1 backend must load: {v}");
     let (st, why) = state_of(&k, "abi_major");
     assert_eq!(st, "UNAVAILABLE");
     assert!(
-        why.contains("ABI 2.1") && why.contains("speaks ABI 1.1"),
+        why.contains("ABI 2.2") && why.contains("speaks ABI 1.2"),
         "{why}"
     );
     let (_, why) = state_of(&k, "abi_minor");

@@ -37,7 +37,7 @@ pub mod winograd;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -50,8 +50,12 @@ use serde_json::Value;
 
 use plan::Plan;
 
-/// The backend (stateless).
-pub struct OnnxBackend;
+/// The backend: its settings from the server's `--backend-config`.
+pub struct OnnxBackend {
+    /// `default-max-batch-size`: the `max_batch_size` auto-complete gives a graph that can
+    /// batch (Triton's default, 4).
+    default_max_batch_size: AtomicI64,
+}
 
 /// A loaded model file, shared by the instances.
 pub struct OnnxModel {
@@ -206,7 +210,7 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
 
 /// Default `max_batch_size` auto-complete gives a model whose every input and output has
 /// a dynamic first dimension (Triton's `--backend-config=default-max-batch-size`).
-const DEFAULT_MAX_BATCH_SIZE: i64 = 4;
+pub const DEFAULT_MAX_BATCH_SIZE: i64 = 4;
 
 /// Completes `config` from the graph as Triton's onnxruntime backend does. A config that
 /// declares both inputs and outputs is left as it is. Otherwise: when every graph input
@@ -215,7 +219,11 @@ const DEFAULT_MAX_BATCH_SIZE: i64 = 4;
 /// cannot batch under a non-zero `max_batch_size` is an error. The missing side (inputs,
 /// outputs, or both) is filled in from the graph: name, type and dims, where a tensor left
 /// with no dims gets `dims: [1]` (and, batching, `reshape: { shape: [] }`).
-pub fn complete_config(mut config: Value, model: &ModelProto) -> Result<Value> {
+pub fn complete_config(
+    mut config: Value,
+    model: &ModelProto,
+    default_max_batch_size: i64,
+) -> Result<Value> {
     let (inputs, outputs) = plan::graph_io(model);
     let count = |k: &str| config[k].as_array().map_or(0, Vec::len);
     let (n_in, n_out) = (count("input") + count("batch_input"), count("output"));
@@ -229,7 +237,7 @@ pub fn complete_config(mut config: Value, model: &ModelProto) -> Result<Value> {
     let mut mbs = config["max_batch_size"].as_i64().unwrap_or(0);
     if can_batch {
         if mbs == 0 {
-            mbs = DEFAULT_MAX_BATCH_SIZE;
+            mbs = default_max_batch_size;
             config["max_batch_size"] = Value::from(mbs);
         }
         if mbs > 1
@@ -277,7 +285,29 @@ impl Backend for OnnxBackend {
 
     fn initialize() -> Result<Self> {
         allocator::tune();
-        Ok(OnnxBackend)
+        Ok(OnnxBackend {
+            default_max_batch_size: AtomicI64::new(DEFAULT_MAX_BATCH_SIZE),
+        })
+    }
+
+    /// Reads `default-max-batch-size` (Triton's onnxruntime backend setting).
+    fn configure(&self, config_json: &str) -> Result<()> {
+        let config: Value = serde_json::from_str(config_json)
+            .map_err(|e| Error::invalid_arg(format!("backend config is not JSON: {e}")))?;
+        if let Some(v) = config["cmdline"]["default-max-batch-size"].as_str() {
+            let n = v
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    Error::invalid_arg(format!(
+                        "default-max-batch-size must be a non-negative integer, got '{v}'"
+                    ))
+                })?;
+            self.default_max_batch_size.store(n, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn autocomplete(&self, info: &ModelInfo) -> Result<Option<String>> {
@@ -290,7 +320,10 @@ impl Backend for OnnxBackend {
         let proto = candle_onnx::read_file(&path).map_err(|e| {
             Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
         })?;
-        Ok(Some(complete_config(config, &proto)?.to_string()))
+        let default_mbs = self.default_max_batch_size.load(Ordering::Relaxed);
+        Ok(Some(
+            complete_config(config, &proto, default_mbs)?.to_string(),
+        ))
     }
 
     fn load_model(&self, info: &ModelInfo) -> Result<OnnxModel> {
@@ -549,25 +582,44 @@ mod tests {
     fn autocomplete_follows_triton() {
         // Only a name: batching with Triton's default size, dynamic batching, dims after
         // the batch dimension.
-        let c = complete_config(json!({"name": "m"}), &simple()).unwrap();
+        let c = complete_config(json!({"name": "m"}), &simple(), DEFAULT_MAX_BATCH_SIZE).unwrap();
         assert_eq!(c["max_batch_size"], 4);
         assert_eq!(c["dynamic_batching"], json!({}));
         assert_eq!(c["input"][1]["dims"], json!([16]));
         assert_eq!(c["output"][0]["data_type"], "TYPE_INT32");
         // max_batch_size 1: no dynamic batching; a configured batcher is kept.
-        let c = complete_config(json!({"max_batch_size": 1}), &simple()).unwrap();
+        let c = complete_config(
+            json!({"max_batch_size": 1}),
+            &simple(),
+            DEFAULT_MAX_BATCH_SIZE,
+        )
+        .unwrap();
         assert!(c.get("dynamic_batching").is_none());
         let seq = json!({"max_batch_size": 8, "sequence_batching": {}});
-        let c = complete_config(seq, &simple()).unwrap();
+        let c = complete_config(seq, &simple(), DEFAULT_MAX_BATCH_SIZE).unwrap();
         assert!(c.get("dynamic_batching").is_none());
         // Inputs and outputs both declared: nothing is added.
         let full = json!({"input": [{"name": "INPUT0"}], "output": [{"name": "OUTPUT0"}]});
-        assert_eq!(complete_config(full.clone(), &simple()).unwrap(), full);
+        assert_eq!(
+            complete_config(full.clone(), &simple(), DEFAULT_MAX_BATCH_SIZE).unwrap(),
+            full
+        );
         // Only inputs declared: the outputs are filled in, and batching decided.
-        let c = complete_config(json!({"input": [{"name": "INPUT0"}]}), &simple()).unwrap();
+        let c = complete_config(
+            json!({"input": [{"name": "INPUT0"}]}),
+            &simple(),
+            DEFAULT_MAX_BATCH_SIZE,
+        )
+        .unwrap();
         assert_eq!(c["output"].as_array().map(Vec::len), Some(2));
         assert_eq!(c["input"].as_array().map(Vec::len), Some(1));
         assert_eq!(c["max_batch_size"], 4);
+        // --backend-config=onnxruntime,default-max-batch-size=0: no batching, and the
+        // batch dimension stays in the dims.
+        let c = complete_config(json!({"name": "m"}), &simple(), 0).unwrap();
+        assert_eq!(c["max_batch_size"].as_i64().unwrap_or(0), 0);
+        assert!(c.get("dynamic_batching").is_none());
+        assert_eq!(c["input"][0]["dims"], json!([-1, 16]));
     }
 
     #[test]
@@ -582,10 +634,15 @@ mod tests {
                 t.shape.as_mut().unwrap().dim[0].value = Some(Dim::DimValue(2));
             }
         }
-        let c = complete_config(json!({"name": "m"}), &m).unwrap();
+        let c = complete_config(json!({"name": "m"}), &m, DEFAULT_MAX_BATCH_SIZE).unwrap();
         assert_eq!(c["max_batch_size"].as_i64().unwrap_or(0), 0);
         assert_eq!(c["input"][0]["dims"], json!([2, 16]));
-        let e = complete_config(json!({"name": "m", "max_batch_size": 8}), &m).unwrap_err();
+        let e = complete_config(
+            json!({"name": "m", "max_batch_size": 8}),
+            &m,
+            DEFAULT_MAX_BATCH_SIZE,
+        )
+        .unwrap_err();
         assert!(e.message.contains("does not support batching"), "{e:?}");
     }
 }

@@ -17,7 +17,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x004942414E4C494BULL /* "KILNABI\0" little-endian */
 #define KILN_ABI_MAJOR 1u
-#define KILN_ABI_MINOR 1u
+#define KILN_ABI_MINOR 2u
 
 typedef uint32_t KilnDataType;
 enum {
@@ -142,6 +142,10 @@ typedef struct KilnBackendApi {
      set_config(ctx, json) at most once with the completed config in Triton's JSON form. */
   KilnError* (*model_autocomplete)(void* backend, const KilnModelInfo* info, void* ctx,
                                    void (*set_config)(void* ctx, KilnStr config_json));
+  /* ABI 1.2, may be NULL: the server's settings for this backend (--backend-config), as
+     {"cmdline": {"<setting>": "<value>", ...}}; called at most once, after backend_init and
+     before any model is loaded. */
+  KilnError* (*backend_configure)(void* backend, KilnStr config_json);
 } KilnBackendApi;
 
 typedef const KilnBackendApi* (*KilnBackendEntryFn)(void);
@@ -174,10 +178,11 @@ _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInf
 _Static_assert(sizeof(KilnHostApi) == 24 + 13 * KILN_P, "KilnHostApi");
 _Static_assert(offsetof(KilnHostApi, output_alloc) == 24 + 7 * KILN_P, "KilnHostApi.output_alloc");
 _Static_assert(offsetof(KilnHostApi, report_compute) == 24 + 12 * KILN_P, "KilnHostApi.report_compute");
-_Static_assert(sizeof(KilnBackendApi) == 40 + 8 * KILN_P, "KilnBackendApi");
+_Static_assert(sizeof(KilnBackendApi) == 40 + 9 * KILN_P, "KilnBackendApi");
 _Static_assert(offsetof(KilnBackendApi, backend_init) == 40, "KilnBackendApi.backend_init");
 _Static_assert(offsetof(KilnBackendApi, instance_execute) == 40 + 6 * KILN_P, "KilnBackendApi.instance_execute");
 _Static_assert(offsetof(KilnBackendApi, model_autocomplete) == 40 + 7 * KILN_P, "KilnBackendApi.model_autocomplete");
+_Static_assert(offsetof(KilnBackendApi, backend_configure) == 40 + 8 * KILN_P, "KilnBackendApi.backend_configure");
 
 #ifdef __cplusplus
 }

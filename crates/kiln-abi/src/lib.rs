@@ -20,7 +20,7 @@ pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
 /// Incompatible changes bump the major version.
 pub const KILN_ABI_MAJOR: u32 = 1;
 /// Appended functions bump the minor version.
-pub const KILN_ABI_MINOR: u32 = 1;
+pub const KILN_ABI_MINOR: u32 = 2;
 /// The one symbol a backend library exports.
 pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
 
@@ -324,11 +324,20 @@ pub struct KilnBackendApi {
             set_config: unsafe extern "C" fn(ctx: *mut c_void, config_json: KilnStr),
         ) -> *mut KilnError,
     >,
+    /// ABI 1.2 (nullable; absent when `struct_size` is shorter): the backend's settings
+    /// from the server's command line (tritonserver's `--backend-config`), as Triton's
+    /// backend config JSON, `{"cmdline": {"<setting>": "<value>", ...}}`. Called at most
+    /// once, after `backend_init` and before any model is loaded.
+    pub backend_configure:
+        Option<unsafe extern "C" fn(backend: *mut c_void, config_json: KilnStr) -> *mut KilnError>,
 }
 
 /// Size of ABI 1.0's `KilnBackendApi` (before `model_autocomplete`); the host accepts
 /// tables at least this large and reads later fields only when `struct_size` covers them.
 pub const KILN_BACKEND_API_SIZE_1_0: usize = offset_of!(KilnBackendApi, model_autocomplete);
+
+/// Size of ABI 1.1's `KilnBackendApi` (before `backend_configure`).
+pub const KILN_BACKEND_API_SIZE_1_1: usize = offset_of!(KilnBackendApi, backend_configure);
 
 /// Signature of the entry symbol.
 pub type KilnBackendEntryFn = unsafe extern "C" fn() -> *const KilnBackendApi;
@@ -368,10 +377,11 @@ const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
 const _: () = assert!(size_of::<KilnHostApi>() == 24 + 13 * P);
 const _: () = assert!(offset_of!(KilnHostApi, output_alloc) == 24 + 7 * P);
 const _: () = assert!(offset_of!(KilnHostApi, report_compute) == 24 + 12 * P);
-const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 8 * P);
+const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 9 * P);
 const _: () = assert!(offset_of!(KilnBackendApi, backend_init) == 40);
 const _: () = assert!(offset_of!(KilnBackendApi, instance_execute) == 40 + 6 * P);
 const _: () = assert!(offset_of!(KilnBackendApi, model_autocomplete) == 40 + 7 * P);
+const _: () = assert!(offset_of!(KilnBackendApi, backend_configure) == 40 + 8 * P);
 
 /// Every (name, size) and (name.field, offset) pair of the layout contract; the tests
 /// compile the C header and compare against this table.
@@ -411,5 +421,9 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnBackendApi,model_autocomplete)",
         offset_of!(KilnBackendApi, model_autocomplete),
+    ),
+    (
+        "offsetof(KilnBackendApi,backend_configure)",
+        offset_of!(KilnBackendApi, backend_configure),
     ),
 ];

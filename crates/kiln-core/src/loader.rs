@@ -59,10 +59,21 @@ impl BackendLibrary {
         ) -> *mut abi::KilnError,
     > {
         let h = self.api.header;
-        if h.abi_minor < 1 || (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
+        if h.abi_minor < 1 || (h.struct_size as usize) < abi::KILN_BACKEND_API_SIZE_1_1 {
             return None;
         }
         self.api.model_autocomplete
+    }
+
+    /// The ABI 1.2 `backend_configure` hook, when the library's table has it.
+    fn configure_fn(
+        &self,
+    ) -> Option<unsafe extern "C" fn(*mut c_void, abi::KilnStr) -> *mut abi::KilnError> {
+        let h = self.api.header;
+        if h.abi_minor < 2 || (h.struct_size as usize) < std::mem::size_of::<KilnBackendApi>() {
+            return None;
+        }
+        self.api.backend_configure
     }
 }
 
@@ -96,6 +107,51 @@ pub fn candidates(
 }
 
 static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Arc<BackendLibrary>>>> = OnceLock::new();
+
+/// One `--backend-config` setting: the backend it is for (`None`: every backend), the
+/// setting and its value.
+pub type BackendSetting = (Option<String>, String, String);
+
+static BACKEND_CONFIG: OnceLock<Vec<BackendSetting>> = OnceLock::new();
+
+/// Sets the server's backend settings (once, before any backend is opened); each backend
+/// gets those for its name (Triton's names map as `library_name` maps them) and the global
+/// ones, through `backend_configure`.
+pub fn set_backend_config(settings: Vec<BackendSetting>) {
+    let _ = BACKEND_CONFIG.set(settings);
+}
+
+/// Parses tritonserver's `--backend-config <backend>,<setting>=<value>` (or
+/// `<setting>=<value>` for every backend).
+pub fn parse_backend_setting(text: &str) -> Result<BackendSetting, String> {
+    let (backend, kv) = match text.split_once(',') {
+        Some((b, kv)) if !b.contains('=') => (Some(b.to_string()), kv),
+        _ => (None, text),
+    };
+    let (k, v) = kv.split_once('=').ok_or_else(|| {
+        format!("--backend-config expects [<backend>,]<setting>=<value>, got '{text}'")
+    })?;
+    Ok((backend, k.to_string(), v.to_string()))
+}
+
+/// The backend config JSON for library `lib`, when any setting applies to it.
+fn backend_config_json(lib: &str) -> Option<String> {
+    let settings = BACKEND_CONFIG.get()?;
+    let mut cmdline = serde_json::Map::new();
+    // Global settings first, so a backend's own win.
+    for global in [true, false] {
+        for (b, k, v) in settings {
+            let applies = match b {
+                None => global,
+                Some(b) => !global && library_name(b) == lib,
+            };
+            if applies {
+                cmdline.insert(k.clone(), serde_json::Value::from(v.clone()));
+            }
+        }
+    }
+    (!cmdline.is_empty()).then(|| serde_json::json!({ "cmdline": cmdline }).to_string())
+}
 
 /// Finds the library for `backend` and opens it (once per path).
 pub fn find_and_open(
@@ -200,9 +256,58 @@ fn open(path: &Path) -> Result<BackendLibrary, LoadError> {
     }
     // Never dlclose: backends may leave threads or TLS destructors behind (Triton's policy too).
     std::mem::forget(lib);
-    Ok(BackendLibrary {
+    let library = BackendLibrary {
         path: path.to_path_buf(),
         api,
         state,
-    })
+    };
+    let name = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.strip_prefix("libkiln_"))
+        .and_then(|f| f.strip_suffix(".so"))
+        .unwrap_or("");
+    if let (Some(json), Some(configure)) = (backend_config_json(name), library.configure_fn()) {
+        // SAFETY: ABI call on the state backend_init made; the string outlives the call.
+        let e = unsafe { configure(state, abi::KilnStr::from_str(&json)) };
+        if let Some(e) = host::take_error(e) {
+            return Err(LoadError::Init {
+                path: p,
+                reason: format!("backend settings refused: {}", e.message),
+            });
+        }
+    }
+    Ok(library)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_settings_parse_as_tritonserver_writes_them() {
+        let s = |t: &str| parse_backend_setting(t);
+        assert_eq!(
+            s("onnxruntime,default-max-batch-size=8"),
+            Ok((
+                Some("onnxruntime".into()),
+                "default-max-batch-size".into(),
+                "8".into()
+            ))
+        );
+        assert_eq!(
+            s("default-max-batch-size=2"),
+            Ok((None, "default-max-batch-size".into(), "2".into()))
+        );
+        // A value may itself hold commas.
+        assert_eq!(
+            s("python,shm-region-prefix-name=a,b"),
+            Ok((
+                Some("python".into()),
+                "shm-region-prefix-name".into(),
+                "a,b".into()
+            ))
+        );
+        assert!(s("onnxruntime,nothing").is_err());
+    }
 }

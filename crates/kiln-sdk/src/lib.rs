@@ -83,6 +83,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let _ = info;
         Ok(None)
     }
+
+    /// The server's settings for this backend (tritonserver's `--backend-config`), as
+    /// Triton's backend config JSON: `{"cmdline": {"<setting>": "<value>", ...}}`. Called
+    /// at most once, after `initialize` and before any model loads. The default ignores
+    /// them, as Triton backends ignore settings they do not know.
+    fn configure(&self, config_json: &str) -> Result<()> {
+        let _ = config_json;
+        Ok(())
+    }
 }
 
 /// A loaded model version, shared by its instances.
@@ -142,6 +151,7 @@ macro_rules! export_backend {
                 instance_fini: $crate::__private::instance_fini::<$backend>,
                 instance_execute: $crate::__private::instance_execute::<$backend>,
                 model_autocomplete: Some($crate::__private::model_autocomplete::<$backend>),
+                backend_configure: Some($crate::__private::backend_configure::<$backend>),
             };
             &API
         }

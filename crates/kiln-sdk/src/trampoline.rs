@@ -248,6 +248,25 @@ pub unsafe extern "C" fn model_autocomplete<B: Backend>(
     })
 }
 
+/// # Safety
+/// `backend` came from `backend_init::<B>`; `config_json` is valid for the call.
+pub unsafe extern "C" fn backend_configure<B: Backend>(
+    backend: *mut c_void,
+    config_json: abi::KilnStr,
+) -> *mut KilnError {
+    guard(|| {
+        // SAFETY: created in backend_init and alive until backend_fini.
+        let Some(b) = (unsafe { (backend as *const B).as_ref() }) else {
+            return Err(Error::internal("configure before backend_init"));
+        };
+        // SAFETY: valid for the call.
+        let bytes = unsafe { config_json.as_bytes() };
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| Error::invalid_arg("backend config is not UTF-8"))?;
+        b.configure(text)
+    })
+}
+
 /// Current host time in nanoseconds, for compute statistics.
 pub fn now_ns() -> u64 {
     host::clock_ns()

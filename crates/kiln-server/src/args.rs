@@ -145,6 +145,11 @@ pub struct Args {
     /// max_batch_size from the model files.
     #[arg(long = "disable-auto-complete-config", default_value_t = false)]
     pub disable_auto_complete_config: bool,
+    /// Backend settings, `[<backend>,]<setting>=<value>` (repeatable), passed to the
+    /// backends as Triton's backend config (the onnx backend reads
+    /// `default-max-batch-size`).
+    #[arg(long = "backend-config")]
+    pub backend_config: Vec<String>,
     /// Deprecated form of --disable-auto-complete-config.
     #[arg(long = "strict-model-config", action = clap::ArgAction::Set)]
     pub strict_model_config: Option<bool>,

@@ -117,6 +117,13 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ignored = args.compat.check().map_err(anyhow::Error::msg)?;
+    let backend_settings = args
+        .backend_config
+        .iter()
+        .map(|s| kiln_core::loader::parse_backend_setting(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    kiln_core::loader::set_backend_config(backend_settings);
     if !ignored.is_empty() {
         tracing::info!(
             "tritonserver flags accepted with no effect in Kiln: {}",
