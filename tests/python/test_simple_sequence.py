@@ -31,23 +31,31 @@ def request(module, value):
     return [i], [module.InferRequestedOutput("OUTPUT")]
 
 
-def test_interleaved_sequences_on_one_stream_with_a_string_id(served):
+def stream(served, model, sequences):
+    """Sends every sequence's values interleaved on one gRPC stream, as the example clients
+    do; returns {(str(sequence id), step): output}."""
     results = queue.Queue()
-    sequences = {1000: [0] + VALUES, 1001: [100] + [-v for v in VALUES], str(uuid.uuid4()): [20] + [-v for v in VALUES]}
+    steps = len(next(iter(sequences.values())))
     with grpcclient.InferenceServerClient(url=served.grpc_url) as c:
         c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
-        for step in range(len(VALUES) + 1):
+        for step in range(steps):
             for sid, values in sequences.items():
                 inputs, outputs = request(grpcclient, values[step])
-                c.async_stream_infer("simple_sequence", inputs, outputs=outputs, request_id=f"{sid}_{step}",
-                                     sequence_id=sid, sequence_start=step == 0, sequence_end=step == len(VALUES))
+                c.async_stream_infer(model, inputs, outputs=outputs, request_id=f"{sid}_{step}",
+                                     sequence_id=sid, sequence_start=step == 0, sequence_end=step == steps - 1)
         got = {}
-        for _ in range(len(sequences) * (len(VALUES) + 1)):
+        for _ in range(len(sequences) * steps):
             r = results.get(timeout=30)
             assert not isinstance(r, InferenceServerException), r
             sid, step = r.get_response().id.rsplit("_", 1)
             got[(sid, int(step))] = int(r.as_numpy("OUTPUT")[0, 0])
         c.stop_stream()
+    return got
+
+
+def test_interleaved_sequences_on_one_stream_with_a_string_id(served):
+    sequences = {1000: [0] + VALUES, 1001: [100] + [-v for v in VALUES], str(uuid.uuid4()): [20] + [-v for v in VALUES]}
+    got = stream(served, "simple_sequence", sequences)
     for sid, values in sequences.items():
         want = [v + (1 if step == 0 else 0) for step, v in enumerate(values)]
         assert [got[(str(sid), step)] for step in range(len(values))] == want, sid
@@ -75,22 +83,8 @@ def test_sync_http_sequence_and_its_errors(served):
 def test_dyna_sequences_see_their_correlation_id_at_the_end(served):
     """As `simple_grpc_sequence_stream_infer_client.py -d`: the oldest-strategy model batches
     the two sequences' requests together and adds each one's id to its last output."""
-    results = queue.Queue()
     sequences = {1000: [0] + VALUES, 1001: [100] + [-v for v in VALUES]}
-    with grpcclient.InferenceServerClient(url=served.grpc_url) as c:
-        c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
-        for step in range(len(VALUES) + 1):
-            for sid, values in sequences.items():
-                inputs, outputs = request(grpcclient, values[step])
-                c.async_stream_infer("simple_dyna_sequence", inputs, outputs=outputs, request_id=f"{sid}_{step}",
-                                     sequence_id=sid, sequence_start=step == 0, sequence_end=step == len(VALUES))
-        got = {}
-        for _ in range(len(sequences) * (len(VALUES) + 1)):
-            r = results.get(timeout=30)
-            assert not isinstance(r, InferenceServerException), r
-            sid, step = r.get_response().id.rsplit("_", 1)
-            got[(int(sid), int(step))] = int(r.as_numpy("OUTPUT")[0, 0])
-        c.stop_stream()
+    got = {(int(sid), step): v for (sid, step), v in stream(served, "simple_dyna_sequence", sequences).items()}
     for sid, values in sequences.items():
         last = len(values) - 1
         want = [v + (step == 0) + (sid if step == last else 0) for step, v in enumerate(values)]
