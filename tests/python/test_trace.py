@@ -134,6 +134,29 @@ def test_settings_per_model_over_grpc_and_http(tmp):
     assert len(got) == 1, got
 
 
+def test_tensors_level_records_inputs_and_outputs(tmp):
+    path = os.path.join(tmp, "trace.json")
+    k = Kiln("--trace-config", "level=TENSORS", "--trace-config", "rate=1",
+             "--trace-config", f"triton,file={path}", "--trace-config", "triton,log-frequency=1")
+    try:
+        infer(httpclient.InferenceServerClient(url=k.url), httpclient)
+        deadline = time.time() + 10
+        while not os.path.exists(path + ".0"):
+            assert time.time() < deadline, "no trace written"
+            time.sleep(0.02)
+        traces(path + ".0")  # waits for a whole file
+        objects = json.load(open(path + ".0"))
+        tensors = {(o["activity"], o["tensor"]["name"]): o["tensor"] for o in objects if "activity" in o}
+        assert not any("timestamps" in o for o in objects), "TIMESTAMPS is not among the levels"
+        x = tensors[("TENSOR_QUEUE_INPUT", "INPUT0")]
+        assert (x["dtype"], x["shape"]) == ("INT32", "1,16")
+        assert x["data"] == ",".join(str(i) for i in range(16))
+        out = tensors[("TENSOR_BACKEND_OUTPUT", "OUTPUT0")]
+        assert out["data"] == ",".join(str(2 * i) for i in range(16))
+    finally:
+        k.stop()
+
+
 def test_a_bad_trace_config_stops_the_server(tmp):
     import subprocess
     from conftest import DIST, REPO

@@ -6,7 +6,16 @@ use crate::error::{CoreError, CoreResult};
 use crate::request::OutputTensor;
 
 fn values_as_f64(t: &OutputTensor) -> CoreResult<Vec<f64>> {
-    let d = &t.data;
+    numbers(t.dtype, &t.data).ok_or_else(|| {
+        CoreError::invalid(format!(
+            "class result not available for output '{}' due to unsupported type 'BYTES'",
+            t.name
+        ))
+    })
+}
+
+/// The elements of a numeric tensor's bytes as f64 (`None` for BYTES).
+pub(crate) fn numbers(dtype: DataType, d: &[u8]) -> Option<Vec<f64>> {
     macro_rules! read {
         ($ty:ty, $n:expr) => {
             d.chunks_exact($n)
@@ -14,7 +23,7 @@ fn values_as_f64(t: &OutputTensor) -> CoreResult<Vec<f64>> {
                 .collect()
         };
     }
-    Ok(match t.dtype {
+    Some(match dtype {
         DataType::UInt8 => d.iter().map(|&b| b as f64).collect(),
         DataType::Int8 => d.iter().map(|&b| b as i8 as f64).collect(),
         DataType::Bool => d.iter().map(|&b| (b != 0) as u8 as f64).collect(),
@@ -34,16 +43,12 @@ fn values_as_f64(t: &OutputTensor) -> CoreResult<Vec<f64>> {
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
             .collect(),
-        DataType::Bytes => {
-            return Err(CoreError::invalid(format!(
-                "class result not available for output '{}' due to unsupported type 'BYTES'",
-                t.name
-            )))
-        }
+        DataType::Bytes => return None,
     })
 }
 
-fn format_value(dtype: DataType, v: f64) -> String {
+/// One element as text: integers as integers, floating point with six decimals.
+pub(crate) fn format_value(dtype: DataType, v: f64) -> String {
     match dtype {
         DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => format!("{v:.6}"),
         _ => format!("{}", v as i64),

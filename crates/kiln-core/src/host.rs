@@ -444,6 +444,11 @@ unsafe extern "C" fn h_response_send(
             .stats
             .record_cache_miss(ck.lookup + insert_start.elapsed());
     }
+    if let Some(t) = &inf.request.trace {
+        for (name, dtype, shape, data) in &pending.outputs {
+            t.tensor("TENSOR_BACKEND_OUTPUT", name, *dtype, shape, data);
+        }
+    }
     let event = match backend_err {
         Some(e) => ResponseEvent::Error(e),
         None => match crate::model::build_response(&inf.model, &inf.request, pending.outputs) {

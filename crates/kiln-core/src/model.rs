@@ -645,6 +645,9 @@ impl ModelVersion {
         self.shared.reshape_inputs(&mut request);
         if let Some(t) = &request.trace {
             t.stamp("QUEUE_START");
+            for i in &request.inputs {
+                t.tensor("TENSOR_QUEUE_INPUT", &i.name, i.dtype, &i.shape, &i.data);
+            }
         }
         let arrival = request.arrival;
         let r = self.scheduler.enqueue(Pending {

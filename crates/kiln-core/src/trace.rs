@@ -5,7 +5,8 @@
 //! `QUEUE_START`, `COMPUTE_START`, ...). Traces are written to `trace_file` at shutdown
 //! (`log_frequency` 0), or to `trace_file.<n>` every `log_frequency` traces. A trace is
 //! complete when the last holder of it (the front end and the request) lets it go.
-//! `TENSORS` is accepted as a level, but only timestamps are recorded.
+//! At the `TENSORS` level a trace also holds the request's inputs as queued
+//! (`TENSOR_QUEUE_INPUT`) and the backend's outputs (`TENSOR_BACKEND_OUTPUT`).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -217,14 +218,63 @@ pub struct Trace {
     version: AtomicI64,
     request_id: Mutex<String>,
     stamps: Mutex<Vec<(&'static str, u64)>>,
+    /// `TIMESTAMPS` / `TENSORS` are among the levels.
+    timestamps: bool,
+    tensors: bool,
+    tensor_objects: Mutex<Vec<Value>>,
     file: String,
     log_frequency: u64,
     files: Arc<Files>,
 }
 
 impl Trace {
+    /// Records a tensor (`TENSORS` level): `activity` is `TENSOR_QUEUE_INPUT` or
+    /// `TENSOR_BACKEND_OUTPUT`; the data is written as comma-separated elements.
+    pub fn tensor(
+        &self,
+        activity: &'static str,
+        name: &str,
+        dtype: kiln_sdk::DataType,
+        shape: &[i64],
+        data: &[u8],
+    ) {
+        if !self.tensors {
+            return;
+        }
+        let text = match crate::classification::numbers(dtype, data) {
+            Some(v) => v
+                .iter()
+                .map(|&x| crate::classification::format_value(dtype, x))
+                .collect::<Vec<_>>()
+                .join(","),
+            None => kiln_sdk::bytes_elements(data)
+                .map(|e| e.map(|b| String::from_utf8_lossy(b).into_owned()))
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.join(","))
+                .unwrap_or_default(),
+        };
+        let shape: Vec<String> = shape.iter().map(i64::to_string).collect();
+        let object = json!({
+            "id": self.id,
+            "activity": activity,
+            "tensor": {
+                "name": name,
+                "data": text,
+                "shape": shape.join(","),
+                "dtype": dtype.protocol_name(),
+            }
+        });
+        self.tensor_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(object);
+    }
+
     /// Records `name` at `at`.
     pub fn stamp_at(&self, name: &'static str, at: Instant) {
+        if !self.timestamps {
+            return;
+        }
         let ns = crate::host::clock_ns_of(at);
         self.stamps
             .lock()
@@ -264,6 +314,11 @@ impl Drop for Trace {
             stamps
                 .iter()
                 .map(|(name, ns)| json!({"id": self.id, "timestamps": [{"name": name, "ns": ns}]})),
+        );
+        objects.append(
+            self.tensor_objects
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
         );
         self.files.add(&self.file, self.log_frequency, objects);
     }
@@ -333,6 +388,9 @@ impl Tracer {
             version: AtomicI64::new(-1),
             request_id: Mutex::new(String::new()),
             stamps: Mutex::new(Vec::new()),
+            timestamps: s.level.iter().any(|l| l == "TIMESTAMPS"),
+            tensors: s.level.iter().any(|l| l == "TENSORS"),
+            tensor_objects: Mutex::new(Vec::new()),
             file: s.file.clone(),
             log_frequency: s.log_frequency,
             files: self.files.clone(),
