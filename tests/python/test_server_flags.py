@@ -136,7 +136,8 @@ def test_log_settings_and_file_from_flags(repos):
 
 @pytest.mark.parametrize("flag,why", [("--grpc-use-ssl=true", "TLS"),
                                       ("--model-namespacing=true", "namespace"),
-                                      ("--log-format=fancy", "log-format")])
+                                      ("--log-format=fancy", "log-format"),
+                                      ("--http-restricted-api=everything:k=v", "unknown API")])
 def test_flags_asking_for_what_kiln_cannot_do_stop_it(flag, why):
     p = subprocess.run([os.path.join(DIST, "kiln"), "--model-repository", REPO, flag, "--http-port", "0",
                         "--grpc-port", "0", "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
@@ -171,5 +172,34 @@ def test_a_backend_setting_the_backend_refuses_fails_its_models_only(repos):
         assert index["bare"]["state"] == "UNAVAILABLE"
         assert "default-max-batch-size" in index["bare"]["reason"]
         assert index["ident"]["state"] == "READY"
+    finally:
+        k.stop()
+
+
+def test_restricted_apis_need_their_header():
+    """`--http-restricted-api` / `--grpc-restricted-protocol`, as tritonserver: the listed API
+    groups answer only requests that carry the header (for gRPC `triton-grpc-protocol-<key>`),
+    and the others stay open."""
+    import tritonclient.grpc as grpcclient
+    k = Kiln("--http-restricted-api=model-repository,statistics:admin-key=secret",
+             "--grpc-restricted-protocol=model-repository,statistics:admin-key=secret")
+    try:
+        h = httpclient.InferenceServerClient(url=k.url)
+        g = grpcclient.InferenceServerClient(url=k.grpc_url)
+        assert add(h, "simple")[0, 0] == 3, "inference is not restricted"
+        assert h.is_server_ready() and g.is_server_ready()
+        with pytest.raises(InferenceServerException) as e:
+            h.get_inference_statistics("simple")
+        assert "restricted" in str(e.value) and "admin-key" in str(e.value)
+        r = requests.post(f"http://{k.url}/v2/repository/index", headers={"admin-key": "wrong"})
+        assert r.status_code == 403
+        stats = h.get_inference_statistics("simple", headers={"admin-key": "secret"})
+        assert stats["model_stats"][0]["name"] == "simple"
+        with pytest.raises(InferenceServerException) as e:
+            g.get_model_repository_index()
+        assert "triton-grpc-protocol-admin-key" in str(e.value)
+        index = g.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": "secret"}, as_json=True)
+        assert any(m["name"] == "simple" for m in index["models"])
+        assert g.get_model_config("simple").config.name == "simple", "model-config is not in the group"
     finally:
         k.stop()

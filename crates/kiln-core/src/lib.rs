@@ -10,6 +10,7 @@
 //! * [`reshape`] — a tensor's `dims` as clients see it vs `reshape` as the model does.
 //! * [`loader`] / `host` — the backend ABI's two sides.
 //! * [`server`] — the facade the HTTP and gRPC front ends call.
+pub mod access;
 pub mod cache;
 pub mod classification;
 pub mod config;

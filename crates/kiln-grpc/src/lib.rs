@@ -34,6 +34,9 @@ pub struct GrpcOptions {
     /// Compress responses with gzip (`--grpc-infer-response-compression-level` other
     /// than `none`). Compressed requests are always accepted.
     pub compress_responses: bool,
+    /// `--grpc-restricted-protocol`: API groups that need a `triton-grpc-protocol-<key>`
+    /// header.
+    pub restricted: kiln_core::access::Restrictions,
 }
 
 impl Default for GrpcOptions {
@@ -43,6 +46,7 @@ impl Default for GrpcOptions {
             keepalive_time: Duration::from_millis(7_200_000),
             keepalive_timeout: Duration::from_millis(20_000),
             compress_responses: false,
+            restricted: Default::default(),
         }
     }
 }
@@ -62,7 +66,7 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let mut svc = generated::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        Inference::new(server.clone()),
+        Inference::new(server.clone()).restricted(opts.restricted.clone()),
     )
     .max_decoding_message_size(opts.max_message_size)
     .max_encoding_message_size(opts.max_message_size)

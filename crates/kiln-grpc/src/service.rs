@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use kiln_core::access::Api;
 use kiln_core::request::ResponseEvent;
 use kiln_core::{CoreError, Server};
 use kiln_proto::inference::{self as pb, log_settings_response, trace_setting_response};
@@ -22,12 +23,36 @@ const STREAM_BUFFER: usize = 256;
 #[derive(Clone)]
 pub struct Inference {
     server: Arc<Server>,
+    /// `--grpc-restricted-protocol`: API groups that need a header.
+    restricted: Arc<kiln_core::access::Restrictions>,
 }
 
 impl Inference {
+    /// Restricts API groups to requests carrying their header (`--grpc-restricted-protocol`).
+    pub fn restricted(mut self, restricted: kiln_core::access::Restrictions) -> Self {
+        self.restricted = Arc::new(restricted);
+        self
+    }
+
+    /// Refuses a request to a restricted `api` without its header, as Triton does.
+    fn allow<T>(&self, api: Api, r: &Request<T>) -> Result<(), Status> {
+        let header = |k: &str| {
+            r.metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        self.restricted
+            .check(api, header)
+            .map_err(Status::unavailable)
+    }
+
     /// Wraps the core.
     pub fn new(server: Arc<Server>) -> Self {
-        Inference { server }
+        Inference {
+            server,
+            restricted: Default::default(),
+        }
     }
 }
 
@@ -156,8 +181,9 @@ impl Inference {
 impl GrpcInferenceService for Inference {
     async fn server_live(
         &self,
-        _: Request<pb::ServerLiveRequest>,
+        r: Request<pb::ServerLiveRequest>,
     ) -> GrpcResult<pb::ServerLiveResponse> {
+        self.allow(Api::Health, &r)?;
         ok(pb::ServerLiveResponse {
             live: self.server.is_live(),
         })
@@ -165,8 +191,9 @@ impl GrpcInferenceService for Inference {
 
     async fn server_ready(
         &self,
-        _: Request<pb::ServerReadyRequest>,
+        r: Request<pb::ServerReadyRequest>,
     ) -> GrpcResult<pb::ServerReadyResponse> {
+        self.allow(Api::Health, &r)?;
         ok(pb::ServerReadyResponse {
             ready: self.server.is_ready(),
         })
@@ -176,6 +203,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::ModelReadyRequest>,
     ) -> GrpcResult<pb::ModelReadyResponse> {
+        self.allow(Api::Health, &r)?;
         let r = r.into_inner();
         let v = version(&r.version)?;
         ok(pb::ModelReadyResponse {
@@ -185,8 +213,9 @@ impl GrpcInferenceService for Inference {
 
     async fn server_metadata(
         &self,
-        _: Request<pb::ServerMetadataRequest>,
+        r: Request<pb::ServerMetadataRequest>,
     ) -> GrpcResult<pb::ServerMetadataResponse> {
+        self.allow(Api::Metadata, &r)?;
         ok(from_json(
             "inference.ServerMetadataResponse",
             &self.server.metadata(),
@@ -197,6 +226,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::ModelMetadataRequest>,
     ) -> GrpcResult<pb::ModelMetadataResponse> {
+        self.allow(Api::Metadata, &r)?;
         let r = r.into_inner();
         let m = self
             .server
@@ -209,6 +239,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::ModelInferRequest>,
     ) -> GrpcResult<pb::ModelInferResponse> {
+        self.allow(Api::Inference, &r)?;
         let msg = r.into_inner();
         let trace = self.server.tracer().sample(&msg.model_name);
         if let Some(t) = &trace {
@@ -249,6 +280,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<Streaming<pb::ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
+        self.allow(Api::Inference, &r)?;
         let mut incoming = r.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let this = self.clone();
@@ -272,6 +304,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::ModelConfigRequest>,
     ) -> GrpcResult<pb::ModelConfigResponse> {
+        self.allow(Api::ModelConfig, &r)?;
         let r = r.into_inner();
         let config = self
             .server
@@ -286,6 +319,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::ModelStatisticsRequest>,
     ) -> GrpcResult<pb::ModelStatisticsResponse> {
+        self.allow(Api::Statistics, &r)?;
         let r = r.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
         let stats = self
@@ -299,6 +333,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::RepositoryIndexRequest>,
     ) -> GrpcResult<pb::RepositoryIndexResponse> {
+        self.allow(Api::ModelRepository, &r)?;
         let index = self.server.repository_index(r.into_inner().ready);
         ok(from_json(
             "inference.RepositoryIndexResponse",
@@ -310,6 +345,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> GrpcResult<pb::RepositoryModelLoadResponse> {
+        self.allow(Api::ModelRepository, &r)?;
         use pb::model_repository_parameter::ParameterChoice as C;
         let mut r = r.into_inner();
         // `file:<path>` parameters carry the model's files as bytes.
@@ -338,6 +374,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::RepositoryModelUnloadRequest>,
     ) -> GrpcResult<pb::RepositoryModelUnloadResponse> {
+        self.allow(Api::ModelRepository, &r)?;
         let r = r.into_inner();
         let server = self.server.clone();
         blocking(move || server.repository_unload(&r.model_name)).await?;
@@ -348,6 +385,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryStatusResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         let name = r.into_inner().name;
         let regions = self
             .server
@@ -372,6 +410,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryRegisterResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         let r = r.into_inner();
         if r.name.is_empty() {
             return Err(status(CoreError::invalid(
@@ -389,6 +428,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<pb::SystemSharedMemoryUnregisterResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         let name = r.into_inner().name;
         let name = (!name.is_empty()).then_some(name.as_str());
         self.server.shared_memory().unregister(name);
@@ -399,6 +439,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::CudaSharedMemoryStatusRequest>,
     ) -> GrpcResult<pb::CudaSharedMemoryStatusResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         let name = r.into_inner().name;
         if !name.is_empty() {
             return Err(status(CoreError::not_found(format!(
@@ -412,6 +453,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::CudaSharedMemoryRegisterRequest>,
     ) -> GrpcResult<pb::CudaSharedMemoryRegisterResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         Err(status(CoreError::invalid(format!(
             "failed to register CUDA shared memory region: '{}', GPUs not supported",
             r.into_inner().name
@@ -420,8 +462,9 @@ impl GrpcInferenceService for Inference {
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+        r: Request<pb::CudaSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<pb::CudaSharedMemoryUnregisterResponse> {
+        self.allow(Api::SharedMemory, &r)?;
         ok(pb::CudaSharedMemoryUnregisterResponse {})
     }
 
@@ -429,6 +472,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::TraceSettingRequest>,
     ) -> GrpcResult<pb::TraceSettingResponse> {
+        self.allow(Api::Trace, &r)?;
         let r = r.into_inner();
         let model = (!r.model_name.is_empty()).then_some(r.model_name.as_str());
         let current = if r.settings.is_empty() && model.is_none() {
@@ -470,6 +514,7 @@ impl GrpcInferenceService for Inference {
         &self,
         r: Request<pb::LogSettingsRequest>,
     ) -> GrpcResult<pb::LogSettingsResponse> {
+        self.allow(Api::Logging, &r)?;
         use log_settings_response::{setting_value::ParameterChoice as C, SettingValue};
         use pb::log_settings_request::setting_value::ParameterChoice as In;
         let changes: serde_json::Map<String, Value> = r

@@ -22,12 +22,15 @@ use tokio::net::TcpListener;
 pub struct HttpOptions {
     /// Largest accepted request body (after decompression), in bytes.
     pub max_input_size: usize,
+    /// `--http-restricted-api`: API groups that need a header.
+    pub restricted: kiln_core::access::Restrictions,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             max_input_size: 64 * 1024 * 1024,
+            restricted: Default::default(),
         }
     }
 }

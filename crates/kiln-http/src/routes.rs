@@ -144,6 +144,36 @@ pub async fn metrics(
     }
 }
 
+/// The API group (`--http-restricted-api`) a request belongs to.
+fn api_of(segs: &[&str]) -> Option<kiln_core::access::Api> {
+    use kiln_core::access::Api;
+    Some(match segs {
+        ["v2", "health", ..] => Api::Health,
+        ["v2"] => Api::Metadata,
+        ["v2", "logging"] => Api::Logging,
+        ["v2", "trace", ..] => Api::Trace,
+        ["v2", "repository", ..] => Api::ModelRepository,
+        ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => Api::SharedMemory,
+        ["v2", "models", "stats"] => Api::Statistics,
+        ["v2", "models", _, rest @ ..] => {
+            let tail = match rest {
+                ["versions", _, tail @ ..] => tail,
+                tail => tail,
+            };
+            match tail {
+                [] => Api::Metadata,
+                ["ready"] => Api::Health,
+                ["config"] => Api::ModelConfig,
+                ["stats"] => Api::Statistics,
+                ["infer" | "generate" | "generate_stream"] => Api::Inference,
+                ["trace", ..] => Api::Trace,
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
 /// Routes one request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
@@ -154,6 +184,18 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    if let Some(api) = api_of(&segs) {
+        let headers = req.headers();
+        let header = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if let Err(message) = state.opts.restricted.check(api, header) {
+            return error_status(StatusCode::FORBIDDEN, message);
+        }
+    }
     let resp = match (method.clone(), segs.as_slice()) {
         (Method::GET, ["v2", "health", "live"]) => empty(if state.server.is_live() {
             StatusCode::OK

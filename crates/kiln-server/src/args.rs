@@ -150,6 +150,14 @@ pub struct Args {
     /// `default-max-batch-size`).
     #[arg(long = "backend-config")]
     pub backend_config: Vec<String>,
+    /// HTTP API groups that answer only requests with a header,
+    /// `<api>,<api>,...:<key>=<value>` (repeatable; APIs: health, metadata, inference,
+    /// shared-memory, model-config, model-repository, statistics, trace, logging).
+    #[arg(long = "http-restricted-api")]
+    pub http_restricted_api: Vec<String>,
+    /// The same for gRPC; the header is `triton-grpc-protocol-<key>`.
+    #[arg(long = "grpc-restricted-protocol")]
+    pub grpc_restricted_protocol: Vec<String>,
     /// Deprecated form of --disable-auto-complete-config.
     #[arg(long = "strict-model-config", action = clap::ArgAction::Set)]
     pub strict_model_config: Option<bool>,

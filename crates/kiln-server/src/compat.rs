@@ -2,8 +2,8 @@
 //! manifest, a Helm chart) starts it unchanged. Tuning flags for machinery Kiln does not
 //! have (memory pools, thread counts, the rate limiter) have no effect and are listed in the
 //! log at start. Flags that ask for something Kiln does not do and whose absence would
-//! change what clients see or may reach (TLS, restricted APIs, namespacing, SageMaker or
-//! Vertex AI front ends, another config file name) stop the start with a reason instead.
+//! change what clients see or may reach (TLS, namespacing, SageMaker or Vertex AI front
+//! ends, another config file name) stop the start with a reason instead.
 
 /// Declares the flags: each takes any value, and may be given more than once (as
 /// tritonserver's repeatable ones are).
@@ -69,8 +69,6 @@ triton_flags! {
     vertex_ai_default_model = "vertex-ai-default-model";
     grpc_use_ssl = "grpc-use-ssl";
     grpc_use_ssl_mutual = "grpc-use-ssl-mutual";
-    http_restricted_api = "http-restricted-api";
-    grpc_restricted_api = "grpc-restricted-api";
     model_namespacing = "model-namespacing";
     allow_sagemaker = "allow-sagemaker";
     allow_vertex_ai = "allow-vertex-ai";
@@ -94,9 +92,6 @@ impl TritonFlags {
             let refuse = match flag {
                 "grpc-use-ssl" | "grpc-use-ssl-mutual" if is_true(&value) => {
                     Some("Kiln serves gRPC without TLS; terminate TLS in front of it (a mesh or an ingress)")
-                }
-                "http-restricted-api" | "grpc-restricted-api" => {
-                    Some("Kiln has no restricted-API keys; keep the admin endpoints off the network in front of it")
                 }
                 "model-namespacing" if is_true(&value) => {
                     Some("Kiln does not namespace models by repository; give models unique names")
@@ -157,7 +152,6 @@ mod tests {
     fn flags_asking_for_missing_features_are_refused() {
         for args in [
             &["--grpc-use-ssl=true"][..],
-            &["--http-restricted-api=model-repository:admin-key=secret"],
             &["--model-namespacing=true"],
             &["--allow-sagemaker=1"],
             &["--model-config-name=h100"],

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use kiln_core::access::Restrictions;
 use kiln_core::cache::ResponseCache;
 use kiln_core::trace::Tracer;
 use kiln_core::{ControlMode, LogSettings, RepositoryOptions, Server, ServerOptions};
@@ -124,6 +125,15 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     kiln_core::loader::set_backend_config(backend_settings);
+    let http_restricted =
+        Restrictions::parse("--http-restricted-api", "", &args.http_restricted_api)
+            .map_err(anyhow::Error::msg)?;
+    let grpc_restricted = Restrictions::parse(
+        "--grpc-restricted-protocol",
+        "triton-grpc-protocol-",
+        &args.grpc_restricted_protocol,
+    )
+    .map_err(anyhow::Error::msg)?;
     if !ignored.is_empty() {
         tracing::info!(
             "tritonserver flags accepted with no effect in Kiln: {}",
@@ -203,6 +213,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
         let s = server.clone();
         let http_opts = kiln_http::HttpOptions {
             max_input_size: args.http_max_input_size,
+            restricted: http_restricted.clone(),
         };
         tasks.push(tokio::spawn(async move {
             kiln_http::serve(
@@ -233,6 +244,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             keepalive_timeout: Duration::from_millis(args.grpc_keepalive_timeout),
             compress_responses: args.grpc_infer_response_compression_level
                 != CompressionLevel::None,
+            restricted: grpc_restricted.clone(),
         };
         tasks.push(tokio::spawn(async move {
             let stop = async move {
