@@ -363,7 +363,11 @@ mod tests {
             ..Default::default()
         };
         let (r, so) = decode(msg, &SharedMemory::default()).unwrap();
-        assert_eq!((r.priority, r.timeout_us, r.correlation_id), (2, 500, 7));
+        assert_eq!((r.priority, r.timeout_us), (2, 500));
+        // A string id is its own sequence (not the number 7), as in Triton.
+        assert_eq!(r.correlation_text.as_deref(), Some("7"));
+        assert_ne!(r.correlation_id, 0);
+        assert_eq!(r.sequence_name(), "7");
         assert!(so.empty_final_response);
         assert_eq!(r.parameters.len(), 1);
         assert_eq!(r.parameters["custom"], "x");
