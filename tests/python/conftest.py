@@ -46,6 +46,15 @@ class Kiln:
             self.proc.kill()
 
 
+def refused_start(*args, repo=REPO):
+    """Runs kiln with `args`, which must stop it at start; returns what it printed."""
+    p = subprocess.run([os.path.join(DIST, "kiln"), "--model-repository", repo, "--http-port", "0",
+                        "--grpc-port", "0", "--metrics-port", "0", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0, "kiln started"
+    return p.stdout + p.stderr
+
+
 def as_text(a):
     """BYTES values as str (tritonclient returns bytes objects; onnxruntime str)."""
     import numpy as np

@@ -9,12 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_sdk::DataType;
-
-use crate::request::InferRequest;
-
-/// A model's outputs as the backend produced them: name, type, shape, bytes.
-pub type Produced = Vec<(String, DataType, Vec<i64>, Vec<u8>)>;
+use crate::request::{InferRequest, Produced};
 
 /// A request's place in the cache, kept on a request that missed so that its response
 /// can be inserted.
@@ -155,6 +150,7 @@ impl ResponseCache {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use kiln_sdk::DataType;
 
     fn produced(bytes: usize) -> Produced {
         vec![(

@@ -166,7 +166,7 @@ pub(crate) type ComputeSlot = Arc<Mutex<Option<(u64, u64)>>>;
 
 struct PendingResponse {
     inflight: Arc<Inflight>,
-    outputs: Vec<(String, DataType, Vec<i64>, Vec<u8>)>,
+    outputs: crate::request::Produced,
 }
 
 #[derive(Default)]

@@ -359,7 +359,7 @@ impl ModelShared {
 pub(crate) fn build_response(
     model: &ModelShared,
     req: &InferRequest,
-    produced: Vec<(String, DataType, Vec<i64>, Vec<u8>)>,
+    produced: crate::request::Produced,
 ) -> CoreResult<Vec<OutputTensor>> {
     if let Some(seq) = &model.sequences {
         seq.keep_state(req, &produced)?;
@@ -671,7 +671,7 @@ impl ModelVersion {
     fn answer_from_cache(
         &self,
         request: InferRequest,
-        produced: &crate::cache::Produced,
+        produced: &crate::request::Produced,
         lookup_start: Instant,
         sink: ResponseSink,
     ) -> CoreResult<()> {

@@ -167,6 +167,10 @@ impl InferRequest {
     }
 }
 
+/// A model's outputs as the backend produced them (before ordering, classification and
+/// shared memory): name, type, shape, bytes.
+pub type Produced = Vec<(String, DataType, Vec<i64>, Vec<u8>)>;
+
 /// One output tensor of a response; `data` is the buffer the backend wrote into.
 #[derive(Debug, Clone)]
 pub struct OutputTensor {

@@ -136,7 +136,7 @@ impl ImplicitStates {
         model: &str,
         id: u64,
         end: bool,
-        produced: &[(String, DataType, Vec<i64>, Vec<u8>)],
+        produced: &crate::request::Produced,
     ) -> CoreResult<()> {
         if self.slots.is_empty() {
             return Ok(());
@@ -284,7 +284,8 @@ mod tests {
             12,
             "START ignores the old value"
         );
-        s.keep("s", 7, true, &[]).expect("an end drops the state");
+        s.keep("s", 7, true, &Vec::new())
+            .expect("an end drops the state");
         assert_eq!(s.inputs(7, false)[0].data.len(), 12);
         let e = s.keep("s", 8, false, &produced("OTHER", 1)).unwrap_err();
         assert!(e.message.contains("state output 'OUT'"), "{}", e.message);

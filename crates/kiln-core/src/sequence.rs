@@ -123,7 +123,7 @@ impl Sequences {
     pub(crate) fn keep_state(
         &self,
         req: &InferRequest,
-        produced: &[(String, DataType, Vec<i64>, Vec<u8>)],
+        produced: &crate::request::Produced,
     ) -> CoreResult<()> {
         let end = req.flags & FLAG_END != 0;
         self.states

@@ -121,9 +121,15 @@ pub type Latencies = [f64; 5];
 /// Thread-safe statistics of one model version.
 #[derive(Debug, Default)]
 pub struct ModelStats {
-    inner: Mutex<StatsSnapshot>,
+    inner: Mutex<Counters>,
+}
+
+/// What one lock guards: the counters and the recent latencies.
+#[derive(Debug, Default)]
+struct Counters {
+    snap: StatsSnapshot,
     /// The latest successful requests' latencies, for the summaries (`summary_latencies`).
-    recent: Mutex<std::collections::VecDeque<(std::time::Instant, Latencies)>>,
+    recent: std::collections::VecDeque<(std::time::Instant, Latencies)>,
 }
 
 fn now_ms() -> u64 {
@@ -134,33 +140,32 @@ fn now_ms() -> u64 {
 }
 
 impl ModelStats {
-    fn with(&self, f: impl FnOnce(&mut StatsSnapshot)) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
         // A poisoned lock only means another thread panicked mid-update; counters stay usable.
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with(&self, f: impl FnOnce(&mut StatsSnapshot)) {
+        f(&mut self.lock().snap)
     }
 
     /// Back to no events (after warm-up, which is not counted).
     pub fn reset(&self) {
-        self.with(|s| *s = StatsSnapshot::default());
-        self.recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        *self.lock() = Counters::default();
     }
 
     /// A request finished successfully after `total`, having queued `queue` and computed `compute`.
     pub fn record_success(&self, total: Duration, queue: Duration, compute: ComputeTimes) {
-        self.with(|s| {
-            s.success.add(total);
-            s.queue.add(queue);
-            s.compute_input.add(compute.input);
-            s.compute_infer.add(compute.infer);
-            s.compute_output.add(compute.output);
-            s.last_inference_ms = now_ms();
-        });
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
+        let s = &mut g.snap;
+        s.success.add(total);
+        s.queue.add(queue);
+        s.compute_input.add(compute.input);
+        s.compute_infer.add(compute.infer);
+        s.compute_output.add(compute.output);
+        s.last_inference_ms = now_ms();
+        let recent = &mut g.recent;
         if recent.len() == RECENT_CAPACITY {
             recent.pop_front();
         }
@@ -180,19 +185,23 @@ impl ModelStats {
     /// the successful requests of the last [`RECENT_MAX_AGE`] (at most the latest 2048);
     /// `None` before any.
     pub fn recent_quantiles(&self, quantiles: &[f64]) -> Option<[Vec<f64>; 5]> {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        while recent
-            .front()
-            .is_some_and(|(at, _)| at.elapsed() > RECENT_MAX_AGE)
-        {
-            recent.pop_front();
-        }
+        let recent: Vec<Latencies> = {
+            let mut g = self.lock();
+            while g
+                .recent
+                .front()
+                .is_some_and(|(at, _)| at.elapsed() > RECENT_MAX_AGE)
+            {
+                g.recent.pop_front();
+            }
+            g.recent.iter().map(|(_, l)| *l).collect()
+        };
         if recent.is_empty() {
             return None;
         }
         let mut out: [Vec<f64>; 5] = Default::default();
         for (k, q_out) in out.iter_mut().enumerate() {
-            let mut v: Vec<f64> = recent.iter().map(|(_, l)| l[k]).collect();
+            let mut v: Vec<f64> = recent.iter().map(|l| l[k]).collect();
             v.sort_by(f64::total_cmp);
             *q_out = quantiles
                 .iter()
@@ -260,7 +269,7 @@ impl ModelStats {
 
     /// A copy of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().snap.clone()
     }
 
     /// Triton's JSON for one entry of `model_stats`.

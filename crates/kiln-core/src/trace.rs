@@ -8,7 +8,7 @@
 //! At the `TENSORS` level a trace also holds the request's inputs as queued
 //! (`TENSOR_QUEUE_INPUT`) and the backend's outputs (`TENSOR_BACKEND_OUTPUT`).
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -206,6 +206,8 @@ fn write_batch(file: &str, log_frequency: u64, state: &mut FileState) {
 pub struct Tracer {
     global: Mutex<Scope>,
     models: Mutex<HashMap<String, Scope>>,
+    /// Some scope traces: without it, sampling returns at once, taking no lock.
+    active: AtomicBool,
     next_id: AtomicU64,
     files: Arc<Files>,
 }
@@ -354,6 +356,7 @@ impl Tracer {
                 .map_err(|e| e.message)?;
         }
         Ok(Tracer {
+            active: AtomicBool::new(s.on()),
             global: Mutex::new(Scope {
                 settings: s,
                 seen: 0,
@@ -364,6 +367,9 @@ impl Tracer {
 
     /// A trace for the next request to `model`, when its settings sample it.
     pub fn sample(&self, model: &str) -> Option<Arc<Trace>> {
+        if !self.active.load(Ordering::Relaxed) {
+            return None;
+        }
         // Lock order everywhere: the server's scope, then the models'.
         let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
@@ -413,24 +419,31 @@ impl Tracer {
     /// the model's own. Returns the settings that now apply.
     pub fn update(&self, model: Option<&str>, changes: &Map<String, Value>) -> CoreResult<Value> {
         let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(model) = model else {
-            let mut next = global.settings.clone();
-            apply(&mut next, changes, &TraceSettings::default())?;
-            global.settings = next;
-            return Ok(global.settings.json());
-        };
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        if changes.is_empty() {
-            models.remove(model);
-            return Ok(global.settings.json());
-        }
-        let mut next = models
-            .get(model)
-            .map_or_else(|| global.settings.clone(), |s| s.settings.clone());
-        apply(&mut next, changes, &global.settings)?;
-        let scope = models.entry(model.to_string()).or_default();
-        scope.settings = next;
-        Ok(scope.settings.json())
+        let now = match model {
+            None => {
+                let mut next = global.settings.clone();
+                apply(&mut next, changes, &TraceSettings::default())?;
+                global.settings = next;
+                global.settings.json()
+            }
+            Some(model) if changes.is_empty() => {
+                models.remove(model);
+                global.settings.json()
+            }
+            Some(model) => {
+                let mut next = models
+                    .get(model)
+                    .map_or_else(|| global.settings.clone(), |s| s.settings.clone());
+                apply(&mut next, changes, &global.settings)?;
+                let scope = models.entry(model.to_string()).or_default();
+                scope.settings = next;
+                scope.settings.json()
+            }
+        };
+        let on = global.settings.on() || models.values().any(|s| s.settings.on());
+        self.active.store(on, Ordering::Relaxed);
+        Ok(now)
     }
 
     /// Writes the traces not yet written (at shutdown).

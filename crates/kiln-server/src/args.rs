@@ -168,6 +168,36 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--cache-config` settings, with the deprecated `--response-cache-byte-size` as
+    /// `local,size=`.
+    pub fn cache_settings(&self) -> Vec<String> {
+        let mut settings = self.cache_config.clone();
+        if let Some(size) = self.response_cache_byte_size {
+            settings.push(format!("local,size={size}"));
+        }
+        settings
+    }
+
+    /// `--trace-config` settings, after those the deprecated `--trace-*` flags stand for.
+    pub fn trace_settings(&self) -> Vec<String> {
+        let mut settings: Vec<String> = Vec::new();
+        if let Some(f) = &self.trace_file {
+            settings.push(format!("triton,file={f}"));
+        }
+        settings.extend(self.trace_level.iter().map(|l| format!("level={l}")));
+        if let Some(r) = self.trace_rate {
+            settings.push(format!("rate={r}"));
+        }
+        if let Some(c) = self.trace_count {
+            settings.push(format!("count={c}"));
+        }
+        if let Some(n) = self.trace_log_frequency {
+            settings.push(format!("triton,log-frequency={n}"));
+        }
+        settings.extend(self.trace_config.iter().cloned());
+        settings
+    }
+
     /// The log settings the flags ask for.
     pub fn log_settings(&self) -> anyhow::Result<kiln_core::LogSettings> {
         if !matches!(self.log_format.as_str(), "default" | "ISO8601") {

@@ -140,29 +140,11 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             ignored.join(", ")
         );
     }
-    let mut cache_settings = args.cache_config.clone();
-    if let Some(size) = args.response_cache_byte_size {
-        cache_settings.push(format!("local,size={size}"));
-    }
-    let response_cache = ResponseCache::from_settings(&cache_settings)
+    let response_cache = ResponseCache::from_settings(&args.cache_settings())
         .map_err(|e| anyhow::anyhow!(e))?
         .map(Arc::new);
-    let mut trace_settings: Vec<String> = Vec::new();
-    if let Some(f) = &args.trace_file {
-        trace_settings.push(format!("triton,file={f}"));
-    }
-    trace_settings.extend(args.trace_level.iter().map(|l| format!("level={l}")));
-    if let Some(r) = args.trace_rate {
-        trace_settings.push(format!("rate={r}"));
-    }
-    if let Some(c) = args.trace_count {
-        trace_settings.push(format!("count={c}"));
-    }
-    if let Some(n) = args.trace_log_frequency {
-        trace_settings.push(format!("triton,log-frequency={n}"));
-    }
-    trace_settings.extend(args.trace_config.iter().cloned());
-    let tracer = Arc::new(Tracer::from_settings(&trace_settings).map_err(|e| anyhow::anyhow!(e))?);
+    let tracer =
+        Arc::new(Tracer::from_settings(&args.trace_settings()).map_err(|e| anyhow::anyhow!(e))?);
     let opts = ServerOptions {
         repository: RepositoryOptions {
             repositories,
