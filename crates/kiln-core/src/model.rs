@@ -193,7 +193,7 @@ impl ModelShared {
             };
             if !seen.insert(t.name.as_str()) {
                 return Err(CoreError::invalid(format!(
-                    "input '{}' appears more than once in the request",
+                    "input '{}' already exists in request",
                     t.name
                 )));
             }

@@ -12,13 +12,21 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 macro_rules! ints {
     ($vals:expr, $ty:ty, $name:expr, $out:expr) => {{
         for v in $vals {
+            if !v.is_i64() && !v.is_u64() {
+                // tritonserver's words for a value of the wrong JSON type.
+                let kind = if <$ty>::MIN == 0 { "unsigned-integer" } else { "signed-integer" };
+                return Err(format!(
+                    "unable to parse 'data' of input '{}': attempt to access JSON non-{kind} as {kind}, got {v}",
+                    $name
+                ));
+            }
             let x = v
                 .as_i64()
                 .and_then(|i| <$ty>::try_from(i).ok())
                 .or_else(|| v.as_u64().and_then(|u| <$ty>::try_from(u).ok()))
                 .ok_or_else(|| {
                     format!(
-                        "unable to parse 'data' of input '{}': {} is not a valid {} value",
+                        "unable to parse 'data' of input '{}': {} is out of range for {}",
                         $name,
                         v,
                         stringify!($ty)
@@ -48,7 +56,7 @@ pub fn json_to_bytes(
     match dtype {
         DataType::Bool => {
             for v in vals {
-                let b = v.as_bool().ok_or_else(|| format!("unable to parse 'data' of input '{name}': expected a boolean, got {v}"))?;
+                let b = v.as_bool().ok_or_else(|| format!("unable to parse 'data' of input '{name}': attempt to access JSON non-boolean as boolean, got {v}"))?;
                 out.push(b as u8);
             }
         }
@@ -62,7 +70,7 @@ pub fn json_to_bytes(
         DataType::Int64 => ints!(vals, i64, name, out),
         DataType::Fp32 | DataType::Fp64 => {
             for v in vals {
-                let f = v.as_f64().ok_or_else(|| format!("unable to parse 'data' of input '{name}': expected a number, got {v}"))?;
+                let f = v.as_f64().ok_or_else(|| format!("unable to parse 'data' of input '{name}': attempt to access JSON non-number as double, got {v}"))?;
                 if dtype == DataType::Fp32 {
                     out.extend_from_slice(&(f as f32).to_le_bytes());
                 } else {
@@ -77,7 +85,7 @@ pub fn json_to_bytes(
         }
         DataType::Bytes => {
             for v in vals {
-                let s = v.as_str().ok_or_else(|| format!("unable to parse 'data' of input '{name}': expected a string, got {v}"))?;
+                let s = v.as_str().ok_or_else(|| format!("unable to parse 'data' of input '{name}': attempt to access JSON non-string as string, got {v}"))?;
                 out.extend_from_slice(&(s.len() as u32).to_le_bytes());
                 out.extend_from_slice(s.as_bytes());
             }

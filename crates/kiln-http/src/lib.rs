@@ -2,6 +2,7 @@
 //! classification, model repository, statistics), on hyper + tokio.
 mod body;
 mod compress;
+mod generate;
 pub mod infer;
 mod json_tensor;
 mod routes;

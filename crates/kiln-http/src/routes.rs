@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::body::ChunkedBody;
 use crate::compress::{self, Coding};
-use crate::{infer, HttpOptions};
+use crate::{generate, infer, HttpOptions};
 
 /// Shared handler state.
 pub struct State {
@@ -35,7 +35,7 @@ fn respond(status: StatusCode, content_type: Option<&'static str>, chunks: Vec<B
     r
 }
 
-fn json_resp(status: StatusCode, v: &Value) -> Resp {
+pub(crate) fn json_resp(status: StatusCode, v: &Value) -> Resp {
     respond(
         status,
         Some("application/json"),
@@ -48,17 +48,17 @@ fn empty(status: StatusCode) -> Resp {
 }
 
 /// `{"error": "..."}` with the status Triton uses for the error's kind.
-fn error(e: &CoreError) -> Resp {
+pub(crate) fn error(e: &CoreError) -> Resp {
     let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
     json_resp(status, &json!({ "error": e.message }))
 }
 
-fn error_status(status: StatusCode, msg: impl Into<String>) -> Resp {
+pub(crate) fn error_status(status: StatusCode, msg: impl Into<String>) -> Resp {
     json_resp(status, &json!({ "error": msg.into() }))
 }
 
 /// Reads and (if needed) decompresses the request body, enforcing the size limit.
-async fn read_body(
+pub(crate) async fn read_body(
     state: &State,
     req: Request<Incoming>,
 ) -> Result<(http::request::Parts, Bytes), Resp> {
@@ -286,7 +286,13 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
                 (Method::GET, ["config"]) => result(state.server.model_config(&model, version)),
                 (Method::GET, ["stats"]) => result(state.server.statistics(Some(&model), version)),
                 (Method::POST, ["infer"]) => infer(&state, req, model, version).await,
-                (_, [] | ["ready"] | ["config"] | ["stats"] | ["infer"]) => error_status(
+                (Method::POST, [kind @ ("generate" | "generate_stream")]) => {
+                    // Not compressed, as in tritonserver (a stream could not be).
+                    return generate::handle(&state, req, model, version, *kind != "generate")
+                        .await;
+                }
+                (_, [] | ["ready"] | ["config"] | ["stats"] | ["infer"])
+                | (_, ["generate" | "generate_stream"]) => error_status(
                     StatusCode::METHOD_NOT_ALLOWED,
                     format!("method not allowed for {path}"),
                 ),
@@ -312,6 +318,9 @@ fn maybe_compress(resp: Resp, accept: Option<&str>) -> Resp {
     let Some(coding) = accept.and_then(Coding::negotiate) else {
         return resp;
     };
+    if resp.body().is_streaming() {
+        return resp;
+    }
     let (mut parts, body) = resp.into_parts();
     let raw = body.concat();
     if raw.is_empty() {
