@@ -19,6 +19,7 @@ pub mod error;
 mod host;
 pub mod loader;
 pub mod model;
+pub mod rate_limit;
 pub mod repository;
 pub mod request;
 pub mod reshape;

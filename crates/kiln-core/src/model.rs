@@ -20,6 +20,7 @@ use crate::config;
 use crate::error::{CoreError, CoreResult};
 use crate::host;
 use crate::loader::BackendLibrary;
+use crate::rate_limit::{RateLimiter, Seat};
 use crate::request::{InferRequest, OutputTensor, ResponseSink};
 use crate::scheduler::{
     BatchPolicy, Pending, QueuePolicy, Scheduler, SchedulerPolicy, TimeoutAction,
@@ -448,10 +449,13 @@ pub fn gpu_count() -> u32 {
 
 impl ModelVersion {
     /// Initializes the model in its backend and starts its instances.
+    /// With `limiter` (`--rate-limit=execution_count`), each instance runs a batch only when
+    /// its group's `rate_limiter` resources are free.
     pub fn load(
         shared: ModelShared,
         model_dir: &Path,
         backend: Arc<BackendLibrary>,
+        limiter: Option<&Arc<RateLimiter>>,
     ) -> CoreResult<Arc<ModelVersion>> {
         let shared = Arc::new(shared);
         let cfg_json = shared.config_json.to_string();
@@ -502,7 +506,15 @@ impl ModelVersion {
                     } else {
                         format!("{}_{}", g.name, c)
                     };
-                    match mv.spawn_instance(name, kind, device, index) {
+                    let seat = match limiter.map(|l| l.register(g.rate_limiter.as_ref(), device)) {
+                        Some(Err(e)) => {
+                            mv.shutdown();
+                            return Err(e);
+                        }
+                        Some(Ok(seat)) => Some(seat),
+                        None => None,
+                    };
+                    match mv.spawn_instance(name, kind, device, index, seat) {
                         Ok(h) => mv.threads.lock().unwrap_or_else(|p| p.into_inner()).push(h),
                         Err(e) => {
                             mv.shutdown();
@@ -545,6 +557,7 @@ impl ModelVersion {
         kind: u32,
         device: i32,
         index: u32,
+        seat: Option<Seat>,
     ) -> CoreResult<JoinHandle<()>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = self.shared.clone();
@@ -579,7 +592,14 @@ impl ModelVersion {
                     return;
                 }
                 let _ = tx.send(Ok(()));
-                run_instance(&shared, &scheduler, index as usize, api, state, &slot);
+                let instance = Instance {
+                    index: index as usize,
+                    api,
+                    state,
+                    slot: &slot,
+                    seat: seat.as_ref(),
+                };
+                run_instance(&shared, &scheduler, instance);
                 // SAFETY: the instance is finished with; called once.
                 if let Some(e) = host::take_error(unsafe { (api.instance_fini)(state) }) {
                     tracing::warn!(model = %shared.name, instance = %name, "instance_fini failed: {}", e.message);
@@ -797,15 +817,28 @@ fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
     }
 }
 
-fn run_instance(
-    shared: &Arc<ModelShared>,
-    scheduler: &Scheduler,
-    instance: usize,
+/// What an instance's thread runs batches with.
+struct Instance<'a> {
+    index: usize,
     api: &'static abi::KilnBackendApi,
     state: *mut c_void,
-    slot: &Mutex<Option<(u64, u64)>>,
-) {
-    while let Some(batch) = scheduler.next_batch_for(instance) {
+    /// Compute times the backend reported for the current execution.
+    slot: &'a Mutex<Option<(u64, u64)>>,
+    /// Its place in the rate limiter, when one is on.
+    seat: Option<&'a Seat>,
+}
+
+fn run_instance(shared: &Arc<ModelShared>, scheduler: &Scheduler, instance: Instance<'_>) {
+    let Instance {
+        index,
+        api,
+        state,
+        slot,
+        seat,
+    } = instance;
+    while let Some(batch) = scheduler.next_batch_for(index) {
+        // Held until the execution returns (rate limiter resources).
+        let _grant = seat.map(Seat::acquire);
         let exec_start = Instant::now();
         let total: u64 = batch.iter().map(|p| p.batch_size).sum();
         let mut held = Vec::with_capacity(batch.len());

@@ -41,6 +41,8 @@ pub struct RepositoryOptions {
     pub autocomplete: bool,
     /// `--repository-poll-secs`: how often poll mode looks at the repositories.
     pub poll_secs: u64,
+    /// `--rate-limit=execution_count`: the limiter every model instance runs under.
+    pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 impl RepositoryOptions {
@@ -639,7 +641,7 @@ impl ModelManager {
                     .and_then(|lib| {
                         let shared = ModelShared::new(cfg.clone(), v, dir)?
                             .with_cache(self.opts.response_cache.as_ref());
-                        ModelVersion::load(shared, dir, lib)
+                        ModelVersion::load(shared, dir, lib, self.opts.rate_limiter.as_ref())
                     })
             };
             match r {

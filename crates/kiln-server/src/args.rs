@@ -1,5 +1,6 @@
 //! The command line, with tritonserver's flag names and defaults.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 
@@ -92,6 +93,14 @@ pub struct Args {
     /// the responses of models whose config has `response_cache { enable: true }`.
     #[arg(long = "cache-config")]
     pub cache_config: Vec<String>,
+    /// The rate limiter: `off`, or `execution_count` (an instance runs a batch only when the
+    /// resources of its group's `rate_limiter` are free; `priority` weights the turns).
+    #[arg(long = "rate-limit", value_enum, default_value_t = RateLimit::Off)]
+    pub rate_limit: RateLimit,
+    /// Copies of a rate limiter resource, `<name>:<count>[:<device>]` (repeatable; without a
+    /// device, on every device). Once any is given, a resource not named has none.
+    #[arg(long = "rate-limit-resource")]
+    pub rate_limit_resource: Vec<kiln_core::rate_limit::ExplicitResource>,
     /// Deprecated form of `--cache-config local,size=<bytes>` (as in tritonserver).
     #[arg(long = "response-cache-byte-size")]
     pub response_cache_byte_size: Option<usize>,
@@ -167,7 +176,23 @@ pub struct Args {
     pub compat: crate::compat::TritonFlags,
 }
 
+/// `--rate-limit` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateLimit {
+    /// Instances run as soon as they have a batch.
+    Off,
+    /// Instances run as their rate limiter resources and priorities allow.
+    #[value(name = "execution_count")]
+    ExecutionCount,
+}
+
 impl Args {
+    /// The rate limiter the flags ask for (`None` when it is off).
+    pub fn rate_limiter(&self) -> Option<Arc<kiln_core::rate_limit::RateLimiter>> {
+        (self.rate_limit == RateLimit::ExecutionCount)
+            .then(|| kiln_core::rate_limit::RateLimiter::new(self.rate_limit_resource.clone()))
+    }
+
     /// `--cache-config` settings, with the deprecated `--response-cache-byte-size` as
     /// `local,size=`.
     pub fn cache_settings(&self) -> Vec<String> {

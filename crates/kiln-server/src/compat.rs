@@ -1,6 +1,6 @@
 //! tritonserver flags that Kiln accepts so that an existing command line (a Kubernetes
 //! manifest, a Helm chart) starts it unchanged. Tuning flags for machinery Kiln does not
-//! have (memory pools, thread counts, the rate limiter) have no effect and are listed in the
+//! have (memory pools, thread counts) have no effect and are listed in the
 //! log at start. Flags that ask for something Kiln does not do and whose absence would
 //! change what clients see or may reach (TLS, namespacing, SageMaker or Vertex AI front
 //! ends, another config file name) stop the start with a reason instead.
@@ -48,8 +48,6 @@ triton_flags! {
     grpc_http2_max_ping_strikes = "grpc-http2-max-ping-strikes";
     grpc_max_connection_age = "grpc-max-connection-age";
     grpc_max_connection_age_grace = "grpc-max-connection-age-grace";
-    rate_limit = "rate-limit";
-    rate_limit_resource = "rate-limit-resource";
     repoagent_directory = "repoagent-directory";
     cache_directory = "cache-directory";
     host_policy = "host-policy";

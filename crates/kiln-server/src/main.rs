@@ -162,6 +162,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             autocomplete: !(args.disable_auto_complete_config
                 || args.strict_model_config == Some(true)),
             poll_secs: args.repository_poll_secs,
+            rate_limiter: args.rate_limiter(),
         },
         strict_readiness: args.strict_readiness,
         log,
