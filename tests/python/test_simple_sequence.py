@@ -89,3 +89,66 @@ def test_dyna_sequences_see_their_correlation_id_at_the_end(served):
         last = len(values) - 1
         want = [v + (step == 0) + (sid if step == last else 0) for step, v in enumerate(values)]
         assert [got[(sid, step)] for step in range(len(values))] == want, sid
+
+
+def slot_repo(idle_us):
+    """A copy of simple_sequence with one batch slot (max_batch_size 1) and `idle_us` of
+    sequence idle time."""
+    import os
+    import re
+    import shutil
+    import tempfile
+    from conftest import REPO
+    d = tempfile.mkdtemp()
+    shutil.copytree(os.path.join(REPO, "simple_sequence"), os.path.join(d, "one_slot"))
+    path = os.path.join(d, "one_slot", "config.pbtxt")
+    cfg = open(path).read().replace('name: "simple_sequence"', 'name: "one_slot"')
+    cfg = re.sub(r"max_batch_size: \d+", "max_batch_size: 1", cfg)
+    cfg = cfg.replace("sequence_batching {", f"sequence_batching {{\n  max_sequence_idle_microseconds: {idle_us}", 1)
+    open(path, "w").write(cfg)
+    return d
+
+
+def infer_seq(kiln, sid, value, start=False, end=False):
+    with httpclient.InferenceServerClient(kiln.url, network_timeout=60) as c:
+        inputs, outputs = request(httpclient, value)
+        r = c.infer("one_slot", inputs, outputs=outputs, sequence_id=sid, sequence_start=start, sequence_end=end)
+        return int(r.as_numpy("OUTPUT")[0, 0])
+
+
+def test_a_sequence_beyond_the_slots_waits_for_one_to_end():
+    import shutil
+    import threading
+    repo = slot_repo(60_000_000)
+    kiln = Kiln(repo=repo)
+    try:
+        done = []
+        assert infer_seq(kiln, 1, 5, start=True) == 6
+        later = threading.Thread(target=lambda: done.append(("seq 2", infer_seq(kiln, 2, 10, start=True))))
+        later.start()
+        # Sequence 1 holds the only slot: sequence 2 is in the backlog, and sequence 1's
+        # own requests still run.
+        assert infer_seq(kiln, 1, 7) == 7
+        assert not done
+        done.append(("seq 1 end", infer_seq(kiln, 1, 3, end=True)))
+        later.join(timeout=30)
+        assert done == [("seq 1 end", 3), ("seq 2", 11)]
+    finally:
+        kiln.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_an_idle_sequence_gives_up_its_slot():
+    import shutil
+    repo = slot_repo(300_000)
+    kiln = Kiln(repo=repo)
+    try:
+        assert infer_seq(kiln, 1, 5, start=True) == 6
+        # Sequence 1 sends nothing more: after 0.3 s its slot goes to sequence 2 ...
+        assert infer_seq(kiln, 2, 10, start=True) == 11
+        # ... and sequence 1 is over: its next request must start it again.
+        with pytest.raises(InferenceServerException, match="must specify the START flag"):
+            infer_seq(kiln, 1, 7)
+    finally:
+        kiln.stop()
+        shutil.rmtree(repo, ignore_errors=True)

@@ -774,11 +774,19 @@ fn queue_policy(q: Option<&ModelQueuePolicy>) -> QueuePolicy {
 fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
     let db = match &cfg.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(db)) => db,
-        Some(SchedulingChoice::SequenceBatching(_)) => {
+        Some(SchedulingChoice::SequenceBatching(sb)) => {
+            use kiln_proto::inference::model_sequence_batching::StrategyChoice;
             // Requests of different sequences run together, up to max_batch_size, with
-            // what is queued when an instance is free.
+            // what is queued when an instance is free. The Direct strategy gives each
+            // instance one slot per batch row; Oldest, `max_candidate_sequences` if set.
+            let slots = match &sb.strategy_choice {
+                Some(StrategyChoice::Oldest(o)) => o.max_candidate_sequences as usize,
+                _ => cfg.max_batch_size.max(1) as usize,
+            };
             return SchedulerPolicy {
                 sequences: true,
+                sequence_slots: slots,
+                sequence_idle: Duration::from_micros(sb.max_sequence_idle_microseconds),
                 batching: (cfg.max_batch_size > 1).then(|| BatchPolicy {
                     max_batch_size: cfg.max_batch_size as u64,
                     preferred: Vec::new(),
@@ -813,7 +821,7 @@ fn scheduler_policy(cfg: &ModelConfig) -> SchedulerPolicy {
             .collect(),
         default_level: db.default_priority_level.clamp(1, levels) as usize,
         preserve_ordering: db.preserve_ordering,
-        sequences: false,
+        ..Default::default()
     }
 }
 

@@ -74,6 +74,12 @@ pub struct SchedulerPolicy {
     /// `sequence_batching`: each sequence's requests run on the instance that took its
     /// first one, in order, until its END.
     pub sequences: bool,
+    /// Sequences an instance runs at once (the Direct strategy's batch slots; 0 = any
+    /// number). A sequence beyond them waits in the backlog until one ends or idles out.
+    pub sequence_slots: usize,
+    /// `max_sequence_idle_microseconds`: a sequence with no request for this long gives up
+    /// its slot.
+    pub sequence_idle: Duration,
 }
 
 impl Default for SchedulerPolicy {
@@ -84,6 +90,8 @@ impl Default for SchedulerPolicy {
             default_level: 1,
             preserve_ordering: false,
             sequences: false,
+            sequence_slots: 0,
+            sequence_idle: Duration::from_secs(1),
         }
     }
 }
@@ -174,15 +182,24 @@ pub fn decide(policy: Option<&BatchPolicy>, queue: &[QueuedItem<'_>], now: Insta
     Decision::WaitUntil(deadline)
 }
 
+/// A sequence's place: the instance that runs it, and when its last request was taken.
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    instance: usize,
+    last: Instant,
+}
+
 /// The chooser of a sequence model's next batch on `instance`: in queue order, the first
-/// request of each sequence that is bound to this instance (or not bound yet), while the
-/// batch has room (`batching`; without it, one request) and the same non-batch shapes as
-/// its first request. A sequence whose first queued request cannot join adds none of its
-/// later ones, so each sequence's requests still run in order.
+/// request of each sequence that is bound to this instance (or not bound yet, while the
+/// instance has `free_slots`), while the batch has room (`batching`; without it, one
+/// request) and the same non-batch shapes as its first request. A sequence whose first
+/// queued request cannot join adds none of its later ones, so each sequence's requests
+/// still run in order.
 fn sequence_batch<'a>(
-    bound: &'a HashMap<u64, usize>,
+    bound: &'a HashMap<u64, Binding>,
     instance: usize,
     batching: Option<&'a BatchPolicy>,
+    mut free_slots: usize,
 ) -> impl FnMut(&Pending) -> bool + 'a {
     let max = batching.map_or(1, |b| b.max_batch_size.max(1));
     let mut seen = std::collections::HashSet::new();
@@ -190,14 +207,23 @@ fn sequence_batch<'a>(
     let mut shape: Option<Vec<Vec<i64>>> = None;
     move |p: &Pending| {
         let id = p.request.correlation_id;
-        if !seen.insert(id) || bound.get(&id).is_some_and(|&i| i != instance) {
+        if !seen.insert(id) {
             return false;
         }
+        let new = match bound.get(&id) {
+            Some(b) if b.instance != instance => return false,
+            Some(_) => false,
+            None if free_slots == 0 => return false,
+            None => true,
+        };
         let size = if batching.is_some() { p.batch_size } else { 1 };
         let fits = match &shape {
             None => true,
             Some(s) => *s == p.shape_key && total + size <= max,
         };
+        if fits && new {
+            free_slots -= 1;
+        }
         if fits {
             shape.get_or_insert_with(|| p.shape_key.clone());
             total += size;
@@ -339,7 +365,39 @@ struct QueueState {
     queues: Queues,
     closed: bool,
     /// Sequences (correlation ids) and the instance that runs them.
-    bound: HashMap<u64, usize>,
+    bound: HashMap<u64, Binding>,
+}
+
+impl QueueState {
+    /// Frees the slots of sequences idle past `idle` with nothing queued; returns when the
+    /// next slot would idle out (for a backlog to wait on).
+    fn release_idle(&mut self, idle: Duration, now: Instant) -> Option<Instant> {
+        let queued: std::collections::HashSet<u64> = self
+            .queues
+            .iter()
+            .map(|p| p.request.correlation_id)
+            .collect();
+        self.bound
+            .retain(|id, b| queued.contains(id) || now.duration_since(b.last) <= idle);
+        self.bound
+            .iter()
+            .filter(|(id, _)| !queued.contains(id))
+            .map(|(_, b)| b.last + idle)
+            .min()
+    }
+
+    /// Slots `instance` has free (`usize::MAX` when unlimited).
+    fn free_slots(&self, instance: usize, slots: usize) -> usize {
+        if slots == 0 {
+            return usize::MAX;
+        }
+        let used = self
+            .bound
+            .values()
+            .filter(|b| b.instance == instance)
+            .count();
+        slots.saturating_sub(used)
+    }
 }
 
 /// A model's request queue.
@@ -456,6 +514,13 @@ impl Scheduler {
                 continue;
             }
             if self.policy.sequences {
+                let slots = self.policy.sequence_slots;
+                let idle_at = if slots > 0 {
+                    st.release_idle(self.policy.sequence_idle, now)
+                } else {
+                    None
+                };
+                let free = st.free_slots(instance, slots);
                 let QueueState {
                     queues,
                     bound,
@@ -465,6 +530,7 @@ impl Scheduler {
                     bound,
                     instance,
                     self.policy.batching.as_ref(),
+                    free,
                 ));
                 if !batch.is_empty() {
                     for p in &batch {
@@ -472,18 +538,22 @@ impl Scheduler {
                         if p.request.flags & crate::sequence::FLAG_END != 0 {
                             bound.remove(&id);
                         } else {
-                            bound.insert(id, instance);
+                            let b = Binding {
+                                instance,
+                                last: now,
+                            };
+                            bound.insert(id, b);
                         }
                     }
                     drop(st);
                     self.ready.notify_all();
                     return Some(batch);
                 }
-                // What is queued belongs to other instances.
+                // What is queued belongs to other instances, or waits for a slot.
                 if *closed {
                     return None;
                 }
-                st = self.wait(st, None, now);
+                st = self.wait(st, idle_at, now);
                 continue;
             }
             let items: Vec<QueuedItem<'_>> = st
@@ -683,8 +753,7 @@ mod tests {
             batching: Some(policy(8, &[], 1_000_000)),
             levels: vec![qp.clone(), qp],
             default_level: 2,
-            preserve_ordering: false,
-            sequences: false,
+            ..Default::default()
         }
     }
 

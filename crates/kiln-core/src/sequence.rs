@@ -5,8 +5,9 @@
 //! with the control tensors `control_input` asks for (START, END, READY and CORRID), whose
 //! values follow the request's flags. A sequence's requests run in arrival order on the
 //! instance that took its START, one per execution, beside those of other sequences up to
-//! `max_batch_size` (`scheduler.rs`); its implicit state (`state`, `seq_state.rs`) is
-//! added when it runs.
+//! `max_batch_size` (`scheduler.rs`; with the Direct strategy an instance holds at most
+//! `max_batch_size` sequences, and the others wait until one ends or idles out); its
+//! implicit state (`state`, `seq_state.rs`) is added when it runs.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
