@@ -28,6 +28,7 @@ const WORKSPACE_BACKENDS: &[(&str, &str)] = &[
     ("repeat", "repeat"),
     ("candle-backend", "candle"),
     ("onnx-backend", "onnx"),
+    ("python-backend", "python"),
     ("kiln-faulty-backend", "faulty"),
 ];
 /// Backends in their own Cargo workspace, built as a third party would: (dir, library stem).

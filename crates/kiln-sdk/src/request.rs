@@ -95,6 +95,11 @@ impl<'a> Request<'a> {
         self.view.correlation_id
     }
 
+    /// Sequence flags: 1 = START, 2 = END (sequence models).
+    pub fn flags(&self) -> u32 {
+        self.view.flags
+    }
+
     /// Batch size of this request (1 for models without batching).
     pub fn batch_size(&self) -> u64 {
         self.view.batch_size

@@ -1,0 +1,334 @@
+//! The `python` backend: runs Triton Python models (`backend: "python"`, a `model.py`
+//! defining `TritonPythonModel`) unchanged.
+//!
+//! As in Triton, each instance runs in its own stub process: a Python interpreter
+//! (`KILN_PYTHON`, default `python3`; it needs numpy) running `stub.py`, which provides
+//! the `triton_python_backend_utils` module, imports the model, calls `initialize(args)`,
+//! `execute(requests)` per batch and `finalize()` at unload. Tensors travel between the
+//! backend and the stub over the stub's stdin/stdout (`frame.rs`). Decoupled models send
+//! through `request.get_response_sender()`. A stub that dies fails the requests it held
+//! and is started again for the next batch. Not yet: BLS (`InferenceRequest.exec`),
+//! DLPack tensors, `auto_complete_config`, and `EXECUTION_ENV_PATH` environments.
+mod frame;
+mod stub;
+
+use std::path::PathBuf;
+
+use kiln_sdk::{
+    export_backend, log, Backend, DataType, Error, ErrorCode, Instance, InstanceInfo, InstanceKind,
+    LogLevel, Model, ModelInfo, Request, Response, Result,
+};
+use serde_json::{json, Value};
+
+use stub::Stub;
+
+/// The backend: which Python runs the stubs.
+pub struct PythonBackend {
+    python: String,
+}
+
+/// A model: its `model.py` and how to start its stubs.
+pub struct PythonModel {
+    python: String,
+    info: ModelInfo,
+    model_file: PathBuf,
+    decoupled: bool,
+}
+
+/// An instance: its stub process, and the frame that (re)starts it.
+pub struct PythonInstance {
+    python: String,
+    init: Value,
+    decoupled: bool,
+    stub: Option<Stub>,
+}
+
+impl Backend for PythonBackend {
+    type Model = PythonModel;
+
+    fn initialize() -> Result<Self> {
+        Ok(PythonBackend {
+            python: std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into()),
+        })
+    }
+
+    fn load_model(&self, info: &ModelInfo) -> Result<PythonModel> {
+        let config: Value = serde_json::from_str(&info.config_json)
+            .map_err(|e| Error::internal(format!("bad config JSON: {e}")))?;
+        let file = match config["default_model_filename"].as_str() {
+            Some(f) if !f.is_empty() => f,
+            _ => "model.py",
+        };
+        let model_file = info.version_path().join(file);
+        if !model_file.is_file() {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("python model file '{}' not found", model_file.display()),
+            ));
+        }
+        if has_parameter(&config, "EXECUTION_ENV_PATH") {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "model '{}': EXECUTION_ENV_PATH is not supported; its stubs run on '{}' (KILN_PYTHON)",
+                    info.name, self.python
+                ),
+            );
+        }
+        Ok(PythonModel {
+            python: self.python.clone(),
+            info: info.clone(),
+            model_file,
+            decoupled: config["model_transaction_policy"]["decoupled"]
+                .as_bool()
+                .unwrap_or(false),
+        })
+    }
+}
+
+fn has_parameter(config: &Value, key: &str) -> bool {
+    config["parameters"].get(key).is_some()
+}
+
+impl Model for PythonModel {
+    type Instance = PythonInstance;
+
+    fn new_instance(&self, info: &InstanceInfo) -> Result<PythonInstance> {
+        let (kind, device) = match info.kind {
+            InstanceKind::Cpu => ("CPU", 0),
+            InstanceKind::Gpu(d) => ("GPU", d),
+            InstanceKind::Model => ("MODEL", 0),
+        };
+        let repository = self.info.repository_path.display().to_string();
+        let init = json!({
+            "op": "init",
+            "model_file": self.model_file.display().to_string(),
+            "model_dir": self.info.version_path().display().to_string(),
+            "decoupled": self.decoupled,
+            "args": {
+                "model_config": self.info.config_json,
+                "model_instance_kind": kind,
+                "model_instance_name": info.name,
+                "model_instance_device_id": device.to_string(),
+                "model_repository": repository,
+                "model_version": self.info.version.to_string(),
+                "model_name": self.info.name,
+            },
+        });
+        let stub = Stub::start(&self.python, &init).map_err(|e| {
+            Error::internal(format!(
+                "instance '{}' failed to initialize its python model: {}",
+                info.name, e.message
+            ))
+        })?;
+        Ok(PythonInstance {
+            python: self.python.clone(),
+            init,
+            decoupled: self.decoupled,
+            stub: Some(stub),
+        })
+    }
+}
+
+/// The `execute` frame for `requests`, and the input bytes that follow it.
+fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
+    let mut blobs = Vec::new();
+    let specs: Vec<Value> = requests
+        .iter()
+        .map(|r| {
+            let inputs: Vec<Value> = r
+                .inputs()
+                .map(|t| {
+                    blobs.push(t.data);
+                    json!({
+                        "name": t.name,
+                        "datatype": t.dtype.protocol_name(),
+                        "shape": t.shape,
+                        "size": t.data.len(),
+                    })
+                })
+                .collect();
+            json!({
+                "id": r.id(),
+                "correlation_id": r.correlation_id(),
+                "flags": r.flags(),
+                "parameters": serde_json::from_str::<Value>(r.parameters_json()).unwrap_or(json!({})),
+                "inputs": inputs,
+                "requested_outputs": r.requested_outputs(),
+            })
+        })
+        .collect();
+    (json!({"op": "execute", "requests": specs}), blobs)
+}
+
+/// The error code a `TritonError.code()` stands for.
+fn code_of(c: u64) -> ErrorCode {
+    match c {
+        0 => ErrorCode::Unknown,
+        2 => ErrorCode::NotFound,
+        3 => ErrorCode::InvalidArg,
+        4 => ErrorCode::Unavailable,
+        5 => ErrorCode::Unsupported,
+        6 => ErrorCode::AlreadyExists,
+        7 => ErrorCode::Cancelled,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// Sends one `response` frame of the stub to its request.
+fn deliver(request: &Request<'_>, header: &Value, payload: &[u8]) -> Result<()> {
+    let last = header["final"].as_bool().unwrap_or(true);
+    if let Some(message) = header["error"].as_str() {
+        let code = code_of(header["code"].as_u64().unwrap_or(1));
+        let e = Error::new(code, message);
+        if last {
+            return request.response()?.send_error(e);
+        }
+        // An error in the middle of a stream ends nothing: report it and go on.
+        log(
+            LogLevel::Error,
+            &format!("python model response error: {message}"),
+        );
+        return Ok(());
+    }
+    let Some(outputs) = header["outputs"].as_array() else {
+        // The final flag alone.
+        return if last { request.complete() } else { Ok(()) };
+    };
+    let mut response: Response<'_> = request.response()?;
+    let mut at = 0usize;
+    for o in outputs {
+        let name = o["name"].as_str().unwrap_or_default();
+        let dtype = o["datatype"]
+            .as_str()
+            .and_then(DataType::from_protocol_name)
+            .ok_or_else(|| Error::internal(format!("output '{name}' has an unknown datatype")))?;
+        let shape: Vec<i64> = o["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default();
+        let size = o["size"].as_u64().unwrap_or(0) as usize;
+        let bytes = payload
+            .get(at..at + size)
+            .ok_or_else(|| Error::internal("the python stub sent a short response"))?;
+        at += size;
+        response
+            .output(name, dtype, &shape, size)?
+            .copy_from_slice(bytes);
+    }
+    if last {
+        response.send()
+    } else {
+        response.send_partial()
+    }
+}
+
+impl PythonInstance {
+    fn run(&mut self, requests: &[Request<'_>], finished: &mut [bool]) -> Result<()> {
+        if self.stub.is_none() {
+            self.stub = Some(Stub::start(&self.python, &self.init)?);
+        }
+        let Some(stub) = self.stub.as_mut() else {
+            return Err(Error::internal("the python stub is not running"));
+        };
+        let (header, blobs) = execute_frame(requests);
+        stub.send(&header, &blobs)?;
+        let mut returned = false;
+        loop {
+            if returned && finished.iter().all(|&f| f) {
+                return Ok(());
+            }
+            let f = stub.recv()?;
+            match f.header["op"].as_str() {
+                Some("response") => {
+                    let i = f.header["request"].as_u64().unwrap_or(u64::MAX) as usize;
+                    let (Some(request), Some(done)) = (requests.get(i), finished.get_mut(i)) else {
+                        return Err(Error::internal(
+                            "the python stub answered an unknown request",
+                        ));
+                    };
+                    if *done {
+                        continue;
+                    }
+                    if f.header["final"].as_bool().unwrap_or(true) {
+                        *done = true;
+                    }
+                    deliver(request, &f.header, &f.payload)?;
+                }
+                Some("done") => {
+                    returned = true;
+                    if !self.decoupled {
+                        return Ok(());
+                    }
+                }
+                Some("failed") => {
+                    let message = f.header["message"].as_str().unwrap_or("execute failed");
+                    if let Some(trace) = f.header["trace"].as_str() {
+                        log(LogLevel::Error, trace);
+                    }
+                    return Err(Error::internal(format!(
+                        "Failed to process the request(s) for model instance, message: {message}"
+                    )));
+                }
+                other => {
+                    return Err(Error::internal(format!(
+                        "the python stub sent an unexpected frame {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Instance for PythonInstance {
+    fn infer(&mut self, _request: &Request<'_>, _response: &mut Response) -> Result<()> {
+        Err(Error::internal(
+            "the python backend answers through execute",
+        ))
+    }
+
+    fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
+        let mut finished = vec![false; requests.len()];
+        let outcome = self.run(requests, &mut finished);
+        if let Err(e) = &outcome {
+            if e.message.contains("stub process stopped answering") {
+                // Started again for the next batch.
+                self.stub = None;
+            }
+        }
+        let unanswered = |message: String| {
+            for (r, _) in requests.iter().zip(&finished).filter(|(_, &f)| !f) {
+                if let Ok(resp) = r.response() {
+                    let _ = resp.send_error(Error::internal(message.clone()));
+                }
+            }
+        };
+        match outcome {
+            Err(e) => unanswered(e.message),
+            Ok(()) => unanswered("the python model returned no response for the request".into()),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PythonInstance {
+    fn drop(&mut self) {
+        if let Some(stub) = self.stub.take() {
+            stub.stop();
+        }
+    }
+}
+
+export_backend!(PythonBackend);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triton_error_codes_map_to_kiln_codes() {
+        assert_eq!(code_of(3), ErrorCode::InvalidArg);
+        assert_eq!(code_of(1), ErrorCode::Internal);
+        assert_eq!(code_of(99), ErrorCode::Internal);
+    }
+}

@@ -1,0 +1,376 @@
+# Kiln's Python backend stub: runs one instance of a Triton Python model (`model.py` with
+# `TritonPythonModel`) in its own process and talks to the backend over stdin/stdout.
+#
+# Frames both ways: u32 LE header length, u64 LE payload length, the JSON header, then the
+# payload (tensor bytes, in the order the header lists them). The model's own prints go to
+# stderr, so they reach the server's log and never the protocol.
+import importlib.util
+import json
+import os
+import struct
+import sys
+import threading
+import traceback
+
+import numpy as np
+
+_proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+_proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+_write_lock = threading.Lock()
+
+
+def _read_exact(n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = _proto_in.read(n - len(buf))
+        if not chunk:
+            raise EOFError("the backend closed the pipe")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv():
+    h, p = struct.unpack("<IQ", _read_exact(12))
+    header = json.loads(_read_exact(h))
+    return header, _read_exact(p) if p else b""
+
+
+def _send(header, blobs=()):
+    head = json.dumps(header).encode()
+    payload = b"".join(blobs)
+    with _write_lock:
+        _proto_out.write(struct.pack("<IQ", len(head), len(payload)) + head + payload)
+        _proto_out.flush()
+
+
+# ---------------------------------------------------------------- triton_python_backend_utils
+
+_NP = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BYTES": np.object_,
+}
+
+
+def _datatype_of(array):
+    if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
+        return "BYTES"
+    for name, t in _NP.items():
+        if t is not np.object_ and array.dtype == np.dtype(t):
+            return name
+    raise TritonModelException(f"numpy dtype {array.dtype} has no Triton datatype")
+
+
+def _decode(datatype, shape, raw):
+    if datatype == "BYTES":
+        items, at = [], 0
+        while at < len(raw):
+            (n,) = struct.unpack_from("<I", raw, at)
+            items.append(raw[at + 4:at + 4 + n])
+            at += 4 + n
+        out = np.empty(len(items), dtype=np.object_)
+        out[:] = items
+        return out.reshape(shape)
+    if datatype == "BF16":
+        raise TritonModelException("BF16 tensors have no numpy type")
+    return np.frombuffer(raw, dtype=_NP[datatype]).reshape(shape)
+
+
+def _encode(array):
+    datatype = _datatype_of(array)
+    if datatype == "BYTES":
+        parts = []
+        for v in array.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            parts.append(struct.pack("<I", len(b)) + b)
+        return datatype, b"".join(parts)
+    return datatype, np.ascontiguousarray(array).tobytes()
+
+
+class TritonModelException(Exception):
+    pass
+
+
+class TritonError(Exception):
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, message, code=INTERNAL):
+        super().__init__(message)
+        self._message, self._code = message, code
+
+    def message(self):
+        return self._message
+
+    def code(self):
+        return self._code
+
+
+class Tensor:
+    def __init__(self, name, array):
+        if not isinstance(array, np.ndarray):
+            raise TritonModelException(f"tensor '{name}' must be a numpy array")
+        self._name, self._array = name, array
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+    def is_cpu(self):
+        return True
+
+    def shape(self):
+        return list(self._array.shape)
+
+    def triton_dtype(self):
+        return _datatype_of(self._array)
+
+    def to_dlpack(self):
+        raise TritonModelException("DLPack tensors are not supported by Kiln's python backend")
+
+    @staticmethod
+    def from_dlpack(name, capsule):
+        raise TritonModelException("DLPack tensors are not supported by Kiln's python backend")
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=None, error=None, parameters=None):
+        self._outputs = list(output_tensors or [])
+        self._error = error
+        self._parameters = parameters
+
+    def output_tensors(self):
+        return self._outputs
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+
+class ResponseSender:
+    def __init__(self, index):
+        self._index, self._closed = index, False
+
+    def send(self, response=None, flags=0):
+        if self._closed:
+            raise TritonModelException("the response sender is closed: the final flag was already sent")
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is None and not final:
+            raise TritonModelException("a response or the final flag is required")
+        _send_response(self._index, response, final)
+        self._closed = final
+
+    def is_cancelled(self):
+        return False
+
+
+class InferenceRequest:
+    def __init__(self, *args, **kwargs):
+        # Incoming requests are built by the stub; a model building one is making a BLS call.
+        self._bls = kwargs or args
+        self._inputs, self._outputs = kwargs.get("inputs", []), kwargs.get("requested_output_names", [])
+        self._id, self._corr, self._flags, self._params, self._index = "", 0, 0, "{}", None
+
+    @classmethod
+    def _incoming(cls, index, spec, inputs):
+        r = cls.__new__(cls)
+        r._bls = None
+        r._index, r._inputs = index, inputs
+        r._outputs = spec.get("requested_outputs", [])
+        r._id, r._corr = spec.get("id", ""), spec.get("correlation_id", 0)
+        r._flags, r._params = spec.get("flags", 0), json.dumps(spec.get("parameters", {}))
+        r._sender = None
+        return r
+
+    def inputs(self):
+        return self._inputs
+
+    def requested_output_names(self):
+        return self._outputs
+
+    def request_id(self):
+        return self._id
+
+    def correlation_id(self):
+        return self._corr
+
+    def flags(self):
+        return self._flags
+
+    def parameters(self):
+        return self._params
+
+    def is_cancelled(self):
+        return False
+
+    def get_response_sender(self):
+        if self._sender is None:
+            self._sender = ResponseSender(self._index)
+        return self._sender
+
+    def exec(self, *args, **kwargs):
+        raise TritonModelException("BLS requests (InferenceRequest.exec) are not supported by Kiln's python backend yet")
+
+    def async_exec(self, *args, **kwargs):
+        raise TritonModelException("BLS requests (InferenceRequest.async_exec) are not supported by Kiln's python backend yet")
+
+
+class Logger:
+    @staticmethod
+    def log(message, level=None):
+        print(message, file=sys.stderr, flush=True)
+
+    log_info = log_warn = log_error = log_verbose = log
+
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
+
+
+def get_input_tensor_by_name(request, name):
+    return next((t for t in request.inputs() if t.name() == name), None)
+
+
+def get_output_tensor_by_name(response, name):
+    return next((t for t in response.output_tensors() if t.name() == name), None)
+
+
+def _config_by_name(model_config, key, name):
+    config = model_config if isinstance(model_config, dict) else json.loads(model_config)
+    return next((c for c in config.get(key, []) if c.get("name") == name), None)
+
+
+def get_input_config_by_name(model_config, name):
+    return _config_by_name(model_config, "input", name)
+
+
+def get_output_config_by_name(model_config, name):
+    return _config_by_name(model_config, "output", name)
+
+
+def triton_string_to_numpy(triton_type):
+    return _NP[triton_type.replace("TYPE_", "").replace("STRING", "BYTES")]
+
+
+def numpy_to_triton_type(dtype):
+    return _datatype_of(np.empty(0, dtype=dtype))
+
+
+def triton_to_numpy_type(datatype):
+    return _NP[datatype]
+
+
+def _utils_module():
+    import types
+    m = types.ModuleType("triton_python_backend_utils")
+    for k, v in list(globals().items()):
+        if not k.startswith("_") and k not in ("importlib", "json", "os", "struct", "sys", "threading",
+                                               "traceback", "np"):
+            setattr(m, k, v)
+    return m
+
+
+# ---------------------------------------------------------------- the loop
+
+_finished = set()
+
+
+def _error_message(e):
+    return e.message() if isinstance(e, TritonError) else str(e)
+
+
+def _send_response(index, response, final):
+    header = {"op": "response", "request": index, "final": final}
+    blobs = []
+    if response is not None:
+        err = response.error()
+        if err is not None:
+            header["error"] = _error_message(err)
+            header["code"] = err.code() if isinstance(err, TritonError) else TritonError.INTERNAL
+        else:
+            outs = []
+            for t in response.output_tensors():
+                datatype, raw = _encode(t.as_numpy())
+                outs.append({"name": t.name(), "datatype": datatype, "shape": list(t.as_numpy().shape),
+                             "size": len(raw)})
+                blobs.append(raw)
+            header["outputs"] = outs
+    if final:
+        _finished.add(index)
+    _send(header, blobs)
+
+
+def _requests(header, payload):
+    at, out = 0, []
+    for i, spec in enumerate(header["requests"]):
+        inputs = []
+        for t in spec["inputs"]:
+            raw = payload[at:at + t["size"]]
+            at += t["size"]
+            inputs.append(Tensor(t["name"], _decode(t["datatype"], t["shape"], raw)))
+        out.append(InferenceRequest._incoming(i, spec, inputs))
+    return out
+
+
+def main():
+    sys.modules["triton_python_backend_utils"] = _utils_module()
+    header, _ = _recv()
+    args = header["args"]
+    try:
+        sys.path.insert(0, header["model_dir"])
+        spec = importlib.util.spec_from_file_location("model", header["model_file"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        if hasattr(model, "initialize"):
+            model.initialize(args)
+    except Exception:
+        _send({"op": "error", "message": traceback.format_exc()})
+        return
+    decoupled = header.get("decoupled", False)
+    _send({"op": "ok"})
+    while True:
+        try:
+            header, payload = _recv()
+        except EOFError:
+            break
+        if header["op"] == "fini":
+            try:
+                if hasattr(model, "finalize"):
+                    model.finalize()
+            finally:
+                _send({"op": "ok"})
+            break
+        _finished.clear()
+        try:
+            requests = _requests(header, payload)
+            responses = model.execute(requests)
+            if not decoupled:
+                if responses is None or len(responses) != len(requests):
+                    n = "None" if responses is None else len(responses)
+                    raise TritonModelException(
+                        f"execute returned {n} responses for {len(requests)} requests; "
+                        "a model that is not decoupled must return one response per request")
+                for i, r in enumerate(responses):
+                    if i not in _finished:
+                        _send_response(i, r, True)
+            elif responses is not None:
+                raise TritonModelException("a decoupled model's execute must return None")
+            _send({"op": "done"})
+        except Exception as e:
+            _send({"op": "failed", "message": _error_message(e) if isinstance(e, (TritonError, TritonModelException))
+                   else f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+
+
+main()

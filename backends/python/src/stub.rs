@@ -1,0 +1,102 @@
+//! One instance's stub process: a Python interpreter running `stub.py`, which imports the
+//! model's `model.py` and answers the backend's frames on its stdin/stdout.
+use std::io::{BufReader, BufWriter};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_sdk::{Error, Result};
+use serde_json::{json, Value};
+
+use crate::frame::{self, Frame};
+
+/// The stub's source, run with `python -c`.
+const STUB_SOURCE: &str = include_str!("stub.py");
+
+/// A running stub.
+pub struct Stub {
+    child: Child,
+    to_stub: BufWriter<ChildStdin>,
+    from_stub: BufReader<ChildStdout>,
+}
+
+impl Stub {
+    /// Starts `python` on the stub and initializes the model with `init` (the `init`
+    /// frame: model file, its folder, whether it is decoupled, `initialize`'s args).
+    pub fn start(python: &str, init: &Value) -> Result<Stub> {
+        let mut child = Command::new(python)
+            .arg("-u")
+            .arg("-c")
+            .arg(STUB_SOURCE)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                Error::internal(format!(
+                    "cannot start the python stub with '{python}' (set KILN_PYTHON to a Python 3 with numpy): {e}"
+                ))
+            })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            return Err(Error::internal("the python stub has no pipes"));
+        };
+        let mut stub = Stub {
+            child,
+            to_stub: BufWriter::new(stdin),
+            from_stub: BufReader::new(stdout),
+        };
+        stub.send(init, &[])?;
+        let reply = stub.recv()?;
+        match reply.header["op"].as_str() {
+            Some("ok") => Ok(stub),
+            _ => {
+                let message = reply.header["message"]
+                    .as_str()
+                    .unwrap_or("no reason given");
+                stub.kill();
+                Err(Error::internal(message.trim_end().to_string()))
+            }
+        }
+    }
+
+    /// Sends a frame.
+    pub fn send(&mut self, header: &Value, blobs: &[&[u8]]) -> Result<()> {
+        frame::write(&mut self.to_stub, header, blobs).map_err(|e| self.gone(e))
+    }
+
+    /// Receives a frame.
+    pub fn recv(&mut self) -> Result<Frame> {
+        frame::read(&mut self.from_stub).map_err(|e| self.gone(e))
+    }
+
+    /// The error for a stub that stopped answering (it exited, or broke the framing).
+    fn gone(&mut self, e: std::io::Error) -> Error {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("it exited ({s})"),
+            _ => format!("{e}"),
+        };
+        Error::internal(format!(
+            "the python stub process stopped answering: {status}"
+        ))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs the model's `finalize` and ends the process (killed if it takes over 10 s).
+    pub fn stop(mut self) {
+        if self.send(&json!({"op": "fini"}), &[]).is_ok() {
+            let _ = self.recv();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+}

@@ -1,0 +1,120 @@
+"""The python backend: Triton Python models (model.py with TritonPythonModel) served
+unchanged, from tests/python_models/, with the real tritonclient."""
+import os
+import queue
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import Kiln
+
+MODELS = os.path.join(os.path.dirname(__file__), "..", "python_models")
+
+
+@pytest.fixture(scope="module")
+def kiln():
+    # The stubs run on this Python, which has numpy.
+    os.environ["KILN_PYTHON"] = sys.executable
+    k = Kiln("--strict-readiness=false", repo=MODELS)
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def client(kiln):
+    with httpclient.InferenceServerClient(kiln.url) as c:
+        yield c
+
+
+def test_add_sub(client):
+    a = np.arange(4, dtype=np.float32)
+    b = np.full(4, 0.5, np.float32)
+    ins = [httpclient.InferInput("INPUT0", [4], "FP32"), httpclient.InferInput("INPUT1", [4], "FP32")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(b)
+    r = client.infer("add_sub", ins)
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+    # Requested outputs are filtered by the core.
+    r = client.infer("add_sub", ins, outputs=[httpclient.InferRequestedOutput("OUTPUT1")])
+    assert r.as_numpy("OUTPUT0") is None
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+
+
+def test_strings_batching_and_parameters(kiln):
+    results = queue.Queue()
+    with grpcclient.InferenceServerClient(kiln.grpc_url) as c:
+        for i in range(4):
+            t = grpcclient.InferInput("TEXT", [1, 2], "BYTES")
+            t.set_data_from_numpy(np.array([[f"word{i}".encode(), b"x\x00y"]], dtype=np.object_))
+            c.async_infer("text_batch", [t], partial(lambda q, result, error: q.put(error or result), results),
+                          parameters={"n": i})
+        got = [results.get(timeout=30) for _ in range(4)]
+    batched = []
+    for r in got:
+        assert not isinstance(r, InferenceServerException), r
+        upper = r.as_numpy("UPPER")
+        i = int(upper[0, 0].decode()[-1])
+        assert upper.tolist() == [[f"WORD{i}".encode(), b"X\x00Y"]]
+        assert r.as_numpy("PARAMS")[0, 0] == ('{"n": %d}' % i).encode()
+        batched.append(int(r.as_numpy("BATCHED")[0, 0]))
+    # The dynamic batcher put several requests into one execute call.
+    assert max(batched) > 1, batched
+
+
+def test_decoupled_model_streams_from_a_thread(kiln):
+    results = queue.Queue()
+    with grpcclient.InferenceServerClient(kiln.grpc_url) as c:
+        c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
+        t = grpcclient.InferInput("IN", [3], "INT32")
+        t.set_data_from_numpy(np.array([7, 8, 9], np.int32))
+        c.async_stream_infer("py_repeat", [t], request_id="ok", enable_empty_final_response=True)
+        outs = []
+        while True:
+            r = results.get(timeout=30)
+            assert not isinstance(r, InferenceServerException), r
+            if r.get_response().parameters["triton_final_response"].bool_param:
+                break
+            outs.append(int(r.as_numpy("OUT")[0]))
+        assert outs == [7, 8, 9]
+        t.set_data_from_numpy(np.array([1, -2, 3], np.int32))
+        c.async_stream_infer("py_repeat", [t], request_id="bad")
+        first, second = results.get(timeout=30), results.get(timeout=30)
+        assert int(first.as_numpy("OUT")[0]) == 1
+        assert isinstance(second, InferenceServerException) and "negative value -2" in second.message()
+        c.stop_stream()
+    # The generate extension streams it too.
+    r = requests.post(f"http://{kiln.url}/v2/models/py_repeat/generate_stream", json={"IN": [4, 5]}, timeout=30)
+    assert r.text.count("data: ") == 2 and '"OUT":5' in r.text
+
+
+def test_model_errors_fail_only_their_requests(client):
+    def run(mode):
+        t = httpclient.InferInput("MODE", [1], "INT32")
+        t.set_data_from_numpy(np.array([mode], np.int32))
+        return client.infer("py_errors", [t])
+
+    assert run(5).as_numpy("ECHO")[0] == 5
+    with pytest.raises(InferenceServerException, match="mode 1 is refused") as e:
+        run(1)
+    assert e.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="ValueError: mode 2 raises"):
+        run(2)
+    # A stub that dies fails its request; the next batch gets a new stub.
+    with pytest.raises(InferenceServerException, match="stub process stopped answering"):
+        run(3)
+    assert run(6).as_numpy("ECHO")[0] == 6
+
+
+def test_failing_initialize_leaves_the_model_unavailable(client):
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["add_sub"]["state"] == "READY"
+    bad = index["py_bad_init"]
+    assert bad["state"] == "UNAVAILABLE"
+    assert "RuntimeError: cannot open the weights file" in bad["reason"]
