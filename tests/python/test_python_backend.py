@@ -118,3 +118,20 @@ def test_failing_initialize_leaves_the_model_unavailable(client):
     bad = index["py_bad_init"]
     assert bad["state"] == "UNAVAILABLE"
     assert "RuntimeError: cannot open the weights file" in bad["reason"]
+
+
+def test_bls_calls_other_models(client):
+    def add_sub_count():
+        return client.get_inference_statistics("add_sub")["model_stats"][0]["inference_count"]
+
+    before = add_sub_count()
+    x = np.array([1, 2, 3, 4], np.float32)
+    t = httpclient.InferInput("X", [4], "FP32")
+    t.set_data_from_numpy(x)
+    r = client.infer("py_bls", [t])
+    np.testing.assert_array_equal(r.as_numpy("SUM"), x + x)
+    # The decoupled model's three responses, collected through exec(decoupled=True).
+    assert r.as_numpy("STREAMED").tolist() == [3, 1, 4]
+    assert b"Request for unknown model: 'no_such_model' is not found" in r.as_numpy("MISSING")[0]
+    # The composing model's own statistics count the BLS request.
+    assert add_sub_count() == before + 1

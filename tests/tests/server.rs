@@ -94,7 +94,7 @@ fn c_backend_and_broken_libraries() {
     let (st, why) = state_of(&k, "abi_major");
     assert_eq!(st, "UNAVAILABLE");
     assert!(
-        why.contains("ABI 2.2") && why.contains("speaks ABI 1.2"),
+        why.contains("ABI 2.3") && why.contains("speaks ABI 1.3"),
         "{why}"
     );
     let (_, why) = state_of(&k, "abi_minor");

@@ -6,17 +6,18 @@
 //! the `triton_python_backend_utils` module, imports the model, calls `initialize(args)`,
 //! `execute(requests)` per batch and `finalize()` at unload. Tensors travel between the
 //! backend and the stub over the stub's stdin/stdout (`frame.rs`). Decoupled models send
-//! through `request.get_response_sender()`. A stub that dies fails the requests it held
-//! and is started again for the next batch. Not yet: BLS (`InferenceRequest.exec`),
-//! DLPack tensors, `auto_complete_config`, and `EXECUTION_ENV_PATH` environments.
+//! through `request.get_response_sender()`. BLS (`InferenceRequest(...).exec()`, also
+//! `decoupled=True` and `async_exec`) runs through the host's `infer` while the stub
+//! waits. A stub that dies fails the requests it held and is started again for the next
+//! batch. Not yet: DLPack tensors, `auto_complete_config`, `EXECUTION_ENV_PATH`.
 mod frame;
 mod stub;
 
 use std::path::PathBuf;
 
 use kiln_sdk::{
-    export_backend, log, Backend, DataType, Error, ErrorCode, Instance, InstanceInfo, InstanceKind,
-    LogLevel, Model, ModelInfo, Request, Response, Result,
+    export_backend, log, Backend, BlsEvent, DataType, Error, ErrorCode, Instance, InstanceInfo,
+    InstanceKind, LogLevel, Model, ModelInfo, Request, Response, Result,
 };
 use serde_json::{json, Value};
 
@@ -161,6 +162,106 @@ fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
     (json!({"op": "execute", "requests": specs}), blobs)
 }
 
+/// The `TritonError` code of an error code.
+fn triton_code(c: ErrorCode) -> u64 {
+    match c {
+        ErrorCode::Unknown => 0,
+        ErrorCode::Internal => 1,
+        ErrorCode::NotFound => 2,
+        ErrorCode::InvalidArg => 3,
+        ErrorCode::Unavailable => 4,
+        ErrorCode::Unsupported => 5,
+        ErrorCode::AlreadyExists => 6,
+        ErrorCode::Cancelled => 7,
+    }
+}
+
+/// Runs the stub's `bls` frame (a model's `InferenceRequest.exec`) and sends it each
+/// response as a `bls_response` frame, the last one `final`.
+fn bls(stub: &mut Stub, f: &frame::Frame) -> Result<()> {
+    let h = &f.header;
+    let mut inputs = Vec::new();
+    let mut at = 0usize;
+    let shapes: Vec<Vec<i64>> = h["inputs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    t["shape"]
+                        .as_array()
+                        .map(|s| s.iter().filter_map(Value::as_i64).collect())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (t, shape) in h["inputs"].as_array().into_iter().flatten().zip(&shapes) {
+        let size = t["size"].as_u64().unwrap_or(0) as usize;
+        let data = f
+            .payload
+            .get(at..at + size)
+            .ok_or_else(|| Error::internal("the python stub sent a short BLS request"))?;
+        at += size;
+        inputs.push(kiln_sdk::Tensor {
+            name: t["name"].as_str().unwrap_or_default(),
+            dtype: t["datatype"]
+                .as_str()
+                .and_then(DataType::from_protocol_name)
+                .unwrap_or(DataType::Bytes),
+            shape,
+            data,
+        });
+    }
+    let outputs: Vec<&str> = h["requested_outputs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let call = kiln_sdk::InferCall {
+        model: h["model"].as_str().unwrap_or_default(),
+        version: h["version"].as_i64().filter(|v| *v >= 0),
+        id: h["id"].as_str().unwrap_or_default(),
+        parameters_json: h["parameters"].as_str().unwrap_or_default(),
+        inputs: &inputs,
+        requested_outputs: &outputs,
+        correlation_id: h["correlation_id"].as_u64().unwrap_or(0),
+        flags: h["flags"].as_u64().unwrap_or(0) as u32,
+        timeout_us: h["timeout_us"].as_u64().unwrap_or(0),
+    };
+    let mut sent: Result<()> = Ok(());
+    let r = kiln_sdk::infer(&call, |event, last| {
+        let mut reply = json!({"op": "bls_response", "final": last});
+        let mut blobs: Vec<Vec<u8>> = Vec::new();
+        match event {
+            BlsEvent::Response(tensors) => {
+                let outs: Vec<Value> = tensors
+                    .into_iter()
+                    .map(|t| {
+                        let o = json!({"name": t.name, "datatype": t.dtype.protocol_name(), "shape": t.shape, "size": t.data.len()});
+                        blobs.push(t.data);
+                        o
+                    })
+                    .collect();
+                reply["outputs"] = Value::Array(outs);
+            }
+            BlsEvent::Error(e) => {
+                reply["error"] = json!(e.message);
+                reply["code"] = json!(triton_code(e.code));
+            }
+            BlsEvent::Final => {}
+        }
+        let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+        if sent.is_ok() {
+            sent = stub.send(&reply, &refs);
+        }
+    });
+    if let Err(e) = r {
+        // The request never started: its error is the one reply.
+        let reply = json!({"op": "bls_response", "final": true, "error": e.message, "code": triton_code(e.code)});
+        return stub.send(&reply, &[]);
+    }
+    sent
+}
+
 /// The error code a `TritonError.code()` stands for.
 fn code_of(c: u64) -> ErrorCode {
     match c {
@@ -255,6 +356,7 @@ impl PythonInstance {
                     }
                     deliver(request, &f.header, &f.payload)?;
                 }
+                Some("bls") => bls(stub, &f)?,
                 Some("done") => {
                     returned = true;
                     if !self.decoupled {

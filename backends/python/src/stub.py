@@ -4,9 +4,11 @@
 # Frames both ways: u32 LE header length, u64 LE payload length, the JSON header, then the
 # payload (tensor bytes, in the order the header lists them). The model's own prints go to
 # stderr, so they reach the server's log and never the protocol.
+import asyncio
 import importlib.util
 import json
 import os
+import queue
 import struct
 import sys
 import threading
@@ -173,11 +175,19 @@ class ResponseSender:
 
 
 class InferenceRequest:
-    def __init__(self, *args, **kwargs):
-        # Incoming requests are built by the stub; a model building one is making a BLS call.
-        self._bls = kwargs or args
-        self._inputs, self._outputs = kwargs.get("inputs", []), kwargs.get("requested_output_names", [])
-        self._id, self._corr, self._flags, self._params, self._index = "", 0, 0, "{}", None
+    """A request the model received, or one it makes to another model (BLS, `exec`)."""
+
+    def __init__(self, model_name=None, inputs=None, requested_output_names=None, request_id="",
+                 correlation_id=0, flags=0, timeout=0, model_version=-1, parameters=None,
+                 preferred_memory=None, trace=None, **kwargs):
+        self._bls = (model_name, model_version, timeout)
+        self._inputs, self._outputs = list(inputs or []), list(requested_output_names or [])
+        self._id, self._corr, self._flags = request_id, correlation_id, flags
+        if parameters is None:
+            self._params = "{}"
+        else:
+            self._params = parameters if isinstance(parameters, str) else json.dumps(parameters)
+        self._index, self._sender = None, None
 
     @classmethod
     def _incoming(cls, index, spec, inputs):
@@ -216,11 +226,45 @@ class InferenceRequest:
             self._sender = ResponseSender(self._index)
         return self._sender
 
-    def exec(self, *args, **kwargs):
-        raise TritonModelException("BLS requests (InferenceRequest.exec) are not supported by Kiln's python backend yet")
+    def exec(self, decoupled=False):
+        """Runs this request on its model and returns its response (or, with `decoupled`,
+        an iterator over its responses, the last one empty when the model ended with the
+        final flag alone). Errors come back as responses with `error()` set."""
+        if self._bls is None:
+            raise TritonModelException("exec() is for requests the model builds, not ones it received")
+        model, version, timeout = self._bls
+        blobs, specs = [], []
+        for t in self._inputs:
+            datatype, raw = _encode(t.as_numpy())
+            specs.append({"name": t.name(), "datatype": datatype, "shape": list(t.as_numpy().shape),
+                          "size": len(raw)})
+            blobs.append(raw)
+        header = {"op": "bls", "model": model, "version": version, "id": self._id,
+                  "correlation_id": self._corr, "flags": self._flags, "timeout_us": timeout,
+                  "parameters": self._params, "requested_outputs": self._outputs, "inputs": specs}
+        responses = []
+        with _bls_lock:
+            _send(header, blobs)
+            while True:
+                frame = _bls_replies.get()
+                if frame is None:
+                    raise TritonModelException("the backend closed the pipe")
+                h, payload = frame
+                responses.append(_bls_response(h, payload))
+                if h["final"]:
+                    break
+        if decoupled:
+            return iter(responses)
+        if responses and responses[-1].has_error():
+            return responses[-1]
+        real = [r for r in responses if r.output_tensors() or r.has_error()]
+        if len(real) != 1:
+            return InferenceResponse(error=TritonError(
+                f"exec() received {len(real)} responses from '{model}'; use exec(decoupled=True) for a decoupled model"))
+        return real[0]
 
-    def async_exec(self, *args, **kwargs):
-        raise TritonModelException("BLS requests (InferenceRequest.async_exec) are not supported by Kiln's python backend yet")
+    async def async_exec(self, decoupled=False):
+        return self.exec(decoupled)
 
 
 class Logger:
@@ -275,8 +319,8 @@ def _utils_module():
     import types
     m = types.ModuleType("triton_python_backend_utils")
     for k, v in list(globals().items()):
-        if not k.startswith("_") and k not in ("importlib", "json", "os", "struct", "sys", "threading",
-                                               "traceback", "np"):
+        if not k.startswith("_") and k not in ("asyncio", "importlib", "json", "os", "queue", "struct",
+                                               "sys", "threading", "traceback", "np", "main"):
             setattr(m, k, v)
     return m
 
@@ -284,6 +328,33 @@ def _utils_module():
 # ---------------------------------------------------------------- the loop
 
 _finished = set()
+_bls_lock = threading.Lock()
+_bls_replies = queue.Queue()
+_requests_in = queue.Queue()
+
+
+def _reader():
+    """The only reader of the pipe: BLS replies go to the thread waiting on one, the rest
+    to the main loop."""
+    while True:
+        try:
+            frame = _recv()
+        except EOFError:
+            _bls_replies.put(None)
+            _requests_in.put(None)
+            return
+        (_bls_replies if frame[0]["op"] == "bls_response" else _requests_in).put(frame)
+
+
+def _bls_response(h, payload):
+    if "error" in h:
+        return InferenceResponse(error=TritonError(h["error"], h.get("code", TritonError.INTERNAL)))
+    at, outs = 0, []
+    for o in h.get("outputs", []):
+        raw = payload[at:at + o["size"]]
+        at += o["size"]
+        outs.append(Tensor(o["name"], _decode(o["datatype"], o["shape"], raw)))
+    return InferenceResponse(output_tensors=outs)
 
 
 def _error_message(e):
@@ -340,11 +411,13 @@ def main():
         return
     decoupled = header.get("decoupled", False)
     _send({"op": "ok"})
+    threading.Thread(target=_reader, daemon=True).start()
+    loop = asyncio.new_event_loop()
     while True:
-        try:
-            header, payload = _recv()
-        except EOFError:
+        frame = _requests_in.get()
+        if frame is None:
             break
+        header, payload = frame
         if header["op"] == "fini":
             try:
                 if hasattr(model, "finalize"):
@@ -356,6 +429,8 @@ def main():
         try:
             requests = _requests(header, payload)
             responses = model.execute(requests)
+            if asyncio.iscoroutine(responses):
+                responses = loop.run_until_complete(responses)
             if not decoupled:
                 if responses is None or len(responses) != len(requests):
                     n = "None" if responses is None else len(responses)

@@ -17,7 +17,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x004942414E4C494BULL /* "KILNABI\0" little-endian */
 #define KILN_ABI_MAJOR 1u
-#define KILN_ABI_MINOR 2u
+#define KILN_ABI_MINOR 3u
 
 typedef uint32_t KilnDataType;
 enum {
@@ -107,6 +107,27 @@ typedef struct KilnInstanceInfo {
   KilnInstance* host_instance;
 } KilnInstanceInfo;
 
+/* ABI 1.3: a request a backend makes to another model (KilnHostApi.infer, Triton's BLS). */
+typedef struct KilnInferRequest {
+  KilnStr model;
+  int64_t version; /* -1: the one the version policy picks */
+  KilnStr id;
+  KilnStr parameters_json; /* a JSON object, or empty */
+  const KilnTensorView* inputs;
+  size_t input_count;
+  const KilnStr* requested_outputs; /* none: every output */
+  size_t requested_output_count;
+  uint64_t correlation_id;
+  uint32_t flags; /* START = 1, END = 2 */
+  uint32_t reserved;
+  uint64_t timeout_us;
+} KilnInferRequest;
+
+/* One response of KilnHostApi.infer: its outputs (valid for the call only) or an error
+   (owned by the host), and whether it is the last call. */
+typedef void (*KilnInferCallback)(void* user, const KilnTensorView* outputs, size_t output_count,
+                                  const KilnError* error, bool last);
+
 typedef struct KilnHostApi {
   KilnApiHeader header;
   KilnError* (*error_new)(KilnErrorCode code, KilnStr message);
@@ -126,6 +147,10 @@ typedef struct KilnHostApi {
   KilnError* (*request_release)(KilnRequest* request, uint32_t flags);
   KilnError* (*report_compute)(KilnInstance* instance, uint64_t compute_start_ns,
                                uint64_t compute_end_ns);
+  /* ABI 1.3 (present when header.struct_size covers it): runs `request` on a model of this
+     server and blocks until it is done, calling on_response per response. Call it from
+     instance_execute's thread only. */
+  KilnError* (*infer)(const KilnInferRequest* request, KilnInferCallback on_response, void* user);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -175,7 +200,13 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 13 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 14 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, infer) == 24 + 13 * KILN_P, "KilnHostApi.infer");
+_Static_assert(sizeof(KilnInferRequest) == 112, "KilnInferRequest");
+_Static_assert(offsetof(KilnInferRequest, version) == 16, "KilnInferRequest.version");
+_Static_assert(offsetof(KilnInferRequest, inputs) == 56, "KilnInferRequest.inputs");
+_Static_assert(offsetof(KilnInferRequest, correlation_id) == 88, "KilnInferRequest.correlation_id");
+_Static_assert(offsetof(KilnInferRequest, timeout_us) == 104, "KilnInferRequest.timeout_us");
 _Static_assert(offsetof(KilnHostApi, output_alloc) == 24 + 7 * KILN_P, "KilnHostApi.output_alloc");
 _Static_assert(offsetof(KilnHostApi, report_compute) == 24 + 12 * KILN_P, "KilnHostApi.report_compute");
 _Static_assert(sizeof(KilnBackendApi) == 40 + 9 * KILN_P, "KilnBackendApi");

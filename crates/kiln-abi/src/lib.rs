@@ -20,7 +20,7 @@ pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
 /// Incompatible changes bump the major version.
 pub const KILN_ABI_MAJOR: u32 = 1;
 /// Appended functions bump the minor version.
-pub const KILN_ABI_MINOR: u32 = 2;
+pub const KILN_ABI_MINOR: u32 = 3;
 /// The one symbol a backend library exports.
 pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
 
@@ -280,7 +280,54 @@ pub struct KilnHostApi {
         compute_start_ns: u64,
         compute_end_ns: u64,
     ) -> *mut KilnError,
+    /// ABI 1.3: runs a request on a model of this server (Triton's BLS) and blocks until it
+    /// is done, calling `on_response` for each response (several for a decoupled model)
+    /// with its outputs or an error, and `last` set on the final call (which may carry
+    /// neither). The views given to `on_response` live for that call only. Call it from an
+    /// instance's own thread (`instance_execute`), never from the host's async threads.
+    pub infer: unsafe extern "C" fn(
+        request: *const KilnInferRequest,
+        on_response: KilnInferCallback,
+        user: *mut c_void,
+    ) -> *mut KilnError,
 }
+
+/// A request a backend makes to another model ([`KilnHostApi::infer`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnInferRequest {
+    pub model: KilnStr,
+    /// Version; -1 for the one the version policy picks.
+    pub version: i64,
+    pub id: KilnStr,
+    /// Request parameters as a JSON object (empty for none).
+    pub parameters_json: KilnStr,
+    pub inputs: *const KilnTensorView,
+    pub input_count: usize,
+    /// Outputs wanted (none: every output).
+    pub requested_outputs: *const KilnStr,
+    pub requested_output_count: usize,
+    pub correlation_id: u64,
+    /// Sequence flags (START = 1, END = 2).
+    pub flags: u32,
+    pub reserved: u32,
+    /// Queue timeout in microseconds (0 = none).
+    pub timeout_us: u64,
+}
+
+/// Receives one response of [`KilnHostApi::infer`]: its outputs, or `error` (not null;
+/// owned by the host), and whether it is the last call.
+pub type KilnInferCallback = unsafe extern "C" fn(
+    user: *mut c_void,
+    outputs: *const KilnTensorView,
+    output_count: usize,
+    error: *const KilnError,
+    last: bool,
+);
+
+/// Size of ABI 1.2's `KilnHostApi` (before `infer`): a backend reads `infer` only from a
+/// host table at least one pointer larger.
+pub const KILN_HOST_API_SIZE_1_2: usize = offset_of!(KilnHostApi, infer);
 
 /// Functions a backend library exports through `kiln_backend_entry`.
 #[repr(C)]
@@ -374,7 +421,13 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 13 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 14 * P);
+const _: () = assert!(offset_of!(KilnHostApi, infer) == 24 + 13 * P);
+const _: () = assert!(size_of::<KilnInferRequest>() == 112);
+const _: () = assert!(offset_of!(KilnInferRequest, version) == 16);
+const _: () = assert!(offset_of!(KilnInferRequest, inputs) == 56);
+const _: () = assert!(offset_of!(KilnInferRequest, correlation_id) == 88);
+const _: () = assert!(offset_of!(KilnInferRequest, timeout_us) == 104);
 const _: () = assert!(offset_of!(KilnHostApi, output_alloc) == 24 + 7 * P);
 const _: () = assert!(offset_of!(KilnHostApi, report_compute) == 24 + 12 * P);
 const _: () = assert!(size_of::<KilnBackendApi>() == 40 + 9 * P);
@@ -413,6 +466,15 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,report_compute)",
         offset_of!(KilnHostApi, report_compute),
+    ),
+    (
+        "offsetof(KilnHostApi,infer)",
+        offset_of!(KilnHostApi, infer),
+    ),
+    ("sizeof(KilnInferRequest)", size_of::<KilnInferRequest>()),
+    (
+        "offsetof(KilnInferRequest,timeout_us)",
+        offset_of!(KilnInferRequest, timeout_us),
     ),
     (
         "offsetof(KilnBackendApi,instance_execute)",

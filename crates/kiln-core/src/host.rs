@@ -550,6 +550,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     request_is_cancelled: h_request_is_cancelled,
     request_release: h_request_release,
     report_compute: h_report_compute,
+    infer: crate::bls::h_infer,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

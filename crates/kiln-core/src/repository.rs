@@ -98,7 +98,8 @@ pub struct IndexEntry {
 
 /// Every model's versions and their states, shared with the ensembles (whose steps look
 /// up the composing models' current versions).
-pub(crate) type Models = Arc<RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>>;
+pub(crate) type ModelTable = RwLock<BTreeMap<String, BTreeMap<i64, VersionState>>>;
+pub(crate) type Models = Arc<ModelTable>;
 
 /// Owns every model's versions and their states.
 pub struct ModelManager {
@@ -329,10 +330,13 @@ fn select_versions(cfg: &ModelConfig, available: &[i64]) -> Vec<i64> {
 
 impl ModelManager {
     /// A manager over `opts.repository`; nothing is loaded yet.
+    /// Its models also answer backends' BLS requests.
     pub fn new(opts: RepositoryOptions) -> Self {
+        let models: Models = Arc::new(RwLock::new(BTreeMap::new()));
+        crate::bls::serve_from(&models);
         ModelManager {
             opts,
-            models: Arc::new(RwLock::new(BTreeMap::new())),
+            models,
             load_lock: Mutex::new(()),
             seen: Mutex::new(BTreeMap::new()),
             overrides: Mutex::new(BTreeMap::new()),

@@ -12,12 +12,14 @@
 //! kiln_sdk::export_backend!(MyBackend);
 //! ```
 
+mod bls;
 mod dtype;
 mod error;
 mod host;
 mod request;
 mod trampoline;
 
+pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
 pub use dtype::{bytes_elements, push_bytes_element, DataType};
 pub use error::{Error, ErrorCode, Result};
 pub use host::{log, LogLevel};
