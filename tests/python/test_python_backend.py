@@ -135,3 +135,15 @@ def test_bls_calls_other_models(client):
     assert b"Request for unknown model: 'no_such_model' is not found" in r.as_numpy("MISSING")[0]
     # The composing model's own statistics count the BLS request.
     assert add_sub_count() == before + 1
+
+
+def test_auto_complete_config_fills_a_bare_config(client):
+    config = client.get_model_config("py_autocomplete")
+    assert config["max_batch_size"] == 4
+    assert "dynamic_batching" in config
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("A", "TYPE_INT32", [-1])]
+    assert [o["name"] for o in config["output"]] == ["DOUBLED"]
+    t = httpclient.InferInput("A", [2, 3], "INT32")
+    t.set_data_from_numpy(np.arange(6, dtype=np.int32).reshape(2, 3))
+    r = client.infer("py_autocomplete", [t])
+    assert r.as_numpy("DOUBLED").tolist() == [[0, 2, 4], [6, 8, 10]]

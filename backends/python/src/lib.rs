@@ -9,7 +9,8 @@
 //! through `request.get_response_sender()`. BLS (`InferenceRequest(...).exec()`, also
 //! `decoupled=True` and `async_exec`) runs through the host's `infer` while the stub
 //! waits. A stub that dies fails the requests it held and is started again for the next
-//! batch. Not yet: DLPack tensors, `auto_complete_config`, `EXECUTION_ENV_PATH`.
+//! batch. `auto_complete_config` completes the config before the model loads. Not yet:
+//! DLPack tensors, `EXECUTION_ENV_PATH`.
 mod frame;
 mod stub;
 
@@ -53,14 +54,37 @@ impl Backend for PythonBackend {
         })
     }
 
+    /// Triton's `auto_complete_config`: the model's static method, when it has one, may
+    /// add inputs, outputs, `max_batch_size`, dynamic batching or the transaction policy.
+    fn autocomplete(&self, info: &ModelInfo) -> Result<Option<String>> {
+        let config: Value = serde_json::from_str(&info.config_json)
+            .map_err(|e| Error::internal(format!("bad config JSON: {e}")))?;
+        let model_file = model_file(info, &config);
+        if !model_file.is_file() {
+            return Ok(None); // load_model reports the missing file
+        }
+        let request = json!({
+            "op": "autocomplete",
+            "model_file": model_file.display().to_string(),
+            "model_dir": info.version_path().display().to_string(),
+            "config": info.config_json,
+        });
+        let reply = Stub::once(&self.python, &request).map_err(|e| {
+            Error::invalid_arg(format!(
+                "auto_complete_config of '{}' failed: {}",
+                info.name, e.message
+            ))
+        })?;
+        Ok(match &reply["config"] {
+            Value::Null => None,
+            c => Some(c.to_string()),
+        })
+    }
+
     fn load_model(&self, info: &ModelInfo) -> Result<PythonModel> {
         let config: Value = serde_json::from_str(&info.config_json)
             .map_err(|e| Error::internal(format!("bad config JSON: {e}")))?;
-        let file = match config["default_model_filename"].as_str() {
-            Some(f) if !f.is_empty() => f,
-            _ => "model.py",
-        };
-        let model_file = info.version_path().join(file);
+        let model_file = model_file(info, &config);
         if !model_file.is_file() {
             return Err(Error::new(
                 ErrorCode::NotFound,
@@ -85,6 +109,15 @@ impl Backend for PythonBackend {
                 .unwrap_or(false),
         })
     }
+}
+
+/// The model's file: `default_model_filename` (default `model.py`) in the version folder.
+fn model_file(info: &ModelInfo, config: &Value) -> PathBuf {
+    let file = match config["default_model_filename"].as_str() {
+        Some(f) if !f.is_empty() => f,
+        _ => "model.py",
+    };
+    info.version_path().join(file)
 }
 
 fn has_parameter(config: &Value, key: &str) -> bool {

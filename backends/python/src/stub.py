@@ -282,6 +282,54 @@ TRITONSERVER_REQUEST_RELEASE_ALL = 1
 TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 
 
+class ModelConfig:
+    """What `auto_complete_config(auto_complete_model_config)` receives and returns."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def as_dict(self):
+        return self._config
+
+    def max_batch_size(self):
+        return self._config.get("max_batch_size", 0)
+
+    def set_max_batch_size(self, max_batch_size):
+        current = self._config.get("max_batch_size", 0)
+        if current not in (0, max_batch_size):
+            raise ValueError(f"configuration specified max_batch_size {current}, "
+                             f"but in auto-complete-config function for model "
+                             f"'{self._config.get('name')}' specified max_batch_size {max_batch_size}")
+        self._config["max_batch_size"] = max_batch_size
+
+    def set_dynamic_batching(self):
+        if "sequence_batching" not in self._config:
+            self._config.setdefault("dynamic_batching", {})
+
+    def set_model_transaction_policy(self, policy):
+        self._config.setdefault("model_transaction_policy", {}).update(policy)
+
+    def _add(self, key, tensor):
+        if not isinstance(tensor, dict) or "name" not in tensor:
+            raise ValueError(f"{key} must be a dict with a 'name'")
+        existing = next((t for t in self._config.get(key, []) if t.get("name") == tensor["name"]), None)
+        if existing is None:
+            self._config.setdefault(key, []).append(dict(tensor))
+            return
+        for field in ("data_type", "dims"):
+            if field in tensor and field in existing and existing[field] != tensor[field]:
+                raise ValueError(f"unable to add {key} '{tensor['name']}': the configuration already "
+                                 f"has it with {field} {existing[field]}, not {tensor[field]}")
+            if field in tensor:
+                existing[field] = tensor[field]
+
+    def add_input(self, tensor):
+        self._add("input", tensor)
+
+    def add_output(self, tensor):
+        self._add("output", tensor)
+
+
 def get_input_tensor_by_name(request, name):
     return next((t for t in request.inputs() if t.name() == name), None)
 
@@ -394,16 +442,34 @@ def _requests(header, payload):
     return out
 
 
+def _import_model(header):
+    sys.path.insert(0, header["model_dir"])
+    spec = importlib.util.spec_from_file_location("model", header["model_file"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel
+
+
+def _autocomplete(header):
+    try:
+        cls = _import_model(header)
+        config = None
+        if hasattr(cls, "auto_complete_config"):
+            config = cls.auto_complete_config(ModelConfig(json.loads(header["config"]))).as_dict()
+        _send({"op": "ok", "config": config})
+    except Exception:
+        _send({"op": "error", "message": traceback.format_exc()})
+
+
 def main():
     sys.modules["triton_python_backend_utils"] = _utils_module()
     header, _ = _recv()
+    if header["op"] == "autocomplete":
+        _autocomplete(header)
+        return
     args = header["args"]
     try:
-        sys.path.insert(0, header["model_dir"])
-        spec = importlib.util.spec_from_file_location("model", header["model_file"])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
+        model = _import_model(header)()
         if hasattr(model, "initialize"):
             model.initialize(args)
     except Exception:

@@ -19,10 +19,29 @@ pub struct Stub {
     from_stub: BufReader<ChildStdout>,
 }
 
+/// The error an `error` reply of the stub carries (its Python traceback).
+fn failure(reply: &Value) -> Error {
+    let message = reply["message"].as_str().unwrap_or("no reason given");
+    Error::internal(message.trim_end().to_string())
+}
+
 impl Stub {
     /// Starts `python` on the stub and initializes the model with `init` (the `init`
     /// frame: model file, its folder, whether it is decoupled, `initialize`'s args).
     pub fn start(python: &str, init: &Value) -> Result<Stub> {
+        let mut stub = Self::spawn(python)?;
+        stub.send(init, &[])?;
+        let reply = stub.recv()?;
+        match reply.header["op"].as_str() {
+            Some("ok") => Ok(stub),
+            _ => {
+                stub.kill();
+                Err(failure(&reply.header))
+            }
+        }
+    }
+
+    fn spawn(python: &str) -> Result<Stub> {
         let mut child = Command::new(python)
             .arg("-u")
             .arg("-c")
@@ -40,22 +59,23 @@ impl Stub {
             let _ = child.kill();
             return Err(Error::internal("the python stub has no pipes"));
         };
-        let mut stub = Stub {
+        Ok(Stub {
             child,
             to_stub: BufWriter::new(stdin),
             from_stub: BufReader::new(stdout),
-        };
-        stub.send(init, &[])?;
-        let reply = stub.recv()?;
-        match reply.header["op"].as_str() {
-            Some("ok") => Ok(stub),
-            _ => {
-                let message = reply.header["message"]
-                    .as_str()
-                    .unwrap_or("no reason given");
-                stub.kill();
-                Err(Error::internal(message.trim_end().to_string()))
-            }
+        })
+    }
+
+    /// Runs a stub for one exchange: sends `header`, returns the stub's reply (an `error`
+    /// reply becomes the error), and ends the process.
+    pub fn once(python: &str, header: &Value) -> Result<Value> {
+        let mut stub = Self::spawn(python)?;
+        let reply = stub.send(header, &[]).and_then(|()| stub.recv());
+        stub.kill();
+        let reply = reply?.header;
+        match reply["op"].as_str() {
+            Some("ok") => Ok(reply),
+            _ => Err(failure(&reply)),
         }
     }
 
