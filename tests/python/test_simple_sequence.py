@@ -116,6 +116,21 @@ def infer_seq(kiln, sid, value, start=False, end=False):
         return int(r.as_numpy("OUTPUT")[0, 0])
 
 
+def wait_pending(kiln, model, n):
+    """Waits until `model` has `n` queued requests (nv_inference_pending_request_count)."""
+    import re
+    import time
+    import requests
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = requests.get(kiln.metrics_url, timeout=10).text
+        m = re.search(r'nv_inference_pending_request_count\{model="%s",version="1"\} (\d+)' % model, text)
+        if m and int(m.group(1)) == n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{model} never had {n} queued requests")
+
+
 def test_a_sequence_beyond_the_slots_waits_for_one_to_end():
     import shutil
     import threading
@@ -126,13 +141,15 @@ def test_a_sequence_beyond_the_slots_waits_for_one_to_end():
         assert infer_seq(kiln, 1, 5, start=True) == 6
         later = threading.Thread(target=lambda: done.append(("seq 2", infer_seq(kiln, 2, 10, start=True))))
         later.start()
-        # Sequence 1 holds the only slot: sequence 2 is in the backlog, and sequence 1's
+        wait_pending(kiln, "one_slot", 1)
+        # Sequence 1 holds the only slot: sequence 2 waits in the backlog, and sequence 1's
         # own requests still run.
         assert infer_seq(kiln, 1, 7) == 7
         assert not done
-        done.append(("seq 1 end", infer_seq(kiln, 1, 3, end=True)))
+        # Only sequence 1's END frees the slot (the two answers then race to the client).
+        assert infer_seq(kiln, 1, 3, end=True) == 3
         later.join(timeout=30)
-        assert done == [("seq 1 end", 3), ("seq 2", 11)]
+        assert done == [("seq 2", 11)]
     finally:
         kiln.stop()
         shutil.rmtree(repo, ignore_errors=True)

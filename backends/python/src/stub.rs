@@ -92,7 +92,9 @@ impl Stub {
     /// The error for a stub that stopped answering (it exited, or broke the framing).
     fn gone(&mut self, e: std::io::Error) -> Error {
         let status = match self.child.try_wait() {
-            Ok(Some(s)) => format!("it exited ({s})"),
+            Ok(Some(s)) => format!(
+                "it exited ({s}); its output is in the server's log (the Python named by KILN_PYTHON needs numpy)"
+            ),
             _ => format!("{e}"),
         };
         Error::internal(format!(
