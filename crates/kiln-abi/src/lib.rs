@@ -183,6 +183,23 @@ pub struct KilnTensorView {
     pub byte_len: usize,
 }
 
+impl KilnTensorView {
+    /// A view of a tensor in CPU memory; it borrows `name`, `shape` and `data`, which must
+    /// outlive every use of the view.
+    pub fn cpu(name: &str, dtype: KilnDataType, shape: &[i64], data: &[u8]) -> KilnTensorView {
+        KilnTensorView {
+            name: KilnStr::from_str(name),
+            dtype,
+            memory_kind: KILN_MEMORY_CPU,
+            device_id: 0,
+            shape: shape.as_ptr(),
+            ndim: shape.len(),
+            data: data.as_ptr(),
+            byte_len: data.len(),
+        }
+    }
+}
+
 /// One request handed to `instance_execute`.
 ///
 /// Everything it points to stays valid until the backend releases the request.

@@ -101,16 +101,7 @@ unsafe fn deliver(ev: ResponseEvent, on_response: KilnInferCallback, user: *mut 
             let views: Vec<abi::KilnTensorView> = response
                 .outputs
                 .iter()
-                .map(|t| abi::KilnTensorView {
-                    name: KilnStr::from_str(&t.name),
-                    dtype: t.dtype as u32,
-                    memory_kind: abi::KILN_MEMORY_CPU,
-                    device_id: 0,
-                    shape: t.shape.as_ptr(),
-                    ndim: t.shape.len(),
-                    data: t.data.as_ptr(),
-                    byte_len: t.data.len(),
-                })
+                .map(|t| abi::KilnTensorView::cpu(&t.name, t.dtype as u32, &t.shape, &t.data))
                 .collect();
             // SAFETY: the views point into `response`, alive for the call.
             unsafe { on_response(user, views.as_ptr(), views.len(), std::ptr::null(), last) };

@@ -199,16 +199,7 @@ pub(crate) fn register_request(
     let views = request
         .inputs
         .iter()
-        .map(|t| KilnTensorView {
-            name: KilnStr::from_str(&t.name),
-            dtype: t.dtype as u32,
-            memory_kind: abi::KILN_MEMORY_CPU,
-            device_id: 0,
-            shape: t.shape.as_ptr(),
-            ndim: t.shape.len(),
-            data: t.data.as_ptr(),
-            byte_len: t.data.len(),
-        })
+        .map(|t| KilnTensorView::cpu(&t.name, t.dtype as u32, &t.shape, &t.data))
         .collect();
     let mut names: Vec<&str> = if request.outputs.is_empty() {
         model.output_names.iter().map(String::as_str).collect()

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use kiln_core::request::ResponseEvent;
 use kiln_core::{CoreError, DataType, InferRequest, InferResponse, InputTensor};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::body::ChunkedBody;
 use crate::json_tensor::{bytes_to_json, json_to_bytes};
@@ -195,15 +195,7 @@ pub fn decode(
 
 /// One response as the flat generate object.
 pub fn encode(resp: InferResponse) -> Result<Value, CoreError> {
-    let mut top = Map::new();
-    top.insert("model_name".into(), Value::String(resp.model_name));
-    top.insert(
-        "model_version".into(),
-        Value::String(resp.model_version.to_string()),
-    );
-    if !resp.id.is_empty() {
-        top.insert("id".into(), Value::String(resp.id));
-    }
+    let mut top = crate::infer::response_header(resp.model_name, resp.model_version, resp.id);
     for o in resp.outputs {
         let data = bytes_to_json(&o.name, o.dtype, &o.data).map_err(CoreError::invalid)?;
         let value = match data {

@@ -203,6 +203,18 @@ pub struct Encoded {
     pub binary: Vec<Bytes>,
 }
 
+/// The members every response object starts with: `model_name`, `model_version` and,
+/// when the request had one, `id`.
+pub(crate) fn response_header(model_name: String, version: i64, id: String) -> Map<String, Value> {
+    let mut top = Map::new();
+    top.insert("model_name".into(), Value::String(model_name));
+    top.insert("model_version".into(), Value::String(version.to_string()));
+    if !id.is_empty() {
+        top.insert("id".into(), Value::String(id));
+    }
+    top
+}
+
 /// Encodes a response; binary outputs keep their buffers (no copy).
 pub fn encode(resp: InferResponse, enc: &OutputEncoding) -> Result<Encoded, CoreError> {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
@@ -237,15 +249,7 @@ pub fn encode(resp: InferResponse, enc: &OutputEncoding) -> Result<Encoded, Core
         }
         outputs.push(Value::Object(j));
     }
-    let mut top = Map::new();
-    top.insert("model_name".into(), Value::String(resp.model_name));
-    top.insert(
-        "model_version".into(),
-        Value::String(resp.model_version.to_string()),
-    );
-    if !resp.id.is_empty() {
-        top.insert("id".into(), Value::String(resp.id));
-    }
+    let mut top = response_header(resp.model_name, resp.model_version, resp.id);
     top.insert("outputs".into(), Value::Array(outputs));
     let header =
         serde_json::to_vec(&Value::Object(top)).map_err(|e| CoreError::internal(e.to_string()))?;

@@ -147,16 +147,7 @@ pub fn infer(call: &InferCall<'_>, mut handler: impl FnMut(BlsEvent, bool)) -> R
     let views: Vec<KilnTensorView> = call
         .inputs
         .iter()
-        .map(|t| KilnTensorView {
-            name: KilnStr::from_str(t.name),
-            dtype: t.dtype as u32,
-            memory_kind: abi::KILN_MEMORY_CPU,
-            device_id: 0,
-            shape: t.shape.as_ptr(),
-            ndim: t.shape.len(),
-            data: t.data.as_ptr(),
-            byte_len: t.data.len(),
-        })
+        .map(|t| KilnTensorView::cpu(t.name, t.dtype as u32, t.shape, t.data))
         .collect();
     let outputs: Vec<KilnStr> = call
         .requested_outputs
