@@ -23,7 +23,10 @@ class Kiln:
         )
         ports = {}
         deadline = time.time() + 30
+        # What it prints (its log), for tests that look for a line.
+        self.lines = []
         for line in self.proc.stdout:
+            self.lines.append(line)
             m = re.search(r"Started (HTTPService|GRPCInferenceService|Metrics Service) at \S+:(\d+)", line)
             if m:
                 ports[m.group(1)] = int(m.group(2))
@@ -33,7 +36,8 @@ class Kiln:
         self.port = ports["HTTPService"]
         self.grpc_port = ports["GRPCInferenceService"]
         self.metrics_port = ports["Metrics Service"]
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [self.lines.append(line) for line in self.proc.stdout],
+                         daemon=True).start()
         self.url = f"localhost:{self.port}"
         self.grpc_url = f"localhost:{self.grpc_port}"
         self.metrics_url = f"http://localhost:{self.metrics_port}/metrics"

@@ -147,3 +147,67 @@ def test_auto_complete_config_fills_a_bare_config(client):
     t.set_data_from_numpy(np.arange(6, dtype=np.int32).reshape(2, 3))
     r = client.infer("py_autocomplete", [t])
     assert r.as_numpy("DOUBLED").tolist() == [[0, 2, 4], [6, 8, 10]]
+
+
+ENV_MODEL = """
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        pb_utils.Logger.log_warn("py_env runs on " + sys.executable)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "PYTHON", np.array([sys.executable.encode()], dtype=np.object_))]) for _ in requests]
+"""
+
+
+def test_execution_env_path_picks_the_python(tmp_path):
+    import shutil
+    import subprocess
+    import time
+    # An environment made from this venv: its pyvenv.cfg, its python and its packages.
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    for name, env in [("py_env_dir", "$$TRITON_MODEL_DIRECTORY/env"),
+                      ("py_env_tar", "$$TRITON_MODEL_DIRECTORY/env.tar.gz")]:
+        model = tmp_path / name
+        (model / "1").mkdir(parents=True)
+        (model / "1" / "model.py").write_text(ENV_MODEL)
+        (model / "config.pbtxt").write_text(
+            f'backend: "python"\n'
+            f'input [ {{ name: "X" data_type: TYPE_INT32 dims: [ 1 ] }} ]\n'
+            f'output [ {{ name: "PYTHON" data_type: TYPE_STRING dims: [ 1 ] }} ]\n'
+            f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{env}" }} }}\n')
+        (model / "env" / "bin").mkdir(parents=True)
+        shutil.copy(os.path.join(venv, "pyvenv.cfg"), model / "env")
+        os.symlink(os.path.realpath(sys.executable), model / "env" / "bin" / "python3")
+        os.symlink(os.path.join(venv, "lib"), model / "env" / "lib")
+        if name == "py_env_tar":
+            subprocess.run(["tar", "-czf", str(model / "env.tar.gz"), "-C", str(model / "env"), "."], check=True)
+            shutil.rmtree(model / "env")
+    saved = os.environ.get("KILN_PYTHON")
+    os.environ["KILN_PYTHON"] = "/nonexistent/python"  # only the environments can run them
+    try:
+        kiln = Kiln(repo=str(tmp_path))
+    finally:
+        os.environ["KILN_PYTHON"] = saved or sys.executable
+    try:
+        with httpclient.InferenceServerClient(kiln.url) as c:
+            t = httpclient.InferInput("X", [1], "INT32")
+            t.set_data_from_numpy(np.array([1], np.int32))
+            direct = c.infer("py_env_dir", [t]).as_numpy("PYTHON")[0].decode()
+            assert direct == str(tmp_path / "py_env_dir" / "env" / "bin" / "python3")
+            unpacked = c.infer("py_env_tar", [t]).as_numpy("PYTHON")[0].decode()
+            assert "kiln-python-envs" in unpacked and unpacked.endswith("/bin/python3")
+        # pb_utils.Logger writes to the server's log at its level.
+        deadline = time.time() + 10
+        while time.time() < deadline and not any("py_env runs on" in line for line in kiln.lines):
+            time.sleep(0.05)
+        warn = [line for line in kiln.lines if "py_env runs on " + direct in line]
+        assert warn and "WARN" in warn[0], kiln.lines[-20:]
+    finally:
+        kiln.stop()

@@ -9,8 +9,9 @@
 //! through `request.get_response_sender()`. BLS (`InferenceRequest(...).exec()`, also
 //! `decoupled=True` and `async_exec`) runs through the host's `infer` while the stub
 //! waits. A stub that dies fails the requests it held and is started again for the next
-//! batch. `auto_complete_config` completes the config before the model loads. Not yet:
-//! DLPack tensors, `EXECUTION_ENV_PATH`.
+//! batch. `auto_complete_config` completes the config before the model loads, and a model's
+//! `EXECUTION_ENV_PATH` (`env.rs`) picks the Python its stubs run on. Not yet: DLPack tensors.
+mod env;
 mod frame;
 mod stub;
 
@@ -69,7 +70,8 @@ impl Backend for PythonBackend {
             "model_dir": info.version_path().display().to_string(),
             "config": info.config_json,
         });
-        let reply = Stub::once(&self.python, &request).map_err(|e| {
+        let python = env::python_for(&config, &info.repository_path, &self.python)?;
+        let reply = Stub::once(&python, &request).map_err(|e| {
             Error::invalid_arg(format!(
                 "auto_complete_config of '{}' failed: {}",
                 info.name, e.message
@@ -91,17 +93,8 @@ impl Backend for PythonBackend {
                 format!("python model file '{}' not found", model_file.display()),
             ));
         }
-        if has_parameter(&config, "EXECUTION_ENV_PATH") {
-            log(
-                LogLevel::Warn,
-                &format!(
-                    "model '{}': EXECUTION_ENV_PATH is not supported; its stubs run on '{}' (KILN_PYTHON)",
-                    info.name, self.python
-                ),
-            );
-        }
         Ok(PythonModel {
-            python: self.python.clone(),
+            python: env::python_for(&config, &info.repository_path, &self.python)?,
             info: info.clone(),
             model_file,
             decoupled: config["model_transaction_policy"]["decoupled"]
@@ -118,10 +111,6 @@ fn model_file(info: &ModelInfo, config: &Value) -> PathBuf {
         _ => "model.py",
     };
     info.version_path().join(file)
-}
-
-fn has_parameter(config: &Value, key: &str) -> bool {
-    config["parameters"].get(key).is_some()
 }
 
 impl Model for PythonModel {

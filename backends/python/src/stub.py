@@ -267,12 +267,35 @@ class InferenceRequest:
         return self.exec(decoupled)
 
 
-class Logger:
-    @staticmethod
-    def log(message, level=None):
-        print(message, file=sys.stderr, flush=True)
+class LogLevel:
+    INFO, WARNING, ERROR, VERBOSE = 0, 1, 2, 3
 
-    log_info = log_warn = log_error = log_verbose = log
+
+class Logger:
+    """Writes to the server's log: each line on stderr marked with its level, which the
+    backend reads."""
+
+    @staticmethod
+    def log(message, logging_level=LogLevel.INFO):
+        for line in str(message).splitlines() or [""]:
+            sys.stderr.write(f"\x1f{int(logging_level)}{line}\n")
+        sys.stderr.flush()
+
+    @staticmethod
+    def log_info(message):
+        Logger.log(message, LogLevel.INFO)
+
+    @staticmethod
+    def log_warn(message):
+        Logger.log(message, LogLevel.WARNING)
+
+    @staticmethod
+    def log_error(message):
+        Logger.log(message, LogLevel.ERROR)
+
+    @staticmethod
+    def log_verbose(message):
+        Logger.log(message, LogLevel.VERBOSE)
 
 
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
