@@ -211,3 +211,19 @@ def test_execution_env_path_picks_the_python(tmp_path):
         assert warn and "WARN" in warn[0], kiln.lines[-20:]
     finally:
         kiln.stop()
+
+
+def test_a_streaming_model_sees_its_client_go_away(kiln):
+    import json
+    import time
+    r = requests.post(f"http://{kiln.url}/v2/models/py_ticker/generate_stream", json={"START": 100},
+                      stream=True, timeout=30)
+    lines = r.iter_lines()
+    ticks = [json.loads(next(line for line in lines if line)[6:])["TICK"] for _ in range(3)]
+    assert ticks == [100, 101, 102]
+    r.close()
+    deadline = time.time() + 20
+    while time.time() < deadline and not any("py_ticker cancelled after" in line for line in kiln.lines):
+        time.sleep(0.05)
+    assert any("py_ticker cancelled after" in line for line in kiln.lines)
+    assert not any("py_ticker ran to the end" in line for line in kiln.lines)

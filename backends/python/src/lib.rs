@@ -379,6 +379,14 @@ impl PythonInstance {
                     deliver(request, &f.header, &f.payload)?;
                 }
                 Some("bls") => bls(stub, &f)?,
+                Some("is_cancelled") => {
+                    let i = f.header["request"].as_u64().unwrap_or(u64::MAX) as usize;
+                    let cancelled = match (requests.get(i), finished.get(i)) {
+                        (Some(r), Some(false)) => r.is_cancelled(),
+                        _ => false,
+                    };
+                    stub.send(&json!({"op": "cancelled", "cancelled": cancelled}), &[])?;
+                }
                 Some("done") => {
                     returned = true;
                     if !self.decoupled {

@@ -171,7 +171,7 @@ class ResponseSender:
         self._closed = final
 
     def is_cancelled(self):
-        return False
+        return _ask_cancelled(self._index)
 
 
 class InferenceRequest:
@@ -219,7 +219,7 @@ class InferenceRequest:
         return self._params
 
     def is_cancelled(self):
-        return False
+        return self._index is not None and _ask_cancelled(self._index)
 
     def get_response_sender(self):
         if self._sender is None:
@@ -414,7 +414,16 @@ def _reader():
             _bls_replies.put(None)
             _requests_in.put(None)
             return
-        (_bls_replies if frame[0]["op"] == "bls_response" else _requests_in).put(frame)
+        replies = frame[0]["op"] in ("bls_response", "cancelled")
+        (_bls_replies if replies else _requests_in).put(frame)
+
+
+def _ask_cancelled(index):
+    """Whether the client of request `index` of the current batch has gone away."""
+    with _bls_lock:
+        _send({"op": "is_cancelled", "request": index})
+        frame = _bls_replies.get()
+    return frame is not None and bool(frame[0].get("cancelled"))
 
 
 def _bls_response(h, payload):
