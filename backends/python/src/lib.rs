@@ -184,18 +184,21 @@ fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
     (json!({"op": "execute", "requests": specs}), blobs)
 }
 
+/// Kiln's error codes in the order of `TritonError`'s (`TritonError.INTERNAL` is 1, ...).
+const TRITON_CODES: [ErrorCode; 8] = [
+    ErrorCode::Unknown,
+    ErrorCode::Internal,
+    ErrorCode::NotFound,
+    ErrorCode::InvalidArg,
+    ErrorCode::Unavailable,
+    ErrorCode::Unsupported,
+    ErrorCode::AlreadyExists,
+    ErrorCode::Cancelled,
+];
+
 /// The `TritonError` code of an error code.
 fn triton_code(c: ErrorCode) -> u64 {
-    match c {
-        ErrorCode::Unknown => 0,
-        ErrorCode::Internal => 1,
-        ErrorCode::NotFound => 2,
-        ErrorCode::InvalidArg => 3,
-        ErrorCode::Unavailable => 4,
-        ErrorCode::Unsupported => 5,
-        ErrorCode::AlreadyExists => 6,
-        ErrorCode::Cancelled => 7,
-    }
+    TRITON_CODES.iter().position(|&k| k == c).unwrap_or(1) as u64
 }
 
 /// Runs the stub's `bls` frame (a model's `InferenceRequest.exec`) and sends it each
@@ -286,16 +289,10 @@ fn bls(stub: &mut Stub, f: &frame::Frame) -> Result<()> {
 
 /// The error code a `TritonError.code()` stands for.
 fn code_of(c: u64) -> ErrorCode {
-    match c {
-        0 => ErrorCode::Unknown,
-        2 => ErrorCode::NotFound,
-        3 => ErrorCode::InvalidArg,
-        4 => ErrorCode::Unavailable,
-        5 => ErrorCode::Unsupported,
-        6 => ErrorCode::AlreadyExists,
-        7 => ErrorCode::Cancelled,
-        _ => ErrorCode::Internal,
-    }
+    usize::try_from(c)
+        .ok()
+        .and_then(|i| TRITON_CODES.get(i).copied())
+        .unwrap_or(ErrorCode::Internal)
 }
 
 /// Sends one `response` frame of the stub to its request.
@@ -462,5 +459,9 @@ mod tests {
         assert_eq!(code_of(3), ErrorCode::InvalidArg);
         assert_eq!(code_of(1), ErrorCode::Internal);
         assert_eq!(code_of(99), ErrorCode::Internal);
+        for (i, &c) in TRITON_CODES.iter().enumerate() {
+            assert_eq!(triton_code(c), i as u64);
+            assert_eq!(code_of(i as u64), c);
+        }
     }
 }
