@@ -227,3 +227,25 @@ def test_a_streaming_model_sees_its_client_go_away(kiln):
         time.sleep(0.05)
     assert any("py_ticker cancelled after" in line for line in kiln.lines)
     assert not any("py_ticker ran to the end" in line for line in kiln.lines)
+
+
+def test_custom_metrics_reach_the_metrics_port(kiln, client):
+    from prometheus_client.parser import text_string_to_metric_families
+    seen = []
+    for v in (0.5, 5.0, 50.0):
+        t = httpclient.InferInput("V", [1], "FP32")
+        t.set_data_from_numpy(np.array([v], np.float32))
+        seen.append(float(client.infer("py_metrics", [t]).as_numpy("SEEN")[0]))
+    assert seen == [1.0, 2.0, 3.0]
+    text = requests.get(kiln.metrics_url, timeout=10).text
+    assert 'py_model_requests{model="py_metrics",version="1"} 3' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    labels = (("model", "py_metrics"), ("version", "1"))
+    # (The parser names a counter's sample with `_total`; the server serves it as named.)
+    assert samples[("py_model_requests_total", labels)] == 3
+    assert samples[("py_model_last_value", labels)] == 50.0
+    assert samples[("py_model_values_bucket", tuple(sorted(labels + (("le", "1"),))))] == 1
+    assert samples[("py_model_values_bucket", tuple(sorted(labels + (("le", "10"),))))] == 2
+    assert samples[("py_model_values_count", labels)] == 3
+    assert samples[("py_model_values_sum", labels)] == 55.5

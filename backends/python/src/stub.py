@@ -353,6 +353,56 @@ class ModelConfig:
         self._add("output", tensor)
 
 
+def _metric_op(family, labels, code, value=0.0):
+    header = {"op": "metric", "family": family._name, "description": family._description,
+              "kind": family._kind, "code": code, "value": float(value),
+              "labels": json.dumps({str(k): str(v) for k, v in labels.items()}),
+              "buckets": [float(b) for b in family._buckets]}
+    with _bls_lock:
+        _send(header)
+        frame = _bls_replies.get()
+    if frame is None:
+        raise TritonModelException("the backend closed the pipe")
+    if "error" in frame[0]:
+        raise TritonModelException(frame[0]["error"])
+    return frame[0]["value"]
+
+
+class MetricFamily:
+    """A custom metric family, served on the server's metrics port (Triton's API)."""
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __init__(self, name, description, kind):
+        if kind not in (self.COUNTER, self.GAUGE, self.HISTOGRAM):
+            raise TritonModelException(f"unknown metric kind {kind}")
+        self._name, self._description, self._kind, self._buckets = name, description, kind, []
+
+    def Metric(self, labels=None, buckets=None):
+        if self._kind == self.HISTOGRAM:
+            if not buckets:
+                raise TritonModelException("a histogram metric needs buckets")
+            self._buckets = list(buckets)
+        return Metric(self, dict(labels or {}))
+
+
+class Metric:
+    def __init__(self, family, labels):
+        self._family, self._labels = family, labels
+        _metric_op(family, labels, 3)  # the series exists (at 0) from now on
+
+    def increment(self, value):
+        _metric_op(self._family, self._labels, 1, value)
+
+    def set(self, value):
+        _metric_op(self._family, self._labels, 0, value)
+
+    def observe(self, value):
+        _metric_op(self._family, self._labels, 2, value)
+
+    def value(self):
+        return _metric_op(self._family, self._labels, 3)
+
+
 def get_input_tensor_by_name(request, name):
     return next((t for t in request.inputs() if t.name() == name), None)
 
@@ -414,7 +464,7 @@ def _reader():
             _bls_replies.put(None)
             _requests_in.put(None)
             return
-        replies = frame[0]["op"] in ("bls_response", "cancelled")
+        replies = frame[0]["op"] in ("bls_response", "cancelled", "metric_value")
         (_bls_replies if replies else _requests_in).put(frame)
 
 
@@ -500,6 +550,7 @@ def main():
         _autocomplete(header)
         return
     args = header["args"]
+    threading.Thread(target=_reader, daemon=True).start()
     try:
         model = _import_model(header)()
         if hasattr(model, "initialize"):
@@ -509,7 +560,6 @@ def main():
         return
     decoupled = header.get("decoupled", False)
     _send({"op": "ok"})
-    threading.Thread(target=_reader, daemon=True).start()
     loop = asyncio.new_event_loop()
     while True:
         frame = _requests_in.get()

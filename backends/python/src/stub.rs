@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, BufWriter};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_sdk::{log, Error, LogLevel, Result};
+use kiln_sdk::{log, metric, Error, LogLevel, MetricKind, MetricOp, MetricSeries, Result};
 use serde_json::{json, Value};
 
 use crate::frame::{self, Frame};
@@ -48,6 +48,34 @@ fn forward_log(stderr: ChildStderr, label: String) {
             &format!("cannot forward the python stub's output: {e}"),
         );
     }
+}
+
+/// Runs a `pb_utils.MetricFamily` operation of the stub: `kind` and `code` as the ABI's.
+fn apply_metric(h: &Value) -> Result<f64> {
+    let buckets: Vec<f64> = h["buckets"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let kind = match h["kind"].as_u64() {
+        Some(0) => MetricKind::Counter,
+        Some(1) => MetricKind::Gauge,
+        _ => MetricKind::Histogram,
+    };
+    let value = h["value"].as_f64().unwrap_or(0.0);
+    let op = match h["code"].as_u64() {
+        Some(0) => MetricOp::Set(value),
+        Some(1) => MetricOp::Add(value),
+        Some(2) => MetricOp::Observe(value),
+        _ => MetricOp::Read,
+    };
+    let series = MetricSeries {
+        family: h["family"].as_str().unwrap_or_default(),
+        description: h["description"].as_str().unwrap_or_default(),
+        kind,
+        labels_json: h["labels"].as_str().unwrap_or_default(),
+        buckets: &buckets,
+    };
+    metric(&series, op)
 }
 
 /// The error an `error` reply of the stub carries (its Python traceback).
@@ -121,9 +149,19 @@ impl Stub {
         frame::write(&mut self.to_stub, header, blobs).map_err(|e| self.gone(e))
     }
 
-    /// Receives a frame.
+    /// Receives a frame, serving the `metric` frames (custom metrics) that come first.
     pub fn recv(&mut self) -> Result<Frame> {
-        frame::read(&mut self.from_stub).map_err(|e| self.gone(e))
+        loop {
+            let f = frame::read(&mut self.from_stub).map_err(|e| self.gone(e))?;
+            if f.header["op"] != "metric" {
+                return Ok(f);
+            }
+            let reply = match apply_metric(&f.header) {
+                Ok(value) => json!({"op": "metric_value", "value": value}),
+                Err(e) => json!({"op": "metric_value", "error": e.message}),
+            };
+            self.send(&reply, &[])?;
+        }
     }
 
     /// The error for a stub that stopped answering (it exited, or broke the framing).

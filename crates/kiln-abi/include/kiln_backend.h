@@ -128,6 +128,25 @@ typedef struct KilnInferRequest {
 typedef void (*KilnInferCallback)(void* user, const KilnTensorView* outputs, size_t output_count,
                                   const KilnError* error, bool last);
 
+/* ABI 1.3: one operation on a custom metric series (KilnHostApi.metric). */
+#define KILN_METRIC_COUNTER 0u
+#define KILN_METRIC_GAUGE 1u
+#define KILN_METRIC_HISTOGRAM 2u
+#define KILN_METRIC_SET 0u
+#define KILN_METRIC_ADD 1u
+#define KILN_METRIC_OBSERVE 2u
+#define KILN_METRIC_READ 3u
+typedef struct KilnMetricOp {
+  KilnStr family;
+  KilnStr description;
+  uint32_t kind;
+  uint32_t op;
+  KilnStr labels_json; /* a JSON object of strings, or empty */
+  const double* buckets; /* a histogram's upper bounds, ascending */
+  size_t bucket_count;
+  double value;
+} KilnMetricOp;
+
 typedef struct KilnHostApi {
   KilnApiHeader header;
   KilnError* (*error_new)(KilnErrorCode code, KilnStr message);
@@ -151,6 +170,9 @@ typedef struct KilnHostApi {
      server and blocks until it is done, calling on_response per response. Call it from
      instance_execute's thread only. */
   KilnError* (*infer)(const KilnInferRequest* request, KilnInferCallback on_response, void* user);
+  /* ABI 1.3: updates or reads a custom metric (created on first use), served on the metrics
+     port; *value receives the series' value after the operation. */
+  KilnError* (*metric)(const KilnMetricOp* op, double* value);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -200,7 +222,11 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 14 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 15 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, metric) == 24 + 14 * KILN_P, "KilnHostApi.metric");
+_Static_assert(sizeof(KilnMetricOp) == 80, "KilnMetricOp");
+_Static_assert(offsetof(KilnMetricOp, labels_json) == 40, "KilnMetricOp.labels_json");
+_Static_assert(offsetof(KilnMetricOp, value) == 72, "KilnMetricOp.value");
 _Static_assert(offsetof(KilnHostApi, infer) == 24 + 13 * KILN_P, "KilnHostApi.infer");
 _Static_assert(sizeof(KilnInferRequest) == 112, "KilnInferRequest");
 _Static_assert(offsetof(KilnInferRequest, version) == 16, "KilnInferRequest.version");

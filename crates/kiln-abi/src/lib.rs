@@ -307,6 +307,38 @@ pub struct KilnHostApi {
         on_response: KilnInferCallback,
         user: *mut c_void,
     ) -> *mut KilnError,
+    /// ABI 1.3: updates or reads a custom metric, served on the metrics port beside Triton's
+    /// own (Triton's custom metrics API). The family is created on first use; `value`
+    /// receives the series' value after the operation (a histogram's sum).
+    pub metric: unsafe extern "C" fn(op: *const KilnMetricOp, value: *mut f64) -> *mut KilnError,
+}
+
+/// Metric kinds of [`KilnMetricOp::kind`].
+pub const KILN_METRIC_COUNTER: u32 = 0;
+pub const KILN_METRIC_GAUGE: u32 = 1;
+pub const KILN_METRIC_HISTOGRAM: u32 = 2;
+/// Operations of [`KilnMetricOp::op`]: set (gauge), add (counter, gauge), observe
+/// (histogram), read (any).
+pub const KILN_METRIC_SET: u32 = 0;
+pub const KILN_METRIC_ADD: u32 = 1;
+pub const KILN_METRIC_OBSERVE: u32 = 2;
+pub const KILN_METRIC_READ: u32 = 3;
+
+/// One operation on a custom metric series ([`KilnHostApi::metric`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnMetricOp {
+    /// Family name, as served (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+    pub family: KilnStr,
+    pub description: KilnStr,
+    pub kind: u32,
+    pub op: u32,
+    /// The series' labels as a JSON object of strings (empty for none).
+    pub labels_json: KilnStr,
+    /// A histogram's bucket upper bounds, ascending (its first use fixes them).
+    pub buckets: *const f64,
+    pub bucket_count: usize,
+    pub value: f64,
 }
 
 /// A request a backend makes to another model ([`KilnHostApi::infer`]).
@@ -438,7 +470,11 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 14 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 15 * P);
+const _: () = assert!(offset_of!(KilnHostApi, metric) == 24 + 14 * P);
+const _: () = assert!(size_of::<KilnMetricOp>() == 80);
+const _: () = assert!(offset_of!(KilnMetricOp, labels_json) == 40);
+const _: () = assert!(offset_of!(KilnMetricOp, value) == 72);
 const _: () = assert!(offset_of!(KilnHostApi, infer) == 24 + 13 * P);
 const _: () = assert!(size_of::<KilnInferRequest>() == 112);
 const _: () = assert!(offset_of!(KilnInferRequest, version) == 16);
@@ -487,6 +523,15 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,infer)",
         offset_of!(KilnHostApi, infer),
+    ),
+    (
+        "offsetof(KilnHostApi,metric)",
+        offset_of!(KilnHostApi, metric),
+    ),
+    ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
+    (
+        "offsetof(KilnMetricOp,value)",
+        offset_of!(KilnMetricOp, value),
     ),
     ("sizeof(KilnInferRequest)", size_of::<KilnInferRequest>()),
     (

@@ -542,6 +542,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     request_release: h_request_release,
     report_compute: h_report_compute,
     infer: crate::bls::h_infer,
+    metric: crate::custom_metrics::h_metric,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

@@ -15,6 +15,7 @@ mod bls;
 pub mod cache;
 pub mod classification;
 pub mod config;
+pub mod custom_metrics;
 pub mod ensemble;
 pub mod error;
 mod host;

@@ -251,6 +251,69 @@ fn summary_families(server: &Server, quantiles: &[f64]) -> Vec<prometheus::proto
         .collect()
 }
 
+/// The families backends defined (`kiln_core::custom_metrics`), e.g. a Python model's
+/// `pb_utils.MetricFamily`.
+fn custom_families() -> Vec<prometheus::proto::MetricFamily> {
+    use kiln_core::custom_metrics::{snapshot, Kind};
+    use prometheus::proto::{Bucket, Counter, Gauge, Histogram, Metric, MetricFamily, MetricType};
+    snapshot()
+        .into_iter()
+        .map(|(name, f)| {
+            let metrics = f
+                .series
+                .iter()
+                .map(|(labels, s)| {
+                    let mut m = Metric::default();
+                    m.set_label(labels.iter().map(|(k, v)| label(k, v)).collect());
+                    match &f.kind {
+                        Kind::Counter => {
+                            let mut c = Counter::default();
+                            c.set_value(s.value);
+                            m.set_counter(c);
+                        }
+                        Kind::Gauge => {
+                            let mut g = Gauge::default();
+                            g.set_value(s.value);
+                            m.set_gauge(g);
+                        }
+                        Kind::Histogram(bounds) => {
+                            let mut cumulative = 0;
+                            let buckets = bounds
+                                .iter()
+                                .zip(&s.buckets)
+                                .map(|(&bound, &n)| {
+                                    cumulative += n;
+                                    let mut b = Bucket::default();
+                                    b.set_upper_bound(bound);
+                                    b.set_cumulative_count(cumulative);
+                                    b
+                                })
+                                .collect();
+                            let mut h = Histogram::default();
+                            h.set_sample_count(s.count);
+                            h.set_sample_sum(s.value);
+                            h.set_bucket(buckets);
+                            m.set_histogram(h);
+                        }
+                    }
+                    m
+                })
+                .collect();
+            let mut family = MetricFamily::default();
+            family.set_name(name);
+            family.set_help(f.description.clone());
+            family.set_field_type(match f.kind {
+                Kind::Counter => MetricType::COUNTER,
+                Kind::Gauge => MetricType::GAUGE,
+                Kind::Histogram(_) => MetricType::HISTOGRAM,
+            });
+            family.set_metric(metrics);
+            family
+        })
+        .filter(|f| !f.get_metric().is_empty())
+        .collect()
+}
+
 /// Triton's first-response histogram for every ready model version, in milliseconds.
 fn first_response_family(server: &Server) -> prometheus::proto::MetricFamily {
     use kiln_core::stats::FIRST_RESPONSE_BUCKETS_MS;
@@ -373,6 +436,7 @@ pub fn render(
     if opts.summary_latencies {
         families.extend(summary_families(server, &opts.summary_quantiles));
     }
+    families.extend(custom_families());
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))

@@ -16,6 +16,7 @@ mod bls;
 mod dtype;
 mod error;
 mod host;
+mod metrics;
 mod request;
 mod trampoline;
 
@@ -24,6 +25,7 @@ pub use dtype::{bytes_elements, push_bytes_element, DataType};
 pub use error::{Error, ErrorCode, Result};
 pub use host::{log, LogLevel};
 pub use kiln_abi as abi;
+pub use metrics::{metric, MetricKind, MetricOp, MetricSeries};
 pub use request::{batch_rows, concat_batch, Request, Response, Tensor};
 
 /// Facts about a model, from its config and repository.
