@@ -249,3 +249,19 @@ def test_custom_metrics_reach_the_metrics_port(kiln, client):
     assert samples[("py_model_values_bucket", tuple(sorted(labels + (("le", "10"),))))] == 2
     assert samples[("py_model_values_count", labels)] == 3
     assert samples[("py_model_values_sum", labels)] == 55.5
+
+
+@pytest.mark.parametrize("model,protocol", [("add_sub", "grpc"), ("text_batch", "http"), ("py_repeat", "grpc-streaming")])
+def test_perf_analyzer_drives_python_models(kiln, model, protocol):
+    import shutil
+    import subprocess
+    pa = shutil.which("perf_analyzer", path=os.path.dirname(sys.executable))
+    assert pa, "perf_analyzer missing from the venv (cargo xtask test installs tritonclient==2.41.1)"
+    url, proto = (kiln.url, "http") if protocol == "http" else (kiln.grpc_url, "grpc")
+    cmd = [pa, "-m", model, "-u", url, "-i", proto, "--concurrency-range", "4",
+           "--measurement-interval", "500", "--stability-percentage", "100", "--max-trials", "4"]
+    cmd += {"text_batch": ["--shape", "TEXT:2"], "py_repeat": ["--streaming", "--shape", "IN:3", "--input-data", "zero"]}.get(model, [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "Throughput:" in out and "infer/sec" in out, out
