@@ -18,6 +18,7 @@ pub mod config;
 pub mod custom_metrics;
 pub mod ensemble;
 pub mod error;
+pub mod forward;
 mod host;
 pub mod loader;
 pub mod model;

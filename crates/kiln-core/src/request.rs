@@ -110,7 +110,8 @@ impl InferRequest {
 
     /// Takes the parameters Triton reserves (`sequence_id`, `sequence_start`,
     /// `sequence_end`, `priority`, `timeout`) out of `params` into the request's fields and
-    /// keeps the rest as [`InferRequest::parameters`]. Every front end decodes through this.
+    /// keeps the rest as [`InferRequest::parameters`]; other `triton_` keys are refused, as
+    /// tritonserver does. Every front end decodes through this.
     pub fn set_parameters(
         &mut self,
         mut params: serde_json::Map<String, serde_json::Value>,
@@ -161,6 +162,11 @@ impl InferRequest {
         }
         if let Some(v) = params.remove("timeout") {
             self.timeout_us = uint("timeout", &v)?;
+        }
+        if params.keys().any(|k| k.starts_with("triton_")) {
+            return Err(CoreError::invalid(
+                "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified.",
+            ));
         }
         self.parameters = params;
         Ok(())

@@ -37,6 +37,8 @@ pub struct GrpcOptions {
     /// `--grpc-restricted-protocol`: API groups that need a `triton-grpc-protocol-<key>`
     /// header.
     pub restricted: kiln_core::access::Restrictions,
+    /// `--grpc-header-forward-pattern`: metadata passed to the model as parameters.
+    pub header_forward: Option<kiln_core::forward::HeaderForward>,
 }
 
 impl Default for GrpcOptions {
@@ -47,6 +49,7 @@ impl Default for GrpcOptions {
             keepalive_timeout: Duration::from_millis(20_000),
             compress_responses: false,
             restricted: Default::default(),
+            header_forward: None,
         }
     }
 }
@@ -66,7 +69,9 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let mut svc = generated::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        Inference::new(server.clone()).restricted(opts.restricted.clone()),
+        Inference::new(server.clone())
+            .restricted(opts.restricted.clone())
+            .forward_headers(opts.header_forward.clone()),
     )
     .max_decoding_message_size(opts.max_message_size)
     .max_encoding_message_size(opts.max_message_size)

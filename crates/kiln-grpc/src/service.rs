@@ -25,6 +25,8 @@ pub struct Inference {
     server: Arc<Server>,
     /// `--grpc-restricted-protocol`: API groups that need a header.
     restricted: Arc<kiln_core::access::Restrictions>,
+    /// `--grpc-header-forward-pattern`.
+    forward: Option<Arc<kiln_core::forward::HeaderForward>>,
 }
 
 impl Inference {
@@ -32,6 +34,44 @@ impl Inference {
     pub fn restricted(mut self, restricted: kiln_core::access::Restrictions) -> Self {
         self.restricted = Arc::new(restricted);
         self
+    }
+
+    /// Passes request metadata matching `forward` to the model as parameters.
+    pub fn forward_headers(mut self, forward: Option<kiln_core::forward::HeaderForward>) -> Self {
+        self.forward = forward.map(Arc::new);
+        self
+    }
+
+    /// The metadata to forward (nothing without a pattern).
+    fn forwarded<T>(&self, r: &Request<T>) -> Vec<(String, String)> {
+        if self.forward.is_none() {
+            return Vec::new();
+        }
+        r.metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect()
+    }
+
+    /// Decodes a request and adds its forwarded `headers` as parameters.
+    fn decode(
+        &self,
+        msg: pb::ModelInferRequest,
+        headers: &[(String, String)],
+    ) -> Result<(kiln_core::InferRequest, tensor::StreamOptions), kiln_core::CoreError> {
+        let (mut req, opts) = tensor::decode(msg, self.server.shared_memory())?;
+        if let Some(f) = &self.forward {
+            f.apply(
+                &mut req,
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )?;
+        }
+        Ok((req, opts))
     }
 
     /// Refuses a request to a restricted `api` without its header, as Triton does.
@@ -52,6 +92,7 @@ impl Inference {
         Inference {
             server,
             restricted: Default::default(),
+            forward: None,
         }
     }
 }
@@ -131,7 +172,12 @@ type Out = mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>;
 
 impl Inference {
     /// Starts one request of a stream; its responses are forwarded to `out` by a task.
-    async fn stream_one(&self, msg: pb::ModelInferRequest, out: &Out) {
+    async fn stream_one(
+        &self,
+        msg: pb::ModelInferRequest,
+        headers: &[(String, String)],
+        out: &Out,
+    ) {
         let head = pb::ModelInferResponse {
             model_name: msg.model_name.clone(),
             model_version: msg.model_version.clone(),
@@ -139,7 +185,7 @@ impl Inference {
             ..Default::default()
         };
         let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
-        let started = tensor::decode(msg, self.server.shared_memory()).and_then(|(req, opts)| {
+        let started = self.decode(msg, headers).and_then(|(req, opts)| {
             Ok((self.server.infer_stream(req)?, opts.empty_final_response))
         });
         let (mut events, empty_final) = match started {
@@ -240,6 +286,7 @@ impl GrpcInferenceService for Inference {
         r: Request<pb::ModelInferRequest>,
     ) -> GrpcResult<pb::ModelInferResponse> {
         self.allow(Api::Inference, &r)?;
+        let headers = self.forwarded(&r);
         let msg = r.into_inner();
         let trace = self.server.tracer().sample(&msg.model_name);
         if let Some(t) = &trace {
@@ -248,7 +295,7 @@ impl GrpcInferenceService for Inference {
             t.stamp("GRPC_WAITREAD_END");
         }
         let (name, ver) = (msg.model_name.clone(), msg.model_version.clone());
-        let mut req = match tensor::decode(msg, self.server.shared_memory()) {
+        let mut req = match self.decode(msg, &headers) {
             Ok((req, _)) => req,
             Err(e) => {
                 self.server
@@ -281,13 +328,14 @@ impl GrpcInferenceService for Inference {
         r: Request<Streaming<pb::ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
         self.allow(Api::Inference, &r)?;
+        let headers = self.forwarded(&r);
         let mut incoming = r.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let this = self.clone();
         tokio::spawn(async move {
             loop {
                 match incoming.message().await {
-                    Ok(Some(msg)) => this.stream_one(msg, &tx).await,
+                    Ok(Some(msg)) => this.stream_one(msg, &headers, &tx).await,
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!("inference stream ended: {e}");

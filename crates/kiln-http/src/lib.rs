@@ -25,6 +25,8 @@ pub struct HttpOptions {
     pub max_input_size: usize,
     /// `--http-restricted-api`: API groups that need a header.
     pub restricted: kiln_core::access::Restrictions,
+    /// `--http-header-forward-pattern`: headers passed to the model as parameters.
+    pub header_forward: Option<kiln_core::forward::HeaderForward>,
 }
 
 impl Default for HttpOptions {
@@ -32,6 +34,7 @@ impl Default for HttpOptions {
         HttpOptions {
             max_input_size: 64 * 1024 * 1024,
             restricted: Default::default(),
+            header_forward: None,
         }
     }
 }

@@ -359,7 +359,17 @@ async fn infer(state: &State, req: Request<Incoming>, model: String, version: Op
         },
     };
     let shm = state.server.shared_memory();
-    let (mut request, enc) = match infer::decode(&model, version, body, header_len, shm) {
+    let decoded = infer::decode(&model, version, body, header_len, shm).and_then(|(mut r, enc)| {
+        if let Some(f) = &state.opts.header_forward {
+            let headers = parts
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)));
+            f.apply(&mut r, headers)?;
+        }
+        Ok((r, enc))
+    });
+    let (mut request, enc) = match decoded {
         Ok(x) => x,
         Err(e) => {
             state.server.record_malformed(&model, version);

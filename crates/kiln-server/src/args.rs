@@ -101,6 +101,14 @@ pub struct Args {
     /// device, on every device). Once any is given, a resource not named has none.
     #[arg(long = "rate-limit-resource")]
     pub rate_limit_resource: Vec<kiln_core::rate_limit::ExplicitResource>,
+    /// HTTP headers whose names match this regular expression reach the model as request
+    /// parameters.
+    #[arg(long = "http-header-forward-pattern")]
+    pub http_header_forward_pattern: Option<String>,
+    /// gRPC metadata whose keys match this regular expression reach the model as request
+    /// parameters.
+    #[arg(long = "grpc-header-forward-pattern")]
+    pub grpc_header_forward_pattern: Option<String>,
     /// Deprecated form of `--cache-config local,size=<bytes>` (as in tritonserver).
     #[arg(long = "response-cache-byte-size")]
     pub response_cache_byte_size: Option<usize>,
@@ -187,6 +195,18 @@ pub enum RateLimit {
 }
 
 impl Args {
+    /// The compiled `--<front end>-header-forward-pattern`, if given.
+    pub fn header_forward(
+        flag: &str,
+        pattern: &Option<String>,
+    ) -> anyhow::Result<Option<kiln_core::forward::HeaderForward>> {
+        pattern
+            .as_deref()
+            .map(|p| kiln_core::forward::HeaderForward::new(flag, p))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    }
+
     /// The rate limiter the flags ask for (`None` when it is off).
     pub fn rate_limiter(&self) -> Option<Arc<kiln_core::rate_limit::RateLimiter>> {
         (self.rate_limit == RateLimit::ExecutionCount)

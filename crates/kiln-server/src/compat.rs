@@ -54,8 +54,6 @@ triton_flags! {
     exit_on_error = "exit-on-error";
     reuse_http_port = "reuse-http-port";
     reuse_grpc_port = "reuse-grpc-port";
-    http_header_forward_pattern = "http-header-forward-pattern";
-    grpc_header_forward_pattern = "grpc-header-forward-pattern";
     grpc_server_cert = "grpc-server-cert";
     grpc_server_key = "grpc-server-key";
     grpc_root_cert = "grpc-root-cert";

@@ -140,6 +140,14 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             ignored.join(", ")
         );
     }
+    let http_forward = Args::header_forward(
+        "--http-header-forward-pattern",
+        &args.http_header_forward_pattern,
+    )?;
+    let grpc_forward = Args::header_forward(
+        "--grpc-header-forward-pattern",
+        &args.grpc_header_forward_pattern,
+    )?;
     let response_cache = ResponseCache::from_settings(&args.cache_settings())
         .map_err(|e| anyhow::anyhow!(e))?
         .map(Arc::new);
@@ -197,6 +205,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
         let http_opts = kiln_http::HttpOptions {
             max_input_size: args.http_max_input_size,
             restricted: http_restricted.clone(),
+            header_forward: http_forward.clone(),
         };
         tasks.push(tokio::spawn(async move {
             kiln_http::serve(
@@ -228,6 +237,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             compress_responses: args.grpc_infer_response_compression_level
                 != CompressionLevel::None,
             restricted: grpc_restricted.clone(),
+            header_forward: grpc_forward.clone(),
         };
         tasks.push(tokio::spawn(async move {
             let stop = async move {
