@@ -183,6 +183,19 @@ pub struct KilnTensorView {
     pub byte_len: usize,
 }
 
+/// The slice an ABI pointer and count describe; empty for a null pointer or a zero count.
+///
+/// # Safety
+/// A non-null `ptr` must point to `n` valid elements for the lifetime chosen.
+pub unsafe fn raw_slice<'a, T>(ptr: *const T, n: usize) -> &'a [T] {
+    if ptr.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: guaranteed by the caller.
+        unsafe { core::slice::from_raw_parts(ptr, n) }
+    }
+}
+
 impl KilnTensorView {
     /// A view of a tensor in CPU memory; it borrows `name`, `shape` and `data`, which must
     /// outlive every use of the view.

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
-use kiln_abi::{self as abi, KilnError, KilnInferCallback, KilnInferRequest, KilnStr};
+use kiln_abi::{self as abi, KilnError, KilnInferCallback, KilnInferRequest};
 use kiln_sdk::DataType;
 
 use crate::error::CoreError;
@@ -21,23 +21,8 @@ pub(crate) fn serve_from(models: &crate::repository::Models) {
     *slot.lock().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::downgrade(models);
 }
 
-fn text(s: &KilnStr) -> String {
-    // SAFETY: the backend passes strings valid for the call.
-    String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
-}
-
-/// A slice from an ABI pointer and count (empty for a null pointer).
-///
-/// # Safety
-/// `ptr` must point to `n` valid elements for the call.
-unsafe fn slice<'a, T>(ptr: *const T, n: usize) -> &'a [T] {
-    if ptr.is_null() || n == 0 {
-        &[]
-    } else {
-        // SAFETY: guaranteed by the caller.
-        unsafe { std::slice::from_raw_parts(ptr, n) }
-    }
-}
+use crate::host::owned_str as text;
+use abi::raw_slice as slice;
 
 /// Builds the core request from the backend's description (inputs are copied: the
 /// request may outlive nothing of the caller's, but the scheduler needs owned bytes).

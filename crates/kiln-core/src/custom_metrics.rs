@@ -141,22 +141,15 @@ pub fn apply(
     Ok(s.value)
 }
 
-fn text(s: &kiln_abi::KilnStr) -> String {
-    // SAFETY: the backend passes strings valid for the call.
-    String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
-}
+use crate::host::owned_str as text;
 
 /// Decodes the ABI's operation.
 ///
 /// # Safety
 /// `op`'s pointers must be valid for the call.
 unsafe fn decode(op: &KilnMetricOp) -> Result<(Kind, Labels, Op), CoreError> {
-    let buckets = if op.buckets.is_null() || op.bucket_count == 0 {
-        Vec::new()
-    } else {
-        // SAFETY: guaranteed by the caller.
-        unsafe { std::slice::from_raw_parts(op.buckets, op.bucket_count) }.to_vec()
-    };
+    // SAFETY: guaranteed by the caller.
+    let buckets = unsafe { abi::raw_slice(op.buckets, op.bucket_count) }.to_vec();
     let kind = match op.kind {
         abi::KILN_METRIC_COUNTER => Kind::Counter,
         abi::KILN_METRIC_GAUGE => Kind::Gauge,

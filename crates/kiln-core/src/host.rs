@@ -255,13 +255,18 @@ pub(crate) fn unregister_instance(h: u64) {
     registry().instances.remove(&h);
 }
 
+/// A string a backend passed, copied (invalid UTF-8 replaced).
+pub(crate) fn owned_str(s: &KilnStr) -> String {
+    // SAFETY: the ABI requires strings valid for the call that passes them.
+    String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
+}
+
 fn err(kind: ErrorKind, msg: impl Into<String>) -> *mut KilnError {
     new_error(&CoreError::new(kind, msg))
 }
 
 unsafe extern "C" fn h_error_new(code: u32, message: KilnStr) -> *mut KilnError {
-    // SAFETY: the backend passes a valid string for the call.
-    let message = String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned();
+    let message = owned_str(&message);
     Box::into_raw(Box::new(HostError { code, message })) as *mut KilnError
 }
 
@@ -349,19 +354,15 @@ unsafe extern "C" fn h_output_alloc(
     if buffer.is_null() {
         return err(ErrorKind::InvalidArg, "output_alloc: null buffer pointer");
     }
-    // SAFETY: valid for the call.
-    let name = String::from_utf8_lossy(unsafe { name.as_bytes() }).into_owned();
+    let name = owned_str(&name);
     let Some(dt) = DataType::from_abi(dtype) else {
         return err(
             ErrorKind::InvalidArg,
             format!("output '{name}': invalid data type {dtype}"),
         );
     };
-    let shape: Vec<i64> = if ndim == 0 {
-        Vec::new()
-    } else {
-        unsafe { std::slice::from_raw_parts(shape, ndim) }.to_vec()
-    };
+    // SAFETY: the backend passes `ndim` dimensions.
+    let shape: Vec<i64> = unsafe { abi::raw_slice(shape, ndim) }.to_vec();
     if shape.iter().any(|&d| d < 0) {
         return err(
             ErrorKind::InvalidArg,

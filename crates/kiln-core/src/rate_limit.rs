@@ -86,7 +86,10 @@ struct State {
 
 impl State {
     /// Copies of every resource, from the members' needs and the explicit counts.
-    fn capacities(&self, explicit: &[ExplicitResource]) -> Result<HashMap<Key, u64>, CoreError> {
+    fn compute_capacity(
+        &self,
+        explicit: &[ExplicitResource],
+    ) -> Result<HashMap<Key, u64>, CoreError> {
         let mut cap: HashMap<Key, u64> = HashMap::new();
         for m in self.members.values() {
             for (k, n) in &m.needs {
@@ -207,7 +210,7 @@ impl RateLimiter {
                 executions: 0,
             },
         );
-        match st.capacities(&self.explicit) {
+        match st.compute_capacity(&self.explicit) {
             Ok(cap) => {
                 st.capacity = cap;
                 Ok(Seat {
@@ -226,7 +229,7 @@ impl RateLimiter {
         let mut st = self.lock();
         st.members.remove(&id);
         st.waiting.retain(|(w, _)| *w != id);
-        if let Ok(cap) = st.capacities(&self.explicit) {
+        if let Ok(cap) = st.compute_capacity(&self.explicit) {
             st.capacity = cap;
         }
         drop(st);

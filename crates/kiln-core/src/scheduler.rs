@@ -372,6 +372,9 @@ impl QueueState {
     /// Frees the slots of sequences idle past `idle` with nothing queued; returns when the
     /// next slot would idle out (for a backlog to wait on).
     fn release_idle(&mut self, idle: Duration, now: Instant) -> Option<Instant> {
+        if self.bound.is_empty() {
+            return None;
+        }
         let queued: std::collections::HashSet<u64> = self
             .queues
             .iter()

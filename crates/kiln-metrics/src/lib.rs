@@ -251,11 +251,38 @@ fn summary_families(server: &Server, quantiles: &[f64]) -> Vec<prometheus::proto
         .collect()
 }
 
+/// A Prometheus histogram from per-bucket (not cumulative) counts under `bounds`.
+fn histogram(
+    bounds: &[f64],
+    counts: impl IntoIterator<Item = u64>,
+    count: u64,
+    sum: f64,
+) -> prometheus::proto::Histogram {
+    use prometheus::proto::{Bucket, Histogram};
+    let mut cumulative = 0;
+    let buckets = bounds
+        .iter()
+        .zip(counts)
+        .map(|(&bound, n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_sample_count(count);
+    h.set_sample_sum(sum);
+    h.set_bucket(buckets);
+    h
+}
+
 /// The families backends defined (`kiln_core::custom_metrics`), e.g. a Python model's
 /// `pb_utils.MetricFamily`.
 fn custom_families() -> Vec<prometheus::proto::MetricFamily> {
     use kiln_core::custom_metrics::{snapshot, Kind};
-    use prometheus::proto::{Bucket, Counter, Gauge, Histogram, Metric, MetricFamily, MetricType};
+    use prometheus::proto::{Counter, Gauge, Metric, MetricFamily, MetricType};
     snapshot()
         .into_iter()
         .map(|(name, f)| {
@@ -276,25 +303,12 @@ fn custom_families() -> Vec<prometheus::proto::MetricFamily> {
                             g.set_value(s.value);
                             m.set_gauge(g);
                         }
-                        Kind::Histogram(bounds) => {
-                            let mut cumulative = 0;
-                            let buckets = bounds
-                                .iter()
-                                .zip(&s.buckets)
-                                .map(|(&bound, &n)| {
-                                    cumulative += n;
-                                    let mut b = Bucket::default();
-                                    b.set_upper_bound(bound);
-                                    b.set_cumulative_count(cumulative);
-                                    b
-                                })
-                                .collect();
-                            let mut h = Histogram::default();
-                            h.set_sample_count(s.count);
-                            h.set_sample_sum(s.value);
-                            h.set_bucket(buckets);
-                            m.set_histogram(h);
-                        }
+                        Kind::Histogram(bounds) => m.set_histogram(histogram(
+                            bounds,
+                            s.buckets.iter().copied(),
+                            s.count,
+                            s.value,
+                        )),
                     }
                     m
                 })
@@ -317,26 +331,11 @@ fn custom_families() -> Vec<prometheus::proto::MetricFamily> {
 /// Triton's first-response histogram for every ready model version, in milliseconds.
 fn first_response_family(server: &Server) -> prometheus::proto::MetricFamily {
     use kiln_core::stats::FIRST_RESPONSE_BUCKETS_MS;
-    use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
+    use prometheus::proto::{Metric, MetricFamily, MetricType};
     let mut metrics = Vec::new();
     for mv in server.models().ready_versions() {
         let h = mv.shared.stats.snapshot().first_response;
-        let mut cumulative = 0;
-        let buckets = FIRST_RESPONSE_BUCKETS_MS
-            .iter()
-            .zip(h.buckets)
-            .map(|(&bound, n)| {
-                cumulative += n;
-                let mut b = Bucket::default();
-                b.set_upper_bound(bound);
-                b.set_cumulative_count(cumulative);
-                b
-            })
-            .collect();
-        let mut hist = Histogram::default();
-        hist.set_sample_count(h.count);
-        hist.set_sample_sum(h.sum_ms);
-        hist.set_bucket(buckets);
+        let hist = histogram(&FIRST_RESPONSE_BUCKETS_MS, h.buckets, h.count, h.sum_ms);
         let mut m = Metric::default();
         m.set_label(vec![
             label("model", &mv.shared.name),

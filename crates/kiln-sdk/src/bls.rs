@@ -98,7 +98,7 @@ unsafe extern "C" fn on_response(
         BlsEvent::Final
     } else {
         // SAFETY: the host passes `count` views valid for the call.
-        let views = unsafe { std::slice::from_raw_parts(outputs, count) };
+        let views = unsafe { abi::raw_slice(outputs, count) };
         BlsEvent::Response(
             views
                 .iter()
@@ -108,8 +108,8 @@ unsafe extern "C" fn on_response(
                         OwnedTensor {
                             name: String::from_utf8_lossy(v.name.as_bytes()).into_owned(),
                             dtype: DataType::from_abi(v.dtype).unwrap_or(DataType::Bytes),
-                            shape: raw_slice(v.shape, v.ndim).to_vec(),
-                            data: raw_slice(v.data, v.byte_len).to_vec(),
+                            shape: abi::raw_slice(v.shape, v.ndim).to_vec(),
+                            data: abi::raw_slice(v.data, v.byte_len).to_vec(),
                         }
                     }
                 })
@@ -121,17 +121,6 @@ unsafe extern "C" fn on_response(
     // A panic must not unwind into the host: it is caught and dropped here, and the
     // handler sees no more events of this response.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(event, last)));
-}
-
-/// # Safety
-/// `ptr` must point to `n` valid elements (or be null with any `n`).
-unsafe fn raw_slice<'a, T>(ptr: *const T, n: usize) -> &'a [T] {
-    if ptr.is_null() || n == 0 {
-        &[]
-    } else {
-        // SAFETY: guaranteed by the caller.
-        unsafe { std::slice::from_raw_parts(ptr, n) }
-    }
 }
 
 /// Runs `call` on its model and blocks until it is done, handing `handler` each event and
