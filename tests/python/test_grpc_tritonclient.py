@@ -71,6 +71,18 @@ def test_simple_add_sub_and_id(client):
     assert len(resp.raw_output_contents) == 2
 
 
+def test_response_parameters(client):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    i = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    r = client.infer("identity_fp32", [i])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+    p = r.get_response().parameters
+    assert p["param0"].string_param == "an example string parameter"
+    assert p["param1"].int64_param == 42 and p["param2"].WhichOneof("parameter_choice") == "bool_param"
+    assert not p["param2"].bool_param
+
+
 def test_output_subset_and_classification(client):
     a = np.array([[3, 9, 1, 4] + [0] * 12], dtype=np.int32)
     b = np.zeros((1, 16), dtype=np.int32)

@@ -110,7 +110,11 @@ def test_identity_fp32_shapes(client):
     x = np.random.default_rng(0).standard_normal((3, 1000)).astype(np.float32)
     i = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
     i.set_data_from_numpy(x)
-    np.testing.assert_array_equal(client.infer("identity_fp32", [i]).as_numpy("OUTPUT0"), x)
+    r = client.infer("identity_fp32", [i])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+    # Triton's identity backend attaches these response parameters; they travel in the
+    # response's "parameters" object.
+    assert r.get_response()["parameters"] == {"param0": "an example string parameter", "param1": 42, "param2": False}
 
 
 NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

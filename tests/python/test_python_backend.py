@@ -63,6 +63,9 @@ def test_strings_batching_and_parameters(kiln):
         i = int(upper[0, 0].decode()[-1])
         assert upper.tolist() == [[f"WORD{i}".encode(), b"X\x00Y"]]
         assert r.as_numpy("PARAMS")[0, 0] == ('{"n": %d}' % i).encode()
+        # InferenceResponse(parameters=...) reaches the client as response parameters.
+        p = r.get_response().parameters
+        assert (p["rows"].int64_param, p["model"].string_param, p["upper"].bool_param) == (1, "text_batch", True)
         batched.append(int(r.as_numpy("BATCHED")[0, 0]))
     # The dynamic batcher put several requests into one execute call.
     assert max(batched) > 1, batched
@@ -83,6 +86,15 @@ def test_decoupled_model_streams_from_a_thread(kiln):
                 break
             outs.append(int(r.as_numpy("OUT")[0]))
         assert outs == [7, 8, 9]
+        # An error response without the final flag does not end the stream (as in Triton).
+        t.set_data_from_numpy(np.array([5, 99, 6], np.int32))
+        c.async_stream_infer("py_repeat", [t], request_id="gap")
+        got = [results.get(timeout=30) for _ in range(3)]
+        assert int(got[0].as_numpy("OUT")[0]) == 5
+        assert got[0].get_response().parameters["index"].int64_param == 0
+        assert isinstance(got[1], InferenceServerException) and "element 1 is 99" in got[1].message()
+        assert int(got[2].as_numpy("OUT")[0]) == 6
+        assert got[2].get_response().parameters["index"].int64_param == 2
         t.set_data_from_numpy(np.array([1, -2, 3], np.int32))
         c.async_stream_infer("py_repeat", [t], request_id="bad")
         first, second = results.get(timeout=30), results.get(timeout=30)

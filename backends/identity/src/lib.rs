@@ -1,12 +1,16 @@
 //! The `identity` backend: output `OUTPUT<x>` is an exact copy (bytes and shape) of input
 //! `INPUT<x>`. Serves `identity_fp32`, `identity_all_dtypes` and `simple_identity`.
 //!
+//! Like Triton's identity backend, every response carries the parameters `param0`
+//! (a string), `param1` (42) and `param2` (false).
+//!
 //! Model parameter `execute_delay_ms` (optional) sleeps in every execution, which tests
 //! use to observe batching and graceful shutdown.
 use std::time::Duration;
 
 use kiln_sdk::{
-    export_backend, Backend, Instance, InstanceInfo, Model, ModelInfo, Request, Response, Result,
+    export_backend, Backend, Instance, InstanceInfo, Model, ModelInfo, Parameter, Request,
+    Response, Result,
 };
 
 /// The backend (stateless).
@@ -78,6 +82,10 @@ impl Instance for IdentityInstance {
                 .output(out, src.dtype, src.shape, src.data.len())?
                 .copy_from_slice(src.data);
         }
+        // The response parameters Triton's identity backend attaches to every response.
+        response.set_parameter("param0", Parameter::Str("an example string parameter"))?;
+        response.set_parameter("param1", Parameter::Int(42))?;
+        response.set_parameter("param2", Parameter::Bool(false))?;
         Ok(())
     }
 }

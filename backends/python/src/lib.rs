@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use kiln_sdk::{
     export_backend, log, Backend, BlsEvent, DataType, Error, ErrorCode, Instance, InstanceInfo,
-    InstanceKind, LogLevel, Model, ModelInfo, Request, Response, Result,
+    InstanceKind, LogLevel, Model, ModelInfo, Parameter, Request, Response, Result,
 };
 use serde_json::{json, Value};
 
@@ -301,15 +301,13 @@ fn deliver(request: &Request<'_>, header: &Value, payload: &[u8]) -> Result<()> 
     if let Some(message) = header["error"].as_str() {
         let code = code_of(header["code"].as_u64().unwrap_or(1));
         let e = Error::new(code, message);
-        if last {
-            return request.response()?.send_error(e);
-        }
-        // An error in the middle of a stream ends nothing: report it and go on.
-        log(
-            LogLevel::Error,
-            &format!("python model response error: {message}"),
-        );
-        return Ok(());
+        let response = request.response()?;
+        // Without the final flag a decoupled model's stream goes on, as in Triton.
+        return if last {
+            response.send_error(e)
+        } else {
+            response.send_error_partial(e)
+        };
     }
     let Some(outputs) = header["outputs"].as_array() else {
         // The final flag alone.
@@ -335,6 +333,21 @@ fn deliver(request: &Request<'_>, header: &Value, payload: &[u8]) -> Result<()> 
         response
             .output(name, dtype, &shape, size)?
             .copy_from_slice(bytes);
+    }
+    for (name, value) in header["parameters"].as_object().into_iter().flatten() {
+        let value = match value {
+            Value::Bool(b) => Parameter::Bool(*b),
+            Value::String(s) => Parameter::Str(s),
+            v => match v.as_i64() {
+                Some(i) => Parameter::Int(i),
+                None => {
+                    return Err(Error::invalid_arg(format!(
+                        "response parameter '{name}' must be a bool, an int or a str"
+                    )))
+                }
+            },
+        };
+        response.set_parameter(name, value)?;
     }
     if last {
         response.send()

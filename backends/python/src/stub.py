@@ -141,11 +141,32 @@ class Tensor:
         raise TritonModelException("DLPack tensors are not supported by Kiln's python backend")
 
 
+def _parameters_json(parameters):
+    """Request or response parameters as Triton's python backend takes them: a dict of
+    str keys and bool/int/str values (or, as older releases took, its JSON text)."""
+    if parameters is None:
+        return "{}"
+    if isinstance(parameters, str):
+        parameters = json.loads(parameters)
+    if not isinstance(parameters, dict):
+        raise TritonModelException(f"Expect <class 'dict'>, got {type(parameters)}")
+    for k, v in parameters.items():
+        if not isinstance(k, str):
+            raise TritonModelException(f"Expect parameters keys to have type str, found type {type(k)}")
+        if not isinstance(v, (bool, int, str)):
+            raise TritonModelException(
+                f"Expect parameters values to have type bool/int/str, found type {type(v)}")
+    return json.dumps(parameters)
+
+
 class InferenceResponse:
     def __init__(self, output_tensors=None, error=None, parameters=None):
         self._outputs = list(output_tensors or [])
         self._error = error
-        self._parameters = parameters
+        self._parameters = _parameters_json(parameters)
+
+    def parameters(self):
+        return self._parameters
 
     def output_tensors(self):
         return self._outputs
@@ -183,10 +204,7 @@ class InferenceRequest:
         self._bls = (model_name, model_version, timeout)
         self._inputs, self._outputs = list(inputs or []), list(requested_output_names or [])
         self._id, self._corr, self._flags = request_id, correlation_id, flags
-        if parameters is None:
-            self._params = "{}"
-        else:
-            self._params = parameters if isinstance(parameters, str) else json.dumps(parameters)
+        self._params = _parameters_json(parameters)
         self._index, self._sender = None, None
 
     @classmethod
@@ -507,6 +525,9 @@ def _send_response(index, response, final):
                              "size": len(raw)})
                 blobs.append(raw)
             header["outputs"] = outs
+            params = json.loads(response.parameters())
+            if params:
+                header["parameters"] = params
     if final:
         _finished.add(index)
     _send(header, blobs)

@@ -17,7 +17,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x004942414E4C494BULL /* "KILNABI\0" little-endian */
 #define KILN_ABI_MAJOR 1u
-#define KILN_ABI_MINOR 3u
+#define KILN_ABI_MINOR 4u
 
 typedef uint32_t KilnDataType;
 enum {
@@ -47,6 +47,12 @@ enum { KILN_INSTANCE_AUTO = 0, KILN_INSTANCE_CPU = 1, KILN_INSTANCE_GPU = 2, KIL
 #define KILN_REQUEST_FLAG_SEQUENCE_END 2u
 #define KILN_RESPONSE_FLAG_FINAL 1u
 #define KILN_REQUEST_RELEASE_ALL 1u
+/* ABI 1.4: kinds of a response parameter's value (KilnHostApi.response_set_parameter);
+   value points to a bool, an int64_t, a double or a KilnStr. */
+#define KILN_PARAMETER_BOOL 0u
+#define KILN_PARAMETER_INT 1u
+#define KILN_PARAMETER_DOUBLE 2u
+#define KILN_PARAMETER_STRING 3u
 
 typedef struct KilnError KilnError;       /* host-owned; NULL means success */
 typedef struct KilnRequest KilnRequest;   /* host-owned */
@@ -173,6 +179,10 @@ typedef struct KilnHostApi {
   /* ABI 1.3: updates or reads a custom metric (created on first use), served on the metrics
      port; *value receives the series' value after the operation. */
   KilnError* (*metric)(const KilnMetricOp* op, double* value);
+  /* ABI 1.4: attaches a parameter to a response before it is sent (Triton's response
+     parameters); setting a name again replaces its value. */
+  KilnError* (*response_set_parameter)(KilnResponse* response, KilnStr name, uint32_t kind,
+                                       const void* value);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -222,7 +232,8 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 15 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 16 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, response_set_parameter) == 24 + 15 * KILN_P, "KilnHostApi.response_set_parameter");
 _Static_assert(offsetof(KilnHostApi, metric) == 24 + 14 * KILN_P, "KilnHostApi.metric");
 _Static_assert(sizeof(KilnMetricOp) == 80, "KilnMetricOp");
 _Static_assert(offsetof(KilnMetricOp, labels_json) == 40, "KilnMetricOp.labels_json");

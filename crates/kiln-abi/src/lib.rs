@@ -20,7 +20,7 @@ pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
 /// Incompatible changes bump the major version.
 pub const KILN_ABI_MAJOR: u32 = 1;
 /// Appended functions bump the minor version.
-pub const KILN_ABI_MINOR: u32 = 3;
+pub const KILN_ABI_MINOR: u32 = 4;
 /// The one symbol a backend library exports.
 pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
 
@@ -81,6 +81,14 @@ pub const KILN_REQUEST_FLAG_SEQUENCE_END: u32 = 2;
 pub const KILN_RESPONSE_FLAG_FINAL: u32 = 1;
 /// Release flag: the backend is done with the request.
 pub const KILN_REQUEST_RELEASE_ALL: u32 = 1;
+
+/// Kinds of a response parameter's value ([`KilnHostApi::response_set_parameter`]), as
+/// `TRITONSERVER_ParameterType` has them: `value` points to a `bool`, an `i64`, an `f64` or
+/// a [`KilnStr`].
+pub const KILN_PARAMETER_BOOL: u32 = 0;
+pub const KILN_PARAMETER_INT: u32 = 1;
+pub const KILN_PARAMETER_DOUBLE: u32 = 2;
+pub const KILN_PARAMETER_STRING: u32 = 3;
 
 /// Opaque host-owned error. Null means success.
 #[repr(C)]
@@ -324,6 +332,15 @@ pub struct KilnHostApi {
     /// own (Triton's custom metrics API). The family is created on first use; `value`
     /// receives the series' value after the operation (a histogram's sum).
     pub metric: unsafe extern "C" fn(op: *const KilnMetricOp, value: *mut f64) -> *mut KilnError,
+    /// ABI 1.4: attaches a parameter to a response before it is sent (Triton's response
+    /// parameters, returned to the client beside the outputs). `kind` is one of the
+    /// `KILN_PARAMETER_*` constants; setting a name again replaces its value.
+    pub response_set_parameter: unsafe extern "C" fn(
+        response: *mut KilnResponse,
+        name: KilnStr,
+        kind: u32,
+        value: *const c_void,
+    ) -> *mut KilnError,
 }
 
 /// Metric kinds of [`KilnMetricOp::kind`].
@@ -483,7 +500,8 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 15 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 16 * P);
+const _: () = assert!(offset_of!(KilnHostApi, response_set_parameter) == 24 + 15 * P);
 const _: () = assert!(offset_of!(KilnHostApi, metric) == 24 + 14 * P);
 const _: () = assert!(size_of::<KilnMetricOp>() == 80);
 const _: () = assert!(offset_of!(KilnMetricOp, labels_json) == 40);
@@ -540,6 +558,10 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,metric)",
         offset_of!(KilnHostApi, metric),
+    ),
+    (
+        "offsetof(KilnHostApi,response_set_parameter)",
+        offset_of!(KilnHostApi, response_set_parameter),
     ),
     ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
     (

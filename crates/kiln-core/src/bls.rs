@@ -91,10 +91,10 @@ unsafe fn deliver(ev: ResponseEvent, on_response: KilnInferCallback, user: *mut 
             // SAFETY: the views point into `response`, alive for the call.
             unsafe { on_response(user, views.as_ptr(), views.len(), std::ptr::null(), last) };
         }
-        ResponseEvent::Error(e) => {
+        ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => {
             let err = crate::host::new_error(&e);
             // SAFETY: the error lives for the call; the host frees it after.
-            unsafe { on_response(user, std::ptr::null(), 0, err, true) };
+            unsafe { on_response(user, std::ptr::null(), 0, err, last) };
             drop(crate::host::take_error(err));
         }
         ResponseEvent::Final => {

@@ -305,7 +305,8 @@ impl Ensemble {
                 break;
             };
             let (response, last) = match event {
-                ResponseEvent::Error(e) => return Err(e),
+                // An error response fails the ensemble's request, even mid-stream.
+                ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => return Err(e),
                 ResponseEvent::Final => {
                     live -= 1;
                     continue;
@@ -360,6 +361,7 @@ impl Ensemble {
                     model_version: shared.version,
                     id: request.id.clone(),
                     outputs: crate::model::build_response(shared, request, produced)?,
+                    parameters: Default::default(),
                 };
                 if streaming {
                     sink.send(ResponseEvent::Response {

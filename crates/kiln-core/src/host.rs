@@ -167,6 +167,7 @@ pub(crate) type ComputeSlot = Arc<Mutex<Option<(u64, u64)>>>;
 struct PendingResponse {
     inflight: Arc<Inflight>,
     outputs: crate::request::Produced,
+    parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Default)]
@@ -332,6 +333,7 @@ unsafe extern "C" fn h_response_new(
         PendingResponse {
             inflight: inf,
             outputs: Vec::new(),
+            parameters: serde_json::Map::new(),
         },
     );
     // SAFETY: checked non-null above.
@@ -442,6 +444,8 @@ unsafe extern "C" fn h_response_send(
         }
     }
     let event = match backend_err {
+        // A decoupled model may send an error and go on responding, as in Triton.
+        Some(e) if !last && inf.model.is_decoupled() => ResponseEvent::StreamError(e),
         Some(e) => ResponseEvent::Error(e),
         None => match crate::model::build_response(&inf.model, &inf.request, pending.outputs) {
             Ok(outputs) => ResponseEvent::Response {
@@ -450,6 +454,7 @@ unsafe extern "C" fn h_response_send(
                     model_version: inf.model.version,
                     id: inf.request.id.clone(),
                     outputs,
+                    parameters: pending.parameters,
                 },
                 last,
             },
@@ -459,11 +464,62 @@ unsafe extern "C" fn h_response_send(
     if let (Some(t), true) = (&inf.request.trace, last) {
         t.stamp("INFER_RESPONSE_COMPLETE");
     }
-    if last || matches!(event, ResponseEvent::Error(_)) {
+    if event.is_final() {
         inf.finish(event);
     } else {
         inf.send(event);
     }
+    std::ptr::null_mut()
+}
+
+unsafe extern "C" fn h_response_set_parameter(
+    response: *mut KilnResponse,
+    name: KilnStr,
+    kind: u32,
+    value: *const std::ffi::c_void,
+) -> *mut KilnError {
+    let name = owned_str(&name);
+    if value.is_null() {
+        return err(
+            ErrorKind::InvalidArg,
+            format!("response parameter '{name}': null value"),
+        );
+    }
+    // SAFETY: `value` points to the type `kind` names, as the ABI requires.
+    let v = unsafe {
+        match kind {
+            abi::KILN_PARAMETER_BOOL => serde_json::Value::Bool(*(value as *const bool)),
+            abi::KILN_PARAMETER_INT => serde_json::Value::from(*(value as *const i64)),
+            abi::KILN_PARAMETER_DOUBLE => {
+                match serde_json::Number::from_f64(*(value as *const f64)) {
+                    Some(n) => serde_json::Value::Number(n),
+                    None => {
+                        return err(
+                            ErrorKind::InvalidArg,
+                            format!("response parameter '{name}': a double must be finite"),
+                        )
+                    }
+                }
+            }
+            abi::KILN_PARAMETER_STRING => {
+                serde_json::Value::String(owned_str(&*(value as *const KilnStr)))
+            }
+            _ => {
+                return err(
+                    ErrorKind::InvalidArg,
+                    format!("response parameter '{name}': unknown kind {kind}"),
+                )
+            }
+        }
+    };
+    let mut reg = registry();
+    let Some(resp) = reg.responses.get_mut(&(response as u64)) else {
+        return err(
+            ErrorKind::InvalidArg,
+            "response_set_parameter: unknown or already sent response",
+        );
+    };
+    resp.parameters.insert(name, v);
     std::ptr::null_mut()
 }
 
@@ -544,6 +600,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     report_compute: h_report_compute,
     infer: crate::bls::h_infer,
     metric: crate::custom_metrics::h_metric,
+    response_set_parameter: h_response_set_parameter,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

@@ -704,6 +704,7 @@ impl ModelVersion {
                     model_version: self.shared.version,
                     id: request.id.clone(),
                     outputs,
+                    parameters: Default::default(),
                 };
                 let total = request.arrival.elapsed();
                 stats.record_cache_hit(

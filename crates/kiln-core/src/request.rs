@@ -205,6 +205,9 @@ pub struct InferResponse {
     pub id: String,
     /// Outputs in the order the client asked for them (config order otherwise).
     pub outputs: Vec<OutputTensor>,
+    /// Parameters the backend attached (Triton's response parameters): booleans,
+    /// integers, doubles and strings; empty when it set none.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a request's sink receives: responses (the last one marked final) or an error.
@@ -214,6 +217,9 @@ pub enum ResponseEvent {
     Response { response: InferResponse, last: bool },
     /// The request failed (always final).
     Error(CoreError),
+    /// An error response of a decoupled model that goes on responding (Triton sends it
+    /// on the stream and keeps the stream open); never final.
+    StreamError(CoreError),
     /// No more responses (final flag without payload).
     Final,
 }
@@ -223,6 +229,7 @@ impl ResponseEvent {
     pub fn is_final(&self) -> bool {
         match self {
             ResponseEvent::Response { last, .. } => *last,
+            ResponseEvent::StreamError(_) => false,
             ResponseEvent::Error(_) | ResponseEvent::Final => true,
         }
     }

@@ -242,7 +242,7 @@ impl Server {
         let mut rx = self.infer_stream(request)?;
         match rx.recv().await {
             Some(ResponseEvent::Response { response, .. }) => Ok(response),
-            Some(ResponseEvent::Error(e)) => Err(e),
+            Some(ResponseEvent::Error(e) | ResponseEvent::StreamError(e)) => Err(e),
             Some(ResponseEvent::Final) | None => Err(CoreError::internal(
                 "the model finished the request without a response",
             )),

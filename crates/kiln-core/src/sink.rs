@@ -136,6 +136,7 @@ mod tests {
                 model_version: 1,
                 id: id.into(),
                 outputs: vec![],
+                parameters: Default::default(),
             },
             last,
         }
@@ -148,7 +149,7 @@ mod tests {
                 ResponseEvent::Response { response, last } => {
                     format!("{}{}", response.id, if last { "!" } else { "" })
                 }
-                ResponseEvent::Error(_) => "err".into(),
+                ResponseEvent::Error(_) | ResponseEvent::StreamError(_) => "err".into(),
                 ResponseEvent::Final => "final".into(),
             });
         }

@@ -63,7 +63,9 @@ pub fn run(mv: &ModelVersion, model_dir: &Path, instances: usize) -> CoreResult<
                     let mut finished = 0;
                     while let Some(event) = rx.blocking_recv() {
                         match event {
-                            ResponseEvent::Error(e) => return Err(e),
+                            ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => {
+                                return Err(e)
+                            }
                             e if e.is_final() => finished += 1,
                             _ => {}
                         }

@@ -152,10 +152,12 @@ fn stream_response(
                 infer_response: Some(r),
             })
         }
-        ResponseEvent::Error(e) => Some(pb::ModelStreamInferResponse {
-            error_message: e.message,
-            infer_response: Some(head.clone()),
-        }),
+        ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => {
+            Some(pb::ModelStreamInferResponse {
+                error_message: e.message,
+                infer_response: Some(head.clone()),
+            })
+        }
         ResponseEvent::Final if empty_final => {
             let mut r = head.clone();
             final_param(&mut r, true);

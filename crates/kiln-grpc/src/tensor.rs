@@ -26,6 +26,24 @@ pub fn param_to_json(p: &InferParameter) -> Value {
     }
 }
 
+/// A JSON parameter value (boolean, integer, double or string) as an `InferParameter`;
+/// any other value travels as its JSON text.
+pub fn json_to_param(v: &Value) -> InferParameter {
+    let choice = match v {
+        Value::Bool(b) => ParameterChoice::BoolParam(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => ParameterChoice::Int64Param(i),
+            (None, Some(u), _) => ParameterChoice::Uint64Param(u),
+            (_, _, d) => ParameterChoice::DoubleParam(d.unwrap_or_default()),
+        },
+        Value::String(s) => ParameterChoice::StringParam(s.clone()),
+        other => ParameterChoice::StringParam(other.to_string()),
+    };
+    InferParameter {
+        parameter_choice: Some(choice),
+    }
+}
+
 fn params_to_json(p: &HashMap<String, InferParameter>) -> Map<String, Value> {
     p.iter()
         .map(|(k, v)| (k.clone(), param_to_json(v)))
@@ -214,7 +232,11 @@ pub fn encode(resp: InferResponse) -> ModelInferResponse {
         model_name: resp.model_name,
         model_version: resp.model_version.to_string(),
         id: resp.id,
-        parameters: HashMap::new(),
+        parameters: resp
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_param(v)))
+            .collect(),
         outputs,
         raw_output_contents: raw,
     }
@@ -371,5 +393,34 @@ mod tests {
         assert!(so.empty_final_response);
         assert_eq!(r.parameters.len(), 1);
         assert_eq!(r.parameters["custom"], "x");
+    }
+
+    #[test]
+    fn response_parameters_keep_their_types() {
+        let mut parameters = Map::new();
+        parameters.insert("s".into(), Value::from("text"));
+        parameters.insert("i".into(), Value::from(-42i64));
+        parameters.insert("u".into(), Value::from(u64::MAX));
+        parameters.insert("d".into(), Value::from(0.25f64));
+        parameters.insert("b".into(), Value::Bool(true));
+        let resp = InferResponse {
+            model_name: "m".into(),
+            model_version: 1,
+            id: String::new(),
+            outputs: vec![],
+            parameters,
+        };
+        let p = encode(resp).parameters;
+        let choice = |k: &str| p[k].parameter_choice.clone();
+        assert_eq!(
+            choice("s"),
+            Some(ParameterChoice::StringParam("text".into()))
+        );
+        assert_eq!(choice("i"), Some(ParameterChoice::Int64Param(-42)));
+        assert_eq!(choice("u"), Some(ParameterChoice::Uint64Param(u64::MAX)));
+        assert_eq!(choice("d"), Some(ParameterChoice::DoubleParam(0.25)));
+        assert_eq!(choice("b"), Some(ParameterChoice::BoolParam(true)));
+        // And back: the JSON the core keeps is what went in.
+        assert_eq!(param_to_json(&p["u"]), Value::from(u64::MAX));
     }
 }

@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
                 data: Bytes::from(vec![0u8; n * 4]),
                 in_shared_memory: false,
             }],
+            parameters: Default::default(),
         };
         for binary in [false, true] {
             let (_, enc) = if binary {

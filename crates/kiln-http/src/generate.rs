@@ -220,7 +220,7 @@ fn sse(ev: ResponseEvent) -> Option<Bytes> {
         ResponseEvent::Response { response, .. } => {
             encode(response).unwrap_or_else(|e| json!({ "error": e.message }))
         }
-        ResponseEvent::Error(e) => json!({ "error": e.message }),
+        ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => json!({ "error": e.message }),
         ResponseEvent::Final => return None,
     };
     Some(event(&body))
@@ -272,7 +272,7 @@ pub async fn handle(
             let last = ev.is_final();
             match ev {
                 ResponseEvent::Response { response, .. } => answers.push(encode(response)),
-                ResponseEvent::Error(e) => answers.push(Err(e)),
+                ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => answers.push(Err(e)),
                 ResponseEvent::Final => {}
             }
             if last {
@@ -428,6 +428,7 @@ mod tests {
                     in_shared_memory: false,
                 },
             ],
+            parameters: Default::default(),
         };
         assert_eq!(
             encode(resp).unwrap(),

@@ -250,6 +250,9 @@ pub fn encode(resp: InferResponse, enc: &OutputEncoding) -> Result<Encoded, Core
         outputs.push(Value::Object(j));
     }
     let mut top = response_header(resp.model_name, resp.model_version, resp.id);
+    if !resp.parameters.is_empty() {
+        top.insert("parameters".into(), Value::Object(resp.parameters));
+    }
     top.insert("outputs".into(), Value::Array(outputs));
     let header =
         serde_json::to_vec(&Value::Object(top)).map_err(|e| CoreError::internal(e.to_string()))?;
@@ -278,6 +281,28 @@ mod tests {
             }
         );
         assert!(enc.binary[0].1);
+    }
+
+    #[test]
+    fn response_parameters_appear_only_when_set() {
+        let mut resp = InferResponse {
+            model_name: "m".into(),
+            model_version: 2,
+            id: String::new(),
+            outputs: vec![],
+            parameters: Map::new(),
+        };
+        let enc = OutputEncoding {
+            default_binary: false,
+            binary: vec![],
+        };
+        let top: Value =
+            serde_json::from_slice(&encode(resp.clone(), &enc).unwrap().header).unwrap();
+        assert!(top.get("parameters").is_none(), "{top}");
+        resp.parameters.insert("param1".into(), json!(42));
+        resp.parameters.insert("param2".into(), json!(false));
+        let top: Value = serde_json::from_slice(&encode(resp, &enc).unwrap().header).unwrap();
+        assert_eq!(top["parameters"], json!({"param1": 42, "param2": false}));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Requests, input tensors and responses as safe views over the ABI.
 use std::cell::Cell;
+use std::ffi::c_void;
 
 use kiln_abi::{self as abi, KilnRequestView, KilnStr, KilnTensorView};
 
@@ -257,6 +258,15 @@ fn tensor_from_view<'a>(v: &'a KilnTensorView) -> Option<Tensor<'a>> {
     })
 }
 
+/// The value of a response parameter ([`Response::set_parameter`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Parameter<'a> {
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Str(&'a str),
+}
+
 /// A response being built; outputs are written straight into the host's send buffers.
 pub struct Response<'r> {
     handle: *mut abi::KilnResponse,
@@ -355,6 +365,34 @@ impl Response<'_> {
         Ok(())
     }
 
+    /// Attaches a parameter to the response (Triton's response parameters; clients read
+    /// them beside the outputs). Setting `name` again replaces its value.
+    pub fn set_parameter(&mut self, name: &str, value: Parameter<'_>) -> Result<()> {
+        let h = host::get()?;
+        if (h.header.struct_size as usize)
+            <= std::mem::offset_of!(abi::KilnHostApi, response_set_parameter)
+        {
+            return Err(Error::unsupported(
+                "this server's host API predates response parameters (ABI 1.4)",
+            ));
+        }
+        let text;
+        let (kind, ptr): (u32, *const c_void) = match &value {
+            Parameter::Bool(b) => (abi::KILN_PARAMETER_BOOL, (b as *const bool).cast()),
+            Parameter::Int(i) => (abi::KILN_PARAMETER_INT, (i as *const i64).cast()),
+            Parameter::Double(d) => (abi::KILN_PARAMETER_DOUBLE, (d as *const f64).cast()),
+            Parameter::Str(v) => {
+                text = KilnStr::from_str(v);
+                (abi::KILN_PARAMETER_STRING, (&text as *const KilnStr).cast())
+            }
+        };
+        // SAFETY: live response handle; `ptr` points to the value `kind` names, borrowed
+        // for the call.
+        host::check(unsafe {
+            (h.response_set_parameter)(self.handle, KilnStr::from_str(name), kind, ptr)
+        })
+    }
+
     /// Sends the response as the request's final one.
     pub fn send(mut self) -> Result<()> {
         self.finish(std::ptr::null_mut())
@@ -374,6 +412,16 @@ impl Response<'_> {
     pub fn send_error(mut self, e: Error) -> Result<()> {
         let err = host::to_abi_error(&e);
         self.finish(err)
+    }
+
+    /// Sends an error response and keeps the request open (decoupled models only, as in
+    /// Triton: the client gets the error on its stream and later responses still
+    /// follow). For a model that is not decoupled the error ends the request.
+    pub fn send_error_partial(mut self, e: Error) -> Result<()> {
+        let h = host::get()?;
+        let handle = std::mem::replace(&mut self.handle, std::ptr::null_mut());
+        // SAFETY: the handle is live and passed to the host exactly once, as is the error.
+        host::check(unsafe { (h.response_send)(handle, 0, host::to_abi_error(&e)) })
     }
 
     fn finish(&mut self, err: *mut abi::KilnError) -> Result<()> {

@@ -13,5 +13,5 @@ class TritonPythonModel:
                 pb_utils.Tensor("UPPER", upper),
                 pb_utils.Tensor("BATCHED", np.full((rows, 1), len(requests), np.int32)),
                 pb_utils.Tensor("PARAMS", np.array([[request.parameters().encode()]] * rows, dtype=np.object_)),
-            ]))
+            ], parameters={"rows": rows, "model": "text_batch", "upper": True}))
         return out
