@@ -106,6 +106,18 @@ def test_decoupled_model_streams_from_a_thread(kiln):
     assert r.text.count("data: ") == 2 and '"OUT":5' in r.text
 
 
+def test_dlpack_and_writable_inputs(client):
+    x = np.array([[0.5, -1.0, 3.0]], np.float32)
+    n = np.array([[1, 2, 3]], np.int64)
+    ins = [httpclient.InferInput("IN", list(x.shape), "FP32"), httpclient.InferInput("IN2", list(n.shape), "INT64")]
+    ins[0].set_data_from_numpy(x)
+    ins[1].set_data_from_numpy(n)
+    r = client.infer("py_dlpack", ins)
+    np.testing.assert_array_equal(r.as_numpy("SHARED"), x)
+    np.testing.assert_array_equal(r.as_numpy("DOUBLED"), x * 2)
+    np.testing.assert_array_equal(r.as_numpy("TRIPLED"), n * 3)
+
+
 def test_model_errors_fail_only_their_requests(client):
     def run(mode):
         t = httpclient.InferInput("MODE", [1], "INT32")

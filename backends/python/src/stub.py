@@ -26,19 +26,22 @@ _write_lock = threading.Lock()
 
 
 def _read_exact(n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = _proto_in.read(n - len(buf))
-        if not chunk:
+    """`n` bytes from the pipe, in a bytearray: arrays made over it are writable, as the
+    input tensors of Triton's python backend are."""
+    buf = bytearray(n)
+    view, at = memoryview(buf), 0
+    while at < n:
+        got = _proto_in.readinto(view[at:])
+        if not got:
             raise EOFError("the backend closed the pipe")
-        buf += chunk
-    return bytes(buf)
+        at += got
+    return buf
 
 
 def _recv():
     h, p = struct.unpack("<IQ", _read_exact(12))
     header = json.loads(_read_exact(h))
-    return header, _read_exact(p) if p else b""
+    return header, memoryview(_read_exact(p)) if p else memoryview(b"")
 
 
 def _send(header, blobs=()):
@@ -73,7 +76,7 @@ def _decode(datatype, shape, raw):
         items, at = [], 0
         while at < len(raw):
             (n,) = struct.unpack_from("<I", raw, at)
-            items.append(raw[at + 4:at + 4 + n])
+            items.append(bytes(raw[at + 4:at + 4 + n]))
             at += 4 + n
         out = np.empty(len(items), dtype=np.object_)
         out[:] = items
@@ -134,11 +137,21 @@ class Tensor:
         return _datatype_of(self._array)
 
     def to_dlpack(self):
-        raise TritonModelException("DLPack tensors are not supported by Kiln's python backend")
+        """The tensor as a DLPack capsule (CPU memory, shared, not copied)."""
+        return _exportable(self._array).__dlpack__()
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return _exportable(self._array).__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (_DL_CPU, 0)
 
     @staticmethod
-    def from_dlpack(name, capsule):
-        raise TritonModelException("DLPack tensors are not supported by Kiln's python backend")
+    def from_dlpack(name, tensor):
+        """A tensor from a DLPack capsule or an object with `__dlpack__` (a torch or cupy
+        tensor, a numpy array). CPU memory is shared; a GPU tensor is copied to host memory,
+        where every tensor of Kiln's python backend lives."""
+        return Tensor(name, _from_dlpack(tensor))
 
 
 def _parameters_json(parameters):
@@ -157,6 +170,62 @@ def _parameters_json(parameters):
             raise TritonModelException(
                 f"Expect parameters values to have type bool/int/str, found type {type(v)}")
     return json.dumps(parameters)
+
+
+_DL_CPU = 1
+
+
+def _exportable(array):
+    """`array` if DLPack can export it; a writable copy of a read-only one (legacy DLPack
+    capsules cannot mark memory read-only)."""
+    return array if array.flags.writeable else array.copy()
+
+
+class _Capsule:
+    """Wraps a bare DLPack capsule for numpy, which imports objects with `__dlpack__`."""
+
+    def __init__(self, capsule):
+        self._capsule = capsule
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return (_DL_CPU, 0)
+
+
+def _capsule_device(capsule):
+    """The DLPack device type of a capsule: its DLTensor's `device` follows the data pointer."""
+    import ctypes
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    try:
+        managed = get(capsule, b"dltensor")
+        return ctypes.c_int32.from_address(managed + ctypes.sizeof(ctypes.c_void_p)).value
+    except ValueError:
+        raise TritonModelException("from_dlpack: the capsule is not an unused DLPack tensor") from None
+
+
+def _from_dlpack(tensor):
+    if hasattr(tensor, "__dlpack__"):
+        device = tensor.__dlpack_device__()[0] if hasattr(tensor, "__dlpack_device__") else _DL_CPU
+        if device != _DL_CPU:
+            for to_host in ("cpu", "get"):  # torch, cupy
+                if hasattr(tensor, to_host):
+                    tensor = getattr(tensor, to_host)()
+                    break
+            else:
+                raise TritonModelException(f"from_dlpack: cannot copy a tensor on DLPack device {device} to the host")
+        return np.asarray(tensor) if isinstance(tensor, np.ndarray) else np.from_dlpack(tensor)
+    if type(tensor).__name__ != "PyCapsule":
+        raise TritonModelException(f"from_dlpack expects a DLPack capsule or an object with __dlpack__, got {type(tensor)}")
+    if _capsule_device(tensor) != _DL_CPU:
+        try:
+            import torch.utils.dlpack
+        except ImportError:
+            raise TritonModelException("from_dlpack: a GPU capsule needs torch in the stub's Python to reach the host") from None
+        return torch.utils.dlpack.from_dlpack(tensor).cpu().numpy()
+    return np.from_dlpack(_Capsule(tensor))
 
 
 class InferenceResponse:
