@@ -97,9 +97,9 @@ def test_model_errors_on_the_stream(kiln):
     r = post(kiln, "repeat_int32", "generate_stream", {"IN": [1, 2], "DELAY": [1]})
     assert r.status_code == 400
     assert [e.keys() for e in events(r)] == [{"error"}]
-    assert "DELAY has 1 elements but IN has 2" in events(r)[0]["error"]
+    assert "expected IN and DELAY shape to match, got [2] and [1]" in events(r)[0]["error"]
     expect_error(post(kiln, "repeat_int32", "generate", {"IN": [1, 2], "DELAY": [1]}), 400,
-                 "DELAY has 1 elements")
+                 "expected IN and DELAY shape to match")
 
 
 @pytest.mark.parametrize("route", ["generate", "generate_stream"])

@@ -335,6 +335,40 @@ def test_decoupled_stream(client):
     client.stop_stream()
 
 
+def test_custom_repeat_example_and_interleaved_streams(client):
+    """Triton's simple_grpc_custom_repeat example (IN, DELAY and WAIT), then two requests on
+    one stream: with WAIT 0 the single instance hands each request to a response thread and
+    takes the next, so the second request's response overtakes the first's later one."""
+    assert len(client.get_model_config("repeat_int32").config.instance_group) == 1
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+
+    def send(rid, values, delays, wait):
+        ins = [grpcclient.InferInput("IN", [len(values)], "INT32"),
+               grpcclient.InferInput("DELAY", [len(delays)], "UINT32"),
+               grpcclient.InferInput("WAIT", [1], "UINT32")]
+        ins[0].set_data_from_numpy(np.array(values, np.int32))
+        ins[1].set_data_from_numpy(np.array(delays, np.uint32))
+        ins[2].set_data_from_numpy(np.array([wait], np.uint32))
+        outs = [grpcclient.InferRequestedOutput("OUT"), grpcclient.InferRequestedOutput("IDX")]
+        client.async_stream_infer("repeat_int32", ins, request_id=rid, outputs=outs)
+
+    def take(n):
+        got = []
+        for _ in range(n):
+            result, error = results.get(timeout=10)
+            assert error is None, error
+            got.append((result.get_response().id, int(result.as_numpy("OUT")[0]), int(result.as_numpy("IDX")[0])))
+        return got
+
+    send("0", [4, 2, 0, 1], [1, 2, 3, 4], 5)
+    assert take(4) == [("0", 4, 0), ("0", 2, 1), ("0", 0, 2), ("0", 1, 3)]
+    send("a", [10, 11], [0, 1500], 0)
+    send("b", [20], [300], 0)
+    assert take(3) == [("a", 10, 0), ("b", 20, 0), ("a", 11, 1)]
+    client.stop_stream()
+
+
 def test_aio_client_and_stream(kiln):
     async def main():
         c = aioclient.InferenceServerClient(url=kiln.grpc_url)

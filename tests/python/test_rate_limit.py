@@ -18,7 +18,8 @@ max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "IN" data_type: TYPE_INT32 dims: [ -1 ] }},
-  {{ name: "DELAY" data_type: TYPE_UINT32 dims: [ -1 ] optional: true }}
+  {{ name: "DELAY" data_type: TYPE_UINT32 dims: [ -1 ] optional: true }},
+  {{ name: "WAIT" data_type: TYPE_UINT32 dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] }},
@@ -41,9 +42,10 @@ def repo():
 
 
 def stream(kiln, model, log, lock):
-    """Runs one generate_stream request, appending (model, OUT) to `log` per event."""
+    """Runs one generate_stream request, appending (model, OUT) to `log` per event. Its
+    execution (WAIT) lasts past its last response."""
     r = requests.post(f"http://{kiln.url}/v2/models/{model}/generate_stream",
-                      data=json.dumps({"IN": [1, 2, 3], "DELAY": [150, 150, 150]}),
+                      data=json.dumps({"IN": [1, 2, 3], "DELAY": [150, 150, 150], "WAIT": 650}),
                       stream=True, timeout=60)
     for line in r.iter_lines():
         if line.startswith(b"data: "):

@@ -26,7 +26,7 @@ pub use error::{Error, ErrorCode, Result};
 pub use host::{log, LogLevel};
 pub use kiln_abi as abi;
 pub use metrics::{metric, MetricKind, MetricOp, MetricSeries};
-pub use request::{batch_rows, concat_batch, Parameter, Request, Response, Tensor};
+pub use request::{batch_rows, concat_batch, OwnedRequest, Parameter, Request, Response, Tensor};
 
 /// Facts about a model, from its config and repository.
 #[derive(Debug, Clone)]

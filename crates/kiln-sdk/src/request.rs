@@ -61,11 +61,48 @@ impl<'a> Tensor<'a> {
     }
 }
 
-/// One inference request, borrowed for the duration of `execute`.
+/// One inference request, borrowed for the duration of `execute` (see [`Request::keep`]
+/// to answer it later).
 pub struct Request<'a> {
     view: &'a KilnRequestView,
     /// Whether a final response was sent through this SDK.
     pub(crate) finished: Cell<bool>,
+    /// Whether [`Request::keep`] took it over (the SDK then leaves it alone after
+    /// `execute`).
+    pub(crate) kept: Cell<bool>,
+}
+
+/// A request kept past `execute` ([`Request::keep`]): a decoupled model answers it from
+/// its own thread while the instance runs other batches (Triton's response factory).
+/// Dropping it releases the request; one released without a final response gets an error
+/// response.
+pub struct OwnedRequest {
+    // Declared first: dropped before the view it borrows.
+    request: Request<'static>,
+    _view: Box<KilnRequestView>,
+}
+
+// SAFETY: the view's pointers are to host memory that stays valid and unchanged until the
+// request is released (by this value's Drop, once), and the host functions the request
+// calls may be called from any thread.
+unsafe impl Send for OwnedRequest {}
+
+impl OwnedRequest {
+    /// The request, to read inputs and send responses.
+    pub fn request(&self) -> &Request<'_> {
+        &self.request
+    }
+}
+
+impl Drop for OwnedRequest {
+    fn drop(&mut self) {
+        if let Ok(h) = host::get() {
+            // SAFETY: the request is released exactly once, here.
+            let _ = unsafe {
+                (h.request_release)(self.request.handle(), abi::KILN_REQUEST_RELEASE_ALL)
+            };
+        }
+    }
 }
 
 // SAFETY helper: borrow a KilnStr that the host keeps alive while the request is held.
@@ -79,7 +116,27 @@ impl<'a> Request<'a> {
         Request {
             view,
             finished: Cell::new(false),
+            kept: Cell::new(false),
         }
+    }
+
+    /// Takes the request over past `execute`: the SDK neither answers nor releases it when
+    /// `execute` returns, and the returned value (which may move to another thread) keeps
+    /// it until dropped. Fails if it was already kept.
+    pub fn keep(&self) -> Result<OwnedRequest> {
+        if self.kept.replace(true) {
+            return Err(Error::internal("the request was already kept"));
+        }
+        let view = Box::new(*self.view);
+        // SAFETY: the box's heap address is stable and it lives as long as the returned
+        // value, which drops the borrowing request first.
+        let borrowed: &'static KilnRequestView = unsafe { &*(&*view as *const KilnRequestView) };
+        let request = Request::new(borrowed);
+        request.finished.set(self.finished.get());
+        Ok(OwnedRequest {
+            request,
+            _view: view,
+        })
     }
 
     pub(crate) fn handle(&self) -> *mut abi::KilnRequest {

@@ -207,7 +207,7 @@ pub unsafe extern "C" fn instance_execute<B: Backend>(
     let Ok(h) = host::get() else {
         return std::ptr::null_mut();
     };
-    for r in &reqs {
+    for r in reqs.iter().filter(|r| !r.kept.get()) {
         if !r.finished.get() {
             let e = err
                 .clone()
