@@ -106,6 +106,32 @@ def test_decoupled_model_streams_from_a_thread(kiln):
     assert r.text.count("data: ") == 2 and '"OUT":5' in r.text
 
 
+def test_decoupled_requests_stream_concurrently_on_one_instance(kiln):
+    """A decoupled model's execute returns before its responses are sent (here: an async
+    execute, run in the background as in Triton), so its one instance takes the next
+    request meanwhile: the second request's response overtakes the first's later one."""
+    results = queue.Queue()
+    with grpcclient.InferenceServerClient(kiln.grpc_url) as c:
+        c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), results))
+
+        def send(rid, values, delays):
+            ins = [grpcclient.InferInput("IN", [len(values)], "INT32"),
+                   grpcclient.InferInput("DELAY_MS", [len(delays)], "INT32")]
+            ins[0].set_data_from_numpy(np.array(values, np.int32))
+            ins[1].set_data_from_numpy(np.array(delays, np.int32))
+            c.async_stream_infer("py_async_stream", ins, request_id=rid)
+
+        send("a", [10, 11], [0, 1500])
+        send("b", [20], [300])
+        got = []
+        for _ in range(3):
+            r = results.get(timeout=30)
+            assert not isinstance(r, InferenceServerException), r
+            got.append((r.get_response().id, int(r.as_numpy("OUT")[0])))
+        c.stop_stream()
+    assert got == [("a", 10), ("b", 20), ("a", 11)]
+
+
 def test_dlpack_and_writable_inputs(client):
     x = np.array([[0.5, -1.0, 3.0]], np.float32)
     n = np.array([[1, 2, 3]], np.int64)

@@ -5,24 +5,29 @@
 //! (`KILN_PYTHON`, default `python3`; it needs numpy) running `stub.py`, which provides
 //! the `triton_python_backend_utils` module, imports the model, calls `initialize(args)`,
 //! `execute(requests)` per batch and `finalize()` at unload. Tensors travel between the
-//! backend and the stub over the stub's stdin/stdout (`frame.rs`). Decoupled models send
-//! through `request.get_response_sender()`. BLS (`InferenceRequest(...).exec()`, also
+//! backend and the stub over the stub's stdin/stdout (`frame.rs`); a reader thread per stub
+//! (`dispatch.rs`) takes every frame the stub sends. Decoupled models send through
+//! `request.get_response_sender()`, also after `execute` returned: the instance then runs
+//! the next batch while earlier requests stream. BLS (`InferenceRequest(...).exec()`, also
 //! `decoupled=True` and `async_exec`) runs through the host's `infer` while the stub
 //! waits. A stub that dies fails the requests it held and is started again for the next
 //! batch. `auto_complete_config` completes the config before the model loads, and a model's
-//! `EXECUTION_ENV_PATH` (`env.rs`) picks the Python its stubs run on. Not yet: DLPack tensors.
+//! `EXECUTION_ENV_PATH` (`env.rs`) picks the Python its stubs run on.
+mod dispatch;
 mod env;
 mod frame;
 mod stub;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use kiln_sdk::{
-    export_backend, log, Backend, BlsEvent, DataType, Error, ErrorCode, Instance, InstanceInfo,
-    InstanceKind, LogLevel, Model, ModelInfo, Parameter, Request, Response, Result,
+    export_backend, Backend, Error, ErrorCode, Instance, InstanceInfo, InstanceKind, Model,
+    ModelInfo, Request, Response, Result,
 };
 use serde_json::{json, Value};
 
+use dispatch::Event;
 use stub::Stub;
 
 /// The backend: which Python runs the stubs.
@@ -38,12 +43,14 @@ pub struct PythonModel {
     decoupled: bool,
 }
 
-/// An instance: its stub process, and the frame that (re)starts it.
+/// An instance: its stub process, the frame that (re)starts it, and the handle the next
+/// request is known to the stub by.
 pub struct PythonInstance {
     python: String,
     init: Value,
     decoupled: bool,
     stub: Option<Stub>,
+    next_handle: u64,
 }
 
 impl Backend for PythonBackend {
@@ -149,16 +156,19 @@ impl Model for PythonModel {
             init,
             decoupled: self.decoupled,
             stub: Some(stub),
+            next_handle: 0,
         })
     }
 }
 
-/// The `execute` frame for `requests`, and the input bytes that follow it.
-fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
+/// The `execute` frame for `requests` (known to the stub by `handles`), and the input
+/// bytes that follow it.
+fn execute_frame<'a>(requests: &[Request<'a>], handles: &[u64]) -> (Value, Vec<&'a [u8]>) {
     let mut blobs = Vec::new();
     let specs: Vec<Value> = requests
         .iter()
-        .map(|r| {
+        .zip(handles)
+        .map(|(r, handle)| {
             let inputs: Vec<Value> = r
                 .inputs()
                 .map(|t| {
@@ -172,6 +182,7 @@ fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
                 })
                 .collect();
             json!({
+                "handle": handle,
                 "id": r.id(),
                 "correlation_id": r.correlation_id(),
                 "flags": r.flags(),
@@ -184,240 +195,15 @@ fn execute_frame<'a>(requests: &[Request<'a>]) -> (Value, Vec<&'a [u8]>) {
     (json!({"op": "execute", "requests": specs}), blobs)
 }
 
-/// Kiln's error codes in the order of `TritonError`'s (`TritonError.INTERNAL` is 1, ...).
-const TRITON_CODES: [ErrorCode; 8] = [
-    ErrorCode::Unknown,
-    ErrorCode::Internal,
-    ErrorCode::NotFound,
-    ErrorCode::InvalidArg,
-    ErrorCode::Unavailable,
-    ErrorCode::Unsupported,
-    ErrorCode::AlreadyExists,
-    ErrorCode::Cancelled,
-];
-
-/// The `TritonError` code of an error code.
-fn triton_code(c: ErrorCode) -> u64 {
-    TRITON_CODES.iter().position(|&k| k == c).unwrap_or(1) as u64
-}
-
-/// Runs the stub's `bls` frame (a model's `InferenceRequest.exec`) and sends it each
-/// response as a `bls_response` frame, the last one `final`.
-fn bls(stub: &mut Stub, f: &frame::Frame) -> Result<()> {
-    let h = &f.header;
-    let mut inputs = Vec::new();
-    let mut at = 0usize;
-    let shapes: Vec<Vec<i64>> = h["inputs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|t| {
-                    t["shape"]
-                        .as_array()
-                        .map(|s| s.iter().filter_map(Value::as_i64).collect())
-                        .unwrap_or_default()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for (t, shape) in h["inputs"].as_array().into_iter().flatten().zip(&shapes) {
-        let size = t["size"].as_u64().unwrap_or(0) as usize;
-        let data = f
-            .payload
-            .get(at..at + size)
-            .ok_or_else(|| Error::internal("the python stub sent a short BLS request"))?;
-        at += size;
-        inputs.push(kiln_sdk::Tensor {
-            name: t["name"].as_str().unwrap_or_default(),
-            dtype: t["datatype"]
-                .as_str()
-                .and_then(DataType::from_protocol_name)
-                .unwrap_or(DataType::Bytes),
-            shape,
-            data,
-        });
-    }
-    let outputs: Vec<&str> = h["requested_outputs"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let call = kiln_sdk::InferCall {
-        model: h["model"].as_str().unwrap_or_default(),
-        version: h["version"].as_i64().filter(|v| *v >= 0),
-        id: h["id"].as_str().unwrap_or_default(),
-        parameters_json: h["parameters"].as_str().unwrap_or_default(),
-        inputs: &inputs,
-        requested_outputs: &outputs,
-        correlation_id: h["correlation_id"].as_u64().unwrap_or(0),
-        flags: h["flags"].as_u64().unwrap_or(0) as u32,
-        timeout_us: h["timeout_us"].as_u64().unwrap_or(0),
-    };
-    let mut sent: Result<()> = Ok(());
-    let r = kiln_sdk::infer(&call, |event, last| {
-        let mut reply = json!({"op": "bls_response", "final": last});
-        let mut blobs: Vec<Vec<u8>> = Vec::new();
-        match event {
-            BlsEvent::Response(tensors) => {
-                let outs: Vec<Value> = tensors
-                    .into_iter()
-                    .map(|t| {
-                        let o = json!({"name": t.name, "datatype": t.dtype.protocol_name(), "shape": t.shape, "size": t.data.len()});
-                        blobs.push(t.data);
-                        o
-                    })
-                    .collect();
-                reply["outputs"] = Value::Array(outs);
-            }
-            BlsEvent::Error(e) => {
-                reply["error"] = json!(e.message);
-                reply["code"] = json!(triton_code(e.code));
-            }
-            BlsEvent::Final => {}
-        }
-        let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
-        if sent.is_ok() {
-            sent = stub.send(&reply, &refs);
-        }
-    });
-    if let Err(e) = r {
-        // The request never started: its error is the one reply.
-        let reply = json!({"op": "bls_response", "final": true, "error": e.message, "code": triton_code(e.code)});
-        return stub.send(&reply, &[]);
-    }
-    sent
-}
-
-/// The error code a `TritonError.code()` stands for.
-fn code_of(c: u64) -> ErrorCode {
-    usize::try_from(c)
-        .ok()
-        .and_then(|i| TRITON_CODES.get(i).copied())
-        .unwrap_or(ErrorCode::Internal)
-}
-
-/// Sends one `response` frame of the stub to its request.
-fn deliver(request: &Request<'_>, header: &Value, payload: &[u8]) -> Result<()> {
-    let last = header["final"].as_bool().unwrap_or(true);
-    if let Some(message) = header["error"].as_str() {
-        let code = code_of(header["code"].as_u64().unwrap_or(1));
-        let e = Error::new(code, message);
-        let response = request.response()?;
-        // Without the final flag a decoupled model's stream goes on, as in Triton.
-        return if last {
-            response.send_error(e)
-        } else {
-            response.send_error_partial(e)
-        };
-    }
-    let Some(outputs) = header["outputs"].as_array() else {
-        // The final flag alone.
-        return if last { request.complete() } else { Ok(()) };
-    };
-    let mut response: Response<'_> = request.response()?;
-    let mut at = 0usize;
-    for o in outputs {
-        let name = o["name"].as_str().unwrap_or_default();
-        let dtype = o["datatype"]
-            .as_str()
-            .and_then(DataType::from_protocol_name)
-            .ok_or_else(|| Error::internal(format!("output '{name}' has an unknown datatype")))?;
-        let shape: Vec<i64> = o["shape"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_i64).collect())
-            .unwrap_or_default();
-        let size = o["size"].as_u64().unwrap_or(0) as usize;
-        let bytes = payload
-            .get(at..at + size)
-            .ok_or_else(|| Error::internal("the python stub sent a short response"))?;
-        at += size;
-        response
-            .output(name, dtype, &shape, size)?
-            .copy_from_slice(bytes);
-    }
-    for (name, value) in header["parameters"].as_object().into_iter().flatten() {
-        let value = match value {
-            Value::Bool(b) => Parameter::Bool(*b),
-            Value::String(s) => Parameter::Str(s),
-            v => match v.as_i64() {
-                Some(i) => Parameter::Int(i),
-                None => {
-                    return Err(Error::invalid_arg(format!(
-                        "response parameter '{name}' must be a bool, an int or a str"
-                    )))
-                }
-            },
-        };
-        response.set_parameter(name, value)?;
-    }
-    if last {
-        response.send()
-    } else {
-        response.send_partial()
-    }
-}
-
 impl PythonInstance {
-    fn run(&mut self, requests: &[Request<'_>], finished: &mut [bool]) -> Result<()> {
-        if self.stub.is_none() {
-            self.stub = Some(Stub::start(&self.python, &self.init)?);
+    /// The running stub, started (again) if it is not running.
+    fn stub(&mut self) -> Result<&Stub> {
+        if self.stub.as_ref().is_some_and(Stub::exited) {
+            self.stub = None;
         }
-        let Some(stub) = self.stub.as_mut() else {
-            return Err(Error::internal("the python stub is not running"));
-        };
-        let (header, blobs) = execute_frame(requests);
-        stub.send(&header, &blobs)?;
-        let mut returned = false;
-        loop {
-            if returned && finished.iter().all(|&f| f) {
-                return Ok(());
-            }
-            let f = stub.recv()?;
-            match f.header["op"].as_str() {
-                Some("response") => {
-                    let i = f.header["request"].as_u64().unwrap_or(u64::MAX) as usize;
-                    let (Some(request), Some(done)) = (requests.get(i), finished.get_mut(i)) else {
-                        return Err(Error::internal(
-                            "the python stub answered an unknown request",
-                        ));
-                    };
-                    if *done {
-                        continue;
-                    }
-                    if f.header["final"].as_bool().unwrap_or(true) {
-                        *done = true;
-                    }
-                    deliver(request, &f.header, &f.payload)?;
-                }
-                Some("bls") => bls(stub, &f)?,
-                Some("is_cancelled") => {
-                    let i = f.header["request"].as_u64().unwrap_or(u64::MAX) as usize;
-                    let cancelled = match (requests.get(i), finished.get(i)) {
-                        (Some(r), Some(false)) => r.is_cancelled(),
-                        _ => false,
-                    };
-                    stub.send(&json!({"op": "cancelled", "cancelled": cancelled}), &[])?;
-                }
-                Some("done") => {
-                    returned = true;
-                    if !self.decoupled {
-                        return Ok(());
-                    }
-                }
-                Some("failed") => {
-                    let message = f.header["message"].as_str().unwrap_or("execute failed");
-                    if let Some(trace) = f.header["trace"].as_str() {
-                        log(LogLevel::Error, trace);
-                    }
-                    return Err(Error::internal(format!(
-                        "Failed to process the request(s) for model instance, message: {message}"
-                    )));
-                }
-                other => {
-                    return Err(Error::internal(format!(
-                        "the python stub sent an unexpected frame {other:?}"
-                    )))
-                }
-            }
+        match &mut self.stub {
+            Some(stub) => Ok(stub),
+            slot => Ok(slot.insert(Stub::start(&self.python, &self.init)?)),
         }
     }
 }
@@ -429,52 +215,59 @@ impl Instance for PythonInstance {
         ))
     }
 
+    /// Hands the batch to the stub and waits until its `execute` returns. The requests are
+    /// kept: responses reach them through the stub's reader thread, also after this returns
+    /// for a decoupled model (which may answer later from its own threads, as in Triton);
+    /// a model that is not decoupled must have answered each request by then.
     fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
-        let mut finished = vec![false; requests.len()];
-        let outcome = self.run(requests, &mut finished);
-        if let Err(e) = &outcome {
-            if e.message.contains("stub process stopped answering") {
-                // Started again for the next batch.
-                self.stub = None;
-            }
+        let first = self.next_handle;
+        self.next_handle += requests.len() as u64;
+        let handles: Vec<u64> = (first..self.next_handle).collect();
+        let decoupled = self.decoupled;
+        let name = self.init["args"]["model_instance_name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let stub = self.stub()?;
+        for (r, &h) in requests.iter().zip(&handles) {
+            stub.open.insert(h, r.keep()?);
         }
-        let unanswered = |message: String| {
-            for (r, _) in requests.iter().zip(&finished).filter(|(_, &f)| !f) {
-                if let Ok(resp) = r.response() {
-                    let _ = resp.send_error(Error::internal(message.clone()));
-                }
-            }
+        let (header, blobs) = execute_frame(requests, &handles);
+        let unanswered = match stub.send(&header, &blobs).map(|()| stub.next_event()) {
+            Ok(Event::Done) if decoupled => None,
+            Ok(Event::Done) => Some(Error::internal(
+                "the python model returned no response for the request",
+            )),
+            Ok(Event::Failed(message)) => Some(Error::internal(format!(
+                "Failed to process the request(s) for model '{name}', message: {message}"
+            ))),
+            Ok(Event::Finalized) => Some(Error::internal(
+                "the python stub finalized the model during execute",
+            )),
+            Ok(Event::Gone(e)) | Err(e) => Some(e),
         };
-        match outcome {
-            Err(e) => unanswered(e.message),
-            Ok(()) => unanswered("the python model returned no response for the request".into()),
+        if let Some(e) = unanswered {
+            stub.open.fail(handles, &e);
         }
         Ok(())
     }
 }
 
+/// How long an instance being unloaded waits for the requests its model still streams.
+const DRAIN: Duration = Duration::from_secs(30);
+
 impl Drop for PythonInstance {
+    /// Lets the requests a decoupled model still answers finish (up to [`DRAIN`]), then
+    /// runs `finalize` and ends the stub.
     fn drop(&mut self) {
         if let Some(stub) = self.stub.take() {
+            let deadline = Instant::now() + DRAIN;
+            while !stub.open.is_empty() && !stub.exited() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             stub.stop();
         }
     }
 }
 
 export_backend!(PythonBackend);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn triton_error_codes_map_to_kiln_codes() {
-        assert_eq!(code_of(3), ErrorCode::InvalidArg);
-        assert_eq!(code_of(1), ErrorCode::Internal);
-        assert_eq!(code_of(99), ErrorCode::Internal);
-        for (i, &c) in TRITON_CODES.iter().enumerate() {
-            assert_eq!(triton_code(c), i as u64);
-            assert_eq!(code_of(i as u64), c);
-        }
-    }
-}

@@ -6,6 +6,7 @@
 # stderr, so they reach the server's log and never the protocol.
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import queue
@@ -248,8 +249,8 @@ class InferenceResponse:
 
 
 class ResponseSender:
-    def __init__(self, index):
-        self._index, self._closed = index, False
+    def __init__(self, handle):
+        self._handle, self._closed = handle, False
 
     def send(self, response=None, flags=0):
         if self._closed:
@@ -257,11 +258,11 @@ class ResponseSender:
         final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         if response is None and not final:
             raise TritonModelException("a response or the final flag is required")
-        _send_response(self._index, response, final)
+        _send_response(self._handle, response, final)
         self._closed = final
 
     def is_cancelled(self):
-        return _ask_cancelled(self._index)
+        return _ask_cancelled(self._handle)
 
 
 class InferenceRequest:
@@ -274,13 +275,13 @@ class InferenceRequest:
         self._inputs, self._outputs = list(inputs or []), list(requested_output_names or [])
         self._id, self._corr, self._flags = request_id, correlation_id, flags
         self._params = _parameters_json(parameters)
-        self._index, self._sender = None, None
+        self._handle, self._sender = None, None
 
     @classmethod
-    def _incoming(cls, index, spec, inputs):
+    def _incoming(cls, spec, inputs):
         r = cls.__new__(cls)
         r._bls = None
-        r._index, r._inputs = index, inputs
+        r._handle, r._inputs = spec["handle"], inputs
         r._outputs = spec.get("requested_outputs", [])
         r._id, r._corr = spec.get("id", ""), spec.get("correlation_id", 0)
         r._flags, r._params = spec.get("flags", 0), json.dumps(spec.get("parameters", {}))
@@ -306,11 +307,11 @@ class InferenceRequest:
         return self._params
 
     def is_cancelled(self):
-        return self._index is not None and _ask_cancelled(self._index)
+        return self._handle is not None and _ask_cancelled(self._handle)
 
     def get_response_sender(self):
         if self._sender is None:
-            self._sender = ResponseSender(self._index)
+            self._sender = ResponseSender(self._handle)
         return self._sender
 
     def exec(self, decoupled=False):
@@ -329,19 +330,9 @@ class InferenceRequest:
         header = {"op": "bls", "model": model, "version": version, "id": self._id,
                   "correlation_id": self._corr, "flags": self._flags, "timeout_us": timeout,
                   "parameters": self._params, "requested_outputs": self._outputs, "inputs": specs}
-        responses = []
-        with _bls_lock:
-            _send(header, blobs)
-            while True:
-                frame = _bls_replies.get()
-                if frame is None:
-                    raise TritonModelException("the backend closed the pipe")
-                h, payload = frame
-                responses.append(_bls_response(h, payload))
-                if h["final"]:
-                    break
         if decoupled:
-            return iter(responses)
+            return _ResponseIterator(_bls_stream(header, blobs))
+        responses = [r for r, _ in _bls_stream(header, blobs)]
         if responses and responses[-1].has_error():
             return responses[-1]
         real = [r for r in responses if r.output_tensors() or r.has_error()]
@@ -351,7 +342,27 @@ class InferenceRequest:
         return real[0]
 
     async def async_exec(self, decoupled=False):
-        return self.exec(decoupled)
+        """`exec` on a thread of the event loop's executor, so other coroutines run meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.exec, decoupled)
+
+
+class _ResponseIterator:
+    """The responses of a decoupled BLS request, each as it arrives (the last one empty
+    when the model ended with the final flag alone)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        response, _ = next(self._stream)
+        return response
+
+    def cancel(self):
+        """Stops waiting for responses (the request itself runs to its end)."""
+        self._stream.close()
 
 
 class LogLevel:
@@ -445,14 +456,10 @@ def _metric_op(family, labels, code, value=0.0):
               "kind": family._kind, "code": code, "value": float(value),
               "labels": json.dumps({str(k): str(v) for k, v in labels.items()}),
               "buckets": [float(b) for b in family._buckets]}
-    with _bls_lock:
-        _send(header)
-        frame = _bls_replies.get()
-    if frame is None:
-        raise TritonModelException("the backend closed the pipe")
-    if "error" in frame[0]:
-        raise TritonModelException(frame[0]["error"])
-    return frame[0]["value"]
+    answer = _ask(header)
+    if "error" in answer:
+        raise TritonModelException(answer["error"])
+    return answer["value"]
 
 
 class MetricFamily:
@@ -527,8 +534,8 @@ def _utils_module():
     import types
     m = types.ModuleType("triton_python_backend_utils")
     for k, v in list(globals().items()):
-        if not k.startswith("_") and k not in ("asyncio", "importlib", "json", "os", "queue", "struct",
-                                               "sys", "threading", "traceback", "np", "main"):
+        if not k.startswith("_") and k not in ("asyncio", "importlib", "itertools", "json", "os", "queue",
+                                               "struct", "sys", "threading", "traceback", "np", "main"):
             setattr(m, k, v)
     return m
 
@@ -536,31 +543,91 @@ def _utils_module():
 # ---------------------------------------------------------------- the loop
 
 _finished = set()
-_bls_lock = threading.Lock()
-_bls_replies = queue.Queue()
+_decoupled = False
 _requests_in = queue.Queue()
+_asks_lock = threading.Lock()
+_answers = queue.Queue()
+_calls = {}
+_calls_lock = threading.Lock()
+_next_call = itertools.count(1)
+_async_loop = None
 
 
 def _reader():
-    """The only reader of the pipe: BLS replies go to the thread waiting on one, the rest
-    to the main loop."""
+    """The only reader of the pipe: BLS responses go to the call they answer, answers to
+    questions to the thread that asked, the rest to the main loop."""
     while True:
         try:
             frame = _recv()
         except EOFError:
-            _bls_replies.put(None)
+            _answers.put(None)
             _requests_in.put(None)
+            with _calls_lock:
+                for q in _calls.values():
+                    q.put(None)
             return
-        replies = frame[0]["op"] in ("bls_response", "cancelled", "metric_value")
-        (_bls_replies if replies else _requests_in).put(frame)
+        op = frame[0]["op"]
+        if op == "bls_response":
+            with _calls_lock:
+                q = _calls.get(frame[0].get("call"))
+            if q is not None:
+                q.put(frame)
+        elif op in ("cancelled", "metric_value"):
+            _answers.put(frame)
+        else:
+            _requests_in.put(frame)
 
 
-def _ask_cancelled(index):
-    """Whether the client of request `index` of the current batch has gone away."""
-    with _bls_lock:
-        _send({"op": "is_cancelled", "request": index})
-        frame = _bls_replies.get()
-    return frame is not None and bool(frame[0].get("cancelled"))
+def _ask(header):
+    """Sends a question to the backend (one at a time) and returns its answer's header."""
+    with _asks_lock:
+        _send(header)
+        frame = _answers.get()
+    if frame is None:
+        raise TritonModelException("the backend closed the pipe")
+    return frame[0]
+
+
+def _ask_cancelled(handle):
+    """Whether the client of request `handle` has gone away."""
+    return bool(_ask({"op": "is_cancelled", "request": handle}).get("cancelled"))
+
+
+def _bls_stream(header, blobs):
+    """Runs a BLS request; yields (response, final) as they arrive. Calls run in parallel:
+    each has its own id, which the backend puts on its responses."""
+    call, q = next(_next_call), queue.Queue()
+    with _calls_lock:
+        _calls[call] = q
+    try:
+        _send(dict(header, call=call), blobs)
+        while True:
+            frame = q.get()
+            if frame is None:
+                raise TritonModelException("the backend closed the pipe")
+            h, payload = frame
+            yield _bls_response(h, payload), h["final"]
+            if h["final"]:
+                return
+    finally:
+        with _calls_lock:
+            _calls.pop(call, None)
+
+
+def _background_loop():
+    """The event loop coroutines of `async def execute` run on, in a thread of its own so
+    that tasks a decoupled model starts go on after `execute` returned (as in Triton)."""
+    global _async_loop
+    if _async_loop is None:
+        _async_loop = asyncio.new_event_loop()
+        threading.Thread(target=_async_loop.run_forever, name="kiln-asyncio", daemon=True).start()
+    return _async_loop
+
+
+def _log_failure(future):
+    if not future.cancelled() and future.exception() is not None:
+        e = future.exception()
+        Logger.log_error("".join(traceback.format_exception(type(e), e, e.__traceback__)))
 
 
 def _bls_response(h, payload):
@@ -578,8 +645,8 @@ def _error_message(e):
     return e.message() if isinstance(e, TritonError) else str(e)
 
 
-def _send_response(index, response, final):
-    header = {"op": "response", "request": index, "final": final}
+def _send_response(handle, response, final):
+    header = {"op": "response", "request": handle, "final": final}
     blobs = []
     if response is not None:
         err = response.error()
@@ -597,20 +664,20 @@ def _send_response(index, response, final):
             params = json.loads(response.parameters())
             if params:
                 header["parameters"] = params
-    if final:
-        _finished.add(index)
+    if final and not _decoupled:
+        _finished.add(handle)
     _send(header, blobs)
 
 
 def _requests(header, payload):
     at, out = 0, []
-    for i, spec in enumerate(header["requests"]):
+    for spec in header["requests"]:
         inputs = []
         for t in spec["inputs"]:
             raw = payload[at:at + t["size"]]
             at += t["size"]
             inputs.append(Tensor(t["name"], _decode(t["datatype"], t["shape"], raw)))
-        out.append(InferenceRequest._incoming(i, spec, inputs))
+        out.append(InferenceRequest._incoming(spec, inputs))
     return out
 
 
@@ -648,9 +715,9 @@ def main():
     except Exception:
         _send({"op": "error", "message": traceback.format_exc()})
         return
-    decoupled = header.get("decoupled", False)
+    global _decoupled
+    decoupled = _decoupled = header.get("decoupled", False)
     _send({"op": "ok"})
-    loop = asyncio.new_event_loop()
     while True:
         frame = _requests_in.get()
         if frame is None:
@@ -663,27 +730,47 @@ def main():
             finally:
                 _send({"op": "ok"})
             break
-        _finished.clear()
+        requests = []
         try:
             requests = _requests(header, payload)
             responses = model.execute(requests)
             if asyncio.iscoroutine(responses):
-                responses = loop.run_until_complete(responses)
-            if not decoupled:
-                if responses is None or len(responses) != len(requests):
-                    n = "None" if responses is None else len(responses)
-                    raise TritonModelException(
-                        f"execute returned {n} responses for {len(requests)} requests; "
-                        "a model that is not decoupled must return one response per request")
-                for i, r in enumerate(responses):
-                    if i not in _finished:
-                        _send_response(i, r, True)
-            elif responses is not None:
-                raise TritonModelException("a decoupled model's execute must return None")
+                future = asyncio.run_coroutine_threadsafe(responses, _background_loop())
+                if decoupled:
+                    # Not waited for: the model answers through its response senders.
+                    future.add_done_callback(_log_failure)
+                    responses = None
+                else:
+                    responses = future.result()
+            _check_responses(args["model_instance_name"], decoupled, requests, responses)
+            for request, r in zip(requests, responses or []):
+                if r is not None and request._handle not in _finished:
+                    _send_response(request._handle, r, True)
             _send({"op": "done"})
         except Exception as e:
             _send({"op": "failed", "message": _error_message(e) if isinstance(e, (TritonError, TritonModelException))
                    else f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+        finally:
+            _finished.difference_update(r._handle for r in requests)
 
+
+def _check_responses(name, decoupled, requests, responses):
+    """What `execute` may return, with Triton's messages."""
+    if responses is None:
+        return
+    if decoupled:
+        raise TritonModelException(
+            f"Python model '{name}' is using the decoupled mode and the execute function must return None.")
+    if not isinstance(responses, list):
+        raise TritonModelException(f"Expected a list in the execute return, found type '{type(responses)}'.")
+    if len(responses) != len(requests):
+        raise TritonModelException(
+            "Number of InferenceResponse objects do not match the number of InferenceRequest objects. "
+            f"InferenceRequest(s) size is:{len(requests)}, and InferenceResponse(s) size is:{len(responses)}\n")
+    for r in responses:
+        if r is not None and not isinstance(r, InferenceResponse):
+            raise TritonModelException(
+                "Expected an 'InferenceResponse' object in the execute function return list, "
+                f"found type '{type(r)}'.")
 
 main()

@@ -1,23 +1,20 @@
 //! One instance's stub process: a Python interpreter running `stub.py`, which imports the
-//! model's `model.py` and answers the backend's frames on its stdin/stdout.
-use std::io::{BufRead, BufReader, BufWriter};
+//! model's `model.py` and answers the backend's frames on its stdin/stdout. After the
+//! model's `initialize`, a reader thread (`dispatch.rs`) takes every frame the stub sends.
+use std::io::{BufRead, BufReader, BufWriter, Read};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_sdk::{log, metric, Error, LogLevel, MetricKind, MetricOp, MetricSeries, Result};
 use serde_json::{json, Value};
 
+use crate::dispatch::{self, Event, Open};
 use crate::frame::{self, Frame};
 
 /// The stub's source, run with `python -c`.
 const STUB_SOURCE: &str = include_str!("stub.py");
-
-/// A running stub.
-pub struct Stub {
-    child: Child,
-    to_stub: BufWriter<ChildStdin>,
-    from_stub: BufReader<ChildStdout>,
-}
 
 /// Copies the stub's stderr into the server's log, line by line: a line that
 /// `pb_utils.Logger` marked (`\x1f` and a level digit) at its level, anything else
@@ -51,7 +48,7 @@ fn forward_log(stderr: ChildStderr, label: String) {
 }
 
 /// Runs a `pb_utils.MetricFamily` operation of the stub: `kind` and `code` as the ABI's.
-fn apply_metric(h: &Value) -> Result<f64> {
+pub(crate) fn apply_metric(h: &Value) -> Result<f64> {
     let buckets: Vec<f64> = h["buckets"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
@@ -84,26 +81,28 @@ fn failure(reply: &Value) -> Error {
     Error::internal(message.trim_end().to_string())
 }
 
-impl Stub {
-    /// Starts `python` on the stub and initializes the model with `init` (the `init`
-    /// frame: model file, its folder, whether it is decoupled, `initialize`'s args).
-    pub fn start(python: &str, init: &Value) -> Result<Stub> {
-        let label = init["args"]["model_instance_name"]
-            .as_str()
-            .unwrap_or("python model");
-        let mut stub = Self::spawn(python, label)?;
-        stub.send(init, &[])?;
-        let reply = stub.recv()?;
-        match reply.header["op"].as_str() {
-            Some("ok") => Ok(stub),
-            _ => {
-                stub.kill();
-                Err(failure(&reply.header))
-            }
-        }
-    }
+/// The writing end of a stub's pipe, shared by the instance's thread and the reader's.
+#[derive(Clone)]
+pub struct Writer(Arc<Mutex<BufWriter<ChildStdin>>>);
 
-    fn spawn(python: &str, label: &str) -> Result<Stub> {
+impl Writer {
+    /// Sends a frame.
+    pub fn send(&self, header: &Value, blobs: &[&[u8]]) -> Result<()> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        frame::write(&mut *w, header, blobs)
+            .map_err(|e| Error::internal(format!("cannot write to the python stub: {e}")))
+    }
+}
+
+/// A stub process and the writing end of its pipe.
+#[derive(Clone)]
+pub struct Process {
+    child: Arc<Mutex<Child>>,
+    pub writer: Writer,
+}
+
+impl Process {
+    fn spawn(python: &str, label: &str) -> Result<(Process, BufReader<ChildStdout>)> {
         let mut child = Command::new(python)
             .arg("-u")
             .arg("-c")
@@ -124,35 +123,18 @@ impl Stub {
             return Err(Error::internal("the python stub has no pipes"));
         };
         forward_log(stderr, label.to_string());
-        Ok(Stub {
-            child,
-            to_stub: BufWriter::new(stdin),
-            from_stub: BufReader::new(stdout),
-        })
+        let process = Process {
+            child: Arc::new(Mutex::new(child)),
+            writer: Writer(Arc::new(Mutex::new(BufWriter::new(stdin)))),
+        };
+        Ok((process, BufReader::new(stdout)))
     }
 
-    /// Runs a stub for one exchange: sends `header`, returns the stub's reply (an `error`
-    /// reply becomes the error), and ends the process.
-    pub fn once(python: &str, header: &Value) -> Result<Value> {
-        let mut stub = Self::spawn(python, "python auto-complete")?;
-        let reply = stub.send(header, &[]).and_then(|()| stub.recv());
-        stub.kill();
-        let reply = reply?.header;
-        match reply["op"].as_str() {
-            Some("ok") => Ok(reply),
-            _ => Err(failure(&reply)),
-        }
-    }
-
-    /// Sends a frame.
-    pub fn send(&mut self, header: &Value, blobs: &[&[u8]]) -> Result<()> {
-        frame::write(&mut self.to_stub, header, blobs).map_err(|e| self.gone(e))
-    }
-
-    /// Receives a frame, serving the `metric` frames (custom metrics) that come first.
-    pub fn recv(&mut self) -> Result<Frame> {
+    /// Receives a frame before the reader thread runs, serving the `metric` frames
+    /// (custom metrics made in `initialize`) that come first.
+    fn recv(&self, from_stub: &mut impl Read) -> Result<Frame> {
         loop {
-            let f = frame::read(&mut self.from_stub).map_err(|e| self.gone(e))?;
+            let f = frame::read(from_stub).map_err(|e| self.gone(e))?;
             if f.header["op"] != "metric" {
                 return Ok(f);
             }
@@ -160,13 +142,18 @@ impl Stub {
                 Ok(value) => json!({"op": "metric_value", "value": value}),
                 Err(e) => json!({"op": "metric_value", "error": e.message}),
             };
-            self.send(&reply, &[])?;
+            self.writer.send(&reply, &[])?;
         }
     }
 
     /// The error for a stub that stopped answering (it exited, or broke the framing).
-    fn gone(&mut self, e: std::io::Error) -> Error {
-        let status = match self.child.try_wait() {
+    pub fn gone(&self, e: std::io::Error) -> Error {
+        let exited = self
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_wait();
+        let status = match exited {
             Ok(Some(s)) => format!(
                 "it exited ({s}); its output is in the server's log (the Python named by KILN_PYTHON needs numpy)"
             ),
@@ -177,23 +164,121 @@ impl Stub {
         ))
     }
 
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn exited(&self) -> bool {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(child.try_wait(), Ok(Some(_)))
+    }
+
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A running stub: its process, the requests it may still answer, and the events its
+/// reader thread hands to the instance.
+pub struct Stub {
+    process: Process,
+    /// Requests sent to the stub and not yet ended.
+    pub open: Open,
+    events: Receiver<Event>,
+}
+
+impl Stub {
+    /// Starts `python` on the stub and initializes the model with `init` (the `init`
+    /// frame: model file, its folder, whether it is decoupled, `initialize`'s args); then
+    /// a thread reads the stub's frames (`dispatch::run`).
+    pub fn start(python: &str, init: &Value) -> Result<Stub> {
+        let label = init["args"]["model_instance_name"]
+            .as_str()
+            .unwrap_or("python model");
+        let (process, mut from_stub) = Process::spawn(python, label)?;
+        let reply = process
+            .writer
+            .send(init, &[])
+            .and_then(|()| process.recv(&mut from_stub));
+        let reply = match reply {
+            Ok(f) if f.header["op"] == "ok" => f,
+            Ok(f) => {
+                process.kill();
+                return Err(failure(&f.header));
+            }
+            Err(e) => {
+                process.kill();
+                return Err(e);
+            }
+        };
+        drop(reply);
+        let open = Open::default();
+        let (tx, events) = channel();
+        let (p, o) = (process.clone(), open.clone());
+        std::thread::Builder::new()
+            .name("kiln-py-reader".into())
+            .spawn(move || dispatch::run(from_stub, p, o, tx))
+            .map_err(|e| {
+                process.kill();
+                Error::internal(format!("cannot start the python stub's reader: {e}"))
+            })?;
+        Ok(Stub {
+            process,
+            open,
+            events,
+        })
+    }
+
+    /// Runs a stub for one exchange: sends `header`, returns the stub's reply (an `error`
+    /// reply becomes the error), and ends the process.
+    pub fn once(python: &str, header: &Value) -> Result<Value> {
+        let (process, mut from_stub) = Process::spawn(python, "python auto-complete")?;
+        let reply = process
+            .writer
+            .send(header, &[])
+            .and_then(|()| process.recv(&mut from_stub));
+        process.kill();
+        let reply = reply?.header;
+        match reply["op"].as_str() {
+            Some("ok") => Ok(reply),
+            _ => Err(failure(&reply)),
+        }
+    }
+
+    /// Sends a frame.
+    pub fn send(&self, header: &Value, blobs: &[&[u8]]) -> Result<()> {
+        self.process.writer.send(header, blobs)
+    }
+
+    /// Waits for the reader's next event.
+    pub fn next_event(&self) -> Event {
+        self.events.recv().unwrap_or_else(|_| {
+            Event::Gone(Error::internal(
+                "the python stub process stopped answering: its reader ended",
+            ))
+        })
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&self) -> bool {
+        self.process.exited()
     }
 
     /// Runs the model's `finalize` and ends the process (killed if it takes over 10 s).
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         if self.send(&json!({"op": "fini"}), &[]).is_ok() {
-            let _ = self.recv();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                match self.events.recv_timeout(left) {
+                    Ok(Event::Finalized) | Ok(Event::Gone(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        self.kill();
+        // Dropping kills the process; its reader then fails what is still open.
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.process.kill();
     }
 }
