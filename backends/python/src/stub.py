@@ -135,7 +135,8 @@ class Tensor:
         return list(self._array.shape)
 
     def triton_dtype(self):
-        return _datatype_of(self._array)
+        """The tensor's TRITONSERVER_DataType code."""
+        return _CODES.index(_datatype_of(self._array)) + 1
 
     def to_dlpack(self):
         """The tensor as a DLPack capsule (CPU memory, shared, not copied)."""
@@ -518,16 +519,62 @@ def get_output_config_by_name(model_config, name):
     return _config_by_name(model_config, "output", name)
 
 
+TRITON_STRING_TO_NUMPY = {f"TYPE_{k}": v for k, v in _NP.items() if k != "BYTES"}
+TRITON_STRING_TO_NUMPY["TYPE_BOOL"] = bool
+TRITON_STRING_TO_NUMPY["TYPE_STRING"] = np.object_
+# TRITONSERVER_DataType codes, as the python backend's functions take and return them.
+_CODES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+          "FP64", "BYTES", "BF16"]
+
+
 def triton_string_to_numpy(triton_type):
-    return _NP[triton_type.replace("TYPE_", "").replace("STRING", "BYTES")]
+    return TRITON_STRING_TO_NUMPY[triton_type]
 
 
-def numpy_to_triton_type(dtype):
-    return _datatype_of(np.empty(0, dtype=dtype))
+def numpy_to_triton_type(data_type):
+    """The TRITONSERVER_DataType code (an int) of a numpy dtype; None for one it has not."""
+    try:
+        return _CODES.index(_datatype_of(np.empty(0, dtype=data_type))) + 1
+    except (TritonModelException, TypeError):
+        return None
 
 
-def triton_to_numpy_type(datatype):
-    return _NP[datatype]
+def triton_to_numpy_type(data_type):
+    """The numpy type of a TRITONSERVER_DataType code (or of a datatype name)."""
+    if isinstance(data_type, str):
+        return _NP.get(data_type)
+    if 1 <= data_type <= 13:
+        return _NP[_CODES[data_type - 1]]
+    return None
+
+
+def serialize_byte_tensor(input_tensor):
+    """A bytes tensor as one object array holding its elements, each a 4-byte little-endian
+    length then the bytes, in C order (Triton's wire form of BYTES)."""
+    if input_tensor.size == 0:
+        return np.empty([0], dtype=np.object_)
+    if input_tensor.dtype != np.object_ and input_tensor.dtype.type != np.bytes_:
+        return None
+    parts = []
+    for v in input_tensor.reshape(-1, order="C"):
+        b = v if isinstance(v, bytes) else str(v).encode("utf-8")
+        parts.append(struct.pack("<I", len(b)) + b)
+    return np.asarray(b"".join(parts), dtype=np.object_)
+
+
+def deserialize_bytes_tensor(encoded_tensor):
+    """The elements of Triton's wire form of a BYTES tensor, as a 1-D object array."""
+    raw = encoded_tensor.item() if isinstance(encoded_tensor, np.ndarray) else bytes(encoded_tensor)
+    return _decode("BYTES", [-1], raw)
+
+
+def using_decoupled_model_transaction_policy(model_config):
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+def get_model_dir():
+    """The folder of the model's `model.py` (its version folder)."""
+    return _model_dir
 
 
 def _utils_module():
@@ -544,6 +591,7 @@ def _utils_module():
 
 _finished = set()
 _decoupled = False
+_model_dir = None
 _requests_in = queue.Queue()
 _asks_lock = threading.Lock()
 _answers = queue.Queue()
@@ -682,6 +730,8 @@ def _requests(header, payload):
 
 
 def _import_model(header):
+    global _model_dir
+    _model_dir = header["model_dir"]
     sys.path.insert(0, header["model_dir"])
     spec = importlib.util.spec_from_file_location("model", header["model_file"])
     module = importlib.util.module_from_spec(spec)
