@@ -1,5 +1,6 @@
 """The python backend: Triton Python models (model.py with TritonPythonModel) served
 unchanged, from tests/python_models/, with the real tritonclient."""
+import json
 import os
 import queue
 import sys
@@ -17,10 +18,12 @@ from conftest import Kiln
 MODELS = os.path.join(os.path.dirname(__file__), "..", "python_models")
 
 
+# The stubs run on this Python, which has numpy.
+os.environ["KILN_PYTHON"] = sys.executable
+
+
 @pytest.fixture(scope="module")
 def kiln():
-    # The stubs run on this Python, which has numpy.
-    os.environ["KILN_PYTHON"] = sys.executable
     k = Kiln("--strict-readiness=false", repo=MODELS)
     yield k
     k.stop()
@@ -130,6 +133,51 @@ def test_decoupled_requests_stream_concurrently_on_one_instance(kiln):
             got.append((r.get_response().id, int(r.as_numpy("OUT")[0])))
         c.stop_stream()
     assert got == [("a", 10), ("b", 20), ("a", 11)]
+
+
+def control(client, action, model, config=None):
+    names = ["ACTION", "MODEL"] + (["CONFIG"] if config is not None else [])
+    values = [action, model] + ([config] if config is not None else [])
+    ins = []
+    for n, v in zip(names, values):
+        t = httpclient.InferInput(n, [1], "BYTES")
+        t.set_data_from_numpy(np.array([v.encode()], dtype=np.object_))
+        ins.append(t)
+    return client.infer("py_model_control", ins).as_numpy("RESULT")[0].decode()
+
+
+def test_model_management_from_python():
+    """pb_utils.load_model / unload_model / is_model_ready, in explicit model control mode
+    (and refused, with Triton's message, outside it)."""
+    k = Kiln("--model-control-mode=explicit", "--load-model=py_model_control", repo=MODELS)
+    try:
+        with httpclient.InferenceServerClient(k.url) as c:
+            assert control(c, "ready", "add_sub") == "False"
+            assert control(c, "load", "add_sub") == "ok"
+            assert c.is_model_ready("add_sub") and control(c, "ready", "add_sub") == "True"
+            a = np.ones(4, np.float32)
+            ins = [httpclient.InferInput("INPUT0", [4], "FP32"), httpclient.InferInput("INPUT1", [4], "FP32")]
+            ins[0].set_data_from_numpy(a)
+            ins[1].set_data_from_numpy(a)
+            np.testing.assert_array_equal(c.infer("add_sub", ins).as_numpy("OUTPUT0"), a * 2)
+            assert control(c, "unload", "add_sub") == "ok"
+            assert not c.is_model_ready("add_sub") and control(c, "ready", "add_sub") == "False"
+            # A config given with the load replaces config.pbtxt.
+            config = {"backend": "python", "max_batch_size": 0,
+                      "input": [{"name": f"INPUT{i}", "data_type": "TYPE_FP32", "dims": [4]} for i in (0, 1)],
+                      "output": [{"name": f"OUTPUT{i}", "data_type": "TYPE_FP32", "dims": [4]} for i in (0, 1)],
+                      "instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+            assert control(c, "load_config", "add_sub", json.dumps(config)) == "ok"
+            groups = c.get_model_config("add_sub")["instance_group"]
+            assert sum(g["count"] for g in groups) == 2
+            assert control(c, "load", "no_such_model").startswith("error: ")
+    finally:
+        k.stop()
+
+
+def test_model_management_needs_explicit_mode(client):
+    assert "model control mode is not EXPLICIT" in control(client, "load", "add_sub")
+    assert control(client, "ready", "add_sub") == "True"
 
 
 def test_dlpack_and_writable_inputs(client):

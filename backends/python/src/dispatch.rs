@@ -8,8 +8,8 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kiln_sdk::{
-    log, BlsEvent, DataType, Error, ErrorCode, LogLevel, OwnedRequest, Parameter, Request,
-    Response, Result,
+    log, model_control, BlsEvent, DataType, Error, ErrorCode, LogLevel, ModelControl, OwnedRequest,
+    Parameter, Request, Response, Result,
 };
 use serde_json::{json, Value};
 
@@ -122,6 +122,24 @@ pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, even
                     .map(|_| ())
                     .map_err(|e| Error::internal(format!("cannot start a BLS thread: {e}")))
             }
+            Some("model_control") => {
+                // Loads block until done: a thread of their own, as BLS calls.
+                let w = writer.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("kiln-py-control".into())
+                    .spawn(move || {
+                        let reply = match control(&f.header) {
+                            Ok(ready) => json!({"op": "control_result", "call": f.header["call"], "ready": ready}),
+                            Err(e) => json!({"op": "control_result", "call": f.header["call"], "error": e.message}),
+                        };
+                        if let Err(e) = w.send(&reply, &[]) {
+                            log(LogLevel::Error, &e.message);
+                        }
+                    });
+                spawned.map(|_| ()).map_err(|e| {
+                    Error::internal(format!("cannot start a model control thread: {e}"))
+                })
+            }
             Some("done") => {
                 let _ = events.send(Event::Done);
                 Ok(())
@@ -146,6 +164,22 @@ pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, even
             log(LogLevel::Error, &e.message);
         }
     }
+}
+
+/// Runs a `model_control` frame (`pb_utils.load_model`, `unload_model`,
+/// `is_model_ready`).
+fn control(h: &Value) -> Result<bool> {
+    let name = h["model"].as_str().unwrap_or_default();
+    let op = match h["action"].as_str() {
+        Some("load") => ModelControl::Load {
+            config_json: h["config"].as_str().filter(|c| !c.trim().is_empty()),
+        },
+        Some("unload") => ModelControl::Unload,
+        _ => ModelControl::Ready {
+            version: h["version"].as_i64().filter(|v| *v >= 0),
+        },
+    };
+    model_control(name, op)
 }
 
 /// Delivers a `response` frame to its open request; the request is released after its

@@ -233,21 +233,34 @@ impl Instance for PythonInstance {
             stub.open.insert(h, r.keep()?);
         }
         let (header, blobs) = execute_frame(requests, &handles);
-        let unanswered = match stub.send(&header, &blobs).map(|()| stub.next_event()) {
-            Ok(Event::Done) if decoupled => None,
-            Ok(Event::Done) => Some(Error::internal(
-                "the python model returned no response for the request",
-            )),
-            Ok(Event::Failed(message)) => Some(Error::internal(format!(
-                "Failed to process the request(s) for model '{name}', message: {message}"
-            ))),
-            Ok(Event::Finalized) => Some(Error::internal(
-                "the python stub finalized the model during execute",
-            )),
-            Ok(Event::Gone(e)) | Err(e) => Some(e),
+        let (unanswered, gone) = match stub.send(&header, &blobs).map(|()| stub.next_event()) {
+            Ok(Event::Done) if decoupled => (None, false),
+            Ok(Event::Done) => (
+                Some(Error::internal(
+                    "the python model returned no response for the request",
+                )),
+                false,
+            ),
+            Ok(Event::Failed(message)) => (
+                Some(Error::internal(format!(
+                    "Failed to process the request(s) for model '{name}', message: {message}"
+                ))),
+                false,
+            ),
+            Ok(Event::Finalized) => (
+                Some(Error::internal(
+                    "the python stub finalized the model during execute",
+                )),
+                true,
+            ),
+            Ok(Event::Gone(e)) | Err(e) => (Some(e), true),
         };
         if let Some(e) = unanswered {
             stub.open.fail(handles, &e);
+        }
+        if gone {
+            // Started again for the next batch.
+            self.stub = None;
         }
         Ok(())
     }

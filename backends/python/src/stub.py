@@ -615,7 +615,7 @@ def _reader():
                     q.put(None)
             return
         op = frame[0]["op"]
-        if op == "bls_response":
+        if op in ("bls_response", "control_result"):
             with _calls_lock:
                 q = _calls.get(frame[0].get("call"))
             if q is not None:
@@ -660,6 +660,43 @@ def _bls_stream(header, blobs):
     finally:
         with _calls_lock:
             _calls.pop(call, None)
+
+
+def _control(action, **fields):
+    """A model management request to the server; returns its result's header."""
+    call, q = next(_next_call), queue.Queue()
+    with _calls_lock:
+        _calls[call] = q
+    try:
+        _send(dict(fields, op="model_control", call=call, action=action))
+        frame = q.get()
+    finally:
+        with _calls_lock:
+            _calls.pop(call, None)
+    if frame is None:
+        raise TritonModelException("the backend closed the pipe")
+    if "error" in frame[0]:
+        raise TritonModelException(frame[0]["error"])
+    return frame[0]
+
+
+def load_model(model_name, config="", files=None):
+    """Loads or reloads a model of the server (explicit model control mode); `config`, a
+    JSON model configuration, replaces its config.pbtxt."""
+    if files:
+        raise TritonModelException("load_model: 'files' is not supported by Kiln's python backend")
+    _control("load", model=model_name, config=config or "")
+
+
+def unload_model(model_name, unload_dependents=False):
+    """Unloads a model of the server (explicit model control mode)."""
+    _control("unload", model=model_name, unload_dependents=bool(unload_dependents))
+
+
+def is_model_ready(model_name, model_version=""):
+    """Whether the model (version) is ready on the server."""
+    version = int(model_version) if str(model_version).strip() else -1
+    return bool(_control("ready", model=model_name, version=version)["ready"])
 
 
 def _background_loop():

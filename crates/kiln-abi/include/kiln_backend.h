@@ -53,6 +53,10 @@ enum { KILN_INSTANCE_AUTO = 0, KILN_INSTANCE_CPU = 1, KILN_INSTANCE_GPU = 2, KIL
 #define KILN_PARAMETER_INT 1u
 #define KILN_PARAMETER_DOUBLE 2u
 #define KILN_PARAMETER_STRING 3u
+/* ABI 1.4: operations of KilnHostApi.model_control. */
+#define KILN_MODEL_LOAD 0u
+#define KILN_MODEL_UNLOAD 1u
+#define KILN_MODEL_READY 2u
 
 typedef struct KilnError KilnError;       /* host-owned; NULL means success */
 typedef struct KilnRequest KilnRequest;   /* host-owned */
@@ -183,6 +187,11 @@ typedef struct KilnHostApi {
      parameters); setting a name again replaces its value. */
   KilnError* (*response_set_parameter)(KilnResponse* response, KilnStr name, uint32_t kind,
                                        const void* value);
+  /* ABI 1.4: loads (config_json, when not empty, replaces the configuration), unloads, or
+     tells whether a model version (-1: any) is ready (*ready). Load and unload need explicit
+     model control and block: call from an instance's thread only. */
+  KilnError* (*model_control)(uint32_t op, KilnStr name, int64_t version, KilnStr config_json,
+                              bool* ready);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -232,7 +241,8 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 16 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 17 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, model_control) == 24 + 16 * KILN_P, "KilnHostApi.model_control");
 _Static_assert(offsetof(KilnHostApi, response_set_parameter) == 24 + 15 * KILN_P, "KilnHostApi.response_set_parameter");
 _Static_assert(offsetof(KilnHostApi, metric) == 24 + 14 * KILN_P, "KilnHostApi.metric");
 _Static_assert(sizeof(KilnMetricOp) == 80, "KilnMetricOp");

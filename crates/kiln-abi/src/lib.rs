@@ -90,6 +90,11 @@ pub const KILN_PARAMETER_INT: u32 = 1;
 pub const KILN_PARAMETER_DOUBLE: u32 = 2;
 pub const KILN_PARAMETER_STRING: u32 = 3;
 
+/// Operations of [`KilnHostApi::model_control`].
+pub const KILN_MODEL_LOAD: u32 = 0;
+pub const KILN_MODEL_UNLOAD: u32 = 1;
+pub const KILN_MODEL_READY: u32 = 2;
+
 /// Opaque host-owned error. Null means success.
 #[repr(C)]
 pub struct KilnError {
@@ -341,6 +346,19 @@ pub struct KilnHostApi {
         kind: u32,
         value: *const c_void,
     ) -> *mut KilnError,
+    /// ABI 1.4: Triton's model management for backends (the python backend's
+    /// `pb_utils.load_model`, `unload_model`, `is_model_ready`). `KILN_MODEL_LOAD` loads or
+    /// reloads `name` (with `config_json`, when not empty, replacing its configuration);
+    /// `KILN_MODEL_UNLOAD` unloads it; both need explicit model control and block until
+    /// done. `KILN_MODEL_READY` writes to `ready` whether `version` (-1: any) is ready.
+    /// Call it from an instance's thread, never from the host's async threads.
+    pub model_control: unsafe extern "C" fn(
+        op: u32,
+        name: KilnStr,
+        version: i64,
+        config_json: KilnStr,
+        ready: *mut bool,
+    ) -> *mut KilnError,
 }
 
 /// Metric kinds of [`KilnMetricOp::kind`].
@@ -500,7 +518,8 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 16 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 17 * P);
+const _: () = assert!(offset_of!(KilnHostApi, model_control) == 24 + 16 * P);
 const _: () = assert!(offset_of!(KilnHostApi, response_set_parameter) == 24 + 15 * P);
 const _: () = assert!(offset_of!(KilnHostApi, metric) == 24 + 14 * P);
 const _: () = assert!(size_of::<KilnMetricOp>() == 80);
@@ -562,6 +581,10 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,response_set_parameter)",
         offset_of!(KilnHostApi, response_set_parameter),
+    ),
+    (
+        "offsetof(KilnHostApi,model_control)",
+        offset_of!(KilnHostApi, model_control),
     ),
     ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
     (

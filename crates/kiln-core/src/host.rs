@@ -601,6 +601,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     infer: crate::bls::h_infer,
     metric: crate::custom_metrics::h_metric,
     response_set_parameter: h_response_set_parameter,
+    model_control: crate::model_control::h_model_control,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

@@ -22,6 +22,7 @@ pub mod forward;
 mod host;
 pub mod loader;
 pub mod model;
+mod model_control;
 pub mod rate_limit;
 pub mod repository;
 pub mod request;

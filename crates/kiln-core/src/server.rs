@@ -85,6 +85,7 @@ impl Server {
             log: std::sync::Mutex::new((opts.log.clone(), None)),
             opts,
         });
+        crate::model_control::serve_from(&s);
         s.models.load_startup_models();
         if s.opts.repository.control_mode == ControlMode::Poll {
             let every = std::time::Duration::from_secs(s.opts.repository.poll_secs.max(1));

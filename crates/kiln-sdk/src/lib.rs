@@ -13,6 +13,7 @@
 //! ```
 
 mod bls;
+mod control;
 mod dtype;
 mod error;
 mod host;
@@ -21,6 +22,7 @@ mod request;
 mod trampoline;
 
 pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
+pub use control::{model_control, ModelControl};
 pub use dtype::{bytes_elements, push_bytes_element, DataType};
 pub use error::{Error, ErrorCode, Result};
 pub use host::{log, LogLevel};
