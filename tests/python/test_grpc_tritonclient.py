@@ -369,6 +369,36 @@ def test_custom_repeat_example_and_interleaved_streams(client):
     client.stop_stream()
 
 
+def test_triton_grpc_error_header_ends_the_stream_with_a_status(client):
+    """With the header triton_grpc_error: true, the first error ends the stream with its
+    gRPC status (Triton 24.08+), instead of travelling as an error message in it."""
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)),
+                        headers={"triton_grpc_error": "true"})
+
+    def send(values, delays):
+        ins = [grpcclient.InferInput("IN", [len(values)], "INT32"),
+               grpcclient.InferInput("DELAY", [len(delays)], "UINT32")]
+        ins[0].set_data_from_numpy(np.array(values, np.int32))
+        ins[1].set_data_from_numpy(np.array(delays, np.uint32))
+        client.async_stream_infer("repeat_int32", ins)
+
+    send([5], [0])
+    result, error = results.get(timeout=10)
+    assert error is None and int(result.as_numpy("OUT")[0]) == 5
+    send([1, 2], [0])  # DELAY does not match IN
+    result, error = results.get(timeout=10)
+    assert result is None and str(error.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert "expected IN and DELAY shape to match" in error.message()
+    try:
+        send([6], [0])
+    except InferenceServerException:
+        pass  # the client may already know the stream is closed
+    time.sleep(0.5)
+    assert results.empty()
+    client.stop_stream()
+
+
 def test_aio_client_and_stream(kiln):
     async def main():
         c = aioclient.InferenceServerClient(url=kiln.grpc_url)

@@ -1,6 +1,7 @@
 //! `inference.GRPCInferenceService` on the core's [`Server`].
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
 use kiln_core::access::Api;
@@ -172,6 +173,50 @@ fn stream_response(
 
 type Out = mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>;
 
+/// How a stream reports errors: in the stream (Triton's default), or, when the client
+/// started it with the header `triton_grpc_error: true`, as the gRPC status that ends it.
+#[derive(Clone, Default)]
+struct ErrorMode {
+    /// `triton_grpc_error` was asked for.
+    as_status: bool,
+    /// An error ended the stream (only with `as_status`).
+    ended: Arc<AtomicBool>,
+}
+
+impl ErrorMode {
+    fn of<T>(r: &Request<T>) -> Self {
+        let as_status = r
+            .metadata()
+            .get("triton_grpc_error")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        ErrorMode {
+            as_status,
+            ended: Arc::default(),
+        }
+    }
+
+    /// What to send for `ev`; `None` for nothing.
+    fn item(
+        &self,
+        ev: ResponseEvent,
+        head: &pb::ModelInferResponse,
+        empty_final: bool,
+    ) -> Option<Result<pb::ModelStreamInferResponse, Status>> {
+        match ev {
+            ResponseEvent::Error(e) | ResponseEvent::StreamError(e) if self.as_status => {
+                self.ended.store(true, AtomicOrdering::SeqCst);
+                Some(Err(status(e)))
+            }
+            ev => stream_response(ev, head, empty_final).map(Ok),
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(AtomicOrdering::SeqCst)
+    }
+}
+
 impl Inference {
     /// Starts one request of a stream; its responses are forwarded to `out` by a task.
     async fn stream_one(
@@ -179,6 +224,7 @@ impl Inference {
         msg: pb::ModelInferRequest,
         headers: &[(String, String)],
         out: &Out,
+        errors: &ErrorMode,
     ) {
         let head = pb::ModelInferResponse {
             model_name: msg.model_name.clone(),
@@ -197,12 +243,14 @@ impl Inference {
                     self.server
                         .record_malformed(&name, parse_version(&ver).ok().flatten());
                 }
-                let r = stream_response(ResponseEvent::Error(e), &head, false);
-                let _ = out.send(Ok(r.unwrap_or_default())).await;
+                if let Some(item) = errors.item(ResponseEvent::Error(e), &head, false) {
+                    let _ = out.send(item).await;
+                }
                 return;
             }
         };
         let out = out.clone();
+        let errors = errors.clone();
         tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
@@ -212,8 +260,11 @@ impl Inference {
                 };
                 let Some(ev) = ev else { return };
                 let last = ev.is_final();
-                if let Some(r) = stream_response(ev, &head, empty_final) {
-                    if out.send(Ok(r)).await.is_err() {
+                if errors.ended() {
+                    return;
+                }
+                if let Some(item) = errors.item(ev, &head, empty_final) {
+                    if out.send(item).await.is_err() {
                         return;
                     }
                 }
@@ -331,13 +382,14 @@ impl GrpcInferenceService for Inference {
     ) -> GrpcResult<Self::ModelStreamInferStream> {
         self.allow(Api::Inference, &r)?;
         let headers = self.forwarded(&r);
+        let errors = ErrorMode::of(&r);
         let mut incoming = r.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let this = self.clone();
         tokio::spawn(async move {
-            loop {
+            while !errors.ended() {
                 match incoming.message().await {
-                    Ok(Some(msg)) => this.stream_one(msg, &headers, &tx).await,
+                    Ok(Some(msg)) => this.stream_one(msg, &headers, &tx, &errors).await,
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!("inference stream ended: {e}");
