@@ -51,6 +51,11 @@ def test_triton_names_types_and_host_gauges(kiln):
     for reason in ["REJECTED", "CANCELED", "BACKEND", "OTHER"]:
         assert (("nv_inference_request_failure",
                  (("model", "simple"), ("reason", reason), ("version", "1"))) in m)
+    # Each ready version's load time; the pinned pool gauges are there (0: Kiln keeps no
+    # pinned pool, as Triton on a host without a GPU).
+    assert types["nv_model_load_duration_secs"] == "gauge"
+    assert 0.0 < value(m, "nv_model_load_duration_secs", "simple") < 60.0
+    assert m[("nv_pinned_memory_pool_total_bytes", ())] == m[("nv_pinned_memory_pool_used_bytes", ())] == 0.0
     assert 0.0 <= m[("nv_cpu_utilization", ())] <= 1.0
     assert m[("nv_cpu_memory_total_bytes", ())] >= m[("nv_cpu_memory_used_bytes", ())] > 0
     r = requests.get(kiln.metrics_url.replace("/metrics", "/other"), timeout=10)

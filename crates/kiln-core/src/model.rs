@@ -433,6 +433,8 @@ pub struct ModelVersion {
     model_state: SendPtr,
     /// The steps, for an ensemble (`ensemble.rs`), whose requests bypass the scheduler.
     ensemble: Option<Arc<crate::ensemble::Ensemble>>,
+    /// How long loading it took (Triton's `nv_model_load_duration_secs`).
+    load_duration: std::sync::OnceLock<Duration>,
 }
 
 fn detect_gpus() -> u32 {
@@ -486,6 +488,7 @@ impl ModelVersion {
             backend: Some(backend),
             model_state: SendPtr(state),
             ensemble: None,
+            load_duration: Default::default(),
         };
         let mut index = 0u32;
         for g in &shared.config.instance_group {
@@ -548,6 +551,7 @@ impl ModelVersion {
             backend: None,
             model_state: SendPtr(std::ptr::null_mut()),
             ensemble: Some(Arc::new(ensemble)),
+            load_duration: Default::default(),
         })
     }
 
@@ -727,6 +731,15 @@ impl ModelVersion {
                 Err(e)
             }
         }
+    }
+
+    /// How long loading this version took (backend, instances and warm-up).
+    pub fn load_duration(&self) -> Option<Duration> {
+        self.load_duration.get().copied()
+    }
+
+    pub(crate) fn set_load_duration(&self, d: Duration) {
+        let _ = self.load_duration.set(d);
     }
 
     /// Requests waiting in the queue.

@@ -632,6 +632,7 @@ impl ModelManager {
                 .entry(name.to_string())
                 .or_default()
                 .insert(v, VersionState::Loading);
+            let started = std::time::Instant::now();
             let r = if ensemble::is_ensemble(&cfg) {
                 ensemble::Ensemble::new(&cfg, self.models.clone()).and_then(|e| {
                     Ok(ModelVersion::ensemble(
@@ -650,6 +651,7 @@ impl ModelManager {
             };
             match r {
                 Ok(mv) => {
+                    mv.set_load_duration(started.elapsed());
                     loaded.insert(v, VersionState::Ready(mv));
                 }
                 Err(e) => {

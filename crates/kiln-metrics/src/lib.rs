@@ -9,7 +9,9 @@ mod system;
 
 use kiln_core::stats::FailReason;
 use kiln_core::Server;
-use prometheus::{Encoder, Gauge, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub use system::CpuSampler;
 
@@ -386,6 +388,11 @@ pub fn render(
         &labels,
     )?;
     r.register(Box::new(pending.clone()))?;
+    let load_secs = GaugeVec::new(
+        Opts::new("nv_model_load_duration_secs", "Model load time in seconds"),
+        &labels,
+    )?;
+    r.register(Box::new(load_secs.clone()))?;
 
     for mv in server.models().ready_versions() {
         let (name, version) = (mv.shared.name.as_str(), mv.shared.version.to_string());
@@ -405,6 +412,9 @@ pub fn render(
                 .inc_by(snap.fail_reasons[reason as usize]);
         }
         pending.with_label_values(&lv).set(mv.pending() as i64);
+        if let Some(d) = mv.load_duration() {
+            load_secs.with_label_values(&lv).set(d.as_secs_f64());
+        }
     }
 
     let gauge = |name: &str, help: &str, v: f64| -> prometheus::Result<()> {
@@ -412,6 +422,18 @@ pub fn render(
         g.set(v);
         r.register(Box::new(g))
     };
+    // Kiln keeps no pinned (page-locked) host memory pool, as Triton on a host without a
+    // GPU: both gauges are there for dashboards, at 0.
+    gauge(
+        "nv_pinned_memory_pool_total_bytes",
+        "Pinned memory pool total memory size, in bytes",
+        0.0,
+    )?;
+    gauge(
+        "nv_pinned_memory_pool_used_bytes",
+        "Pinned memory pool used memory size, in bytes",
+        0.0,
+    )?;
     if let Some(u) = cpu.utilization() {
         gauge("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", u)?;
     }
