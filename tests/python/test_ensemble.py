@@ -181,14 +181,31 @@ def test_a_broken_ensemble_fails_alone_and_says_why(served):
     assert "only allows maximum batch size to be 8" in states["too_big"]["reason"]
 
 
-def test_loading_an_ensemble_loads_its_composing_models():
+def test_loading_an_ensemble_loads_its_composing_models_and_unload_dependents_unloads_them():
     repo = make_repo()
+    os.makedirs(os.path.join(repo, "chain2", "1"))
+    with open(os.path.join(repo, "chain2", "config.pbtxt"), "w") as f:
+        f.write(CHAIN.replace('name: "chain"', 'name: "chain2"'))
     k = Kiln("--model-control-mode", "explicit", repo=repo)
     try:
         c = httpclient.InferenceServerClient(url=k.url)
         assert not c.is_model_ready("simple")
         c.load_model("chain")
         assert c.is_model_ready("chain") and c.is_model_ready("simple")
+        # Unloading an ensemble leaves its composing models; with unload_dependents they
+        # go too, unless another loaded ensemble still runs them.
+        c.load_model("chain2")
+        c.unload_model("chain", unload_dependents=True)
+        assert not c.is_model_ready("chain") and c.is_model_ready("simple")
+        c.unload_model("chain2")
+        assert not c.is_model_ready("chain2") and c.is_model_ready("simple")
+        c.load_model("chain")
+        g = grpcclient.InferenceServerClient(url=k.grpc_url)
+        g.unload_model("chain", unload_dependents=True)
+        assert not c.is_model_ready("chain") and not c.is_model_ready("simple")
+        r = requests.post(f"http://{k.url}/v2/repository/models/chain/unload",
+                          json={"parameters": {"unload_dependents": "yes"}}, timeout=10)
+        assert r.status_code == 400 and "unload_dependents" in r.json()["error"]
     finally:
         k.stop()
         shutil.rmtree(repo, ignore_errors=True)

@@ -174,7 +174,9 @@ fn control(h: &Value) -> Result<bool> {
         Some("load") => ModelControl::Load {
             config_json: h["config"].as_str().filter(|c| !c.trim().is_empty()),
         },
-        Some("unload") => ModelControl::Unload,
+        Some("unload") => ModelControl::Unload {
+            dependents: h["unload_dependents"].as_bool().unwrap_or(false),
+        },
         _ => ModelControl::Ready {
             version: h["version"].as_i64().filter(|v| *v >= 0),
         },

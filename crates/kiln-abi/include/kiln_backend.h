@@ -57,6 +57,7 @@ enum { KILN_INSTANCE_AUTO = 0, KILN_INSTANCE_CPU = 1, KILN_INSTANCE_GPU = 2, KIL
 #define KILN_MODEL_LOAD 0u
 #define KILN_MODEL_UNLOAD 1u
 #define KILN_MODEL_READY 2u
+#define KILN_MODEL_UNLOAD_DEPENDENTS 3u
 
 typedef struct KilnError KilnError;       /* host-owned; NULL means success */
 typedef struct KilnRequest KilnRequest;   /* host-owned */

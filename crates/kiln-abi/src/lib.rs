@@ -94,6 +94,9 @@ pub const KILN_PARAMETER_STRING: u32 = 3;
 pub const KILN_MODEL_LOAD: u32 = 0;
 pub const KILN_MODEL_UNLOAD: u32 = 1;
 pub const KILN_MODEL_READY: u32 = 2;
+/// Unload, and the models it runs that no other loaded model runs (Triton's
+/// `unload_dependents`).
+pub const KILN_MODEL_UNLOAD_DEPENDENTS: u32 = 3;
 
 /// Opaque host-owned error. Null means success.
 #[repr(C)]
@@ -349,8 +352,8 @@ pub struct KilnHostApi {
     /// ABI 1.4: Triton's model management for backends (the python backend's
     /// `pb_utils.load_model`, `unload_model`, `is_model_ready`). `KILN_MODEL_LOAD` loads or
     /// reloads `name` (with `config_json`, when not empty, replacing its configuration);
-    /// `KILN_MODEL_UNLOAD` unloads it; both need explicit model control and block until
-    /// done. `KILN_MODEL_READY` writes to `ready` whether `version` (-1: any) is ready.
+    /// `KILN_MODEL_UNLOAD` unloads it (`KILN_MODEL_UNLOAD_DEPENDENTS`: with the models it
+    /// runs); both need explicit model control and block until done. `KILN_MODEL_READY` writes to `ready` whether `version` (-1: any) is ready.
     /// Call it from an instance's thread, never from the host's async threads.
     pub model_control: unsafe extern "C" fn(
         op: u32,

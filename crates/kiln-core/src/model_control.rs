@@ -40,8 +40,8 @@ fn control(op: u32, name: &str, version: i64, config: &str) -> Result<bool, Core
             server.repository_load(name, &params, &[])?;
             Ok(true)
         }
-        abi::KILN_MODEL_UNLOAD => {
-            server.repository_unload(name)?;
+        abi::KILN_MODEL_UNLOAD | abi::KILN_MODEL_UNLOAD_DEPENDENTS => {
+            server.repository_unload(name, op == abi::KILN_MODEL_UNLOAD_DEPENDENTS)?;
             Ok(false)
         }
         _ => Err(CoreError::invalid(format!(

@@ -718,6 +718,26 @@ impl ModelManager {
         Ok(())
     }
 
+    /// Unloads `name`, then, as Triton's `unload_dependents`, the models it runs (an
+    /// ensemble's composing models, and theirs) that no loaded ensemble still runs.
+    pub fn unload_with_dependents(&self, name: &str) -> CoreResult<()> {
+        let composing = self
+            .get(name, None)
+            .map(|mv| ensemble::composing_models(&mv.shared.config))
+            .unwrap_or_default();
+        self.unload(name)?;
+        for m in composing {
+            let still_run = self.ready_versions().iter().any(|mv| {
+                ensemble::is_ensemble(&mv.shared.config)
+                    && ensemble::composing_models(&mv.shared.config).contains(&m)
+            });
+            if !still_run {
+                self.unload_with_dependents(&m)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Unloads everything (server shutdown).
     pub fn unload_all(&self) {
         let names: Vec<String> = self.models_read().keys().cloned().collect();

@@ -273,10 +273,15 @@ impl Server {
         self.models.load_files(name, config.as_deref(), files)
     }
 
-    /// Unloads a model on a client's request. Blocks until its in-flight work is done.
-    pub fn repository_unload(&self, name: &str) -> CoreResult<()> {
+    /// Unloads a model on a client's request (with `unload_dependents`, also the models it
+    /// runs that nothing else loaded runs). Blocks until its in-flight work is done.
+    pub fn repository_unload(&self, name: &str, unload_dependents: bool) -> CoreResult<()> {
         self.check_explicit()?;
-        self.models.unload(name)
+        if unload_dependents {
+            self.models.unload_with_dependents(name)
+        } else {
+            self.models.unload(name)
+        }
     }
 
     fn check_explicit(&self) -> CoreResult<()> {

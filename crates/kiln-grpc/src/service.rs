@@ -478,8 +478,21 @@ impl GrpcInferenceService for Inference {
     ) -> GrpcResult<pb::RepositoryModelUnloadResponse> {
         self.allow(Api::ModelRepository, &r)?;
         let r = r.into_inner();
+        use pb::model_repository_parameter::ParameterChoice as C;
+        let dependents =
+            match r
+                .parameters
+                .get("unload_dependents")
+                .map(|p| &p.parameter_choice)
+            {
+                None => false,
+                Some(Some(C::BoolParam(b))) => *b,
+                Some(_) => return Err(Status::invalid_argument(
+                    "invalid value type for 'unload_dependents' parameter, expected bool_param.",
+                )),
+            };
         let server = self.server.clone();
-        blocking(move || server.repository_unload(&r.model_name)).await?;
+        blocking(move || server.repository_unload(&r.model_name, dependents)).await?;
         ok(pb::RepositoryModelUnloadResponse {})
     }
 

@@ -552,7 +552,16 @@ async fn repository_control(
     let r = if action == "load" {
         tokio::task::spawn_blocking(move || server.repository_load(&model, &params, &files)).await
     } else {
-        tokio::task::spawn_blocking(move || server.repository_unload(&model)).await
+        let dependents = match params.get("unload_dependents") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return error(&CoreError::invalid(format!(
+                    "Unable to parse 'unload_dependents': expected a boolean, got {v}"
+                )))
+            }
+        };
+        tokio::task::spawn_blocking(move || server.repository_unload(&model, dependents)).await
     };
     match r {
         Ok(Ok(())) => empty(StatusCode::OK),

@@ -10,8 +10,9 @@ use crate::host;
 pub enum ModelControl<'a> {
     /// Load (or reload) the model; `config_json`, when given, replaces its configuration.
     Load { config_json: Option<&'a str> },
-    /// Unload the model.
-    Unload,
+    /// Unload the model; with `dependents`, also the models it runs that no other loaded
+    /// model runs (an ensemble's composing models).
+    Unload { dependents: bool },
     /// Whether the version (`None`: any) is ready.
     Ready { version: Option<i64> },
 }
@@ -28,7 +29,8 @@ pub fn model_control(name: &str, op: ModelControl<'_>) -> Result<bool> {
     }
     let (code, version, config) = match op {
         ModelControl::Load { config_json } => (abi::KILN_MODEL_LOAD, -1, config_json.unwrap_or("")),
-        ModelControl::Unload => (abi::KILN_MODEL_UNLOAD, -1, ""),
+        ModelControl::Unload { dependents: false } => (abi::KILN_MODEL_UNLOAD, -1, ""),
+        ModelControl::Unload { dependents: true } => (abi::KILN_MODEL_UNLOAD_DEPENDENTS, -1, ""),
         ModelControl::Ready { version } => (abi::KILN_MODEL_READY, version.unwrap_or(-1), ""),
     };
     let mut ready = false;
