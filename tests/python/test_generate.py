@@ -47,8 +47,10 @@ def test_generate_text_in_text_out(kiln):
     r = post(kiln, "simple_identity", "generate", {"INPUT0": "hello world", "id": "q7"})
     assert r.status_code == 200, r.text
     assert r.headers["Content-Type"] == "application/json"
+    # The identity backend's response parameters are members too, as in Triton.
     assert r.json() == {"model_name": "simple_identity", "model_version": "1", "id": "q7",
-                        "OUTPUT0": "hello world"}
+                        "OUTPUT0": "hello world", "param0": "an example string parameter",
+                        "param1": 42, "param2": False}
     # A list fills the variable dimension; several elements stay a list.
     r = post(kiln, "simple_identity", "generate", {"INPUT0": ["a", "b", "c"]})
     assert r.json()["OUTPUT0"] == ["a", "b", "c"]

@@ -193,7 +193,8 @@ pub fn decode(
     Ok(req)
 }
 
-/// One response as the flat generate object.
+/// One response as the flat generate object: the outputs (one-element ones as plain
+/// values) and the response parameters.
 pub fn encode(resp: InferResponse) -> Result<Value, CoreError> {
     let mut top = crate::infer::response_header(resp.model_name, resp.model_version, resp.id);
     for o in resp.outputs {
@@ -205,6 +206,10 @@ pub fn encode(resp: InferResponse) -> Result<Value, CoreError> {
             other => other,
         };
         top.insert(o.name, value);
+    }
+    // Response parameters are members too, as in Triton (an output of the same name wins).
+    for (k, v) in resp.parameters {
+        top.entry(k).or_insert(v);
     }
     Ok(Value::Object(top))
 }
@@ -428,11 +433,17 @@ mod tests {
                     in_shared_memory: false,
                 },
             ],
-            parameters: Default::default(),
+            parameters: [
+                ("param1".to_string(), json!(42)),
+                ("TEXT".to_string(), json!("p")),
+            ]
+            .into_iter()
+            .collect(),
         };
+        // Response parameters are members beside the outputs; an output of the same name wins.
         assert_eq!(
             encode(resp).unwrap(),
-            json!({"model_name": "m", "model_version": "3", "id": "r1", "TEXT": "ok", "IDS": [1, 2]})
+            json!({"model_name": "m", "model_version": "3", "id": "r1", "TEXT": "ok", "IDS": [1, 2], "param1": 42})
         );
     }
 }
