@@ -108,36 +108,25 @@ pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, even
                 // A BLS call blocks until its last response: it gets a thread, so responses
                 // of other requests keep flowing meanwhile.
                 let w = writer.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("kiln-py-bls".into())
-                    .spawn(move || {
-                        if let Err(e) = bls(&w, &f) {
-                            log(
-                                LogLevel::Error,
-                                &format!("python BLS request failed: {}", e.message),
-                            );
-                        }
-                    });
-                spawned
-                    .map(|_| ())
-                    .map_err(|e| Error::internal(format!("cannot start a BLS thread: {e}")))
+                detached("kiln-py-bls", move || {
+                    if let Err(e) = bls(&w, &f) {
+                        let message = format!("python BLS request failed: {}", e.message);
+                        log(LogLevel::Error, &message);
+                    }
+                })
             }
             Some("model_control") => {
                 // Loads block until done: a thread of their own, as BLS calls.
                 let w = writer.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("kiln-py-control".into())
-                    .spawn(move || {
-                        let reply = match control(&f.header) {
-                            Ok(ready) => json!({"op": "control_result", "call": f.header["call"], "ready": ready}),
-                            Err(e) => json!({"op": "control_result", "call": f.header["call"], "error": e.message}),
-                        };
-                        if let Err(e) = w.send(&reply, &[]) {
-                            log(LogLevel::Error, &e.message);
-                        }
-                    });
-                spawned.map(|_| ()).map_err(|e| {
-                    Error::internal(format!("cannot start a model control thread: {e}"))
+                detached("kiln-py-control", move || {
+                    let call = &f.header["call"];
+                    let reply = match control(&f.header) {
+                        Ok(ready) => json!({"op": "control_result", "call": call, "ready": ready}),
+                        Err(e) => json!({"op": "control_result", "call": call, "error": e.message}),
+                    };
+                    if let Err(e) = w.send(&reply, &[]) {
+                        log(LogLevel::Error, &e.message);
+                    }
                 })
             }
             Some("done") => {
@@ -164,6 +153,15 @@ pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, even
             log(LogLevel::Error, &e.message);
         }
     }
+}
+
+/// Runs `work` on a thread of its own (it may block until its answer is complete).
+fn detached(name: &str, work: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .map(|_| ())
+        .map_err(|e| Error::internal(format!("cannot start thread {name}: {e}")))
 }
 
 /// Runs a `model_control` frame (`pb_utils.load_model`, `unload_model`,
