@@ -77,9 +77,10 @@ pub struct Request<'a> {
 /// Dropping it releases the request; one released without a final response gets an error
 /// response.
 pub struct OwnedRequest {
-    // Declared first: dropped before the view it borrows.
+    /// Borrows `view`, which lives until this value is dropped.
     request: Request<'static>,
-    _view: Box<KilnRequestView>,
+    /// A copy of the host's view (`Box::into_raw`), freed in Drop.
+    view: std::ptr::NonNull<KilnRequestView>,
 }
 
 // SAFETY: the view's pointers are to host memory that stays valid and unchanged until the
@@ -102,6 +103,9 @@ impl Drop for OwnedRequest {
                 (h.request_release)(self.request.handle(), abi::KILN_REQUEST_RELEASE_ALL)
             };
         }
+        // SAFETY: made by Box::into_raw in `keep` and freed only here; `request` is not
+        // used after this.
+        drop(unsafe { Box::from_raw(self.view.as_ptr()) });
     }
 }
 
@@ -127,16 +131,12 @@ impl<'a> Request<'a> {
         if self.kept.replace(true) {
             return Err(Error::internal("the request was already kept"));
         }
-        let view = Box::new(*self.view);
-        // SAFETY: the box's heap address is stable and it lives as long as the returned
-        // value, which drops the borrowing request first.
-        let borrowed: &'static KilnRequestView = unsafe { &*(&*view as *const KilnRequestView) };
-        let request = Request::new(borrowed);
+        let view = std::ptr::NonNull::from(Box::leak(Box::new(*self.view)));
+        // SAFETY: the copy lives until the returned value's Drop frees it, and nothing else
+        // refers to it.
+        let request = Request::new(unsafe { view.as_ref() });
         request.finished.set(self.finished.get());
-        Ok(OwnedRequest {
-            request,
-            _view: view,
-        })
+        Ok(OwnedRequest { request, view })
     }
 
     pub(crate) fn handle(&self) -> *mut abi::KilnRequest {
