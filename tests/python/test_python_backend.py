@@ -180,6 +180,21 @@ def test_model_management_needs_explicit_mode(client):
     assert control(client, "ready", "add_sub") == "True"
 
 
+@pytest.mark.parametrize("model", ["py_seq_echo", "py_seq"])
+def test_string_sequence_ids_reach_the_model_as_strings(client, model):
+    """request.correlation_id() is the string a client gave as sequence_id (a number for a
+    numeric one), also through BLS (py_seq forwards it to py_seq_echo)."""
+    def run(seq, start, end):
+        t = httpclient.InferInput("IN", [1, 1], "INT32")
+        t.set_data_from_numpy(np.array([[1]], np.int32))
+        r = client.infer(model, [t], sequence_id=seq, sequence_start=start, sequence_end=end)
+        return r.as_numpy("CORR")[0, 0].decode()
+
+    assert run("session-a", True, False) == "str:session-a"
+    assert run(17, True, True) == "int:17"
+    assert run("session-a", False, True) == "str:session-a"
+
+
 def test_dlpack_and_writable_inputs(client):
     x = np.array([[0.5, -1.0, 3.0]], np.float32)
     n = np.array([[1, 2, 3]], np.int64)

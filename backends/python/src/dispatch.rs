@@ -263,11 +263,20 @@ fn bls(writer: &Writer, f: &Frame) -> Result<()> {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    // A string correlation id travels as the `sequence_id` parameter, which the host reads
+    // as Triton's string sequence id.
+    let mut parameters = h["parameters"].as_str().unwrap_or_default().to_string();
+    if let Some(text) = h["correlation_id"].as_str() {
+        let mut p: serde_json::Map<String, Value> =
+            serde_json::from_str(&parameters).unwrap_or_default();
+        p.insert("sequence_id".into(), Value::from(text));
+        parameters = Value::Object(p).to_string();
+    }
     let call = kiln_sdk::InferCall {
         model: h["model"].as_str().unwrap_or_default(),
         version: h["version"].as_i64().filter(|v| *v >= 0),
         id: h["id"].as_str().unwrap_or_default(),
-        parameters_json: h["parameters"].as_str().unwrap_or_default(),
+        parameters_json: &parameters,
         inputs: &inputs,
         requested_outputs: &outputs,
         correlation_id: h["correlation_id"].as_u64().unwrap_or(0),

@@ -184,7 +184,8 @@ fn execute_frame<'a>(requests: &[Request<'a>], handles: &[u64]) -> (Value, Vec<&
             json!({
                 "handle": handle,
                 "id": r.id(),
-                "correlation_id": r.correlation_id(),
+                // A string sequence id reaches the model as the string, as in Triton.
+                "correlation_id": r.correlation_id_text().map_or(json!(r.correlation_id()), Value::from),
                 "flags": r.flags(),
                 "parameters": serde_json::from_str::<Value>(r.parameters_json()).unwrap_or(json!({})),
                 "inputs": inputs,

@@ -362,6 +362,11 @@ pub struct KilnHostApi {
         config_json: KilnStr,
         ready: *mut bool,
     ) -> *mut KilnError,
+    /// ABI 1.4: the correlation id the client gave as a string (Triton's string sequence
+    /// ids; `KilnRequestView::correlation_id` then holds a number standing for it), or an
+    /// empty string for a numeric one. Valid until the request is released.
+    pub request_correlation_id_text:
+        unsafe extern "C" fn(request: *mut KilnRequest, text: *mut KilnStr) -> *mut KilnError,
 }
 
 /// Metric kinds of [`KilnMetricOp::kind`].
@@ -521,7 +526,8 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 17 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 18 * P);
+const _: () = assert!(offset_of!(KilnHostApi, request_correlation_id_text) == 24 + 17 * P);
 const _: () = assert!(offset_of!(KilnHostApi, model_control) == 24 + 16 * P);
 const _: () = assert!(offset_of!(KilnHostApi, response_set_parameter) == 24 + 15 * P);
 const _: () = assert!(offset_of!(KilnHostApi, metric) == 24 + 14 * P);
@@ -588,6 +594,10 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,model_control)",
         offset_of!(KilnHostApi, model_control),
+    ),
+    (
+        "offsetof(KilnHostApi,request_correlation_id_text)",
+        offset_of!(KilnHostApi, request_correlation_id_text),
     ),
     ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
     (

@@ -556,6 +556,25 @@ unsafe extern "C" fn h_request_is_cancelled(
     std::ptr::null_mut()
 }
 
+unsafe extern "C" fn h_request_correlation_id_text(
+    request: *mut KilnRequest,
+    out: *mut KilnStr,
+) -> *mut KilnError {
+    let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
+        return err(
+            ErrorKind::InvalidArg,
+            "correlation_id_text: unknown or released request",
+        );
+    };
+    if !out.is_null() {
+        let text = inf.request.correlation_text.as_deref().unwrap_or("");
+        // SAFETY: non-null out pointer; the text lives in the request, which the registry
+        // keeps until the backend releases it.
+        unsafe { *out = KilnStr::from_str(text) };
+    }
+    std::ptr::null_mut()
+}
+
 unsafe extern "C" fn h_request_release(request: *mut KilnRequest, _flags: u32) -> *mut KilnError {
     let Some(inf) = registry().requests.remove(&(request as u64)) else {
         return err(
@@ -602,6 +621,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     metric: crate::custom_metrics::h_metric,
     response_set_parameter: h_response_set_parameter,
     model_control: crate::model_control::h_model_control,
+    request_correlation_id_text: h_request_correlation_id_text,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

@@ -153,6 +153,23 @@ impl<'a> Request<'a> {
         self.view.correlation_id
     }
 
+    /// The correlation id as the client gave it, when it was a string (Triton's string
+    /// sequence ids; [`Request::correlation_id`] then holds a number standing for it).
+    pub fn correlation_id_text(&self) -> Option<&'a str> {
+        let h = host::get().ok()?;
+        if (h.header.struct_size as usize)
+            <= std::mem::offset_of!(abi::KilnHostApi, request_correlation_id_text)
+        {
+            return None;
+        }
+        let mut text = KilnStr::from_str("");
+        // SAFETY: valid handle while the request is held; the host writes a string that
+        // lives until the request is released.
+        host::check(unsafe { (h.request_correlation_id_text)(self.view.handle, &mut text) })
+            .ok()?;
+        Some(s(&text)).filter(|t| !t.is_empty())
+    }
+
     /// Sequence flags: 1 = START, 2 = END (sequence models).
     pub fn flags(&self) -> u32 {
         self.view.flags
