@@ -245,6 +245,8 @@ def test_bls_calls_other_models(client):
     np.testing.assert_array_equal(r.as_numpy("SUM"), x + x)
     # The decoupled model's three responses, collected through exec(decoupled=True).
     assert r.as_numpy("STREAMED").tolist() == [3, 1, 4]
+    # Each response's parameters (py_repeat's "index") reach the caller: response.parameters().
+    assert r.as_numpy("STREAMED_INDEX").tolist() == [0, 1, 2]
     assert b"Request for unknown model: 'no_such_model' is not found" in r.as_numpy("MISSING")[0]
     # The composing model's own statistics count the BLS request.
     assert add_sub_count() == before + 1

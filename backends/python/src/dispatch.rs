@@ -288,7 +288,11 @@ fn bls(writer: &Writer, f: &Frame) -> Result<()> {
         let mut reply = json!({"op": "bls_response", "call": call_id, "final": last});
         let mut blobs: Vec<Vec<u8>> = Vec::new();
         match event {
-            BlsEvent::Response(tensors) => {
+            BlsEvent::Response {
+                outputs: tensors,
+                parameters_json,
+            } => {
+                reply["parameters"] = json!(parameters_json);
                 let outs: Vec<Value> = tensors
                     .into_iter()
                     .map(|t| {

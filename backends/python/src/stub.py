@@ -723,7 +723,9 @@ def _bls_response(h, payload):
         raw = payload[at:at + o["size"]]
         at += o["size"]
         outs.append(Tensor(o["name"], _decode(o["datatype"], o["shape"], raw)))
-    return InferenceResponse(output_tensors=outs)
+    response = InferenceResponse(output_tensors=outs)
+    response._parameters = h.get("parameters", "{}")
+    return response
 
 
 def _error_message(e):

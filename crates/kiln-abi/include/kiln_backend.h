@@ -196,6 +196,9 @@ typedef struct KilnHostApi {
   /* ABI 1.4: a string correlation id as the client gave it (empty for a numeric one); valid
      until the request is released. */
   KilnError* (*request_correlation_id_text)(KilnRequest* request, KilnStr* text);
+  /* ABI 1.4: inside a KilnInferCallback, the parameters of the response it delivers as a
+     JSON object ("{}" for none; valid for the callback). */
+  KilnError* (*infer_response_parameters)(KilnStr* json);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -245,7 +248,8 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 18 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 19 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, infer_response_parameters) == 24 + 18 * KILN_P, "KilnHostApi.infer_response_parameters");
 _Static_assert(offsetof(KilnHostApi, request_correlation_id_text) == 24 + 17 * KILN_P, "KilnHostApi.request_correlation_id_text");
 _Static_assert(offsetof(KilnHostApi, model_control) == 24 + 16 * KILN_P, "KilnHostApi.model_control");
 _Static_assert(offsetof(KilnHostApi, response_set_parameter) == 24 + 15 * KILN_P, "KilnHostApi.response_set_parameter");

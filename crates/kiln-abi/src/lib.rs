@@ -367,6 +367,9 @@ pub struct KilnHostApi {
     /// empty string for a numeric one. Valid until the request is released.
     pub request_correlation_id_text:
         unsafe extern "C" fn(request: *mut KilnRequest, text: *mut KilnStr) -> *mut KilnError,
+    /// ABI 1.4: called from inside a [`KilnInferCallback`], the parameters of the response
+    /// that call delivers, as a JSON object (`{}` for none; valid for the callback).
+    pub infer_response_parameters: unsafe extern "C" fn(json: *mut KilnStr) -> *mut KilnError,
 }
 
 /// Metric kinds of [`KilnMetricOp::kind`].
@@ -526,7 +529,8 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 18 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 19 * P);
+const _: () = assert!(offset_of!(KilnHostApi, infer_response_parameters) == 24 + 18 * P);
 const _: () = assert!(offset_of!(KilnHostApi, request_correlation_id_text) == 24 + 17 * P);
 const _: () = assert!(offset_of!(KilnHostApi, model_control) == 24 + 16 * P);
 const _: () = assert!(offset_of!(KilnHostApi, response_set_parameter) == 24 + 15 * P);
@@ -598,6 +602,10 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,request_correlation_id_text)",
         offset_of!(KilnHostApi, request_correlation_id_text),
+    ),
+    (
+        "offsetof(KilnHostApi,infer_response_parameters)",
+        offset_of!(KilnHostApi, infer_response_parameters),
     ),
     ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
     (

@@ -88,8 +88,11 @@ unsafe fn deliver(ev: ResponseEvent, on_response: KilnInferCallback, user: *mut 
                 .iter()
                 .map(|t| abi::KilnTensorView::cpu(&t.name, t.dtype as u32, &t.shape, &t.data))
                 .collect();
+            let params = serde_json::Value::Object(response.parameters.clone()).to_string();
+            RESPONSE_PARAMETERS.with(|p| *p.borrow_mut() = params);
             // SAFETY: the views point into `response`, alive for the call.
             unsafe { on_response(user, views.as_ptr(), views.len(), std::ptr::null(), last) };
+            RESPONSE_PARAMETERS.with(|p| p.borrow_mut().clear());
         }
         ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => {
             let err = crate::host::new_error(&e);
@@ -128,6 +131,30 @@ fn run(
     Err(CoreError::internal(
         "BLS: the request ended without a final response",
     ))
+}
+
+thread_local! {
+    /// The parameters of the response an `infer` callback on this thread delivers.
+    static RESPONSE_PARAMETERS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// `KilnHostApi::infer_response_parameters`: read from inside a callback; the string lives
+/// until the callback returns.
+pub(crate) unsafe extern "C" fn h_infer_response_parameters(
+    json: *mut abi::KilnStr,
+) -> *mut KilnError {
+    if json.is_null() {
+        return crate::host::new_error(&CoreError::invalid(
+            "infer_response_parameters: null out pointer",
+        ));
+    }
+    RESPONSE_PARAMETERS.with(|p| {
+        let p = p.borrow();
+        let text: &str = if p.is_empty() { "{}" } else { &p };
+        // SAFETY: non-null out pointer; the string is only changed after the callback.
+        unsafe { *json = abi::KilnStr::from_str(text) };
+    });
+    std::ptr::null_mut()
 }
 
 /// `KilnHostApi::infer`.

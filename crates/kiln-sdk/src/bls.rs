@@ -66,8 +66,12 @@ pub struct OwnedTensor {
 /// model) the final flag alone.
 #[derive(Debug)]
 pub enum BlsEvent {
-    /// One response.
-    Response(Vec<OwnedTensor>),
+    /// One response: its outputs, and its parameters as a JSON object (`{}` for none,
+    /// also from a server older than ABI 1.4).
+    Response {
+        outputs: Vec<OwnedTensor>,
+        parameters_json: String,
+    },
     /// The request failed (always the last event).
     Error(Error),
     /// No more responses, without one.
@@ -75,6 +79,25 @@ pub enum BlsEvent {
 }
 
 type Handler<'f> = &'f mut dyn FnMut(BlsEvent, bool);
+
+/// The parameters of the response being delivered (inside the host's callback).
+fn response_parameters() -> String {
+    let Ok(h) = host::get() else {
+        return "{}".into();
+    };
+    if (h.header.struct_size as usize)
+        <= std::mem::offset_of!(abi::KilnHostApi, infer_response_parameters)
+    {
+        return "{}".into();
+    }
+    let mut json = KilnStr::from_str("");
+    // SAFETY: called inside the callback; the host's string lives until it returns.
+    match host::check(unsafe { (h.infer_response_parameters)(&mut json) }) {
+        // SAFETY: the host wrote a string valid until the callback returns.
+        Ok(()) => String::from_utf8_lossy(unsafe { json.as_bytes() }).into_owned(),
+        Err(_) => "{}".into(),
+    }
+}
 
 unsafe extern "C" fn on_response(
     user: *mut c_void,
@@ -99,8 +122,9 @@ unsafe extern "C" fn on_response(
     } else {
         // SAFETY: the host passes `count` views valid for the call.
         let views = unsafe { abi::raw_slice(outputs, count) };
-        BlsEvent::Response(
-            views
+        BlsEvent::Response {
+            parameters_json: response_parameters(),
+            outputs: views
                 .iter()
                 .map(|v| {
                     // SAFETY: each view's pointers are valid for the call.
@@ -114,7 +138,7 @@ unsafe extern "C" fn on_response(
                     }
                 })
                 .collect(),
-        )
+        }
     };
     // SAFETY: `user` is the `Handler` that `infer` passed, alive for the whole call.
     let handler = unsafe { &mut *(user as *mut Handler<'_>) };
