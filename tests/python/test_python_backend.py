@@ -152,6 +152,7 @@ def test_model_management_from_python():
     k = Kiln("--model-control-mode=explicit", "--load-model=py_model_control", repo=MODELS)
     try:
         with httpclient.InferenceServerClient(k.url) as c:
+            assert "not available while the model initializes" in control(c, "init_result", "")
             assert control(c, "ready", "add_sub") == "False"
             assert control(c, "load", "add_sub") == "ok"
             assert c.is_model_ready("add_sub") and control(c, "ready", "add_sub") == "True"

@@ -132,15 +132,23 @@ impl Process {
 
     /// Receives a frame before the reader thread runs, serving the `metric` frames
     /// (custom metrics made in `initialize`) that come first.
+    /// BLS requests and model control are refused meanwhile: the model is still loading
+    /// (as Triton's, which allows neither during `initialize`).
     fn recv(&self, from_stub: &mut impl Read) -> Result<Frame> {
+        const LOADING: &str = "not available while the model initializes: call it from execute";
         loop {
             let f = frame::read(from_stub).map_err(|e| self.gone(e))?;
-            if f.header["op"] != "metric" {
-                return Ok(f);
-            }
-            let reply = match apply_metric(&f.header) {
-                Ok(value) => json!({"op": "metric_value", "value": value}),
-                Err(e) => json!({"op": "metric_value", "error": e.message}),
+            let call = &f.header["call"];
+            let reply = match f.header["op"].as_str() {
+                Some("metric") => match apply_metric(&f.header) {
+                    Ok(value) => json!({"op": "metric_value", "value": value}),
+                    Err(e) => json!({"op": "metric_value", "error": e.message}),
+                },
+                Some("bls") => json!({"op": "bls_response", "call": call, "final": true,
+                                      "error": format!("BLS is {LOADING}"), "code": 5}),
+                Some("model_control") => json!({"op": "control_result", "call": call,
+                                                "error": format!("model control is {LOADING}")}),
+                _ => return Ok(f),
             };
             self.writer.send(&reply, &[])?;
         }

@@ -8,6 +8,14 @@ def text(request, name):
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        # Model control is refused while a model initializes (it would wait on its own load).
+        try:
+            pb_utils.load_model("add_sub")
+            self.init_result = "loaded"
+        except pb_utils.TritonModelException as e:
+            self.init_result = f"error: {e}"
+
     def execute(self, requests):
         out = []
         for request in requests:
@@ -19,6 +27,8 @@ class TritonPythonModel:
                 elif action == "load_config":
                     pb_utils.load_model(model, config=text(request, "CONFIG"))
                     result = "ok"
+                elif action == "init_result":
+                    result = self.init_result
                 elif action == "unload":
                     pb_utils.unload_model(model)
                     result = "ok"
