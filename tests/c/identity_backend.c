@@ -50,6 +50,14 @@ static KilnError* execute(void* inst, const KilnRequestView* reqs, size_t n) {
                                     KILN_MEMORY_CPU, &buf, &kind);
       if (!send_err && in->byte_len) memcpy(buf, in->data, in->byte_len);
     }
+    /* ABI 1.4 response parameters, when the host's table has them. */
+    if (!send_err && host->header.struct_size > offsetof(KilnHostApi, response_set_parameter)) {
+      KilnStr backend = str("c");
+      double scale = 0.5;
+      send_err = host->response_set_parameter(resp, str("backend"), KILN_PARAMETER_STRING, &backend);
+      if (!send_err)
+        send_err = host->response_set_parameter(resp, str("scale"), KILN_PARAMETER_DOUBLE, &scale);
+    }
     err = host->response_send(resp, KILN_RESPONSE_FLAG_FINAL, send_err);
     if (err) return err;
     err = host->request_release(rq->handle, KILN_REQUEST_RELEASE_ALL);

@@ -86,6 +86,8 @@ fn c_backend_and_broken_libraries() {
     let (s, v) = k.post("/v2/models/c_identity/infer", &fp32_request(&[1.5, -2.0]));
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["outputs"][0]["data"], json!([1.5, -2.0]));
+    // Response parameters set through the C header's ABI 1.4 call.
+    assert_eq!(v["parameters"], json!({"backend": "c", "scale": 0.5}));
 
     let (s, v) = k.post("/v2/models/abi_1_0/infer", &fp32_request(&[4.0]));
     assert_eq!(s, 200, "an ABI 1.0 backend must load: {v}");
