@@ -3,12 +3,13 @@
 # the python backend built at BASE (default 7fd4de2, before stubs had a reader thread) and
 # with this checkout's, side by side, three alternating rounds; perf_analyzer from .venv.
 #   tests/bench/python_backend_ab.sh [BASE]
-set -euo pipefail
+set -eu
 cd "$(dirname "$0")/../.."
 BASE=${1:-7fd4de2}
 ROOT=$PWD
 WORK=$(mktemp -d)
-trap 'git worktree remove --force "$WORK/base" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+pid=
+trap 'kill $pid 2>/dev/null || true; git worktree remove --force "$WORK/base" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 git worktree add --detach "$WORK/base" "$BASE" >/dev/null
 (cd "$WORK/base" && CARGO_TARGET_DIR="$WORK/target" cargo build --release -q -p python-backend)
 cp -r target/kiln/backends "$WORK/be-new"
