@@ -266,6 +266,20 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> *mut KilnError {
     new_error(&CoreError::new(kind, msg))
 }
 
+/// The request a backend still holds, or the error for `op` on an unknown or released one.
+fn held(request: *mut KilnRequest, op: &str) -> Result<Arc<Inflight>, *mut KilnError> {
+    registry()
+        .requests
+        .get(&(request as u64))
+        .cloned()
+        .ok_or_else(|| {
+            err(
+                ErrorKind::InvalidArg,
+                format!("{op}: unknown or released request"),
+            )
+        })
+}
+
 unsafe extern "C" fn h_error_new(code: u32, message: KilnStr) -> *mut KilnError {
     let message = owned_str(&message);
     Box::into_raw(Box::new(HostError { code, message })) as *mut KilnError
@@ -524,11 +538,9 @@ unsafe extern "C" fn h_response_set_parameter(
 }
 
 unsafe extern "C" fn h_request_send_flags(request: *mut KilnRequest, flags: u32) -> *mut KilnError {
-    let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
-        return err(
-            ErrorKind::InvalidArg,
-            "send_flags: unknown or released request",
-        );
+    let inf = match held(request, "send_flags") {
+        Ok(inf) => inf,
+        Err(e) => return e,
     };
     if flags & abi::KILN_RESPONSE_FLAG_FINAL != 0 && !inf.finish(ResponseEvent::Final) {
         return err(
@@ -543,11 +555,9 @@ unsafe extern "C" fn h_request_is_cancelled(
     request: *mut KilnRequest,
     out: *mut bool,
 ) -> *mut KilnError {
-    let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
-        return err(
-            ErrorKind::InvalidArg,
-            "is_cancelled: unknown or released request",
-        );
+    let inf = match held(request, "is_cancelled") {
+        Ok(inf) => inf,
+        Err(e) => return e,
     };
     if !out.is_null() {
         // SAFETY: non-null out pointer from the caller.
@@ -560,11 +570,9 @@ unsafe extern "C" fn h_request_correlation_id_text(
     request: *mut KilnRequest,
     out: *mut KilnStr,
 ) -> *mut KilnError {
-    let Some(inf) = registry().requests.get(&(request as u64)).cloned() else {
-        return err(
-            ErrorKind::InvalidArg,
-            "correlation_id_text: unknown or released request",
-        );
+    let inf = match held(request, "correlation_id_text") {
+        Ok(inf) => inf,
+        Err(e) => return e,
     };
     if !out.is_null() {
         let text = inf.request.correlation_text.as_deref().unwrap_or("");
