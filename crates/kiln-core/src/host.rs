@@ -551,36 +551,47 @@ unsafe extern "C" fn h_request_send_flags(request: *mut KilnRequest, flags: u32)
     std::ptr::null_mut()
 }
 
-unsafe extern "C" fn h_request_is_cancelled(
+/// Answers a question about a request the backend holds: writes `value(request)` to `out`
+/// (when not null).
+///
+/// # Safety
+/// `out` is null or valid for a write, as the ABI requires.
+unsafe fn answer<T>(
     request: *mut KilnRequest,
-    out: *mut bool,
+    op: &str,
+    out: *mut T,
+    value: impl FnOnce(&Inflight) -> T,
 ) -> *mut KilnError {
-    let inf = match held(request, "is_cancelled") {
+    let inf = match held(request, op) {
         Ok(inf) => inf,
         Err(e) => return e,
     };
     if !out.is_null() {
         // SAFETY: non-null out pointer from the caller.
-        unsafe { *out = inf.sink.is_closed() };
+        unsafe { *out = value(&inf) };
     }
     std::ptr::null_mut()
+}
+
+unsafe extern "C" fn h_request_is_cancelled(
+    request: *mut KilnRequest,
+    out: *mut bool,
+) -> *mut KilnError {
+    // SAFETY: the ABI's out pointer.
+    unsafe { answer(request, "is_cancelled", out, |inf| inf.sink.is_closed()) }
 }
 
 unsafe extern "C" fn h_request_correlation_id_text(
     request: *mut KilnRequest,
     out: *mut KilnStr,
 ) -> *mut KilnError {
-    let inf = match held(request, "correlation_id_text") {
-        Ok(inf) => inf,
-        Err(e) => return e,
-    };
-    if !out.is_null() {
-        let text = inf.request.correlation_text.as_deref().unwrap_or("");
-        // SAFETY: non-null out pointer; the text lives in the request, which the registry
-        // keeps until the backend releases it.
-        unsafe { *out = KilnStr::from_str(text) };
+    // SAFETY: the ABI's out pointer. The text lives in the request, which the registry
+    // keeps until the backend releases it.
+    unsafe {
+        answer(request, "correlation_id_text", out, |inf| {
+            KilnStr::from_str(inf.request.correlation_text.as_deref().unwrap_or(""))
+        })
     }
-    std::ptr::null_mut()
 }
 
 unsafe extern "C" fn h_request_release(request: *mut KilnRequest, _flags: u32) -> *mut KilnError {
