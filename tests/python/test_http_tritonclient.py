@@ -186,6 +186,52 @@ def test_response_is_compressed_on_the_wire(kiln):
     assert json.loads(zlib.decompress(raw))["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_only_inference_responses_are_compressed(kiln):
+    """As tritonserver: metadata, config, statistics and errors stay plain JSON whatever the
+    client accepts (tritonclient's aio client turns off decompression and parses them as is)."""
+    accept = {"Accept-Encoding": "gzip, deflate"}
+    for path in ["/v2", "/v2/models/simple", "/v2/models/simple/config", "/v2/models/simple/stats"]:
+        r = requests.get(f"http://{kiln.url}{path}", headers=accept, stream=True)
+        assert "Content-Encoding" not in r.headers, path
+        json.loads(r.raw.read(decode_content=False))
+    bad = {"inputs": [{"name": "NOPE", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    r = requests.post(f"http://{kiln.url}/v2/models/identity_fp32/infer", json=bad, headers=accept, stream=True)
+    assert r.status_code == 400 and "Content-Encoding" not in r.headers
+    assert "error" in json.loads(r.raw.read(decode_content=False))
+
+
+def test_aio_client(kiln):
+    import asyncio
+
+    import tritonclient.http.aio as aioclient
+
+    async def run():
+        c = aioclient.InferenceServerClient(url=kiln.url)
+        try:
+            assert await c.is_server_live() and await c.is_model_ready("simple")
+            assert (await c.get_server_metadata())["name"] == "triton"
+            assert (await c.get_model_metadata("simple"))["versions"] == ["1"]
+            assert (await c.get_model_config("simple"))["max_batch_size"] == 8
+            a = np.arange(16, dtype=np.int32).reshape(1, 16)
+            ins = [aioclient.InferInput("INPUT0", [1, 16], "INT32"), aioclient.InferInput("INPUT1", [1, 16], "INT32")]
+            ins[0].set_data_from_numpy(a)
+            ins[1].set_data_from_numpy(2 * a, binary_data=False)
+            results = await asyncio.gather(*[
+                c.infer("simple", ins, response_compression_algorithm=algo) for algo in [None, "gzip", "deflate"] * 4
+            ])
+            for r in results:
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 3 * a)
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), -a)
+            stats = await c.get_inference_statistics("simple")
+            assert stats["model_stats"][0]["inference_count"] >= 12
+            with pytest.raises(InferenceServerException, match="unknown model"):
+                await c.infer("no_such_model", ins)
+        finally:
+            await c.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("case,inputs,message", [
     ("dtype", lambda a: simple_inputs(a.astype(np.float32), a.astype(np.float32), "FP32"), "data-type"),
     ("shape", lambda a: simple_inputs(a[:, :15].copy(), a[:, :15].copy()), "unexpected shape"),

@@ -196,7 +196,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
             return error_status(StatusCode::FORBIDDEN, message);
         }
     }
-    let resp = match (method.clone(), segs.as_slice()) {
+    match (method.clone(), segs.as_slice()) {
         (Method::GET, ["v2", "health", "live"]) => empty(if state.server.is_live() {
             StatusCode::OK
         } else {
@@ -285,7 +285,12 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
                 }),
                 (Method::GET, ["config"]) => result(state.server.model_config(&model, version)),
                 (Method::GET, ["stats"]) => result(state.server.statistics(Some(&model), version)),
-                (Method::POST, ["infer"]) => infer(&state, req, model, version).await,
+                (Method::POST, ["infer"]) => {
+                    // Only inference responses are compressed, as in tritonserver:
+                    // clients (tritonclient's aio one) read every other body as plain JSON.
+                    let resp = infer(&state, req, model, version).await;
+                    return maybe_compress(resp, accept.as_deref());
+                }
                 (Method::POST, [kind @ ("generate" | "generate_stream")]) => {
                     // Not compressed, as in tritonserver (a stream could not be).
                     return generate::handle(&state, req, model, version, *kind != "generate")
@@ -303,8 +308,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
             StatusCode::NOT_FOUND,
             format!("unknown endpoint {} {path}", req.method()),
         ),
-    };
-    maybe_compress(resp, accept.as_deref())
+    }
 }
 
 fn result(r: Result<Value, CoreError>) -> Resp {
@@ -314,11 +318,12 @@ fn result(r: Result<Value, CoreError>) -> Resp {
     }
 }
 
+/// Compresses a successful, non-streaming body in a coding the client accepts.
 fn maybe_compress(resp: Resp, accept: Option<&str>) -> Resp {
     let Some(coding) = accept.and_then(Coding::negotiate) else {
         return resp;
     };
-    if resp.body().is_streaming() {
+    if resp.body().is_streaming() || !resp.status().is_success() {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
