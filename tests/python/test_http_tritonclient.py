@@ -312,6 +312,24 @@ def test_statistics_count_exactly(client):
     assert {m["name"] for m in all_stats["model_stats"]} >= {"simple", "identity_fp32"}
 
 
+def test_statistics_split_compute_into_input_infer_and_output(client):
+    """A backend that marks its compute phase (the ONNX executor's graph run) gets Triton's
+    three-way split: time before it is compute_input, after it compute_output."""
+    def phases():
+        s = client.get_inference_statistics("simple")["model_stats"][0]
+        return {k: s["inference_stats"][k]["ns"] for k in ["compute_input", "compute_infer", "compute_output", "success"]}
+    before = phases()
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    for _ in range(5):
+        client.infer("simple", simple_inputs(a, a))
+    after = phases()
+    d = {k: after[k] - before[k] for k in after}
+    assert d["compute_input"] > 0 and d["compute_infer"] > 0 and d["compute_output"] > 0
+    assert d["compute_input"] + d["compute_infer"] + d["compute_output"] <= d["success"]
+    batch = client.get_inference_statistics("simple")["model_stats"][0]["batch_stats"][0]
+    assert batch["compute_input"]["ns"] > 0 and batch["compute_output"]["ns"] > 0
+
+
 def test_dynamic_batching_merges_concurrent_requests(kiln):
     client = httpclient.InferenceServerClient(url=kiln.url, concurrency=8)
     before = client.get_inference_statistics("simple_dynamic_batch")["model_stats"][0]

@@ -213,6 +213,10 @@ impl EmbeddingInstance {
     /// length run together (see [`length_groups`]), so one long text does not make the
     /// whole batch pay for its padding.
     fn embed(&self, seqs: &[Tokens]) -> Result<Vec<f32>> {
+        kiln_sdk::compute(|| self.embed_groups(seqs))
+    }
+
+    fn embed_groups(&self, seqs: &[Tokens]) -> Result<Vec<f32>> {
         let h = self.files.config.hidden_size;
         let lens: Vec<usize> = seqs.iter().map(|(ids, _)| ids.len()).collect();
         let mut out = vec![0f32; seqs.len() * h];

@@ -439,11 +439,13 @@ impl OnnxInstance {
         // kernels split their work over. Handing a tiny model's request to the pool would
         // cost more CPU than the model itself.
         let started = std::time::Instant::now();
-        let out = if self.last_us.load(Ordering::Relaxed) < 1000 {
-            self.plan.run_with(values, &strings)
-        } else {
-            self.pool.install(|| self.plan.run_with(values, &strings))
-        };
+        let out = kiln_sdk::compute(|| {
+            if self.last_us.load(Ordering::Relaxed) < 1000 {
+                self.plan.run_with(values, &strings)
+            } else {
+                self.pool.install(|| self.plan.run_with(values, &strings))
+            }
+        });
         let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
         self.last_us.store(us, Ordering::Relaxed);
         Ok(Outputs {

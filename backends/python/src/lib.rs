@@ -234,7 +234,8 @@ impl Instance for PythonInstance {
             stub.open.insert(h, r.keep()?);
         }
         let (header, blobs) = execute_frame(requests, &handles);
-        let (unanswered, gone) = match stub.send(&header, &blobs).map(|()| stub.next_event()) {
+        let event = kiln_sdk::compute(|| stub.send(&header, &blobs).map(|()| stub.next_event()));
+        let (unanswered, gone) = match event {
             Ok(Event::Done) if decoupled => (None, false),
             Ok(Event::Done) => (
                 Some(Error::internal(

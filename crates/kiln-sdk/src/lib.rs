@@ -13,6 +13,7 @@
 //! ```
 
 mod bls;
+mod compute;
 mod control;
 mod dtype;
 mod error;
@@ -22,6 +23,7 @@ mod request;
 mod trampoline;
 
 pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
+pub use compute::compute;
 pub use control::{model_control, ModelControl};
 pub use dtype::{bytes_elements, push_bytes_element, DataType};
 pub use error::{Error, ErrorCode, Result};

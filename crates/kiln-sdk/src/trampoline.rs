@@ -8,7 +8,7 @@ use kiln_abi::{
 
 use crate::error::{Error, Result};
 use crate::request::Request;
-use crate::{host, Backend, Instance, InstanceInfo, InstanceKind, Model, ModelInfo};
+use crate::{compute, host, Backend, Instance, InstanceInfo, InstanceKind, Model, ModelInfo};
 
 type ModelOf<B> = <B as Backend>::Model;
 type InstanceOf<B> = <ModelOf<B> as Model>::Instance;
@@ -18,6 +18,8 @@ struct InstanceCell<B: Backend> {
     model: *const ModelOf<B>,
     info: InstanceInfo,
     instance: Option<InstanceOf<B>>,
+    /// The host's token for `report_compute`.
+    host_instance: *mut abi::KilnInstance,
 }
 
 fn guard(f: impl FnOnce() -> Result<()>) -> *mut KilnError {
@@ -144,6 +146,7 @@ pub unsafe extern "C" fn instance_init<B: Backend>(
             model: m,
             info: ii,
             instance: Some(inst),
+            host_instance: i.host_instance,
         };
         // SAFETY: out pointer from the host.
         unsafe { *state = Box::into_raw(Box::new(cell)) as *mut c_void };
@@ -178,6 +181,7 @@ pub unsafe extern "C" fn instance_execute<B: Backend>(
         unsafe { std::slice::from_raw_parts(requests, count) }
     };
     let reqs: Vec<Request<'_>> = views.iter().map(Request::new).collect();
+    compute::take_span();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let inst = match cell.instance.as_mut() {
             Some(i) => i,
@@ -207,6 +211,10 @@ pub unsafe extern "C" fn instance_execute<B: Backend>(
     let Ok(h) = host::get() else {
         return std::ptr::null_mut();
     };
+    if let Some((start, end)) = compute::take_span() {
+        // SAFETY: the token the host gave this instance at init.
+        let _ = host::check(unsafe { (h.report_compute)(cell.host_instance, start, end) });
+    }
     for r in reqs.iter().filter(|r| !r.kept.get()) {
         if !r.finished.get() {
             let e = err
