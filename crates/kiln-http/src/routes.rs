@@ -289,7 +289,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
                     // Only inference responses are compressed, as in tritonserver:
                     // clients (tritonclient's aio one) read every other body as plain JSON.
                     let resp = infer(&state, req, model, version).await;
-                    return maybe_compress(resp, accept.as_deref());
+                    maybe_compress(resp, accept.as_deref())
                 }
                 (Method::POST, [kind @ ("generate" | "generate_stream")]) => {
                     // Not compressed, as in tritonserver (a stream could not be).
