@@ -11,7 +11,8 @@
 //! onnxruntime's `com.microsoft` operators (`ms_contrib.onnx`, `ms_attention.onnx`), and a
 //! scikit-learn-style text pipeline (`text_pipeline.onnx`) and sequences inside a graph
 //! (`seq_pipeline.onnx`), and a `Scan` (`scan_rows.onnx`), and two accumulators whose
-//! running sum Triton keeps as implicit state (`state_*.onnx`).
+//! running sum Triton keeps as implicit state (`state_*.onnx`), and a model for ragged
+//! batching (`ragged_sum.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -1198,6 +1199,84 @@ fn state_accumulator(start: bool) -> ModelProto {
     )
 }
 
+/// An int64 initializer.
+fn int64_init(name: &str, dims: Vec<i64>, values: Vec<i64>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        data_type: DataType::Int64 as i32,
+        dims,
+        int64_data: values,
+        ..Default::default()
+    }
+}
+
+/// A model for Triton's ragged batching: INPUT (FP32, every request's elements joined
+/// flat) with the batch inputs BOUNDS (INT32 [requests + 1], accumulated element counts
+/// from 0), COUNT (FP32 [requests], element counts), MAXLEN (FP32 [largest count], only its
+/// shape is read) and SHAPES (INT32 [rows, 1], item shapes). Outputs: DOUBLED = 2 × INPUT
+/// (flat, a batch output), SUM (each request's sum, from a cumulative sum cut at BOUNDS),
+/// COUNT_OUT, MAXLEN_OUT (INT64, the largest count in the batch) and SHAPES_OUT, each
+/// [requests, 1].
+fn ragged_sum() -> ModelProto {
+    let unsqueeze = |input: &str, output: &str| node("Unsqueeze", &[input, "axis1"], output);
+    let mut hi = node("Slice", &["bounds64", "one", "big"], "hi");
+    hi.name = "hi".into();
+    let mut lo = node("Slice", &["bounds64", "zero", "minus_one"], "lo");
+    lo.name = "lo".into();
+    let mut padded = node("Concat", &["zero_f", "cumsum"], "cumsum0");
+    padded.attribute.push(int("axis", 0));
+    let mut rows_1 = node("Concat", &["count_shape", "one"], "rows_1");
+    rows_1.attribute.push(int("axis", 0));
+    let nodes = vec![
+        node("Add", &["INPUT", "INPUT"], "DOUBLED"),
+        node("CumSum", &["INPUT", "zero"], "cumsum"),
+        padded,
+        cast("BOUNDS", "bounds64", DataType::Int64),
+        hi,
+        lo,
+        node("Gather", &["cumsum0", "hi"], "at_end"),
+        node("Gather", &["cumsum0", "lo"], "at_start"),
+        node("Sub", &["at_end", "at_start"], "sums"),
+        unsqueeze("sums", "SUM"),
+        unsqueeze("COUNT", "COUNT_OUT"),
+        node("Shape", &["MAXLEN"], "maxlen"),
+        node("Shape", &["COUNT"], "count_shape"),
+        rows_1,
+        node("Reshape", &["maxlen", "one_by_one"], "maxlen_2d"),
+        node("Expand", &["maxlen_2d", "rows_1"], "MAXLEN_OUT"),
+        node("Identity", &["SHAPES"], "SHAPES_OUT"),
+    ];
+    let rows = &[None, Some(1)];
+    model(
+        "ragged_sum",
+        13,
+        nodes,
+        vec![
+            tensor("INPUT", DataType::Float, &[None]),
+            tensor("BOUNDS", DataType::Int32, &[None]),
+            tensor("COUNT", DataType::Float, &[None]),
+            tensor("MAXLEN", DataType::Float, &[None]),
+            tensor("SHAPES", DataType::Int32, rows),
+        ],
+        vec![
+            tensor("DOUBLED", DataType::Float, &[None]),
+            tensor("SUM", DataType::Float, rows),
+            tensor("COUNT_OUT", DataType::Float, rows),
+            tensor("MAXLEN_OUT", DataType::Int64, rows),
+            tensor("SHAPES_OUT", DataType::Int32, rows),
+        ],
+        vec![
+            int64_init("zero", vec![1], vec![0]),
+            int64_init("one", vec![1], vec![1]),
+            int64_init("minus_one", vec![1], vec![-1]),
+            int64_init("big", vec![1], vec![i64::MAX]),
+            int64_init("axis1", vec![1], vec![1]),
+            int64_init("one_by_one", vec![2], vec![1, 1]),
+            float_init("zero_f", vec![1], |_| 0.0),
+        ],
+    )
+}
+
 fn write(path: &std::path::Path, m: &ModelProto) -> std::io::Result<()> {
     let bytes = m.encode_to_vec();
     std::fs::write(path, &bytes)?;
@@ -1247,6 +1326,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("scan_rows.onnx"), &scan_rows())?;
         write(&dir.join("state_start.onnx"), &state_accumulator(true))?;
         write(&dir.join("state_sum.onnx"), &state_accumulator(false))?;
+        write(&dir.join("ragged_sum.onnx"), &ragged_sum())?;
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ pub mod ops_nn;
 pub mod ops_spatial;
 pub mod plan;
 pub mod pool;
+pub mod ragged;
 pub mod resize;
 pub mod rnn;
 pub mod seq;
@@ -43,8 +44,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::ModelProto;
 use kiln_sdk::{
-    export_backend, Backend, DataType, Error, ErrorCode, Instance, InstanceInfo, InstanceKind,
-    Model, ModelInfo, Request, Response, Result,
+    export_backend, Backend, BatchIo, DataType, Error, ErrorCode, Instance, InstanceInfo,
+    InstanceKind, Model, ModelInfo, Request, Response, Result,
 };
 use serde_json::Value;
 
@@ -64,6 +65,8 @@ pub struct OnnxModel {
     batching: bool,
     /// Config dims of each output (a scalar the graph produces is reported with them).
     output_dims: Arc<HashMap<String, Vec<i64>>>,
+    /// Ragged inputs, batch inputs and batch outputs of the config.
+    batch_io: Arc<BatchIo>,
     threads: usize,
 }
 
@@ -72,6 +75,7 @@ pub struct OnnxInstance {
     plan: Plan,
     batching: bool,
     output_dims: Arc<HashMap<String, Vec<i64>>>,
+    batch_io: Arc<BatchIo>,
     pool: rayon::ThreadPool,
     /// Duration of the last run in µs (chooses this thread or the pool for the next).
     last_us: AtomicU64,
@@ -141,9 +145,13 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
             plan.inputs.len()
         )));
     }
+    let batch_io = BatchIo::from_config(config)?;
+    ragged::check_graph(model, &batch_io, plan)?;
     for (kind, graph) in [("input", &plan.inputs), ("output", &plan.outputs)] {
         for t in config[kind].as_array().into_iter().flatten() {
             let name = t["name"].as_str().unwrap_or("");
+            // Ragged inputs and batch outputs are flat in the graph (checked above).
+            let flat = batch_io.is_ragged(name) || ragged::is_batch_output(&batch_io, name);
             let g = graph.iter().find(|g| g.name == name).ok_or_else(|| {
                 let known: Vec<&str> = graph.iter().map(|g| g.name.as_str()).collect();
                 Error::invalid_arg(format!(
@@ -162,7 +170,7 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
                 }
             }
             // (No graph dims: a shape the graph does not declare, checked when it runs.)
-            if g.dims.is_empty() {
+            if g.dims.is_empty() || flat {
                 continue;
             }
             if batching && g.dims[0] != -1 {
@@ -372,6 +380,7 @@ impl Backend for OnnxBackend {
                     })
                     .collect(),
             ),
+            batch_io: Arc::new(BatchIo::from_config(&config)?),
             threads: thread_count(&config)?,
         })
     }
@@ -411,6 +420,7 @@ impl Model for OnnxModel {
             plan,
             batching: self.batching,
             output_dims: self.output_dims.clone(),
+            batch_io: self.batch_io.clone(),
             pool,
             // The first run goes to the pool (as a large model's should).
             last_us: AtomicU64::new(u64::MAX),
@@ -463,25 +473,20 @@ impl OnnxInstance {
             .ok_or_else(|| Error::unsupported(format!("output '{name}' has an unsupported type")))
     }
 
-    /// Writes each requested output (only rows `first..first + n` when `rows` is given)
-    /// into `response`.
+    /// Writes each requested output into `response`, cut to this request's part by `part`
+    /// (e.g. [`rows`]).
     fn fill(
         &self,
         request: &Request<'_>,
         response: &mut Response,
         outputs: &Outputs,
-        rows: Option<(usize, usize)>,
+        part: impl Fn(&str, &Tensor) -> candle_core::Result<Tensor>,
     ) -> Result<()> {
         for name in request.requested_outputs() {
             let Some(t) = outputs.tensors.get(name) else {
                 continue;
             };
-            let t = match rows {
-                Some((first, n)) => t
-                    .narrow(0, first, n)
-                    .map_err(|e| Error::internal(format!("output '{name}': {e}")))?,
-                None => t.clone(),
-            };
+            let t = part(name, t).map_err(|e| Error::internal(format!("output '{name}': {e}")))?;
             let dt = self.output_type(name)?;
             let bytes = if dt == DataType::Bytes {
                 outputs
@@ -507,6 +512,11 @@ impl OnnxInstance {
     }
 }
 
+/// Cuts rows `first..first + n` of every output (a request's part of a batch).
+fn rows(first: usize, n: usize) -> impl Fn(&str, &Tensor) -> candle_core::Result<Tensor> {
+    move |_, t| t.narrow(0, first, n)
+}
+
 impl Instance for OnnxInstance {
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
         let inputs = request
@@ -514,13 +524,16 @@ impl Instance for OnnxInstance {
             .map(|t| (t.name, t.dtype, t.shape.to_vec(), t.data))
             .collect();
         let outputs = self.run(inputs)?;
-        self.fill(request, response, &outputs, None)
+        self.fill(request, response, &outputs, |_, t| Ok(t.clone()))
     }
 
     /// A dynamic batch runs as one graph execution: inputs are concatenated along the
     /// batch dimension (the scheduler only merges requests with equal other dimensions)
     /// and each request gets its rows of every output.
     fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
+        if self.batching && !self.batch_io.is_empty() {
+            return self.execute_ragged(requests);
+        }
         if !self.batching || requests.len() < 2 {
             return kiln_sdk::infer_each(self, requests);
         }
@@ -552,13 +565,13 @@ impl Instance for OnnxInstance {
         };
         let mut first = 0;
         for r in requests {
-            let rows = r.batch_size() as usize;
+            let n = r.batch_size() as usize;
             let mut response = r.response()?;
-            match self.fill(r, &mut response, &outputs, Some((first, rows))) {
+            match self.fill(r, &mut response, &outputs, rows(first, n)) {
                 Ok(()) => response.send()?,
                 Err(e) => response.send_error(e)?,
             }
-            first += rows;
+            first += n;
         }
         Ok(())
     }

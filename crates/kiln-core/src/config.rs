@@ -316,6 +316,7 @@ pub fn normalize(
             ));
         }
     }
+    crate::batch_io::check(cfg).map_err(invalid)?;
     // (A model that does not batch may still use the dynamic batcher: its queues.)
     if let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice {
         for &p in &db.preferred_batch_size {

@@ -11,6 +11,7 @@
 //! * [`loader`] / `host` — the backend ABI's two sides.
 //! * [`server`] — the facade the HTTP and gRPC front ends call.
 pub mod access;
+pub mod batch_io;
 mod bls;
 pub mod cache;
 pub mod classification;

@@ -40,6 +40,8 @@ pub struct TensorSpec {
     pub optional: bool,
     /// The shape the model uses instead of `dims` (Triton's `reshape`), if any.
     pub reshape: Option<Vec<i64>>,
+    /// Inputs only: `allow_ragged_batch`, so requests of any shape batch together.
+    pub ragged: bool,
 }
 
 /// What every part of a loaded model version shares.
@@ -77,16 +79,18 @@ type SpecFields<'a> = (
     &'a [i64],
     bool,
     Option<&'a ModelTensorReshape>,
+    bool,
 );
 
 fn spec_list<'a>(it: impl Iterator<Item = SpecFields<'a>>) -> Vec<TensorSpec> {
-    it.filter_map(|(n, t, d, o, r)| {
+    it.filter_map(|(n, t, d, o, r, ragged)| {
         Some(TensorSpec {
             name: n.to_string(),
             dtype: config::data_type(t)?,
             dims: d.to_vec(),
             optional: o,
             reshape: r.map(|r| r.shape.clone()),
+            ragged,
         })
     })
     .collect()
@@ -113,11 +117,19 @@ impl ModelShared {
                 i.dims.as_slice(),
                 i.optional,
                 r,
+                i.allow_ragged_batch,
             )
         }));
         let outputs = spec_list(config.output.iter().map(|o| {
             let r = o.reshape.as_ref();
-            (o.name.as_str(), o.data_type, o.dims.as_slice(), false, r)
+            (
+                o.name.as_str(),
+                o.data_type,
+                o.dims.as_slice(),
+                false,
+                r,
+                false,
+            )
         }));
         let mut labels = HashMap::new();
         for o in &config.output {
@@ -178,7 +190,8 @@ impl ModelShared {
     }
 
     /// Checks a request against the config. Returns its batch size and the non-batch
-    /// shapes of its inputs (the dynamic batcher merges only equal ones).
+    /// shapes of its inputs (the dynamic batcher merges only equal ones; a ragged input's
+    /// is left empty).
     pub fn validate(&self, req: &InferRequest) -> CoreResult<(u64, Vec<Vec<i64>>)> {
         let model = &self.name;
         let mbs = self.max_batch_size;
@@ -274,7 +287,12 @@ impl ModelShared {
                     }
                 }
             }
-            key.push(item_shape.to_vec());
+            // A ragged input joins a batch whatever its shape (Triton's allow_ragged_batch).
+            key.push(if spec.ragged {
+                Vec::new()
+            } else {
+                item_shape.to_vec()
+            });
         }
         let missing: Vec<&str> = self
             .inputs

@@ -12,6 +12,7 @@
 //! kiln_sdk::export_backend!(MyBackend);
 //! ```
 
+mod batch_io;
 mod bls;
 mod compute;
 mod control;
@@ -22,6 +23,7 @@ mod metrics;
 mod request;
 mod trampoline;
 
+pub use batch_io::{BatchInput, BatchInputKind, BatchIo, BatchOutput};
 pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
 pub use compute::compute;
 pub use control::{model_control, ModelControl};
