@@ -134,7 +134,7 @@ def test_log_settings_and_file_from_flags(repos):
     assert "Started HTTPService" not in out
 
 
-@pytest.mark.parametrize("flag,why", [("--grpc-use-ssl=true", "TLS"),
+@pytest.mark.parametrize("flag,why", [("--grpc-use-ssl=true", "--grpc-server-cert"),
                                       ("--model-namespacing=true", "namespace"),
                                       ("--log-format=fancy", "log-format"),
                                       ("--http-restricted-api=everything:k=v", "unknown API")])

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 pub use service::Inference;
 
@@ -39,6 +40,37 @@ pub struct GrpcOptions {
     pub restricted: kiln_core::access::Restrictions,
     /// `--grpc-header-forward-pattern`: metadata passed to the model as parameters.
     pub header_forward: Option<kiln_core::forward::HeaderForward>,
+    /// `--grpc-use-ssl`: serve over TLS.
+    pub tls: Option<GrpcTls>,
+}
+
+/// TLS on the gRPC port (tritonserver's `--grpc-use-ssl`, `--grpc-use-ssl-mutual`,
+/// `--grpc-server-cert`, `--grpc-server-key`, `--grpc-root-cert`), all PEM.
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    /// The server's certificate chain.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// Mutual TLS: clients must present a certificate issued by this CA.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl GrpcTls {
+    fn config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key));
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+
+    /// Checks that the certificate and key can serve (so a bad file stops the start).
+    pub fn validate(&self) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .tls_config(self.config())
+            .map(|_| ())
+    }
 }
 
 impl Default for GrpcOptions {
@@ -50,6 +82,7 @@ impl Default for GrpcOptions {
             compress_responses: false,
             restricted: Default::default(),
             header_forward: None,
+            tls: None,
         }
     }
 }
@@ -91,7 +124,11 @@ pub async fn serve(
         Ok::<_, std::io::Error>(conn)
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.config())?;
+    }
+    let serving = builder
         .http2_keepalive_interval(Some(opts.keepalive_time))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .add_service(health_svc)

@@ -61,6 +61,23 @@ pub struct Args {
     /// gzip-compress gRPC inference responses: none, low, medium or high.
     #[arg(long = "grpc-infer-response-compression-level", default_value = "none")]
     pub grpc_infer_response_compression_level: CompressionLevel,
+    /// Serve gRPC over TLS, with --grpc-server-cert and --grpc-server-key.
+    #[arg(long = "grpc-use-ssl", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub grpc_use_ssl: bool,
+    /// Also require client certificates issued by --grpc-root-cert (implies --grpc-use-ssl).
+    #[arg(long = "grpc-use-ssl-mutual", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub grpc_use_ssl_mutual: bool,
+    /// PEM file of the gRPC server's certificate chain.
+    #[arg(long = "grpc-server-cert")]
+    pub grpc_server_cert: Option<PathBuf>,
+    /// PEM file of its private key.
+    #[arg(long = "grpc-server-key")]
+    pub grpc_server_key: Option<PathBuf>,
+    /// PEM file of the CA that client certificates must chain to (mutual TLS).
+    #[arg(long = "grpc-root-cert")]
+    pub grpc_root_cert: Option<PathBuf>,
     /// Largest gRPC message received or sent, in bytes (Triton's limit: 2^31-1).
     #[arg(long = "grpc-max-message-size", default_value_t = i32::MAX as usize)]
     pub grpc_max_message_size: usize,
@@ -205,6 +222,33 @@ impl Args {
             .map(|p| kiln_core::forward::HeaderForward::new(flag, p))
             .transpose()
             .map_err(anyhow::Error::msg)
+    }
+
+    /// The gRPC port's TLS settings, read from their files (`None` without TLS).
+    pub fn grpc_tls(&self) -> anyhow::Result<Option<kiln_grpc::GrpcTls>> {
+        if !self.grpc_use_ssl && !self.grpc_use_ssl_mutual {
+            return Ok(None);
+        }
+        let read = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+            let path = path
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("--grpc-use-ssl needs --{flag}"))?;
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --{flag} {}: {e}", path.display()))
+        };
+        let tls = kiln_grpc::GrpcTls {
+            cert: read("grpc-server-cert", &self.grpc_server_cert)?,
+            key: read("grpc-server-key", &self.grpc_server_key)?,
+            client_ca: if self.grpc_use_ssl_mutual {
+                Some(read("grpc-root-cert", &self.grpc_root_cert)?)
+            } else {
+                None
+            },
+        };
+        tls.validate().map_err(|e| {
+            anyhow::anyhow!("--grpc-use-ssl: the certificate and key cannot serve TLS: {e:?}")
+        })?;
+        Ok(Some(tls))
     }
 
     /// The rate limiter the flags ask for (`None` when it is off).

@@ -2,7 +2,7 @@
 //! manifest, a Helm chart) starts it unchanged. Tuning flags for machinery Kiln does not
 //! have (memory pools, thread counts) have no effect and are listed in the
 //! log at start. Flags that ask for something Kiln does not do and whose absence would
-//! change what clients see or may reach (TLS, namespacing, SageMaker or Vertex AI front
+//! change what clients see or may reach (namespacing, SageMaker or Vertex AI front
 //! ends, another config file name) stop the start with a reason instead.
 
 /// Declares the flags: each takes any value, and may be given more than once (as
@@ -54,17 +54,12 @@ triton_flags! {
     exit_on_error = "exit-on-error";
     reuse_http_port = "reuse-http-port";
     reuse_grpc_port = "reuse-grpc-port";
-    grpc_server_cert = "grpc-server-cert";
-    grpc_server_key = "grpc-server-key";
-    grpc_root_cert = "grpc-root-cert";
     sagemaker_port = "sagemaker-port";
     sagemaker_safe_port_range = "sagemaker-safe-port-range";
     sagemaker_thread_count = "sagemaker-thread-count";
     vertex_ai_port = "vertex-ai-port";
     vertex_ai_thread_count = "vertex-ai-thread-count";
     vertex_ai_default_model = "vertex-ai-default-model";
-    grpc_use_ssl = "grpc-use-ssl";
-    grpc_use_ssl_mutual = "grpc-use-ssl-mutual";
     model_namespacing = "model-namespacing";
     allow_sagemaker = "allow-sagemaker";
     allow_vertex_ai = "allow-vertex-ai";
@@ -86,9 +81,6 @@ impl TritonFlags {
         let mut ignored = Vec::new();
         for (flag, value) in self.given() {
             let refuse = match flag {
-                "grpc-use-ssl" | "grpc-use-ssl-mutual" if is_true(&value) => {
-                    Some("Kiln serves gRPC without TLS; terminate TLS in front of it (a mesh or an ingress)")
-                }
                 "model-namespacing" if is_true(&value) => {
                     Some("Kiln does not namespace models by repository; give models unique names")
                 }
@@ -137,18 +129,16 @@ mod tests {
             "--cuda-memory-pool-byte-size=0:67108864",
             "--cuda-memory-pool-byte-size=1:67108864",
             "--exit-on-error=false",
-            "--grpc-use-ssl=false",
         ])
         .expect("accepted");
-        assert_eq!(notes.len(), 5);
+        assert_eq!(notes.len(), 4);
         assert!(notes[3].contains("keeps serving"), "{notes:?}");
     }
 
     #[test]
     fn flags_asking_for_missing_features_are_refused() {
         for args in [
-            &["--grpc-use-ssl=true"][..],
-            &["--model-namespacing=true"],
+            &["--model-namespacing=true"][..],
             &["--allow-sagemaker=1"],
             &["--model-config-name=h100"],
         ] {

@@ -144,6 +144,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
         "--http-header-forward-pattern",
         &args.http_header_forward_pattern,
     )?;
+    let grpc_tls = args.grpc_tls()?;
     let grpc_forward = Args::header_forward(
         "--grpc-header-forward-pattern",
         &args.grpc_header_forward_pattern,
@@ -238,6 +239,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
                 != CompressionLevel::None,
             restricted: grpc_restricted.clone(),
             header_forward: grpc_forward.clone(),
+            tls: grpc_tls.clone(),
         };
         tasks.push(tokio::spawn(async move {
             let stop = async move {
