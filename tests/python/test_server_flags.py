@@ -134,6 +134,30 @@ def test_log_settings_and_file_from_flags(repos):
     assert "Started HTTPService" not in out
 
 
+def test_model_config_name_picks_configs_name_pbtxt(repos):
+    """tritonserver's `--model-config-name=<n>`: a model's `configs/<n>.pbtxt` where it has
+    one, else its `config.pbtxt`."""
+    copy_simple(repos[0], "tuned")
+    copy_simple(repos[0], "plain")
+    base = open(os.path.join(repos[0], "tuned", "config.pbtxt")).read()
+    os.makedirs(os.path.join(repos[0], "tuned", "configs"))
+    for n, mbs in (("h100", 2), ("v100", 3)):
+        with open(os.path.join(repos[0], "tuned", "configs", f"{n}.pbtxt"), "w") as f:
+            f.write(base.replace("max_batch_size: 8", f"max_batch_size: {mbs}"))
+    for flag, tuned in ((("--model-config-name=h100",), 2), (("--model-config-name=v100",), 3),
+                        (("--model-config-name=h200",), 8), ((), 8)):
+        k = Kiln(*flag, repo=repos[0])
+        try:
+            c = httpclient.InferenceServerClient(url=k.url)
+            assert c.get_model_config("tuned")["max_batch_size"] == tuned, flag
+            assert c.get_model_config("plain")["max_batch_size"] == 8
+            assert (add(c, "tuned") == 3).all()
+        finally:
+            k.stop()
+    assert "--model-config-name" in refused_start("--model-config-name=", repo=repos[0])
+    assert "--model-config-name" in refused_start("--model-config-name=a b", repo=repos[0])
+
+
 @pytest.mark.parametrize("flag,why", [("--grpc-use-ssl=true", "--grpc-server-cert"),
                                       ("--model-namespacing=true", "namespace"),
                                       ("--log-format=fancy", "log-format"),

@@ -43,9 +43,22 @@ pub struct RepositoryOptions {
     pub poll_secs: u64,
     /// `--rate-limit=execution_count`: the limiter every model instance runs under.
     pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// `--model-config-name`: each model's `configs/<name>.pbtxt` is its config where it
+    /// has one (else its `config.pbtxt`).
+    pub config_name: Option<String>,
 }
 
 impl RepositoryOptions {
+    /// The config file of the model in `model_dir`: `configs/<--model-config-name>.pbtxt`
+    /// when that exists, else `config.pbtxt` (which may not exist either).
+    pub fn config_file(&self, model_dir: &Path) -> PathBuf {
+        self.config_name
+            .as_ref()
+            .map(|n| model_dir.join("configs").join(format!("{n}.pbtxt")))
+            .filter(|f| f.is_file())
+            .unwrap_or_else(|| model_dir.join("config.pbtxt"))
+    }
+
     /// The folder of model `name`: in the first repository that has it (else where it
     /// would be in the first, for messages).
     pub fn model_dir(&self, name: &str) -> PathBuf {
@@ -152,11 +165,11 @@ pub(crate) fn find(
 }
 
 fn read_config(
+    file: &Path,
     model_dir: &Path,
     name: &str,
     override_json: Option<&str>,
 ) -> CoreResult<ModelConfig> {
-    let file = model_dir.join("config.pbtxt");
     let (mut cfg, text) = match override_json {
         Some(j) => (
             config::parse_json(j).map_err(|e| CoreError::invalid(e.to_string()))?,
@@ -173,7 +186,7 @@ fn read_config(
             )
         }
     };
-    config::normalize(&mut cfg, &file, &text, name, gpu_count())
+    config::normalize(&mut cfg, file, &text, name, gpu_count())
         .map_err(|e| CoreError::invalid(e.to_string()))?;
     Ok(cfg)
 }
@@ -469,7 +482,8 @@ impl ModelManager {
     fn load_in_order(&self, names: Vec<String>) {
         let (ensembles, plain): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
             let dir = self.dir_of(n);
-            read_config(&dir, n, None).is_ok_and(|c| ensemble::is_ensemble(&c))
+            read_config(&self.opts.config_file(&dir), &dir, n, None)
+                .is_ok_and(|c| ensemble::is_ensemble(&c))
         });
         for name in plain.into_iter().chain(ensembles) {
             match self.load(&name, None) {
@@ -542,7 +556,7 @@ impl ModelManager {
             )));
         }
         // As Triton: loading an ensemble loads the composing models that are not ready.
-        if let Ok(cfg) = read_config(&dir, name, config_override) {
+        if let Ok(cfg) = read_config(&self.opts.config_file(&dir), &dir, name, config_override) {
             for m in ensemble::composing_models(&cfg) {
                 let dir = self.dir_of(&m);
                 if m != name && self.get(&m, None).is_err() && dir.is_dir() {
@@ -574,7 +588,8 @@ impl ModelManager {
         dir: &Path,
         config_override: Option<&str>,
     ) -> Result<(ModelConfig, Vec<i64>), String> {
-        let cfg = read_config(dir, name, config_override).map_err(|e| e.message)?;
+        let cfg = read_config(&self.opts.config_file(dir), dir, name, config_override)
+            .map_err(|e| e.message)?;
         let versions = select_versions(&cfg, &available_versions(dir));
         let Some(&newest) = versions.iter().max() else {
             return Err(format!(

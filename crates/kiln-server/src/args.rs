@@ -61,6 +61,9 @@ pub struct Args {
     /// gzip-compress gRPC inference responses: none, low, medium or high.
     #[arg(long = "grpc-infer-response-compression-level", default_value = "none")]
     pub grpc_infer_response_compression_level: CompressionLevel,
+    /// Use each model's `configs/<name>.pbtxt` where it has one (else `config.pbtxt`).
+    #[arg(long = "model-config-name")]
+    pub model_config_name: Option<String>,
     /// Serve gRPC over TLS, with --grpc-server-cert and --grpc-server-key.
     #[arg(long = "grpc-use-ssl", default_value_t = false, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -222,6 +225,17 @@ impl Args {
             .map(|p| kiln_core::forward::HeaderForward::new(flag, p))
             .transpose()
             .map_err(anyhow::Error::msg)
+    }
+
+    /// `--model-config-name`, checked as tritonserver checks it: not empty, no spaces.
+    pub fn model_config_name(&self) -> anyhow::Result<Option<String>> {
+        match self.model_config_name.as_deref() {
+            None => Ok(None),
+            Some(n) if n.is_empty() || n.chars().any(char::is_whitespace) => Err(anyhow::anyhow!(
+                "--model-config-name must be a non-empty name without spaces, got '{n}'"
+            )),
+            Some(n) => Ok(Some(n.to_string())),
+        }
     }
 
     /// The gRPC port's TLS settings, read from their files (`None` without TLS).

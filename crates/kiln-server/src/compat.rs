@@ -3,7 +3,7 @@
 //! have (memory pools, thread counts) have no effect and are listed in the
 //! log at start. Flags that ask for something Kiln does not do and whose absence would
 //! change what clients see or may reach (namespacing, SageMaker or Vertex AI front
-//! ends, another config file name) stop the start with a reason instead.
+//! ends) stop the start with a reason instead.
 
 /// Declares the flags: each takes any value, and may be given more than once (as
 /// tritonserver's repeatable ones are).
@@ -63,7 +63,6 @@ triton_flags! {
     model_namespacing = "model-namespacing";
     allow_sagemaker = "allow-sagemaker";
     allow_vertex_ai = "allow-vertex-ai";
-    model_config_name = "model-config-name";
 }
 
 /// Whether a flag's value turns a feature on (tritonserver's boolean spellings).
@@ -86,9 +85,6 @@ impl TritonFlags {
                 }
                 "allow-sagemaker" | "allow-vertex-ai" if is_true(&value) => {
                     Some("Kiln has no SageMaker or Vertex AI front end")
-                }
-                "model-config-name" => {
-                    Some("Kiln reads each model's config.pbtxt; other config file names are not supported")
                 }
                 _ => None,
             };
@@ -137,11 +133,7 @@ mod tests {
 
     #[test]
     fn flags_asking_for_missing_features_are_refused() {
-        for args in [
-            &["--model-namespacing=true"][..],
-            &["--allow-sagemaker=1"],
-            &["--model-config-name=h100"],
-        ] {
+        for args in [&["--model-namespacing=true"][..], &["--allow-sagemaker=1"]] {
             assert!(check(args).is_err(), "{args:?}");
         }
     }

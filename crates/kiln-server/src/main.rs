@@ -167,6 +167,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
                 Mode::Poll => ControlMode::Poll,
             },
             startup_models: args.load_model.clone(),
+            config_name: args.model_config_name()?,
             response_cache,
             autocomplete: !(args.disable_auto_complete_config
                 || args.strict_model_config == Some(true)),
