@@ -177,11 +177,11 @@ fn read_config(
         ),
         None if !file.exists() => (detect_config(model_dir, name)?, String::new()),
         None => {
-            let text = std::fs::read_to_string(&file).map_err(|e| {
+            let text = std::fs::read_to_string(file).map_err(|e| {
                 CoreError::invalid(format!("cannot read '{}': {e}", file.display()))
             })?;
             (
-                config::parse_pbtxt(&file, &text).map_err(|e| CoreError::invalid(e.to_string()))?,
+                config::parse_pbtxt(file, &text).map_err(|e| CoreError::invalid(e.to_string()))?,
                 text,
             )
         }
