@@ -209,10 +209,10 @@ def test_dlpack_and_writable_inputs(client):
 
 
 def test_model_errors_fail_only_their_requests(client):
-    def run(mode):
+    def run(mode, **kw):
         t = httpclient.InferInput("MODE", [1], "INT32")
         t.set_data_from_numpy(np.array([mode], np.int32))
-        return client.infer("py_errors", [t])
+        return client.infer("py_errors", [t], **kw)
 
     assert run(5).as_numpy("ECHO")[0] == 5
     with pytest.raises(InferenceServerException, match="mode 1 is refused") as e:
@@ -224,6 +224,12 @@ def test_model_errors_fail_only_their_requests(client):
     with pytest.raises(InferenceServerException, match="stub process stopped answering"):
         run(3)
     assert run(6).as_numpy("ECHO")[0] == 6
+    # request.timeout() is what the client set (µs); trace() is there for BLS calls.
+    assert run(7, timeout=5_000_000).as_numpy("ECHO")[0] == 5_000_000
+    # Rescheduling needs an iterative sequence model: the request ends with that reason.
+    with pytest.raises(InferenceServerException, match="iterative_sequence") as e:
+        run(4)
+    assert e.value.status() == "501"
 
 
 def test_failing_initialize_leaves_the_model_unavailable(client):

@@ -184,15 +184,7 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
             } else {
                 &t["reshape"]["shape"]
             };
-            let mut full: Vec<i64> = shape
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_i64)
-                .collect();
-            if batching {
-                full.insert(0, -1);
-            }
+            let full = kiln_sdk::full_dims(shape, batching);
             let fits = full.len() == g.dims.len()
                 && full
                     .iter()

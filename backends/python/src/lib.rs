@@ -187,6 +187,7 @@ fn execute_frame<'a>(requests: &[Request<'a>], handles: &[u64]) -> (Value, Vec<&
                 // A string sequence id reaches the model as the string, as in Triton.
                 "correlation_id": r.correlation_id_text().map_or(json!(r.correlation_id()), Value::from),
                 "flags": r.flags(),
+                "timeout": r.timeout_us(),
                 "parameters": serde_json::from_str::<Value>(r.parameters_json()).unwrap_or(json!({})),
                 "inputs": inputs,
                 "requested_outputs": r.requested_outputs(),

@@ -275,8 +275,9 @@ class InferenceRequest:
         self._bls = (model_name, model_version, timeout)
         self._inputs, self._outputs = list(inputs or []), list(requested_output_names or [])
         self._id, self._corr, self._flags = request_id, correlation_id, flags
+        self._timeout, self._trace = timeout, trace if trace is not None else InferenceTrace()
         self._params = _parameters_json(parameters)
-        self._handle, self._sender = None, None
+        self._handle, self._sender, self._release_flags = None, None, 0
 
     @classmethod
     def _incoming(cls, spec, inputs):
@@ -286,7 +287,8 @@ class InferenceRequest:
         r._outputs = spec.get("requested_outputs", [])
         r._id, r._corr = spec.get("id", ""), spec.get("correlation_id", 0)
         r._flags, r._params = spec.get("flags", 0), json.dumps(spec.get("parameters", {}))
-        r._sender = None
+        r._timeout, r._trace = spec.get("timeout", 0), InferenceTrace()
+        r._sender, r._release_flags = None, 0
         return r
 
     def inputs(self):
@@ -303,6 +305,21 @@ class InferenceRequest:
 
     def flags(self):
         return self._flags
+
+    def set_flags(self, flags):
+        self._flags = flags
+
+    def timeout(self):
+        """The request's timeout in microseconds (0: none)."""
+        return self._timeout
+
+    def trace(self):
+        return self._trace
+
+    def set_release_flags(self, flags):
+        """`TRITONSERVER_REQUEST_RELEASE_RESCHEDULE` asks for the request to run again; Kiln
+        has no iterative sequences, so such a request gets an error after `execute`."""
+        self._release_flags = flags
 
     def parameters(self):
         return self._params
@@ -401,7 +418,29 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
 TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
 TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
+TRITONSERVER_MEMORY_CPU = 0
+TRITONSERVER_MEMORY_CPU_PINNED = 1
+TRITONSERVER_MEMORY_GPU = 2
+
+
+class PreferredMemory:
+    """Where a BLS caller would like output tensors (Kiln's are always in CPU memory)."""
+
+    def __init__(self, preferred_memory_type=TRITONSERVER_MEMORY_CPU, preferred_device_id=0):
+        self.preferred_memory_type = preferred_memory_type
+        self.preferred_device_id = preferred_device_id
+
+
+class InferenceTrace:
+    """A request's trace, passed on to BLS requests (Kiln traces them on their own)."""
+
+    def __init__(self, context=None):
+        self._context = context
+
+    def get_context(self, key=None):
+        return self._context
 
 
 class ModelConfig:
@@ -832,6 +871,11 @@ def main():
                 else:
                     responses = future.result()
             _check_responses(args["model_instance_name"], decoupled, requests, responses)
+            for request in requests:
+                if request._release_flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE and \
+                        request._handle not in _finished:
+                    error = TritonError(_RESCHEDULE_UNSUPPORTED, TritonError.UNSUPPORTED)
+                    _send_response(request._handle, InferenceResponse(error=error), True)
             for request, r in zip(requests, responses or []):
                 if r is not None and request._handle not in _finished:
                     _send_response(request._handle, r, True)
@@ -841,6 +885,11 @@ def main():
                    else f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
         finally:
             _finished.difference_update(r._handle for r in requests)
+
+
+_RESCHEDULE_UNSUPPORTED = (
+    "the model released the request with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: Kiln does not "
+    "run iterative sequences (sequence_batching { iterative_sequence: true }), so the request ends here")
 
 
 def _check_responses(name, decoupled, requests, responses):

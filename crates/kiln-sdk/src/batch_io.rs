@@ -138,15 +138,7 @@ impl BatchIo {
         let output_dims = list("output")
             .iter()
             .map(|o| {
-                let mut dims: Vec<i64> = o["dims"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_i64)
-                    .collect();
-                if batching {
-                    dims.insert(0, -1);
-                }
+                let dims = full_dims(&o["dims"], batching);
                 (o["name"].as_str().unwrap_or("").to_string(), dims)
             })
             .collect();
@@ -233,6 +225,17 @@ impl BatchIo {
     }
 }
 
+/// A tensor's full shape from its config dims (a JSON list): with `batching`, the batch
+/// dimension (-1) first.
+pub fn full_dims(dims: &Value, batching: bool) -> Vec<i64> {
+    let rest = dims
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_i64);
+    batching.then_some(-1).into_iter().chain(rest).collect()
+}
+
 /// A request's shape of a batch output: `dims` with each -1 replaced by the source
 /// input's dimension at the same position.
 fn scatter_shape(dims: &[i64], source: &[i64]) -> Vec<i64> {
@@ -317,6 +320,13 @@ mod tests {
             batch_input_values(BatchInputKind::ItemShapeFlatten, &s),
             (vec![6], vec![3, 1, 3, 1, 2, 2])
         );
+    }
+
+    #[test]
+    fn full_dims_prepend_the_batch_dimension_when_batching() {
+        assert_eq!(full_dims(&json!([3, -1]), true), vec![-1, 3, -1]);
+        assert_eq!(full_dims(&json!([3, -1]), false), vec![3, -1]);
+        assert_eq!(full_dims(&Value::Null, true), vec![-1]);
     }
 
     #[test]

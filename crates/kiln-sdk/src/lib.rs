@@ -23,7 +23,7 @@ mod metrics;
 mod request;
 mod trampoline;
 
-pub use batch_io::{BatchInput, BatchInputKind, BatchIo, BatchOutput};
+pub use batch_io::{full_dims, BatchInput, BatchInputKind, BatchIo, BatchOutput};
 pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
 pub use compute::compute;
 pub use control::{model_control, ModelControl};

@@ -175,6 +175,11 @@ impl<'a> Request<'a> {
         self.view.flags
     }
 
+    /// The timeout the client gave the request, in microseconds (0: none).
+    pub fn timeout_us(&self) -> u64 {
+        self.view.timeout_us
+    }
+
     /// Batch size of this request (1 for models without batching).
     pub fn batch_size(&self) -> u64 {
         self.view.batch_size

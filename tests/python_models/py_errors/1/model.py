@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -15,6 +16,13 @@ class TritonPythonModel:
                 raise ValueError("mode 2 raises")
             elif mode[0] == 3:
                 os._exit(3)
+            elif mode[0] == 4:
+                request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
+                out.append(None)
+            elif mode[0] == 7:
+                assert isinstance(request.trace(), pb_utils.InferenceTrace)
+                timeout = np.array([request.timeout()], np.int32)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ECHO", timeout)]))
             else:
                 out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ECHO", mode)]))
         return out
