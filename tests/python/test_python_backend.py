@@ -415,3 +415,54 @@ def test_triton_parameter_keys_are_reserved(kiln):
     r = requests.post(f"http://{kiln.url}/v2/models/py_errors/infer", json=body, timeout=30)
     assert r.status_code == 400
     assert "parameter keys starting with 'triton_' are reserved for Triton usage" in r.json()["error"]
+
+
+RENDEZVOUS = """import os
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        repo = os.path.dirname(args["model_repository"])
+        mine, other = args["model_name"], {"meet_a": "meet_b", "meet_b": "meet_a"}[args["model_name"]]
+        open(os.path.join(repo, mine + ".started"), "w").close()
+        deadline = time.time() + float(os.environ.get("MEET_WAIT", "30"))
+        while not os.path.exists(os.path.join(repo, other + ".started")):
+            if time.time() > deadline:
+                raise RuntimeError(other + " never started loading while " + mine + " was loading")
+            time.sleep(0.05)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(r, "X")]) for r in requests]
+"""
+
+
+@pytest.mark.parametrize("threads,both_load", [(4, True), (1, False)])
+def test_models_load_at_the_same_time(tmp_path, threads, both_load):
+    """--model-load-thread-count (Triton's default 4): two models whose initialize each waits
+    for the other to begin loading both load; loading one at a time, the first gives up."""
+    for name in ("meet_a", "meet_b"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "model.py").write_text(RENDEZVOUS)
+        (tmp_path / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nbackend: "python"\n'
+            'input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+            'output [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n')
+    os.environ["MEET_WAIT"] = "30" if both_load else "2"
+    try:
+        k = Kiln("--strict-readiness=false", f"--model-load-thread-count={threads}", repo=str(tmp_path))
+    finally:
+        del os.environ["MEET_WAIT"]
+    try:
+        with httpclient.InferenceServerClient(k.url) as c:
+            ready = [c.is_model_ready(n) for n in ("meet_a", "meet_b")]
+            if both_load:
+                assert ready == [True, True]
+            else:
+                assert sorted(ready) == [False, True]
+                index = {m["name"]: m for m in c.get_model_repository_index()}
+                assert any("never started loading" in m.get("reason", "") for m in index.values())
+    finally:
+        k.stop()

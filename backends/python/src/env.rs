@@ -37,8 +37,11 @@ pub fn python_for(config: &Value, model_dir: &Path, default: &str) -> Result<Str
         })
 }
 
-/// Unpacks `archive` (once) and returns where.
+/// Unpacks `archive` (once) and returns where. Models load at the same time, so one
+/// unpacks while the others that use the archive wait.
 fn unpack(archive: &Path) -> Result<PathBuf> {
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACKING.lock().unwrap_or_else(|p| p.into_inner());
     let meta = std::fs::metadata(archive)
         .map_err(|e| Error::internal(format!("cannot read '{}': {e}", archive.display())))?;
     let mut h = std::hash::DefaultHasher::new();

@@ -226,7 +226,9 @@ impl Ensemble {
         let work = async move {
             let started = Instant::now();
             match me.run(&shared, &request, &sink).await {
-                Ok(()) => {
+                Ok(last) => {
+                    // Counted before the client hears the end, so statistics read right
+                    // after a response include it.
                     let total = request.arrival.elapsed();
                     let compute = ComputeTimes {
                         infer: started.elapsed(),
@@ -234,6 +236,7 @@ impl Ensemble {
                     };
                     shared.stats.record_execution(batch_size, compute);
                     shared.stats.record_success(total, Duration::ZERO, compute);
+                    sink.send(last);
                 }
                 Err(e) => {
                     let reason = crate::stats::FailReason::Backend;
@@ -273,13 +276,14 @@ impl Ensemble {
     /// from a copy of its own, so the steps after it run once per response. A flow whose
     /// tensors come to include every ensemble output answers the client: once, as the
     /// final response, when no composing model is decoupled; otherwise once per flow,
-    /// followed by the final flag when every step request has finished.
+    /// followed by the final flag when every step request has finished. Returns the last event
+    /// (the final response or flag), for the caller to send once it has counted the request.
     async fn run(
         &self,
         shared: &ModelShared,
         request: &InferRequest,
         sink: &ResponseSink,
-    ) -> CoreResult<()> {
+    ) -> CoreResult<ResponseEvent> {
         let streaming = self.streams();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StepEvent>();
         let mut flows = vec![Flow {
@@ -374,8 +378,7 @@ impl Ensemble {
             }
         }
         if streaming {
-            sink.send(ResponseEvent::Final);
-            return Ok(());
+            return Ok(ResponseEvent::Final);
         }
         let response = answer.ok_or_else(|| {
             CoreError::internal(format!(
@@ -383,11 +386,10 @@ impl Ensemble {
                 shared.name
             ))
         })?;
-        sink.send(ResponseEvent::Response {
+        Ok(ResponseEvent::Response {
             response,
             last: true,
-        });
-        Ok(())
+        })
     }
 
     /// Submits every step of `flow` (number `index`) whose tensors exist and that has not

@@ -73,6 +73,9 @@ struct InflightState {
     stats_recorded: bool,
     /// Whether a successful response was already delivered (first-response latency).
     responded: bool,
+    /// The final event, held until the execution's times are known and the request is
+    /// counted (so statistics read right after the response include it).
+    held_final: Option<ResponseEvent>,
 }
 
 /// A request handed to a backend, kept alive (with its views) until released.
@@ -144,16 +147,25 @@ impl Inflight {
         self.note_response(&mut st, &event);
         let ok = !matches!(event, ResponseEvent::Error(_));
         st.finished = Some(ok);
-        self.sink.send(event);
-        self.maybe_record(&mut st);
+        if st.exec.is_some() {
+            self.maybe_record(&mut st);
+            self.sink.send(event);
+        } else {
+            // Sent by `set_exec_times`, once the execution has returned.
+            st.held_final = Some(event);
+        }
         true
     }
 
-    /// Called by the instance thread after `execute` returned.
+    /// Called by the instance thread after `execute` returned: counts the request if it
+    /// is finished, then delivers its final event.
     pub(crate) fn set_exec_times(&self, queue: Duration, compute: ComputeTimes) {
         let mut st = self.lock();
         st.exec = Some((queue, compute));
         self.maybe_record(&mut st);
+        if let Some(event) = st.held_final.take() {
+            self.sink.send(event);
+        }
     }
 
     pub(crate) fn is_released(&self) -> bool {

@@ -43,6 +43,8 @@ pub struct RepositoryOptions {
     pub poll_secs: u64,
     /// `--rate-limit=execution_count`: the limiter every model instance runs under.
     pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// `--model-load-thread-count`: how many models load at the same time (at least 1).
+    pub load_threads: usize,
     /// `--model-config-name`: each model's `configs/<name>.pbtxt` is its config where it
     /// has one (else its `config.pbtxt`).
     pub config_name: Option<String>,
@@ -118,7 +120,9 @@ pub(crate) type Models = Arc<ModelTable>;
 pub struct ModelManager {
     opts: RepositoryOptions,
     models: Models,
-    load_lock: Mutex<()>,
+    /// One lock per model name: a model's loads and unloads take turns; different
+    /// models load at the same time.
+    locks: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
     /// Poll mode: what each model's folder looked like when it was last loaded.
     seen: Mutex<BTreeMap<String, u64>>,
     /// Models loaded from files sent with the load request, and where those files are.
@@ -350,7 +354,7 @@ impl ModelManager {
         ModelManager {
             opts,
             models,
-            load_lock: Mutex::new(()),
+            locks: Mutex::new(BTreeMap::new()),
             seen: Mutex::new(BTreeMap::new()),
             overrides: Mutex::new(BTreeMap::new()),
         }
@@ -478,18 +482,37 @@ impl ModelManager {
         result
     }
 
-    /// Loads `names`, ensembles after the models they run; failures are logged.
+    /// The lock that `name`'s loads and unloads take.
+    fn model_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Loads `names`, up to `load_threads` at a time, ensembles after the models they
+    /// run; failures are logged.
     fn load_in_order(&self, names: Vec<String>) {
         let (ensembles, plain): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
             let dir = self.dir_of(n);
             read_config(&self.opts.config_file(&dir), &dir, n, None)
                 .is_ok_and(|c| ensemble::is_ensemble(&c))
         });
-        for name in plain.into_iter().chain(ensembles) {
-            match self.load(&name, None) {
-                Ok(()) => tracing::info!(model = %name, "model loaded"),
-                Err(e) => tracing::error!(model = %name, "failed to load: {}", e.message),
-            }
+        for group in [plain, ensembles] {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let load_next = || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(name) = group.get(i) else { break };
+                match self.load(name, None) {
+                    Ok(()) => tracing::info!(model = %name, "model loaded"),
+                    Err(e) => tracing::error!(model = %name, "failed to load: {}", e.message),
+                }
+            };
+            let threads = self.opts.load_threads.clamp(1, group.len().max(1));
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    scope.spawn(load_next);
+                }
+                load_next();
+            });
         }
     }
 
@@ -544,7 +567,8 @@ impl ModelManager {
 
     /// Loads (or reloads) model `name`, optionally with a JSON config instead of config.pbtxt.
     pub fn load(&self, name: &str, config_override: Option<&str>) -> CoreResult<()> {
-        let _serial = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self.model_lock(name);
+        let _turn = lock.lock().unwrap_or_else(|p| p.into_inner());
         if name.is_empty() || name.contains('/') || name.contains("..") {
             return Err(CoreError::invalid(format!("invalid model name '{name}'")));
         }
@@ -559,7 +583,12 @@ impl ModelManager {
         if let Ok(cfg) = read_config(&self.opts.config_file(&dir), &dir, name, config_override) {
             for m in ensemble::composing_models(&cfg) {
                 let dir = self.dir_of(&m);
-                if m != name && self.get(&m, None).is_err() && dir.is_dir() {
+                if m == name {
+                    continue;
+                }
+                let lock = self.model_lock(&m);
+                let _turn = lock.lock().unwrap_or_else(|p| p.into_inner());
+                if self.get(&m, None).is_err() && dir.is_dir() {
                     if let Err(e) = self.load_versions(&m, &dir, None) {
                         tracing::error!(model = %m, "failed to load: {}", e.message);
                     }
@@ -708,7 +737,8 @@ impl ModelManager {
 
     /// Unloads every version of `name`; in-flight and queued requests finish first.
     pub fn unload(&self, name: &str) -> CoreResult<()> {
-        let _serial = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self.model_lock(name);
+        let _turn = lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = {
             let mut models = self.models_write();
             let Some(slot) = models.get_mut(name) else {

@@ -61,6 +61,9 @@ pub struct Args {
     /// gzip-compress gRPC inference responses: none, low, medium or high.
     #[arg(long = "grpc-infer-response-compression-level", default_value = "none")]
     pub grpc_infer_response_compression_level: CompressionLevel,
+    /// How many models load at the same time.
+    #[arg(long = "model-load-thread-count", default_value_t = 4)]
+    pub model_load_thread_count: usize,
     /// Use each model's `configs/<name>.pbtxt` where it has one (else `config.pbtxt`).
     #[arg(long = "model-config-name")]
     pub model_config_name: Option<String>,

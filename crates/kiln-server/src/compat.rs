@@ -30,7 +30,6 @@ macro_rules! triton_flags {
 }
 
 triton_flags! {
-    model_load_thread_count = "model-load-thread-count";
     model_load_retry_count = "model-load-retry-count";
     http_thread_count = "http-thread-count";
     buffer_manager_thread_count = "buffer-manager-thread-count";

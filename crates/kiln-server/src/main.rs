@@ -168,6 +168,7 @@ async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Resu
             },
             startup_models: args.load_model.clone(),
             config_name: args.model_config_name()?,
+            load_threads: args.model_load_thread_count.max(1),
             response_cache,
             autocomplete: !(args.disable_auto_complete_config
                 || args.strict_model_config == Some(true)),
