@@ -1,4 +1,5 @@
-//! A single-threaded f32 matrix product for x86-64 CPUs with AVX2 and FMA, made for the
+//! A single-threaded f32 matrix product for x86-64 CPUs with AVX2 and FMA (and, where the
+//! CPU has AVX-512, 6×32 tiles in 512-bit registers over two strips of B), made for the
 //! convolution's and linear layers' shapes: `C[m, n] = start + A[m, k] · B[k, n]`, each
 //! operand either row-major in place or packed by the caller (A in 6-row slivers, B in
 //! 16-column panels), C with any row and column stride (so a product over pixel rows can
@@ -171,14 +172,56 @@ pub fn available() -> bool {
 /// the rows and strides given, and no other thread may touch the `m × n` block of `c`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, epilogue: Epilogue) {
-    #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
-    unsafe {
-        avx2::sgemm(m, n, k, a, b, c, epilogue)
+    unsafe { sgemm_with(wide_available(), m, n, k, a, b, c, epilogue) }
+}
+
+/// Whether this CPU also has AVX-512 (F), which [`sgemm`] then uses for 32-column tiles
+/// (unless `KILN_SGEMM_AVX2` is set, for comparing the two).
+pub fn wide_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| {
+            available()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::env::var_os("KILN_SGEMM_AVX2").is_none()
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, n, k, a, b, c, epilogue);
+        false
+    }
+}
+
+/// [`sgemm`] with (`wide`) or without the AVX-512 tiles.
+///
+/// # Safety
+/// As [`sgemm`]; with `wide`, [`wide_available`] must be true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_with(
+    wide: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Lhs,
+    b: Rhs,
+    c: Out,
+    epilogue: Epilogue,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        // Only a packed B of two strips or more has 32-column tiles.
+        if wide && n > NR && matches!(b, Rhs::Panels { .. }) {
+            avx2::sgemm_wide(m, n, k, a, b, c, epilogue)
+        } else {
+            avx2::sgemm(m, n, k, a, b, c, epilogue)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (wide, m, n, k, a, b, c, epilogue);
         unreachable!("sgemm needs AVX2 and FMA (check `available` first)")
     }
 }
@@ -200,12 +243,63 @@ mod avx2 {
         relu: bool,
     }
 
+    /// The product with AVX2 tiles only.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sgemm(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, e: Epilogue) {
+        // SAFETY: forwarded from the caller.
+        unsafe { drive::<false>(m, n, k, a, b, c, e) }
+    }
+
+    /// The product with AVX-512 tiles two strips of B wide where B has them (AVX2 tiles
+    /// for a last single strip).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn sgemm_wide(m: usize, n: usize, k: usize, a: Lhs, b: Rhs, c: Out, e: Epilogue) {
+        // SAFETY: forwarded from the caller.
+        unsafe { drive::<true>(m, n, k, a, b, c, e) }
+    }
+
+    /// Where a tile at row `i`, column `j` stores (and what it starts from).
+    #[inline(always)]
+    fn place(c: Out, e: Epilogue, i: usize, j: usize, first: bool, last: bool) -> (Out, Store) {
+        let out = Out {
+            ptr: c.ptr.wrapping_add(i * c.rs + j * c.cs),
+            ..c
+        };
+        let st = Store {
+            first,
+            last,
+            base: match e.base {
+                Base::Other { ptr, ld } => Base::Other {
+                    ptr: ptr.wrapping_add(i * ld + j * c.cs),
+                    ld,
+                },
+                other => other,
+            },
+            row_bias: e.row_bias.map(|p| p.wrapping_add(i)),
+            col_bias: e.col_bias.map(|p| p.wrapping_add(j)),
+            relu: e.relu,
+        };
+        (out, st)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn drive<const WIDE: bool>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Lhs,
+        b: Rhs,
+        c: Out,
+        e: Epilogue,
+    ) {
         // A strip of B narrower than 16 columns is copied here, zero-padded.
-        // Equal passes of at most KC (k = 384 in one pass, not 256 + 128).
-        let step = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+        // Equal passes of at most KC (k = 384 in one pass, not 256 + 128); half as deep
+        // with two strips at once, so that what a tile streams from B still fits in L1.
+        let kc_max = if WIDE { KC / 2 } else { KC };
+        let step = k.div_ceil(k.div_ceil(kc_max).max(1)).max(1);
         let mut edge = vec![0f32; step * NR];
         // k = 0 still writes the start values (one pass with an empty product).
         let passes: Vec<usize> = if k == 0 {
@@ -215,12 +309,18 @@ mod avx2 {
         };
         for k0 in passes {
             let kc = step.min(k - k0);
+            let (first, last) = (k0 == 0, k0 + kc >= k);
             // A multiple of 96 rows, so that passes split no packed block (see `Lhs`).
             let rows = (MC_ELEMS / kc.max(1) / 96).max(1) * 96;
             for i0 in (0..m).step_by(rows) {
                 let mc = rows.min(m - i0);
-                for j in (0..n).step_by(NR) {
+                let mut j = 0;
+                while j < n {
                     let nc = NR.min(n - j);
+                    // Two strips at once where a second packed panel exists (zero-padded
+                    // past n). (B read in place stays with single strips: its rows lie
+                    // far apart, and two strips of them ran slower than one.)
+                    let wide = WIDE && matches!(b, Rhs::Panels { .. }) && j + NR < n;
                     // SAFETY (whole block): offsets stay within the caller's matrices.
                     let (bp, bs) = match b {
                         Rhs::Panels { ptr, k } => {
@@ -243,6 +343,12 @@ mod avx2 {
                             (edge.as_ptr(), NR)
                         }
                     };
+                    // The second strip: the next panel (or, unused, the next 16 columns).
+                    let bp2 = match b {
+                        Rhs::Panels { k, .. } => bp.wrapping_add(k * NR),
+                        Rhs::Rows { .. } => bp.wrapping_add(NR),
+                    };
+                    let width = if wide { 2 * NR } else { NR };
                     let mut i = i0;
                     while i < i0 + mc {
                         let (ap, lda, rows) = match a {
@@ -255,33 +361,39 @@ mod avx2 {
                                 (unsafe { ptr.add(at) }, bw, rows)
                             }
                         };
-                        let cp = Out {
-                            ptr: unsafe { c.ptr.add(i * c.rs + j * c.cs) },
-                            ..c
-                        };
-                        let st = Store {
-                            first: k0 == 0,
-                            last: k0 + kc >= k,
-                            base: match e.base {
-                                Base::Other { ptr, ld } => Base::Other {
-                                    ptr: ptr.wrapping_add(i * ld + j * c.cs),
-                                    ld,
-                                },
-                                other => other,
-                            },
-                            row_bias: e.row_bias.map(|p| p.wrapping_add(i)),
-                            col_bias: e.col_bias.map(|p| p.wrapping_add(j)),
-                            relu: e.relu,
-                        };
+                        let (cp, st) = place(c, e, i, j, first, last);
                         let ab = (ap, lda);
                         // The first tile of a strip fetches the next packed strip of B
                         // into cache while it works (later tiles touch their own, a no-op).
                         let pf = match b {
-                            Rhs::Panels { ptr, k } if i == i0 && j + NR < n => {
-                                ptr.wrapping_add((j / NR + 1) * k * NR + k0 * NR)
+                            Rhs::Panels { ptr, k } if i == i0 && j + width < n => {
+                                ptr.wrapping_add(((j + width) / NR) * k * NR + k0 * NR)
                             }
                             _ => bp,
                         };
+                        if wide {
+                            let (cp2, st2) = place(c, e, i, j + NR, first, last);
+                            let halves = [(cp, nc, st), (cp2, NR.min(n - j - NR), st2)];
+                            let bp = (bp, bp2, pf);
+                            unsafe {
+                                match (rows, matches!(a, Lhs::Rows { .. })) {
+                                    (6, true) => wide_tile::<6, true>(kc, ab, bp, bs, halves),
+                                    (5, true) => wide_tile::<5, true>(kc, ab, bp, bs, halves),
+                                    (4, true) => wide_tile::<4, true>(kc, ab, bp, bs, halves),
+                                    (3, true) => wide_tile::<3, true>(kc, ab, bp, bs, halves),
+                                    (2, true) => wide_tile::<2, true>(kc, ab, bp, bs, halves),
+                                    (_, true) => wide_tile::<1, true>(kc, ab, bp, bs, halves),
+                                    (6, false) => wide_tile::<6, false>(kc, ab, bp, bs, halves),
+                                    (5, false) => wide_tile::<5, false>(kc, ab, bp, bs, halves),
+                                    (4, false) => wide_tile::<4, false>(kc, ab, bp, bs, halves),
+                                    (3, false) => wide_tile::<3, false>(kc, ab, bp, bs, halves),
+                                    (2, false) => wide_tile::<2, false>(kc, ab, bp, bs, halves),
+                                    (_, false) => wide_tile::<1, false>(kc, ab, bp, bs, halves),
+                                }
+                            }
+                            i += rows;
+                            continue;
+                        }
                         let bp = (bp, pf);
                         unsafe {
                             match (rows, matches!(a, Lhs::Rows { .. })) {
@@ -301,7 +413,58 @@ mod avx2 {
                         }
                         i += rows;
                     }
+                    j += width;
                 }
+            }
+        }
+    }
+
+    /// A 512-bit register as its two 256-bit halves.
+    #[inline(always)]
+    unsafe fn split(v: __m512) -> (__m256, __m256) {
+        unsafe {
+            let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+            (_mm512_castps512_ps256(v), _mm256_castpd_ps(upper))
+        }
+    }
+
+    /// `R × 32` block of C, as two 16-column halves (`(out, valid columns, store)` each):
+    /// start + `R × kc` of A · the `kc × 16` strips of B at `b.0` and `b.1`, accumulated in
+    /// 512-bit registers (one per row and strip: twice the AVX2 tile's work per step), then
+    /// stored half by half through the AVX2 epilogue.
+    #[inline(always)]
+    unsafe fn wide_tile<const R: usize, const ROWS: bool>(
+        kc: usize,
+        (a, lda): (*const f32, usize),
+        (b, b2, pf): (*const f32, *const f32, *const f32),
+        ldb: usize,
+        halves: [(Out, usize, Store); 2],
+    ) {
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            for kk in 0..kc {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                let b0 = _mm512_loadu_ps(b.add(kk * ldb));
+                let b1 = _mm512_loadu_ps(b2.add(kk * ldb));
+                for r in 0..R {
+                    let at = if ROWS {
+                        a.add(r * lda + kk)
+                    } else {
+                        a.add(kk * lda + r)
+                    };
+                    let av = _mm512_set1_ps(*at);
+                    lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+                }
+            }
+            for (acc, (c, nc, st)) in [lo, hi].iter().zip(halves) {
+                let mut l = [_mm256_setzero_ps(); R];
+                let mut h = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    (l[r], h[r]) = split(acc[r]);
+                }
+                store::<R>(l, h, c, nc, st);
             }
         }
     }
@@ -414,6 +577,22 @@ mod avx2 {
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
                 }
             }
+            store::<R>(lo, hi, c, nc, st);
+        }
+    }
+
+    /// Stores an `R × 16` tile's products `lo` (columns 0..8) and `hi` (8..16): adds the
+    /// start values and biases [`Store`] names, applies ReLU on the last pass, and writes
+    /// the `nc` valid columns to `c`.
+    #[inline(always)]
+    unsafe fn store<const R: usize>(
+        lo: [__m256; R],
+        hi: [__m256; R],
+        c: Out,
+        nc: usize,
+        st: Store,
+    ) {
+        unsafe {
             let zero = _mm256_setzero_ps();
             // Stride-0 stand-ins for an absent start or row bias, so that every row below
             // runs the same straight-line code (no per-row branches or spilled rows).
@@ -503,19 +682,34 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// Each shape with the AVX2 tiles, and again with the AVX-512 ones where the CPU has
+    /// them.
+    fn both_paths<const N: usize>(
+        shapes: [(usize, usize, usize); N],
+    ) -> impl Iterator<Item = (bool, (usize, usize, usize))> {
+        let paths = if wide_available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        };
+        paths
+            .into_iter()
+            .flat_map(move |w| shapes.into_iter().map(move |s| (w, s)))
+    }
+
     #[test]
     fn accumulates_the_product_for_ragged_shapes_and_strides() {
         if !available() {
             eprintln!("no AVX2/FMA on this CPU: the gemm crate path is used instead; skipped");
             return;
         }
-        for &(m, n, k) in &[
+        for (wide, (m, n, k)) in both_paths([
             (1, 1, 1),
             (6, 16, 3),
             (7, 17, 300),
             (13, 40, 513),
             (64, 5, 9),
-        ] {
+        ]) {
             let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
             let a: Vec<f32> = (0..m * lda).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
             let b: Vec<f32> = (0..k * ldb).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
@@ -527,7 +721,8 @@ mod tests {
                 ldb,
             };
             unsafe {
-                sgemm(
+                sgemm_with(
+                    wide,
                     m,
                     n,
                     k,
@@ -552,7 +747,8 @@ mod tests {
             };
             // SAFETY: as above, with the packed copy.
             unsafe {
-                sgemm(
+                sgemm_with(
+                    wide,
                     m,
                     n,
                     k,
@@ -634,7 +830,7 @@ mod tests {
             eprintln!("no AVX2/FMA on this CPU; skipped");
             return;
         }
-        for &(m, n, k) in &[(12, 32, 20), (13, 37, 700), (6, 16, 1)] {
+        for (wide, (m, n, k)) in both_paths([(12, 32, 20), (13, 37, 700), (6, 16, 1)]) {
             let ldc = m + 3;
             // Start values laid out like C (element (i, j) at j·ldc + i).
             let ops = Operands::new(m, n, k, n * ldc);
@@ -675,7 +871,7 @@ mod tests {
                     ldb: n,
                 };
                 // SAFETY: available() checked; C holds n columns of ldc ≥ m values.
-                unsafe { sgemm(m, n, k, lhs, rhs, out, e) };
+                unsafe { sgemm_with(wide, m, n, k, lhs, rhs, out, e) };
                 for j in 0..n {
                     for i in 0..ldc {
                         let at = j * ldc + i;
@@ -711,7 +907,7 @@ mod tests {
             eprintln!("no AVX2/FMA on this CPU; skipped");
             return;
         }
-        for &(m, n, k) in &[(5, 21, 7), (13, 16, 300), (2, 3, 0)] {
+        for (wide, (m, n, k)) in both_paths([(5, 21, 7), (13, 16, 300), (2, 3, 0)]) {
             let ops = Operands::new(m, n, k, m * n);
             let (a, b, other, rb, cb) = (&ops.a, &ops.b, &ops.other, &ops.rb, &ops.cb);
             let cases = [
@@ -744,7 +940,7 @@ mod tests {
                     ptr: a.as_ptr(),
                     lda: k,
                 };
-                unsafe { sgemm(m, n, k, lhs, rows, Out::rows(c.as_mut_ptr(), n), e) };
+                unsafe { sgemm_with(wide, m, n, k, lhs, rows, Out::rows(c.as_mut_ptr(), n), e) };
                 for i in 0..m {
                     for j in 0..n {
                         let mut want = ops.product(i, j);
