@@ -470,13 +470,13 @@ mod avx2 {
             for kk in 0..kc {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
                 let bv = _mm512_loadu_ps(b.add(kk * ldb));
-                for r in 0..R {
+                for (r, v) in acc.iter_mut().enumerate() {
                     let at = if ROWS {
                         a.add(r * lda + kk)
                     } else {
                         a.add(kk * lda + r)
                     };
-                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, acc[r]);
+                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, *v);
                 }
             }
             let mut lo = [_mm256_setzero_ps(); R];
