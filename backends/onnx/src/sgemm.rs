@@ -232,6 +232,22 @@ pub unsafe fn sgemm_with(
     }
 }
 
+/// Calls `$tile::<R, IN_ROWS>$args` for a tile of `$rows` rows (one of `$heights`, else 1)
+/// and A read in place (`$in_rows`) or packed: the const-generic tile for the case at hand.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($tile:ident, $rows:expr, $in_rows:expr, [$($h:literal),*], $args:tt) => {
+        match ($rows, $in_rows) {
+            $(
+                ($h, true) => $tile::<$h, true> $args,
+                ($h, false) => $tile::<$h, false> $args,
+            )*
+            (_, true) => $tile::<1, true> $args,
+            (_, false) => $tile::<1, false> $args,
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Base, Epilogue, Lhs, Out, Rhs, KC, KC_WIDE, MC_ELEMS, MR, NR, TALL};
@@ -362,9 +378,11 @@ mod avx2 {
                         let tall = WIDE && !wide && matches!(b, Rhs::Panels { .. }) && c.cs == 1;
                         let height = if tall { TALL } else { MR };
                         let (ap, lda, rows) = match a {
-                            Lhs::Rows { ptr, lda } => {
-                                (unsafe { ptr.add(i * lda + k0) }, lda, height.min(i0 + mc - i))
-                            }
+                            Lhs::Rows { ptr, lda } => (
+                                unsafe { ptr.add(i * lda + k0) },
+                                lda,
+                                height.min(i0 + mc - i),
+                            ),
                             Lhs::Blocks { ptr, k, bw } => {
                                 let at = (i / bw) * k * bw + k0 * bw + i % bw;
                                 let rows = height.min(i0 + mc - i).min(bw - i % bw);
@@ -381,68 +399,39 @@ mod avx2 {
                             }
                             _ => bp,
                         };
+                        let in_rows = matches!(a, Lhs::Rows { .. });
                         if wide {
                             let (cp2, st2) = place(c, e, i, j + NR, first, last);
                             let halves = [(cp, nc, st), (cp2, NR.min(n - j - NR), st2)];
                             let bp = (bp, bp2, pf);
                             unsafe {
-                                match (rows, matches!(a, Lhs::Rows { .. })) {
-                                    (6, true) => wide_tile::<6, true>(kc, ab, bp, bs, halves),
-                                    (5, true) => wide_tile::<5, true>(kc, ab, bp, bs, halves),
-                                    (4, true) => wide_tile::<4, true>(kc, ab, bp, bs, halves),
-                                    (3, true) => wide_tile::<3, true>(kc, ab, bp, bs, halves),
-                                    (2, true) => wide_tile::<2, true>(kc, ab, bp, bs, halves),
-                                    (_, true) => wide_tile::<1, true>(kc, ab, bp, bs, halves),
-                                    (6, false) => wide_tile::<6, false>(kc, ab, bp, bs, halves),
-                                    (5, false) => wide_tile::<5, false>(kc, ab, bp, bs, halves),
-                                    (4, false) => wide_tile::<4, false>(kc, ab, bp, bs, halves),
-                                    (3, false) => wide_tile::<3, false>(kc, ab, bp, bs, halves),
-                                    (2, false) => wide_tile::<2, false>(kc, ab, bp, bs, halves),
-                                    (_, false) => wide_tile::<1, false>(kc, ab, bp, bs, halves),
-                                }
+                                by_rows!(
+                                    wide_tile,
+                                    rows,
+                                    in_rows,
+                                    [6, 5, 4, 3, 2],
+                                    (kc, ab, bp, bs, halves)
+                                )
                             }
-                            i += rows;
-                            continue;
-                        }
-                        let bp = (bp, pf);
-                        if tall {
+                        } else if tall {
                             unsafe {
-                                match (rows, matches!(a, Lhs::Rows { .. })) {
-                                    (8, true) => tile16::<8, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (7, true) => tile16::<7, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (6, true) => tile16::<6, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (5, true) => tile16::<5, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (4, true) => tile16::<4, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (3, true) => tile16::<3, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (2, true) => tile16::<2, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (_, true) => tile16::<1, true>(kc, ab, bp, bs, cp, nc, st),
-                                    (8, false) => tile16::<8, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (7, false) => tile16::<7, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (6, false) => tile16::<6, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (5, false) => tile16::<5, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (4, false) => tile16::<4, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (3, false) => tile16::<3, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (2, false) => tile16::<2, false>(kc, ab, bp, bs, cp, nc, st),
-                                    (_, false) => tile16::<1, false>(kc, ab, bp, bs, cp, nc, st),
-                                }
+                                by_rows!(
+                                    tile16,
+                                    rows,
+                                    in_rows,
+                                    [8, 7, 6, 5, 4, 3, 2],
+                                    (kc, ab, (bp, pf), bs, cp, nc, st)
+                                )
                             }
-                            i += rows;
-                            continue;
-                        }
-                        unsafe {
-                            match (rows, matches!(a, Lhs::Rows { .. })) {
-                                (6, true) => tile::<6, true>(kc, ab, bp, bs, cp, nc, st),
-                                (5, true) => tile::<5, true>(kc, ab, bp, bs, cp, nc, st),
-                                (4, true) => tile::<4, true>(kc, ab, bp, bs, cp, nc, st),
-                                (3, true) => tile::<3, true>(kc, ab, bp, bs, cp, nc, st),
-                                (2, true) => tile::<2, true>(kc, ab, bp, bs, cp, nc, st),
-                                (_, true) => tile::<1, true>(kc, ab, bp, bs, cp, nc, st),
-                                (6, false) => tile::<6, false>(kc, ab, bp, bs, cp, nc, st),
-                                (5, false) => tile::<5, false>(kc, ab, bp, bs, cp, nc, st),
-                                (4, false) => tile::<4, false>(kc, ab, bp, bs, cp, nc, st),
-                                (3, false) => tile::<3, false>(kc, ab, bp, bs, cp, nc, st),
-                                (2, false) => tile::<2, false>(kc, ab, bp, bs, cp, nc, st),
-                                (_, false) => tile::<1, false>(kc, ab, bp, bs, cp, nc, st),
+                        } else {
+                            unsafe {
+                                by_rows!(
+                                    tile,
+                                    rows,
+                                    in_rows,
+                                    [6, 5, 4, 3, 2],
+                                    (kc, ab, (bp, pf), bs, cp, nc, st)
+                                )
                             }
                         }
                         i += rows;
