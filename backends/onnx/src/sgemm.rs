@@ -460,11 +460,7 @@ mod avx2 {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
                 let bv = _mm512_loadu_ps(b.add(kk * ldb));
                 for (r, v) in acc.iter_mut().enumerate() {
-                    let at = if ROWS {
-                        a.add(r * lda + kk)
-                    } else {
-                        a.add(kk * lda + r)
-                    };
+                    let at = a_at::<ROWS>(a, lda, r, kk);
                     *v = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, *v);
                 }
             }
@@ -474,6 +470,17 @@ mod avx2 {
                 (lo[r], hi[r]) = split(acc[r]);
             }
             store::<R>(lo, hi, c, nc, st);
+        }
+    }
+
+    /// Where a tile finds A's element `(r, kk)`: `a + r·lda + kk` with A's rows in place
+    /// (`ROWS`), else `a + kk·lda + r` (a packed block).
+    #[inline(always)]
+    fn a_at<const ROWS: bool>(a: *const f32, lda: usize, r: usize, kk: usize) -> *const f32 {
+        if ROWS {
+            a.wrapping_add(r * lda + kk)
+        } else {
+            a.wrapping_add(kk * lda + r)
         }
     }
 
@@ -506,11 +513,7 @@ mod avx2 {
                 let b0 = _mm512_loadu_ps(b.add(kk * ldb));
                 let b1 = _mm512_loadu_ps(b2.add(kk * ldb));
                 for r in 0..R {
-                    let at = if ROWS {
-                        a.add(r * lda + kk)
-                    } else {
-                        a.add(kk * lda + r)
-                    };
+                    let at = a_at::<ROWS>(a, lda, r, kk);
                     let av = _mm512_set1_ps(*at);
                     lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
                     hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
@@ -625,11 +628,7 @@ mod avx2 {
                 let b0 = _mm256_loadu_ps(b.add(kk * ldb));
                 let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
                 for r in 0..R {
-                    let at = if ROWS {
-                        a.add(r * lda + kk)
-                    } else {
-                        a.add(kk * lda + r)
-                    };
+                    let at = a_at::<ROWS>(a, lda, r, kk);
                     let av = _mm256_broadcast_ss(&*at);
                     lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
