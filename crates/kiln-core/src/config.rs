@@ -278,12 +278,6 @@ pub fn normalize(
                 )));
             }
         }
-        if g.kind == Kind::Cpu as i32 && !g.gpus.is_empty() {
-            return Err(invalid(format!(
-                "instance group '{}' is KIND_CPU and must not list 'gpus'",
-                g.name
-            )));
-        }
     }
 
     let mut seen = std::collections::HashSet::new();
@@ -317,17 +311,7 @@ pub fn normalize(
         }
     }
     crate::batch_io::check(cfg).map_err(invalid)?;
-    // (A model that does not batch may still use the dynamic batcher: its queues.)
-    if let Some(SchedulingChoice::DynamicBatching(db)) = &cfg.scheduling_choice {
-        for &p in &db.preferred_batch_size {
-            if p < 1 || p > cfg.max_batch_size {
-                return Err(invalid(format!(
-                    "dynamic batching preferred size {p} must be between 1 and max_batch_size {}",
-                    cfg.max_batch_size
-                )));
-            }
-        }
-    }
+    crate::config_rules::check(cfg).map_err(invalid)?;
     Ok(())
 }
 

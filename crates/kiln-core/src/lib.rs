@@ -16,6 +16,7 @@ mod bls;
 pub mod cache;
 pub mod classification;
 pub mod config;
+pub mod config_rules;
 pub mod custom_metrics;
 pub mod ensemble;
 pub mod error;
