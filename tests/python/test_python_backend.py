@@ -4,6 +4,7 @@ import json
 import os
 import queue
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -415,6 +416,21 @@ def test_triton_parameter_keys_are_reserved(kiln):
     r = requests.post(f"http://{kiln.url}/v2/models/py_errors/infer", json=body, timeout=30)
     assert r.status_code == 400
     assert "parameter keys starting with 'triton_' are reserved for Triton usage" in r.json()["error"]
+
+
+def test_bls_stream_cancel_reaches_the_called_model(kiln, client):
+    """ResponseIterator.cancel(): the caller's iterator ends, and the called decoupled model
+    (py_ticker, which would tick 400 times) sees is_cancelled() and stops early."""
+    def seen(start):
+        return [line for line in kiln.lines if f"py_ticker cancelled after" in line and f"from {start}" in line]
+    t = httpclient.InferInput("START", [1], "INT32")
+    t.set_data_from_numpy(np.array([7000], np.int32))
+    r = client.infer("py_bls_cancel", [t])
+    np.testing.assert_array_equal(r.as_numpy("TICKS"), [7000, 7001, 7002])
+    deadline = time.time() + 20
+    while time.time() < deadline and not seen(7000):
+        time.sleep(0.05)
+    assert seen(7000), "py_ticker did not see the cancellation"
 
 
 RENDEZVOUS = """import os

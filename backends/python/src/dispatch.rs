@@ -3,7 +3,7 @@
 //! decoupled models answering from their own threads), cancellation questions and custom
 //! metric operations are answered, BLS requests run on threads of their own, and the end
 //! of each `execute` is handed to the instance's thread as an [`Event`].
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -71,8 +71,13 @@ impl Open {
     }
 }
 
+/// The stub's BLS calls (by call id) whose model cancelled them
+/// (`ResponseIterator.cancel()`), for their threads to act on at their next response.
+type Cancels = Arc<Mutex<HashSet<String>>>;
+
 /// Reads the stub's frames until its pipe closes, then fails what is still open.
 pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, events: Sender<Event>) {
+    let cancels = Cancels::default();
     loop {
         let f = match frame::read(&mut from_stub) {
             Ok(f) => f,
@@ -107,13 +112,21 @@ pub fn run(mut from_stub: impl std::io::Read, process: Process, open: Open, even
             Some("bls") => {
                 // A BLS call blocks until its last response: it gets a thread, so responses
                 // of other requests keep flowing meanwhile.
-                let w = writer.clone();
+                let (w, cancels) = (writer.clone(), cancels.clone());
                 detached("kiln-py-bls", move || {
-                    if let Err(e) = bls(&w, &f) {
+                    if let Err(e) = bls(&w, &f, &cancels) {
                         let message = format!("python BLS request failed: {}", e.message);
                         log(LogLevel::Error, &message);
                     }
                 })
+            }
+            Some("bls_cancel") => {
+                let call = f.header["call"].to_string();
+                cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(call);
+                Ok(())
             }
             Some("model_control") => {
                 // Loads block until done: a thread of their own, as BLS calls.
@@ -222,11 +235,17 @@ fn triton_code(c: ErrorCode) -> u64 {
 }
 
 /// Runs the stub's `bls` frame (a model's `InferenceRequest.exec`) and sends it each
-/// response as a `bls_response` frame, the last one `final`.
-fn bls(writer: &Writer, f: &Frame) -> Result<()> {
+/// response as a `bls_response` frame, the last one `final`. A call the model cancelled
+/// (in `cancels`) is cancelled at its next response, which is not sent.
+fn bls(writer: &Writer, f: &Frame, cancels: &Cancels) -> Result<()> {
     let h = &f.header;
     // The stub's id for the call, echoed on every reply (calls run in parallel).
     let call_id = h["call"].clone();
+    let key = call_id.to_string();
+    let cancelled = || {
+        let mut set = cancels.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&key)
+    };
     let mut inputs = Vec::new();
     let mut at = 0usize;
     let shapes: Vec<Vec<i64>> = h["inputs"]
@@ -285,6 +304,15 @@ fn bls(writer: &Writer, f: &Frame) -> Result<()> {
     };
     let mut sent: Result<()> = Ok(());
     let r = kiln_sdk::infer(&call, |event, last| {
+        if cancelled() {
+            if let Err(e) = kiln_sdk::cancel_infer() {
+                log(
+                    LogLevel::Warn,
+                    &format!("cannot cancel a BLS request: {}", e.message),
+                );
+            }
+            return;
+        }
         let mut reply = json!({"op": "bls_response", "call": call_id, "final": last});
         let mut blobs: Vec<Vec<u8>> = Vec::new();
         match event {
@@ -314,6 +342,8 @@ fn bls(writer: &Writer, f: &Frame) -> Result<()> {
             sent = writer.send(&reply, &refs);
         }
     });
+    // A cancellation that came after the last response.
+    cancelled();
     if let Err(e) = r {
         // The request never started: its error is the one reply.
         let reply = json!({"op": "bls_response", "call": call_id, "final": true, "error": e.message, "code": triton_code(e.code)});

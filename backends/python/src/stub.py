@@ -348,9 +348,10 @@ class InferenceRequest:
         header = {"op": "bls", "model": model, "version": version, "id": self._id,
                   "correlation_id": self._corr, "flags": self._flags, "timeout_us": timeout,
                   "parameters": self._params, "requested_outputs": self._outputs, "inputs": specs}
+        call, stream = _bls_start(header, blobs)
         if decoupled:
-            return _ResponseIterator(_bls_stream(header, blobs))
-        responses = [r for r, _ in _bls_stream(header, blobs)]
+            return _ResponseIterator(call, stream)
+        responses = [r for r, _ in stream]
         if responses and responses[-1].has_error():
             return responses[-1]
         real = [r for r in responses if r.output_tensors() or r.has_error()]
@@ -368,8 +369,8 @@ class _ResponseIterator:
     """The responses of a decoupled BLS request, each as it arrives (the last one empty
     when the model ended with the final flag alone)."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, call, stream):
+        self._call, self._stream = call, stream
 
     def __iter__(self):
         return self
@@ -379,7 +380,11 @@ class _ResponseIterator:
         return response
 
     def cancel(self):
-        """Stops waiting for responses (the request itself runs to its end)."""
+        """Cancels the request: the called model sees `is_cancelled()` (from its next
+        response on), and this iterator ends."""
+        with _calls_lock:
+            _calls.pop(self._call, None)
+        _send({"op": "bls_cancel", "call": self._call})
         self._stream.close()
 
 
@@ -680,14 +685,24 @@ def _ask_cancelled(handle):
     return bool(_ask({"op": "is_cancelled", "request": handle}).get("cancelled"))
 
 
-def _bls_stream(header, blobs):
-    """Runs a BLS request; yields (response, final) as they arrive. Calls run in parallel:
-    each has its own id, which the backend puts on its responses."""
+def _bls_start(header, blobs):
+    """Sends a BLS request now; returns its call id and a generator of (response, final) as
+    they arrive. Calls run in parallel: each has its own id, which the backend puts on its
+    responses."""
     call, q = next(_next_call), queue.Queue()
     with _calls_lock:
         _calls[call] = q
     try:
         _send(dict(header, call=call), blobs)
+    except BaseException:
+        with _calls_lock:
+            _calls.pop(call, None)
+        raise
+    return call, _bls_replies(call, q)
+
+
+def _bls_replies(call, q):
+    try:
         while True:
             frame = q.get()
             if frame is None:

@@ -17,7 +17,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x004942414E4C494BULL /* "KILNABI\0" little-endian */
 #define KILN_ABI_MAJOR 1u
-#define KILN_ABI_MINOR 4u
+#define KILN_ABI_MINOR 5u
 
 typedef uint32_t KilnDataType;
 enum {
@@ -199,6 +199,9 @@ typedef struct KilnHostApi {
   /* ABI 1.4: inside a KilnInferCallback, the parameters of the response it delivers as a
      JSON object ("{}" for none; valid for the callback). */
   KilnError* (*infer_response_parameters)(KilnStr* json);
+  /* ABI 1.5: inside a KilnInferCallback, cancels the request it delivers for: the called
+     model sees it cancelled, no further callbacks come, and infer returns. */
+  KilnError* (*infer_cancel)(void);
 } KilnHostApi;
 
 typedef struct KilnBackendApi {
@@ -248,7 +251,8 @@ _Static_assert(offsetof(KilnModelInfo, config_json) == 40, "KilnModelInfo.config
 _Static_assert(sizeof(KilnInstanceInfo) == 40, "KilnInstanceInfo");
 _Static_assert(offsetof(KilnInstanceInfo, kind) == 16, "KilnInstanceInfo.kind");
 _Static_assert(offsetof(KilnInstanceInfo, host_instance) == 32, "KilnInstanceInfo.host_instance");
-_Static_assert(sizeof(KilnHostApi) == 24 + 19 * KILN_P, "KilnHostApi");
+_Static_assert(sizeof(KilnHostApi) == 24 + 20 * KILN_P, "KilnHostApi");
+_Static_assert(offsetof(KilnHostApi, infer_cancel) == 24 + 19 * KILN_P, "KilnHostApi.infer_cancel");
 _Static_assert(offsetof(KilnHostApi, infer_response_parameters) == 24 + 18 * KILN_P, "KilnHostApi.infer_response_parameters");
 _Static_assert(offsetof(KilnHostApi, request_correlation_id_text) == 24 + 17 * KILN_P, "KilnHostApi.request_correlation_id_text");
 _Static_assert(offsetof(KilnHostApi, model_control) == 24 + 16 * KILN_P, "KilnHostApi.model_control");

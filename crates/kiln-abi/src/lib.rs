@@ -20,7 +20,7 @@ pub const KILN_ABI_MAGIC: u64 = u64::from_le_bytes(*b"KILNABI\0");
 /// Incompatible changes bump the major version.
 pub const KILN_ABI_MAJOR: u32 = 1;
 /// Appended functions bump the minor version.
-pub const KILN_ABI_MINOR: u32 = 4;
+pub const KILN_ABI_MINOR: u32 = 5;
 /// The one symbol a backend library exports.
 pub const ENTRY_SYMBOL: &[u8] = b"kiln_backend_entry\0";
 
@@ -370,6 +370,10 @@ pub struct KilnHostApi {
     /// ABI 1.4: called from inside a [`KilnInferCallback`], the parameters of the response
     /// that call delivers, as a JSON object (`{}` for none; valid for the callback).
     pub infer_response_parameters: unsafe extern "C" fn(json: *mut KilnStr) -> *mut KilnError,
+    /// ABI 1.5: called from inside a [`KilnInferCallback`], cancels the request that call
+    /// delivers for (Triton's `ResponseIterator.cancel()`): the called model sees it
+    /// cancelled, no further callbacks come, and `infer` returns once the callback does.
+    pub infer_cancel: unsafe extern "C" fn() -> *mut KilnError,
 }
 
 /// Metric kinds of [`KilnMetricOp::kind`].
@@ -529,7 +533,8 @@ const _: () = assert!(offset_of!(KilnModelInfo, config_json) == 40);
 const _: () = assert!(size_of::<KilnInstanceInfo>() == 40);
 const _: () = assert!(offset_of!(KilnInstanceInfo, kind) == 16);
 const _: () = assert!(offset_of!(KilnInstanceInfo, host_instance) == 32);
-const _: () = assert!(size_of::<KilnHostApi>() == 24 + 19 * P);
+const _: () = assert!(size_of::<KilnHostApi>() == 24 + 20 * P);
+const _: () = assert!(offset_of!(KilnHostApi, infer_cancel) == 24 + 19 * P);
 const _: () = assert!(offset_of!(KilnHostApi, infer_response_parameters) == 24 + 18 * P);
 const _: () = assert!(offset_of!(KilnHostApi, request_correlation_id_text) == 24 + 17 * P);
 const _: () = assert!(offset_of!(KilnHostApi, model_control) == 24 + 16 * P);
@@ -606,6 +611,10 @@ pub const LAYOUT: &[(&str, usize)] = &[
     (
         "offsetof(KilnHostApi,infer_response_parameters)",
         offset_of!(KilnHostApi, infer_response_parameters),
+    ),
+    (
+        "offsetof(KilnHostApi,infer_cancel)",
+        offset_of!(KilnHostApi, infer_cancel),
     ),
     ("sizeof(KilnMetricOp)", size_of::<KilnMetricOp>()),
     (

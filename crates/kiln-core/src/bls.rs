@@ -91,18 +91,22 @@ unsafe fn deliver(ev: ResponseEvent, on_response: KilnInferCallback, user: *mut 
             let params = serde_json::Value::Object(response.parameters.clone()).to_string();
             RESPONSE_PARAMETERS.with(|p| *p.borrow_mut() = params);
             // SAFETY: the views point into `response`, alive for the call.
-            unsafe { on_response(user, views.as_ptr(), views.len(), std::ptr::null(), last) };
+            in_callback(|| unsafe {
+                on_response(user, views.as_ptr(), views.len(), std::ptr::null(), last)
+            });
             RESPONSE_PARAMETERS.with(|p| p.borrow_mut().clear());
         }
         ResponseEvent::Error(e) | ResponseEvent::StreamError(e) => {
             let err = crate::host::new_error(&e);
             // SAFETY: the error lives for the call; the host frees it after.
-            unsafe { on_response(user, std::ptr::null(), 0, err, last) };
+            in_callback(|| unsafe { on_response(user, std::ptr::null(), 0, err, last) });
             drop(crate::host::take_error(err));
         }
         ResponseEvent::Final => {
             // SAFETY: a call with no payload.
-            unsafe { on_response(user, std::ptr::null(), 0, std::ptr::null(), true) };
+            in_callback(|| unsafe {
+                on_response(user, std::ptr::null(), 0, std::ptr::null(), true)
+            });
         }
     }
     last
@@ -124,7 +128,13 @@ fn run(
     mv.submit(request, ResponseSink::new(tx))?;
     while let Some(ev) = rx.blocking_recv() {
         // SAFETY: the callback and its user pointer are valid for this call.
-        if unsafe { deliver(ev, on_response, user) } {
+        let last = unsafe { deliver(ev, on_response, user) };
+        if CALLBACK.with(|c| c.replace(Callback::Outside)) == Callback::Cancelled {
+            // Closing the channel is what the called model sees as cancellation.
+            drop(rx);
+            return Ok(());
+        }
+        if last {
             return Ok(());
         }
     }
@@ -133,7 +143,48 @@ fn run(
     ))
 }
 
+/// Where this thread is with respect to an `infer` callback.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Callback {
+    Outside,
+    Inside,
+    /// Inside, and the backend called `infer_cancel`.
+    Cancelled,
+}
+
+/// Runs `f` (a call of the backend's callback) marked as inside it, keeping a cancellation
+/// it asks for.
+fn in_callback(f: impl FnOnce()) {
+    CALLBACK.with(|c| c.set(Callback::Inside));
+    f();
+    CALLBACK.with(|c| {
+        if c.get() == Callback::Inside {
+            c.set(Callback::Outside);
+        }
+    });
+}
+
+/// `KilnHostApi::infer_cancel`: marks the request of the callback under way as cancelled.
+pub(crate) unsafe extern "C" fn h_infer_cancel() -> *mut KilnError {
+    let inside = CALLBACK.with(|c| {
+        let inside = c.get() != Callback::Outside;
+        if inside {
+            c.set(Callback::Cancelled);
+        }
+        inside
+    });
+    if inside {
+        std::ptr::null_mut()
+    } else {
+        crate::host::new_error(&CoreError::invalid(
+            "infer_cancel: call it from inside an infer callback",
+        ))
+    }
+}
+
 thread_local! {
+    /// Whether this thread is inside an `infer` callback, and whether it cancelled.
+    static CALLBACK: std::cell::Cell<Callback> = const { std::cell::Cell::new(Callback::Outside) };
     /// The parameters of the response an `infer` callback on this thread delivers.
     static RESPONSE_PARAMETERS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }

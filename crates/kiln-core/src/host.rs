@@ -654,6 +654,7 @@ pub(crate) static HOST_API: KilnHostApi = KilnHostApi {
     model_control: crate::model_control::h_model_control,
     request_correlation_id_text: h_request_correlation_id_text,
     infer_response_parameters: crate::bls::h_infer_response_parameters,
+    infer_cancel: crate::bls::h_infer_cancel,
 };
 
 /// Converts a backend output buffer into a response tensor without copying.

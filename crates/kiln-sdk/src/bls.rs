@@ -147,6 +147,21 @@ unsafe extern "C" fn on_response(
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(event, last)));
 }
 
+/// From inside an [`infer`] handler: cancels the request it handles (Triton's
+/// `ResponseIterator.cancel()`). The called model sees the request cancelled, the handler
+/// gets no further events, and `infer` returns once the handler does. Needs a server with
+/// ABI 1.5.
+pub fn cancel_infer() -> Result<()> {
+    let h = host::get()?;
+    if (h.header.struct_size as usize) <= std::mem::offset_of!(abi::KilnHostApi, infer_cancel) {
+        return Err(Error::unsupported(
+            "this server's host API predates cancelling BLS requests (ABI 1.5)",
+        ));
+    }
+    // SAFETY: a host function without arguments; it checks where it is called from.
+    host::check(unsafe { (h.infer_cancel)() })
+}
+
 /// Runs `call` on its model and blocks until it is done, handing `handler` each event and
 /// whether it is the last. Call it from `execute` (an instance's thread). Fails without
 /// calling `handler` when the request could not start (unknown model, bad input, ...).

@@ -24,7 +24,7 @@ mod request;
 mod trampoline;
 
 pub use batch_io::{full_dims, BatchInput, BatchInputKind, BatchIo, BatchOutput};
-pub use bls::{infer, infer_all, BlsEvent, InferCall, OwnedTensor};
+pub use bls::{cancel_infer, infer, infer_all, BlsEvent, InferCall, OwnedTensor};
 pub use compute::compute;
 pub use control::{model_control, ModelControl};
 pub use dtype::{bytes_elements, push_bytes_element, DataType};

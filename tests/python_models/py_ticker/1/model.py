@@ -11,7 +11,7 @@ class TritonPythonModel:
             start = int(pb_utils.get_input_tensor_by_name(request, "START").as_numpy()[0])
             for i in range(400):
                 if sender.is_cancelled() or request.is_cancelled():
-                    pb_utils.Logger.log_info(f"py_ticker cancelled after {i} ticks")
+                    pb_utils.Logger.log_info(f"py_ticker cancelled after {i} ticks from {start}")
                     break
                 sender.send(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("TICK", np.array([start + i], np.int32))]))
