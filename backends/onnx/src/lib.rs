@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod attention;
 pub mod attrs;
+pub mod batched;
 pub mod contrib;
 pub mod control;
 pub mod conv_transpose;
@@ -26,7 +27,6 @@ pub mod ops_nn;
 pub mod ops_spatial;
 pub mod plan;
 pub mod pool;
-pub mod ragged;
 pub mod resize;
 pub mod rnn;
 pub mod seq;
@@ -146,12 +146,12 @@ fn check_io(config: &Value, plan: &Plan) -> Result<()> {
         )));
     }
     let batch_io = BatchIo::from_config(config)?;
-    ragged::check_graph(model, &batch_io, plan)?;
+    batched::check_graph(model, &batch_io, plan)?;
     for (kind, graph) in [("input", &plan.inputs), ("output", &plan.outputs)] {
         for t in config[kind].as_array().into_iter().flatten() {
             let name = t["name"].as_str().unwrap_or("");
             // Ragged inputs and batch outputs are flat in the graph (checked above).
-            let flat = batch_io.is_ragged(name) || ragged::is_batch_output(&batch_io, name);
+            let flat = batch_io.is_ragged(name) || batched::is_batch_output(&batch_io, name);
             let g = graph.iter().find(|g| g.name == name).ok_or_else(|| {
                 let known: Vec<&str> = graph.iter().map(|g| g.name.as_str()).collect();
                 Error::invalid_arg(format!(
@@ -366,9 +366,8 @@ impl Backend for OnnxBackend {
                     .into_iter()
                     .flatten()
                     .map(|o| {
-                        let dims = o["dims"].as_array().into_iter().flatten();
                         let name = o["name"].as_str().unwrap_or("").to_string();
-                        (name, dims.filter_map(Value::as_i64).collect())
+                        (name, kiln_sdk::full_dims(&o["dims"], false))
                     })
                     .collect(),
             ),
@@ -466,7 +465,7 @@ impl OnnxInstance {
     }
 
     /// Writes each requested output into `response`, cut to this request's part by `part`
-    /// (e.g. [`rows`]).
+    /// (see [`batched`]).
     fn fill(
         &self,
         request: &Request<'_>,
@@ -504,11 +503,6 @@ impl OnnxInstance {
     }
 }
 
-/// Cuts rows `first..first + n` of every output (a request's part of a batch).
-fn rows(first: usize, n: usize) -> impl Fn(&str, &Tensor) -> candle_core::Result<Tensor> {
-    move |_, t| t.narrow(0, first, n)
-}
-
 impl Instance for OnnxInstance {
     fn infer(&mut self, request: &Request<'_>, response: &mut Response) -> Result<()> {
         let inputs = request
@@ -519,53 +513,13 @@ impl Instance for OnnxInstance {
         self.fill(request, response, &outputs, |_, t| Ok(t.clone()))
     }
 
-    /// A dynamic batch runs as one graph execution: inputs are concatenated along the
-    /// batch dimension (the scheduler only merges requests with equal other dimensions)
-    /// and each request gets its rows of every output.
+    /// A dynamic batch runs as one graph execution (see [`batched`]).
     fn execute(&mut self, requests: &[Request<'_>]) -> Result<()> {
-        if self.batching && !self.batch_io.is_empty() {
-            return self.execute_ragged(requests);
-        }
-        if !self.batching || requests.len() < 2 {
+        // A lone request runs as it came, unless a ragged input must still be flattened.
+        if !self.batching || (requests.len() < 2 && self.batch_io.is_empty()) {
             return kiln_sdk::infer_each(self, requests);
         }
-        let names: Vec<&str> = requests[0].inputs().map(|t| t.name).collect();
-        let mut joined = Vec::with_capacity(names.len());
-        for name in &names {
-            let tensors = requests
-                .iter()
-                .map(|r| r.require_input(name))
-                .collect::<Result<Vec<_>>>()?;
-            match kiln_sdk::concat_batch(name, &tensors) {
-                Ok(t) => joined.push(t),
-                // Tensors the core adds (a sequence's implicit state) may differ in shape
-                // from one request to the next: those run one by one.
-                Err(_) => return kiln_sdk::infer_each(self, requests),
-            }
-        }
-        let outputs = match self.run(
-            names
-                .iter()
-                .zip(&joined)
-                .map(|(n, (dt, shape, data))| (*n, *dt, shape.clone(), data.as_slice()))
-                .collect(),
-        ) {
-            Ok(o) => o,
-            // A batch that fails as a whole is retried request by request, so one bad
-            // request fails alone.
-            Err(_) => return kiln_sdk::infer_each(self, requests),
-        };
-        let mut first = 0;
-        for r in requests {
-            let n = r.batch_size() as usize;
-            let mut response = r.response()?;
-            match self.fill(r, &mut response, &outputs, rows(first, n)) {
-                Ok(()) => response.send()?,
-                Err(e) => response.send_error(e)?,
-            }
-            first += n;
-        }
-        Ok(())
+        self.execute_joined(requests)
     }
 }
 

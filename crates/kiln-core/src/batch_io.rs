@@ -16,17 +16,18 @@ pub fn check(cfg: &ModelConfig) -> Result<(), String> {
             Some(s) => Err(format!("unknown source input name '{s}'")),
             None => Ok(()),
         };
+    // Both kinds of entry derive from exactly one source input.
+    let one_source = |what: &str, kind: &str, sources: &[String]| match sources.len() {
+        1 => Ok(()),
+        n => Err(format!(
+            "{what} kind '{kind}' expects 1 source input, got {n}"
+        )),
+    };
     for b in &cfg.batch_input {
         let Ok(kind) = batch_input::Kind::try_from(b.kind) else {
             return Err(format!("unknown batch input kind '{}'", b.kind));
         };
-        if b.source_input.len() != 1 {
-            return Err(format!(
-                "batch input kind '{}' expects 1 source input, got {}",
-                kind.as_str_name(),
-                b.source_input.len()
-            ));
-        }
+        one_source("batch input", kind.as_str_name(), &b.source_input)?;
         if b.data_type != PbDataType::TypeInt32 as i32 && b.data_type != PbDataType::TypeFp32 as i32
         {
             return Err("batch input data type must be TYPE_INT32 or TYPE_FP32".into());
@@ -48,13 +49,7 @@ pub fn check(cfg: &ModelConfig) -> Result<(), String> {
         let Ok(kind) = batch_output::Kind::try_from(b.kind) else {
             return Err(format!("unknown batch output kind '{}'", b.kind));
         };
-        if b.source_input.len() != 1 {
-            return Err(format!(
-                "batch output kind '{}' expects 1 source input, got {}",
-                kind.as_str_name(),
-                b.source_input.len()
-            ));
-        }
+        one_source("batch output", kind.as_str_name(), &b.source_input)?;
         known_source(&b.source_input)?;
         let mut targets = HashSet::new();
         for t in &b.target_name {

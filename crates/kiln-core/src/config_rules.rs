@@ -13,18 +13,11 @@ pub fn check(cfg: &ModelConfig) -> Result<(), String> {
     let name = &cfg.name;
     match &cfg.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(db)) => {
-            for &size in &db.preferred_batch_size {
-                if size <= 0 {
-                    return Err(format!(
-                        "dynamic batching preferred size must be positive for {name}"
-                    ));
-                }
-                if size > cfg.max_batch_size {
-                    return Err(format!(
-                        "dynamic batching preferred size must be <= max batch size for {name}"
-                    ));
-                }
-            }
+            preferred(
+                cfg,
+                "dynamic batching preferred size",
+                &db.preferred_batch_size,
+            )?;
             let levels = db.priority_levels;
             if levels != 0 {
                 if db.default_priority_level == 0 || db.default_priority_level > levels {
@@ -62,20 +55,11 @@ pub fn check(cfg: &ModelConfig) -> Result<(), String> {
             }
         }
         Some(SchedulingChoice::SequenceBatching(sb)) => match &sb.strategy_choice {
-            Some(StrategyChoice::Oldest(o)) => {
-                for &size in &o.preferred_batch_size {
-                    if size <= 0 {
-                        return Err(format!(
-                            "sequence batching preferred batch size must be positive for {name}"
-                        ));
-                    }
-                    if size > cfg.max_batch_size {
-                        return Err(format!(
-                            "sequence batching preferred batch size must be <= max batch size for {name}"
-                        ));
-                    }
-                }
-            }
+            Some(StrategyChoice::Oldest(o)) => preferred(
+                cfg,
+                "sequence batching preferred batch size",
+                &o.preferred_batch_size,
+            )?,
             Some(StrategyChoice::Direct(d))
                 if !(0.0..=1.0).contains(&d.minimum_slot_utilization) =>
             {
@@ -110,6 +94,17 @@ pub fn check(cfg: &ModelConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Preferred batch sizes (`what` names them in the message) are positive and at most
+/// `max_batch_size`.
+fn preferred(cfg: &ModelConfig, what: &str, sizes: &[i32]) -> Result<(), String> {
+    let name = &cfg.name;
+    match sizes.iter().find(|&&s| s <= 0 || s > cfg.max_batch_size) {
+        Some(&s) if s <= 0 => Err(format!("{what} must be positive for {name}")),
+        Some(_) => Err(format!("{what} must be <= max batch size for {name}")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

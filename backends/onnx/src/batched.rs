@@ -1,12 +1,15 @@
-//! Ragged batching (Triton's `allow_ragged_batch`, `batch_input`, `batch_output`) as
-//! Triton's onnxruntime backend does it: a ragged input reaches the graph as one flat
-//! tensor of every request's elements, the batch inputs describe the batch, a batch output
-//! is cut per request by its source input's shape, and the other outputs by batch rows.
+//! A dynamic batch as one graph execution, with ragged batching (Triton's
+//! `allow_ragged_batch`, `batch_input`, `batch_output`) as Triton's onnxruntime backend does
+//! it: inputs are concatenated along the batch dimension (the scheduler merges only requests
+//! whose other dimensions are equal), except a ragged input, which reaches the graph as one
+//! flat tensor of every request's elements; the batch inputs describe the batch; a batch
+//! output is cut per request by its source input's shape, and the other outputs by batch
+//! rows.
 use candle_core::Tensor;
 use kiln_sdk::{BatchIo, DataType, Error, OwnedTensor, Request, Result};
 
 use crate::plan::Plan;
-use crate::{rows, OnnxInstance};
+use crate::OnnxInstance;
 
 /// Whether `output` is the target of a `batch_output`.
 pub fn is_batch_output(io: &BatchIo, output: &str) -> bool {
@@ -66,22 +69,22 @@ impl Part {
                     .narrow(0, *start, count.max(0) as usize)?
                     .reshape(dims)
             }
-            None => rows(self.first_row, self.rows)(name, t),
+            None => t.narrow(0, self.first_row, self.rows),
         }
     }
 }
 
 impl OnnxInstance {
-    /// Runs a batch of a ragged model as one graph execution (one request too: its ragged
-    /// inputs are flattened all the same). A batch that fails as a whole is retried
-    /// request by request, so one bad request fails alone.
-    pub(crate) fn execute_ragged(&mut self, requests: &[Request<'_>]) -> Result<()> {
-        let outputs = match self.run_ragged(requests) {
+    /// Runs a batch as one graph execution. A batch that fails as a whole (a bad request,
+    /// or tensors the core adds, such as a sequence's implicit state, that differ in shape
+    /// and cannot be joined) is retried request by request, so one bad request fails alone.
+    pub(crate) fn execute_joined(&mut self, requests: &[Request<'_>]) -> Result<()> {
+        let outputs = match self.run_joined(requests) {
             Ok(o) => o,
             Err(e) if requests.len() < 2 => return Err(e),
             Err(_) => {
                 for r in requests {
-                    if let Err(e) = self.execute_ragged(std::slice::from_ref(r)) {
+                    if let Err(e) = self.execute_joined(std::slice::from_ref(r)) {
                         r.response()?.send_error(e)?;
                     }
                 }
@@ -99,7 +102,7 @@ impl OnnxInstance {
         Ok(())
     }
 
-    fn run_ragged(&self, requests: &[Request<'_>]) -> Result<crate::Outputs> {
+    fn run_joined(&self, requests: &[Request<'_>]) -> Result<crate::Outputs> {
         let first = requests
             .first()
             .ok_or_else(|| Error::invalid_arg("empty batch"))?;
