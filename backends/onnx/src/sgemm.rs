@@ -20,6 +20,8 @@ const KC: usize = 384;
 /// Depth of one pass with 32-column tiles (measured best of 192, 256 and 384 on ResNet-50
 /// and a BERT encoder).
 const KC_WIDE: usize = 256;
+/// How many steps over k ahead the AVX-512 tiles fetch a packed A into cache.
+const A_AHEAD: usize = 64;
 /// Elements of A one pass keeps hot (in L2): 96 rows at the full depth [`KC`], more rows
 /// when k is shallower (a 1×1 convolution from 64 channels runs 576 rows per pass, so each
 /// strip of B, loaded once, serves them all).
@@ -250,7 +252,7 @@ macro_rules! by_rows {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Base, Epilogue, Lhs, Out, Rhs, KC, KC_WIDE, MC_ELEMS, MR, NR, TALL};
+    use super::{Base, Epilogue, Lhs, Out, Rhs, A_AHEAD, KC, KC_WIDE, MC_ELEMS, MR, NR, TALL};
     use std::arch::x86_64::*;
 
     /// One register tile's epilogue: where its start values come from on the first pass
@@ -336,119 +338,192 @@ mod avx2 {
             let rows = (MC_ELEMS / kc.max(1) / 96).max(1) * 96;
             for i0 in (0..m).step_by(rows) {
                 let mc = rows.min(m - i0);
+                let p = Pass {
+                    a,
+                    b,
+                    c,
+                    e,
+                    n,
+                    k0,
+                    kc,
+                    first,
+                    last,
+                    end: i0 + mc,
+                };
                 let mut j = 0;
                 while j < n {
-                    let nc = NR.min(n - j);
-                    // Two strips at once where a second packed panel exists (zero-padded
-                    // past n). (B read in place stays with single strips: its rows lie
-                    // far apart, and two strips of them ran slower than one.)
-                    let wide = WIDE && matches!(b, Rhs::Panels { .. }) && j + NR < n;
-                    // SAFETY (whole block): offsets stay within the caller's matrices.
-                    let (bp, bs) = match b {
-                        Rhs::Panels { ptr, k } => {
-                            (unsafe { ptr.add((j / NR) * k * NR + k0 * NR) }, NR)
-                        }
-                        Rhs::Rows { ptr, ldb } if nc == NR => {
-                            (unsafe { ptr.add(k0 * ldb + j) }, ldb)
-                        }
-                        Rhs::Rows { ptr: b, ldb } => {
-                            for kk in 0..kc {
-                                let row = &mut edge[kk * NR..kk * NR + NR];
-                                for (jj, v) in row.iter_mut().enumerate() {
-                                    *v = if jj < nc {
-                                        unsafe { *b.add((k0 + kk) * ldb + j + jj) }
-                                    } else {
-                                        0.0
-                                    };
-                                }
-                            }
-                            (edge.as_ptr(), NR)
-                        }
-                    };
-                    // The second strip: the next panel (or, unused, the next 16 columns).
-                    let bp2 = match b {
-                        Rhs::Panels { k, .. } => bp.wrapping_add(k * NR),
-                        Rhs::Rows { .. } => bp.wrapping_add(NR),
-                    };
-                    let width = if wide { 2 * NR } else { NR };
+                    let s = unsafe { p.strip::<WIDE>(j, &mut edge) };
                     let mut i = i0;
                     while i < i0 + mc {
-                        // A single packed strip with AVX-512: 8-row tiles, one 512-bit
-                        // register per row (6 rows where C is stored transposed).
-                        // AVX-512 tiles 8 rows high where C's rows are stored as rows and A
-                        // has them (packed A in blocks of a multiple of 8 rows, or in place);
-                        // 6-row slivers keep 6. (A single packed strip: always 8.)
-                        let eight = match a {
-                            Lhs::Rows { .. } => true,
-                            Lhs::Blocks { bw, .. } => bw % TALL == 0,
-                        };
-                        let tall = WIDE
-                            && matches!(b, Rhs::Panels { .. })
-                            && c.cs == 1
-                            && (!wide || eight);
-                        let height = if tall { TALL } else { MR };
-                        let (ap, lda, rows) = match a {
-                            Lhs::Rows { ptr, lda } => (
-                                unsafe { ptr.add(i * lda + k0) },
-                                lda,
-                                height.min(i0 + mc - i),
-                            ),
-                            Lhs::Blocks { ptr, k, bw } => {
-                                let at = (i / bw) * k * bw + k0 * bw + i % bw;
-                                let rows = height.min(i0 + mc - i).min(bw - i % bw);
-                                (unsafe { ptr.add(at) }, bw, rows)
-                            }
-                        };
-                        let (cp, st) = place(c, e, i, j, first, last);
-                        let ab = (ap, lda);
                         // The first tile of a strip fetches the next packed strip of B
                         // into cache while it works (later tiles touch their own, a no-op).
-                        let pf = match b {
-                            Rhs::Panels { ptr, k } if i == i0 && j + width < n => {
-                                ptr.wrapping_add(((j + width) / NR) * k * NR + k0 * NR)
-                            }
-                            _ => bp,
+                        let pf = match p.panel(j + s.width) {
+                            Some(next) if i == i0 => next,
+                            _ => s.b.0,
                         };
-                        let in_rows = matches!(a, Lhs::Rows { .. });
-                        if wide {
-                            let (cp2, st2) = place(c, e, i, j + NR, first, last);
-                            let halves = [(cp, nc, st), (cp2, NR.min(n - j - NR), st2)];
-                            let bp = (bp, bp2, pf);
-                            unsafe {
-                                by_rows!(
-                                    wide_tile,
-                                    rows,
-                                    in_rows,
-                                    [8, 7, 6, 5, 4, 3, 2],
-                                    (kc, ab, bp, bs, halves)
-                                )
-                            }
-                        } else if tall {
-                            unsafe {
-                                by_rows!(
-                                    tile16,
-                                    rows,
-                                    in_rows,
-                                    [8, 7, 6, 5, 4, 3, 2],
-                                    (kc, ab, (bp, pf), bs, cp, nc, st)
-                                )
-                            }
-                        } else {
-                            unsafe {
-                                by_rows!(
-                                    tile,
-                                    rows,
-                                    in_rows,
-                                    [6, 5, 4, 3, 2],
-                                    (kc, ab, (bp, pf), bs, cp, nc, st)
-                                )
-                            }
-                        }
-                        i += rows;
+                        i += unsafe { p.tile::<WIDE>(i, j, &s, pf) };
                     }
-                    j += width;
+                    j += s.width;
                 }
             }
+        }
+    }
+
+    /// One pass over k for one block of rows of A (`..end`).
+    struct Pass {
+        a: Lhs,
+        b: Rhs,
+        c: Out,
+        e: Epilogue,
+        n: usize,
+        k0: usize,
+        kc: usize,
+        first: bool,
+        last: bool,
+        end: usize,
+    }
+
+    /// Where one strip of B (16 or, with AVX-512, 32 columns) is read for a pass.
+    struct Strip {
+        /// Its first 16 columns and the next 16 (when `wide`).
+        b: (*const f32, *const f32),
+        /// Elements between rows of B.
+        ldb: usize,
+        /// Valid columns of the first 16.
+        nc: usize,
+        /// Two panels at once.
+        wide: bool,
+        /// Columns it covers: 16 or 32.
+        width: usize,
+    }
+
+    impl Pass {
+        /// The start of the packed panel at column `j` in this pass, if there is one.
+        #[inline(always)]
+        fn panel(&self, j: usize) -> Option<*const f32> {
+            match self.b {
+                Rhs::Panels { ptr, k } if j < self.n => {
+                    Some(ptr.wrapping_add((j / NR) * k * NR + self.k0 * NR))
+                }
+                _ => None,
+            }
+        }
+
+        /// The strip of B at column `j`; a strip of B in place narrower than 16 columns
+        /// is copied into `edge`, zero-padded.
+        #[inline(always)]
+        unsafe fn strip<const WIDE: bool>(&self, j: usize, edge: &mut [f32]) -> Strip {
+            let (n, k0, kc) = (self.n, self.k0, self.kc);
+            let nc = NR.min(n - j);
+            // Two strips at once where a second packed panel exists (zero-padded past
+            // n). (B read in place stays with single strips: its rows lie far apart, and
+            // two strips of them ran slower than one.)
+            let wide = WIDE && matches!(self.b, Rhs::Panels { .. }) && j + NR < n;
+            // SAFETY (whole block): offsets stay within the caller's matrices.
+            let (bp, ldb) = match self.b {
+                Rhs::Panels { ptr, k } => (unsafe { ptr.add((j / NR) * k * NR + k0 * NR) }, NR),
+                Rhs::Rows { ptr, ldb } if nc == NR => (unsafe { ptr.add(k0 * ldb + j) }, ldb),
+                Rhs::Rows { ptr: b, ldb } => {
+                    for kk in 0..kc {
+                        let row = &mut edge[kk * NR..kk * NR + NR];
+                        for (jj, v) in row.iter_mut().enumerate() {
+                            *v = if jj < nc {
+                                unsafe { *b.add((k0 + kk) * ldb + j + jj) }
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                    (edge.as_ptr(), NR)
+                }
+            };
+            // The second strip: the next panel (or, unused, the next 16 columns).
+            let bp2 = match self.b {
+                Rhs::Panels { k, .. } => bp.wrapping_add(k * NR),
+                Rhs::Rows { .. } => bp.wrapping_add(NR),
+            };
+            Strip {
+                b: (bp, bp2),
+                ldb,
+                nc,
+                wide,
+                width: if wide { 2 * NR } else { NR },
+            }
+        }
+
+        /// Runs the register tile at row `i` of strip `s` (at column `j`), fetching `pf`
+        /// into cache as it goes; returns its rows.
+        #[inline(always)]
+        unsafe fn tile<const WIDE: bool>(
+            &self,
+            i: usize,
+            j: usize,
+            s: &Strip,
+            pf: *const f32,
+        ) -> usize {
+            let (a, c, e, kc, end) = (self.a, self.c, self.e, self.kc, self.end);
+            let (first, last, nc) = (self.first, self.last, s.nc);
+            // AVX-512 tiles 8 rows high where C's rows are stored as rows and A has them
+            // (packed A in blocks of a multiple of 8 rows, or in place); 6-row slivers
+            // keep 6. A single packed strip: always 8 (6 where C is stored transposed).
+            let eight = match a {
+                Lhs::Rows { .. } => true,
+                Lhs::Blocks { bw, .. } => bw % TALL == 0,
+            };
+            let tall =
+                WIDE && matches!(self.b, Rhs::Panels { .. }) && c.cs == 1 && (!s.wide || eight);
+            let height = if tall { TALL } else { MR };
+            let (ap, lda, rows) = match a {
+                Lhs::Rows { ptr, lda } => (
+                    unsafe { ptr.add(i * lda + self.k0) },
+                    lda,
+                    height.min(end - i),
+                ),
+                Lhs::Blocks { ptr, k, bw } => {
+                    let at = (i / bw) * k * bw + self.k0 * bw + i % bw;
+                    let rows = height.min(end - i).min(bw - i % bw);
+                    (unsafe { ptr.add(at) }, bw, rows)
+                }
+            };
+            let (cp, st) = place(c, e, i, j, first, last);
+            let ab = (ap, lda);
+            let (bp, bs) = (s.b.0, s.ldb);
+            let in_rows = matches!(a, Lhs::Rows { .. });
+            if s.wide {
+                let (cp2, st2) = place(c, e, i, j + NR, first, last);
+                let halves = [(cp, nc, st), (cp2, NR.min(self.n - j - NR), st2)];
+                let bp = (bp, s.b.1, pf);
+                unsafe {
+                    by_rows!(
+                        wide_tile,
+                        rows,
+                        in_rows,
+                        [8, 7, 6, 5, 4, 3, 2],
+                        (kc, ab, bp, bs, halves)
+                    )
+                }
+            } else if tall {
+                unsafe {
+                    by_rows!(
+                        tile16,
+                        rows,
+                        in_rows,
+                        [8, 7, 6, 5, 4, 3, 2],
+                        (kc, ab, (bp, pf), bs, cp, nc, st)
+                    )
+                }
+            } else {
+                unsafe {
+                    by_rows!(
+                        tile,
+                        rows,
+                        in_rows,
+                        [6, 5, 4, 3, 2],
+                        (kc, ab, (bp, pf), bs, cp, nc, st)
+                    )
+                }
+            }
+            rows
         }
     }
 
@@ -468,6 +543,9 @@ mod avx2 {
             let mut acc = [_mm512_setzero_ps(); R];
             for kk in 0..kc {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                if !ROWS {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((kk + A_AHEAD) * lda) as *const i8);
+                }
                 let bv = _mm512_loadu_ps(b.add(kk * ldb));
                 for (r, v) in acc.iter_mut().enumerate() {
                     let at = a_at::<ROWS>(a, lda, r, kk);
@@ -555,8 +633,14 @@ mod avx2 {
         unsafe {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
+            // The next strip's second panel lies as far from its first as this one's.
+            let pf2 = pf.wrapping_byte_add((b2 as usize).wrapping_sub(b as usize));
             for kk in 0..kc {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pf2.wrapping_add(kk * ldb) as *const i8);
+                if !ROWS {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((kk + A_AHEAD) * lda) as *const i8);
+                }
                 let b0 = _mm512_loadu_ps(b.add(kk * ldb));
                 let b1 = _mm512_loadu_ps(b2.add(kk * ldb));
                 for r in 0..R {
