@@ -32,6 +32,7 @@ pub mod rnn;
 pub mod seq;
 pub mod sgemm;
 pub mod spectral;
+pub mod spin;
 pub mod strings;
 pub mod text;
 pub mod winograd;

@@ -672,7 +672,7 @@ impl Plan {
             .into_iter()
             .map(|(k, t)| (k, Value::Tensor(t)))
             .collect();
-        self.run_values(inputs, table, profile, by_shape)?
+        crate::spin::with_spinning(|| self.run_values(inputs, table, profile, by_shape))?
             .into_iter()
             .map(|(name, v)| match v.tensor("") {
                 Ok(Some(t)) => Ok((name, t)),
