@@ -40,6 +40,9 @@ def main():
     for e in kernels[len(kernels) // runs:]:  # drop the warm-up run's nodes
         a = e["args"]
         key = f"{a.get('op_name')} -> {a.get('output_type_shape')}"
+        if os.environ.get("ORT_PROFILE_INPUTS"):
+            # ORT_PROFILE_INPUTS=1: keyed by the input shapes too (weights included).
+            key = f"{a.get('op_name')} {a.get('input_type_shape')} -> {a.get('output_type_shape')}"
         totals[key][0] += e["dur"] / 1000 / iters
         totals[key][1] += 1
     print(f"total {sum(v[0] for v in totals.values()):.1f} ms per run (kernels only)")
