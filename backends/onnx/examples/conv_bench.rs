@@ -78,8 +78,14 @@ fn main() {
             residual: with_residual.then_some(&residual[..]),
             ..Default::default()
         };
+        // CONV_BENCH_PACKED_ONLY=1: only the packed weight's run (for profiles).
+        let dense_reps = if std::env::var_os("CONV_BENCH_PACKED_ONLY").is_some() {
+            1
+        } else {
+            reps
+        };
         let t = median(
-            (0..reps)
+            (0..dense_reps)
                 .map(|_| {
                     let t = Instant::now();
                     pool.install(|| {

@@ -126,6 +126,129 @@ struct Lanes([f32; LANES]);
 /// Tiles per [`Lanes`].
 const LANES: usize = 8;
 
+/// Eight side-by-side tiles' values as the transforms compute them: [`Lanes`] anywhere,
+/// [`simd::V`] (one AVX2 register) on x86-64.
+trait Lane:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<f32, Output = Self>
+{
+    /// All zero.
+    fn zero() -> Self;
+    /// The eight values at `q[at..at + 8]`, zeros past the end of `q`.
+    fn load(q: &[f32], at: usize) -> Self;
+    /// Writes lanes `skip..skip + n` to `dst`.
+    ///
+    /// # Safety
+    /// `dst..dst + n` is valid for writes; `skip + n ≤ 8`.
+    unsafe fn write(self, dst: *mut f32, skip: usize, n: usize);
+}
+
+impl Lane for Lanes {
+    #[inline(always)]
+    fn zero() -> Self {
+        Lanes::default()
+    }
+
+    #[inline(always)]
+    fn load(q: &[f32], at: usize) -> Self {
+        let mut t = Lanes::default();
+        let have = q.get(at..).unwrap_or_default();
+        let n = have.len().min(LANES);
+        t.0[..n].copy_from_slice(&have[..n]);
+        t
+    }
+
+    #[inline(always)]
+    unsafe fn write(self, dst: *mut f32, skip: usize, n: usize) {
+        // SAFETY: the caller's promise.
+        unsafe { write_prefix(dst, &self.0[skip..], n) }
+    }
+}
+
+/// [`Lane`] in an AVX2 register (only used inside functions built with AVX2).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{Lane, Lanes, LANES};
+    use std::arch::x86_64::*;
+
+    /// Eight lanes in one register.
+    #[derive(Clone, Copy)]
+    pub(super) struct V(__m256);
+
+    // SAFETY (every intrinsic below): these inline into the transforms, which are built
+    // with AVX2 and only called where the CPU has it.
+    impl std::ops::Add for V {
+        type Output = V;
+        #[inline(always)]
+        fn add(self, o: V) -> V {
+            unsafe { V(_mm256_add_ps(self.0, o.0)) }
+        }
+    }
+
+    impl std::ops::Sub for V {
+        type Output = V;
+        #[inline(always)]
+        fn sub(self, o: V) -> V {
+            unsafe { V(_mm256_sub_ps(self.0, o.0)) }
+        }
+    }
+
+    impl std::ops::Mul<f32> for V {
+        type Output = V;
+        #[inline(always)]
+        fn mul(self, k: f32) -> V {
+            unsafe { V(_mm256_mul_ps(self.0, _mm256_set1_ps(k))) }
+        }
+    }
+
+    impl Lane for V {
+        #[inline(always)]
+        fn zero() -> Self {
+            unsafe { V(_mm256_setzero_ps()) }
+        }
+
+        #[inline(always)]
+        fn load(q: &[f32], at: usize) -> Self {
+            match q.get(at..at + LANES) {
+                Some(v) => unsafe { V(_mm256_loadu_ps(v.as_ptr())) },
+                None => V::from(Lanes::load(q, at)),
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn write(self, dst: *mut f32, skip: usize, n: usize) {
+            unsafe {
+                if skip == 0 && n == LANES {
+                    _mm256_storeu_ps(dst, self.0);
+                } else {
+                    // Lanes skip..skip + n under a mask, at their place relative to dst
+                    // (the masked-off lanes touch no memory).
+                    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                    let from = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(skip as i32 - 1));
+                    let to = _mm256_cmpgt_epi32(_mm256_set1_epi32((skip + n) as i32), lane);
+                    let mask = _mm256_and_si256(from, to);
+                    _mm256_maskstore_ps(dst.wrapping_sub(skip), mask, self.0);
+                }
+            }
+        }
+    }
+
+    impl From<Lanes> for V {
+        #[inline(always)]
+        fn from(l: Lanes) -> V {
+            unsafe { V(_mm256_loadu_ps(l.0.as_ptr())) }
+        }
+    }
+}
+
+/// The lane type the transforms use on this target.
+#[cfg(target_arch = "x86_64")]
+type Fast = simd::V;
+#[cfg(not(target_arch = "x86_64"))]
+type Fast = Lanes;
+
 impl std::ops::Add for Lanes {
     type Output = Lanes;
     #[inline(always)]
@@ -210,25 +333,24 @@ where
 /// holds `OUT` planes (`phase·rows·qw`), plane `p` column `t` = padded column `OUT·t + p`,
 /// and tile row `ty` starts at row `OUT·ty`.
 #[inline(always)]
-fn input_tiles<const OUT: usize>(
+fn input_tiles<const OUT: usize, T: Lane>(
     q: &[f32],
     rows: usize,
     qw: usize,
     ty: usize,
     tx0: usize,
-) -> [[Lanes; MAX_IN]; MAX_IN] {
+) -> [[T; MAX_IN]; MAX_IN] {
     let inn = inputs(OUT);
     let load = |r: usize, k: usize| {
         if r >= inn || k >= inn {
-            return Lanes::default();
+            return T::zero();
         }
-        let at = ((k % OUT) * rows + OUT * ty + r) * qw + tx0 + k / OUT;
-        Lanes(q[at..at + LANES].try_into().unwrap_or_default())
+        T::load(q, ((k % OUT) * rows + OUT * ty + r) * qw + tx0 + k / OUT)
     };
     // Bᵀ along each row of the block, then down each column.
-    let h: [[Lanes; MAX_IN]; MAX_IN] =
+    let h: [[T; MAX_IN]; MAX_IN] =
         std::array::from_fn(|r| input_1d::<OUT, _>(std::array::from_fn(|k| load(r, k))));
-    let mut v = [[Lanes::default(); MAX_IN]; MAX_IN];
+    let mut v = [[T::zero(); MAX_IN]; MAX_IN];
     for j in 0..inn {
         for (i, t) in input_1d::<OUT, _>(std::array::from_fn(|r| h[r][j]))
             .into_iter()
@@ -242,8 +364,8 @@ fn input_tiles<const OUT: usize>(
 
 /// The `OUT × OUT` outputs of eight side-by-side tiles from their products (`m[i][j]`).
 #[inline(always)]
-fn output_tiles<const OUT: usize>(m: &[[Lanes; MAX_IN]; MAX_IN]) -> [[Lanes; 4]; 4] {
-    let mut z = [[Lanes::default(); MAX_IN]; 4];
+fn output_tiles<const OUT: usize, T: Lane>(m: &[[T; MAX_IN]; MAX_IN]) -> [[T; 4]; 4] {
+    let mut z = [[T::zero(); MAX_IN]; 4];
     for j in 0..inputs(OUT) {
         for (r, t) in output_1d::<OUT, _>(std::array::from_fn(|i| m[i][j]))
             .into_iter()
@@ -291,7 +413,7 @@ unsafe fn input_channel<const OUT: usize>(
     let inn = inputs(OUT);
     for ty in 0..g.th {
         for tx0 in (0..g.tw).step_by(LANES) {
-            let vt = input_tiles::<OUT>(q, g.ph, g.qw, ty, tx0);
+            let vt = input_tiles::<OUT, Fast>(q, g.ph, g.qw, ty, tx0);
             let n = LANES.min(g.tw - tx0);
             let col0 = bi * g.per_image + ty * g.tw + tx0;
             // The lanes in at most two runs, split where a 16-column panel ends.
@@ -304,7 +426,7 @@ unsafe fn input_channel<const OUT: usize>(
                     for (j, t) in row.iter().enumerate().take(inn) {
                         let xi = i * inn + j;
                         // SAFETY: (ξ, c, col..col + run) are this job's own elements.
-                        unsafe { write_prefix(v.at(xi * ic * g.cp + at), &t.0[l..], run) };
+                        unsafe { t.write(v.at(xi * ic * g.cp + at), l, run) };
                     }
                 }
                 l += run;
@@ -345,7 +467,7 @@ unsafe fn output_channel<const OUT: usize>(
                     t
                 })
             });
-            let y = output_tiles::<OUT>(&prods);
+            let y = output_tiles::<OUT, Lanes>(&prods);
             let x0 = OUT * tx0;
             let width = (OUT * n).min(ow - x0);
             for (r, yr) in y.iter().take(OUT).enumerate() {
