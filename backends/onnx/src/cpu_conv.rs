@@ -307,13 +307,21 @@ impl Conv2d {
             return out;
         }
         let slivers = n.div_ceil(SLIVER);
-        let tiles = n.div_ceil(96);
+        let mut tiles = n.div_ceil(96);
         let oc_panels = oc.div_ceil(PANEL);
+        // Channel ranges are whole 32-channel strips (the AVX-512 tiles' width); where
+        // there are too few of them for the threads, pixel tiles get smaller instead
+        // (DenseNet's 32-channel layers on 7×7 maps: two 16-channel halves each ran the
+        // narrower tiles).
+        let pairs = oc_panels.div_ceil(2);
         let parts = if b * tiles >= 2 * threads {
             1
         } else {
-            (2 * threads).div_ceil(b * tiles).min(oc_panels)
+            (2 * threads).div_ceil(b * tiles).min(pairs)
         };
+        if b * tiles * parts < 2 * threads {
+            tiles = (2 * threads).div_ceil(b * parts).clamp(tiles, slivers.max(1));
+        }
         let dst = SharedOut(out.as_mut_ptr());
         let src = self.source(x, f.pre, true, 0);
         let parallel = threads > 1 && b * oc * n * k >= 256 * 1024;
@@ -354,7 +362,10 @@ impl Conv2d {
                 let (bi, pi, ti) = (j / (tiles * parts), (j / tiles) % parts, j % tiles);
                 let [s0, s1] = tile_slivers(ti);
                 let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
-                let (pa, pb) = (pi * oc_panels / parts, (pi + 1) * oc_panels / parts);
+                let (pa, pb) = (
+                    pi * pairs / parts * 2,
+                    ((pi + 1) * pairs / parts * 2).min(oc_panels),
+                );
                 let (c0, c1) = (pa * PANEL, (pb * PANEL).min(oc));
                 if r0 >= r1 || c0 >= c1 {
                     return;
