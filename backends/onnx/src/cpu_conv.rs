@@ -320,7 +320,9 @@ impl Conv2d {
             (2 * threads).div_ceil(b * tiles).min(pairs)
         };
         if b * tiles * parts < 2 * threads {
-            tiles = (2 * threads).div_ceil(b * parts).clamp(tiles, slivers.max(1));
+            tiles = (2 * threads)
+                .div_ceil(b * parts)
+                .clamp(tiles, slivers.max(1));
         }
         let dst = SharedOut(out.as_mut_ptr());
         let src = self.source(x, f.pre, true, 0);

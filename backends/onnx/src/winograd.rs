@@ -143,6 +143,8 @@ trait Lane:
     /// # Safety
     /// `dst..dst + n` is valid for writes; `skip + n ≤ 8`.
     unsafe fn write(self, dst: *mut f32, skip: usize, n: usize);
+    /// The values as an array.
+    fn lanes(self) -> Lanes;
 }
 
 impl Lane for Lanes {
@@ -164,6 +166,11 @@ impl Lane for Lanes {
     unsafe fn write(self, dst: *mut f32, skip: usize, n: usize) {
         // SAFETY: the caller's promise.
         unsafe { write_prefix(dst, &self.0[skip..], n) }
+    }
+
+    #[inline(always)]
+    fn lanes(self) -> Lanes {
+        self
     }
 }
 
@@ -232,6 +239,13 @@ mod simd {
                     _mm256_maskstore_ps(dst.wrapping_sub(skip), mask, self.0);
                 }
             }
+        }
+
+        #[inline(always)]
+        fn lanes(self) -> Lanes {
+            let mut t = Lanes::default();
+            unsafe { _mm256_storeu_ps(t.0.as_mut_ptr(), self.0) };
+            t
         }
     }
 
@@ -455,19 +469,17 @@ unsafe fn output_channel<const OUT: usize>(
         for tx0 in (0..g.tw).step_by(LANES) {
             let n = LANES.min(g.tw - tx0);
             let at = o * cp + bi * g.per_image + ty * g.tw + tx0;
-            let prods: [[Lanes; MAX_IN]; MAX_IN] = std::array::from_fn(|i| {
+            // Lanes past n hold other tiles' (or rows') products, or zeros: each lane's
+            // transform is its own, and those lanes' outputs are not written.
+            let prods: [[Fast; MAX_IN]; MAX_IN] = std::array::from_fn(|i| {
                 std::array::from_fn(|jj| {
                     if i >= inn || jj >= inn {
-                        return Lanes::default();
+                        return Fast::zero();
                     }
-                    let row = &m[(i * inn + jj) * oc * cp + at..][..n];
-                    let mut t = Lanes::default();
-                    // SAFETY: n ≤ LANES values into the lanes.
-                    unsafe { write_prefix(t.0.as_mut_ptr(), row, n) };
-                    t
+                    Fast::load(m, (i * inn + jj) * oc * cp + at)
                 })
             });
-            let y = output_tiles::<OUT, Lanes>(&prods);
+            let y = output_tiles::<OUT, Fast>(&prods).map(|row| row.map(Lane::lanes));
             let x0 = OUT * tx0;
             let width = (OUT * n).min(ow - x0);
             for (r, yr) in y.iter().take(OUT).enumerate() {
