@@ -171,6 +171,14 @@ impl Conv2d {
         };
         let dst = SharedOut(out.as_mut_ptr());
         let src = self.source(x, f.pre, matches!(weight, Weight::Packed(_)), 0);
+        // A 1×1, stride-1, unpadded convolution with nothing to apply to its input reads
+        // the input in place (`[k = icg, n]` per image and group).
+        let in_place = fast
+            && crate::sgemm::wide_available()
+            && self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.pads == [0; 4]
+            && f.pre.is_none();
         let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
@@ -184,10 +192,14 @@ impl Conv2d {
             }
             // The columns this job reads, packed into 16-column panels (`[k, 16]` each,
             // contiguous): rows of a strided plane would all fall in a few cache sets.
+            // (A pointwise convolution's input is its right-hand matrix as it is: read
+            // in place by the AVX-512 tiles.)
             let width = p1 - p0;
-            col.0.resize(k * width.div_ceil(PANEL) * PANEL, 0.0);
-            self.pixel_offsets([p0, p1], &mut col.1);
-            src.pack::<PANEL>(bi * g + gi, &col.1, &mut col.0);
+            if !in_place {
+                col.0.resize(k * width.div_ceil(PANEL) * PANEL, 0.0);
+                self.pixel_offsets([p0, p1], &mut col.1);
+                src.pack::<PANEL>(bi * g + gi, &col.1, &mut col.0);
+            }
             let col = &col.0;
             // Dense rows of this job's channels (a packed weight is read below instead).
             let lhs = match weight {
@@ -200,9 +212,16 @@ impl Conv2d {
             // [m1-m0, k] and rhs [k, p1-p0] with row stride rhs_rs, all in bounds.
             unsafe {
                 if fast {
-                    let rhs = Rhs::Panels {
-                        ptr: col.as_ptr(),
-                        k,
+                    let rhs = if in_place {
+                        Rhs::Rows {
+                            ptr: src.data[(bi * g + gi) * k * n + p0..].as_ptr(),
+                            ldb: n,
+                        }
+                    } else {
+                        Rhs::Panels {
+                            ptr: col.as_ptr(),
+                            k,
+                        }
                     };
                     let e = Epilogue {
                         base: match residual {
@@ -904,6 +923,9 @@ mod tests {
             // Many channels on a small map (several panels, ragged slivers, k > 256).
             ([1, 40, 7, 7], 37, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
             ([2, 300, 5, 5], 20, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
+            // Pointwise on a larger map: the input read in place (rows of 323 pixels, so
+            // unaligned, and a last strip of 8 output channels).
+            ([2, 24, 17, 19], 40, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             ([1, 20, 17, 17], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1),
             // Stride 2 on a large map (16-pixel panels, some across output rows) and on
             // a small one (6-pixel slivers across rows).

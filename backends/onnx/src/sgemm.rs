@@ -220,8 +220,7 @@ pub unsafe fn sgemm_with(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
     unsafe {
-        // Only a packed B gets the AVX-512 tiles.
-        if wide && matches!(b, Rhs::Panels { .. }) {
+        if wide {
             avx2::sgemm_wide(m, n, k, a, b, c, epilogue)
         } else {
             avx2::sgemm(m, n, k, a, b, c, epilogue)
@@ -416,9 +415,12 @@ mod avx2 {
             let (n, k0, kc) = (self.n, self.k0, self.kc);
             let nc = NR.min(n - j);
             // Two strips at once where a second packed panel exists (zero-padded past
-            // n). (B read in place stays with single strips: its rows lie far apart, and
-            // two strips of them ran slower than one.)
-            let wide = WIDE && matches!(self.b, Rhs::Panels { .. }) && j + NR < n;
+            // n), or, for B in place, where 32 columns of its rows remain.
+            let wide = WIDE
+                && match self.b {
+                    Rhs::Panels { .. } => j + NR < n,
+                    Rhs::Rows { .. } => j + 2 * NR <= n,
+                };
             // SAFETY (whole block): offsets stay within the caller's matrices.
             let (bp, ldb) = match self.b {
                 Rhs::Panels { ptr, k } => (unsafe { ptr.add((j / NR) * k * NR + k0 * NR) }, NR),
@@ -470,8 +472,7 @@ mod avx2 {
                 Lhs::Rows { .. } => true,
                 Lhs::Blocks { bw, .. } => bw % TALL == 0,
             };
-            let tall =
-                WIDE && matches!(self.b, Rhs::Panels { .. }) && c.cs == 1 && (!s.wide || eight);
+            let tall = WIDE && c.cs == 1 && (!s.wide || eight);
             let height = if tall { TALL } else { MR };
             let (ap, lda, rows) = match a {
                 Lhs::Rows { ptr, lda } => (
@@ -892,6 +893,8 @@ mod tests {
             (7, 17, 300),
             (13, 40, 513),
             (64, 5, 9),
+            // Two whole 32-column strips of B in place.
+            (9, 64, 20),
         ]) {
             let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
             let a: Vec<f32> = (0..m * lda).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
