@@ -541,6 +541,7 @@ mod avx2 {
         st: Store,
     ) {
         unsafe {
+            fetch_start::<R>(c, st);
             let mut acc = [_mm512_setzero_ps(); R];
             for kk in 0..kc {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
@@ -554,6 +555,18 @@ mod avx2 {
                 }
             }
             store512::<R>(acc, c, nc, st);
+        }
+    }
+
+    /// Starts fetching the start values a tile of `R` rows of 16 will add as it stores
+    /// (another matrix's rows, such as a convolution's residual: far apart, which the
+    /// hardware does not fetch ahead), so that they arrive while it computes.
+    #[inline(always)]
+    unsafe fn fetch_start<const R: usize>(c: Out, st: Store) {
+        if let (true, Base::Other { ptr, ld }, 1) = (st.first, st.base, c.cs) {
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(r * ld) as *const i8);
+            }
         }
     }
 
@@ -632,6 +645,8 @@ mod avx2 {
         halves: [(Out, usize, Store); 2],
     ) {
         unsafe {
+            fetch_start::<R>(halves[0].0, halves[0].2);
+            fetch_start::<R>(halves[1].0, halves[1].2);
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
             // The next strip's second panel lies as far from its first as this one's.
