@@ -753,6 +753,14 @@ impl Source<'_> {
                         let dst: &mut [f32; BW] = dst.try_into().expect("BW long");
                         *dst = src[t + o[0]..][..BW].try_into().expect("BW long");
                     }
+                    // Every other value (stride 2 along a row): one fixed-size
+                    // de-interleave the compiler turns into vector shuffles.
+                    (None, false) if n == BW && o[n - 1] - o[0] == 2 * (n - 1) => {
+                        let from = &src[t + o[0]..][..2 * BW - 1];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = from[2 * i];
+                        }
+                    }
                     (None, false) => {
                         for (d, &q) in dst.iter_mut().zip(o) {
                             *d = src[t + q];
