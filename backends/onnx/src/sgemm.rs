@@ -490,29 +490,18 @@ mod avx2 {
             let ab = (ap, lda);
             let (bp, bs) = (s.b.0, s.ldb);
             let in_rows = matches!(a, Lhs::Rows { .. });
+            // The AVX-512 tiles: up to TALL rows.
+            macro_rules! up_to_eight {
+                ($tile:ident, $args:tt) => {
+                    unsafe { by_rows!($tile, rows, in_rows, [8, 7, 6, 5, 4, 3, 2], $args) }
+                };
+            }
             if s.wide {
                 let (cp2, st2) = place(c, e, i, j + NR, first, last);
                 let halves = [(cp, nc, st), (cp2, NR.min(self.n - j - NR), st2)];
-                let bp = (bp, s.b.1, pf);
-                unsafe {
-                    by_rows!(
-                        wide_tile,
-                        rows,
-                        in_rows,
-                        [8, 7, 6, 5, 4, 3, 2],
-                        (kc, ab, bp, bs, halves)
-                    )
-                }
+                up_to_eight!(wide_tile, (kc, ab, (bp, s.b.1, pf), bs, halves))
             } else if tall {
-                unsafe {
-                    by_rows!(
-                        tile16,
-                        rows,
-                        in_rows,
-                        [8, 7, 6, 5, 4, 3, 2],
-                        (kc, ab, (bp, pf), bs, cp, nc, st)
-                    )
-                }
+                up_to_eight!(tile16, (kc, ab, (bp, pf), bs, cp, nc, st))
             } else {
                 unsafe {
                     by_rows!(
