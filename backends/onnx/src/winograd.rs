@@ -134,6 +134,8 @@ trait Lane:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<f32, Output = Self>
 {
+    /// Tiles side by side.
+    const N: usize;
     /// All zero.
     fn zero() -> Self;
     /// The eight values at `q[at..at + 8]`, zeros past the end of `q`.
@@ -143,11 +145,11 @@ trait Lane:
     /// # Safety
     /// `dst..dst + n` is valid for writes; `skip + n ≤ 8`.
     unsafe fn write(self, dst: *mut f32, skip: usize, n: usize);
-    /// The values as an array.
-    fn lanes(self) -> Lanes;
 }
 
 impl Lane for Lanes {
+    const N: usize = LANES;
+
     #[inline(always)]
     fn zero() -> Self {
         Lanes::default()
@@ -167,7 +169,11 @@ impl Lane for Lanes {
         // SAFETY: the caller's promise.
         unsafe { write_prefix(dst, &self.0[skip..], n) }
     }
+}
 
+impl Lanes {
+    /// The values as an array (themselves; on x86-64 the transforms use `simd::V`'s).
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     #[inline(always)]
     fn lanes(self) -> Lanes {
         self
@@ -211,6 +217,8 @@ mod simd {
     }
 
     impl Lane for V {
+        const N: usize = LANES;
+
         #[inline(always)]
         fn zero() -> Self {
             unsafe { V(_mm256_setzero_ps()) }
@@ -240,9 +248,82 @@ mod simd {
                 }
             }
         }
+    }
+
+    /// Sixteen lanes in one AVX-512 register (only used inside functions built with
+    /// AVX-512F).
+    #[derive(Clone, Copy)]
+    pub(super) struct V16(__m512);
+
+    // SAFETY (every intrinsic below): these inline into `input_channel_wide`, built with
+    // AVX-512F and only called where the CPU has it.
+    impl std::ops::Add for V16 {
+        type Output = V16;
+        #[inline(always)]
+        fn add(self, o: V16) -> V16 {
+            unsafe { V16(_mm512_add_ps(self.0, o.0)) }
+        }
+    }
+
+    impl std::ops::Sub for V16 {
+        type Output = V16;
+        #[inline(always)]
+        fn sub(self, o: V16) -> V16 {
+            unsafe { V16(_mm512_sub_ps(self.0, o.0)) }
+        }
+    }
+
+    impl std::ops::Mul<f32> for V16 {
+        type Output = V16;
+        #[inline(always)]
+        fn mul(self, k: f32) -> V16 {
+            unsafe { V16(_mm512_mul_ps(self.0, _mm512_set1_ps(k))) }
+        }
+    }
+
+    impl Lane for V16 {
+        const N: usize = 16;
 
         #[inline(always)]
-        fn lanes(self) -> Lanes {
+        fn zero() -> Self {
+            unsafe { V16(_mm512_setzero_ps()) }
+        }
+
+        #[inline(always)]
+        fn load(q: &[f32], at: usize) -> Self {
+            let have = q.len().saturating_sub(at).min(16);
+            unsafe {
+                if have == 16 {
+                    V16(_mm512_loadu_ps(q.as_ptr().add(at)))
+                } else if have == 0 {
+                    V16(_mm512_setzero_ps())
+                } else {
+                    V16(_mm512_maskz_loadu_ps(
+                        (1u16 << have) - 1,
+                        q.as_ptr().add(at),
+                    ))
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn write(self, dst: *mut f32, skip: usize, n: usize) {
+            unsafe {
+                if skip == 0 && n == 16 {
+                    _mm512_storeu_ps(dst, self.0);
+                } else {
+                    // Lanes skip..skip + n under a mask, at their place relative to dst.
+                    let mask = (((1u32 << n) - 1) << skip) as u16;
+                    _mm512_mask_storeu_ps(dst.wrapping_sub(skip), mask, self.0);
+                }
+            }
+        }
+    }
+
+    impl V {
+        /// The values as an array.
+        #[inline(always)]
+        pub(super) fn lanes(self) -> Lanes {
             let mut t = Lanes::default();
             unsafe { _mm256_storeu_ps(t.0.as_mut_ptr(), self.0) };
             t
@@ -424,13 +505,46 @@ unsafe fn input_channel<const OUT: usize>(
     bi: usize,
     v: SharedOut,
 ) {
+    // SAFETY: the caller's promise.
+    unsafe { input_channel_with::<OUT, Fast>(g, q, ic, c, bi, v) }
+}
+
+/// [`input_channel`] sixteen tiles at a time in AVX-512 registers (for rows of at least
+/// 12 tiles, which it fills).
+///
+/// # Safety
+/// As [`input_channel`], and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn input_channel_wide<const OUT: usize>(
+    g: &Grid,
+    q: &[f32],
+    ic: usize,
+    c: usize,
+    bi: usize,
+    v: SharedOut,
+) {
+    // SAFETY: the caller's promise.
+    unsafe { input_channel_with::<OUT, simd::V16>(g, q, ic, c, bi, v) }
+}
+
+/// [`input_channel`]'s body, `T::N` tiles at a time.
+#[inline(always)]
+unsafe fn input_channel_with<const OUT: usize, T: Lane>(
+    g: &Grid,
+    q: &[f32],
+    ic: usize,
+    c: usize,
+    bi: usize,
+    v: SharedOut,
+) {
     let inn = inputs(OUT);
     for ty in 0..g.th {
-        for tx0 in (0..g.tw).step_by(LANES) {
-            let vt = input_tiles::<OUT, Fast>(q, g.ph, g.qw, ty, tx0);
-            let n = LANES.min(g.tw - tx0);
+        for tx0 in (0..g.tw).step_by(T::N) {
+            let vt = input_tiles::<OUT, T>(q, g.ph, g.qw, ty, tx0);
+            let n = T::N.min(g.tw - tx0);
             let col0 = bi * g.per_image + ty * g.tw + tx0;
-            // The lanes in at most two runs, split where a 16-column panel ends.
+            // The lanes in runs, split where a 16-column panel ends.
             let mut l = 0;
             while l < n {
                 let col = col0 + l;
@@ -479,7 +593,7 @@ unsafe fn output_channel<const OUT: usize>(
                     Fast::load(m, (i * inn + jj) * oc * cp + at)
                 })
             });
-            let y = output_tiles::<OUT, Fast>(&prods).map(|row| row.map(Lane::lanes));
+            let y = output_tiles::<OUT, Fast>(&prods).map(|row| row.map(|t| t.lanes()));
             let x0 = OUT * tx0;
             let width = (OUT * n).min(ow - x0);
             for (r, yr) in y.iter().take(OUT).enumerate() {
@@ -546,7 +660,9 @@ fn run_tiles<const OUT: usize>(
     // The padded plane every tile reads: OUT·th + 2 rows of OUT·tw + 2 columns, split
     // into OUT column phases of `qw` columns (eight tiles read past the last one).
     let ph = OUT * th + 2;
-    let qw = tw.next_multiple_of(LANES) + 2;
+    // Rows of 12 tiles or more go sixteen at a time where the CPU has AVX-512.
+    let sixteen = cfg!(target_arch = "x86_64") && tw >= 12 && crate::sgemm::wide_available();
+    let qw = tw.next_multiple_of(if sixteen { 16 } else { LANES }) + 2;
     for b0 in (0..b).step_by(chunk) {
         let nb = chunk.min(b - b0);
         let cols = nb * per_image;
@@ -601,8 +717,13 @@ fn run_tiles<const OUT: usize>(
                     }
                 }
             }
-            // SAFETY: run() is only called where the AVX2 kernel is available; this job
-            // owns channel c of image bi in V.
+            // SAFETY: run() is only called where the AVX2 kernel is available (and
+            // `sixteen` only with AVX-512F); this job owns channel c of image bi in V.
+            #[cfg(target_arch = "x86_64")]
+            if sixteen {
+                unsafe { input_channel_wide::<OUT>(&grid, q, ic, c, bi, vs) };
+                return;
+            }
             unsafe { input_channel::<OUT>(&grid, q, ic, c, bi, vs) };
         };
         jobs_with(nb * ic, parallel, Vec::new, input);
@@ -734,6 +855,9 @@ mod tests {
             (2, 16, 48, 5, 23, [1, 2, 0, 1]),
             // Ten tiles per row: full groups of eight, and groups across 16-column panels.
             (2, 16, 16, 6, 40, [1, 1, 1, 1]),
+            // Rows of 13 and 16 tiles: sixteen at a time where the CPU has AVX-512.
+            (1, 16, 16, 6, 50, [1, 1, 1, 1]),
+            (2, 8, 16, 5, 64, [1, 1, 1, 1]),
             (1, 16, 24, 38, 37, [1, 1, 1, 1]),
         ];
         for (i, &(b, ic, oc, h, w, pads)) in cases.iter().enumerate() {
