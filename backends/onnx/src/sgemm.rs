@@ -356,13 +356,13 @@ mod avx2 {
                     while i < i0 + mc {
                         // The first tile of a strip fetches the next packed strip of B
                         // into cache while it works (later tiles touch their own, a no-op).
-                        let pf = match p.panel(j + s.width) {
+                        let pf = match p.panel(j + s.width()) {
                             Some(next) if i == i0 => next,
                             _ => s.b.0,
                         };
                         i += unsafe { p.tile::<WIDE>(i, j, &s, pf) };
                     }
-                    j += s.width;
+                    j += s.width();
                 }
             }
         }
@@ -392,8 +392,18 @@ mod avx2 {
         nc: usize,
         /// Two panels at once.
         wide: bool,
+    }
+
+    impl Strip {
         /// Columns it covers: 16 or 32.
-        width: usize,
+        #[inline(always)]
+        fn width(&self) -> usize {
+            if self.wide {
+                2 * NR
+            } else {
+                NR
+            }
+        }
     }
 
     impl Pass {
@@ -449,7 +459,6 @@ mod avx2 {
                 ldb,
                 nc,
                 wide,
-                width: if wide { 2 * NR } else { NR },
             }
         }
 

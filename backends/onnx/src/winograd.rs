@@ -190,31 +190,45 @@ mod simd {
     #[derive(Clone, Copy)]
     pub(super) struct V(__m256);
 
+    /// `+`, `-` and `· f32` on a register type through its intrinsics.
+    macro_rules! arithmetic {
+        ($t:ident, $add:ident, $sub:ident, $mul:ident, $splat:ident) => {
+            impl std::ops::Add for $t {
+                type Output = $t;
+                #[inline(always)]
+                fn add(self, o: $t) -> $t {
+                    unsafe { $t($add(self.0, o.0)) }
+                }
+            }
+
+            impl std::ops::Sub for $t {
+                type Output = $t;
+                #[inline(always)]
+                fn sub(self, o: $t) -> $t {
+                    unsafe { $t($sub(self.0, o.0)) }
+                }
+            }
+
+            impl std::ops::Mul<f32> for $t {
+                type Output = $t;
+                #[inline(always)]
+                fn mul(self, k: f32) -> $t {
+                    unsafe { $t($mul(self.0, $splat(k))) }
+                }
+            }
+        };
+    }
+
     // SAFETY (every intrinsic below): these inline into the transforms, which are built
-    // with AVX2 and only called where the CPU has it.
-    impl std::ops::Add for V {
-        type Output = V;
-        #[inline(always)]
-        fn add(self, o: V) -> V {
-            unsafe { V(_mm256_add_ps(self.0, o.0)) }
-        }
-    }
-
-    impl std::ops::Sub for V {
-        type Output = V;
-        #[inline(always)]
-        fn sub(self, o: V) -> V {
-            unsafe { V(_mm256_sub_ps(self.0, o.0)) }
-        }
-    }
-
-    impl std::ops::Mul<f32> for V {
-        type Output = V;
-        #[inline(always)]
-        fn mul(self, k: f32) -> V {
-            unsafe { V(_mm256_mul_ps(self.0, _mm256_set1_ps(k))) }
-        }
-    }
+    // with AVX2 (`V`) or AVX-512F (`V16`, `input_channel_wide`) and only called where the
+    // CPU has it.
+    arithmetic!(
+        V,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_mul_ps,
+        _mm256_set1_ps
+    );
 
     impl Lane for V {
         const N: usize = LANES;
@@ -255,31 +269,13 @@ mod simd {
     #[derive(Clone, Copy)]
     pub(super) struct V16(__m512);
 
-    // SAFETY (every intrinsic below): these inline into `input_channel_wide`, built with
-    // AVX-512F and only called where the CPU has it.
-    impl std::ops::Add for V16 {
-        type Output = V16;
-        #[inline(always)]
-        fn add(self, o: V16) -> V16 {
-            unsafe { V16(_mm512_add_ps(self.0, o.0)) }
-        }
-    }
-
-    impl std::ops::Sub for V16 {
-        type Output = V16;
-        #[inline(always)]
-        fn sub(self, o: V16) -> V16 {
-            unsafe { V16(_mm512_sub_ps(self.0, o.0)) }
-        }
-    }
-
-    impl std::ops::Mul<f32> for V16 {
-        type Output = V16;
-        #[inline(always)]
-        fn mul(self, k: f32) -> V16 {
-            unsafe { V16(_mm512_mul_ps(self.0, _mm512_set1_ps(k))) }
-        }
-    }
+    arithmetic!(
+        V16,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_mul_ps,
+        _mm512_set1_ps
+    );
 
     impl Lane for V16 {
         const N: usize = 16;
