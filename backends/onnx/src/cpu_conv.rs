@@ -1,13 +1,15 @@
 //! 2-D convolution on the CPU for f32 NCHW tensors, as matrix products written directly
 //! into the NCHW output. Patches are gathered from a zero-padded copy of the input (or the
 //! input itself) through precomputed offsets, into 16-pixel panels (pixel columns) or, on
-//! small maps, 6-pixel slivers (pixel rows); 14×14-sized stride-1 maps skip the patch
+//! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); 14×14-sized stride-1 maps skip the patch
 //! matrix (one product per kernel tap over the shifted input). Weights packed at plan time
 //! ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's own layout, used as it is,
 //! feeds it or the `gemm` crate (grouped convolutions, CPUs without AVX2).
 use gemm::Parallelism;
 
-use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER};
+use crate::sgemm::{
+    to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER, TALL_SLIVER,
+};
 use rayon::prelude::*;
 
 /// Fewest output tiles (over the batch) for the Winograd path, by tile side: fewer 4×4
@@ -302,9 +304,9 @@ impl Conv2d {
 
     /// [`Conv2d::run`] for one channel group with the weight packed by [`pack_weight`]:
     /// the product runs with output pixels as rows and output channels as columns, so a
-    /// small feature map (7×7 = 49 pixels) fills whole 6-row register tiles where it would
-    /// leave a 16-pixel panel mostly empty. Each image's patches are packed once, in 6-pixel
-    /// slivers that stream in order; then jobs of at most 96 pixels (each weight panel is
+    /// small feature map (7×7 = 49 pixels) fills whole 8-row (AVX2: 6-row) register tiles
+    /// where it would leave a 16-pixel panel mostly empty. Each image's patches are packed
+    /// once, in slivers as high as the tiles that stream in order; then jobs of at most 96 pixels (each weight panel is
     /// read once per job) and, when those are few, ranges of output channels run.
     fn run_packed(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
         let Fused {
@@ -325,7 +327,13 @@ impl Conv2d {
         if len == 0 {
             return out;
         }
-        let slivers = n.div_ceil(SLIVER);
+        // Slivers as high as the register tiles: 8 pixels with AVX-512, else 6.
+        let sliver = if crate::sgemm::wide_available() {
+            TALL_SLIVER
+        } else {
+            SLIVER
+        };
+        let slivers = n.div_ceil(sliver);
         let mut tiles = n.div_ceil(96);
         let oc_panels = oc.div_ceil(PANEL);
         // Channel ranges are whole 32-channel strips (the AVX-512 tiles' width); where
@@ -348,7 +356,7 @@ impl Conv2d {
         let parallel = threads > 1 && b * oc * n * k >= 256 * 1024;
         // Each image's patches are packed once (in slivers, shared by the jobs that split
         // its channels), a few images at a time so the buffer stays near 8 MiB.
-        let per_image = slivers * SLIVER * k;
+        let per_image = slivers * sliver * k;
         let chunk = (2 * 1024 * 1024 / per_image.max(1)).clamp(1, b);
         let mut patches = vec![0f32; chunk * per_image];
         let tile_slivers = |ti: usize| [ti * slivers / tiles, (ti + 1) * slivers / tiles];
@@ -365,24 +373,28 @@ impl Conv2d {
             let pack = |offs: &mut Vec<usize>, j: usize| {
                 let (bi, pj) = (j / pack_jobs, j % pack_jobs);
                 let [s0, s1] = [pj * slivers / pack_jobs, (pj + 1) * slivers / pack_jobs];
-                let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
+                let (r0, r1) = (s0 * sliver, (s1 * sliver).min(n));
                 if r0 >= r1 {
                     return;
                 }
                 self.pixel_offsets([r0, r1], offs);
                 // SAFETY: slivers s0..s1 of image bi are this job's own part of `patches`.
                 let region = unsafe {
-                    let at = bi * per_image + s0 * SLIVER * k;
-                    std::slice::from_raw_parts_mut(shared.at(at), (s1 - s0) * SLIVER * k)
+                    let at = bi * per_image + s0 * sliver * k;
+                    std::slice::from_raw_parts_mut(shared.at(at), (s1 - s0) * sliver * k)
                 };
-                src.pack::<SLIVER>(b0 + bi, offs, region);
+                if sliver == TALL_SLIVER {
+                    src.pack::<TALL_SLIVER>(b0 + bi, offs, region);
+                } else {
+                    src.pack::<SLIVER>(b0 + bi, offs, region);
+                }
             };
             // Channel ranges outermost: the jobs a thread runs in a row (rayon hands out
             // neighbouring indices) share their weight panels, read once into its cache.
             let gemm = |j: usize| {
                 let (bi, pi, ti) = (j / (tiles * parts), (j / tiles) % parts, j % tiles);
                 let [s0, s1] = tile_slivers(ti);
-                let (r0, r1) = (s0 * SLIVER, (s1 * SLIVER).min(n));
+                let (r0, r1) = (s0 * sliver, (s1 * sliver).min(n));
                 let (pa, pb) = (
                     pi * pairs / parts * 2,
                     ((pi + 1) * pairs / parts * 2).min(oc_panels),
@@ -405,9 +417,9 @@ impl Conv2d {
                     relu,
                 };
                 let a = Lhs::Blocks {
-                    ptr: shared.at(bi * per_image + s0 * SLIVER * k),
+                    ptr: shared.at(bi * per_image + s0 * sliver * k),
                     k,
-                    bw: SLIVER,
+                    bw: sliver,
                 };
                 let rhs = Rhs::Panels {
                     ptr: panels[pa * k * PANEL..].as_ptr(),

@@ -1,7 +1,7 @@
 //! A single-threaded f32 matrix product for x86-64 CPUs with AVX2 and FMA (and, where the
-//! CPU has AVX-512, 6×32 tiles in 512-bit registers over two strips of B), made for the
+//! CPU has AVX-512, 8×32 and 6×32 tiles in 512-bit registers over two strips of B), made for the
 //! convolution's and linear layers' shapes: `C[m, n] = start + A[m, k] · B[k, n]`, each
-//! operand either row-major in place or packed by the caller (A in 6-row slivers, B in
+//! operand either row-major in place or packed by the caller (A in 6- or 8-row slivers, B in
 //! 16-column panels), C with any row and column stride (so a product over pixel rows can
 //! write an NCHW plane). A 6×16 register tile (12 accumulators) walks `k` in blocks that
 //! keep the 16-column strip of B in L1 and the rows of A in L2. Callers run one product per
@@ -62,6 +62,9 @@ impl Out {
 
 /// Rows of one register tile: the natural [`Lhs::Blocks`] width.
 pub const SLIVER: usize = MR;
+/// Rows of one AVX-512 register tile: the [`Lhs::Blocks`] width that lets products with
+/// C stored transposed (`rs` = 1) run 8-row tiles where [`wide_available`].
+pub const TALL_SLIVER: usize = TALL;
 /// Columns of a packed right-hand panel.
 pub const PANEL: usize = NR;
 
@@ -474,14 +477,15 @@ mod avx2 {
         ) -> usize {
             let (a, c, e, kc, end) = (self.a, self.c, self.e, self.kc, self.end);
             let (first, last, nc) = (self.first, self.last, s.nc);
-            // AVX-512 tiles 8 rows high where C's rows are stored as rows and A has them
-            // (packed A in blocks of a multiple of 8 rows, or in place); 6-row slivers
-            // keep 6. A single packed strip: always 8 (6 where C is stored transposed).
+            // AVX-512 tiles 8 rows high where A has them (packed A in blocks of a
+            // multiple of 8 rows, or in place); 6-row slivers keep 6 rows with two strips.
+            // C stored transposed (rows adjacent, `rs` = 1) takes 8 rows only from 8-row
+            // blocks, whose tiles store whole 8-value runs.
             let eight = match a {
                 Lhs::Rows { .. } => true,
                 Lhs::Blocks { bw, .. } => bw % TALL == 0,
             };
-            let tall = WIDE && c.cs == 1 && (!s.wide || eight);
+            let tall = WIDE && (!s.wide || eight) && (c.cs == 1 || (c.rs == 1 && eight));
             let height = if tall { TALL } else { MR };
             let (ap, lda, rows) = match a {
                 Lhs::Rows { ptr, lda } => (
@@ -817,11 +821,11 @@ mod avx2 {
                 (true, Base::Zero) => None,
                 (true, Base::Other { ptr, ld }) => Some((ptr, ld)),
             };
-            // C transposed (a tile row's 16 values `cs` apart, its 6 rows adjacent: the
-            // pixel-row convolutions' NCHW output): the 6 × 16 block is transposed in
-            // registers, so each column is one run of 6 values instead of 6 single ones.
+            // C transposed (a tile row's 16 values `cs` apart, its 6 or 8 rows adjacent:
+            // the pixel-row convolutions' NCHW output): the block is transposed in
+            // registers, so each column is one run of R values instead of R single ones.
             let start_in_runs = start.is_none_or(|(_, rs)| rs == 1);
-            if R == 6 && c.rs == 1 && c.cs != 1 && nc == NR && start_in_runs {
+            if (R == 6 || R == TALL) && c.rs == 1 && c.cs != 1 && nc == NR && start_in_runs {
                 let mut rows_lo = [zero; 8];
                 let mut rows_hi = [zero; 8];
                 for r in 0..R {
@@ -836,11 +840,21 @@ mod avx2 {
                 {
                     for (j, &t) in block.iter().enumerate() {
                         let col_at = half * 8 + j;
-                        let mut v = _mm256_add_ps(t, load6(sp.add(col_at * scs)));
+                        let (from, to) = (sp.add(col_at * scs), c.ptr.add(col_at * c.cs));
+                        let run = if R == TALL {
+                            _mm256_loadu_ps(from)
+                        } else {
+                            load6(from)
+                        };
+                        let mut v = _mm256_add_ps(t, run);
                         if relu {
                             v = _mm256_max_ps(v, zero);
                         }
-                        store6(c.ptr.add(col_at * c.cs), v);
+                        if R == TALL {
+                            _mm256_storeu_ps(to, v);
+                        } else {
+                            store6(to, v);
+                        }
                     }
                 }
                 return;
@@ -1021,7 +1035,8 @@ mod tests {
 
     /// C written transposed (rows adjacent, columns `ldc` apart), as the pixel-row
     /// convolutions write NCHW: every start value, bias and clamp as with row-major C,
-    /// over full 6 × 16 tiles, edge tiles and more than one pass over k.
+    /// over full 6- and 8-row tiles, edge tiles and more than one pass over k, with A in
+    /// place and packed in 6- and 8-row blocks.
     #[test]
     #[allow(clippy::needless_range_loop)] // (i, j) index A, B, C and both biases
     fn a_transposed_output_gets_the_same_values() {
@@ -1029,7 +1044,8 @@ mod tests {
             eprintln!("no AVX2/FMA on this CPU; skipped");
             return;
         }
-        for (wide, (m, n, k)) in both_paths([(12, 32, 20), (13, 37, 700), (6, 16, 1)]) {
+        let shapes = both_paths([(12, 32, 20), (13, 37, 700), (6, 16, 1), (49, 64, 300)]);
+        for ((wide, (m, n, k)), bw) in shapes.flat_map(|s| [(s, 0), (s, SLIVER), (s, TALL)]) {
             let ldc = m + 3;
             // Start values laid out like C (element (i, j) at j·ldc + i).
             let ops = Operands::new(m, n, k, n * ldc);
@@ -1061,9 +1077,23 @@ mod tests {
                     rs: 1,
                     cs: ldc,
                 };
-                let lhs = Lhs::Rows {
-                    ptr: a.as_ptr(),
-                    lda: k,
+                // bw = 0: A in place; else packed in blocks of bw rows.
+                let mut blocks = vec![0f32; m.next_multiple_of(bw.max(1)) * k];
+                to_blocks(&mut blocks, bw.max(1), k, m, |q, line| {
+                    for (i, v) in line.iter_mut().enumerate() {
+                        *v = a[i * k + q];
+                    }
+                });
+                let lhs = match bw {
+                    0 => Lhs::Rows {
+                        ptr: a.as_ptr(),
+                        lda: k,
+                    },
+                    _ => Lhs::Blocks {
+                        ptr: blocks.as_ptr(),
+                        k,
+                        bw,
+                    },
                 };
                 let rhs = Rhs::Rows {
                     ptr: b.as_ptr(),
@@ -1091,7 +1121,7 @@ mod tests {
                         let tol = 1e-3 * (1.0 + want.abs());
                         assert!(
                             (c[at] - want).abs() <= tol,
-                            "m{m} n{n} k{k} case {case} at ({i}, {j}): {} vs {want}",
+                            "m{m} n{n} k{k} bw{bw} case {case} at ({i}, {j}): {} vs {want}",
                             c[at]
                         );
                     }
