@@ -20,6 +20,9 @@ const KC: usize = 384;
 /// Depth of one pass with 32-column tiles (measured best of 192, 256 and 384 on ResNet-50
 /// and a BERT encoder).
 const KC_WIDE: usize = 256;
+/// Columns of C from which the AVX-512 path copies an A in place into 8-row blocks, pass
+/// by pass (three strips of 32 read each copy).
+const PACK_A_COLS: usize = 96;
 /// How many steps over k ahead the AVX-512 tiles fetch a packed A into cache.
 const A_AHEAD: usize = 64;
 /// Elements of A one pass keeps hot (in L2): 96 rows at the full depth [`KC`], more rows
@@ -254,7 +257,9 @@ macro_rules! by_rows {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Base, Epilogue, Lhs, Out, Rhs, A_AHEAD, KC, KC_WIDE, MC_ELEMS, MR, NR, TALL};
+    use super::{
+        Base, Epilogue, Lhs, Out, Rhs, A_AHEAD, KC, KC_WIDE, MC_ELEMS, MR, NR, PACK_A_COLS, TALL,
+    };
     use std::arch::x86_64::*;
 
     /// One register tile's epilogue: where its start values come from on the first pass
@@ -327,6 +332,8 @@ mod avx2 {
         let kc_max = if WIDE { KC_WIDE } else { KC };
         let step = k.div_ceil(k.div_ceil(kc_max).max(1)).max(1);
         let mut edge = vec![0f32; step * NR];
+        // A pass's block of A, when A in place is copied (below).
+        let mut a_pack: Vec<f32> = Vec::new();
         // k = 0 still writes the start values (one pass with an empty product).
         let passes: Vec<usize> = if k == 0 {
             vec![0]
@@ -340,8 +347,25 @@ mod avx2 {
             let rows = (MC_ELEMS / kc.max(1) / 96).max(1) * 96;
             for i0 in (0..m).step_by(rows) {
                 let mc = rows.min(m - i0);
+                // A in place, read by enough strips: this pass's block of it is copied
+                // into 8-row blocks first, which the tiles read as one stream (in place,
+                // each step reads eight rows far apart, whose addresses cost more than the
+                // copy once more than a few strips share it).
+                let (a, a_from) = match a {
+                    Lhs::Rows { ptr, lda } if WIDE && n >= PACK_A_COLS => {
+                        unsafe { pack_rows(&mut a_pack, (ptr, lda), (i0, mc), (k0, kc)) };
+                        let packed = Lhs::Blocks {
+                            ptr: a_pack.as_ptr(),
+                            k: kc,
+                            bw: TALL,
+                        };
+                        (packed, (i0, k0))
+                    }
+                    a => (a, (0, 0)),
+                };
                 let p = Pass {
                     a,
+                    a_from,
                     b,
                     c,
                     e,
@@ -374,6 +398,9 @@ mod avx2 {
     /// One pass over k for one block of rows of A (`..end`).
     struct Pass {
         a: Lhs,
+        /// The row and depth where `a` starts: (0, 0), or this pass's first row and
+        /// `k0` where `a` is a copy of the pass's block.
+        a_from: (usize, usize),
         b: Rhs,
         c: Out,
         e: Epilogue,
@@ -494,8 +521,9 @@ mod avx2 {
                     height.min(end - i),
                 ),
                 Lhs::Blocks { ptr, k, bw } => {
-                    let at = (i / bw) * k * bw + self.k0 * bw + i % bw;
-                    let rows = height.min(end - i).min(bw - i % bw);
+                    let (ia, ka) = (i - self.a_from.0, self.k0 - self.a_from.1);
+                    let at = (ia / bw) * k * bw + ka * bw + ia % bw;
+                    let rows = height.min(end - i).min(bw - ia % bw);
                     (unsafe { ptr.add(at) }, bw, rows)
                 }
             };
@@ -527,6 +555,50 @@ mod avx2 {
                 }
             }
             rows
+        }
+    }
+
+    /// Copies rows `i0..i0 + mc`, columns `k0..k0 + kc` of row-major A (`lda`) into `dst`
+    /// as [`Lhs::Blocks`] of [`TALL`] rows (`[kc, TALL]` each; a last partial block's
+    /// missing rows are left as they are: no tile reads them).
+    ///
+    /// # Safety
+    /// The rows and columns are inside A; the CPU has AVX2.
+    #[inline(always)]
+    unsafe fn pack_rows(
+        dst: &mut Vec<f32>,
+        (a, lda): (*const f32, usize),
+        (i0, mc): (usize, usize),
+        (k0, kc): (usize, usize),
+    ) {
+        let blocks = mc.div_ceil(TALL);
+        if dst.len() < blocks * kc * TALL {
+            dst.resize(blocks * kc * TALL, 0.0);
+        }
+        for s in 0..blocks {
+            let rows = TALL.min(mc - s * TALL);
+            // SAFETY (whole loop): reads stay in rows i0 + s·8 .. + rows, columns
+            // k0..k0 + kc of A; writes in block s of `dst`, sized above.
+            unsafe {
+                let out = dst.as_mut_ptr().add(s * kc * TALL);
+                let src = a.add((i0 + s * TALL) * lda + k0);
+                let mut kk = 0;
+                if rows == TALL {
+                    // Eight columns of the eight rows at a time, transposed in registers.
+                    while kk + 8 <= kc {
+                        let r = std::array::from_fn(|r| _mm256_loadu_ps(src.add(r * lda + kk)));
+                        for (q, v) in transpose8(r).into_iter().enumerate() {
+                            _mm256_storeu_ps(out.add((kk + q) * TALL), v);
+                        }
+                        kk += 8;
+                    }
+                }
+                for kk in kk..kc {
+                    for r in 0..rows {
+                        *out.add(kk * TALL + r) = *src.add(r * lda + kk);
+                    }
+                }
+            }
         }
     }
 
@@ -922,6 +994,10 @@ mod tests {
             (64, 5, 9),
             // Two whole 32-column strips of B in place.
             (9, 64, 20),
+            // Wide enough that the AVX-512 path copies A into 8-row blocks: ragged rows
+            // and depth, two passes over k, and (201 rows at k = 260) two row blocks.
+            (21, 100, 27),
+            (201, 130, 260),
         ]) {
             let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
             let a: Vec<f32> = (0..m * lda).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
