@@ -43,6 +43,9 @@ pub enum Lhs {
         k: usize,
         bw: usize,
     },
+    /// Column-major `[m, k]`: element `(i, kk)` at `ptr + kk·ld + i`, read in place (an
+    /// NCHW image with its pixels as rows and channels as columns).
+    Cols { ptr: *const f32, ld: usize },
 }
 
 /// Where [`sgemm`] writes C: element `(i, j)` at `ptr + i·rs + j·cs`.
@@ -509,7 +512,7 @@ mod avx2 {
             // C stored transposed (rows adjacent, `rs` = 1) takes 8 rows only from 8-row
             // blocks, whose tiles store whole 8-value runs.
             let eight = match a {
-                Lhs::Rows { .. } => true,
+                Lhs::Rows { .. } | Lhs::Cols { .. } => true,
                 Lhs::Blocks { bw, .. } => bw % TALL == 0,
             };
             let tall = WIDE && (!s.wide || eight) && (c.cs == 1 || (c.rs == 1 && eight));
@@ -518,6 +521,11 @@ mod avx2 {
                 Lhs::Rows { ptr, lda } => (
                     unsafe { ptr.add(i * lda + self.k0) },
                     lda,
+                    height.min(end - i),
+                ),
+                Lhs::Cols { ptr, ld } => (
+                    unsafe { ptr.add(self.k0 * ld + i) },
+                    ld,
                     height.min(end - i),
                 ),
                 Lhs::Blocks { ptr, k, bw } => {
