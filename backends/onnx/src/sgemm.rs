@@ -385,11 +385,8 @@ mod avx2 {
                     let mut i = i0;
                     while i < i0 + mc {
                         // The first tile of a strip fetches the next packed strip of B
-                        // into cache while it works (later tiles touch their own, a no-op).
-                        let pf = match p.panel(j + s.width()) {
-                            Some(next) if i == i0 => next,
-                            _ => s.b.0,
-                        };
+                        // into cache while it works (later tiles fetch nothing).
+                        let pf = p.panel(j + s.width()).filter(|_| i == i0);
                         i += unsafe { p.tile::<WIDE>(i, j, &s, pf) };
                     }
                     j += s.width();
@@ -503,7 +500,7 @@ mod avx2 {
             i: usize,
             j: usize,
             s: &Strip,
-            pf: *const f32,
+            pf: Option<*const f32>,
         ) -> usize {
             let (a, c, e, kc, end) = (self.a, self.c, self.e, self.kc, self.end);
             let (first, last, nc) = (self.first, self.last, s.nc);
@@ -558,7 +555,7 @@ mod avx2 {
                         rows,
                         in_rows,
                         [6, 5, 4, 3, 2],
-                        (kc, ab, (bp, pf), bs, cp, nc, st)
+                        (kc, ab, (bp, pf.unwrap_or(bp)), bs, cp, nc, st)
                     )
                 }
             }
@@ -616,7 +613,7 @@ mod avx2 {
     unsafe fn tile16<const R: usize, const ROWS: bool>(
         kc: usize,
         (a, lda): (*const f32, usize),
-        (b, pf): (*const f32, *const f32),
+        (b, pf): (*const f32, Option<*const f32>),
         ldb: usize,
         c: Out,
         nc: usize,
@@ -624,9 +621,28 @@ mod avx2 {
     ) {
         unsafe {
             fetch_start::<R>(c, st);
+            let acc = match pf {
+                Some(pf) => steps16::<R, ROWS, true>(kc, (a, lda), (b, pf), ldb),
+                None => steps16::<R, ROWS, false>(kc, (a, lda), (b, b), ldb),
+            };
+            store512::<R>(acc, c, nc, st);
+        }
+    }
+
+    /// [`tile16`]'s products, fetching the strip at `pf` as they go with `FETCH`.
+    #[inline(always)]
+    unsafe fn steps16<const R: usize, const ROWS: bool, const FETCH: bool>(
+        kc: usize,
+        (a, lda): (*const f32, usize),
+        (b, pf): (*const f32, *const f32),
+        ldb: usize,
+    ) -> [__m512; R] {
+        unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             for kk in 0..kc {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                if FETCH {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                }
                 if !ROWS {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((kk + A_AHEAD) * lda) as *const i8);
                 }
@@ -636,7 +652,7 @@ mod avx2 {
                     *v = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, *v);
                 }
             }
-            store512::<R>(acc, c, nc, st);
+            acc
         }
     }
 
@@ -722,20 +738,41 @@ mod avx2 {
     unsafe fn wide_tile<const R: usize, const ROWS: bool>(
         kc: usize,
         (a, lda): (*const f32, usize),
-        (b, b2, pf): (*const f32, *const f32, *const f32),
+        (b, b2, pf): (*const f32, *const f32, Option<*const f32>),
         ldb: usize,
         halves: [(Out, usize, Store); 2],
     ) {
         unsafe {
             fetch_start::<R>(halves[0].0, halves[0].2);
             fetch_start::<R>(halves[1].0, halves[1].2);
+            let (lo, hi) = match pf {
+                Some(pf) => wide_steps::<R, ROWS, true>(kc, (a, lda), (b, b2, pf), ldb),
+                None => wide_steps::<R, ROWS, false>(kc, (a, lda), (b, b2, b), ldb),
+            };
+            for (acc, (c, nc, st)) in [lo, hi].into_iter().zip(halves) {
+                store512::<R>(acc, c, nc, st);
+            }
+        }
+    }
+
+    /// [`wide_tile`]'s products, fetching the strip at `pf` as they go with `FETCH`.
+    #[inline(always)]
+    unsafe fn wide_steps<const R: usize, const ROWS: bool, const FETCH: bool>(
+        kc: usize,
+        (a, lda): (*const f32, usize),
+        (b, b2, pf): (*const f32, *const f32, *const f32),
+        ldb: usize,
+    ) -> ([__m512; R], [__m512; R]) {
+        unsafe {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
             // The next strip's second panel lies as far from its first as this one's.
             let pf2 = pf.wrapping_byte_add((b2 as usize).wrapping_sub(b as usize));
             for kk in 0..kc {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(pf2.wrapping_add(kk * ldb) as *const i8);
+                if FETCH {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * ldb) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(pf2.wrapping_add(kk * ldb) as *const i8);
+                }
                 if !ROWS {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((kk + A_AHEAD) * lda) as *const i8);
                 }
@@ -748,9 +785,7 @@ mod avx2 {
                     hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
                 }
             }
-            for (acc, (c, nc, st)) in [lo, hi].into_iter().zip(halves) {
-                store512::<R>(acc, c, nc, st);
-            }
+            (lo, hi)
         }
     }
 
