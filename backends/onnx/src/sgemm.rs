@@ -334,7 +334,8 @@ mod avx2 {
         // KC_WIDE with two strips at once, so that what a tile streams from B stays in L1.
         let kc_max = if WIDE { KC_WIDE } else { KC };
         let step = k.div_ceil(k.div_ceil(kc_max).max(1)).max(1);
-        let mut edge = vec![0f32; step * NR];
+        // (Allocated on first use: most products have none, and run by the thousand.)
+        let mut edge: Vec<f32> = Vec::new();
         // A pass's block of A, when A in place is copied (below).
         let mut a_pack: Vec<f32> = Vec::new();
         // k = 0 still writes the start values (one pass with an empty product).
@@ -451,7 +452,7 @@ mod avx2 {
         /// The strip of B at column `j`; a strip of B in place narrower than 16 columns
         /// is copied into `edge`, zero-padded.
         #[inline(always)]
-        unsafe fn strip<const WIDE: bool>(&self, j: usize, edge: &mut [f32]) -> Strip {
+        unsafe fn strip<const WIDE: bool>(&self, j: usize, edge: &mut Vec<f32>) -> Strip {
             let (n, k0, kc) = (self.n, self.k0, self.kc);
             let nc = NR.min(n - j);
             // Two strips at once where a second packed panel exists (zero-padded past
@@ -466,6 +467,7 @@ mod avx2 {
                 Rhs::Panels { ptr, k } => (unsafe { ptr.add((j / NR) * k * NR + k0 * NR) }, NR),
                 Rhs::Rows { ptr, ldb } if nc == NR => (unsafe { ptr.add(k0 * ldb + j) }, ldb),
                 Rhs::Rows { ptr: b, ldb } => {
+                    edge.resize(edge.len().max(kc * NR), 0.0);
                     for kk in 0..kc {
                         let row = &mut edge[kk * NR..kk * NR + NR];
                         for (jj, v) in row.iter_mut().enumerate() {
