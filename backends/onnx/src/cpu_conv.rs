@@ -181,7 +181,7 @@ impl Conv2d {
             && self.stride == [1, 1]
             && self.pads == [0; 4]
             && f.pre.is_none();
-        let job = |col: &mut (Vec<f32>, Vec<usize>), j: usize| {
+        let job = |col: &mut (Scratch, Vec<usize>), j: usize| {
             let (bi, rest) = (j / (g * tiles * parts), j % (g * tiles * parts));
             let (gi, rest) = (rest / (tiles * parts), rest % (tiles * parts));
             let (ti, pi) = (rest / parts, rest % parts);
@@ -198,7 +198,7 @@ impl Conv2d {
             // in place by the AVX-512 tiles.)
             let width = p1 - p0;
             if !in_place {
-                col.0.resize(k * width.div_ceil(PANEL) * PANEL, 0.0);
+                col.0.grow(k * width.div_ceil(PANEL) * PANEL);
                 self.pixel_offsets([p0, p1], &mut col.1);
                 src.pack::<PANEL>(bi * g + gi, &col.1, &mut col.0);
             }
@@ -369,7 +369,7 @@ impl Conv2d {
             && crate::sgemm::wide_available();
         let per_image = if in_place { 0 } else { slivers * sliver * k };
         let chunk = (2 * 1024 * 1024 / per_image.max(1)).clamp(1, b);
-        let mut patches = vec![0f32; chunk * per_image];
+        let mut patches = Scratch::take(chunk * per_image);
         let tile_slivers = |ti: usize| [ti * slivers / tiles, (ti + 1) * slivers / tiles];
         // Packing splits by slivers into at least two jobs per thread where one image
         // would leave a thread idle (a 7×7 map is one 96-pixel tile).
@@ -460,6 +460,7 @@ impl Conv2d {
         }
         // SAFETY: the jobs wrote every pixel of every channel of every image.
         unsafe { out.set_len(len) };
+        drop(patches);
         out
     }
 
@@ -726,6 +727,68 @@ impl Conv2d {
         };
         offs.clear();
         offs.extend((p0..p1).map(|q| (q / ow) * self.stride[0] * wq + (q % ow) * sx));
+    }
+}
+
+/// A buffer of patches that stays with its thread between convolutions (up to
+/// [`Scratch::KEEP`] elements), so that each run neither allocates nor zeroes it: every
+/// element a product reads is packed first (the lanes of a last sliver past the pixels
+/// are never read).
+struct Scratch(Vec<f32>);
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// The most elements a thread keeps (16 MiB).
+    const KEEP: usize = 4 << 20;
+
+    /// This thread's buffer, at least `len` long.
+    fn take(len: usize) -> Scratch {
+        let mut s = Scratch(SCRATCH.with(|s| s.take()));
+        s.grow(len);
+        s
+    }
+
+    /// At least `len` long (growing keeps what is there).
+    fn grow(&mut self, len: usize) {
+        if self.0.len() < len {
+            self.0.resize(len, 0.0);
+        }
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::take(0)
+    }
+}
+
+impl Drop for Scratch {
+    /// Returns the buffer to its thread (unless it is too large to keep, or the thread
+    /// already holds another).
+    fn drop(&mut self) {
+        if self.0.len() <= Self::KEEP {
+            let v = std::mem::take(&mut self.0);
+            SCRATCH.with(|s| {
+                let held = s.take();
+                s.set(if held.len() >= v.len() { held } else { v });
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Vec<f32>;
+    fn deref(&self) -> &Vec<f32> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.0
     }
 }
 

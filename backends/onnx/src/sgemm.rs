@@ -80,7 +80,9 @@ pub enum Rhs {
     /// Row-major `[k, n]` with row stride `ldb`, read in place.
     Rows { ptr: *const f32, ldb: usize },
     /// Packed by [`pack_panels`]: 16-column panels, each `[k, 16]` contiguous and
-    /// zero-padded past `n`, so every strip streams from memory in order.
+    /// padded past `n` (zeros from `pack_panels`; whatever is there is read but only
+    /// lands in columns that are never stored), so every strip streams from memory in
+    /// order.
     Panels { ptr: *const f32, k: usize },
 }
 
@@ -455,7 +457,7 @@ mod avx2 {
         unsafe fn strip<const WIDE: bool>(&self, j: usize, edge: &mut Vec<f32>) -> Strip {
             let (n, k0, kc) = (self.n, self.k0, self.kc);
             let nc = NR.min(n - j);
-            // Two strips at once where a second packed panel exists (zero-padded past
+            // Two strips at once where a second packed panel exists (padded past
             // n), or, for B in place, where 32 columns of its rows remain.
             let wide = WIDE
                 && match self.b {
