@@ -613,13 +613,23 @@ impl Conv2d {
         }
         // `slack` zeros after the last plane let a reader run past it (see `run_direct`).
         let plane = if split { 2 * hp * wq } else { hp * wp };
-        let mut out = vec![0f32; b * ic * plane + slack];
-        // (An empty input leaves the copy all padding: nothing to chunk.)
-        for (i, (dst, src)) in out
-            .chunks_mut(plane.max(1))
-            .zip(x.chunks((h * w).max(1)))
-            .enumerate()
-        {
+        // Plane by plane, in parallel when large: each zeroed just before it is filled,
+        // while it is in cache (not all of it first, on one thread).
+        let (planes, len) = (b * ic, b * ic * plane + slack);
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let at = SharedOut(out.as_mut_ptr());
+        let fill = |_: &mut (), i: usize| {
+            // SAFETY: plane i is this job's own part of the allocation, zeroed before the
+            // slice over it is made.
+            let dst = unsafe {
+                std::ptr::write_bytes(at.at(i * plane), 0, plane);
+                std::slice::from_raw_parts_mut(at.at(i * plane), plane)
+            };
+            // (An empty input leaves the copy all padding.)
+            let src = match x.get(i * h * w..(i + 1) * h * w) {
+                Some(src) if w > 0 => src,
+                _ => return,
+            };
             let c = i % ic;
             let (sc, sh, lo) = PreAffine::of_channel(pre, c);
             let value = |v: f32| {
@@ -648,6 +658,13 @@ impl Conv2d {
                     }
                 }
             }
+        };
+        let parallel = rayon::current_num_threads() > 1 && len >= 1 << 18;
+        crate::cpu_kernels::jobs_with(planes, parallel, || (), fill);
+        // SAFETY: every plane was written above; the slack after them is zeroed here.
+        unsafe {
+            std::ptr::write_bytes(at.at(planes * plane), 0, slack);
+            out.set_len(len);
         }
         Source {
             data: out.into(),
