@@ -662,12 +662,21 @@ mod avx2 {
 
     /// Starts fetching the start values a tile of `R` rows of 16 will add as it stores
     /// (another matrix's rows, such as a convolution's residual: far apart, which the
-    /// hardware does not fetch ahead), so that they arrive while it computes.
+    /// hardware does not fetch ahead), and the rows it stores, so that they arrive while
+    /// it computes.
     #[inline(always)]
     unsafe fn fetch_start<const R: usize>(c: Out, st: Store) {
         if let (true, Base::Other { ptr, ld }, 1) = (st.first, st.base, c.cs) {
             for r in 0..R {
                 _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(r * ld) as *const i8);
+            }
+        }
+        // On the last pass, the rows it will store, for writing (so that fetching the
+        // lines does not hold up the stores; C is often far from cache: a 56×56 layer's
+        // output planes are megabytes apart).
+        if st.last && c.cs == 1 {
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_ET0>(c.ptr.wrapping_add(r * c.rs) as *const i8);
             }
         }
     }
