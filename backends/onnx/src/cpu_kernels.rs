@@ -114,10 +114,17 @@ pub enum Weight<'a> {
     Panels(&'a [f32]),
 }
 
-/// `x [rows, k] · w [k, n] (+ bias [n])` → `[rows, n]`. Blocks of at most 96 rows, and
-/// when there are fewer blocks than threads, column panels too, so that each thread
-/// streams its own part of the weight.
-pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
+/// `x [rows, k] · w [k, n] (+ bias [n])` → `[rows, n]`, then the exact GELU with `gelu`
+/// (each job's block as soon as it is computed, while in cache). Blocks of at most 96
+/// rows, and when there are fewer blocks than threads, column panels too, so that each
+/// thread streams its own part of the weight.
+pub fn linear(
+    x: &[f32],
+    w: Weight<'_>,
+    bias: Option<&[f32]>,
+    [k, n]: [usize; 2],
+    gelu: bool,
+) -> Vec<f32> {
     let rows = x.len().checked_div(k).unwrap_or(0);
     let len = rows * n;
     if len == 0 {
@@ -207,6 +214,12 @@ pub fn linear(x: &[f32], w: Weight<'_>, bias: Option<&[f32]>, k: usize, n: usize
                     gemm::Parallelism::None,
                 ),
                 Weight::Panels(_) => unreachable!("weights are packed only where sgemm runs"),
+            }
+            if gelu {
+                for r in r0..r1 {
+                    // SAFETY: this job's own row segment, written just above.
+                    gelu_in_place(std::slice::from_raw_parts_mut(dst.at(r * n + j0), j1 - j0));
+                }
             }
         }
     });
@@ -423,12 +436,55 @@ fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         unsafe fn avx2(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
             body(src, dst)
         }
+        #[target_feature(enable = "avx2,fma,avx512f")]
+        unsafe fn avx512(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+            body(src, dst)
+        }
+        if crate::sgemm::wide_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+            return unsafe { avx512(src, dst) };
+        }
         if crate::sgemm::available() {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return unsafe { avx2(src, dst) };
         }
     }
     body(src, dst)
+}
+
+/// [`gelu_into`] in place.
+fn gelu_in_place(v: &mut [f32]) {
+    #[inline(always)]
+    fn body(v: &mut [f32]) {
+        let mut blocks = v.chunks_exact_mut(32);
+        for b in &mut blocks {
+            let s: [f32; 32] = (*b).try_into().expect("chunks of 32");
+            b.copy_from_slice(&gelu_lanes(s));
+        }
+        for x in blocks.into_remainder() {
+            *x = gelu_lanes([*x])[0];
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(v: &mut [f32]) {
+            body(v)
+        }
+        #[target_feature(enable = "avx2,fma,avx512f")]
+        unsafe fn avx512(v: &mut [f32]) {
+            body(v)
+        }
+        if crate::sgemm::wide_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+            return unsafe { avx512(v) };
+        }
+        if crate::sgemm::available() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2(v) };
+        }
+    }
+    body(v)
 }
 
 #[inline(always)]
@@ -1116,7 +1172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn linear_matches_the_definition_with_and_without_bias() {
+    fn linear_matches_the_definition_with_and_without_bias_and_gelu() {
         let (rows, k, n) = (37, 29, 21);
         let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
@@ -1126,16 +1182,20 @@ mod tests {
         if crate::sgemm::available() {
             layouts.push(Weight::Panels(&packed));
         }
-        for (bias, layout) in [None, Some(b.as_slice())]
+        for (bias, layout, gelu) in [None, Some(b.as_slice())]
             .into_iter()
             .flat_map(|b| layouts.iter().map(move |l| (b, *l)))
+            .flat_map(|(b, l)| [(b, l, false), (b, l, true)])
         {
-            let got = linear(&x, layout, bias, k, n);
+            let got = linear(&x, layout, bias, [k, n], gelu);
             for r in 0..rows {
                 for j in 0..n {
-                    let want = bias.map_or(0.0, |b| b[j])
+                    let mut want = bias.map_or(0.0, |b| b[j])
                         + (0..k).map(|q| x[r * k + q] * w[q * n + j]).sum::<f32>();
-                    assert_eq!(got[r * n + j], want, "({r}, {j})");
+                    if gelu {
+                        want = gelu_approx(want);
+                    }
+                    assert_eq!(got[r * n + j], want, "({r}, {j}) gelu {gelu}");
                 }
             }
         }

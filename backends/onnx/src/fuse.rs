@@ -22,7 +22,9 @@
 //!   Conv → that Conv with the affine's parameters as inputs 4.. ([`PRE_RELU`] for the ReLU), applied
 //!   while the convolution gathers its input (DenseNet's pre-activation `BN, ReLU, Conv`);
 //! * the exact GELU as exporters write it, `x · ½ · (1 + erf(x / √2))` (five element-wise
-//!   nodes, in either order of the products) → one ONNX `Gelu` node;
+//!   nodes, in either order of the products) → one ONNX `Gelu` node, and `Gelu` of a linear
+//!   layer's `MatMul` → that MatMul with attribute [`GELU`] (applied to each block of the
+//!   product as it is finished, while in cache);
 //! * rank-4 `Transpose` nodes before or after a `MatMul` → the MatMul reading or writing
 //!   through the permutation ([`PERM_A`], [`PERM_B`], [`PERM_OUT`]): attention's heads
 //!   without transposed copies.
@@ -39,6 +41,10 @@ use crate::ops::CHANNEL_AFFINE;
 
 /// Attribute of a fused `Conv` or [`AFFINE`]: apply ReLU to the result.
 pub const RELU: &str = "kiln_relu";
+
+/// Attribute of a fused `MatMul` (a linear layer with a constant weight): apply the exact
+/// GELU to the result.
+pub const GELU: &str = "kiln_gelu";
 
 /// Attributes of a fused `Softmax(x · scale + shift + mask)` (mask = input 1).
 pub const SCALE: &str = "kiln_scale";
@@ -140,6 +146,9 @@ pub fn fuse(
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         gelu(g, s, n, constants)
+    });
+    sweep(&mut slots, graph_outputs, &mut |g, s, n| {
+        gelu_into_matmul(g, s, n, constants)
     });
     sweep(&mut slots, graph_outputs, &mut |g, s, n| {
         masked_softmax(g, s, n, constants)
@@ -544,6 +553,36 @@ fn gelu(
         }
     }
     None
+}
+
+/// `Gelu(MatMul(x, W[, b]))` (the exact GELU) with a constant 2-D `W` → that MatMul with
+/// [`GELU`] (a transformer's feed-forward up-projection).
+fn gelu_into_matmul(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+    constants: &HashMap<String, Tensor>,
+) -> Option<(NodeProto, Vec<usize>)> {
+    if n.op_type != "Gelu"
+        || n.input.len() != 1
+        || crate::attrs::string(n, "approximate", "none") != "none"
+    {
+        return None;
+    }
+    let m = g.sole_producer(&n.input[0])?;
+    let mm = slots[m].as_ref().filter(|x| {
+        x.op_type == "MatMul"
+            && (2..=3).contains(&x.input.len())
+            && x.output.len() == 1
+            && x.attribute.is_empty()
+    })?;
+    if constants.get(&mm.input[1])?.rank() != 2 {
+        return None;
+    }
+    let mut node = mm.clone();
+    node.attribute.push(crate::attrs::new_int(GELU, 1));
+    node.output = n.output.clone();
+    Some((node, vec![m]))
 }
 
 /// For an affine node with nothing fused into it yet: the node producing its input, when

@@ -7,8 +7,8 @@ use crate::attrs;
 use crate::convert::onnx_dtype;
 use crate::fuse;
 use crate::ops_fast::{
-    batched_matmul, channel_affine, conv, cpu_f32_op, layer_norm, linear, masked_softmax,
-    on_cpu_f32, permuted_matmul,
+    batched_matmul, channel_affine, conv, cpu_f32_op, gelu_exact, layer_norm, linear,
+    masked_softmax, on_cpu_f32, permuted_matmul,
 };
 
 /// Internal operator the planner puts in place of an inference BatchNormalization:
@@ -803,10 +803,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             if attrs::string(node, "approximate", "none") == "tanh" {
                 x.gelu()?
             } else {
-                match cpu_f32_op(x, crate::cpu_kernels::gelu)? {
-                    Some(r) => r,
-                    None => x.gelu_erf()?,
-                }
+                gelu_exact(x)?
             }
         }
         "LeakyRelu" => {
@@ -894,6 +891,22 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let denom = acc.affine(alpha / size as f64, bias)?.powf(beta)?;
             x.div(&denom)?
         }
+        "MatMul" if attrs::has(node, fuse::GELU) => {
+            // A linear layer with its GELU fused by the planner (fuse.rs): applied block by
+            // block on the CPU kernel, else after the plain product.
+            let panels_n =
+                attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
+            if let Some(r) = linear(x()?, y()?, opt(ins, 2), panels_n, true)? {
+                return Ok(vec![r]);
+            }
+            let mut plain = node.clone();
+            plain.attribute.retain(|a| a.name != fuse::GELU);
+            let r = run(&plain, ins, ctx)?;
+            let r = r
+                .first()
+                .ok_or_else(|| candle_core::Error::Msg("MatMul produced no output".into()))?;
+            gelu_exact(r)?
+        }
         "MatMul" => {
             let (a, b) = (x()?, y()?);
             let perm = |name| {
@@ -924,7 +937,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let bias = opt(ins, 2); // fused by the planner (fuse.rs)
             let panels_n =
                 attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
-            if let Some(r) = linear(a, b, bias, panels_n)? {
+            if let Some(r) = linear(a, b, bias, panels_n, false)? {
                 return Ok(vec![r]);
             }
             if bias.is_none() && panels_n.is_none() {

@@ -59,12 +59,13 @@ pub(crate) fn on_cpu_f32<R>(
 /// and `b` is a matrix; `None` to let candle do it.
 ///
 /// With `panels_n` set, `b` is the planner's packed form of a `[k, n]` weight
-/// (`[n/16, k, 16]`, see `plan.rs`).
+/// (`[n/16, k, 16]`, see `plan.rs`). With `gelu`, the exact GELU of the result.
 pub(crate) fn linear(
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
     panels_n: Option<usize>,
+    gelu: bool,
 ) -> Result<Option<Tensor>> {
     let want_rank = if panels_n.is_some() { 3 } else { 2 };
     if !(cpu_f32(a) && cpu_f32(b) && bias.is_none_or(cpu_f32))
@@ -85,7 +86,7 @@ pub(crate) fn linear(
             Some(_) => crate::cpu_kernels::Weight::Panels(s[1]),
             None => crate::cpu_kernels::Weight::Rows(s[1]),
         };
-        crate::cpu_kernels::linear(s[0], w, bias.map(|_| s[2]), k, n)
+        crate::cpu_kernels::linear(s[0], w, bias.map(|_| s[2]), [k, n], gelu)
     };
     let mut dims = a.dims().to_vec();
     *dims.last_mut().unwrap_or(&mut 0) = n;
@@ -279,6 +280,14 @@ pub(crate) fn masked_softmax(
     on_cpu_f32(&[Some(x), Some(mask)], run)?
         .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
         .transpose()
+}
+
+/// The exact (erf) GELU: on the CPU kernel for f32 on the CPU, else candle's.
+pub(crate) fn gelu_exact(x: &Tensor) -> Result<Tensor> {
+    match cpu_f32_op(x, crate::cpu_kernels::gelu)? {
+        Some(r) => Ok(r),
+        None => x.gelu_erf(),
+    }
 }
 
 /// `f` on the data of an f32 CPU tensor (same shape out); `None` for other tensors.

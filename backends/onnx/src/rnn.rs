@@ -63,7 +63,7 @@ fn times_transposed(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
             wt[c * n + r] = w[r * k + c];
         }
     }
-    linear(x, Weight::Rows(&wt), None, k, n)
+    linear(x, Weight::Rows(&wt), None, [k, n], false)
 }
 
 /// Runs the RNN, GRU or LSTM `node`; returns `Y`, `Y_h` (and `Y_c` for LSTM).

@@ -323,6 +323,39 @@ fn exact_gelu_written_out_becomes_one_gelu_node() {
     );
 }
 
+#[test]
+fn gelu_of_a_linear_layer_runs_inside_the_matmul() {
+    // y = GELU(x · W + b), written out; k = GELU(x · W) written out where x · W is also a
+    // graph output, so that product stays and the GELU runs on its own.
+    let gelu_of = |v: &str, tag: &str| {
+        let n = |s: &str| format!("{s}_{tag}");
+        vec![
+            node("Div", &[v, "sqrt2"], &n("d"), vec![]),
+            node("Erf", &[&n("d")], &n("e"), vec![]),
+            node("Add", &[&n("e"), "one"], &n("a"), vec![]),
+            node("Mul", &[v, "half"], &n("h"), vec![]),
+            node("Mul", &[&n("h"), &n("a")], tag, vec![]),
+        ]
+    };
+    let mut nodes = vec![
+        node("MatMul", &["x", "w"], "mm", vec![]),
+        node("Add", &["mm", "b"], "lin", vec![]),
+        node("MatMul", &["x", "w"], "kept", vec![]),
+    ];
+    nodes.extend(gelu_of("lin", "y"));
+    nodes.extend(gelu_of("kept", "k"));
+    let inits = vec![
+        init("w", &[24, 40], 1),
+        init("b", &[40], 2),
+        scalar_init("sqrt2", std::f32::consts::SQRT_2),
+        scalar_init("one", 1.0),
+        scalar_init("half", 0.5),
+    ];
+    let m = model(nodes, inits, &["x"], &["y", "kept", "k"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 37, 24]))]);
+    check(&m, inputs, &["MatMul", "MatMul", "Gelu"]);
+}
+
 fn perm(p: &[i64]) -> AttributeProto {
     AttributeProto {
         name: "perm".into(),
