@@ -1,10 +1,11 @@
 //! 2-D convolution on the CPU for f32 NCHW tensors, as matrix products written directly
 //! into the NCHW output. Patches are gathered from a zero-padded copy of the input (or the
 //! input itself) through precomputed offsets, into 16-pixel panels (pixel columns) or, on
-//! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); 14×14-sized stride-1 maps skip the patch
-//! matrix (one product per kernel tap over the shifted input). Weights packed at plan time
-//! ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's own layout, used as it is,
-//! feeds it or the `gemm` crate (grouped convolutions, CPUs without AVX2).
+//! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); 14×14-sized stride-1
+//! maps skip the patch matrix (one product per kernel tap over the shifted input).
+//! Weights packed at plan time ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's
+//! own layout, used as it is, feeds it or the `gemm` crate (grouped convolutions, CPUs
+//! without AVX2).
 use gemm::Parallelism;
 
 use crate::sgemm::{
@@ -306,8 +307,10 @@ impl Conv2d {
     /// the product runs with output pixels as rows and output channels as columns, so a
     /// small feature map (7×7 = 49 pixels) fills whole 8-row (AVX2: 6-row) register tiles
     /// where it would leave a 16-pixel panel mostly empty. Each image's patches are packed
-    /// once, in slivers as high as the tiles that stream in order; then jobs of at most 96 pixels (each weight panel is
-    /// read once per job) and, when those are few, ranges of output channels run.
+    /// once, in slivers as high as the tiles, that stream in order (or, for a pointwise
+    /// layer that narrows the channels, the image is read in place); then jobs of at most
+    /// 96 pixels (each weight panel is read once per job) and, when those are few, ranges
+    /// of output channels run.
     fn run_packed(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
         let Fused {
             bias,
