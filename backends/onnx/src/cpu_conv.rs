@@ -463,7 +463,6 @@ impl Conv2d {
         }
         // SAFETY: the jobs wrote every pixel of every channel of every image.
         unsafe { out.set_len(len) };
-        drop(patches);
         out
     }
 

@@ -410,11 +410,38 @@ pub fn channel_affine(
     out
 }
 
+/// `$body(args)` (an `#[inline(always)]` fn) compiled for AVX-512F, for AVX2 and FMA, and
+/// for neither, run the best way the CPU allows; returns from the enclosing function.
+macro_rules! best_simd {
+    ($body:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma,avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            if crate::sgemm::wide_available() {
+                // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+                return unsafe { avx512($($arg),*) };
+            }
+            if crate::sgemm::available() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// `dst[i] = gelu(src[i])`, 32 lanes at a time ([`gelu_lanes`] works one step at a time
 /// across the lanes, so each step is four independent 8-wide vectors and the long
-/// polynomial chains overlap), compiled a second time for AVX2 and FMA and run that way
-/// when the CPU has them. (A closure passed into a `target_feature` function is not
-/// reliably compiled with its features; a loop written inside one is.)
+/// polynomial chains overlap), compiled for each instruction set (`best_simd!`). (A
+/// closure passed into a `target_feature` function is not reliably compiled with its
+/// features; a loop written inside one is.)
 fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     #[inline(always)]
     fn body(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
@@ -430,26 +457,7 @@ fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
             d.write(gelu_lanes([s])[0]);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
-            body(src, dst)
-        }
-        #[target_feature(enable = "avx2,fma,avx512f")]
-        unsafe fn avx512(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
-            body(src, dst)
-        }
-        if crate::sgemm::wide_available() {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
-            return unsafe { avx512(src, dst) };
-        }
-        if crate::sgemm::available() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { avx2(src, dst) };
-        }
-    }
-    body(src, dst)
+    best_simd!(body(src: &[f32], dst: &mut [MaybeUninit<f32>]))
 }
 
 /// [`gelu_into`] in place.
@@ -465,26 +473,7 @@ fn gelu_in_place(v: &mut [f32]) {
             *x = gelu_lanes([*x])[0];
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(v: &mut [f32]) {
-            body(v)
-        }
-        #[target_feature(enable = "avx2,fma,avx512f")]
-        unsafe fn avx512(v: &mut [f32]) {
-            body(v)
-        }
-        if crate::sgemm::wide_available() {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
-            return unsafe { avx512(v) };
-        }
-        if crate::sgemm::available() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { avx2(v) };
-        }
-    }
-    body(v)
+    best_simd!(body(v: &mut [f32]))
 }
 
 #[inline(always)]
