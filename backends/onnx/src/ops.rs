@@ -11,6 +11,11 @@ use crate::ops_fast::{
     masked_softmax, on_cpu_f32, permuted_matmul,
 };
 
+/// The column count of a MatMul whose weight the planner packed into panels ([`PANELS_N`]).
+fn panels_n(node: &NodeProto) -> Option<usize> {
+    attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize)
+}
+
 /// Internal operator the planner puts in place of an inference BatchNormalization:
 /// inputs x, `scale[C]`, `shift[C]` → x · scale + shift per channel (axis 1).
 pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
@@ -893,11 +898,12 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "MatMul" if attrs::has(node, fuse::GELU) => {
             // A linear layer with its GELU fused by the planner (fuse.rs): applied block by
-            // block on the CPU kernel, else after the plain product.
-            let panels_n =
-                attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
-            if let Some(r) = linear(x()?, y()?, opt(ins, 2), panels_n, true)? {
-                return Ok(vec![r]);
+            // block on the CPU kernel, else (and when a Transpose was folded in too) after
+            // the plain product.
+            if !fuse::permutes(node) {
+                if let Some(r) = linear(x()?, y()?, opt(ins, 2), panels_n(node), true)? {
+                    return Ok(vec![r]);
+                }
             }
             let mut plain = node.clone();
             plain.attribute.retain(|a| a.name != fuse::GELU);
@@ -935,8 +941,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 }]);
             }
             let bias = opt(ins, 2); // fused by the planner (fuse.rs)
-            let panels_n =
-                attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize);
+            let panels_n = panels_n(node);
             if let Some(r) = linear(a, b, bias, panels_n, false)? {
                 return Ok(vec![r]);
             }

@@ -354,6 +354,21 @@ fn gelu_of_a_linear_layer_runs_inside_the_matmul() {
     let m = model(nodes, inits, &["x"], &["y", "kept", "k"]);
     let inputs = HashMap::from([("x".to_string(), input(&[2, 37, 24]))]);
     check(&m, inputs, &["MatMul", "MatMul", "Gelu"]);
+
+    // A rank-4 Transpose after the fused GELU folds into the same MatMul, whose output is
+    // then written permuted.
+    let mut nodes = vec![node("MatMul", &["x", "w"], "mm", vec![])];
+    nodes.extend(gelu_of("mm", "g"));
+    nodes.push(node("Transpose", &["g"], "t", vec![perm(&[0, 2, 1, 3])]));
+    let inits = vec![
+        init("w", &[24, 40], 1),
+        scalar_init("sqrt2", std::f32::consts::SQRT_2),
+        scalar_init("one", 1.0),
+        scalar_init("half", 0.5),
+    ];
+    let m = model(nodes, inits, &["x"], &["t"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 3, 5, 24]))]);
+    check(&m, inputs, &["MatMul"]);
 }
 
 fn perm(p: &[i64]) -> AttributeProto {
