@@ -387,8 +387,10 @@ mod avx2 {
                     let s = unsafe { p.strip::<WIDE>(j, &mut edge) };
                     let mut i = i0;
                     while i < i0 + mc {
-                        // The first tile of a strip fetches the next packed strip of B
-                        // into cache while it works (later tiles fetch nothing).
+                        // The first tile of a strip fetches the next strip of B into
+                        // cache while it works (later tiles fetch nothing). B in place
+                        // needs it most: its rows are far apart (a pointwise convolution's
+                        // input channels), more streams than the hardware follows.
                         let pf = p.panel(j + s.width()).filter(|_| i == i0);
                         i += unsafe { p.tile::<WIDE>(i, j, &s, pf) };
                     }
@@ -440,13 +442,15 @@ mod avx2 {
     }
 
     impl Pass {
-        /// The start of the packed panel at column `j` in this pass, if there is one.
+        /// Where the strip of B at column `j` starts in this pass (a packed panel, or B's
+        /// first row in place), for fetching it into cache ahead; `None` past B.
         #[inline(always)]
         fn panel(&self, j: usize) -> Option<*const f32> {
             match self.b {
                 Rhs::Panels { ptr, k } if j < self.n => {
                     Some(ptr.wrapping_add((j / NR) * k * NR + self.k0 * NR))
                 }
+                Rhs::Rows { ptr, ldb } if j < self.n => Some(ptr.wrapping_add(self.k0 * ldb + j)),
                 _ => None,
             }
         }
