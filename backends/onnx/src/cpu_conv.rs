@@ -83,15 +83,77 @@ impl Conv2d {
     /// A packed weight on a small map (≤ 256 pixels) runs with pixel rows (`run_packed`),
     /// and on 14×14-sized stride-1 maps without a patch matrix (`run_direct`).
     pub fn run(&self, x: &[f32], weight: Weight<'_>, f: &Fused<'_>, threads: usize) -> Vec<f32> {
-        let Fused {
-            bias,
-            residual,
-            relu,
-            ..
-        } = *f;
+        let len = self.out_len();
+        if let Some(r) = f.residual {
+            assert_eq!(
+                r.len(),
+                len,
+                "Conv2d::run: the residual is not the output's size"
+            );
+        }
+        let mut out = Vec::with_capacity(len);
+        let dest = Dest {
+            out: SharedOut(out.as_mut_ptr()),
+            residual: f.residual.map(<[f32]>::as_ptr),
+        };
+        // SAFETY: `out` has room for the `len` elements, all of which `run_to` writes; the
+        // residual is a separate slice of `len`.
+        unsafe {
+            self.run_to(x, weight, f, threads, dest);
+            out.set_len(len);
+        }
+        out
+    }
+
+    /// [`Conv2d::run`] with `acc` (`[b, oc, oh, ow]`) as the residual, replaced by the result
+    /// (no second buffer: each element is read just before it is overwritten). `f` has no
+    /// residual of its own.
+    pub fn run_over(
+        &self,
+        x: &[f32],
+        weight: Weight<'_>,
+        f: &Fused<'_>,
+        threads: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(
+            f.residual.is_none() && acc.len() == self.out_len(),
+            "Conv2d::run_over: acc is the residual, and the output's size"
+        );
+        let p = acc.as_mut_ptr();
+        let dest = Dest {
+            out: SharedOut(p),
+            residual: Some(p),
+        };
+        // SAFETY: `acc` holds the whole output, and is read only where it is written.
+        unsafe { self.run_to(x, weight, f, threads, dest) }
+    }
+
+    /// Elements of the output (0 when the kernel does not fit).
+    fn out_len(&self) -> usize {
+        let [b, _, _, _] = self.input;
+        self.out_hw()
+            .map_or(0, |[oh, ow]| b * self.out_channels * oh * ow)
+    }
+
+    /// [`Conv2d::run`] into `dest` (`f`'s residual is ignored: `dest` says where it is).
+    ///
+    /// # Safety
+    /// `dest.out` is valid for writing the whole output, and `dest.residual` (if any) for
+    /// reading as many elements, each no later than the output element at its place is
+    /// written; nothing else touches them meanwhile.
+    unsafe fn run_to(
+        &self,
+        x: &[f32],
+        weight: Weight<'_>,
+        f: &Fused<'_>,
+        threads: usize,
+        dest: Dest,
+    ) {
+        let Fused { bias, relu, .. } = *f;
         let [b, ic, _, _] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
-            return Vec::new();
+            return;
         };
         let oc = self.out_channels;
         let (g, n) = (self.groups, oh * ow);
@@ -102,13 +164,15 @@ impl Conv2d {
             if !fast || g != 1 {
                 let taps = self.kernel[0] * self.kernel[1];
                 let dense = unpack_weight(p, oc, icg, taps);
-                return self.run(x, Weight::Dense(&dense), f, threads);
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.run_to(x, Weight::Dense(&dense), f, threads, dest) };
             }
             // A 3×3 stride-1 kernel's Winograd transform follows its panels (plan.rs).
             let (p, winograd) = p.split_at(p.len().min(oc.div_ceil(PANEL) * PANEL * k));
             let tile = crate::winograd::variant(winograd.len(), oc, ic);
             if tile.is_some_and(|t| crate::winograd::applies(self, winograd_min_tiles(t), t)) {
-                return crate::winograd::run(self, x, winograd, f, threads);
+                // SAFETY: forwarded from the caller.
+                return unsafe { crate::winograd::run_to(self, x, winograd, f, threads, dest) };
             }
             // Small maps (14×14) whose padding columns add little: the direct path saves
             // gathering patches, which small channel counts amortise badly. (Measured on
@@ -116,29 +180,38 @@ impl Conv2d {
             let pad_cols = self.pads[1] + self.pads[3];
             if self.stride == [1, 1]
                 && self.kernel != [1, 1]
-                && residual.is_none()
+                && dest.residual.is_none()
                 && n <= 256
                 && pad_cols * 7 <= ow
             {
-                return self.run_direct(x, p, f, threads);
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.run_direct(x, p, f, threads, dest.out) };
             }
             if n <= 256 {
-                return self.run_packed(x, p, f, threads);
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.run_packed(x, p, f, threads, dest) };
             }
         }
-        // The AVX2 kernel starts each output block from the residual and bias itself; the
-        // gemm crate adds to what is there, so it gets them written in first.
-        // The AVX2 kernel writes every output element (start values included), so its
-        // buffer is not zeroed first: its length is set once the jobs are done.
-        let len = b * oc * n;
-        let mut out = match residual {
-            _ if fast => Vec::with_capacity(len),
-            Some(r) => r.to_vec(),
-            None => vec![0f32; len],
-        };
-        if let (Some(bias), false) = (bias, fast) {
-            for (plane, &v) in out.chunks_mut(n).zip(bias.iter().cycle()) {
-                plane.iter_mut().for_each(|o| *o += v);
+        // The AVX2 kernel starts each output block from the residual and bias itself (and
+        // writes every element); the gemm crate adds to what is there, so it gets them
+        // written in first.
+        if !fast {
+            let len = b * oc * n;
+            // SAFETY: the caller's buffers, of `len` elements each.
+            let out = unsafe {
+                match dest.residual {
+                    Some(r) if r != dest.out.0.cast_const() => {
+                        std::ptr::copy_nonoverlapping(r, dest.out.0, len)
+                    }
+                    Some(_) => {}
+                    None => std::ptr::write_bytes(dest.out.0, 0, len),
+                }
+                std::slice::from_raw_parts_mut(dest.out.0, len)
+            };
+            if let Some(bias) = bias {
+                for (plane, &v) in out.chunks_mut(n).zip(bias.iter().cycle()) {
+                    plane.iter_mut().for_each(|o| *o += v);
+                }
             }
         }
         // Pixel tiles are runs of 16-pixel panels: at most ~256 KiB of patches (but at least
@@ -172,7 +245,7 @@ impl Conv2d {
             Weight::Packed(_) => ocg.div_ceil(parts).next_multiple_of(PANEL),
             Weight::Dense(_) => ocg.div_ceil(parts),
         };
-        let dst = SharedOut(out.as_mut_ptr());
+        let dst = dest.out;
         let src = self.source(x, f.pre, matches!(weight, Weight::Packed(_)), 0);
         // A 1×1, stride-1, unpadded convolution with nothing to apply to its input reads
         // the input in place (`[k = icg, n]` per image and group).
@@ -227,11 +300,8 @@ impl Conv2d {
                         }
                     };
                     let e = Epilogue {
-                        base: match residual {
-                            Some(r) => Base::Other {
-                                ptr: r[at..].as_ptr(),
-                                ld: n,
-                            },
+                        base: match dest.residual_at(at) {
+                            Some(ptr) => Base::Other { ptr, ld: n },
                             None => Base::Zero,
                         },
                         row_bias: bias.map(|v| v[gi * ocg + m0..].as_ptr()),
@@ -295,12 +365,6 @@ impl Conv2d {
             Default::default,
             job,
         );
-        if fast {
-            // SAFETY: the jobs wrote all `len` elements (every image, group, channel range
-            // and pixel tile) into the allocation of capacity `len`.
-            unsafe { out.set_len(len) };
-        }
-        out
     }
 
     /// [`Conv2d::run`] for one channel group with the weight packed by [`pack_weight`]:
@@ -311,24 +375,26 @@ impl Conv2d {
     /// layer that narrows the channels, the image is read in place); then jobs of at most
     /// 96 pixels (each weight panel is read once per job) and, when those are few, ranges
     /// of output channels run.
-    fn run_packed(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
-        let Fused {
-            bias,
-            residual,
-            relu,
-            ..
-        } = *f;
+    ///
+    /// # Safety
+    /// As [`Conv2d::run_to`].
+    unsafe fn run_packed(
+        &self,
+        x: &[f32],
+        panels: &[f32],
+        f: &Fused<'_>,
+        threads: usize,
+        dest: Dest,
+    ) {
+        let Fused { bias, relu, .. } = *f;
         let [b, ic, _, _] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
-            return Vec::new();
+            return;
         };
         let (oc, n) = (self.out_channels, oh * ow);
         let k = ic * self.kernel[0] * self.kernel[1];
-        // Every element is written by the kernel (see `run`); the length is set at the end.
-        let len = b * oc * n;
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        if len == 0 {
-            return out;
+        if b * oc * n == 0 {
+            return;
         }
         // Slivers as high as the register tiles: 8 pixels with AVX-512, else 6.
         let sliver = if crate::sgemm::wide_available() {
@@ -354,7 +420,7 @@ impl Conv2d {
                 .div_ceil(b * parts)
                 .clamp(tiles, slivers.max(1));
         }
-        let dst = SharedOut(out.as_mut_ptr());
+        let dst = dest.out;
         let src = self.source(x, f.pre, true, 0);
         let parallel = threads > 1 && b * oc * n * k >= 256 * 1024;
         // Each image's patches are packed once (in slivers, shared by the jobs that split
@@ -419,11 +485,8 @@ impl Conv2d {
                 }
                 let at = ((b0 + bi) * oc + c0) * n + r0;
                 let e = Epilogue {
-                    base: match residual {
-                        Some(res) => Base::Other {
-                            ptr: res[at..].as_ptr(),
-                            ld: 1,
-                        },
+                    base: match dest.residual_at(at) {
+                        Some(ptr) => Base::Other { ptr, ld: 1 },
                         None => Base::Zero,
                     },
                     row_bias: None,
@@ -461,9 +524,6 @@ impl Conv2d {
             }
             crate::cpu_kernels::jobs_with(nb * tiles * parts, parallel, || (), |_, j| gemm(j));
         }
-        // SAFETY: the jobs wrote every pixel of every channel of every image.
-        unsafe { out.set_len(len) };
-        out
     }
 
     /// [`Conv2d::run`] for a stride-1 convolution (one group, packed weight, no residual)
@@ -471,10 +531,20 @@ impl Conv2d {
     /// itself, shifted, as the right-hand matrix (row `c` of tap `(ki, kj)` is channel `c`
     /// starting `ki` rows and `kj` columns in). That computes the output over the padded
     /// width (the extra columns are dropped at the end), one accumulating product per tap.
-    fn run_direct(&self, x: &[f32], panels: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
+    ///
+    /// # Safety
+    /// `out` is valid for writing the whole output, which nothing else touches meanwhile.
+    unsafe fn run_direct(
+        &self,
+        x: &[f32],
+        panels: &[f32],
+        f: &Fused<'_>,
+        threads: usize,
+        out: SharedOut,
+    ) {
         let [b, ic, h, w] = self.input;
         let Some([oh, ow]) = self.out_hw() else {
-            return Vec::new();
+            return;
         };
         let [pt, pl, pb, pr] = self.pads;
         let (hp, wp) = (h + pt + pb, w + pl + pr);
@@ -485,7 +555,7 @@ impl Conv2d {
         // Output pixel (y, x) is column y·wp + x of the padded-width grid.
         let ncols = oh * wp;
         if b * oc * ncols == 0 {
-            return vec![0f32; b * oc * oh * ow];
+            return;
         }
         // The last columns of the grid read past the last plane by up to a kernel's width.
         let slack = (self.kernel[1] - 1) * self.dilation[1] + PANEL;
@@ -549,22 +619,18 @@ impl Conv2d {
         // SAFETY: the jobs wrote every column of every channel of every image.
         unsafe { grid.set_len(grid_len) };
         // Drop the padding columns.
-        let mut out = vec![0f32; b * oc * oh * ow];
-        let drop_pad = |i: usize, dst: &mut [f32]| {
+        let drop_pad = |i: usize| {
+            // SAFETY: plane i of the output is this call's alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(i * oh * ow), oh * ow) };
             for (y, row) in dst.chunks_mut(ow).enumerate() {
                 row.copy_from_slice(&grid[i * ncols + y * wp..][..ow]);
             }
         };
         if threads > 1 && b * oc > 1 {
-            out.par_chunks_mut(oh * ow)
-                .enumerate()
-                .for_each(|(i, d)| drop_pad(i, d));
+            (0..b * oc).into_par_iter().for_each(drop_pad);
         } else {
-            out.chunks_mut(oh * ow)
-                .enumerate()
-                .for_each(|(i, d)| drop_pad(i, d));
+            (0..b * oc).for_each(drop_pad);
         }
-        out
     }
 
     /// What the patches are gathered from: the input, copied with its padding written out
@@ -900,6 +966,27 @@ impl Source<'_> {
     }
 }
 
+/// Where a convolution's `[b, oc, oh, ow]` result goes, and where the residual it adds is
+/// read: possibly the same place ([`Conv2d::run_over`]), every element read just before
+/// it is written.
+#[derive(Clone, Copy)]
+pub(crate) struct Dest {
+    pub(crate) out: SharedOut,
+    pub(crate) residual: Option<*const f32>,
+}
+
+// SAFETY: the jobs of one convolution read and write disjoint parts through it, while the
+// caller keeps the buffers alive.
+unsafe impl Send for Dest {}
+unsafe impl Sync for Dest {}
+
+impl Dest {
+    /// Where the residual's element `at` is read, if there is a residual.
+    fn residual_at(self, at: usize) -> Option<*const f32> {
+        self.residual.map(|r| r.wrapping_add(at))
+    }
+}
+
 /// What the planner fused into a convolution (`fuse.rs`), for [`Conv2d::run`].
 #[derive(Clone, Copy, Default)]
 pub struct Fused<'a> {
@@ -1141,6 +1228,23 @@ mod tests {
                                     (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
                                     "packed, case {i} relu {relu}: {a} vs {e}"
                                 );
+                            }
+                        }
+                        // The result written over the residual itself, on every path.
+                        if let Some(r) = res {
+                            let over = Fused {
+                                residual: None,
+                                ..f
+                            };
+                            for w in [Weight::Dense(&wt), Weight::Packed(&packed)] {
+                                let mut acc = r.to_vec();
+                                p.run_over(&x, w, &over, threads, &mut acc);
+                                for (a, e) in acc.iter().zip(&want) {
+                                    assert!(
+                                        (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                        "over the residual, case {i}: {a} vs {e}"
+                                    );
+                                }
                             }
                         }
                     }

@@ -15,6 +15,7 @@ pub mod deform;
 pub mod einsum;
 pub mod external;
 pub mod fuse;
+pub mod in_place;
 pub mod lowbit;
 pub mod ml;
 pub mod ml_features;

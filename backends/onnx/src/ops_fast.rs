@@ -386,22 +386,12 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
         // A residual of exactly the output's shape is where the products accumulate.
         let res = residual.filter(|r| cpu_f32(r) && r.dims() == [b, oc, oh, ow]);
         let fused_relu = relu && (residual.is_none() || res.is_some());
-        let run = |s: &[&[f32]]| {
-            let wt = match packed {
-                Some(_) => crate::cpu_conv::Weight::Packed(s[1]),
-                None => crate::cpu_conv::Weight::Dense(s[1]),
-            };
-            let f = crate::cpu_conv::Fused {
-                bias: bias.map(|_| s[2]),
-                residual: res.map(|_| s[3]),
-                relu: fused_relu,
-                pre: pre.map(|_| crate::cpu_conv::PreAffine {
-                    scale: s[4],
-                    shift: s[5],
-                    relu: pre_relu,
-                }),
-            };
-            geo.run(s[0], wt, &f, ctx.threads)
+        let parts = ConvParts {
+            packed: packed.is_some(),
+            bias: bias.is_some(),
+            residual: res.is_some(),
+            relu: fused_relu,
+            pre: pre.map(|_| pre_relu),
         };
         let slices = [
             Some(x),
@@ -411,12 +401,27 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
             pre.map(|p| p.0),
             pre.map(|p| p.1),
         ];
-        if let Some(out) = on_cpu_f32(&slices, run)? {
-            if res.is_some() {
+        // The planner's leave (in_place.rs) to write the result over the residual.
+        let over = res.filter(|_| attrs::int(node, crate::in_place::RESIDUAL_IN_PLACE, 0) != 0);
+        if let Some(r) = over {
+            if conv_over(&geo, r, &slices, parts, ctx.threads)? {
                 residual = None;
+                relu &= !fused_relu;
+                y = Some(r.clone());
             }
-            relu &= !fused_relu;
-            y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
+        }
+        if y.is_none() {
+            let run = |s: &[&[f32]]| {
+                let (wt, f) = parts.of(s);
+                geo.run(s[0], wt, &f, ctx.threads)
+            };
+            if let Some(out) = on_cpu_f32(&slices, run)? {
+                if res.is_some() {
+                    residual = None;
+                }
+                relu &= !fused_relu;
+                y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
+            }
         }
     }
     let mut y = match y {
@@ -459,6 +464,118 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
         y = y.relu()?;
     }
     Ok(y)
+}
+
+/// Which of a Conv's inputs `on_cpu_f32` hands over (x, weight, bias, residual, and the
+/// input affine's scale and shift, in that order) and what is fused.
+#[derive(Clone, Copy)]
+struct ConvParts {
+    packed: bool,
+    bias: bool,
+    residual: bool,
+    relu: bool,
+    /// The input affine, with its ReLU or not.
+    pre: Option<bool>,
+}
+
+impl ConvParts {
+    /// The weight and fused work over `on_cpu_f32`'s slices.
+    fn of<'a>(self, s: &[&'a [f32]]) -> (crate::cpu_conv::Weight<'a>, crate::cpu_conv::Fused<'a>) {
+        let wt = if self.packed {
+            crate::cpu_conv::Weight::Packed(s[1])
+        } else {
+            crate::cpu_conv::Weight::Dense(s[1])
+        };
+        let f = crate::cpu_conv::Fused {
+            bias: self.bias.then_some(s[2]),
+            residual: self.residual.then_some(s[3]),
+            relu: self.relu,
+            pre: self.pre.map(|relu| crate::cpu_conv::PreAffine {
+                scale: s[4],
+                shift: s[5],
+                relu,
+            }),
+        };
+        (wt, f)
+    }
+}
+
+/// Runs the convolution with its result written over the residual `r` (`slices` as for
+/// [`ConvParts`], the residual among them); false, with nothing written, where `r` is not
+/// one contiguous f32 buffer apart from the other inputs.
+fn conv_over(
+    geo: &crate::cpu_conv::Conv2d,
+    r: &Tensor,
+    slices: &[Option<&Tensor>; 6],
+    parts: ConvParts,
+    threads: usize,
+) -> Result<bool> {
+    if !r.is_contiguous() {
+        return Ok(false);
+    }
+    // Where the residual's whole buffer lies: no other input may share it (it is about to
+    // be locked for writing while they are read).
+    let span = {
+        let (st, _) = r.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr_range(),
+            _ => return Ok(false),
+        }
+    };
+    let mut others = *slices;
+    others[3] = None;
+    let run = |s: &[&[f32]]| -> Result<bool> {
+        let apart = s.iter().all(|v| {
+            let p = v.as_ptr_range();
+            v.is_empty() || p.end <= span.start || span.end <= p.start
+        });
+        if !apart {
+            return Ok(false);
+        }
+        let (weight, fused) = parts.of(s);
+        let fused = crate::cpu_conv::Fused {
+            residual: None,
+            ..fused
+        };
+        let op = OverResidual {
+            geo,
+            x: s[0],
+            weight,
+            fused,
+            threads,
+        };
+        r.inplace_op1(&op)?;
+        Ok(true)
+    };
+    Ok(on_cpu_f32(&others, run)?.transpose()?.unwrap_or(false))
+}
+
+/// [`conv_over`]'s write into the residual's storage.
+struct OverResidual<'a> {
+    geo: &'a crate::cpu_conv::Conv2d,
+    x: &'a [f32],
+    weight: crate::cpu_conv::Weight<'a>,
+    fused: crate::cpu_conv::Fused<'a>,
+    threads: usize,
+}
+
+impl candle_core::InplaceOp1 for OverResidual<'_> {
+    fn name(&self) -> &'static str {
+        "conv-over-residual"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &Layout) -> Result<()> {
+        let acc = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => v.get_mut(a..b),
+            _ => None,
+        };
+        let Some(acc) = acc else {
+            bail!("Conv: the residual to write over is not one f32 buffer")
+        };
+        let (x, w, f) = (self.x, self.weight, &self.fused);
+        self.geo.run_over(x, w, f, self.threads, acc);
+        Ok(())
+    }
 }
 
 /// `Concat` of f32 CPU tensors along `axis`, the copies spread over `threads` (DenseNet

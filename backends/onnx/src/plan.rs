@@ -570,6 +570,7 @@ impl Plan {
         if device.is_cpu() && crate::sgemm::available() {
             pack_weights(&mut nodes, &mut constants);
         }
+        crate::in_place::mark(&mut nodes, &output_names);
         // Constants no step reads any more (folded or packed originals) are dropped.
         let used: HashSet<&str> = nodes
             .iter()

@@ -15,7 +15,7 @@
 //! The work runs in three parallel passes per group of images: input tiles into `V`
 //! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
 //! back into output blocks with bias, residual and ReLU (per image and channel).
-use crate::cpu_conv::{pack_weight, Conv2d, Fused, PreAffine};
+use crate::cpu_conv::{pack_weight, Conv2d, Dest, Fused, PreAffine};
 use crate::cpu_kernels::{jobs_with, write_prefix};
 use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL};
 
@@ -563,7 +563,8 @@ unsafe fn input_channel_with<const OUT: usize, T: Lane>(
 /// `(OUT + 2)²` products in M (`[oc, cp]` each), with `f`'s residual and ReLU.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `dst` holds the output and nothing else writes this plane.
+/// The CPU has AVX2 and FMA; `dest` holds the output (and residual) and nothing else
+/// writes this plane.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn output_channel<const OUT: usize>(
     g: &Grid,
@@ -571,7 +572,7 @@ unsafe fn output_channel<const OUT: usize>(
     (oc, o, bi): (usize, usize, usize),
     (plane, bias): (usize, f32),
     f: &Fused<'_>,
-    dst: SharedOut,
+    dest: Dest,
 ) {
     let (oh, ow, cp) = (g.oh, g.ow, g.cp);
     let inn = inputs(OUT);
@@ -600,9 +601,11 @@ unsafe fn output_channel<const OUT: usize>(
                 // SAFETY: this function runs with AVX2 (its own target features).
                 let mut row = unsafe { interleave::<OUT>(yr, bias) };
                 let idx = plane + yy * ow + x0;
-                if let Some(res) = f.residual {
-                    for (v, &r) in row.iter_mut().zip(&res[idx..idx + width]) {
-                        *v += r;
+                if let Some(res) = dest.residual {
+                    for (i, v) in row.iter_mut().take(width).enumerate() {
+                        // SAFETY: the residual covers the output; this element is read
+                        // before it (possibly the same place) is written below.
+                        *v += unsafe { *res.add(idx + i) };
                     }
                 }
                 if f.relu {
@@ -610,7 +613,7 @@ unsafe fn output_channel<const OUT: usize>(
                 }
                 // SAFETY: each output element belongs to one (image, channel) job and
                 // one tile of it.
-                unsafe { write_prefix(dst.at(idx), &row, width) };
+                unsafe { write_prefix(dest.out.at(idx), &row, width) };
             }
         }
     }
@@ -618,41 +621,58 @@ unsafe fn output_channel<const OUT: usize>(
 
 /// Runs the convolution (`u` from [`transform_weight`], for tiles that [`applies`]
 /// accepts): `x` is `[b, ic, h, w]`, the result `[b, oc, oh, ow]` with `f`'s bias,
-/// residual, ReLU and input affine.
-pub fn run(geo: &Conv2d, x: &[f32], u: &[f32], f: &Fused<'_>, threads: usize) -> Vec<f32> {
-    let [_, ic, _, _] = geo.input;
-    match variant(u.len(), geo.out_channels, ic) {
-        Some(2) => run_tiles::<2>(geo, x, u, f, threads),
-        _ => run_tiles::<4>(geo, x, u, f, threads),
-    }
-}
-
-/// [`run`] with `OUT × OUT` output tiles.
-fn run_tiles<const OUT: usize>(
+/// residual (read from `dest`), ReLU and input affine, written to `dest`.
+///
+/// # Safety
+/// As `Conv2d::run_to`: `dest` is valid for the whole output, its residual read only
+/// where the output is written.
+pub(crate) unsafe fn run_to(
     geo: &Conv2d,
     x: &[f32],
     u: &[f32],
     f: &Fused<'_>,
     threads: usize,
-) -> Vec<f32> {
+    dest: Dest,
+) {
+    let [_, ic, _, _] = geo.input;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match variant(u.len(), geo.out_channels, ic) {
+            Some(2) => run_tiles::<2>(geo, x, u, f, threads, dest),
+            _ => run_tiles::<4>(geo, x, u, f, threads, dest),
+        }
+    }
+}
+
+/// [`run_to`] with `OUT × OUT` output tiles.
+///
+/// # Safety
+/// As [`run_to`].
+unsafe fn run_tiles<const OUT: usize>(
+    geo: &Conv2d,
+    x: &[f32],
+    u: &[f32],
+    f: &Fused<'_>,
+    threads: usize,
+    dest: Dest,
+) {
     let xi_count = inputs(OUT).pow(2);
     let [b, ic, h, w] = geo.input;
     let oc = geo.out_channels;
     let Some([oh, ow]) = geo.out_hw() else {
-        return Vec::new();
+        return;
     };
     let (th, tw) = (oh.div_ceil(OUT), ow.div_ceil(OUT));
     let per_image = th * tw;
     let len = b * oc * oh * ow;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
     if len == 0 || ic == 0 {
-        return vec![0f32; len];
+        // SAFETY: the caller's output, of `len` elements.
+        return unsafe { std::ptr::write_bytes(dest.out.0, 0, len) };
     }
     let ulen = weight_len(oc, ic, OUT) / xi_count;
     // Images go through in groups whose V and M stay near 16 MiB.
     let chunk = ((4 << 20) / (xi_count * (ic + oc) * per_image)).clamp(1, b);
     let parallel = threads > 1;
-    let dst = SharedOut(out.as_mut_ptr());
     // The padded plane every tile reads: OUT·th + 2 rows of OUT·tw + 2 columns, split
     // into OUT column phases of `qw` columns (eight tiles read past the last one).
     let ph = OUT * th + 2;
@@ -765,13 +785,10 @@ fn run_tiles<const OUT: usize>(
             let bias = f.bias.map_or(0.0, |v| v[o]);
             // SAFETY: run() is only called where the AVX2 kernel is available; this job
             // owns output plane `plane`.
-            unsafe { output_channel::<OUT>(&grid, &m, (oc, o, bi), (plane, bias), f, dst) };
+            unsafe { output_channel::<OUT>(&grid, &m, (oc, o, bi), (plane, bias), f, dest) };
         };
         jobs_with(nb * oc, parallel, || (), output);
     }
-    // SAFETY: every image, channel and pixel was written once above.
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// One output row of eight tiles, `bias` added: value `s` of tile `l` (`y[s]` lane `l`)
@@ -897,13 +914,33 @@ mod tests {
                 for (v, f) in variants.iter().enumerate() {
                     let want = geo.run(&x, Weight::Dense(&wt), f, 1);
                     for threads in [1, 2] {
-                        let got = run(&geo, &x, &u, f, threads);
-                        assert_eq!(got.len(), want.len());
-                        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                            assert!(
-                                (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (ic as f32).sqrt(),
-                                "case {i} F({tile}) variant {v} threads {threads} at {j}: {g} vs {e}"
-                            );
+                        let mut got = vec![f32::NAN; want.len()];
+                        let p = got.as_mut_ptr();
+                        let dest = Dest {
+                            out: SharedOut(p),
+                            residual: f.residual.map(<[f32]>::as_ptr),
+                        };
+                        // SAFETY: `got` and the residual hold the whole output.
+                        unsafe { run_to(&geo, &x, &u, f, threads, dest) };
+                        // With a residual, also written over it.
+                        let mut over = f.residual.map(<[f32]>::to_vec);
+                        if let Some(acc) = over.as_mut() {
+                            let p = acc.as_mut_ptr();
+                            let dest = Dest {
+                                out: SharedOut(p),
+                                residual: Some(p),
+                            };
+                            // SAFETY: `acc` holds the whole output.
+                            unsafe { run_to(&geo, &x, &u, f, threads, dest) };
+                        }
+                        for got in std::iter::once(&got).chain(over.as_ref()) {
+                            assert_eq!(got.len(), want.len());
+                            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (ic as f32).sqrt(),
+                                    "case {i} F({tile}) variant {v} threads {threads} at {j}: {g} vs {e}"
+                                );
+                            }
                         }
                     }
                 }
