@@ -1,8 +1,9 @@
 //! 2-D convolution on the CPU for f32 NCHW tensors, as matrix products written directly
 //! into the NCHW output. Patches are gathered from a zero-padded copy of the input (or the
 //! input itself) through precomputed offsets, into 16-pixel panels (pixel columns) or, on
-//! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); 14×14-sized stride-1
-//! maps skip the patch matrix (one product per kernel tap over the shifted input).
+//! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); stride-1 layers on
+//! 14×14-sized maps, or with few output channels on small ones, skip the patch matrix
+//! (`direct.rs`: one product per kernel tap over the shifted input).
 //! Weights packed at plan time ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's
 //! own layout, used as it is, feeds it or the `gemm` crate (grouped convolutions, CPUs
 //! without AVX2).
@@ -11,9 +12,8 @@ use gemm::Parallelism;
 use crate::sgemm::{
     to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, SLIVER, TALL_SLIVER,
 };
-use rayon::prelude::*;
 
-mod direct_rows;
+mod direct;
 
 /// Fewest output tiles (over the batch) for the Winograd path, by tile side: fewer 4×4
 /// tiles leave the kernel's 16-column strips part empty; 2×2 tiles (the widest layers,
@@ -416,24 +416,8 @@ impl Conv2d {
         } else {
             SLIVER
         };
-        let slivers = n.div_ceil(sliver);
-        let mut tiles = n.div_ceil(96);
-        let oc_panels = oc.div_ceil(PANEL);
-        // Channel ranges are whole 32-channel strips (the AVX-512 tiles' width); where
-        // there are too few of them for the threads, pixel tiles get smaller instead
-        // (DenseNet's 32-channel layers on 7×7 maps: two 16-channel halves each ran the
-        // narrower tiles).
-        let pairs = oc_panels.div_ceil(2);
-        let parts = if b * tiles >= 2 * threads {
-            1
-        } else {
-            (2 * threads).div_ceil(b * tiles).min(pairs)
-        };
-        if b * tiles * parts < 2 * threads {
-            tiles = (2 * threads)
-                .div_ceil(b * parts)
-                .clamp(tiles, slivers.max(1));
-        }
+        let jobs = RowJobs::new(b, n, sliver, oc, threads);
+        let (slivers, tiles) = (jobs.slivers, jobs.tiles);
         let dst = dest.out;
         let src = self.source(x, f.pre, true, 0);
         let parallel = threads > 1 && b * oc * n * k >= 256 * 1024;
@@ -453,7 +437,6 @@ impl Conv2d {
         let per_image = if in_place { 0 } else { slivers * sliver * k };
         let chunk = (2 * 1024 * 1024 / per_image.max(1)).clamp(1, b);
         let mut patches = Scratch::take(chunk * per_image);
-        let tile_slivers = |ti: usize| [ti * slivers / tiles, (ti + 1) * slivers / tiles];
         // Packing splits by slivers into at least two jobs per thread where one image
         // would leave a thread idle (a 7×7 map is one 96-pixel tile).
         let pack_jobs = if b * tiles >= 2 * threads {
@@ -486,17 +469,16 @@ impl Conv2d {
             // Channel ranges outermost: the jobs a thread runs in a row (rayon hands out
             // neighbouring indices) share their weight panels, read once into its cache.
             let gemm = |j: usize| {
-                let (bi, pi, ti) = (j / (tiles * parts), (j / tiles) % parts, j % tiles);
-                let [s0, s1] = tile_slivers(ti);
-                let (r0, r1) = (s0 * sliver, (s1 * sliver).min(n));
-                let (pa, pb) = (
-                    pi * pairs / parts * 2,
-                    ((pi + 1) * pairs / parts * 2).min(oc_panels),
-                );
-                let (c0, c1) = (pa * PANEL, (pb * PANEL).min(oc));
-                if r0 >= r1 || c0 >= c1 {
+                let Some(RowJob {
+                    bi,
+                    rows: [r0, r1],
+                    panel: pa,
+                    channels: [c0, c1],
+                }) = jobs.job(j)
+                else {
                     return;
-                }
+                };
+                let s0 = r0 / sliver;
                 let at = ((b0 + bi) * oc + c0) * n + r0;
                 let e = Epilogue {
                     base: match dest.residual_at(at) {
@@ -536,114 +518,7 @@ impl Conv2d {
             if !in_place {
                 crate::cpu_kernels::jobs_with(nb * pack_jobs, parallel, Vec::new, pack);
             }
-            crate::cpu_kernels::jobs_with(nb * tiles * parts, parallel, || (), |_, j| gemm(j));
-        }
-    }
-
-    /// [`Conv2d::run`] for a stride-1 convolution (one group, packed weight, no residual)
-    /// without any patch matrix: for each kernel tap, the products read the padded input
-    /// itself, shifted, as the right-hand matrix (row `c` of tap `(ki, kj)` is channel `c`
-    /// starting `ki` rows and `kj` columns in). That computes the output over the padded
-    /// width (the extra columns are dropped at the end), one accumulating product per tap.
-    ///
-    /// # Safety
-    /// `out` is valid for writing the whole output, which nothing else touches meanwhile.
-    unsafe fn run_direct(
-        &self,
-        x: &[f32],
-        panels: &[f32],
-        f: &Fused<'_>,
-        threads: usize,
-        out: SharedOut,
-    ) {
-        let [b, ic, h, w] = self.input;
-        let Some([oh, ow]) = self.out_hw() else {
-            return;
-        };
-        let [pt, pl, pb, pr] = self.pads;
-        let (hp, wp) = (h + pt + pb, w + pl + pr);
-        let plane = hp * wp;
-        let oc = self.out_channels;
-        let taps = self.kernel[0] * self.kernel[1];
-        let k = ic * taps;
-        // Output pixel (y, x) is column y·wp + x of the padded-width grid.
-        let ncols = oh * wp;
-        if b * oc * ncols == 0 {
-            return;
-        }
-        // The last columns of the grid read past the last plane by up to a kernel's width.
-        let slack = (self.kernel[1] - 1) * self.dilation[1] + PANEL;
-        let src = self.source(x, f.pre, true, slack);
-        let offsets: Vec<usize> = (0..taps).map(|t| src.taps[t * ic]).collect();
-        // Column tiles keep each job's output block (all its taps accumulate into it) near
-        // 256 KiB; channel ranges split the work when there are few tiles.
-        let oc_blocks = oc.div_ceil(PANEL);
-        let width = ((64 * 1024 / oc.max(1)) / PANEL * PANEL).clamp(4 * PANEL, 1 << 20);
-        let tiles = ncols.div_ceil(width);
-        let parts = if b * tiles >= 2 * threads {
-            1
-        } else {
-            (2 * threads).div_ceil(b * tiles).min(oc_blocks)
-        };
-        let grid_len = b * oc * ncols;
-        let mut grid: Vec<f32> = Vec::with_capacity(grid_len);
-        let g = SharedOut(grid.as_mut_ptr());
-        let job = |j: usize| {
-            let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
-            let (q0, q1) = (ti * ncols / tiles, ((ti + 1) * ncols / tiles).min(ncols));
-            let (c0, c1) = (
-                pi * oc_blocks / parts * PANEL,
-                ((pi + 1) * oc_blocks / parts * PANEL).min(oc),
-            );
-            if q0 >= q1 || c0 >= c1 {
-                return;
-            }
-            let image = &src.data[bi * ic * plane..];
-            for (t, &off) in offsets.iter().enumerate() {
-                let a = Lhs::Blocks {
-                    ptr: panels[c0 * k + t * ic * PANEL..].as_ptr(),
-                    k,
-                    bw: PANEL,
-                };
-                let rhs = Rhs::Rows {
-                    ptr: image[off + q0..].as_ptr(),
-                    ldb: plane,
-                };
-                let first = t == 0;
-                let e = Epilogue {
-                    base: if first { Base::Zero } else { Base::Accumulate },
-                    row_bias: f.bias.filter(|_| first).map(|v| v[c0..].as_ptr()),
-                    col_bias: None,
-                    relu: f.relu && t + 1 == taps,
-                };
-                let c = Out::rows(g.at((bi * oc + c0) * ncols + q0), ncols);
-                // SAFETY: this job owns rows c0..c1 × columns q0..q1 of image bi's grid
-                // block; tap t's weights are rows t·ic.. of each 16-channel block; the
-                // shifted input rows (plane apart) stay inside `src.data`, whose slack
-                // covers the grid's last columns; tap 0 writes every element first.
-                unsafe { crate::sgemm::sgemm(c1 - c0, q1 - q0, ic, a, rhs, c, e) };
-            }
-        };
-        let total = b * tiles * parts;
-        if threads > 1 && total > 1 && b * oc * ncols * k >= 256 * 1024 {
-            (0..total).into_par_iter().for_each(job);
-        } else {
-            (0..total).for_each(job);
-        }
-        // SAFETY: the jobs wrote every column of every channel of every image.
-        unsafe { grid.set_len(grid_len) };
-        // Drop the padding columns.
-        let drop_pad = |i: usize| {
-            // SAFETY: plane i of the output is this call's alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(i * oh * ow), oh * ow) };
-            for (y, row) in dst.chunks_mut(ow).enumerate() {
-                row.copy_from_slice(&grid[i * ncols + y * wp..][..ow]);
-            }
-        };
-        if threads > 1 && b * oc > 1 {
-            (0..b * oc).into_par_iter().for_each(drop_pad);
-        } else {
-            (0..b * oc).for_each(drop_pad);
+            crate::cpu_kernels::jobs_with(jobs.count(nb), parallel, || (), |_, j| gemm(j));
         }
     }
 
@@ -977,6 +852,88 @@ impl Source<'_> {
                 }
             }
         }
+    }
+}
+
+/// How a product over pixel rows (`run_packed`, `run_direct_rows`) splits into jobs: per
+/// image, `tiles` ranges of whole slivers (about 96 pixels each) times ranges of whole
+/// 32-channel strips (the AVX-512 tiles' width), enough of them for the threads. Where
+/// there are too few strips, pixel ranges get smaller instead (DenseNet's 32-channel
+/// layers on 7×7 maps: two 16-channel halves each ran the narrower tiles).
+#[derive(Clone, Copy)]
+struct RowJobs {
+    /// Pixel rows per image and per sliver; slivers per image.
+    n: usize,
+    sliver: usize,
+    slivers: usize,
+    /// Pixel ranges per image, and channel ranges.
+    tiles: usize,
+    parts: usize,
+    /// Output channels, their 16-channel panels, and 32-channel strips.
+    oc: usize,
+    panels: usize,
+    pairs: usize,
+}
+
+/// One job of [`RowJobs`]: image `bi`'s pixel rows, and output channels from panel `panel`.
+struct RowJob {
+    bi: usize,
+    rows: [usize; 2],
+    panel: usize,
+    channels: [usize; 2],
+}
+
+impl RowJobs {
+    fn new(b: usize, n: usize, sliver: usize, oc: usize, threads: usize) -> RowJobs {
+        let slivers = n.div_ceil(sliver);
+        let mut tiles = n.div_ceil(96);
+        let panels = oc.div_ceil(PANEL);
+        let pairs = panels.div_ceil(2);
+        let parts = if b * tiles >= 2 * threads {
+            1
+        } else {
+            (2 * threads).div_ceil(b * tiles).min(pairs)
+        };
+        if b * tiles * parts < 2 * threads {
+            tiles = (2 * threads)
+                .div_ceil(b * parts)
+                .clamp(tiles, slivers.max(1));
+        }
+        RowJobs {
+            n,
+            sliver,
+            slivers,
+            tiles,
+            parts,
+            oc,
+            panels,
+            pairs,
+        }
+    }
+
+    /// Jobs for `images` images.
+    fn count(&self, images: usize) -> usize {
+        images * self.tiles * self.parts
+    }
+
+    /// Job `j` (channel ranges outermost within an image: the jobs a thread runs in a row,
+    /// neighbouring indices, share their weight panels); `None` where it is empty.
+    fn job(&self, j: usize) -> Option<RowJob> {
+        let (tiles, parts, pairs) = (self.tiles, self.parts, self.pairs);
+        let (bi, pi, ti) = (j / (tiles * parts), (j / tiles) % parts, j % tiles);
+        let [s0, s1] = [ti * self.slivers / tiles, (ti + 1) * self.slivers / tiles];
+        let (r0, r1) = (s0 * self.sliver, (s1 * self.sliver).min(self.n));
+        let (pa, pb) = (
+            pi * pairs / parts * 2,
+            ((pi + 1) * pairs / parts * 2).min(self.panels),
+        );
+        let (c0, c1) = (pa * PANEL, (pb * PANEL).min(self.oc));
+        (r0 < r1 && c0 < c1).then_some(RowJob {
+            bi,
+            rows: [r0, r1],
+            panel: pa,
+            channels: [c0, c1],
+        })
     }
 }
 
