@@ -571,3 +571,47 @@ fn residual_add_joins_the_layer_norm_after_it() {
         .and_then(|d| d.to_scalar::<f32>());
     assert!(diff.expect("diff") < 1e-5);
 }
+
+/// Two ResNet blocks: the first adds its input (another Conv's output, read by the block's
+/// first Conv too), the second a projection of its input; both residual Convs may write
+/// over their residual (in_place.rs), which must not change any result, including a
+/// residual that is also a graph output (not overwritten).
+#[test]
+fn residual_blocks_written_over_their_residual_match_the_oracle() {
+    let nodes = vec![
+        node("Conv", &["x", "w0", "b0"], "c0", vec![pads(1)]),
+        node("Relu", &["c0"], "r0", vec![]),
+        // Block 1: identity shortcut r0.
+        node("Conv", &["r0", "w1", "b1"], "c1", vec![pads(1)]),
+        node("Relu", &["c1"], "a1", vec![]),
+        node("Conv", &["a1", "w2"], "c2", vec![pads(1)]),
+        node("Add", &["c2", "r0"], "s1", vec![]),
+        node("Relu", &["s1"], "y1", vec![]),
+        // Block 2: projection shortcut p (a 1×1 Conv of y1).
+        node("Conv", &["y1", "wp"], "p", vec![pads(0)]),
+        node("Conv", &["y1", "w3", "b3"], "c3", vec![pads(1)]),
+        node("Relu", &["c3"], "a3", vec![]),
+        node("Conv", &["a3", "w4"], "c4", vec![pads(1)]),
+        node("Add", &["p", "c4"], "s2", vec![]),
+        node("Relu", &["s2"], "y2", vec![]),
+        // Block 3: its shortcut y2 is also a graph output, so it must stay as it was.
+        node("Conv", &["y2", "w1", "b1"], "c5", vec![pads(1)]),
+        node("Relu", &["c5"], "a5", vec![]),
+        node("Conv", &["a5", "w2"], "c6", vec![pads(1)]),
+        node("Add", &["c6", "y2"], "y3", vec![]),
+    ];
+    let inits = vec![
+        init("w0", &[8, 3, 3, 3], 1),
+        init("b0", &[8], 2),
+        init("w1", &[8, 8, 3, 3], 3),
+        init("b1", &[8], 4),
+        init("w2", &[8, 8, 3, 3], 5),
+        init("wp", &[8, 8, 1, 1], 6),
+        init("w3", &[8, 8, 3, 3], 7),
+        init("b3", &[8], 8),
+        init("w4", &[8, 8, 3, 3], 9),
+    ];
+    let m = model(nodes, inits, &["x"], &["y2", "y3"]);
+    let inputs = HashMap::from([("x".to_string(), input(&[2, 3, 9, 7]))]);
+    check(&m, inputs, &["Conv"; 8]);
+}
