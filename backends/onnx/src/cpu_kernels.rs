@@ -784,18 +784,13 @@ pub fn masked_softmax_rows(
     })
 }
 
-/// Softmax of one row, in place.
+/// Softmax of one row, in place, compiled for each instruction set (`best_simd!`).
 fn softmax_in_place(row: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::sgemm::available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { softmax_avx2(row) };
-    }
-    softmax_any(row)
+    best_simd!(softmax_any(row: &mut [f32]))
 }
 
 /// `row = softmax(src · scale + shift + mask)`, `mask` one value per column or one for all
-/// (`row` is written whole before it is read).
+/// (`row` is written whole before it is read), compiled for each instruction set.
 fn masked_softmax_row(
     row: &mut [MaybeUninit<f32>],
     src: &[f32],
@@ -803,30 +798,13 @@ fn masked_softmax_row(
     shift: f32,
     mask: &[f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::sgemm::available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { masked_softmax_avx2(row, src, scale, shift, mask) };
-    }
-    masked_softmax_any(row, src, scale, shift, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(row: &mut [f32]) {
-    softmax_any(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn masked_softmax_avx2(
-    row: &mut [MaybeUninit<f32>],
-    src: &[f32],
-    scale: f32,
-    shift: f32,
-    mask: &[f32],
-) {
-    masked_softmax_any(row, src, scale, shift, mask)
+    best_simd!(masked_softmax_any(
+        row: &mut [MaybeUninit<f32>],
+        src: &[f32],
+        scale: f32,
+        shift: f32,
+        mask: &[f32]
+    ))
 }
 
 #[inline(always)]
