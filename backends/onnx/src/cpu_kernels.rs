@@ -784,6 +784,60 @@ pub fn masked_softmax_rows(
     })
 }
 
+/// [`masked_softmax_rows`] written over `x` itself.
+pub fn masked_softmax_rows_in_place(
+    x: &mut [f32],
+    width: usize,
+    scale: f32,
+    shift: f32,
+    mask: &[f32],
+    offsets: &[usize],
+    inner: usize,
+) {
+    if width == 0 {
+        return;
+    }
+    let rows_per = (16384 / width).max(1);
+    let chunk = |c: usize, rows: &mut [f32]| {
+        for (i, row) in rows.chunks_mut(width).enumerate() {
+            let off = offsets[c * rows_per + i];
+            let m = if inner == 1 {
+                &mask[off..off + width]
+            } else {
+                &mask[off..off + 1]
+            };
+            masked_softmax_row_in_place(row, scale, shift, m);
+        }
+    };
+    if x.len() < PAR_MIN {
+        x.chunks_mut(rows_per * width)
+            .enumerate()
+            .for_each(|(c, r)| chunk(c, r));
+    } else {
+        x.par_chunks_mut(rows_per * width)
+            .enumerate()
+            .for_each(|(c, r)| chunk(c, r));
+    }
+}
+
+/// [`masked_softmax_row`] of `row` in place.
+fn masked_softmax_row_in_place(row: &mut [f32], scale: f32, shift: f32, mask: &[f32]) {
+    #[inline(always)]
+    fn body(row: &mut [f32], scale: f32, shift: f32, mask: &[f32]) {
+        if let [m] = mask {
+            let add = shift + m;
+            row.iter_mut().for_each(|v| *v = *v * scale + add);
+        } else {
+            // A value per column (the caller slices `width` of them).
+            for (v, &m) in row.iter_mut().zip(mask) {
+                *v = *v * scale + shift + m;
+            }
+        }
+        softmax_any(row)
+    }
+    best_simd!(body(row: &mut [f32], scale: f32, shift: f32, mask: &[f32]))
+}
+
 /// Softmax of one row, in place, compiled for each instruction set (`best_simd!`).
 fn softmax_in_place(row: &mut [f32]) {
     best_simd!(softmax_any(row: &mut [f32]))

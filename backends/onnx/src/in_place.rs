@@ -1,38 +1,57 @@
 //! Where the planner lets an operator write its result over one of its inputs instead of
-//! into a new buffer: a `Conv` with a fused residual (ResNet's `Relu(Add(Conv, shortcut))`,
-//! `fuse.rs`) adds the residual element by element just before it writes there, so the
-//! result can replace it. That saves a buffer the size of the output and the traffic of
-//! reading one and writing another (at batch 8 ResNet-50's 56×56 outputs are 25 MiB each).
+//! into a new buffer, saving that buffer and the traffic of reading one and writing
+//! another:
+//! * a `Conv` with a fused residual (ResNet's `Relu(Add(Conv, shortcut))`, `fuse.rs`)
+//!   adds the residual element by element just before it writes there, so the result can
+//!   replace it (at batch 8 ResNet-50's 56×56 outputs are 25 MiB each);
+//! * attention's fused masked `Softmax` (input 1 the mask) works row by row, so it can
+//!   replace its scores.
 //!
-//! It is safe only when nothing can read the residual afterwards, through its name or
+//! It is safe only when nothing can read that input afterwards, through its name or
 //! through a view of its memory. A view comes from operators such as Reshape, Identity or
 //! a same-type Cast, which hand out the input's storage; so the rule is conservative:
-//! * the residual is the output of another `Conv` (fresh memory, shared by no other value);
-//! * every reader of it is a `Conv` (which keeps no view of its inputs);
-//! * the fused Conv is its last reader and reads it once;
+//! * the input is the output of a `Conv` or a `MatMul` (fresh memory, shared by no other
+//!   value);
+//! * every reader of it is a `Conv`, `MatMul` or `Softmax` (which keep no view of their
+//!   inputs);
+//! * the operator is its last reader and reads it once;
 //! * it is not a graph output.
 use std::collections::{HashMap, HashSet};
 
 use candle_onnx::onnx::NodeProto;
 
-/// Attribute (1) of a `Conv` that may write its result over its residual (input 3).
-pub const RESIDUAL_IN_PLACE: &str = "kiln_residual_in_place";
+/// Attribute (1) of a `Conv` that may write its result over its residual (input 3), or
+/// of a masked `Softmax` that may write over its scores (input 0).
+pub const IN_PLACE: &str = "kiln_in_place";
 
-/// Whether `n` is the ONNX `Conv` operator.
-fn is_conv(n: &NodeProto) -> bool {
-    n.op_type == "Conv" && (n.domain.is_empty() || n.domain == "ai.onnx")
+/// Whether `n` is the standard operator `op`.
+fn is(n: &NodeProto, op: &str) -> bool {
+    n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx")
 }
 
-/// Marks with [`RESIDUAL_IN_PLACE`] each Conv of `nodes` (in execution order) that may
-/// overwrite its residual, by the rule in the module's documentation; `outputs` are the
+/// The input of `n` it could write its result over.
+fn target(n: &NodeProto) -> Option<usize> {
+    let present = |i: usize| n.input.get(i).is_some_and(|v| !v.is_empty());
+    if is(n, "Conv") && present(3) {
+        Some(3)
+    } else if is(n, "Softmax") && present(0) && present(1) {
+        Some(0)
+    } else {
+        None
+    }
+}
+
+/// Marks with [`IN_PLACE`] each node of `nodes` (in execution order) that may overwrite
+/// its [`target`] input, by the rule in the module's documentation; `outputs` are the
 /// graph's outputs.
 pub fn mark(nodes: &mut [NodeProto], outputs: &[String]) {
     let marked: Vec<usize> = {
-        let made_by_conv: HashSet<&str> = nodes
+        let fresh: HashSet<&str> = nodes
             .iter()
-            .filter(|n| is_conv(n))
+            .filter(|n| is(n, "Conv") || is(n, "MatMul"))
             .flat_map(|n| n.output.iter().map(String::as_str))
             .collect();
+        let keeps_no_view = |n: &NodeProto| is(n, "Conv") || is(n, "MatMul") || is(n, "Softmax");
         // Each value's readers, once per input slot.
         let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
         for (k, n) in nodes.iter().enumerate() {
@@ -44,28 +63,21 @@ pub fn mark(nodes: &mut [NodeProto], outputs: &[String]) {
             let Some(ks) = readers.get(r) else {
                 return false;
             };
-            made_by_conv.contains(r)
+            fresh.contains(r)
                 && !outputs.iter().any(|o| o == r)
-                && ks.iter().all(|&j| is_conv(&nodes[j]))
+                && ks.iter().all(|&j| keeps_no_view(&nodes[j]))
                 && ks.last() == Some(&k)
                 && ks.iter().filter(|&&j| j == k).count() == 1
         };
         nodes
             .iter()
             .enumerate()
-            .filter(|(k, n)| {
-                is_conv(n)
-                    && n.input
-                        .get(3)
-                        .is_some_and(|r| !r.is_empty() && may_overwrite(*k, r))
-            })
+            .filter(|(k, n)| target(n).is_some_and(|t| may_overwrite(*k, &n.input[t])))
             .map(|(k, _)| k)
             .collect()
     };
     for k in marked {
-        nodes[k]
-            .attribute
-            .push(crate::attrs::new_int(RESIDUAL_IN_PLACE, 1));
+        nodes[k].attribute.push(crate::attrs::new_int(IN_PLACE, 1));
     }
 }
 
@@ -85,7 +97,7 @@ mod tests {
     fn marked(nodes: &[NodeProto]) -> Vec<bool> {
         nodes
             .iter()
-            .map(|n| crate::attrs::int(n, RESIDUAL_IN_PLACE, 0) == 1)
+            .map(|n| crate::attrs::int(n, IN_PLACE, 0) == 1)
             .collect()
     }
 
@@ -147,6 +159,20 @@ mod tests {
         assert!(!check("Relu", &[], &res, &[], &["y"]));
         // Read twice by the fused Conv.
         assert!(!check("Conv", &[], &["r", "w", "b", "r"], &[], &["y"]));
+        // Attention: scores made by a MatMul, read only by the masked Softmax; not when
+        // the Softmax has no mask, or the scores are read again.
+        let scores = |softmax: &[&str], after: &[NodeProto]| {
+            let mut nodes = vec![
+                node("MatMul", &["q", "k"], "s"),
+                node("Softmax", softmax, "p"),
+            ];
+            nodes.extend(after.iter().cloned());
+            mark(&mut nodes, &["p".into()]);
+            marked(&nodes)[1]
+        };
+        assert!(scores(&["s", "mask"], &[]));
+        assert!(!scores(&["s"], &[]));
+        assert!(!scores(&["s", "mask"], &[node("MatMul", &["s", "v"], "o")]));
         // A graph input as the residual.
         let mut nodes = vec![node("Conv", &["a", "w", "b", "x"], "y")];
         mark(&mut nodes, &["y".into()]);

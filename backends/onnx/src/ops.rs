@@ -858,7 +858,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                         axis(attrs::int(node, "axis", -1), x.rank())? + 1 == x.rank()
                     };
                     if last {
-                        if let Some(r) = masked_softmax(x, mask, scale, shift)? {
+                        let over_x = attrs::int(node, crate::in_place::IN_PLACE, 0) != 0;
+                        if let Some(r) = masked_softmax(x, mask, scale, shift, over_x)? {
                             return Ok(vec![r]);
                         }
                     }

@@ -244,6 +244,7 @@ pub(crate) fn masked_softmax(
     mask: &Tensor,
     scale: f32,
     shift: f32,
+    over_x: bool,
 ) -> Result<Option<Tensor>> {
     if !(cpu_f32(x) && cpu_f32(mask)) || x.rank() == 0 || mask.rank() > x.rank() {
         return Ok(None);
@@ -274,12 +275,88 @@ pub(crate) fn masked_softmax(
         })
         .collect();
     let inner = strides[x.rank() - 1];
+    // The planner's leave (in_place.rs) to write the result over x, where x is one
+    // contiguous buffer apart from the mask's.
+    if over_x && x.is_contiguous() && !shares_memory(x, &[Some(mask)]) {
+        let op = SoftmaxOver {
+            width,
+            scale,
+            shift,
+            offsets: &offsets,
+            inner,
+        };
+        let run = |s: &[&[f32]]| {
+            x.inplace_op1(&MaskOf {
+                op: &op,
+                mask: s[0],
+            })
+        };
+        if let Some(done) = on_cpu_f32(&[Some(mask)], run)? {
+            done?;
+            return Ok(Some(x.clone()));
+        }
+    }
     let run = |s: &[&[f32]]| {
         crate::cpu_kernels::masked_softmax_rows(s[0], width, scale, shift, s[1], &offsets, inner)
     };
     on_cpu_f32(&[Some(x), Some(mask)], run)?
         .map(|out| Tensor::from_vec(out, x.dims(), &Device::Cpu))
         .transpose()
+}
+
+/// [`masked_softmax`]'s parameters, for writing over x.
+struct SoftmaxOver<'a> {
+    width: usize,
+    scale: f32,
+    shift: f32,
+    offsets: &'a [usize],
+    inner: usize,
+}
+
+/// [`SoftmaxOver`] with the mask's data: candle's in-place operation on x's storage.
+struct MaskOf<'a> {
+    op: &'a SoftmaxOver<'a>,
+    mask: &'a [f32],
+}
+
+impl candle_core::InplaceOp1 for MaskOf<'_> {
+    fn name(&self) -> &'static str {
+        "masked-softmax-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &Layout) -> Result<()> {
+        let x = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => v.get_mut(a..b),
+            _ => None,
+        };
+        let Some(x) = x else {
+            bail!("Softmax: the input to write over is not one f32 buffer")
+        };
+        let o = self.op;
+        crate::cpu_kernels::masked_softmax_rows_in_place(
+            x, o.width, o.scale, o.shift, self.mask, o.offsets, o.inner,
+        );
+        Ok(())
+    }
+}
+
+/// Whether `t`'s f32 CPU buffer shares memory with any of `others`' (conservatively true
+/// for a tensor that is not f32 on the CPU).
+fn shares_memory(t: &Tensor, others: &[Option<&Tensor>]) -> bool {
+    let span = |t: &Tensor| {
+        let (st, _) = t.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(v.as_ptr_range()),
+            _ => None,
+        }
+    };
+    let Some(a) = span(t) else {
+        return true;
+    };
+    others.iter().flatten().any(|o| match span(o) {
+        Some(b) => a.start < b.end && b.start < a.end,
+        None => true,
+    })
 }
 
 /// The exact (erf) GELU: on the CPU kernel for f32 on the CPU, else candle's.
@@ -402,7 +479,7 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
             pre.map(|p| p.1),
         ];
         // The planner's leave (in_place.rs) to write the result over the residual.
-        let over = res.filter(|_| attrs::int(node, crate::in_place::RESIDUAL_IN_PLACE, 0) != 0);
+        let over = res.filter(|_| attrs::int(node, crate::in_place::IN_PLACE, 0) != 0);
         if let Some(r) = over {
             if conv_over(&geo, r, &slices, parts, ctx.threads)? {
                 residual = None;
@@ -510,28 +587,14 @@ fn conv_over(
     parts: ConvParts,
     threads: usize,
 ) -> Result<bool> {
-    if !r.is_contiguous() {
-        return Ok(false);
-    }
-    // Where the residual's whole buffer lies: no other input may share it (it is about to
-    // be locked for writing while they are read).
-    let span = {
-        let (st, _) = r.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr_range(),
-            _ => return Ok(false),
-        }
-    };
     let mut others = *slices;
     others[3] = None;
+    // No other input may share the residual's buffer (it is about to be locked for
+    // writing while they are read).
+    if !r.is_contiguous() || shares_memory(r, &others) {
+        return Ok(false);
+    }
     let run = |s: &[&[f32]]| -> Result<bool> {
-        let apart = s.iter().all(|v| {
-            let p = v.as_ptr_range();
-            v.is_empty() || p.end <= span.start || span.end <= p.start
-        });
-        if !apart {
-            return Ok(false);
-        }
         let (weight, fused) = parts.of(s);
         let fused = crate::cpu_conv::Fused {
             residual: None,

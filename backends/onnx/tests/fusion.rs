@@ -615,3 +615,36 @@ fn residual_blocks_written_over_their_residual_match_the_oracle() {
     let inputs = HashMap::from([("x".to_string(), input(&[2, 3, 9, 7]))]);
     check(&m, inputs, &["Conv"; 8]);
 }
+
+/// Attention's scores, made by a MatMul and read only by the masked Softmax, are written
+/// over by it (in_place.rs): the results must not change, for a mask per key and a mask
+/// per query row.
+#[test]
+fn masked_softmax_written_over_its_scores_matches_the_oracle() {
+    let mut axis = pads(0);
+    axis.name = "axis".into();
+    axis.r#type = AttributeType::Int as i32;
+    axis.ints.clear();
+    axis.i = -1;
+    let nodes = vec![
+        node("MatMul", &["q", "k"], "s", vec![]),
+        node("Div", &["s", "four"], "scaled", vec![]),
+        node("Add", &["scaled", "mask"], "biased", vec![]),
+        node("Softmax", &["biased"], "p", vec![axis.clone()]),
+        node("MatMul", &["p", "v"], "o", vec![]),
+        node("MatMul", &["q", "k"], "s2", vec![]),
+        node("Add", &["s2", "rows"], "b2", vec![]),
+        node("Softmax", &["b2"], "p2", vec![axis]),
+    ];
+    let inits = vec![scalar_init("four", 4.0)];
+    let m = model(nodes, inits, &["q", "k", "v", "mask", "rows"], &["o", "p2"]);
+    let inputs = HashMap::from([
+        ("q".to_string(), input(&[2, 3, 5, 4])),
+        ("k".to_string(), input(&[2, 3, 4, 7])),
+        ("v".to_string(), input(&[2, 3, 7, 6])),
+        ("mask".to_string(), input(&[2, 1, 1, 7])),
+        ("rows".to_string(), input(&[2, 3, 5, 1])),
+    ]);
+    let ops = ["MatMul", "Softmax", "MatMul", "MatMul", "Softmax"];
+    check(&m, inputs, &ops);
+}
