@@ -275,26 +275,14 @@ pub(crate) fn masked_softmax(
         })
         .collect();
     let inner = strides[x.rank() - 1];
-    // The planner's leave (in_place.rs) to write the result over x, where x is one
-    // contiguous buffer apart from the mask's.
-    if over_x && x.is_contiguous() && !shares_memory(x, &[Some(mask)]) {
-        let op = SoftmaxOver {
-            width,
-            scale,
-            shift,
-            offsets: &offsets,
-            inner,
-        };
-        let run = |s: &[&[f32]]| {
-            x.inplace_op1(&MaskOf {
-                op: &op,
-                mask: s[0],
-            })
-        };
-        if let Some(done) = on_cpu_f32(&[Some(mask)], run)? {
-            done?;
-            return Ok(Some(x.clone()));
-        }
+    // The planner's leave (in_place.rs) to write the result over x.
+    let over = |x: &mut [f32], s: &[&[f32]]| {
+        crate::cpu_kernels::masked_softmax_rows_in_place(
+            x, width, scale, shift, s[0], &offsets, inner,
+        )
+    };
+    if over_x && write_over(x, &[Some(mask)], over)? {
+        return Ok(Some(x.clone()));
     }
     let run = |s: &[&[f32]]| {
         crate::cpu_kernels::masked_softmax_rows(s[0], width, scale, shift, s[1], &offsets, inner)
@@ -304,38 +292,45 @@ pub(crate) fn masked_softmax(
         .transpose()
 }
 
-/// [`masked_softmax`]'s parameters, for writing over x.
-struct SoftmaxOver<'a> {
-    width: usize,
-    scale: f32,
-    shift: f32,
-    offsets: &'a [usize],
-    inner: usize,
+/// Runs `f(target's data, others' data)` writing over `target` in place (through candle's
+/// `InplaceOp1`, others' data as `on_cpu_f32` hands it); false, with nothing written, where
+/// `target` is not one contiguous f32 CPU buffer apart from the others' (it is locked for
+/// writing while they are read).
+fn write_over(
+    target: &Tensor,
+    others: &[Option<&Tensor>],
+    f: impl Fn(&mut [f32], &[&[f32]]),
+) -> Result<bool> {
+    if !cpu_f32(target) || !target.is_contiguous() || shares_memory(target, others) {
+        return Ok(false);
+    }
+    let run = |s: &[&[f32]]| target.inplace_op1(&WriteOver { others: s, f: &f });
+    match on_cpu_f32(others, run)? {
+        Some(done) => done.map(|()| true),
+        None => Ok(false),
+    }
 }
 
-/// [`SoftmaxOver`] with the mask's data: candle's in-place operation on x's storage.
-struct MaskOf<'a> {
-    op: &'a SoftmaxOver<'a>,
-    mask: &'a [f32],
+/// [`write_over`]'s operation on the target's storage.
+struct WriteOver<'a, F> {
+    others: &'a [&'a [f32]],
+    f: &'a F,
 }
 
-impl candle_core::InplaceOp1 for MaskOf<'_> {
+impl<F: Fn(&mut [f32], &[&[f32]])> candle_core::InplaceOp1 for WriteOver<'_, F> {
     fn name(&self) -> &'static str {
-        "masked-softmax-in-place"
+        "kiln-write-over"
     }
 
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &Layout) -> Result<()> {
-        let x = match (storage, layout.contiguous_offsets()) {
+        let target = match (storage, layout.contiguous_offsets()) {
             (candle_core::CpuStorage::F32(v), Some((a, b))) => v.get_mut(a..b),
             _ => None,
         };
-        let Some(x) = x else {
-            bail!("Softmax: the input to write over is not one f32 buffer")
+        let Some(target) = target else {
+            bail!("the tensor to write over is not one f32 buffer")
         };
-        let o = self.op;
-        crate::cpu_kernels::masked_softmax_rows_in_place(
-            x, o.width, o.scale, o.shift, self.mask, o.offsets, o.inner,
-        );
+        (self.f)(target, self.others);
         Ok(())
     }
 }
@@ -578,8 +573,8 @@ impl ConvParts {
 }
 
 /// Runs the convolution with its result written over the residual `r` (`slices` as for
-/// [`ConvParts`], the residual among them); false, with nothing written, where `r` is not
-/// one contiguous f32 buffer apart from the other inputs.
+/// [`ConvParts`], the residual among them); false, with nothing written, where
+/// [`write_over`] cannot.
 fn conv_over(
     geo: &crate::cpu_conv::Conv2d,
     r: &Tensor,
@@ -589,56 +584,15 @@ fn conv_over(
 ) -> Result<bool> {
     let mut others = *slices;
     others[3] = None;
-    // No other input may share the residual's buffer (it is about to be locked for
-    // writing while they are read).
-    if !r.is_contiguous() || shares_memory(r, &others) {
-        return Ok(false);
-    }
-    let run = |s: &[&[f32]]| -> Result<bool> {
+    let over = |acc: &mut [f32], s: &[&[f32]]| {
         let (weight, fused) = parts.of(s);
         let fused = crate::cpu_conv::Fused {
             residual: None,
             ..fused
         };
-        let op = OverResidual {
-            geo,
-            x: s[0],
-            weight,
-            fused,
-            threads,
-        };
-        r.inplace_op1(&op)?;
-        Ok(true)
+        geo.run_over(s[0], weight, &fused, threads, acc)
     };
-    Ok(on_cpu_f32(&others, run)?.transpose()?.unwrap_or(false))
-}
-
-/// [`conv_over`]'s write into the residual's storage.
-struct OverResidual<'a> {
-    geo: &'a crate::cpu_conv::Conv2d,
-    x: &'a [f32],
-    weight: crate::cpu_conv::Weight<'a>,
-    fused: crate::cpu_conv::Fused<'a>,
-    threads: usize,
-}
-
-impl candle_core::InplaceOp1 for OverResidual<'_> {
-    fn name(&self) -> &'static str {
-        "conv-over-residual"
-    }
-
-    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &Layout) -> Result<()> {
-        let acc = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(v), Some((a, b))) => v.get_mut(a..b),
-            _ => None,
-        };
-        let Some(acc) = acc else {
-            bail!("Conv: the residual to write over is not one f32 buffer")
-        };
-        let (x, w, f) = (self.x, self.weight, &self.fused);
-        self.geo.run_over(x, w, f, self.threads, acc);
-        Ok(())
-    }
+    write_over(r, &others, over)
 }
 
 /// `Concat` of f32 CPU tensors along `axis`, the copies spread over `threads` (DenseNet

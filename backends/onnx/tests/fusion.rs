@@ -425,11 +425,7 @@ fn attention_transposes_fold_into_the_matmuls() {
 fn scaled_masked_softmax_is_one_node() {
     // Attention: Softmax(scores / 4 + mask) with the mask broadcast over heads and queries,
     // and a softmax over the mask added first (other order), for a 3-D mask too.
-    let mut axis = pads(0);
-    axis.name = "axis".into();
-    axis.r#type = AttributeType::Int as i32;
-    axis.ints.clear();
-    axis.i = -1;
+    let axis = attr_int("axis", -1);
     let nodes = vec![
         node("Div", &["scores", "four"], "scaled", vec![]),
         node("Add", &["scaled", "mask"], "biased", vec![]),
@@ -621,11 +617,7 @@ fn residual_blocks_written_over_their_residual_match_the_oracle() {
 /// per query row.
 #[test]
 fn masked_softmax_written_over_its_scores_matches_the_oracle() {
-    let mut axis = pads(0);
-    axis.name = "axis".into();
-    axis.r#type = AttributeType::Int as i32;
-    axis.ints.clear();
-    axis.i = -1;
+    let axis = attr_int("axis", -1);
     let nodes = vec![
         node("MatMul", &["q", "k"], "s", vec![]),
         node("Div", &["s", "four"], "scaled", vec![]),

@@ -103,9 +103,34 @@ impl Conv2d {
         }
     }
 
-    /// Whether a convolution of `macs` multiply-adds splits over the threads.
-    fn parallel(threads: usize, macs: usize) -> bool {
-        threads > 1 && macs >= 256 * 1024
+    /// Runs `total` jobs, `job(j, grid)` writing its part of the padded grid (`[b, oc,
+    /// ncols]`, every element by some job), over the threads when the convolution is
+    /// large enough; then writes the output from the grid ([`Conv2d::drop_padding`]).
+    ///
+    /// # Safety
+    /// As `Conv2d::run_to`.
+    unsafe fn over_grid(
+        &self,
+        g: &Grid<'_>,
+        (total, threads): (usize, usize),
+        (dest, relu): (Dest, bool),
+        job: impl Fn(usize, SharedOut) + Sync,
+    ) {
+        let [b, ic, _, _] = self.input;
+        let grid_len = b * self.out_channels * g.ncols;
+        let mut grid: Vec<f32> = Vec::with_capacity(grid_len);
+        let gp = SharedOut(grid.as_mut_ptr());
+        let macs = grid_len * ic * g.offsets.len();
+        if threads > 1 && total > 1 && macs >= 256 * 1024 {
+            (0..total).into_par_iter().for_each(|j| job(j, gp));
+        } else {
+            (0..total).for_each(|j| job(j, gp));
+        }
+        // SAFETY: the jobs wrote every element of the grid; `dest` is the caller's.
+        unsafe {
+            grid.set_len(grid_len);
+            self.drop_padding(g, &grid, dest, relu, threads > 1);
+        }
     }
 
     /// [`Conv2d::run`] over pixel columns (one group, stride 1, packed weight, no residual).
@@ -136,10 +161,7 @@ impl Conv2d {
         } else {
             (2 * threads).div_ceil(b * tiles).min(oc_blocks)
         };
-        let grid_len = b * oc * ncols;
-        let mut grid: Vec<f32> = Vec::with_capacity(grid_len);
-        let gp = SharedOut(grid.as_mut_ptr());
-        let job = |j: usize| {
+        let job = |j: usize, gp: SharedOut| {
             let (bi, ti, pi) = (j / (tiles * parts), (j / parts) % tiles, j % parts);
             let (q0, q1) = (ti * ncols / tiles, ((ti + 1) * ncols / tiles).min(ncols));
             let (c0, c1) = (
@@ -175,23 +197,13 @@ impl Conv2d {
                 unsafe { crate::sgemm::sgemm(c1 - c0, q1 - q0, ic, a, rhs, c, e) };
             }
         };
-        let parallel = Self::parallel(threads, b * oc * ncols * k);
-        let total = b * tiles * parts;
-        if parallel && total > 1 {
-            (0..total).into_par_iter().for_each(job);
-        } else {
-            (0..total).for_each(job);
-        }
-        // SAFETY: the jobs wrote every column of every channel of every image; `out` is
-        // the caller's (no residual here).
-        unsafe {
-            grid.set_len(grid_len);
-            let dest = Dest {
-                out,
-                residual: None,
-            };
-            self.drop_padding(&g, &grid, dest, false, threads > 1);
-        }
+        let dest = Dest {
+            out,
+            residual: None,
+        };
+        // SAFETY: forwarded from the caller; the jobs cover every column of every channel
+        // of every image.
+        unsafe { self.over_grid(&g, (b * tiles * parts, threads), (dest, false), job) }
     }
 
     /// [`Conv2d::run`] over pixel rows (one group, stride 1, packed weight `panels`,
@@ -214,12 +226,9 @@ impl Conv2d {
         let (oc, ncols, plane) = (self.out_channels, g.ncols, g.plane);
         let (taps, k) = (g.offsets.len(), ic * g.offsets.len());
         let jobs = RowJobs::new(b, ncols, TALL_SLIVER, oc, threads);
-        let grid_len = b * oc * ncols;
-        let mut grid: Vec<f32> = Vec::with_capacity(grid_len);
-        let gp = SharedOut(grid.as_mut_ptr());
         // With a residual, it and the ReLU come in when the padding columns are dropped.
         let relu_in_product = f.relu && dest.residual.is_none();
-        let job = |j: usize| {
+        let job = |j: usize, gp: SharedOut| {
             let Some(RowJob {
                 bi,
                 rows: [r0, r1],
@@ -258,18 +267,8 @@ impl Conv2d {
                 unsafe { crate::sgemm::sgemm(r1 - r0, c1 - c0, ic, a, rhs, c, e) };
             }
         };
-        let parallel = Self::parallel(threads, b * oc * ncols * k);
-        let total = jobs.count(b);
-        if parallel && total > 1 {
-            (0..total).into_par_iter().for_each(job);
-        } else {
-            (0..total).for_each(job);
-        }
-        // SAFETY: the jobs wrote every row of every channel of every image; `dest` is the
-        // caller's.
-        unsafe {
-            grid.set_len(grid_len);
-            self.drop_padding(&g, &grid, dest, f.relu, threads > 1);
-        }
+        // SAFETY: forwarded from the caller; the jobs cover every row of every channel of
+        // every image.
+        unsafe { self.over_grid(&g, (jobs.count(b), threads), (dest, f.relu), job) }
     }
 }
