@@ -103,14 +103,23 @@ fn main() {
                 packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic, tile));
             }
         }
+        // CONV_BENCH_COLD=MiB: the runs take turns over copies of the weight that fill this
+        // many MiB, so that each finds its weight out of the cores' caches (as in a model,
+        // where the other layers' weights come between).
+        let cold_mib: usize = std::env::var("CONV_BENCH_COLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let copies = (cold_mib << 20) / (packed.len() * 4).max(1) + 1;
+        let packed = vec![packed; copies];
         let tp = median(
             (0..reps)
-                .map(|_| {
+                .map(|r| {
                     let t = Instant::now();
                     pool.install(|| {
                         geo.run(
                             &x,
-                            kiln_onnx::cpu_conv::Weight::Packed(&packed),
+                            kiln_onnx::cpu_conv::Weight::Packed(&packed[r % copies]),
                             &fused,
                             threads,
                         )

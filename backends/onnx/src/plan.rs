@@ -368,7 +368,8 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                 let dims = [oc, icg, kh, kw].iter().map(|&d| d as i64).collect();
                 let mark = crate::attrs::new_ints(ops::PACKED_CONV, dims);
                 // 3×3 stride-1 kernels between enough channels also get their Winograd
-                // transform, after the panels (`cpu_conv::Weight::Packed`).
+                // transform, after the panels (`cpu_conv::Weight::Packed`), unless they
+                // have few enough output channels to sum their taps in registers.
                 let ones = |name: &str| {
                     crate::attrs::ints(node, name).is_none_or(|v| v.iter().all(|&d| d == 1))
                 };
@@ -376,7 +377,8 @@ fn pack_weights(nodes: &mut [NodeProto], constants: &mut HashMap<String, Tensor>
                     && oc >= WINOGRAD_MIN_CHANNELS
                     && icg >= WINOGRAD_MIN_CHANNELS
                     && ones("strides")
-                    && ones("dilations"))
+                    && ones("dilations")
+                    && !crate::cpu_conv::sums_taps(oc))
                 .then(|| crate::winograd::pick(oc, icg, WINOGRAD_MAX_BYTES))
                 .flatten();
                 let pack = move |dense: &[f32]| {

@@ -18,24 +18,25 @@ use super::{Conv2d, Dest, Fused, RowJob, RowJobs, Source};
 use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, TALL_SLIVER};
 
 /// What both layouts share: the padded input and where each tap starts in it.
-struct Grid<'x> {
+pub(super) struct Grid<'x> {
     /// The padded copy (with slack after the last plane: the grid's last pixels read past
     /// it by up to a kernel's width).
-    src: Source<'x>,
+    pub(super) src: Source<'x>,
     /// Where tap `t` of channel 0 starts in a plane.
-    offsets: Vec<usize>,
+    pub(super) offsets: Vec<usize>,
     /// Elements of one padded plane, and of one padded row.
-    plane: usize,
-    wp: usize,
+    pub(super) plane: usize,
+    pub(super) wp: usize,
     /// Output height and width; grid pixels per image (`oh · wp`).
-    oh: usize,
-    ow: usize,
-    ncols: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) ncols: usize,
 }
 
 impl Conv2d {
-    /// The padded grid of this convolution; `None` when it has no output.
-    fn grid<'x>(&self, x: &'x [f32], f: &Fused<'x>) -> Option<Grid<'x>> {
+    /// The padded grid of this convolution, for products that read up to `reach` pixels
+    /// from a grid pixel; `None` when it has no output.
+    pub(super) fn grid<'x>(&self, x: &'x [f32], f: &Fused<'x>, reach: usize) -> Option<Grid<'x>> {
         let [b, ic, h, w] = self.input;
         let [oh, ow] = self.out_hw()?;
         let [pt, pl, pb, pr] = self.pads;
@@ -45,7 +46,7 @@ impl Conv2d {
         if b * self.out_channels * ncols == 0 {
             return None;
         }
-        let slack = (self.kernel[1] - 1) * self.dilation[1] + PANEL;
+        let slack = (self.kernel[1] - 1) * self.dilation[1] + reach;
         let src = self.source(x, f.pre, true, slack);
         let taps = self.kernel[0] * self.kernel[1];
         let offsets = (0..taps).map(|t| src.taps[t * ic]).collect();
@@ -109,7 +110,7 @@ impl Conv2d {
     ///
     /// # Safety
     /// As `Conv2d::run_to`.
-    unsafe fn over_grid(
+    pub(super) unsafe fn over_grid(
         &self,
         g: &Grid<'_>,
         (total, threads): (usize, usize),
@@ -146,7 +147,7 @@ impl Conv2d {
         out: SharedOut,
     ) {
         let [b, ic, _, _] = self.input;
-        let Some(g) = self.grid(x, f) else {
+        let Some(g) = self.grid(x, f, PANEL) else {
             return;
         };
         let (oc, ncols, plane) = (self.out_channels, g.ncols, g.plane);
@@ -220,7 +221,7 @@ impl Conv2d {
         dest: Dest,
     ) {
         let [b, ic, _, _] = self.input;
-        let Some(g) = self.grid(x, f) else {
+        let Some(g) = self.grid(x, f, PANEL) else {
             return;
         };
         let (oc, ncols, plane) = (self.out_channels, g.ncols, g.plane);
