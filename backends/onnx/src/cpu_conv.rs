@@ -14,6 +14,7 @@ use crate::sgemm::{
 };
 
 mod direct;
+mod strided;
 mod taps;
 
 /// Fewest output tiles (over the batch) for the Winograd path, by tile side: fewer 4×4
@@ -187,6 +188,12 @@ impl Conv2d {
             // registers beats both the Winograd transform, whose weight is four times the
             // size, and gathering patches (DenseNet-121 at batch 1: 1.06 → 0.98 of
             // onnxruntime's time).
+            // The 7×7 stride-2 stems: patches 49 times the input cost more than the
+            // products they feed (ResNet-50's stem 1.4 → 1.1 ms in the model).
+            if strided::applies(self) {
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.run_strided(x, p, f, threads, dest) };
+            }
             if taps::applies(self) {
                 // SAFETY: forwarded from the caller.
                 return unsafe { self.run_taps(x, p, f, threads, dest) };
@@ -1114,6 +1121,10 @@ mod tests {
             ([2, 4, 8, 8], 6, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             ([1, 4, 8, 8], 6, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 2),
             ([2, 3, 13, 10], 5, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
+            // Wide stride-2 kernels on rows of at least 12 output pixels (`strided.rs`):
+            // a ragged last tile and a last 16-channel panel alone; uneven padding.
+            ([2, 3, 30, 29], 37, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
+            ([1, 2, 31, 40], 20, [5, 5], [2, 2], [1, 1], [2, 1, 2, 0], 1),
             ([1, 6, 7, 9], 6, [3, 3], [1, 2], [1, 1], [0, 1, 2, 0], 6),
             ([1, 2, 10, 10], 3, [3, 2], [1, 1], [2, 3], [2, 0, 1, 4], 1),
             ([3, 8, 5, 5], 4, [5, 5], [3, 3], [1, 1], [2, 2, 2, 2], 2),
