@@ -3,7 +3,10 @@
 //! input itself) through precomputed offsets, into 16-pixel panels (pixel columns) or, on
 //! small maps, 8-pixel slivers with AVX-512, else 6 (pixel rows); stride-1 layers on
 //! 14×14-sized maps, or with few output channels on small ones, skip the patch matrix
-//! (`direct.rs`: one product per kernel tap over the shifted input).
+//! (`direct.rs`: one product per kernel tap over the shifted input). With AVX-512, two
+//! register-tiled kernels skip it too: stride-1 layers with few output channels sum every
+//! tap in registers (`taps.rs`), and the 7×7 stride-2 stems broadcast input values against
+//! the weight panels (`strided.rs`).
 //! Weights packed at plan time ([`pack_weight`]) feed the AVX2 kernel (`sgemm.rs`); ONNX's
 //! own layout, used as it is, feeds it or the `gemm` crate (grouped convolutions, CPUs
 //! without AVX2).
