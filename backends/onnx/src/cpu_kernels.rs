@@ -1078,15 +1078,25 @@ impl Pool2d {
         for (oy, out_row) in dst.chunks_mut(ow).enumerate() {
             let ys = self.window(oy, 0, h);
             let rows = ys.len();
-            // The first row as it is (`down(init, v)` is v), the others folded in.
+            // The first row as it is (`down(init, v)` is v), the others folded in; three
+            // rows (the usual window) in one pass.
+            let row = |y: usize| &src[y * w..(y + 1) * w];
             match ys.start {
-                y0 if rows > 0 => column.copy_from_slice(&src[y0 * w..(y0 + 1) * w]),
-                _ => column.fill(init),
-            }
-            for yy in ys.skip(1) {
-                for (c, &v) in column.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
-                    *c = down(*c, v);
+                y0 if rows == 3 => {
+                    let (a, b, c) = (row(y0), row(y0 + 1), row(y0 + 2));
+                    for (((o, &a), &b), &c) in column.iter_mut().zip(a).zip(b).zip(c) {
+                        *o = down(down(a, b), c);
+                    }
                 }
+                y0 if rows > 0 => {
+                    column.copy_from_slice(row(y0));
+                    for yy in ys.skip(1) {
+                        for (c, &v) in column.iter_mut().zip(row(yy)) {
+                            *c = down(*c, v);
+                        }
+                    }
+                }
+                _ => column.fill(init),
             }
             self.across(&column, out_row, init, across, move |v, cols| {
                 finish(v, rows * cols)
