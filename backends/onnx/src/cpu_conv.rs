@@ -187,16 +187,16 @@ impl Conv2d {
             }
             // A 3×3 stride-1 kernel's Winograd transform follows its panels (plan.rs).
             let (p, winograd) = p.split_at(p.len().min(oc.div_ceil(PANEL) * PANEL * k));
-            // Few output channels (DenseNet's growth layers): every tap summed in
-            // registers beats both the Winograd transform, whose weight is four times the
-            // size, and gathering patches (DenseNet-121 at batch 1: 1.06 → 0.98 of
-            // onnxruntime's time).
             // The 7×7 stride-2 stems: patches 49 times the input cost more than the
             // products they feed (ResNet-50's stem 1.4 → 1.1 ms in the model).
             if strided::applies(self) {
                 // SAFETY: forwarded from the caller.
                 return unsafe { self.run_strided(x, p, f, threads, dest) };
             }
+            // Few output channels (DenseNet's growth layers): every tap summed in
+            // registers beats both the Winograd transform, whose weight is four times the
+            // size, and gathering patches (DenseNet-121 at batch 1: 1.06 → 0.98 of
+            // onnxruntime's time).
             if taps::applies(self) {
                 // SAFETY: forwarded from the caller.
                 return unsafe { self.run_taps(x, p, f, threads, dest) };

@@ -110,7 +110,7 @@ impl Conv2d {
     ///
     /// # Safety
     /// As `Conv2d::run_to`.
-    pub(super) unsafe fn over_grid(
+    unsafe fn over_grid(
         &self,
         g: &Grid<'_>,
         (total, threads): (usize, usize),

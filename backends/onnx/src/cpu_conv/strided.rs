@@ -25,7 +25,7 @@ pub(super) fn applies(geo: &Conv2d) -> bool {
 }
 
 impl Conv2d {
-    /// [`Conv2d::run`] through 16 × 16 register tiles (see the module; [`applies`] holds;
+    /// [`Conv2d::run`] through 12 × 32 register tiles (see the module; [`applies`] holds;
     /// `panels` from [`super::pack_weight`]).
     ///
     /// # Safety
@@ -117,8 +117,8 @@ struct Tile<'a> {
 
 impl Tile<'_> {
     /// Sums every row of the patch matrix (`taps[r]`: where row `r` starts, relative to
-    /// `x`) for [`PIXELS`] neighbouring pixels, then stores the tile with the bias and residual
-    /// added (and ReLU).
+    /// `x`) for [`PIXELS`] neighbouring pixels, then stores the tile with the bias and
+    /// residual added (and ReLU).
     ///
     /// # Safety
     /// The CPU has AVX-512F; the pointers are valid as [`Tile`] says.
