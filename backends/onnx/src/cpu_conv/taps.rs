@@ -186,7 +186,8 @@ impl Tile<'_> {
             }
         }
         for c in 0..p.ic {
-            // SAFETY: see the function's contract (the prefetches stay in the copy too).
+            // SAFETY: see the function's contract (a prefetch may point a little past the
+            // copy: its address is only a hint, never read).
             unsafe {
                 let xc = self.x.add(c * p.plane);
                 // The next channel's rows, while this one's taps run.
@@ -194,7 +195,7 @@ impl Tile<'_> {
                     let next = xc.add(p.plane);
                     for &row in &p.rows {
                         for l in 0..=VECTORS {
-                            _mm_prefetch::<_MM_HINT_T0>(next.add(row + 16 * l).cast());
+                            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(row + 16 * l).cast());
                         }
                     }
                 }
