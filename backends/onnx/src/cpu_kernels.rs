@@ -772,16 +772,19 @@ pub fn masked_softmax_rows(
         for (i, row) in rows.chunks_mut(width).enumerate() {
             let r = c * rows_per + i;
             let src = &x[r * width..(r + 1) * width];
-            let off = offsets[r];
-            // The mask's row: `width` values (inner 1) or one value for the whole row.
-            let m = if inner == 1 {
-                &mask[off..off + width]
-            } else {
-                &mask[off..off + 1]
-            };
+            let m = mask_row(mask, offsets[r], width, inner);
             masked_softmax_row(row, src, scale, shift, m);
         }
     })
+}
+
+/// The mask's row from `off`: `width` values (`inner` 1) or one value for the whole row.
+fn mask_row(mask: &[f32], off: usize, width: usize, inner: usize) -> &[f32] {
+    if inner == 1 {
+        &mask[off..off + width]
+    } else {
+        &mask[off..off + 1]
+    }
 }
 
 /// [`masked_softmax_rows`] written over `x` itself.
@@ -798,26 +801,13 @@ pub fn masked_softmax_rows_in_place(
         return;
     }
     let rows_per = (16384 / width).max(1);
-    let chunk = |c: usize, rows: &mut [f32]| {
+    let len = x.len();
+    chunks(x, rows_per * width, len, PAR_MIN, |c, rows| {
         for (i, row) in rows.chunks_mut(width).enumerate() {
-            let off = offsets[c * rows_per + i];
-            let m = if inner == 1 {
-                &mask[off..off + width]
-            } else {
-                &mask[off..off + 1]
-            };
+            let m = mask_row(mask, offsets[c * rows_per + i], width, inner);
             masked_softmax_row_in_place(row, scale, shift, m);
         }
-    };
-    if x.len() < PAR_MIN {
-        x.chunks_mut(rows_per * width)
-            .enumerate()
-            .for_each(|(c, r)| chunk(c, r));
-    } else {
-        x.par_chunks_mut(rows_per * width)
-            .enumerate()
-            .for_each(|(c, r)| chunk(c, r));
-    }
+    });
 }
 
 /// [`masked_softmax_row`] of `row` in place.
