@@ -14,6 +14,7 @@ pub mod cpu_kernels;
 pub mod deform;
 pub mod einsum;
 pub mod external;
+mod fallback;
 pub mod fuse;
 pub mod in_place;
 pub mod lowbit;

@@ -56,6 +56,8 @@ struct Step {
     free: Vec<String>,
     /// The planned subgraphs of an `If` or `Loop` node.
     branches: Option<Box<crate::control::Control>>,
+    /// Whether the node has had to fall back to the CPU (off the CPU only: `fallback`).
+    on_cpu: crate::fallback::OnCpu,
 }
 
 /// The executable form of a model.
@@ -557,7 +559,10 @@ impl Plan {
                     .iter()
                     .map(|i| constants.get(i).cloned())
                     .collect();
-                let outs = run_node(node, &ins, &ctx, &table).map_err(|e| node_error(node, e))?;
+                let outs = crate::fallback::run(node, &ins, &ctx, None, |ins, ctx| {
+                    run_node(node, ins, ctx, &table)
+                })
+                .map_err(|e| node_error(node, e))?;
                 for (name, t) in node.output.iter().zip(outs) {
                     constants.insert(name.clone(), t);
                 }
@@ -612,6 +617,7 @@ impl Plan {
                     node,
                     free,
                     branches,
+                    on_cpu: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -736,8 +742,11 @@ impl Plan {
                         })
                         .collect::<candle_core::Result<_>>()
                         .map_err(|e| node_error(&step.node, e))?;
-                    run_node(&step.node, &tensors, &ctx, table)
-                        .map_err(|e| node_error(&step.node, e))?
+                    let node = &step.node;
+                    crate::fallback::run(node, &tensors, &ctx, Some(&step.on_cpu), |ins, ctx| {
+                        run_node(node, ins, ctx, table)
+                    })
+                    .map_err(|e| node_error(node, e))?
                         .into_iter()
                         .map(Value::Tensor)
                         .collect()
