@@ -747,9 +747,9 @@ impl Plan {
                         run_node(node, ins, ctx, table)
                     })
                     .map_err(|e| node_error(node, e))?
-                        .into_iter()
-                        .map(Value::Tensor)
-                        .collect()
+                    .into_iter()
+                    .map(Value::Tensor)
+                    .collect()
                 }
             };
             let elapsed = started.elapsed().as_secs_f64() * 1e3;
