@@ -29,20 +29,31 @@ pub(crate) fn run(
     if ctx.dev.is_cpu() {
         return op(ins, ctx);
     }
-    let on_device = |outs: Vec<Tensor>| -> Result<Vec<Tensor>> {
-        outs.into_iter().map(|t| t.to_device(ctx.dev)).collect()
-    };
     let cpu = Ctx {
         dev: &Device::Cpu,
         opset: ctx.opset,
         threads: ctx.threads,
     };
+    off_cpu(node, ins, [ctx, &cpu], seen, op)
+}
+
+/// [`run`] off the CPU: the node on `ctx` (the device), else on `cpu`.
+fn off_cpu(
+    node: &NodeProto,
+    ins: &[Option<Tensor>],
+    [ctx, cpu]: [&Ctx<'_>; 2],
+    seen: Option<&OnCpu>,
+    op: impl Fn(&[Option<Tensor>], &Ctx<'_>) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let on_device = |outs: Vec<Tensor>| -> Result<Vec<Tensor>> {
+        outs.into_iter().map(|t| t.to_device(ctx.dev)).collect()
+    };
     let on_cpu = || -> Result<Vec<Tensor>> {
         let ins = ins
             .iter()
-            .map(|t| t.as_ref().map(|t| t.to_device(&Device::Cpu)).transpose())
+            .map(|t| t.as_ref().map(|t| t.to_device(cpu.dev)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        op(&ins, &cpu)
+        op(&ins, cpu)
     };
     if seen.is_some_and(|s| s.0.load(Ordering::Relaxed)) {
         return on_device(on_cpu()?);
@@ -69,4 +80,101 @@ pub(crate) fn run(
         );
     }
     on_device(outs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// The "device" here is the CPU with 99 threads, so the fallback runs without a GPU.
+    fn contexts() -> [Ctx<'static>; 2] {
+        let ctx = |threads| Ctx {
+            dev: &Device::Cpu,
+            opset: 17,
+            threads,
+        };
+        [ctx(99), ctx(1)]
+    }
+
+    fn one() -> Vec<Option<Tensor>> {
+        vec![Some(Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap())]
+    }
+
+    /// Doubles its input on the CPU; on the device, `device` says what happens.
+    fn op<'a>(
+        device: &'a dyn Fn() -> Result<()>,
+        calls: &'a AtomicUsize,
+    ) -> impl Fn(&[Option<Tensor>], &Ctx<'_>) -> Result<Vec<Tensor>> + 'a {
+        move |ins, ctx| {
+            if ctx.threads == 99 {
+                calls.fetch_add(1, Ordering::Relaxed);
+                device()?;
+            }
+            Ok(vec![(ins[0].as_ref().unwrap() * 2.0)?])
+        }
+    }
+
+    fn run_once(
+        seen: &OnCpu,
+        device: &dyn Fn() -> Result<()>,
+        calls: &AtomicUsize,
+    ) -> Result<Vec<f32>> {
+        let [dev, cpu] = contexts();
+        let outs = off_cpu(
+            &NodeProto::default(),
+            &one(),
+            [&dev, &cpu],
+            Some(seen),
+            op(device, calls),
+        )?;
+        outs[0].to_vec1::<f32>()
+    }
+
+    #[test]
+    fn a_node_the_device_fails_runs_on_the_cpu_from_then_on() {
+        let (seen, calls) = (OnCpu::default(), AtomicUsize::new(0));
+        let fails = || Err(candle_core::Error::Msg("no kernel".into()));
+        assert_eq!(run_once(&seen, &fails, &calls).unwrap(), [2.0, 4.0]);
+        assert!(seen.0.load(Ordering::Relaxed));
+        assert_eq!(run_once(&seen, &fails, &calls).unwrap(), [2.0, 4.0]);
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "the device is tried once");
+    }
+
+    #[test]
+    fn a_panic_on_the_device_falls_back_too() {
+        let (seen, calls) = (OnCpu::default(), AtomicUsize::new(0));
+        let panics = || -> Result<()> { panic!("unsupported dtype") };
+        assert_eq!(run_once(&seen, &panics, &calls).unwrap(), [2.0, 4.0]);
+        assert!(seen.0.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_node_that_runs_on_the_device_stays_there() {
+        let (seen, calls) = (OnCpu::default(), AtomicUsize::new(0));
+        assert_eq!(run_once(&seen, &|| Ok(()), &calls).unwrap(), [2.0, 4.0]);
+        assert_eq!(run_once(&seen, &|| Ok(()), &calls).unwrap(), [2.0, 4.0]);
+        assert!(!seen.0.load(Ordering::Relaxed));
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_bad_input_fails_everywhere_and_changes_nothing() {
+        let [dev, cpu] = contexts();
+        let seen = OnCpu::default();
+        let bad = |_: &[Option<Tensor>], _: &Ctx<'_>| -> Result<Vec<Tensor>> {
+            Err(candle_core::Error::Msg("shape mismatch".into()))
+        };
+        let err = off_cpu(
+            &NodeProto::default(),
+            &one(),
+            [&dev, &cpu],
+            Some(&seen),
+            bad,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("shape mismatch"));
+        assert!(!seen.0.load(Ordering::Relaxed));
+    }
 }
