@@ -489,24 +489,29 @@ def test_intra_op_thread_count_sizes_each_instance_pool(tmp_path):
         k.stop()
 
 
-RANDOM_RESNET = os.path.join(os.environ.get("KILN_BENCH_MODELS", ""), "light_resnet50_random_dynbatch.onnx")
+def random_light(name):
+    return os.path.join(os.environ.get("KILN_BENCH_MODELS", ""), f"light_{name}_random_dynbatch.onnx")
 
 
-@pytest.mark.skipif(not os.path.isfile(RANDOM_RESNET), reason="KILN_BENCH_MODELS not set (cargo xtask test writes it)")
-def test_resnet50_with_random_weights_matches_onnxruntime():
-    """ResNet-50 with seeded random weights (`make_bench_models`), served as a Triton folder:
-    its logits against onnxruntime's on the same file, one image and a batch of three."""
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_image_model_with_random_weights_matches_onnxruntime(name):
+    """ResNet-50 and DenseNet-121 with seeded random weights (`make_bench_models`), served as
+    a Triton folder: their logits against onnxruntime's on the same file, one image (where
+    DenseNet's feature chains are written into one buffer: append.rs) and a batch of three."""
+    path = random_light(name)
+    if not os.path.isfile(path):
+        pytest.skip("KILN_BENCH_MODELS not set (cargo xtask test writes it)")
     import onnxruntime as ort
-    session = ort.InferenceSession(RANDOM_RESNET, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    with serving_onnx(RANDOM_RESNET, "resnet") as k:
+    with serving_onnx(path, name) as k:
         client = httpclient.InferenceServerClient(k.url)
         rng = np.random.default_rng(7)
         for batch in (1, 3):
             x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
             inp = httpclient.InferInput(name_in, list(x.shape), "FP32")
             inp.set_data_from_numpy(x)
-            got = client.infer("resnet", [inp]).as_numpy(name_out)
+            got = client.infer(name, [inp]).as_numpy(name_out)
             want = session.run(None, {name_in: x})[0]
             scale = np.abs(want).max()
             # Logits that differ by class and by image: a wrong convolution shows.

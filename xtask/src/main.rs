@@ -145,8 +145,12 @@ fn test() -> Result<()> {
         .env("KILN_DIST", &dist)
         .env("KILN_ONNX_TESTS", &onnx_tests)
         .args(["test", "--release", "--workspace"]))?;
-    // ResNet-50 with random weights, which the suite serves and checks against onnxruntime.
-    let bench_models = make_bench_models(&onnx_tests, &["light_resnet50.onnx"])?;
+    // ResNet-50 and DenseNet-121 with random weights, which the suite serves and checks
+    // against onnxruntime.
+    let bench_models = make_bench_models(
+        &onnx_tests,
+        &["light_resnet50.onnx", "light_densenet121.onnx"],
+    )?;
     let py = python::ensure_venv(&root)?;
     let mut c = Command::new(py.join("bin").join("python"));
     c.current_dir(&root)

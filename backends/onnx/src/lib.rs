@@ -2,6 +2,7 @@
 //! or `backend: "onnx"`) read with candle-onnx and run by Kiln's own executor on candle —
 //! planned once per instance (see [`plan`]), CPU or CUDA.
 pub mod allocator;
+pub mod append;
 pub mod attention;
 pub mod attrs;
 pub mod batched;

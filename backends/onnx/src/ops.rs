@@ -1053,16 +1053,22 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             x.reshape(dims)?
         }
         "Concat" => {
-            let ts: Vec<&Tensor> = ins.iter().flatten().collect();
-            let first = ts
-                .first()
-                .copied()
-                .ok_or_else(|| candle_core::Error::Msg("Concat without inputs".into()))?;
-            let a = axis(attrs::int(node, "axis", 0), first.rank())?;
-            match crate::ops_fast::concat_f32(&ts, a, ctx.threads)? {
-                Some(t) => t,
-                None => Tensor::cat(&ts, a)?,
+            let concat = |ts: &[&Tensor]| -> Result<Tensor> {
+                let first = ts
+                    .first()
+                    .copied()
+                    .ok_or_else(|| candle_core::Error::Msg("Concat without inputs".into()))?;
+                let a = axis(attrs::int(node, "axis", 0), first.rank())?;
+                match crate::ops_fast::concat_f32(ts, a, ctx.threads)? {
+                    Some(t) => Ok(t),
+                    None => Tensor::cat(ts, a),
+                }
+            };
+            // A link of a dense block's chain (append.rs).
+            if crate::append::in_chain(node) {
+                return crate::append::run(node, ins, concat);
             }
+            concat(&ins.iter().flatten().collect::<Vec<_>>())?
         }
         "Gather" => {
             let x = x()?;

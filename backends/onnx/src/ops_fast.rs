@@ -337,7 +337,7 @@ impl<F: Fn(&mut [f32], &[&[f32]])> candle_core::InplaceOp1 for WriteOver<'_, F> 
 
 /// Whether `t`'s f32 CPU buffer shares memory with any of `others`' (conservatively true
 /// for a tensor that is not f32 on the CPU).
-fn shares_memory(t: &Tensor, others: &[Option<&Tensor>]) -> bool {
+pub(crate) fn shares_memory(t: &Tensor, others: &[Option<&Tensor>]) -> bool {
     let span = |t: &Tensor| {
         let (st, _) = t.storage_and_layout();
         match &*st {

@@ -578,6 +578,16 @@ impl Plan {
             pack_weights(&mut nodes, &mut constants);
         }
         crate::in_place::mark(&mut nodes, &output_names);
+        crate::append::mark(&mut nodes, &output_names, |conv| {
+            match crate::attrs::ints(conv, ops::PACKED_CONV) {
+                Some(dims) => dims.first().map(|&oc| oc as usize),
+                None => conv
+                    .input
+                    .get(1)
+                    .and_then(|w| constants.get(w))
+                    .and_then(|w| w.dims().first().copied()),
+            }
+        });
         // Constants no step reads any more (folded or packed originals) are dropped.
         let used: HashSet<&str> = nodes
             .iter()

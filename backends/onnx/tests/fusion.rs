@@ -640,3 +640,46 @@ fn masked_softmax_written_over_its_scores_matches_the_oracle() {
     let ops = ["MatMul", "Softmax", "MatMul", "MatMul", "Softmax"];
     check(&m, inputs, &ops);
 }
+
+/// A dense block's chain of Concats (append.rs: each writes only its new channels after
+/// the earlier ones, in one buffer, at batch 1) gives the oracle's results, also for a
+/// chain value read again after later links appended to its buffer, for a chain whose
+/// first link reserves room and one that must grow its buffer, and at batch 2, where the
+/// links concatenate as usual.
+#[test]
+fn dense_block_concat_chains_match_the_oracle() {
+    let axis = attr_int("axis", 1);
+    let nodes = vec![
+        node("Conv", &["x", "w1"], "k1", vec![pads(1)]),
+        node("Concat", &["x", "k1"], "c1", vec![axis.clone()]),
+        node("Relu", &["c1"], "r1", vec![]),
+        node("Conv", &["r1", "w2"], "k2", vec![pads(1)]),
+        node("Concat", &["c1", "k2"], "c2", vec![axis.clone()]),
+        node("Conv", &["c2", "w3"], "k3", vec![pads(1)]),
+        node("Concat", &["c2", "k3"], "c3", vec![axis.clone()]),
+        // Read after c2 and c3 were written into c1's buffer.
+        node("Conv", &["c1", "w4"], "late", vec![pads(1)]),
+        // A second chain whose parts are no Convs: its buffer grows as it goes.
+        node("Relu", &["c3"], "p1", vec![]),
+        node("Concat", &["c3", "p1"], "d1", vec![axis.clone()]),
+        node("Sigmoid", &["d1"], "p2", vec![]),
+        node("Concat", &["d1", "p2"], "d2", vec![axis.clone()]),
+        node("Tanh", &["d2"], "p3", vec![]),
+        node("Concat", &["d2", "p3", "x"], "d3", vec![axis]),
+    ];
+    let inits = vec![
+        init("w1", &[2, 3, 3, 3], 1),
+        init("w2", &[2, 5, 3, 3], 2),
+        init("w3", &[3, 7, 3, 3], 3),
+        init("w4", &[4, 5, 3, 3], 4),
+    ];
+    let m = model(nodes, inits, &["x"], &["late", "d3"]);
+    let ops = [
+        "Conv", "Concat", "Relu", "Conv", "Concat", "Conv", "Concat", "Conv", "Relu", "Concat",
+        "Sigmoid", "Concat", "Tanh", "Concat",
+    ];
+    for batch in [1, 2] {
+        let inputs = HashMap::from([("x".to_string(), input(&[batch, 3, 5, 6]))]);
+        check(&m, inputs, &ops);
+    }
+}
