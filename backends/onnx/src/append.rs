@@ -5,23 +5,25 @@
 //!
 //! The planner links such chains ([`mark`]): every Concat of a chain but the last also
 //! outputs the chain's *buffer*, a tensor with room for the channels still to come, and
-//! the next Concat reads it as its last input. At batch 1 the channels of an NCHW tensor
-//! are one contiguous run, so `c_i` is a view of the buffer's first channels, and the next
-//! Concat writes only its new channels after them ([`run`]).
+//! the next Concat reads it as its last input. Each `c_i` is a view of the buffer's first
+//! channels, and the next Concat writes only its new channels after them, image by image
+//! ([`run`]). At batch 1 the view is contiguous; at larger batches its images lie a
+//! buffer's image apart, and the convolution that reads a dense block's features (BN,
+//! ReLU, 1×1 Conv) reads them in place (`ops_fast::conv`); other readers copy.
 //!
 //! Nothing is ever written where a view already exists: a link is made only where the
 //! chain value is read by no other Concat than the next one of the chain (so only that
 //! one ever appends after it), and each buffer is read by that Concat alone; everything
-//! else that reads a chain value reads at most its own channels. Where a Concat of a
-//! chain cannot append (batch above 1, not f32 on the CPU, a buffer with no room) it
-//! concatenates as any Concat does, and hands on a new buffer.
+//! else that reads a chain value reads at most its own channels. A Concat of a chain
+//! whose buffer has no room starts a new one; on tensors that are not f32 on the CPU it
+//! concatenates as any Concat does.
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
-use crate::ops_fast::{cpu_f32, f32_data, on_cpu_f32};
+use crate::ops_fast::{cpu_f32, on_cpu_f32};
 
 /// Attribute (1) of a Concat in a chain; output 1, when it has one, is the chain's buffer.
 pub const APPEND: &str = "kiln_append";
@@ -159,8 +161,8 @@ pub(crate) fn run(
     })
 }
 
-/// `Concat(parts)` along the channels of batch-1 f32 CPU tensors, written after
-/// `parts[0]` in `buffer` where that is a view of its first channels with room after
+/// `Concat(parts)` along the channels of rank-4 f32 CPU tensors, written after `parts[0]`
+/// in `buffer` where that is a view of its first channels (in every image) with room after
 /// them, else into a new buffer with room for `room` more channels (as many again as it
 /// holds when unknown); returns (the result, a view of the buffer; the buffer). `None`
 /// for other tensors.
@@ -175,60 +177,75 @@ fn append(
     let fits = |t: &Tensor| {
         cpu_f32(t)
             && t.rank() == 4
-            && t.dims()[0] == 1
+            && t.dims()[0] == first.dims()[0]
             && t.dims()[2..] == first.dims()[2..]
-            && t.is_contiguous()
     };
     if !parts.iter().all(|t| fits(t)) {
         return Ok(None);
     }
+    let (images, plane) = (first.dims()[0], first.dims()[2] * first.dims()[3]);
     let channels: usize = parts.iter().map(|t| t.dims()[1]).sum();
+    // Where a tensor's first element lies.
     let start = |t: &Tensor| {
         let (s, l) = t.storage_and_layout();
-        f32_data(&s, l).map(|v| v.as_ptr())
+        match &*s {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                Some(v.as_ptr().wrapping_add(l.start_offset()))
+            }
+            _ => None,
+        }
     };
-    let later = &parts[1..];
+    let others: Vec<Option<&Tensor>> = parts[1..].iter().map(|t| Some(*t)).collect();
     if let Some(buffer) = buffer.filter(|b| {
         fits(b)
+            && b.is_contiguous()
             && b.dims()[1] >= channels
             && start(b).is_some_and(|p| start(first) == Some(p))
-            && !crate::ops_fast::shares_memory(
-                b,
-                &later.iter().map(|t| Some(*t)).collect::<Vec<_>>(),
-            )
+            && first.stride() == b.stride()
+            && !crate::ops_fast::shares_memory(b, &others)
     }) {
-        let at = first.elem_count();
-        let others: Vec<Option<&Tensor>> = later.iter().map(|t| Some(*t)).collect();
-        let write = |srcs: &[&[f32]]| buffer.inplace_op1(&WriteAfter { at, srcs });
+        let write = |srcs: &[&[f32]]| {
+            buffer.inplace_op1(&WriteAfter {
+                srcs,
+                at: first.dims()[1] * plane,
+                image: buffer.dims()[1] * plane,
+                images,
+            })
+        };
         if let Some(done) = on_cpu_f32(&others, write)? {
             done?;
             return Ok(Some((buffer.narrow(1, 0, channels)?, buffer.clone())));
         }
     }
-    let plane: usize = first.dims()[2..].iter().product();
     let capacity = channels + room.unwrap_or(channels);
     let all: Vec<Option<&Tensor>> = parts.iter().map(|t| Some(*t)).collect();
     let filled = on_cpu_f32(&all, |srcs| {
-        let mut v: Vec<f32> = Vec::with_capacity(capacity * plane);
-        for s in srcs {
-            v.extend_from_slice(s);
+        let mut v: Vec<f32> = Vec::with_capacity(images * capacity * plane);
+        for bi in 0..images {
+            for s in srcs {
+                let run = s.len() / images;
+                v.extend_from_slice(&s[bi * run..][..run]);
+            }
+            // The room stays zero until the chain writes it.
+            v.resize((bi + 1) * capacity * plane, 0.0);
         }
-        // The room stays zero until the chain writes it.
-        v.resize(capacity * plane, 0.0);
         v
     })?;
     let Some(v) = filled else {
         return Ok(None);
     };
     let dims = first.dims();
-    let buffer = Tensor::from_vec(v, (1, capacity, dims[2], dims[3]), first.device())?;
+    let buffer = Tensor::from_vec(v, (images, capacity, dims[2], dims[3]), first.device())?;
     Ok(Some((buffer.narrow(1, 0, channels)?, buffer)))
 }
 
-/// Writes `srcs`, one after another, at element `at` of a buffer's storage.
+/// Writes `srcs` (each `images` equal runs), one after another, from element `at` of each
+/// of a buffer's images (`image` elements apart).
 struct WriteAfter<'a> {
-    at: usize,
     srcs: &'a [&'a [f32]],
+    at: usize,
+    image: usize,
+    images: usize,
 }
 
 impl candle_core::InplaceOp1 for WriteAfter<'_> {
@@ -241,19 +258,20 @@ impl candle_core::InplaceOp1 for WriteAfter<'_> {
         storage: &mut candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<()> {
-        let len: usize = self.srcs.iter().map(|s| s.len()).sum();
-        let dst = match storage {
-            candle_core::CpuStorage::F32(v) => v.get_mut(self.at..self.at + len),
-            _ => None,
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("a chain's buffer is not f32")
         };
-        let Some(dst) = dst else {
-            candle_core::bail!("a chain's buffer has no room for {len} more values")
-        };
-        let mut rest = dst;
-        for s in self.srcs {
-            let (here, after) = rest.split_at_mut(s.len());
-            here.copy_from_slice(s);
-            rest = after;
+        let run: usize = self.srcs.iter().map(|s| s.len() / self.images).sum();
+        if self.at + run > self.image || self.images * self.image > v.len() {
+            candle_core::bail!("a chain's buffer has no room for {run} more values an image")
+        }
+        for bi in 0..self.images {
+            let mut at = bi * self.image + self.at;
+            for s in self.srcs {
+                let n = s.len() / self.images;
+                v[at..at + n].copy_from_slice(&s[bi * n..][..n]);
+                at += n;
+            }
         }
         Ok(())
     }

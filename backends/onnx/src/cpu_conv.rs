@@ -592,7 +592,10 @@ impl Conv2d {
             });
             return Source {
                 data: x.into(),
-                group: icg * h * w,
+                group: pre
+                    .and_then(|p| p.image)
+                    .filter(|_| self.groups == 1)
+                    .unwrap_or(icg * h * w),
                 groups: self.groups,
                 taps,
                 per_tap,
@@ -1011,6 +1014,11 @@ pub struct PreAffine<'a> {
     pub shift: &'a [f32],
     /// Clamp at zero after the affine.
     pub relu: bool,
+    /// Elements from one image of the input to the next, where they are not adjacent: the
+    /// input is the first channels of a wider batch (a dense block's features,
+    /// `append.rs`), read in place. Only for an unpadded, ungrouped convolution with a
+    /// 1×1 kernel.
+    pub image: Option<usize>,
 }
 
 impl PreAffine<'_> {
@@ -1195,6 +1203,7 @@ mod tests {
                         // A pre-affine on the input (scale, shift per channel, ReLU).
                         let (sc, sh) = (data(input[1], 11), data(input[1], 12));
                         let pre = (res.is_some() && b.is_some()).then_some(PreAffine {
+                            image: None,
                             scale: &sc,
                             shift: &sh,
                             relu: true,

@@ -394,6 +394,24 @@ pub(crate) fn conv1d(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) ->
 
 /// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
 /// output, attribute `kiln_relu` a ReLU applied last.
+/// Elements from one image to the next of a rank-4 view of the first channels of a wider
+/// batch (each image one contiguous run, the runs further apart than their length), with
+/// the whole of the last image's stride inside its storage; `None` for other tensors.
+fn channel_prefix(x: &Tensor) -> Option<usize> {
+    let (d, s) = (x.dims(), x.stride());
+    if x.rank() != 4 || d[0] < 2 || x.is_contiguous() {
+        return None;
+    }
+    let plane = d[2] * d[3];
+    let inner = s[1] == plane && s[2] == d[3] && s[3] == 1;
+    let (st, layout) = x.storage_and_layout();
+    let len = match &*st {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+        _ => return None,
+    };
+    (inner && s[0] > d[1] * plane && layout.start_offset() + d[0] * s[0] <= len).then_some(s[0])
+}
+
 pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
@@ -482,6 +500,34 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
                 y = Some(r.clone());
             }
         }
+        // A dense block's features at batch > 1 (append.rs): the first channels of a wider
+        // batch, read in place by a pointwise convolution that applies an affine as it
+        // gathers its input (DenseNet's BN, ReLU, 1×1 Conv), instead of copied first.
+        let pointwise = [kh, kw] == [1, 1]
+            && geo.stride == [1, 1]
+            && geo.pads == [0; 4]
+            && groups == 1
+            && pre.is_some()
+            && res.is_none();
+        if let Some(image) = channel_prefix(x).filter(|_| pointwise && y.is_none()) {
+            let (st, layout) = x.storage_and_layout();
+            if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*st {
+                let whole = &v[layout.start_offset()..];
+                let mut others = slices;
+                others[0] = None;
+                let run = |s: &[&[f32]]| {
+                    let (wt, mut f) = parts.of(s);
+                    if let Some(p) = f.pre.as_mut() {
+                        p.image = Some(image);
+                    }
+                    geo.run(whole, wt, &f, ctx.threads)
+                };
+                if let Some(out) = on_cpu_f32(&others, run)? {
+                    relu &= !fused_relu;
+                    y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
+                }
+            }
+        }
         if y.is_none() {
             let run = |s: &[&[f32]]| {
                 let (wt, f) = parts.of(s);
@@ -566,6 +612,7 @@ impl ConvParts {
                 scale: s[4],
                 shift: s[5],
                 relu,
+                image: None,
             }),
         };
         (wt, f)

@@ -901,6 +901,7 @@ mod tests {
                     residual: Some(&residual),
                     relu: true,
                     pre: Some(PreAffine {
+                        image: None,
                         scale: &scale,
                         shift: &shift,
                         relu: true,

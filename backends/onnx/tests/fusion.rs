@@ -642,13 +642,15 @@ fn masked_softmax_written_over_its_scores_matches_the_oracle() {
 }
 
 /// A dense block's chain of Concats (append.rs: each writes only its new channels after
-/// the earlier ones, in one buffer, at batch 1) gives the oracle's results, also for a
-/// chain value read again after later links appended to its buffer, for a chain whose
-/// first link reserves room and one that must grow its buffer, and at batch 2, where the
-/// links concatenate as usual.
+/// the earlier ones, in one buffer) gives the oracle's results at batch 1 and 2, also for
+/// a chain value read again after later links appended to its buffer (by a 3×3 Conv, and
+/// by a BN, ReLU, 1×1 Conv bottleneck that reads it in place), for a chain whose first
+/// link reserves room and one that must grow its buffer.
 #[test]
 fn dense_block_concat_chains_match_the_oracle() {
     let axis = attr_int("axis", 1);
+    let mut var7 = init("v7", &[7], 10);
+    var7.float_data.iter_mut().for_each(|v| *v = v.abs() + 0.5);
     let nodes = vec![
         node("Conv", &["x", "w1"], "k1", vec![pads(1)]),
         node("Concat", &["x", "k1"], "c1", vec![axis.clone()]),
@@ -659,6 +661,16 @@ fn dense_block_concat_chains_match_the_oracle() {
         node("Concat", &["c2", "k3"], "c3", vec![axis.clone()]),
         // Read after c2 and c3 were written into c1's buffer.
         node("Conv", &["c1", "w4"], "late", vec![pads(1)]),
+        // DenseNet's bottleneck on c2 after c3 was appended: BN, ReLU, 1×1 Conv, which
+        // reads the chain's view in place at batch 2 (each image's channels apart).
+        node(
+            "BatchNormalization",
+            &["c2", "g7", "b7", "m7", "v7"],
+            "bn2",
+            vec![],
+        ),
+        node("Relu", &["bn2"], "br2", vec![]),
+        node("Conv", &["br2", "w5", "b5"], "bottleneck", vec![pads(0)]),
         // A second chain whose parts are no Convs: its buffer grows as it goes.
         node("Relu", &["c3"], "p1", vec![]),
         node("Concat", &["c3", "p1"], "d1", vec![axis.clone()]),
@@ -672,11 +684,17 @@ fn dense_block_concat_chains_match_the_oracle() {
         init("w2", &[2, 5, 3, 3], 2),
         init("w3", &[3, 7, 3, 3], 3),
         init("w4", &[4, 5, 3, 3], 4),
+        init("w5", &[4, 7, 1, 1], 5),
+        init("b5", &[4], 6),
+        init("g7", &[7], 7),
+        init("b7", &[7], 8),
+        init("m7", &[7], 9),
+        var7,
     ];
-    let m = model(nodes, inits, &["x"], &["late", "d3"]);
+    let m = model(nodes, inits, &["x"], &["late", "bottleneck", "d3"]);
     let ops = [
-        "Conv", "Concat", "Relu", "Conv", "Concat", "Conv", "Concat", "Conv", "Relu", "Concat",
-        "Sigmoid", "Concat", "Tanh", "Concat",
+        "Conv", "Concat", "Relu", "Conv", "Concat", "Conv", "Concat", "Conv", "Conv", "Relu",
+        "Concat", "Sigmoid", "Concat", "Tanh", "Concat",
     ];
     for batch in [1, 2] {
         let inputs = HashMap::from([("x".to_string(), input(&[batch, 3, 5, 6]))]);
