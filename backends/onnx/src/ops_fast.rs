@@ -392,8 +392,6 @@ pub(crate) fn conv1d(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) ->
     conv(&two, &ins2, ctx)?.squeeze(2)
 }
 
-/// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
-/// output, attribute `kiln_relu` a ReLU applied last.
 /// Elements from one image to the next of a rank-4 view of the first channels of a wider
 /// batch (each image one contiguous run, the runs further apart than their length), with
 /// the whole of the last image's stride inside its storage; `None` for other tensors.
@@ -412,6 +410,8 @@ fn channel_prefix(x: &Tensor) -> Option<usize> {
     (inner && s[0] > d[1] * plane && layout.start_offset() + d[0] * s[0] <= len).then_some(s[0])
 }
 
+/// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
+/// output, attribute `kiln_relu` a ReLU applied last.
 pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Tensor> {
     let x = req(ins, 0, node)?;
     let w = req(ins, 1, node)?;
