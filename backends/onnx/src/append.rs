@@ -23,19 +23,18 @@ use candle_core::{Result, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use crate::attrs;
-use crate::ops_fast::{cpu_f32, on_cpu_f32};
+use crate::ops_fast::{cpu_f32, f32_from_start, on_cpu_f32};
 
-/// Attribute (1) of a Concat in a chain; output 1, when it has one, is the chain's buffer.
-pub const APPEND: &str = "kiln_append";
-/// Attribute (1) of a chain's Concat whose last input is the previous one's buffer.
+/// Attribute (1) of a chain's Concat whose last input is the previous one's buffer. (A
+/// Concat whose buffer the next one reads has it as a second output.)
 pub const CHAINED: &str = "kiln_chained";
 /// Attribute of a chain's first Concat: the channels the rest of the chain appends (the
 /// room its buffer leaves), when every one of them is a Conv's output.
 pub const RESERVE: &str = "kiln_reserve";
 
-/// Whether `n` is a Concat this module runs ([`mark`] linked it into a chain).
+/// Whether `n` (a Concat) is in a chain [`mark`] linked: it reads a buffer or hands one on.
 pub fn in_chain(n: &NodeProto) -> bool {
-    attrs::int(n, APPEND, 0) != 0
+    attrs::int(n, CHAINED, 0) != 0 || n.output.len() > 1
 }
 
 /// A Concat along the channels (axis 1) of one output that could be a link of a chain.
@@ -117,11 +116,6 @@ pub fn mark(
         nodes[a].output.push(buffer.clone());
         nodes[b].input.push(buffer);
         nodes[b].attribute.push(attrs::new_int(CHAINED, 1));
-        for k in [a, b] {
-            if !in_chain(&nodes[k]) {
-                nodes[k].attribute.push(attrs::new_int(APPEND, 1));
-            }
-        }
     }
     for (head, channels) in heads {
         if let Some(c) = channels {
@@ -188,12 +182,7 @@ fn append(
     // Where a tensor's first element lies.
     let start = |t: &Tensor| {
         let (s, l) = t.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                Some(v.as_ptr().wrapping_add(l.start_offset()))
-            }
-            _ => None,
-        }
+        f32_from_start(&s, l).map(<[f32]>::as_ptr)
     };
     let others: Vec<Option<&Tensor>> = parts[1..].iter().map(|t| Some(*t)).collect();
     if let Some(buffer) = buffer.filter(|b| {

@@ -20,6 +20,20 @@ pub fn f32_data<'a>(s: &'a candle_core::Storage, layout: &Layout) -> Option<&'a 
     }
 }
 
+/// An f32 CPU storage from where `layout` starts to its end (a view's data and whatever
+/// follows it in the storage); `None` for other storages.
+pub(crate) fn f32_from_start<'a>(
+    s: &'a candle_core::Storage,
+    layout: &Layout,
+) -> Option<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            v.get(layout.start_offset()..)
+        }
+        _ => None,
+    }
+}
+
 /// Whether `t` is an f32 tensor on the CPU (the fast kernels' domain).
 pub(crate) fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -403,11 +417,8 @@ fn channel_prefix(x: &Tensor) -> Option<usize> {
     let plane = d[2] * d[3];
     let inner = s[1] == plane && s[2] == d[3] && s[3] == 1;
     let (st, layout) = x.storage_and_layout();
-    let len = match &*st {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
-        _ => return None,
-    };
-    (inner && s[0] > d[1] * plane && layout.start_offset() + d[0] * s[0] <= len).then_some(s[0])
+    let len = f32_from_start(&st, layout)?.len();
+    (inner && s[0] > d[1] * plane && d[0] * s[0] <= len).then_some(s[0])
 }
 
 /// Conv, plus what the planner fused into it (`fuse.rs`): input 3 a residual added to the
@@ -509,29 +520,20 @@ pub(crate) fn conv(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> R
             && groups == 1
             && pre.is_some()
             && res.is_none();
-        if let Some(image) = channel_prefix(x).filter(|_| pointwise && y.is_none()) {
-            let (st, layout) = x.storage_and_layout();
-            if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*st {
-                let whole = &v[layout.start_offset()..];
-                let mut others = slices;
-                others[0] = None;
-                let run = |s: &[&[f32]]| {
-                    let (wt, mut f) = parts.of(s);
-                    if let Some(p) = f.pre.as_mut() {
-                        p.image = Some(image);
-                    }
-                    geo.run(whole, wt, &f, ctx.threads)
-                };
-                if let Some(out) = on_cpu_f32(&others, run)? {
-                    relu &= !fused_relu;
-                    y = Some(Tensor::from_vec(out, (b, oc, oh, ow), &Device::Cpu)?);
-                }
-            }
-        }
+        let image = channel_prefix(x).filter(|_| pointwise);
+        let storage = image.map(|_| x.storage_and_layout());
+        let in_place = storage.as_ref().and_then(|(s, l)| f32_from_start(s, l));
         if y.is_none() {
+            let mut slices = slices;
+            if in_place.is_some() {
+                slices[0] = None;
+            }
             let run = |s: &[&[f32]]| {
-                let (wt, f) = parts.of(s);
-                geo.run(s[0], wt, &f, ctx.threads)
+                let (wt, mut f) = parts.of(s);
+                if let Some(p) = f.pre.as_mut() {
+                    p.image = in_place.and(image);
+                }
+                geo.run(in_place.unwrap_or(s[0]), wt, &f, ctx.threads)
             };
             if let Some(out) = on_cpu_f32(&slices, run)? {
                 if res.is_some() {
