@@ -24,6 +24,7 @@ fn main() {
     let shapes = [
         (3, 224, 64, 7, 2),
         (64, 56, 64, 3, 1),
+        (64, 56, 64, 1, 1),
         (64, 56, 256, 1, 1),
         (256, 56, 64, 1, 1),
         (128, 28, 128, 3, 1),
@@ -99,7 +100,12 @@ fn main() {
         let mut packed = kiln_onnx::cpu_conv::pack_weight(&w, oc, ic, k * k);
         // CONV_BENCH_NO_WINOGRAD=1: 3×3 layers without their Winograd transform.
         if k == 3 && s == 1 && std::env::var_os("CONV_BENCH_NO_WINOGRAD").is_none() {
-            if let Some(tile) = kiln_onnx::winograd::pick(oc, ic, 16 << 20) {
+            // CONV_BENCH_WINOGRAD_TILE=2: F(2×2, 3×3) where F(4×4, 3×3) would be picked.
+            let forced: Option<usize> = std::env::var("CONV_BENCH_WINOGRAD_TILE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|t| matches!(t, 2 | 4));
+            if let Some(tile) = forced.or_else(|| kiln_onnx::winograd::pick(oc, ic, 16 << 20)) {
                 packed.extend(kiln_onnx::winograd::transform_weight(&w, oc, ic, tile));
             }
         }
