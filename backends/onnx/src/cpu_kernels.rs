@@ -2,7 +2,7 @@
 //! matrix product against a constant weight with its bias added in place, softmax over the
 //! last axis in one pass per row, and 2-D max pooling. Each works on contiguous slices and
 //! splits its rows over rayon's threads; the operators fall back to candle for anything else.
-use crate::sgemm::{Lhs, Out};
+use crate::sgemm::{Lhs, Out, Rhs};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -327,37 +327,8 @@ pub fn strided_batched_matmul(
     let mut out: Vec<f32> = Vec::with_capacity(out_len);
     let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
     let job = |panels: &mut Vec<f32>, i: usize| {
-        let (ap, bp) = (a[la.at(i)..].as_ptr(), &b[lb.at(i)..]);
-        // (With k = 0 the kernel reads no B at all.)
-        let rhs = if (lb.cs == 1 && lb.rs == n) || k == 0 {
-            crate::sgemm::Rhs::Rows {
-                ptr: bp.as_ptr(),
-                ldb: lb.rs,
-            }
-        } else {
-            // B is a view into a wider buffer (rows far apart, which the kernel's 16-wide
-            // reads would spread over few cache sets) or transposed (columns are the
-            // runs): packed into 16-column panels first.
-            panels.clear();
-            panels.resize(n.div_ceil(16) * 16 * k, 0.0);
-            for (p, panel) in panels.chunks_exact_mut(16 * k).enumerate() {
-                let c0 = p * 16;
-                let width = 16.min(n - c0);
-                for (r, line) in panel.chunks_exact_mut(16).enumerate() {
-                    if lb.cs == 1 {
-                        line[..width].copy_from_slice(&bp[r * lb.rs + c0..][..width]);
-                    } else {
-                        for (c, v) in line[..width].iter_mut().enumerate() {
-                            *v = bp[(c0 + c) * lb.cs + r * lb.rs];
-                        }
-                    }
-                }
-            }
-            crate::sgemm::Rhs::Panels {
-                ptr: panels.as_ptr(),
-                k,
-            }
-        };
+        let ap = a[la.at(i)..].as_ptr();
+        let rhs = rhs_of(&b[lb.at(i)..], lb, [k, n], panels);
         let e = crate::sgemm::Epilogue {
             base: crate::sgemm::Base::Zero,
             ..crate::sgemm::Epilogue::ACCUMULATE
@@ -377,6 +348,133 @@ pub fn strided_batched_matmul(
         unsafe { crate::sgemm::sgemm(m, n, k, lhs, rhs, c, e) };
     };
     jobs_with(batch, batch * m * n * k >= PAR_MIN_MACS, Vec::new, job);
+    // SAFETY: the entries' blocks cover the whole output (the caller's layout).
+    unsafe { out.set_len(out_len) };
+    Some(out)
+}
+
+/// Matrix `[k, n]` of a batch laid out as `lb` says, from its first element `b`, as the
+/// kernel's right-hand operand: read in place where its rows are whole and adjacent
+/// (contiguous), else packed into `panels` first: a view into a wider buffer (rows far
+/// apart, which the kernel's 16-wide reads would spread over few cache sets) or a
+/// transposed one (columns are the runs).
+fn rhs_of(b: &[f32], lb: MatrixBatch, [k, n]: [usize; 2], panels: &mut Vec<f32>) -> Rhs {
+    // (With k = 0 the kernel reads no B at all.)
+    if (lb.cs == 1 && lb.rs == n) || k == 0 {
+        return Rhs::Rows {
+            ptr: b.as_ptr(),
+            ldb: lb.rs,
+        };
+    }
+    panels.clear();
+    panels.resize(n.div_ceil(16) * 16 * k, 0.0);
+    for (p, panel) in panels.chunks_exact_mut(16 * k).enumerate() {
+        let c0 = p * 16;
+        let width = 16.min(n - c0);
+        if lb.cs == 1 {
+            for (r, line) in panel.chunks_exact_mut(16).enumerate() {
+                line[..width].copy_from_slice(&b[r * lb.rs + c0..][..width]);
+            }
+        } else {
+            // Column by column: each column's values are neighbours (rs = 1 for a
+            // transposed matrix), written 16 apart.
+            for c in 0..width {
+                let col = &b[(c0 + c) * lb.cs..];
+                for (r, line) in panel.chunks_exact_mut(16).enumerate() {
+                    line[c] = col[r * lb.rs];
+                }
+            }
+        }
+    }
+    Rhs::Panels {
+        ptr: panels.as_ptr(),
+        k,
+    }
+}
+
+/// One [`attention`]: per matrix `i` of the batch, `out[i] = softmax(q[i] · k[i] · scale +
+/// shift + mask rows) · v[i]`, the softmax along each row of the scores.
+pub struct Attention<'a> {
+    /// The queries `[m, d]`, keys `[d, n]` and values `[n, e]` of each matrix of the batch,
+    /// and where the results `[m, e]` go.
+    pub q: (&'a [f32], MatrixBatch),
+    pub k: (&'a [f32], MatrixBatch),
+    pub v: (&'a [f32], MatrixBatch),
+    pub out: MatrixBatch,
+    /// `[m, d, n, e]`.
+    pub dims: [usize; 4],
+    pub scale: f32,
+    pub shift: f32,
+    /// The mask, where each row of the scores (all matrices' rows in order) finds its row
+    /// of it, and its step along the row (0: one value for the row).
+    pub mask: Option<(&'a [f32], &'a [usize], usize)>,
+}
+
+/// [`Attention`] into a new buffer of `out_len` elements (the output layout's): one job
+/// per matrix of the batch, whose scores (`m × n`) stay in the thread's cache from their
+/// product through their softmax to the product with `v`. `None` without the AVX2 kernel
+/// or where the queries' rows are not contiguous.
+pub fn attention(a: &Attention<'_>, out_len: usize) -> Option<Vec<f32>> {
+    let [m, d, n, e] = a.dims;
+    let ((q, lq), (k, lk), (v, lv), lo) = (a.q, a.k, a.v, a.out);
+    let batch = lo.batch[0] * lo.batch[1];
+    if !crate::sgemm::available() || lq.cs != 1 {
+        return None;
+    }
+    if m * e * batch == 0 {
+        return Some(vec![0f32; out_len]);
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(out_len);
+    let dst = crate::sgemm::SharedOut(out.as_mut_ptr());
+    let zero = crate::sgemm::Epilogue {
+        base: crate::sgemm::Base::Zero,
+        ..crate::sgemm::Epilogue::ACCUMULATE
+    };
+    type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let job = |(kp, vp, scores): &mut Scratch, i: usize| {
+        scores.resize(m * n, 0.0);
+        let keys = rhs_of(&k[lk.at(i)..], lk, [d, n], kp);
+        let queries = Lhs::Rows {
+            ptr: q[lq.at(i)..].as_ptr(),
+            lda: lq.rs,
+        };
+        // SAFETY: entry i of q is [m, d] with row stride lq.rs, `keys` [d, n] (in place
+        // or packed above), and `scores` this job's own [m, n].
+        unsafe {
+            crate::sgemm::sgemm(
+                m,
+                n,
+                d,
+                queries,
+                keys,
+                Out::rows(scores.as_mut_ptr(), n),
+                zero,
+            )
+        };
+        for (r, row) in scores.chunks_exact_mut(n.max(1)).enumerate().take(m) {
+            let mask = match a.mask {
+                Some((mask, offsets, inner)) => mask_row(mask, offsets[i * m + r], n, inner),
+                None => &[0.0],
+            };
+            masked_softmax_row_in_place(row, a.scale, a.shift, mask);
+        }
+        let values = rhs_of(&v[lv.at(i)..], lv, [n, e], vp);
+        let probs = Lhs::Rows {
+            ptr: scores.as_ptr(),
+            lda: n,
+        };
+        let c = Out {
+            ptr: dst.at(lo.at(i)),
+            rs: lo.rs,
+            cs: lo.cs,
+        };
+        // SAFETY: `probs` is [m, n], `values` [n, e] (in place or packed), and entry i of
+        // the output this job's own [m, e] block (the layouts of distinct entries do not
+        // overlap).
+        unsafe { crate::sgemm::sgemm(m, e, n, probs, values, c, zero) };
+    };
+    let work = batch * m * n * (d + e);
+    jobs_with(batch, work >= PAR_MIN_MACS, Scratch::default, job);
     // SAFETY: the entries' blocks cover the whole output (the caller's layout).
     unsafe { out.set_len(out_len) };
     Some(out)

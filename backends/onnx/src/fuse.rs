@@ -27,7 +27,10 @@
 //!   product as it is finished, while in cache);
 //! * rank-4 `Transpose` nodes before or after a `MatMul` → the MatMul reading or writing
 //!   through the permutation ([`PERM_A`], [`PERM_B`], [`PERM_OUT`]): attention's heads
-//!   without transposed copies.
+//!   without transposed copies;
+//! * attention's `MatMul(Softmax(MatMul(q, k)), v)` (the Softmax fused as above or plain,
+//!   the products with their folded transposes) → one [`ATTENTION`] node, run head by
+//!   head with the scores in cache.
 //!
 //! A value is only fused away when the merged node was its single consumer and it is not a
 //! graph output. The merged node takes the place of the last node of the pattern, where
@@ -65,6 +68,17 @@ pub const PERM_OUT: &str = "kiln_perm_out";
 
 /// `x · S + T` with constants S and T (inputs 1 and 2), broadcasting as `Mul` and `Add` do.
 pub const AFFINE: &str = "KilnAffine";
+
+/// Attention's `MatMul(Softmax(MatMul(q, k) · scale + shift + mask), v)` as one node
+/// (inputs `q, k, v[, mask]`; the Softmax's `axis`, [`SCALE`] and [`SHIFT`]; the products'
+/// folded transposes as [`PERM_Q`], [`PERM_K`], [`PERM_V`] and [`PERM_OUT`]).
+pub const ATTENTION: &str = "KilnAttention";
+/// Attributes of an [`ATTENTION`] node: the permutations `q`, `k` and `v` are read through.
+pub const PERM_Q: &str = "kiln_perm_q";
+/// See [`PERM_Q`].
+pub const PERM_K: &str = "kiln_perm_k";
+/// See [`PERM_Q`].
+pub const PERM_V: &str = "kiln_perm_v";
 
 struct Graph<'a> {
     consumers: HashMap<String, usize>,
@@ -173,7 +187,119 @@ pub fn fuse(
     });
     sweep(&mut slots, graph_outputs, &mut transpose_into_matmul);
     sweep(&mut slots, graph_outputs, &mut transposes_into_matmul);
+    sweep(&mut slots, graph_outputs, &mut attention);
     slots.into_iter().flatten().collect()
+}
+
+/// `MatMul(Softmax(MatMul(q, k) [· scale + shift + mask]), v)`, the products reading and
+/// writing through folded transposes → one [`ATTENTION`] node `(q, k, v[, mask])`: per
+/// head, the scores, their softmax and the product with `v` while the scores are in
+/// cache, instead of three passes over every head's scores.
+fn attention(
+    g: &Graph,
+    slots: &[Option<NodeProto>],
+    n: &NodeProto,
+) -> Option<(NodeProto, Vec<usize>)> {
+    let plain_matmul = |m: &NodeProto| {
+        m.op_type == "MatMul"
+            && m.input.len() == 2
+            && m.output.len() == 1
+            && !crate::attrs::has(m, GELU)
+            && !crate::attrs::has(m, crate::ops::PANELS_N)
+    };
+    if !plain_matmul(n) || crate::attrs::has(n, PERM_A) {
+        return None;
+    }
+    let s = g.sole_producer(&n.input[0])?;
+    let softmax = slots[s]
+        .as_ref()
+        .filter(|x| x.op_type == "Softmax" && (1..=2).contains(&x.input.len()))?;
+    let q = g.sole_producer(&softmax.input[0])?;
+    let scores = slots[q]
+        .as_ref()
+        .filter(|m| plain_matmul(m) && !crate::attrs::has(m, PERM_OUT))?;
+    let mut node = NodeProto {
+        op_type: ATTENTION.into(),
+        name: n.name.clone(),
+        input: vec![
+            scores.input[0].clone(),
+            scores.input[1].clone(),
+            n.input[1].clone(),
+        ],
+        output: n.output.clone(),
+        ..Default::default()
+    };
+    node.input.extend(softmax.input.get(1).cloned());
+    let renamed = |m: &NodeProto, from: &str, to: &str| {
+        crate::attrs::ints(m, from).map(|p| crate::attrs::new_ints(to, p))
+    };
+    node.attribute.extend(renamed(scores, PERM_A, PERM_Q));
+    node.attribute.extend(renamed(scores, PERM_B, PERM_K));
+    node.attribute.extend(renamed(n, PERM_B, PERM_V));
+    node.attribute.extend(renamed(n, PERM_OUT, PERM_OUT));
+    // The softmax's own: its axis, and the scale and shift fused into it.
+    node.attribute.extend(
+        softmax
+            .attribute
+            .iter()
+            .filter(|a| ["axis", SCALE, SHIFT].contains(&a.name.as_str()))
+            .cloned(),
+    );
+    Some((node, vec![s, q]))
+}
+
+/// The three nodes an [`ATTENTION`] node stands for, reading `scores` and `probs` between
+/// them: the scores' MatMul, the Softmax and the MatMul with `v` (for running them one by
+/// one where the fused kernel does not apply).
+pub fn attention_parts(node: &NodeProto) -> [NodeProto; 3] {
+    let (scores, probs) = (
+        format!("{}::scores", node.name),
+        format!("{}::probs", node.name),
+    );
+    let attrs = |pairs: &[(&str, &str)]| -> Vec<AttributeProto> {
+        pairs
+            .iter()
+            .filter_map(|&(from, to)| {
+                node.attribute
+                    .iter()
+                    .find(|a| a.name == from)
+                    .map(|a| AttributeProto {
+                        name: to.into(),
+                        ..a.clone()
+                    })
+            })
+            .collect()
+    };
+    let mm = |input: Vec<String>, output: &str, attribute| NodeProto {
+        op_type: "MatMul".into(),
+        name: node.name.clone(),
+        input,
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    };
+    let mut softmax_in = vec![scores.clone()];
+    softmax_in.extend(node.input.get(3).cloned());
+    [
+        mm(
+            node.input[..2].to_vec(),
+            &scores,
+            attrs(&[(PERM_Q, PERM_A), (PERM_K, PERM_B)]),
+        ),
+        NodeProto {
+            op_type: "Softmax".into(),
+            name: node.name.clone(),
+            input: softmax_in,
+            output: vec![probs.clone()],
+            attribute: attrs(&[("axis", "axis"), (SCALE, SCALE), (SHIFT, SHIFT)]),
+            ..Default::default()
+        },
+        mm(
+            vec![probs, node.input[2].clone()],
+            node.output.first().map_or("", String::as_str),
+            attrs(&[(PERM_V, PERM_B), (PERM_OUT, PERM_OUT)]),
+        ),
+    ]
 }
 
 /// Whether the planner folded a `Transpose` into this `MatMul` ([`PERM_A`] and others).

@@ -7,8 +7,8 @@ use crate::attrs;
 use crate::convert::onnx_dtype;
 use crate::fuse;
 use crate::ops_fast::{
-    batched_matmul, channel_affine, conv, cpu_f32_op, gelu_exact, layer_norm, linear,
-    masked_softmax, on_cpu_f32, permuted_matmul,
+    batched_matmul, channel_affine, conv, cpu_f32_op, fused_attention, gelu_exact, layer_norm,
+    linear, masked_softmax, on_cpu_f32, permuted_matmul,
 };
 
 /// The column count of a MatMul whose weight the planner packed into panels ([`PANELS_N`]).
@@ -1321,6 +1321,35 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             };
             let zeros = Tensor::zeros_like(x)?;
             keep.broadcast_as(x.shape())?.where_cond(x, &zeros)?
+        }
+        fuse::ATTENTION => {
+            // Attention's scores, softmax and product with v (fuse.rs): one kernel on the
+            // CPU where the softmax runs along the scores' last axis, else the three nodes.
+            let (q, k, v) = (x()?, y()?, req(ins, 2, node)?);
+            let mask = opt(ins, 3);
+            let perm = |name| {
+                attrs::ints(node, name).map(|p| p.iter().map(|&d| d as usize).collect::<Vec<_>>())
+            };
+            let perms = [fuse::PERM_Q, fuse::PERM_K, fuse::PERM_V, fuse::PERM_OUT].map(perm);
+            let default_axis = if ctx.opset < 13 { 1 } else { -1 };
+            let last = q.rank() == 4 && axis(attrs::int(node, "axis", default_axis), 4)? == 3;
+            if last {
+                let scale = attrs::float(node, fuse::SCALE, 1.0);
+                let shift = attrs::float(node, fuse::SHIFT, 0.0);
+                let perms = [0, 1, 2, 3].map(|i| perms[i].as_deref());
+                if let Some(r) = fused_attention([q, k, v], mask, perms, (scale, shift))? {
+                    return Ok(vec![r]);
+                }
+            }
+            let [scores, softmax, product] = fuse::attention_parts(node);
+            let first = |r: Vec<Tensor>| {
+                r.into_iter().next().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("attention node '{}': no output", node.name))
+                })
+            };
+            let s = first(run(&scores, &[Some(q.clone()), Some(k.clone())], ctx)?)?;
+            let p = first(run(&softmax, &[Some(s), mask.cloned()], ctx)?)?;
+            return run(&product, &[Some(p), Some(v.clone())], ctx);
         }
         fuse::AFFINE => {
             let (x, scale, shift) = (x()?, y()?, req(ins, 2, node)?);

@@ -191,56 +191,23 @@ pub(crate) fn permuted_matmul(
     b: &Tensor,
     [perm_a, perm_b, perm_out]: [Option<&[usize]>; 3],
 ) -> Result<Option<Tensor>> {
-    const ID: [usize; 4] = [0, 1, 2, 3];
     let (pa, pb, po) = (
-        perm_a.unwrap_or(&ID),
-        perm_b.unwrap_or(&ID),
-        perm_out.unwrap_or(&ID),
+        perm_a.unwrap_or(&IDENTITY4),
+        perm_b.unwrap_or(&IDENTITY4),
+        perm_out.unwrap_or(&IDENTITY4),
     );
-    let valid = |p: &[usize]| {
-        let mut seen = [false; 4];
-        p.len() == 4
-            && p.iter()
-                .all(|&d| d < 4 && !std::mem::replace(&mut seen[d], true))
-    };
-    if !(cpu_f32(a)
-        && cpu_f32(b)
-        && a.rank() == 4
-        && b.rank() == 4
-        && [pa, pb, po].iter().all(|p| valid(p)))
+    if !([a, b].iter().all(|t| cpu_f32(t) && t.rank() == 4)
+        && [pa, pb, po].iter().all(|p| is_perm4(p)))
     {
         return Ok(None);
     }
-    use crate::cpu_kernels::strides;
-    // The permuted view of a tensor: its dims and strides in the original buffer.
-    let view = |t: &Tensor, p: &[usize]| {
-        let (d, s) = (t.dims(), strides(t.dims()));
-        (
-            [d[p[0]], d[p[1]], d[p[2]], d[p[3]]],
-            [s[p[0]], s[p[1]], s[p[2]], s[p[3]]],
-        )
-    };
-    let ((da, sa), (db, sb)) = (view(a, pa), view(b, pb));
+    let ((da, sa), (db, sb)) = (permuted_view(a, pa), permuted_view(b, pb));
     if da[..2] != db[..2] || da[3] != db[2] {
         return Ok(None);
     }
     let (m, k, n) = (da[2], da[3], db[3]);
-    // The product's logical dims [b0, b1, m, n]; the result is that permuted by perm_out,
-    // so logical axis po[i] has the result's contiguous stride i.
-    let logical = [da[0], da[1], m, n];
-    let out_dims: Vec<usize> = po.iter().map(|&d| logical[d]).collect();
-    let os = strides(&out_dims);
-    let mut so = [0usize; 4];
-    for (i, &d) in po.iter().enumerate() {
-        so[d] = os[i];
-    }
-    let layout = |d: [usize; 4], s: [usize; 4]| crate::cpu_kernels::MatrixBatch {
-        batch: [d[0], d[1]],
-        strides: [s[0], s[1]],
-        rs: s[2],
-        cs: s[3],
-    };
-    let (la, lb, lo) = (layout(da, sa), layout(db, sb), layout(logical, so));
+    let (out_dims, lo) = permuted_output([da[0], da[1], m, n], po);
+    let (la, lb) = (batch_layout(da, sa), batch_layout(db, sb));
     let len = out_dims.iter().product();
     let run = |s: &[&[f32]]| {
         crate::cpu_kernels::strided_batched_matmul(s[0], la, s[1], lb, lo, len, [m, k, n])
@@ -249,6 +216,146 @@ pub(crate) fn permuted_matmul(
         Some(out) => Ok(Some(Tensor::from_vec(out, out_dims, &Device::Cpu)?)),
         None => Ok(None),
     }
+}
+
+/// The fused attention of `fuse.rs` ([`fuse::ATTENTION`]): per head, `softmax(q · k ·
+/// scale + shift + mask) · v` with `q`, `k`, `v` read through their permutations and the
+/// result written through `perm_out` (rank-4 f32 CPU tensors; the softmax over the last
+/// axis), each head's scores made, normalised and used while in cache. `None` where that
+/// does not apply (the caller runs the three nodes).
+pub(crate) fn fused_attention(
+    [q, k, v]: [&Tensor; 3],
+    mask: Option<&Tensor>,
+    [perm_q, perm_k, perm_v, perm_out]: [Option<&[usize]>; 4],
+    (scale, shift): (f32, f32),
+) -> Result<Option<Tensor>> {
+    let perms = [perm_q, perm_k, perm_v, perm_out].map(|p| p.unwrap_or(&IDENTITY4));
+    if !([q, k, v].iter().all(|t| cpu_f32(t) && t.rank() == 4)
+        && mask.is_none_or(cpu_f32)
+        && perms.iter().all(|p| is_perm4(p)))
+    {
+        return Ok(None);
+    }
+    let [(dq, sq), (dk, sk), (dv, sv)] =
+        [(q, perms[0]), (k, perms[1]), (v, perms[2])].map(|(t, p)| permuted_view(t, p));
+    if dq[..2] != dk[..2] || dq[..2] != dv[..2] || dq[3] != dk[2] || dk[3] != dv[2] {
+        return Ok(None);
+    }
+    let [m, d, n, e] = [dq[2], dq[3], dk[3], dv[3]];
+    let scores = [dq[0], dq[1], m, n];
+    let rows = match mask {
+        Some(mask) => match mask_rows(&scores, mask.dims()) {
+            Some(r) => Some(r),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    let (out_dims, lo) = permuted_output([dq[0], dq[1], m, e], perms[3]);
+    let layouts = [(dq, sq), (dk, sk), (dv, sv)].map(|(d, s)| batch_layout(d, s));
+    let len = out_dims.iter().product();
+    let run = |s: &[&[f32]]| {
+        let mask = rows
+            .as_ref()
+            .map(|(offsets, inner)| (s[3], offsets.as_slice(), *inner));
+        let a = crate::cpu_kernels::Attention {
+            q: (s[0], layouts[0]),
+            k: (s[1], layouts[1]),
+            v: (s[2], layouts[2]),
+            out: lo,
+            dims: [m, d, n, e],
+            scale,
+            shift,
+            mask,
+        };
+        crate::cpu_kernels::attention(&a, len)
+    };
+    match on_cpu_f32(&[Some(q), Some(k), Some(v), mask], run)?.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, out_dims, &Device::Cpu)?)),
+        None => Ok(None),
+    }
+}
+
+/// The identity permutation of rank 4.
+const IDENTITY4: [usize; 4] = [0, 1, 2, 3];
+
+/// Whether `p` is a permutation of `0..4`.
+fn is_perm4(p: &[usize]) -> bool {
+    let mut seen = [false; 4];
+    p.len() == 4
+        && p.iter()
+            .all(|&d| d < 4 && !std::mem::replace(&mut seen[d], true))
+}
+
+/// A rank-4 tensor read through permutation `p`: the permuted dims and, for each, its
+/// stride in the tensor's contiguous buffer.
+fn permuted_view(t: &Tensor, p: &[usize]) -> ([usize; 4], [usize; 4]) {
+    let (d, s) = (t.dims(), crate::cpu_kernels::strides(t.dims()));
+    (
+        [d[p[0]], d[p[1]], d[p[2]], d[p[3]]],
+        [s[p[0]], s[p[1]], s[p[2]], s[p[3]]],
+    )
+}
+
+/// A batch of matrices of dims `[b0, b1, rows, columns]` with those strides.
+fn batch_layout(d: [usize; 4], s: [usize; 4]) -> crate::cpu_kernels::MatrixBatch {
+    crate::cpu_kernels::MatrixBatch {
+        batch: [d[0], d[1]],
+        strides: [s[0], s[1]],
+        rs: s[2],
+        cs: s[3],
+    }
+}
+
+/// A product's `[b0, b1, m, n]` result written permuted by `po`: the dims of what is
+/// written and where each matrix of the product lies in it.
+fn permuted_output(
+    logical: [usize; 4],
+    po: &[usize],
+) -> (Vec<usize>, crate::cpu_kernels::MatrixBatch) {
+    // Logical axis po[i] has the result's contiguous stride i.
+    let out_dims: Vec<usize> = po.iter().map(|&d| logical[d]).collect();
+    let os = crate::cpu_kernels::strides(&out_dims);
+    let mut so = [0usize; 4];
+    for (i, &d) in po.iter().enumerate() {
+        so[d] = os[i];
+    }
+    (out_dims, batch_layout(logical, so))
+}
+
+/// Where each row (along the last axis) of a tensor of `dims` finds its row of a mask of
+/// `mask` dims broadcast to it, and the mask's step along that row (0 where it broadcasts
+/// along it): `None` when it does not broadcast to `dims`.
+fn mask_rows(dims: &[usize], mask: &[usize]) -> Option<(Vec<usize>, usize)> {
+    let rank = dims.len();
+    if rank == 0 || mask.len() > rank {
+        return None;
+    }
+    // The mask's strides against the dimensions (0 where it broadcasts).
+    let pad = rank - mask.len();
+    let mut strides = vec![0usize; rank];
+    let mut acc = 1;
+    for i in (0..mask.len()).rev() {
+        let (md, xd) = (mask[i], dims[pad + i]);
+        if md != xd && md != 1 {
+            return None;
+        }
+        strides[pad + i] = if md == 1 { 0 } else { acc };
+        acc *= md;
+    }
+    let width = dims[rank - 1];
+    let rows = dims.iter().product::<usize>() / width.max(1);
+    let outer = &dims[..rank - 1];
+    let offsets = (0..rows)
+        .map(|mut r| {
+            let mut off = 0;
+            for (d, st) in outer.iter().zip(&strides).rev() {
+                off += (r % d) * st;
+                r /= d;
+            }
+            off
+        })
+        .collect();
+    Some((offsets, strides[rank - 1]))
 }
 
 /// Softmax over the last axis of `x · scale + shift + mask` on the CPU kernel, when both
@@ -260,35 +367,13 @@ pub(crate) fn masked_softmax(
     shift: f32,
     over_x: bool,
 ) -> Result<Option<Tensor>> {
-    if !(cpu_f32(x) && cpu_f32(mask)) || x.rank() == 0 || mask.rank() > x.rank() {
+    if !(cpu_f32(x) && cpu_f32(mask)) || x.rank() == 0 {
         return Ok(None);
     }
-    // The mask's strides against x's dimensions (0 where it broadcasts).
-    let pad = x.rank() - mask.rank();
-    let mut strides = vec![0usize; x.rank()];
-    let mut acc = 1;
-    for i in (0..mask.rank()).rev() {
-        let (md, xd) = (mask.dims()[i], x.dims()[pad + i]);
-        if md != xd && md != 1 {
-            return Ok(None);
-        }
-        strides[pad + i] = if md == 1 { 0 } else { acc };
-        acc *= md;
-    }
     let width = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / width.max(1);
-    let outer = &x.dims()[..x.rank() - 1];
-    let offsets: Vec<usize> = (0..rows)
-        .map(|mut r| {
-            let mut off = 0;
-            for (d, st) in outer.iter().zip(&strides).rev() {
-                off += (r % d) * st;
-                r /= d;
-            }
-            off
-        })
-        .collect();
-    let inner = strides[x.rank() - 1];
+    let Some((offsets, inner)) = mask_rows(x.dims(), mask.dims()) else {
+        return Ok(None);
+    };
     // The planner's leave (in_place.rs) to write the result over x.
     let over = |x: &mut [f32], s: &[&[f32]]| {
         crate::cpu_kernels::masked_softmax_rows_in_place(

@@ -613,8 +613,9 @@ fn residual_blocks_written_over_their_residual_match_the_oracle() {
 }
 
 /// Attention's scores, made by a MatMul and read only by the masked Softmax, are written
-/// over by it (in_place.rs): the results must not change, for a mask per key and a mask
-/// per query row.
+/// over by it (in_place.rs): the results must not change, for a mask per query row (the
+/// softmax is a graph output, so it stays a node); with a mask per key, the scores'
+/// MatMul, the Softmax and the product with `v` run as one attention node.
 #[test]
 fn masked_softmax_written_over_its_scores_matches_the_oracle() {
     let axis = attr_int("axis", -1);
@@ -637,8 +638,57 @@ fn masked_softmax_written_over_its_scores_matches_the_oracle() {
         ("mask".to_string(), input(&[2, 1, 1, 7])),
         ("rows".to_string(), input(&[2, 3, 5, 1])),
     ]);
-    let ops = ["MatMul", "Softmax", "MatMul", "MatMul", "Softmax"];
+    let ops = ["KilnAttention", "MatMul", "Softmax"];
     check(&m, inputs, &ops);
+}
+
+/// Attention as exports write it, the scores' MatMul, Softmax and MatMul with `v` (fuse.rs:
+/// one node, each head's scores used while in cache): heads read through transposes and
+/// the context written back through one, scaled and masked per key; no mask or scale, the
+/// softmax's axis given as 3; and a softmax over another axis (the node runs its three
+/// parts). Queries 5 long, keys 7, heads of 4 and values of 6, so no two sizes are equal.
+#[test]
+fn attention_heads_run_as_one_node_matching_the_oracle() {
+    let last = attr_int("axis", -1);
+    let nodes = vec![
+        node("Transpose", &["q"], "qh", vec![perm(&[0, 2, 1, 3])]),
+        node("Transpose", &["k"], "kt", vec![perm(&[0, 2, 3, 1])]),
+        node("MatMul", &["qh", "kt"], "s", vec![]),
+        node("Div", &["s", "two"], "scaled", vec![]),
+        node("Add", &["scaled", "mask"], "biased", vec![]),
+        node("Softmax", &["biased"], "p", vec![last]),
+        node("Transpose", &["v"], "vh", vec![perm(&[0, 2, 1, 3])]),
+        node("MatMul", &["p", "vh"], "c", vec![]),
+        node("Transpose", &["c"], "out", vec![perm(&[0, 2, 1, 3])]),
+        node("MatMul", &["q2", "k2"], "s2", vec![]),
+        node("Softmax", &["s2"], "p2", vec![attr_int("axis", 3)]),
+        node("MatMul", &["p2", "v2"], "out2", vec![]),
+        node("MatMul", &["q2", "k2"], "s3", vec![]),
+        node("Softmax", &["s3"], "p3", vec![attr_int("axis", 2)]),
+        node("MatMul", &["p3", "v2"], "out3", vec![]),
+    ];
+    let inits = vec![scalar_init("two", 2.0)];
+    let names = ["q", "k", "v", "mask", "q2", "k2", "v2"];
+    let m = model(nodes, inits, &names, &["out", "out2", "out3"]);
+    let dims: [&[usize]; 7] = [
+        &[2, 5, 3, 4],
+        &[2, 7, 3, 4],
+        &[2, 7, 3, 6],
+        &[2, 1, 1, 7],
+        &[2, 3, 5, 4],
+        &[2, 3, 4, 7],
+        &[2, 3, 7, 6],
+    ];
+    let inputs = names
+        .iter()
+        .zip(dims)
+        .enumerate()
+        .map(|(i, (n, d))| {
+            let t = input(d).affine(1.0 / (i + 1) as f64, 0.1 * i as f64);
+            (n.to_string(), t.expect("input"))
+        })
+        .collect();
+    check(&m, inputs, &["KilnAttention"; 3]);
 }
 
 /// A dense block's chain of Concats (append.rs: each writes only its new channels after
