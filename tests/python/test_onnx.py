@@ -520,6 +520,32 @@ def test_image_model_with_random_weights_matches_onnxruntime(name):
             assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
 
 
+def test_bert_encoder_with_padding_matches_onnxruntime():
+    """The BERT encoder of `make_bench_models` (MiniLM's shape, seeded random weights; its
+    attention runs as one fused node per layer) served as a Triton folder: hidden states
+    against onnxruntime's for two sentences, the second padded (attention mask 0 on its
+    last positions), at a short and a longer sequence."""
+    path = os.path.join(os.environ.get("KILN_BENCH_MODELS", ""), "bert_minilm.onnx")
+    if not os.path.isfile(path):
+        pytest.skip("KILN_BENCH_MODELS not set (cargo xtask test writes it)")
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with serving_onnx(path, "bert") as k:
+        client = httpclient.InferenceServerClient(k.url)
+        rng = np.random.default_rng(3)
+        for seq in (9, 40):
+            ids = rng.integers(0, 30522, (2, seq)).astype(np.int64)
+            mask = np.ones((2, seq), np.int64)
+            mask[1, seq // 2:] = 0
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            got = client.infer("bert", infer_inputs(feeds)).as_numpy("last_hidden_state")
+            want = session.run(["last_hidden_state"], feeds)[0]
+            # The padded sentence's first half differs from what it would be unpadded.
+            unpadded = session.run(["last_hidden_state"], {**feeds, "attention_mask": np.ones_like(mask)})[0]
+            assert np.abs(unpadded[1, : seq // 2] - want[1, : seq // 2]).max() > 1e-3
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
 def test_model_warmup_runs_before_ready_and_a_failing_sample_fails_the_load(onnx_kiln):
     """model_warmup samples (zero, random and file data) run before the model is ready and
     are not counted in its statistics; a sample the model refuses fails the load, naming
