@@ -1052,9 +1052,15 @@ pub enum Weight<'a> {
 /// 16-channel panels, which serve as the right-hand panels of a product over pixel rows
 /// and (per 16-channel block) as the left-hand blocks of a product over pixel columns.
 pub fn pack_weight(weight: &[f32], oc: usize, icg: usize, taps: usize) -> Vec<f32> {
+    pack_weight_in(PANEL, weight, oc, icg, taps)
+}
+
+/// [`pack_weight`] in blocks of `bw` channels (a divisor of 16; `oc` still padded to 16):
+/// left-hand blocks only, as tall as the tiles that read them.
+pub fn pack_weight_in(bw: usize, weight: &[f32], oc: usize, icg: usize, taps: usize) -> Vec<f32> {
     let k = icg * taps;
     let mut out = vec![0f32; oc.div_ceil(PANEL) * k * PANEL];
-    to_blocks(&mut out, PANEL, k, oc, |r, row| {
+    to_blocks(&mut out, bw, k, oc, |r, row| {
         let (t, c) = (r / icg.max(1), r % icg.max(1));
         for (co, v) in row.iter_mut().enumerate() {
             *v = weight[co * k + c * taps + t];

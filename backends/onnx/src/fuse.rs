@@ -191,6 +191,19 @@ pub fn fuse(
     slots.into_iter().flatten().collect()
 }
 
+/// Where an [`ATTENTION`] node's attributes come from: (part, the attribute there, its name
+/// on the fused node), the parts being the scores' MatMul (0), the Softmax (1) and the
+/// MatMul with `v` (2). Read one way to fuse and the other to split again.
+const ATTENTION_ATTRS: [(usize, &str, &str); 7] = [
+    (0, PERM_A, PERM_Q),
+    (0, PERM_B, PERM_K),
+    (1, "axis", "axis"),
+    (1, SCALE, SCALE),
+    (1, SHIFT, SHIFT),
+    (2, PERM_B, PERM_V),
+    (2, PERM_OUT, PERM_OUT),
+];
+
 /// `MatMul(Softmax(MatMul(q, k) [· scale + shift + mask]), v)`, the products reading and
 /// writing through folded transposes → one [`ATTENTION`] node `(q, k, v[, mask])`: per
 /// head, the scores, their softmax and the product with `v` while the scores are in
@@ -205,7 +218,6 @@ fn attention(
             && m.input.len() == 2
             && m.output.len() == 1
             && !crate::attrs::has(m, GELU)
-            && !crate::attrs::has(m, crate::ops::PANELS_N)
     };
     if !plain_matmul(n) || crate::attrs::has(n, PERM_A) {
         return None;
@@ -218,34 +230,37 @@ fn attention(
     let scores = slots[q]
         .as_ref()
         .filter(|m| plain_matmul(m) && !crate::attrs::has(m, PERM_OUT))?;
-    let mut node = NodeProto {
+    let parts = [scores, softmax, n];
+    let mut input = vec![
+        scores.input[0].clone(),
+        scores.input[1].clone(),
+        n.input[1].clone(),
+    ];
+    input.extend(softmax.input.get(1).cloned());
+    let attribute = ATTENTION_ATTRS
+        .iter()
+        .filter_map(|&(part, from, to)| renamed(parts[part], from, to))
+        .collect();
+    let node = NodeProto {
         op_type: ATTENTION.into(),
         name: n.name.clone(),
-        input: vec![
-            scores.input[0].clone(),
-            scores.input[1].clone(),
-            n.input[1].clone(),
-        ],
+        input,
         output: n.output.clone(),
+        attribute,
         ..Default::default()
     };
-    node.input.extend(softmax.input.get(1).cloned());
-    let renamed = |m: &NodeProto, from: &str, to: &str| {
-        crate::attrs::ints(m, from).map(|p| crate::attrs::new_ints(to, p))
-    };
-    node.attribute.extend(renamed(scores, PERM_A, PERM_Q));
-    node.attribute.extend(renamed(scores, PERM_B, PERM_K));
-    node.attribute.extend(renamed(n, PERM_B, PERM_V));
-    node.attribute.extend(renamed(n, PERM_OUT, PERM_OUT));
-    // The softmax's own: its axis, and the scale and shift fused into it.
-    node.attribute.extend(
-        softmax
-            .attribute
-            .iter()
-            .filter(|a| ["axis", SCALE, SHIFT].contains(&a.name.as_str()))
-            .cloned(),
-    );
     Some((node, vec![s, q]))
+}
+
+/// `node`'s attribute `from`, named `to`.
+fn renamed(node: &NodeProto, from: &str, to: &str) -> Option<AttributeProto> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == from)
+        .map(|a| AttributeProto {
+            name: to.into(),
+            ..a.clone()
+        })
 }
 
 /// The three nodes an [`ATTENTION`] node stands for, reading `scores` and `probs` between
@@ -256,50 +271,28 @@ pub fn attention_parts(node: &NodeProto) -> [NodeProto; 3] {
         format!("{}::scores", node.name),
         format!("{}::probs", node.name),
     );
-    let attrs = |pairs: &[(&str, &str)]| -> Vec<AttributeProto> {
-        pairs
-            .iter()
-            .filter_map(|&(from, to)| {
-                node.attribute
-                    .iter()
-                    .find(|a| a.name == from)
-                    .map(|a| AttributeProto {
-                        name: to.into(),
-                        ..a.clone()
-                    })
-            })
-            .collect()
-    };
-    let mm = |input: Vec<String>, output: &str, attribute| NodeProto {
-        op_type: "MatMul".into(),
-        name: node.name.clone(),
-        input,
-        output: vec![output.into()],
-        attribute,
-        ..Default::default()
-    };
     let mut softmax_in = vec![scores.clone()];
     softmax_in.extend(node.input.get(3).cloned());
-    [
-        mm(
-            node.input[..2].to_vec(),
-            &scores,
-            attrs(&[(PERM_Q, PERM_A), (PERM_K, PERM_B)]),
-        ),
-        NodeProto {
-            op_type: "Softmax".into(),
-            name: node.name.clone(),
-            input: softmax_in,
-            output: vec![probs.clone()],
-            attribute: attrs(&[("axis", "axis"), (SCALE, SCALE), (SHIFT, SHIFT)]),
-            ..Default::default()
-        },
-        mm(
-            vec![probs, node.input[2].clone()],
-            node.output.first().map_or("", String::as_str),
-            attrs(&[(PERM_V, PERM_B), (PERM_OUT, PERM_OUT)]),
-        ),
-    ]
+    let output = node.output.first().cloned().unwrap_or_default();
+    let ops = ["MatMul", "Softmax", "MatMul"];
+    let inputs = [
+        node.input[..2].to_vec(),
+        softmax_in,
+        vec![probs.clone(), node.input[2].clone()],
+    ];
+    let outputs = [scores, probs, output];
+    std::array::from_fn(|i| NodeProto {
+        op_type: ops[i].into(),
+        name: node.name.clone(),
+        input: inputs[i].clone(),
+        output: vec![outputs[i].clone()],
+        attribute: ATTENTION_ATTRS
+            .iter()
+            .filter(|&&(p, _, _)| p == i)
+            .filter_map(|&(_, to, from)| renamed(node, from, to))
+            .collect(),
+        ..Default::default()
+    })
 }
 
 /// Whether the planner folded a `Transpose` into this `MatMul` ([`PERM_A`] and others).

@@ -1336,7 +1336,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             if last {
                 let scale = attrs::float(node, fuse::SCALE, 1.0);
                 let shift = attrs::float(node, fuse::SHIFT, 0.0);
-                let perms = [0, 1, 2, 3].map(|i| perms[i].as_deref());
+                let perms = perms.each_ref().map(|p| p.as_deref());
                 if let Some(r) = fused_attention([q, k, v], mask, perms, (scale, shift))? {
                     return Ok(vec![r]);
                 }

@@ -243,12 +243,9 @@ pub(crate) fn fused_attention(
     }
     let [m, d, n, e] = [dq[2], dq[3], dk[3], dv[3]];
     let scores = [dq[0], dq[1], m, n];
-    let rows = match mask {
-        Some(mask) => match mask_rows(&scores, mask.dims()) {
-            Some(r) => Some(r),
-            None => return Ok(None),
-        },
-        None => None,
+    let rows = match mask.map(|m| mask_rows(&scores, m.dims())) {
+        Some(None) => return Ok(None),
+        rows => rows.flatten(),
     };
     let (out_dims, lo) = permuted_output([dq[0], dq[1], m, e], perms[3]);
     let layouts = [(dq, sq), (dk, sk), (dv, sv)].map(|(d, s)| batch_layout(d, s));

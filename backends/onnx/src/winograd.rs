@@ -15,9 +15,9 @@
 //! The work runs in three parallel passes per group of images: input tiles into `V`
 //! (per image and channel), the 36 products into `M` (per `ξ` and column range), and `M`
 //! back into output blocks with bias, residual and ReLU (per image and channel).
-use crate::cpu_conv::{Conv2d, Dest, Fused, PreAffine};
+use crate::cpu_conv::{pack_weight_in, Conv2d, Dest, Fused, PreAffine};
 use crate::cpu_kernels::{jobs_with, write_prefix};
-use crate::sgemm::{to_blocks, Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, TALL_SLIVER};
+use crate::sgemm::{Base, Epilogue, Lhs, Out, Rhs, SharedOut, PANEL, TALL_SLIVER};
 
 /// Largest tile side: inputs per tile side of F(4×4, 3×3). Arrays of tile values have this
 /// size; F(2×2, 3×3) uses the first 4 of each.
@@ -88,9 +88,8 @@ pub fn weight_len(oc: usize, ic: usize, out: usize) -> usize {
 
 /// `U[ξ] = G g Gᵀ` for every output/input channel pair of a `[oc, ic, 3, 3]` weight
 /// (computed in f64), for `out × out` output tiles (4 or 2): `(out + 2)²` `[oc, ic]`
-/// matrices, each packed as the kernel's left-hand operand ([`Lhs::Blocks`] of
-/// 8 channels where the CPU has AVX-512, else 16; `oc` padded to 16 as
-/// [`crate::cpu_conv::pack_weight`] pads it).
+/// matrices, each packed by [`pack_weight_in`] as the kernel's left-hand operand, in blocks
+/// of 8 channels where the CPU has AVX-512, else 16.
 pub fn transform_weight(weight: &[f32], oc: usize, ic: usize, out: usize) -> Vec<f32> {
     let mut u = Vec::with_capacity(weight_len(oc, ic, out));
     transform_weight_into(&mut u, weight, oc, ic, out);
@@ -114,13 +113,7 @@ pub fn transform_weight_into(dst: &mut Vec<f32>, weight: &[f32], oc: usize, ic: 
                 }
                 *v = sum as f32;
             }
-            let at = dst.len();
-            dst.resize(at + oc.div_ceil(PANEL) * PANEL * ic, 0.0);
-            to_blocks(&mut dst[at..], u_block(), ic, oc, |r, row| {
-                for (co, v) in row.iter_mut().enumerate() {
-                    *v = u[co * ic + r];
-                }
-            });
+            dst.extend(pack_weight_in(u_block(), &u, oc, ic, 1));
         }
     }
 }
