@@ -292,9 +292,9 @@ impl Conv2d {
         let dst = dest.out;
         let src = self.source(x, f.pre, matches!(weight, Weight::Packed(_)), 0);
         // A 1×1, stride-1, unpadded convolution with nothing to apply to its input reads
-        // the input in place (`[k = icg, n]` per image and group).
+        // the input in place (`[k = icg, n]` per image and group). (With AVX2 tiles too:
+        // ResNet-50's 1×1 layers on 56×56 maps, one thread, 30.0 → 27.2 ms in the model.)
         let in_place = fast
-            && crate::sgemm::wide_available()
             && self.kernel == [1, 1]
             && self.stride == [1, 1]
             && self.pads == [0; 4]
@@ -313,7 +313,7 @@ impl Conv2d {
             // The columns this job reads, packed into 16-column panels (`[k, 16]` each,
             // contiguous): rows of a strided plane would all fall in a few cache sets.
             // (A pointwise convolution's input is its right-hand matrix as it is: read
-            // in place by the AVX-512 tiles.)
+            // in place.)
             let width = p1 - p0;
             if !in_place {
                 col.0.grow(k * width.div_ceil(PANEL) * PANEL);
@@ -1138,7 +1138,8 @@ mod tests {
             ([2, 4, 8, 8], 6, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             ([1, 4, 8, 8], 6, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 2),
             ([2, 3, 13, 10], 5, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
-            // Wide stride-2 kernels on rows of at least 12 output pixels (`strided.rs`):
+            // Wide stride-2 kernels on rows of at least 12 output pixels (`strided.rs`;
+            // 6-pixel tiles with AVX2 only, whole and ragged):
             // a ragged last tile and a last 16-channel panel alone; uneven padding.
             ([2, 3, 30, 29], 37, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
             ([1, 2, 31, 40], 20, [5, 5], [2, 2], [1, 1], [2, 1, 2, 0], 1),

@@ -261,6 +261,9 @@ macro_rules! by_rows {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8;
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
         Base, Epilogue, Lhs, Out, Rhs, A_AHEAD, KC, KC_WIDE, MC_ELEMS, MR, NR, PACK_A_COLS, TALL,
@@ -832,7 +835,7 @@ mod avx2 {
 
     /// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of row `j`.
     #[inline(always)]
-    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(crate) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);

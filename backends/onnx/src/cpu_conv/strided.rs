@@ -1,27 +1,41 @@
 //! Wide stride-2 kernels without a patch matrix (ResNet's and DenseNet's 7×7 stems, whose
 //! patches are 49 times the input): one AVX-512 tile holds 12 neighbouring output pixels
-//! of one row × 32 output channels, two registers per pixel. Each row of the packed weight
-//! (one tap of one input channel: two panels of 16 channels' weights) meets the 12 input
+//! of one row × 32 output channels, two registers per pixel (an AVX2 tile: 6 pixels × 16
+//! channels, two 8-lane registers per pixel). Each row of the packed weight (one tap of
+//! one input channel: a panel of 16 channels' weights, two with AVX-512) meets the input
 //! values the pixels read there, each broadcast from the padded copy in place; 16 × 16
-//! transposes then turn the pixels' registers into the channels' rows of the NCHW output.
+//! (AVX2: 8 × 8) transposes then turn the pixels' registers into the channels' rows of
+//! the NCHW output.
 
 use super::{Conv2d, Dest, Fused};
 use crate::sgemm::PANEL;
 
-/// Output pixels (of one row) one tile covers: with two 16-channel panels, 24
+/// Output pixels (of one row) one AVX-512 tile covers: with two 16-channel panels, 24
 /// accumulators.
 const PIXELS: usize = 12;
+
+/// Output pixels one AVX2 tile covers: with one 16-channel panel, 12 accumulators.
+const PIXELS_AVX2: usize = 6;
+
+/// Output pixels and channels one tile covers on this CPU.
+fn tile_shape() -> (usize, usize) {
+    if crate::sgemm::wide_available() {
+        (PIXELS, 2 * PANEL)
+    } else {
+        (PIXELS_AVX2, PANEL)
+    }
+}
 
 /// Whether [`Conv2d::run_strided`] serves this convolution: one group, stride 2 with a
 /// kernel wide enough that its padded copy splits columns by parity (`split_columns`: the
 /// stems; 3×3 and 1×1 stride-2 layers run faster from patches), output rows at least one
-/// tile wide, on a CPU with AVX-512.
+/// tile wide, on a CPU with AVX2 and FMA.
 pub(super) fn applies(geo: &Conv2d) -> bool {
     geo.groups == 1
         && geo.stride == [2, 2]
         && geo.split_columns()
-        && geo.out_hw().is_some_and(|[_, ow]| ow >= PIXELS)
-        && crate::sgemm::wide_available()
+        && crate::sgemm::available()
+        && geo.out_hw().is_some_and(|[_, ow]| ow >= tile_shape().0)
 }
 
 impl Conv2d {
@@ -43,18 +57,26 @@ impl Conv2d {
             return;
         };
         let oc = self.out_channels;
+        let wide = crate::sgemm::wide_available();
+        let (pixels, channels) = tile_shape();
+        // Neighbouring output pixels read the padded copy this far apart: neighbours where
+        // it splits columns by parity (as `pixel_offsets`), else a stride apart.
+        let step = if self.split_columns() {
+            1
+        } else {
+            self.stride[1]
+        };
         // A tile's last pixels may read up to a tile past a row's end (the slack covers the
         // last row of the last plane).
-        let src = self.source(x, f.pre, true, PIXELS + self.kernel[1]);
+        let src = self.source(x, f.pre, true, pixels * step + self.kernel[1]);
         let k = src.taps.len();
         if b * oc * oh * ow == 0 {
             return;
         }
-        // Output pixel (y, x) reads the padded copy at y·row + x past each tap (as
-        // `pixel_offsets`: columns split by parity are neighbours).
+        // Output pixel (y, x) reads the padded copy at y·row + x·step past each tap.
         let (_, _, wq) = self.padded_geometry();
         let row = self.stride[0] * wq;
-        let (pairs, tiles_x) = (oc.div_ceil(2 * PANEL), ow.div_ceil(PIXELS));
+        let (groups, tiles_x) = (oc.div_ceil(channels), ow.div_ceil(pixels));
         // Jobs: runs of output rows of one image, at least four per thread; each row's
         // input stays in cache while every channel panel passes over it.
         let rows = b * oh;
@@ -63,31 +85,41 @@ impl Conv2d {
             for r in j * rows / jobs..(j + 1) * rows / jobs {
                 let (bi, y) = (r / oh, r % oh);
                 let image = src.data[bi * src.group..].as_ptr();
-                for p in 0..pairs {
-                    let c0 = 2 * p * PANEL;
-                    // A last panel alone reads its own weights twice (the copy is dropped).
-                    let second = (2 * p + 1).min(oc.div_ceil(PANEL) - 1);
+                for p in 0..groups {
+                    let c0 = p * channels;
+                    // The tile's panels: with two, a last panel alone reads its own
+                    // weights twice (the copy is dropped).
+                    let first = c0 / PANEL;
+                    let second = (first + 1).min(oc.div_ceil(PANEL) - 1);
                     let at = (bi * oc + c0) * oh * ow + y * ow;
                     for tx in 0..tiles_x {
-                        let x0 = tx * PIXELS;
+                        let x0 = tx * pixels;
                         let tile = Tile {
                             // SAFETY (all): inside the padded copy (its slack covers a
                             // last tile's reads past the row) and the packed panels.
-                            x: unsafe { image.add(y * row + x0) },
+                            x: unsafe { image.add(y * row + x0 * step) },
+                            step,
                             w: unsafe {
-                                [2 * p, second].map(|q| panels.as_ptr().add(q * k * PANEL))
+                                [first, second].map(|q| panels.as_ptr().add(q * k * PANEL))
                             },
                             out: dest.out.at(at + x0),
                             residual: dest.residual_at(at + x0),
                             bias: f.bias.map(|v| &v[c0..]),
-                            channels: (2 * PANEL).min(oc - c0),
-                            pixels: PIXELS.min(ow - x0),
+                            channels: channels.min(oc - c0),
+                            pixels: pixels.min(ow - x0),
                             plane: oh * ow,
                             relu: f.relu,
                         };
-                        // SAFETY: `applies` checked AVX-512; this job alone writes row y
-                        // of image bi; `src.taps` holds the k rows of the patch matrix.
-                        unsafe { tile.run(&src.taps) };
+                        // SAFETY: `applies` checked AVX2 and FMA (and `wide` AVX-512);
+                        // this job alone writes row y of image bi; `src.taps` holds the k
+                        // rows of the patch matrix.
+                        unsafe {
+                            if wide {
+                                tile.run(&src.taps)
+                            } else {
+                                tile.run_avx2(&src.taps)
+                            }
+                        };
                     }
                 }
             }
@@ -101,14 +133,17 @@ impl Conv2d {
 struct Tile<'a> {
     /// Where the tile's first pixel reads channel 0's first tap in the padded copy.
     x: *const f32,
-    /// The tile's two weight panels: row `r` (tap-major) at `w + 16·r`.
+    /// How far apart neighbouring pixels read it.
+    step: usize,
+    /// The tile's weight panels (the AVX2 tile reads the first): row `r` (tap-major) at
+    /// `w + 16·r`.
     w: [*const f32; 2],
     /// The first pixel in the first channel's output plane (planes `plane` apart), and in
     /// the residual's.
     out: *mut f32,
     residual: Option<*const f32>,
     bias: Option<&'a [f32]>,
-    /// Output channels (at most 32) and pixels (at most the tile's width) kept.
+    /// Output channels (at most the tile's 32 or 16) and pixels (at most its width) kept.
     channels: usize,
     pixels: usize,
     plane: usize,
@@ -135,7 +170,7 @@ impl Tile<'_> {
                 let w1 = _mm512_loadu_ps(self.w[1].add(r * PANEL));
                 let [lo, hi] = &mut acc;
                 for (j, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
-                    let v = _mm512_set1_ps(*xs.add(j));
+                    let v = _mm512_set1_ps(*xs.add(j * self.step));
                     *a = _mm512_fmadd_ps(v, w0, *a);
                     *b = _mm512_fmadd_ps(v, w1, *b);
                 }
@@ -169,9 +204,112 @@ impl Tile<'_> {
         }
     }
 
+    /// [`Tile::run`] for [`PIXELS_AVX2`] pixels × 16 channels (the first panel) with AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the pointers are valid as [`Tile`] says.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, taps: &[usize]) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); 2]; PIXELS_AVX2];
+        for (r, &t) in taps.iter().enumerate() {
+            // SAFETY: see the function's contract.
+            unsafe {
+                let xs = self.x.add(t);
+                let w = self.w[0].add(r * PANEL);
+                let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let v = _mm256_broadcast_ss(&*xs.add(j * self.step));
+                    a[0] = _mm256_fmadd_ps(v, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(v, w1, a[1]);
+                }
+            }
+        }
+        // Lanes of the tile's pixels.
+        let lanes: [i32; 8] = std::array::from_fn(|j| -i32::from(j < self.pixels));
+        // SAFETY: eight values from an array of eight.
+        let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+        let zero = _mm256_setzero_ps();
+        for h in 0..2 {
+            // SAFETY: the CPU has AVX2 (the function's contract).
+            let rows = unsafe {
+                crate::sgemm::transpose8(std::array::from_fn(|j| acc.get(j).map_or(zero, |a| a[h])))
+            };
+            for (c, &v) in rows
+                .iter()
+                .enumerate()
+                .take(self.channels.saturating_sub(8 * h))
+            {
+                let (c, at) = (8 * h + c, (8 * h + c) * self.plane);
+                let mut v = _mm256_add_ps(v, _mm256_set1_ps(self.bias.map_or(0.0, |b| b[c])));
+                // SAFETY: the lanes read and written are the tile's pixels of channel c;
+                // the residual's are read before the output's (possibly the same) are
+                // written.
+                unsafe {
+                    let full = self.pixels == PIXELS_AVX2;
+                    if let Some(res) = self.residual {
+                        let r = if full {
+                            load6(res.add(at))
+                        } else {
+                            _mm256_maskload_ps(res.add(at), mask)
+                        };
+                        v = _mm256_add_ps(v, r);
+                    }
+                    if self.relu {
+                        v = _mm256_max_ps(v, zero);
+                    }
+                    // (A masked store costs several times two plain ones.)
+                    if full {
+                        store6(self.out.add(at), v);
+                    } else {
+                        _mm256_maskstore_ps(self.out.add(at), mask, v);
+                    }
+                }
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run(&self, _: &[usize]) {
         unreachable!("applies() is false off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_avx2(&self, _: &[usize]) {
+        unreachable!("applies() is false off x86-64")
+    }
+}
+
+/// Six values at `p` into lanes 0..6 (lanes 6 and 7 zero).
+///
+/// # Safety
+/// `p..p + 6` is readable; the CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load6(p: *const f32) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let lo = _mm_loadu_ps(p);
+        let hi = _mm_castpd_ps(_mm_load_sd(p.add(4).cast()));
+        _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi)
+    }
+}
+
+/// Lanes 0..6 of `v` to `p`.
+///
+/// # Safety
+/// `p..p + 6` is writable; the CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store6(p: *mut f32, v: std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    unsafe {
+        _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+        _mm_store_sd(
+            p.add(4).cast(),
+            _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
+        );
     }
 }
 
