@@ -261,7 +261,7 @@ macro_rules! by_rows {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::transpose8;
+pub(crate) use avx2::{load6, store6, transpose8};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -866,7 +866,7 @@ mod avx2 {
 
     /// Six values at `p` into lanes 0..6 (lanes 6 and 7 zero).
     #[inline(always)]
-    unsafe fn load6(p: *const f32) -> __m256 {
+    pub(crate) unsafe fn load6(p: *const f32) -> __m256 {
         unsafe {
             let lo = _mm_loadu_ps(p);
             let hi = _mm_castpd_ps(_mm_load_sd(p.add(4) as *const f64));
@@ -876,7 +876,7 @@ mod avx2 {
 
     /// Lanes 0..6 of `v` to `p`.
     #[inline(always)]
-    unsafe fn store6(p: *mut f32, v: __m256) {
+    pub(crate) unsafe fn store6(p: *mut f32, v: __m256) {
         unsafe {
             _mm_storeu_ps(p, _mm256_castps256_ps128(v));
             _mm_store_sd(

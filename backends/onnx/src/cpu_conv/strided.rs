@@ -250,7 +250,7 @@ impl Tile<'_> {
                     let full = self.pixels == PIXELS_AVX2;
                     if let Some(res) = self.residual {
                         let r = if full {
-                            load6(res.add(at))
+                            crate::sgemm::load6(res.add(at))
                         } else {
                             _mm256_maskload_ps(res.add(at), mask)
                         };
@@ -261,7 +261,7 @@ impl Tile<'_> {
                     }
                     // (A masked store costs several times two plain ones.)
                     if full {
-                        store6(self.out.add(at), v);
+                        crate::sgemm::store6(self.out.add(at), v);
                     } else {
                         _mm256_maskstore_ps(self.out.add(at), mask, v);
                     }
@@ -278,38 +278,6 @@ impl Tile<'_> {
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run_avx2(&self, _: &[usize]) {
         unreachable!("applies() is false off x86-64")
-    }
-}
-
-/// Six values at `p` into lanes 0..6 (lanes 6 and 7 zero).
-///
-/// # Safety
-/// `p..p + 6` is readable; the CPU has AVX.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load6(p: *const f32) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    unsafe {
-        let lo = _mm_loadu_ps(p);
-        let hi = _mm_castpd_ps(_mm_load_sd(p.add(4).cast()));
-        _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi)
-    }
-}
-
-/// Lanes 0..6 of `v` to `p`.
-///
-/// # Safety
-/// `p..p + 6` is writable; the CPU has AVX.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn store6(p: *mut f32, v: std::arch::x86_64::__m256) {
-    use std::arch::x86_64::*;
-    unsafe {
-        _mm_storeu_ps(p, _mm256_castps256_ps128(v));
-        _mm_store_sd(
-            p.add(4).cast(),
-            _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
-        );
     }
 }
 
