@@ -934,6 +934,9 @@ mod avx2 {
             // runs the same straight-line code (no per-row branches or spilled rows).
             let zeros = [0f32; NR];
             let col = match st.col_bias {
+                // (Whole strips load it as it is: a copy of a run whose length is only
+                // known at run time is a call, around which every accumulator is saved.)
+                Some(p) if st.first && nc == NR => (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))),
                 Some(p) if st.first => {
                     let mut t = [0f32; NR];
                     std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), nc);
