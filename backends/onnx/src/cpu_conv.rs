@@ -1138,9 +1138,9 @@ mod tests {
             ([2, 4, 8, 8], 6, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 1),
             ([1, 4, 8, 8], 6, [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 2),
             ([2, 3, 13, 10], 5, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
-            // Wide stride-2 kernels on rows of at least 12 output pixels (`strided.rs`;
-            // 6-pixel tiles with AVX2 only, whole and ragged):
-            // a ragged last tile and a last 16-channel panel alone; uneven padding.
+            // Wide stride-2 kernels on rows of at least one tile (`strided.rs`: 12 pixels
+            // with AVX-512, 6 with AVX2 only): whole tiles, a ragged last tile and a last
+            // 16-channel panel alone; uneven padding.
             ([2, 3, 30, 29], 37, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3], 1),
             ([1, 2, 31, 40], 20, [5, 5], [2, 2], [1, 1], [2, 1, 2, 0], 1),
             ([1, 6, 7, 9], 6, [3, 3], [1, 2], [1, 1], [0, 1, 2, 0], 6),

@@ -59,21 +59,15 @@ impl Conv2d {
         let oc = self.out_channels;
         let wide = crate::sgemm::wide_available();
         let (pixels, channels) = tile_shape();
-        // Neighbouring output pixels read the padded copy this far apart: neighbours where
-        // it splits columns by parity (as `pixel_offsets`), else a stride apart.
-        let step = if self.split_columns() {
-            1
-        } else {
-            self.stride[1]
-        };
         // A tile's last pixels may read up to a tile past a row's end (the slack covers the
         // last row of the last plane).
-        let src = self.source(x, f.pre, true, pixels * step + self.kernel[1]);
+        let src = self.source(x, f.pre, true, pixels + self.kernel[1]);
         let k = src.taps.len();
         if b * oc * oh * ow == 0 {
             return;
         }
-        // Output pixel (y, x) reads the padded copy at y·row + x·step past each tap.
+        // Output pixel (y, x) reads the padded copy at y·row + x past each tap (as
+        // `pixel_offsets`: columns split by parity are neighbours).
         let (_, _, wq) = self.padded_geometry();
         let row = self.stride[0] * wq;
         let (groups, tiles_x) = (oc.div_ceil(channels), ow.div_ceil(pixels));
@@ -97,8 +91,7 @@ impl Conv2d {
                         let tile = Tile {
                             // SAFETY (all): inside the padded copy (its slack covers a
                             // last tile's reads past the row) and the packed panels.
-                            x: unsafe { image.add(y * row + x0 * step) },
-                            step,
+                            x: unsafe { image.add(y * row + x0) },
                             w: unsafe {
                                 [first, second].map(|q| panels.as_ptr().add(q * k * PANEL))
                             },
@@ -133,8 +126,6 @@ impl Conv2d {
 struct Tile<'a> {
     /// Where the tile's first pixel reads channel 0's first tap in the padded copy.
     x: *const f32,
-    /// How far apart neighbouring pixels read it.
-    step: usize,
     /// The tile's weight panels (the AVX2 tile reads the first): row `r` (tap-major) at
     /// `w + 16·r`.
     w: [*const f32; 2],
@@ -170,7 +161,7 @@ impl Tile<'_> {
                 let w1 = _mm512_loadu_ps(self.w[1].add(r * PANEL));
                 let [lo, hi] = &mut acc;
                 for (j, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
-                    let v = _mm512_set1_ps(*xs.add(j * self.step));
+                    let v = _mm512_set1_ps(*xs.add(j));
                     *a = _mm512_fmadd_ps(v, w0, *a);
                     *b = _mm512_fmadd_ps(v, w1, *b);
                 }
@@ -220,7 +211,7 @@ impl Tile<'_> {
                 let w = self.w[0].add(r * PANEL);
                 let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
                 for (j, a) in acc.iter_mut().enumerate() {
-                    let v = _mm256_broadcast_ss(&*xs.add(j * self.step));
+                    let v = _mm256_broadcast_ss(&*xs.add(j));
                     a[0] = _mm256_fmadd_ps(v, w0, a[0]);
                     a[1] = _mm256_fmadd_ps(v, w1, a[1]);
                 }
@@ -231,6 +222,7 @@ impl Tile<'_> {
         // SAFETY: eight values from an array of eight.
         let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
         let zero = _mm256_setzero_ps();
+        let full = self.pixels == PIXELS_AVX2;
         for h in 0..2 {
             // SAFETY: the CPU has AVX2 (the function's contract).
             let rows = unsafe {
@@ -247,7 +239,6 @@ impl Tile<'_> {
                 // the residual's are read before the output's (possibly the same) are
                 // written.
                 unsafe {
-                    let full = self.pixels == PIXELS_AVX2;
                     if let Some(res) = self.residual {
                         let r = if full {
                             crate::sgemm::load6(res.add(at))
