@@ -120,6 +120,12 @@ def onnx_kiln(tmp_path_factory):
         (repo / name / "config.pbtxt").write_text(text)
         os.makedirs(repo / name / "warmup")
         (repo / name / "warmup" / "in.bin").write_bytes(np.arange(16, dtype=np.int32).tobytes())
+    # Outputs whose size the request decides (Expand to a requested shape, an outer sum),
+    # on a pool of two threads (whose run waits on its helper threads).
+    model_folder(repo, "sized", os.path.join(MODELS, "sized_by_request.onnx"))
+    (repo / "sized" / "config.pbtxt").write_text(
+        'backend: "onnxruntime"\n'
+        'parameters { key: "intra_op_thread_count" value: { string_value: "2" } }\n')
     # A config that leaves out a graph input, and one with a wrong type.
     folder(repo, "missing_input", "test_add",
            f'backend: "onnx"\ninput [ {{ name: "x" {fp32} }} ]\noutput [ {{ name: "sum" {fp32} }} ]\n')
@@ -593,3 +599,31 @@ def test_scan_directions_and_axes_match_onnxruntime(onnx_kiln):
     np.testing.assert_allclose(y, (x * x[::-1]).T[:, ::-1], rtol=1e-6)
     np.testing.assert_allclose(r.as_numpy("FINAL"), final, rtol=1e-6)
     np.testing.assert_allclose(r.as_numpy("Y"), y, rtol=1e-6)
+
+
+def test_outputs_too_large_for_memory_fail_the_request_not_the_model(onnx_kiln):
+    """An Expand to a shape the request gives, and an outer sum of two request-sized
+    inputs, asking for more memory than any machine has: each request fails with the size
+    named (as onnxruntime fails such a run), and the same model then serves a normal one."""
+    c = httpclient.InferenceServerClient(onnx_kiln.url, network_timeout=120)
+
+    def run(shape, a, b):
+        feeds = {"X": np.array([1.5], np.float32), "SHAPE": np.array(shape, np.int64), "A": a, "B": b}
+        return c.infer("sized", infer_inputs(feeds))
+
+    small = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32))
+    for shape, (a, b), what in (
+        ([1 << 31, 1 << 31], small, "[2147483648, 2147483648]"),
+        ([1 << 40, 1 << 40], small, "[1099511627776, 1099511627776]"),
+        ([1, 1], (np.zeros((1 << 20, 1), np.float32), np.zeros((1, 1 << 20), np.float32)), "[1048576, 1048576]"),
+    ):
+        with pytest.raises(Exception) as e:
+            run(shape, a, b)
+        msg = str(e.value)
+        assert what in msg and "memory" in msg, msg
+    a = np.arange(2, dtype=np.float32).reshape(2, 1)
+    b = np.arange(3, dtype=np.float32).reshape(1, 3) * 10
+    r = run([2, 3], a, b)
+    np.testing.assert_array_equal(r.as_numpy("Y"), np.full((2, 3), 1.5, np.float32))
+    np.testing.assert_array_equal(r.as_numpy("Z"), a + b)
+    assert c.is_server_live() and c.is_model_ready("sized")

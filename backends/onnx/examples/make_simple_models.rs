@@ -12,7 +12,8 @@
 //! scikit-learn-style text pipeline (`text_pipeline.onnx`) and sequences inside a graph
 //! (`seq_pipeline.onnx`), and a `Scan` (`scan_rows.onnx`), and two accumulators whose
 //! running sum Triton keeps as implicit state (`state_*.onnx`), and a model for ragged
-//! batching (`ragged_sum.onnx`).
+//! batching (`ragged_sum.onnx`), and one whose outputs' sizes the request decides
+//! (`sized_by_request.onnx`).
 //! Run by `cargo xtask gen-onnx`; the files are committed.
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value,
@@ -320,6 +321,30 @@ fn scalar_sum() -> ModelProto {
         vec![sum],
         vec![tensor("X", DataType::Float, &[Some(4)])],
         vec![tensor("Y", DataType::Float, &[])],
+        vec![],
+    )
+}
+
+/// Outputs whose size the request decides: Y = Expand(X [1], SHAPE [2]) and the outer sum
+/// Z = A [n, 1] + B [1, m].
+fn sized_by_request() -> ModelProto {
+    model(
+        "sized_by_request",
+        13,
+        vec![
+            node("Expand", &["X", "SHAPE"], "Y"),
+            node("Add", &["A", "B"], "Z"),
+        ],
+        vec![
+            tensor("X", DataType::Float, &[Some(1)]),
+            tensor("SHAPE", DataType::Int64, &[Some(2)]),
+            tensor("A", DataType::Float, &[None, Some(1)]),
+            tensor("B", DataType::Float, &[Some(1), None]),
+        ],
+        vec![
+            tensor("Y", DataType::Float, &[None, None]),
+            tensor("Z", DataType::Float, &[None, None]),
+        ],
         vec![],
     )
 }
@@ -1327,6 +1352,7 @@ fn main() -> std::io::Result<()> {
         write(&dir.join("state_start.onnx"), &state_accumulator(true))?;
         write(&dir.join("state_sum.onnx"), &state_accumulator(false))?;
         write(&dir.join("ragged_sum.onnx"), &ragged_sum())?;
+        write(&dir.join("sized_by_request.onnx"), &sized_by_request())?;
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ pub mod resize;
 pub mod rnn;
 pub mod seq;
 pub mod sgemm;
+pub mod size_guard;
 pub mod spectral;
 pub mod spin;
 pub mod strings;
@@ -322,7 +323,11 @@ impl Backend for OnnxBackend {
             return Ok(None); // load_model reports the missing file
         }
         let proto = candle_onnx::read_file(&path).map_err(|e| {
-            Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
+            Error::invalid_arg(format!(
+                "{}: not a valid ONNX model: {}",
+                path.display(),
+                plain(&e)
+            ))
         })?;
         let default_mbs = self.default_max_batch_size.load(Ordering::Relaxed);
         Ok(Some(
@@ -341,11 +346,15 @@ impl Backend for OnnxBackend {
             ));
         }
         let mut proto = candle_onnx::read_file(&path).map_err(|e| {
-            Error::invalid_arg(format!("{}: not a valid ONNX model: {e}", path.display()))
+            Error::invalid_arg(format!(
+                "{}: not a valid ONNX model: {}",
+                path.display(),
+                plain(&e)
+            ))
         })?;
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
         external::inline(&mut proto, dir)
-            .map_err(|e| Error::invalid_arg(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::invalid_arg(format!("{}: {}", path.display(), plain(&e))))?;
         if let Some(g) = proto.graph.as_ref() {
             let missing = plan::unsupported_ops(g);
             if !missing.is_empty() {
@@ -358,7 +367,7 @@ impl Backend for OnnxBackend {
         }
         // Plan once on the CPU to validate the graph and the config's tensors at load.
         let plan = Plan::new(&proto, &Device::Cpu)
-            .map_err(|e| Error::invalid_arg(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::invalid_arg(format!("{}: {}", path.display(), plain(&e))))?;
         check_io(&config, &plan)?;
         Ok(OnnxModel {
             proto: Arc::new(proto),
@@ -378,6 +387,17 @@ impl Backend for OnnxBackend {
             batch_io: Arc::new(BatchIo::from_config(&config)?),
             threads: thread_count(&config)?,
         })
+    }
+}
+
+/// An error's message without the backtrace candle appends to its errors when
+/// `RUST_BACKTRACE` is set: load and request errors are read by people (a model's state,
+/// a response), one line of cause each.
+fn plain(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    match s.find("\n   0: ") {
+        Some(i) => s[..i].trim_end().to_string(),
+        None => s,
     }
 }
 
@@ -405,7 +425,7 @@ impl Model for OnnxModel {
     fn new_instance(&self, info: &InstanceInfo) -> Result<OnnxInstance> {
         let dev = device(info.kind)?;
         let plan = Plan::new(&self.proto, &dev)
-            .map_err(|e| Error::invalid_arg(format!("{}: {e}", self.path.display())))?;
+            .map_err(|e| Error::invalid_arg(format!("{}: {}", self.path.display(), plain(&e))))?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads)
             .thread_name(|i| format!("kiln-onnx-{i}"))
@@ -433,7 +453,7 @@ impl OnnxInstance {
                 let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
                 strings
                     .deserialize(data, &dims, self.plan.device())
-                    .map_err(|e| Error::invalid_arg(format!("input '{name}': {e}")))?
+                    .map_err(|e| Error::invalid_arg(format!("input '{name}': {}", plain(&e))))?
             } else {
                 convert::to_tensor(dt, &shape, data, self.plan.device())?
             };
@@ -481,13 +501,14 @@ impl OnnxInstance {
             let Some(t) = outputs.tensors.get(name) else {
                 continue;
             };
-            let t = part(name, t).map_err(|e| Error::internal(format!("output '{name}': {e}")))?;
+            let t = part(name, t)
+                .map_err(|e| Error::internal(format!("output '{name}': {}", plain(&e))))?;
             let dt = self.output_type(name)?;
             let bytes = if dt == DataType::Bytes {
                 outputs
                     .strings
                     .serialize(&t)
-                    .map_err(|e| Error::internal(format!("output '{name}': {e}")))?
+                    .map_err(|e| Error::internal(format!("output '{name}': {}", plain(&e))))?
             } else {
                 convert::to_bytes(&t, dt)?
             };
@@ -541,6 +562,13 @@ mod tests {
             "/../../model_repository/simple/1/model.onnx"
         );
         candle_onnx::read_file(path).expect("the committed simple model")
+    }
+
+    #[test]
+    fn messages_drop_a_trailing_backtrace() {
+        let traced = "not a valid ONNX model: buffer underflow\n   0: candle_core::error::Error::bt\n             at src/error.rs:1\n   1: main";
+        assert_eq!(plain(&traced), "not a valid ONNX model: buffer underflow");
+        assert_eq!(plain(&"two\nlines, no trace"), "two\nlines, no trace");
     }
 
     #[test]

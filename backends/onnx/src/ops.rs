@@ -16,6 +16,35 @@ fn panels_n(node: &NodeProto) -> Option<usize> {
     attrs::has(node, PANELS_N).then(|| attrs::int(node, PANELS_N, 0) as usize)
 }
 
+/// Operators whose output is the multidirectional broadcast of their inputs: its size is
+/// checked before they run ([`crate::size_guard`]).
+const BROADCASTING: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Mod",
+    "And",
+    "Or",
+    "Xor",
+    "Equal",
+    "Greater",
+    "GreaterOrEqual",
+    "Less",
+    "LessOrEqual",
+    "Where",
+    "Max",
+    "Min",
+    "Mean",
+    "Sum",
+    "BitShift",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+    "PRelu",
+];
+
 /// Internal operator the planner puts in place of an inference BatchNormalization:
 /// inputs x, `scale[C]`, `shift[C]` → x · scale + shift per channel (axis 1).
 pub const CHANNEL_AFFINE: &str = "KilnChannelAffine";
@@ -474,6 +503,14 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], x: &Tensor) -> Result<Tensor> {
     if pads.len() != 2 * n {
         bail!("Pad: expected {} pads, got {}", 2 * n, pads.len())
     }
+    let mut dims = x.dims().to_vec();
+    for (k, &a) in axes.iter().enumerate() {
+        let d = (dims[a] as i64)
+            .saturating_add(pads[k])
+            .saturating_add(pads[k + n]);
+        dims[a] = d.max(0) as usize;
+    }
+    crate::size_guard::check(&dims, x.dtype().size_in_bytes())?;
     // Zero padding of (x - value), then + value, pads with `value`.
     let shifted = value != 0.0;
     let mut y = if shifted {
@@ -725,6 +762,9 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 })
                 .collect();
         }
+    }
+    if BROADCASTING.contains(&op) {
+        crate::size_guard::check_broadcast(ins)?;
     }
     let x = || req(ins, 0, node);
     let y = || req(ins, 1, node);
@@ -1101,6 +1141,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
                 Some(t) => crate::convert::tensor_from_proto(t)?,
                 None => Tensor::new(&[0f32], &Device::Cpu)?,
             };
+            crate::size_guard::check(&dims, v.dtype().size_in_bytes())?;
             v.flatten_all()?
                 .to_device(dev)?
                 .broadcast_as(dims)?
@@ -1109,6 +1150,8 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         "Expand" => {
             let x = x()?;
             let want: Vec<usize> = i64s(y()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let dims = crate::size_guard::broadcast_dims([x.dims(), &want[..]]);
+            crate::size_guard::check(&dims, x.dtype().size_in_bytes())?;
             let shape = x
                 .shape()
                 .broadcast_shape_binary_op(&candle_core::Shape::from(want), "Expand")?;
@@ -1118,6 +1161,7 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
             let (s, l, d) = (x()?, y()?, req(ins, 2, node)?);
             let (s0, l0, d0) = (f64_scalar(s)?, f64_scalar(l)?, f64_scalar(d)?);
             let n = ((l0 - s0) / d0).ceil().max(0.0) as usize;
+            crate::size_guard::check(&[n], 8)?;
             let v: Vec<f64> = (0..n).map(|i| s0 + i as f64 * d0).collect();
             Tensor::new(v, dev)?.to_dtype(s.dtype())?
         }
@@ -1160,7 +1204,15 @@ pub fn run(node: &NodeProto, ins: &[Option<Tensor>], ctx: &Ctx<'_>) -> Result<Ve
         }
         "Tile" => {
             let reps: Vec<usize> = i64s(y()?)?.iter().map(|&r| r.max(0) as usize).collect();
-            x()?.repeat(reps)?
+            let x = x()?;
+            let dims: Vec<usize> = x
+                .dims()
+                .iter()
+                .zip(&reps)
+                .map(|(&d, &r)| d.saturating_mul(r))
+                .collect();
+            crate::size_guard::check(&dims, x.dtype().size_in_bytes())?;
+            x.repeat(reps)?
         }
         "Pad" => pad(node, ins, x()?)?,
         "Split" => return split(node, ins, x()?),

@@ -117,6 +117,10 @@ pub fn one_hot(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     }
     let r = idx.rank() + 1;
     let a = axis(attrs::int(node, "axis", -1), r)?;
+    let mut dims = idx.dims().to_vec();
+    dims.insert(a, depth as usize);
+    // (As f64 positions while it is computed.)
+    crate::size_guard::check(&dims, 8)?;
     let idx = idx.to_dtype(DType::F64)?;
     // Negative indices wrap once.
     let idx = idx.lt(0.0)?.where_cond(&(&idx + depth as f64)?, &idx)?;

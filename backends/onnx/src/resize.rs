@@ -249,6 +249,7 @@ pub fn resize(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Te
         }
         (None, None) => bail!("Resize: neither scales nor sizes given"),
     }
+    crate::size_guard::check(&out, x.dtype().size_in_bytes())?;
     let roi_of = |a: usize| -> (f32, f32) {
         match &roi {
             Some(r) if r.len() == 2 * axes.len() => {

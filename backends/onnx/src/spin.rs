@@ -21,10 +21,20 @@ pub fn with_spinning<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         for _ in 1..threads {
             s.spawn(|_| spin(&done));
         }
-        let r = f();
-        done.store(true, Ordering::Release);
-        r
+        // Set when `f` returns and also when it panics: the scope waits for the spinners,
+        // which would otherwise poll forever and hang the run instead of failing it.
+        let _stop = StopOnDrop(&done);
+        f()
     })
+}
+
+/// Sets its flag when dropped (also while a panic unwinds).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Whether runs spin (`KILN_ONNX_SPIN` is not `0`); read once per process.
@@ -69,5 +79,29 @@ mod tests {
         assert_eq!(sum, 10_000 * 9_999);
         // Outside a pool it is a plain call.
         assert_eq!(with_spinning(|| 7), 7);
+    }
+
+    #[test]
+    fn a_run_that_panics_fails_instead_of_hanging() {
+        // On a thread of its own, so that a hang is reported below (the spinners would
+        // keep the scope open forever) rather than stopping the test run.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| with_spinning(|| -> u32 { panic!("an operator failed") }))
+            }));
+            let after = pool.install(|| with_spinning(|| 5));
+            let _ = tx.send((outcome.is_err(), after));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(
+            got.ok(),
+            Some((true, 5)),
+            "the panicking run must unwind, and the pool serve the next one"
+        );
     }
 }
