@@ -179,6 +179,28 @@ def test_typed_bytes_contents_and_errors(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in e.value.details()
 
 
+def test_shapes_claiming_more_elements_than_sent_are_refused(stub):
+    """Typed contents and raw contents under a shape whose element count is huge or wraps
+    64 bits: INVALID_ARGUMENT, and the server serves the next request."""
+    for shape in ([1, 1 << 36], [1 << 32, 1 << 32]):
+        req = service_pb2.ModelInferRequest(model_name="identity_all_dtypes")
+        req.inputs.add(name="INPUT_INT32", datatype="INT32", shape=shape)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, e.value.details())
+        req = service_pb2.ModelInferRequest(model_name="identity_all_dtypes")
+        req.inputs.add(name="INPUT_INT32", datatype="INT32", shape=shape)
+        req.raw_input_contents.append(b"")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, e.value.details())
+    req = service_pb2.ModelInferRequest(model_name="identity_all_dtypes")
+    t = req.inputs.add(name="INPUT_INT32", datatype="INT32", shape=[1, 2])
+    t.contents.int_contents.extend([7, 8])
+    req.outputs.add(name="OUTPUT_INT32")
+    assert np.frombuffer(stub.ModelInfer(req).raw_output_contents[0], np.int32).tolist() == [7, 8]
+
+
 def test_status_codes(client):
     a = np.zeros((1, 16), dtype=np.int32)
     with pytest.raises(InferenceServerException) as e:

@@ -282,6 +282,21 @@ def test_raw_protocol_errors(kiln):
     assert r.status_code == 404 and "nope" in r.json()["error"]
 
 
+def test_shapes_claiming_more_elements_than_sent_are_refused(kiln):
+    """A shape whose element count is huge (2^36: the server must not size a buffer by it)
+    or wraps 64 bits (2^32 · 2^32, which a wrapping product calls 0) with no data: 400
+    each, and the server stays up."""
+    for shape in ([1, 1 << 36], [1 << 32, 1 << 32], [3, (1 << 63) - 1]):
+        hdr = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": shape, "data": []}]}
+        r = requests.post(f"http://{kiln.url}/v2/models/identity_fp32/infer", json=hdr)
+        assert r.status_code == 400, (shape, r.text)
+        hdr = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": 0}}]}
+        r = raw_infer(kiln, "identity_fp32", hdr)
+        assert r.status_code == 400, (shape, r.text)
+    r = requests.get(f"http://{kiln.url}/v2/health/live")
+    assert r.status_code == 200
+
+
 def test_nested_json_data(kiln):
     hdr = {"inputs": [
         {"name": "INPUT0", "datatype": "INT32", "shape": [2, 16], "data": [list(range(16)), list(range(16))]},

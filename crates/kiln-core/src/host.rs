@@ -398,8 +398,9 @@ unsafe extern "C" fn h_output_alloc(
         );
     }
     if let Some(es) = dt.element_size() {
-        let expect = shape.iter().product::<i64>() as usize * es;
-        if expect != byte_len {
+        let expect = crate::request::element_count(&shape).and_then(|n| n.checked_mul(es));
+        if expect != Some(byte_len) {
+            let expect = expect.map_or("more than can be addressed".into(), |e| e.to_string());
             return err(ErrorKind::InvalidArg, format!(
                 "output '{name}': byte size {byte_len} does not match shape {shape:?} of {dt} ({expect} bytes)"
             ));

@@ -42,5 +42,7 @@ pub mod warmup;
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use kiln_sdk::{bytes_elements, DataType};
 pub use repository::{ControlMode, RepositoryOptions};
-pub use request::{InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput};
+pub use request::{
+    element_count, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput,
+};
 pub use server::{LogHook, LogSettings, Server, ServerOptions};

@@ -255,10 +255,13 @@ impl ModelShared {
             {
                 return Err(self.shape_error(t, spec));
             }
-            let count: i64 = t.shape.iter().product();
+            let count = crate::request::element_count(&t.shape)
+                .ok_or_else(|| crate::request::shape_too_large(&t.name, &t.shape))?;
             match t.dtype.element_size() {
                 Some(es) => {
-                    let expect = count as usize * es;
+                    let expect = count
+                        .checked_mul(es)
+                        .ok_or_else(|| crate::request::shape_too_large(&t.name, &t.shape))?;
                     if t.data.len() != expect {
                         return Err(CoreError::invalid(format!(
                             "unexpected total byte size {} for input '{}', expecting {expect}",
@@ -268,7 +271,7 @@ impl ModelShared {
                     }
                 }
                 None => {
-                    let mut n = 0i64;
+                    let mut n = 0usize;
                     for e in bytes_elements(&t.data) {
                         if e.is_none() {
                             return Err(CoreError::invalid(format!(

@@ -22,6 +22,27 @@ pub fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
         })
 }
 
+/// Elements of a tensor of `shape`: `None` for a negative dimension or a count past
+/// `usize` (which a plain product would wrap to a small number, so that a request could
+/// claim 2^64 elements and send none).
+pub fn element_count(shape: &[i64]) -> Option<usize> {
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// The error for an input whose shape [`element_count`] refuses.
+pub fn shape_too_large(name: &str, shape: &[i64]) -> CoreError {
+    CoreError::invalid(format!(
+        "input '{name}' has an invalid shape {shape:?}: a negative dimension, or more elements than can be addressed"
+    ))
+}
+
 /// One input tensor: its bytes are a slice of the request body (no copy).
 #[derive(Debug, Clone)]
 pub struct InputTensor {
@@ -239,3 +260,19 @@ pub use crate::sink::ResponseSink;
 
 /// The receiving end of a request's responses.
 pub type ResponseStream = tokio::sync::mpsc::UnboundedReceiver<ResponseEvent>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_counts_refuse_negative_and_overflowing_shapes() {
+        assert_eq!(element_count(&[]), Some(1));
+        assert_eq!(element_count(&[2, 3]), Some(6));
+        assert_eq!(element_count(&[i64::MAX, 3, 0]), Some(0));
+        assert_eq!(element_count(&[2, -1]), None);
+        // 2^64: a wrapping product would say 0.
+        assert_eq!(element_count(&[1 << 32, 1 << 32]), None);
+        assert_eq!(element_count(&[3, i64::MAX]), None);
+    }
+}

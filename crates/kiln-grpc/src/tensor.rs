@@ -162,9 +162,10 @@ pub fn decode(
 fn typed_contents(input: &InferInputTensor, dtype: DataType) -> Result<Bytes, CoreError> {
     let name = &input.name;
     let c = input.contents.clone().unwrap_or_default();
-    let expected: i64 = input.shape.iter().product();
+    let expected = kiln_core::element_count(&input.shape)
+        .ok_or_else(|| kiln_core::request::shape_too_large(name, &input.shape))?;
     let count = |n: usize, field: &str| -> Result<(), CoreError> {
-        if n as i64 != expected {
+        if n != expected {
             return Err(bad(format!(
                 "unexpected number of elements for input '{name}': {field} holds {n} but shape {:?} needs {expected}",
                 input.shape

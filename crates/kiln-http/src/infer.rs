@@ -114,7 +114,8 @@ pub fn decode(
                 input.name
             )));
         }
-        let count: usize = input.shape.iter().map(|&d| d as usize).product();
+        let count = kiln_core::element_count(&input.shape)
+            .ok_or_else(|| kiln_core::request::shape_too_large(&input.name, &input.shape))?;
         let p = input.parameters.unwrap_or_default();
         let from_shm = shm.input(&input.name, &p)?;
         let data = match (from_shm, param_u64(&p, "binary_data_size")?) {

@@ -44,7 +44,8 @@ pub fn json_to_bytes(
     data: &Value,
     count: usize,
 ) -> Result<Vec<u8>, String> {
-    let mut vals = Vec::with_capacity(count);
+    // Sized by what the request holds, never by the count its shape claims.
+    let mut vals = Vec::new();
     flatten(data, &mut vals);
     if vals.len() != count {
         return Err(format!(
@@ -52,7 +53,7 @@ pub fn json_to_bytes(
             vals.len()
         ));
     }
-    let mut out = Vec::with_capacity(count * dtype.element_size().unwrap_or(8));
+    let mut out = Vec::with_capacity(vals.len() * dtype.element_size().unwrap_or(8));
     match dtype {
         DataType::Bool => {
             for v in vals {
