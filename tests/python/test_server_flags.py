@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -225,3 +226,31 @@ def test_restricted_apis_need_their_header():
         assert g.get_model_config("simple").config.name == "simple", "model-config is not in the group"
     finally:
         k.stop()
+
+
+def test_exit_timeout_abandons_a_request_still_running(tmp_path):
+    """--exit-timeout-secs bounds shutdown as Triton's does: with an execute that runs for
+    a minute in flight, SIGTERM stops the server within the timeout (plus a margin), not
+    when the execute ends."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(REPO, "repeat_int32"), repo / "repeat_int32")
+    k = Kiln("--exit-timeout-secs", "2", repo=str(repo))
+    body = {"IN": [1], "DELAY": [60000], "WAIT": [60000]}
+
+    def long_request():
+        try:
+            requests.post(f"http://{k.url}/v2/models/repeat_int32/generate_stream", json=body,
+                          headers={"Accept": "text/event-stream"}, timeout=90)
+        except requests.RequestException:
+            pass
+
+    threading.Thread(target=long_request, daemon=True).start()
+    time.sleep(1.5)
+    started = time.time()
+    k.proc.terminate()
+    try:
+        k.proc.wait(timeout=25)
+    finally:
+        if k.proc.poll() is None:
+            k.proc.kill()
+    assert time.time() - started < 25

@@ -105,7 +105,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args, log, rules.then_some(handle)))
+    let outcome = rt.block_on(run(args, log, rules.then_some(handle)));
+    // Work still running past --exit-timeout-secs is abandoned, as Triton's exit timeout
+    // does: dropping the runtime normally would wait for its blocking tasks (a model's
+    // execute) however long they take.
+    rt.shutdown_background();
+    outcome
 }
 
 async fn run(args: Args, log: LogSettings, filter: FilterHandle) -> anyhow::Result<()> {
