@@ -78,9 +78,12 @@ pub fn broadcast_dims<'a>(shapes: impl IntoIterator<Item = &'a [usize]>) -> Vec<
 /// [`check`] for the broadcast of `ins` (the present ones), with the widest one's element
 /// size.
 pub fn check_broadcast(ins: &[Option<Tensor>]) -> Result<()> {
-    let present: Vec<&Tensor> = ins.iter().flatten().collect();
-    let widest = present.iter().map(|t| t.dtype().size_in_bytes()).max();
-    let dims = broadcast_dims(present.iter().map(|t| t.dims()));
+    let widest = ins
+        .iter()
+        .flatten()
+        .map(|t| t.dtype().size_in_bytes())
+        .max();
+    let dims = broadcast_dims(ins.iter().flatten().map(|t| t.dims()));
     check(&dims, widest.unwrap_or(1))
 }
 

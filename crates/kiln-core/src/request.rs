@@ -26,14 +26,15 @@ pub fn parse_version(v: &str) -> Result<Option<i64>, CoreError> {
 /// `usize` (which a plain product would wrap to a small number, so that a request could
 /// claim 2^64 elements and send none).
 pub fn element_count(shape: &[i64]) -> Option<usize> {
-    let dims: Vec<usize> = shape
-        .iter()
-        .map(|&d| usize::try_from(d).ok())
-        .collect::<Option<_>>()?;
-    if dims.contains(&0) {
+    if shape.iter().any(|&d| d < 0) {
+        return None;
+    }
+    if shape.contains(&0) {
         return Some(0);
     }
-    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
 }
 
 /// The error for an input whose shape [`element_count`] refuses.
